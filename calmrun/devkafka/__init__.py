@@ -1,0 +1,320 @@
+"""A real single-node Apache Kafka (KRaft) for development, tests and the demo, started without Docker.
+
+The broker jars come from Maven Central through ``mvn dependency:copy-dependencies`` (the pom beside
+this file) into a cache directory reused by every later start. One combined broker+controller binds to
+127.0.0.1; a PID file in the data directory lets ``stop`` end exactly that process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from calmrun.errors import DevKafkaError
+
+KAFKA_VERSION = "4.4.0"
+"""Newest 4.x release that aiokafka 0.14 and faust-streaming 0.15.3 were proven against here."""
+LOG4J_VERSION = "2.24.3"
+
+
+def default_cache_dir() -> Path:
+    """Where the broker jars are cached: ``$CALMRUN_KAFKA_CACHE`` or ``$XDG_CACHE_HOME/calmrun``."""
+    env = os.environ.get("CALMRUN_KAFKA_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "calmrun" / f"kafka-{KAFKA_VERSION}"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(cmd: list[str], what: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        raise DevKafkaError(f"{what} failed ({' '.join(cmd[:3])}...):\n" + "\n".join(tail))
+    return proc  # type: ignore[no-any-return]
+
+
+def _apt_install(*packages: str) -> None:
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise DevKafkaError(f"{', '.join(packages)} missing: install it (apt-get install {' '.join(packages)})")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    _run(["apt-get", "update", "-q"], "apt-get update", env=env)
+    _run(["apt-get", "install", "-y", "-q", *packages], f"apt-get install {packages}", env=env)
+
+
+def java_binary() -> str:
+    """Return a Java 17+ executable, installing openjdk-17-jre-headless with apt-get when there is none."""
+    java_home = os.environ.get("JAVA_HOME")
+    candidates = [str(Path(java_home) / "bin" / "java")] if java_home else []
+    found = shutil.which("java")
+    if found:
+        candidates.append(found)
+    for java in candidates:
+        if _java_major(java) >= 17:
+            return java
+    _apt_install("openjdk-17-jre-headless")
+    java = shutil.which("java") or "/usr/bin/java"
+    if _java_major(java) < 17:
+        raise DevKafkaError("Java 17+ is required and could not be installed")
+    return java
+
+
+def _java_major(java: str) -> int:
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    for token in out.split():
+        token = token.strip('"')
+        if token[:1].isdigit():
+            head = token.split(".")[0]
+            return int(head) if head.isdigit() else 0
+    return 0
+
+
+def fetch_jars(cache_dir: Path | None = None) -> Path:
+    """Resolve the broker's jars from Maven Central once; later calls reuse the cache.
+
+    Returns:
+        The directory holding the jars.
+    """
+    cache = cache_dir or default_cache_dir()
+    jars = cache / "jars"
+    stamp = cache / ".complete"
+    if stamp.exists() and any(jars.glob("kafka_2.13-*.jar")):
+        return jars
+    if shutil.which("mvn") is None:
+        _apt_install("maven")
+    jars.mkdir(parents=True, exist_ok=True)
+    pom = resources.files("calmrun.devkafka").joinpath("pom.xml")
+    with resources.as_file(pom) as pom_path:
+        _run(
+            [
+                "mvn", "-q", "-B", "-f", str(pom_path), "dependency:copy-dependencies",
+                f"-DoutputDirectory={jars}", f"-Dkafka.version={KAFKA_VERSION}",
+                f"-Dlog4j.version={LOG4J_VERSION}",
+            ],
+            "fetching Kafka jars with Maven",
+        )
+    stamp.write_text(KAFKA_VERSION + "\n")
+    return jars
+
+
+_LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = {level}
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = {level}
+logger.state.name = state.change.logger
+logger.state.level = warn
+"""
+
+
+@dataclass
+class DevKafka:
+    """One local KRaft broker+controller bound to 127.0.0.1.
+
+    Attributes:
+        data_dir: storage, config, log and PID file of this broker.
+        port: the client (PLAINTEXT) port; ``controller_port`` is the KRaft quorum port.
+    """
+
+    data_dir: Path
+    port: int = 9092
+    controller_port: int = 0
+    heap: str = "512m"
+    cache_dir: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "kafka.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "server.log"
+
+    def properties(self) -> dict[str, str]:
+        """Broker settings for a test box: one replica, small segments, fast compaction, transactions."""
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir / "logs"),
+            "num.partitions": "1",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "4",
+            "group.initial.rebalance.delay.ms": "0",
+            "log.segment.bytes": str(1024 * 1024),
+            "log.cleaner.backoff.ms": "1000",
+            "log.cleaner.min.compaction.lag.ms": "0",
+            "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
+            "log.retention.check.interval.ms": "10000",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+        }
+        props.update(self.extra)
+        return props
+
+    def running_pid(self) -> int | None:
+        """The PID of this broker if its PID file names a live Java process, else None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if b"kafka.Kafka" in cmdline else None
+
+    def start(self, *, timeout: float = 90.0, fresh: bool = False) -> None:
+        """Fetch jars if needed, format storage on first use, start the broker and wait until it answers.
+
+        Raises:
+            DevKafkaError: Java or Maven missing and not installable, a port taken, or no answer in time.
+        """
+        if self.running_pid():
+            raise DevKafkaError(f"a broker from {self.data_dir} already runs (pid {self.running_pid()})")
+        if fresh and self.data_dir.exists():
+            shutil.rmtree(self.data_dir)
+        if not self.controller_port:
+            self.controller_port = free_port()
+        java = java_binary()
+        jars = fetch_jars(self.cache_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "server.properties"
+        config.write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
+        log4j = self.data_dir / "log4j2.properties"
+        log4j.write_text(_LOG4J2.format(log=self.log_file, level="INFO"))
+        classpath = f"{jars}/*"
+        base = [java, f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
+        if not (self.data_dir / "logs" / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            _run([*base, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                 "formatting KRaft storage")
+        with open(self.data_dir / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(
+                [*base, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
+                 "-Djava.awt.headless=true", "kafka.Kafka", str(config)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DevKafkaError(f"broker exited with {proc.returncode}; see {self.log_file}\n"
+                                    + _tail(self.data_dir / "stdout.log"))
+            if answers_metadata(self.bootstrap):
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise DevKafkaError(f"broker did not answer at {self.bootstrap} within {timeout:.0f}s; see {self.log_file}")
+
+    def stop(self, *, timeout: float = 30.0) -> bool:
+        """End exactly the process named in the PID file and wait for it; kill -9 after ``timeout``.
+
+        Returns:
+            True when a broker was running and has stopped.
+        """
+        pid = self.running_pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, timeout):
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 10)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)  # reaps it when it is our child
+            if done == pid:
+                return True
+        except ChildProcessError:
+            pass
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                return True
+        except (OSError, IndexError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def answers_metadata(bootstrap: str, timeout: float = 5.0) -> bool:
+    """True when a broker at ``bootstrap`` answers a metadata request (not just a TCP connect)."""
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            pass
+    except OSError:
+        return False
+
+    async def probe() -> bool:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        try:
+            await asyncio.wait_for(admin.start(), timeout)
+            await asyncio.wait_for(admin.describe_cluster(), timeout)
+            return True
+        except Exception:  # any failure here only means "not ready yet"
+            return False
+        finally:
+            await admin.close()
+
+    return asyncio.run(probe())
