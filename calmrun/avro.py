@@ -45,7 +45,7 @@ class AvroCodec:
         self._by_name: dict[str, tuple[Any, bytes]] = {}
         self._by_fingerprint: dict[bytes, tuple[str, Any]] = {}
         for schema in schemas:
-            parsed = fastavro.parse_schema(dict(schema))
+            parsed: Any = fastavro.parse_schema(dict(schema))
             name = str(parsed["name"])
             fp = schema_fingerprint(schema)
             self._by_name[name] = (parsed, MARKER + fp)

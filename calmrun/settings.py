@@ -26,9 +26,13 @@ class KafkaSettings(_Frozen):
 
     bootstrap: str = "127.0.0.1:9092"
     prefix: str = Field("calmrun", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-    partitions: int = Field(4, ge=1, description="partitions of every calmrun topic (all equal: co-partitioned)")
+    partitions: int = Field(
+        4, ge=1, description="partitions of every calmrun topic (all equal: co-partitioned)"
+    )
     replication_factor: int = Field(1, ge=1)
-    group_id: str | None = Field(None, description="consumer group of the workers; default '<prefix>.workers'")
+    group_id: str | None = Field(
+        None, description="consumer group of the workers; default '<prefix>.workers'"
+    )
     acks: Literal["all", "1", "0"] = "all"
     idempotence: bool = True
     linger_ms: int = 5
@@ -42,7 +46,9 @@ class WorkerSettings(_Frozen):
     commit_interval_s: float = Field(1.0, gt=0)
     timer_interval_s: float = Field(0.2, gt=0, description="how often due retries and deadlines are checked")
     deadline_grace_s: float = Field(
-        30.0, ge=0, description="a task's result may arrive this long after its timeout before it is re-issued"
+        30.0,
+        ge=0,
+        description="a task's result may arrive this long after its timeout before it is re-issued",
     )
 
 
@@ -122,6 +128,4 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())

@@ -32,6 +32,8 @@ def test_start_stop_a_second_broker(tmp_path: Path) -> None:
     finally:
         assert kafka.stop()
     assert kafka.running_pid() is None
-    assert not Path(f"/proc/{pid}").exists() or b"kafka.Kafka" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert (
+        not Path(f"/proc/{pid}").exists() or b"kafka.Kafka" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
     assert not answers_metadata(kafka.bootstrap)
     assert not kafka.stop(), "stopping twice is a no-op"

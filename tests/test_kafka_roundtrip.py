@@ -17,8 +17,10 @@ async def test_produce_consume_round_trip_with_keys_and_headers(broker: str, pre
     finally:
         await admin.close()
 
-    sent = [(f"run-{i}".encode(), f"value-{i}".encode(), [("seq", str(i).encode()), ("h", b"\x00\xff")])
-            for i in range(30)]
+    sent = [
+        (f"run-{i}".encode(), f"value-{i}".encode(), [("seq", str(i).encode()), ("h", b"\x00\xff")])
+        for i in range(30)
+    ]
     producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", enable_idempotence=True)
     await producer.start()
     try:
@@ -28,8 +30,9 @@ async def test_produce_consume_round_trip_with_keys_and_headers(broker: str, pre
     finally:
         await producer.stop()
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=broker, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=broker, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     got: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]], int]] = []
     try:

@@ -53,7 +53,9 @@ def _run(cmd: list[str], what: str, **kw: object) -> subprocess.CompletedProcess
 
 def _apt_install(*packages: str) -> None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise DevKafkaError(f"{', '.join(packages)} missing: install it (apt-get install {' '.join(packages)})")
+        raise DevKafkaError(
+            f"{', '.join(packages)} missing: install it (apt-get install {' '.join(packages)})"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _run(["apt-get", "update", "-q"], "apt-get update", env=env)
     _run(["apt-get", "install", "-y", "-q", *packages], f"apt-get install {packages}", env=env)
@@ -107,8 +109,14 @@ def fetch_jars(cache_dir: Path | None = None) -> Path:
     with resources.as_file(pom) as pom_path:
         _run(
             [
-                "mvn", "-q", "-B", "-f", str(pom_path), "dependency:copy-dependencies",
-                f"-DoutputDirectory={jars}", f"-Dkafka.version={KAFKA_VERSION}",
+                "mvn",
+                "-q",
+                "-B",
+                "-f",
+                str(pom_path),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={jars}",
+                f"-Dkafka.version={KAFKA_VERSION}",
                 f"-Dlog4j.version={LOG4J_VERSION}",
             ],
             "fetching Kafka jars with Maven",
@@ -229,26 +237,41 @@ class DevKafka:
         base = [java, f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (self.data_dir / "logs" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            _run([*base, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
-                 "formatting KRaft storage")
+            _run(
+                [*base, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                "formatting KRaft storage",
+            )
         with open(self.data_dir / "stdout.log", "ab") as out:
             proc = subprocess.Popen(
-                [*base, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
-                 "-Djava.awt.headless=true", "kafka.Kafka", str(config)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    *base,
+                    f"-Xmx{self.heap}",
+                    f"-Xms{self.heap}",
+                    "-XX:+UseG1GC",
+                    "-Djava.awt.headless=true",
+                    "kafka.Kafka",
+                    str(config),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         self.pid_file.write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise DevKafkaError(f"broker exited with {proc.returncode}; see {self.log_file}\n"
-                                    + _tail(self.data_dir / "stdout.log"))
+                raise DevKafkaError(
+                    f"broker exited with {proc.returncode}; see {self.log_file}\n"
+                    + _tail(self.data_dir / "stdout.log")
+                )
             if answers_metadata(self.bootstrap):
                 return
             time.sleep(0.3)
         self.stop()
-        raise DevKafkaError(f"broker did not answer at {self.bootstrap} within {timeout:.0f}s; see {self.log_file}")
+        raise DevKafkaError(
+            f"broker did not answer at {self.bootstrap} within {timeout:.0f}s; see {self.log_file}"
+        )
 
     def stop(self, *, timeout: float = 30.0) -> bool:
         """End exactly the process named in the PID file and wait for it; kill -9 after ``timeout``.

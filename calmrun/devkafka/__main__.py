@@ -14,8 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m calmrun.devkafka", description=__doc__)
     parser.add_argument("command", choices=["fetch", "start", "stop", "status"])
     parser.add_argument("--port", type=int, default=9092, help="client port on 127.0.0.1 (default 9092)")
-    parser.add_argument("--data-dir", type=Path, default=Path(".calmrun/kafka"),
-                        help="storage, logs and PID file (default .calmrun/kafka)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".calmrun/kafka"),
+        help="storage, logs and PID file (default .calmrun/kafka)",
+    )
     parser.add_argument("--fresh", action="store_true", help="wipe the data directory before starting")
     args = parser.parse_args(argv)
     broker = DevKafka(data_dir=args.data_dir.resolve(), port=args.port)
@@ -25,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Kafka {KAFKA_VERSION} jars in {fetch_jars()}")
         elif args.command == "start":
             broker.start(fresh=args.fresh)
-            print(f"Kafka {KAFKA_VERSION} (KRaft) answers at {broker.bootstrap} "
-                  f"(pid {broker.running_pid()}, data {broker.data_dir})")
+            print(
+                f"Kafka {KAFKA_VERSION} (KRaft) answers at {broker.bootstrap} "
+                f"(pid {broker.running_pid()}, data {broker.data_dir})"
+            )
         elif args.command == "stop":
             print("stopped" if broker.stop() else f"no broker running from {broker.data_dir}")
         else:

@@ -1,0 +1,213 @@
+"""The operator's side: submit runs, read state and history, tail and re-drive the dead-letter topics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import TopicPartition
+from pydantic import BaseModel
+
+from calmrun.codec import RecordCodec, wire_models
+from calmrun.errors import BrokerUnavailableError, CalmrunError
+from calmrun.settings import Settings
+from calmrun.streams.dlq import DlqRecord
+from calmrun.streams.topics import Topics, partition_for
+from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
+from calmrun.workflow.state import RunState
+
+M = TypeVar("M", bound=BaseModel)
+TERMINAL = frozenset({"completed", "quarantined", "over_budget"})
+
+
+class Client:
+    """A Kafka client for operators and tests; ``async with Client(settings) as c``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.kafka.prefix)
+        self.codec = RecordCodec(wire_models())
+        self._producer: AIOKafkaProducer | None = None
+
+    async def __aenter__(self) -> Client:
+        k = self.settings.kafka
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=k.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            client_id=f"{k.client_id}-cli",
+        )
+        try:
+            await self._producer.start()
+        except KafkaConnectionError as exc:
+            await self._producer.stop()
+            raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        assert self._producer is not None, "use Client inside 'async with'"
+        return self._producer
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    async def submit(self, request: RunRequest) -> str:
+        """Produce one run request (Avro) keyed by its run ID; returns the run ID."""
+        return (await self.submit_many([request]))[0]
+
+    async def submit_many(self, requests: Iterable[RunRequest]) -> list[str]:
+        """Produce many run requests and wait until all are acknowledged."""
+        ids: list[str] = []
+        futures = []
+        for req in requests:
+            run_id = req.run_id or f"run-{time.time_ns():x}-{len(ids)}"
+            req = req.model_copy(update={"run_id": run_id})
+            futures.append(
+                await self.producer.send(self.topics.requests, self.codec.encode(req), key=run_id.encode())
+            )
+            ids.append(run_id)
+        await asyncio.gather(*futures)
+        return ids
+
+    async def redrive(self, workflow: str, run_ids: set[str] | None = None) -> tuple[int, int]:
+        """Re-drive quarantined runs (by ID, or all) and re-inject poison records of ``workflow``'s DLQ.
+
+        Returns:
+            (runs re-driven, records re-injected). A run that is no longer quarantined ignores it.
+        """
+        runs, records, seen = 0, 0, set()
+        for rec in await self.read_dlq(workflow):
+            if run_ids is not None and rec.run_id not in run_ids:
+                continue
+            if rec.reason == "quarantined" and rec.run_id and rec.run_id not in seen:
+                seen.add(rec.run_id)
+                cmd = RunCommand(command="redrive", run_id=rec.run_id, workflow=workflow)
+                await self.producer.send_and_wait(
+                    self.topics.requests, self.codec.encode(cmd), key=rec.run_id.encode()
+                )
+                runs += 1
+            elif rec.reason == "poison" and run_ids is None:
+                await self.producer.send_and_wait(
+                    rec.source_topic,
+                    rec.value,
+                    key=rec.key,
+                    headers=[*rec.headers.items(), ("calmrun-redriven", b"1")],
+                )
+                records += 1
+        return runs, records
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    async def read_states(self) -> dict[str, RunState]:
+        """The latest state of every run (a full read of the compacted state topic)."""
+        out: dict[str, RunState] = {}
+        async for _, rec in self._read(self.topics.state, RunState):
+            out[rec.run_id] = rec
+        return out
+
+    async def state(self, run_id: str) -> RunState | None:
+        p = partition_for(run_id, self.settings.kafka.partitions)
+        found = None
+        async for key, rec in self._read(self.topics.state, RunState, partitions=[p]):
+            if key == run_id:
+                found = rec
+        return found
+
+    async def events(self, run_id: str | None = None) -> list[RunEvent]:
+        """The audit log, of one run (read from its partition only) or of all runs."""
+        parts = None if run_id is None else [partition_for(run_id, self.settings.kafka.partitions)]
+        return [
+            ev
+            async for key, ev in self._read(self.topics.events, RunEvent, partitions=parts)
+            if run_id is None or key == run_id
+        ]
+
+    async def read_dlq(self, workflow: str) -> list[DlqRecord]:
+        return [rec async for _, rec in self._read(self.topics.dlq(workflow), DlqRecord)]
+
+    async def wait_terminal(self, run_ids: Iterable[str], wait_s: float = 60.0) -> dict[str, RunState]:
+        """Tail the state topic until every run is terminal; returns their last states.
+
+        Raises:
+            CalmrunError: not all runs finished in time (the message counts them by status).
+        """
+        wanted = set(run_ids)
+        latest: dict[str, RunState] = {}
+        deadline = time.monotonic() + wait_s
+        async with contextlib.aclosing(
+            self._read(self.topics.state, RunState, follow=True, until=deadline)
+        ) as records:
+            async for _, st in records:
+                if st.run_id in wanted:
+                    latest[st.run_id] = st
+                    if len(latest) == len(wanted) and all(s.status in TERMINAL for s in latest.values()):
+                        return latest
+        counts: dict[str, int] = {}
+        for rid in wanted:
+            status = latest[rid].status if rid in latest else "not started"
+            counts[status] = counts.get(status, 0) + 1
+        raise CalmrunError(f"{len(wanted)} runs not all finished within {wait_s:.0f}s: {counts}")
+
+    async def _read(
+        self,
+        topic: str,
+        model: type[M],
+        *,
+        partitions: list[int] | None = None,
+        follow: bool = False,
+        until: float | None = None,
+    ) -> AsyncGenerator[tuple[str, M], None]:
+        """Decode a topic from the beginning to its end offsets (or on, with ``follow``)."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False)
+        try:
+            await consumer.start()
+        except KafkaConnectionError as exc:
+            await consumer.stop()
+            raise BrokerUnavailableError(self.settings.kafka.bootstrap, str(exc)) from exc
+        try:
+            # every calmrun topic has the configured partition count (ensure_topics enforces it)
+            known = range(self.settings.kafka.partitions) if topic in await consumer.topics() else None
+            if not known:
+                raise CalmrunError(f"topic {topic} does not exist (run `calmrun topics create`?)")
+            tps = [TopicPartition(topic, p) for p in sorted(partitions if partitions is not None else known)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            remaining = {tp for tp in tps if end[tp] > 0}
+            while follow or remaining:
+                if until is not None and time.monotonic() > until:
+                    return
+                batch = await consumer.getmany(timeout_ms=200)
+                for records in batch.values():
+                    for rec in records:
+                        if rec.value is None:
+                            continue
+                        yield (
+                            (rec.key or b"").decode(errors="replace"),
+                            self.codec.decode_as(rec.value, model),
+                        )
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= end[tp]:
+                        remaining.discard(tp)
+        finally:
+            await consumer.stop()
+
+
+def summarize(states: dict[str, RunState]) -> dict[str, Any]:
+    """Counts by status and outcome, for CLI output and tests."""
+    out: dict[str, Any] = {"runs": len(states), "by_status": {}, "by_outcome": {}}
+    for s in states.values():
+        out["by_status"][s.status] = out["by_status"].get(s.status, 0) + 1
+        if s.outcome:
+            out["by_outcome"][s.outcome] = out["by_outcome"].get(s.outcome, 0) + 1
+    return out

@@ -1,0 +1,225 @@
+"""Wire codec: pydantic records <-> Avro single-object bytes, with the Avro schemas derived from the models.
+
+The pydantic models are the one definition of every record; ``schemas/*.avsc`` are the same contracts
+written out for other readers (``python -m calmrun.codec`` rewrites them, a test fails when they drift).
+JSON-valued fields (``calmrun.jsonfield``) travel as JSON strings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from calmrun.avro import AvroCodec
+from calmrun.errors import DecodeError, SerializationError
+from calmrun.jsonfield import AvroJson
+
+NAMESPACE = "io.calmrun"
+M = TypeVar("M", bound=BaseModel)
+Convert = Callable[[Any], Any] | None  # None: the value passes unchanged
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Derived:
+    """Avro schema and converters for one model, derived from its field annotations."""
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+        self.defined: set[str] = set()
+        self._conv_cache: dict[str, tuple[Convert, Convert]] = {}
+        self.schema, self.to_avro, self.from_avro = self._record(model)
+
+    def _record(self, model: type[BaseModel]) -> tuple[Any, Convert, Convert]:
+        name = model.__name__
+        if name in self.defined:
+            return f"{NAMESPACE}.{name}", *self._conv_cache[name]
+        self.defined.add(name)
+        fields = []
+        to: dict[str, Convert] = {}
+        back: dict[str, Convert] = {}
+        for fname, info in model.model_fields.items():
+            tp = info.annotation
+            if info.metadata:
+                tp = Annotated[(tp, *info.metadata)]  # type: ignore[assignment]
+            schema, t, b = self._type(tp)
+            field: dict[str, Any] = {"name": fname, "type": schema}
+            if info.description:
+                field["doc"] = info.description
+            if isinstance(schema, list) and schema and schema[0] == "null":
+                field["default"] = None
+            elif not info.is_required() and info.default_factory is None and _plain_default(info.default):
+                field["default"] = _json_default(info.default)
+            fields.append(field)
+            if t is not None:
+                to[fname] = t
+            if b is not None:
+                back[fname] = b
+        doc = (model.__doc__ or "").strip().split("\n")[0]
+        schema_out = {"type": "record", "name": name, "namespace": NAMESPACE, "doc": doc, "fields": fields}
+        self._conv_cache[name] = (_record_conv(to), _record_conv(back))
+        return schema_out, *self._conv_cache[name]
+
+    def _type(self, tp: Any) -> tuple[Any, Convert, Convert]:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            base, *meta = get_args(tp)
+            if any(isinstance(m, AvroJson) for m in meta):
+                return "string", _dumps, json.loads
+            return self._type(base)
+        if origin in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                raise TypeError(f"only Optional unions are supported, not {tp}")
+            inner, t, b = self._type(args[0])
+            return ["null", inner], _optional(t), _optional(b)
+        if origin is Literal:
+            return "string", None, None
+        if origin is list:
+            inner, t, b = self._type(get_args(tp)[0])
+            return (
+                {"type": "array", "items": inner},
+                (lambda v, t=t: [t(x) for x in v]) if t else None,
+                (lambda v, b=b: [b(x) for x in v]) if b else None,
+            )
+        if origin is dict:
+            inner, t, b = self._type(get_args(tp)[1])
+            return (
+                {"type": "map", "values": inner},
+                (lambda v, t=t: {k: t(x) for k, x in v.items()}) if t else None,
+                (lambda v, b=b: {k: b(x) for k, x in v.items()}) if b else None,
+            )
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return self._record(tp)
+        prim = {
+            str: "string",
+            int: "long",
+            float: "double",
+            bool: "boolean",
+            bytes: "bytes",
+            Decimal: "string",
+        }
+        if tp in prim:
+            if tp is float:
+                return "double", float, None
+            return prim[tp], None, None
+        raise TypeError(f"no Avro mapping for {tp!r}")
+
+
+def _optional(f: Convert) -> Convert:
+    if f is None:
+        return None
+    return lambda v: None if v is None else f(v)
+
+
+def _record_conv(conv: dict[str, Convert]) -> Convert:
+    if not conv:
+        return None
+    items = list(conv.items())
+
+    def apply(d: dict[str, Any]) -> dict[str, Any]:
+        for k, f in items:
+            if f is not None and k in d:
+                d[k] = f(d[k])
+        return d
+
+    return apply
+
+
+def _plain_default(v: Any) -> bool:
+    return v is not None and isinstance(v, str | int | float | bool | Decimal)
+
+
+def _json_default(v: Any) -> Any:
+    return str(v) if isinstance(v, Decimal) else v
+
+
+class RecordCodec:
+    """Encodes pydantic records to Avro single-object bytes and decodes them back.
+
+    Args:
+        models: the record types this codec knows; each is written with its own schema fingerprint.
+    """
+
+    def __init__(self, models: Iterable[type[BaseModel]]) -> None:
+        self._derived = {m.__name__: _Derived(m) for m in models}
+        self._by_full = {f"{NAMESPACE}.{name}": d for name, d in self._derived.items()}
+        self.avro = AvroCodec(d.schema for d in self._derived.values())
+
+    def schemas(self) -> dict[str, dict[str, Any]]:
+        """The Avro schema of each model, by model name."""
+        return {name: d.schema for name, d in self._derived.items()}
+
+    def encode(self, record: BaseModel) -> bytes:
+        """Encode ``record`` as single-object Avro.
+
+        Raises:
+            SerializationError: the record's type is not registered or a value does not fit.
+        """
+        d = self._derived.get(type(record).__name__)
+        if d is None:
+            raise SerializationError(f"{type(record).__name__} is not a calmrun wire record")
+        data = record.model_dump(mode="json")
+        if d.to_avro is not None:
+            data = d.to_avro(data)
+        return self.avro.encode(f"{NAMESPACE}.{type(record).__name__}", data)
+
+    def decode(self, data: bytes) -> BaseModel:
+        """Decode any registered record.
+
+        Raises:
+            DecodeError: not single-object Avro, unknown fingerprint, corrupt bytes or invalid values.
+        """
+        name, raw = self.avro.decode(data)
+        d = self._by_full[name]
+        try:
+            if d.from_avro is not None:
+                raw = d.from_avro(raw)
+            return d.model.model_validate(raw)
+        except (ValueError, ValidationError) as exc:
+            raise DecodeError(f"{name} does not validate: {exc}") from exc
+
+    def decode_as(self, data: bytes, model: type[M]) -> M:
+        """Decode and insist on one type."""
+        rec = self.decode(data)
+        if not isinstance(rec, model):
+            raise DecodeError(f"expected {model.__name__}, got {type(rec).__name__}")
+        return rec
+
+
+def wire_models() -> list[type[BaseModel]]:
+    """Every record calmrun writes to Kafka."""
+    from calmrun.streams.dlq import DlqRecord
+    from calmrun.workflow.events import RunCommand, RunEvent, RunRequest, StepTask
+    from calmrun.workflow.state import RunState
+
+    return [RunRequest, RunCommand, RunEvent, StepTask, RunState, DlqRecord]
+
+
+def write_schemas(folder: Path) -> list[Path]:
+    """Write ``<Model>.avsc`` for every wire model into ``folder``; returns the paths written."""
+    codec = RecordCodec(wire_models())
+    out = []
+    for name, schema in codec.schemas().items():
+        path = folder / f"{_snake(name)}.avsc"
+        path.write_text(json.dumps(schema, indent=2) + "\n")
+        out.append(path)
+    return out
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+if __name__ == "__main__":
+    for p in write_schemas(Path(sys.argv[1] if len(sys.argv) > 1 else "schemas")):
+        print(p)

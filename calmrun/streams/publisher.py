@@ -1,0 +1,120 @@
+"""Ordered, pipelined output of decisions: records first, the run's state after they are acked.
+
+Each decision's events, tasks and dead-letter records are sent in decision order; its state record is sent
+only once those are acknowledged, again in decision order, so the compacted state topic never holds a
+state whose consequences were lost. The input record counts as finished (its offset may be committed)
+only when the state is acknowledged too. A crash in between re-delivers the input; the decider, being
+deterministic, re-makes the same decision, and the duplicates it re-sends are recognised downstream
+(same run, step and attempt; same event seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+
+@dataclass(frozen=True)
+class Out:
+    """One record to send to an explicit partition."""
+
+    topic: str
+    partition: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass
+class _Item:
+    outputs: list[Out]
+    state: Out | None
+    on_done: Callable[[], None] | None
+    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+
+
+class Publisher:
+    """Sends decisions through one producer in two ordered stages; see the module docstring."""
+
+    def __init__(self, producer: AIOKafkaProducer, on_error: Callable[[BaseException], None]) -> None:
+        self._producer = producer
+        self._on_error = on_error
+        self._stage1: asyncio.Queue[_Item] = asyncio.Queue()
+        self._stage2: asyncio.Queue[_Item] = asyncio.Queue()
+        self._pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._send_outputs()), asyncio.create_task(self._send_states())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, outputs: list[Out], state: Out | None, on_done: Callable[[], None] | None) -> None:
+        """Queue one decision's records; synchronous, so decisions keep the order they were made in."""
+        self._pending += 1
+        self._idle.clear()
+        self._stage1.put_nowait(_Item(outputs, state, on_done))
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is acknowledged."""
+        await self._idle.wait()
+
+    async def _send(self, out: Out) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = await self._producer.send(
+            out.topic, out.value, key=out.key, partition=out.partition, headers=list(out.headers)
+        )
+        return fut
+
+    async def _send_outputs(self) -> None:
+        try:
+            while True:
+                item = await self._stage1.get()
+                item.futures = [await self._send(o) for o in item.outputs]
+                self._stage2.put_nowait(item)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a produce that failed after its retries: the worker must stop
+            self._on_error(exc)
+
+    async def _send_states(self) -> None:
+        try:
+            while True:
+                item = await self._stage2.get()
+                if item.futures:
+                    await asyncio.gather(*item.futures)
+                if item.state is not None:
+                    fut = await self._send(item.state)
+                    fut.add_done_callback(functools.partial(self._finish, item))
+                else:
+                    self._finish(item, None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._on_error(exc)
+
+    def _finish(self, item: _Item, fut: asyncio.Future[Any] | None) -> None:
+        if fut is not None and not fut.cancelled() and fut.exception() is not None:
+            self._on_error(fut.exception())  # type: ignore[arg-type]
+            return
+        if item.on_done is not None:
+            item.on_done()
+        self._pending -= 1
+        if self._pending == 0:
+            self._idle.set()

@@ -1,0 +1,115 @@
+"""Topic names and their creation: every calmrun topic has the same partition count (co-partitioned).
+
+A run ID hashes (murmur2, as the Java client does) to one partition number, and that partition of every
+topic (requests, step topics, state, events) belongs to one worker at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
+
+from calmrun.errors import BrokerUnavailableError, ConfigError
+from calmrun.settings import KafkaSettings
+from calmrun.workflow.definition import WorkflowDef
+
+INVALID = "_invalid"
+"""DLQ suffix for records that name no known workflow (undecodable, unknown workflow)."""
+
+
+def partition_for(run_id: str, partitions: int) -> int:
+    """The partition of ``run_id`` in every calmrun topic (the Java client's murmur2 partitioner)."""
+    h: int = murmur2(run_id.encode())
+    return (h & 0x7FFFFFFF) % partitions
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic names under one prefix."""
+
+    prefix: str
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}.runs.requests"
+
+    @property
+    def state(self) -> str:
+        return f"{self.prefix}.runs.state"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.runs.events"
+
+    def step(self, workflow: str, step: str) -> str:
+        return f"{self.prefix}.step.{workflow}.{step}"
+
+    def dlq(self, workflow: str) -> str:
+        return f"{self.prefix}.dlq.{workflow}"
+
+    def step_topics(self, workflows: Iterable[WorkflowDef]) -> list[str]:
+        return [self.step(wf.name, s.name) for wf in workflows for s in wf.steps]
+
+    def all(self, workflows: Iterable[WorkflowDef]) -> dict[str, dict[str, str]]:
+        """Every topic for these workflows with its topic-level configuration."""
+        wfs = list(workflows)
+        forever = {"retention.ms": "-1"}
+        topics: dict[str, dict[str, str]] = {
+            self.requests: {},
+            self.state: {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "600000"},
+            self.events: {},
+            self.dlq(INVALID): forever,
+        }
+        for wf in wfs:
+            topics[self.dlq(wf.name)] = forever
+        for name in self.step_topics(wfs):
+            topics[name] = {}
+        return topics
+
+
+async def ensure_topics(settings: KafkaSettings, workflows: Iterable[WorkflowDef]) -> list[str]:
+    """Create every missing calmrun topic; idempotent. Returns the names it created.
+
+    Raises:
+        BrokerUnavailableError: no broker answers at the bootstrap address.
+        ConfigError: an existing topic has a different partition count (co-partitioning would break).
+    """
+    wanted = Topics(settings.prefix).all(workflows)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id=settings.client_id)
+    try:
+        await admin.start()
+    except KafkaConnectionError as exc:
+        await admin.close()
+        raise BrokerUnavailableError(settings.bootstrap, str(exc)) from exc
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        if missing:
+            new = [
+                NewTopic(
+                    t,
+                    num_partitions=settings.partitions,
+                    replication_factor=settings.replication_factor,
+                    topic_configs=wanted[t],
+                )
+                for t in missing
+            ]
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker created them first
+                await admin.create_topics(new)
+        present = [t for t in wanted if t in existing]
+        if present:
+            for meta in await admin.describe_topics(present):
+                count = len(meta["partitions"])
+                if count != settings.partitions:
+                    raise ConfigError(
+                        f"topic {meta['topic']} has {count} partitions but calmrun is configured for "
+                        f"{settings.partitions}; all calmrun topics must have the same count"
+                    )
+        return missing
+    finally:
+        await admin.close()

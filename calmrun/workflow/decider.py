@@ -1,0 +1,406 @@
+"""The decider: a pure function from (definition, run state, input) to (new state, events, tasks).
+
+No I/O, no clock, no randomness: time arrives on the input (``at_ms``) and only moves the run's clock
+forward; backoff jitter is a hash of (run, step, attempt). Re-deciding a run's recorded inputs therefore
+rebuilds the same state and the same decisions, and a duplicated or late input is ignored, never applied:
+the first result recorded for a step attempt wins.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from calmrun.workflow.definition import END, WorkflowDef, lookup, targets
+from calmrun.workflow.events import (
+    DeciderInput,
+    EventType,
+    RunEvent,
+    RunRequested,
+    StepCost,
+    StepResult,
+    StepTask,
+    TimerFired,
+)
+from calmrun.workflow.state import ACTIVE, RunState, StepState
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """Why a run was quarantined: the shell writes this cause to the workflow's dead-letter topic."""
+
+    step: str | None
+    attempt: int
+    error_type: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one input: the new state, the events to log, the tasks to send.
+
+    ``ignored`` holds the reason when the input changed nothing (a duplicate, a late result); the state
+    is then the unchanged input state and ``events`` holds one ``input.ignored`` record for the log.
+    """
+
+    state: RunState | None
+    events: tuple[RunEvent, ...] = ()
+    tasks: tuple[StepTask, ...] = ()
+    quarantine: Quarantine | None = None
+    ignored: str | None = None
+
+
+def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Decision:
+    """Apply one input to one run.
+
+    Args:
+        wf: the run's workflow definition (the same version the run started with).
+        state: the run's current state, or None when the run is unknown.
+        event: what happened: a request, a step result, a timer, an operator's redrive.
+    """
+    if isinstance(event, RunRequested):
+        if state is not None:
+            return _ignored(state, event, "duplicate run request: this run ID already exists")
+        s = RunState(
+            run_id=event.run_id,
+            workflow=wf.name,
+            version=wf.version,
+            tenant=event.tenant,
+            input=dict(event.input),
+            created_ms=event.at_ms,
+            clock_ms=event.at_ms,
+        )
+        b = _Builder(wf, s)
+        b.emit("run.requested", data={"input": s.input})
+        b.goto(targets(wf.first))
+        return b.finish()
+    if state is None:
+        return Decision(state=None, ignored=f"no run {event.run_id!r} is known")
+    s = state.model_copy(deep=True)
+    s.clock_ms = max(s.clock_ms, event.at_ms)
+    b = _Builder(wf, s)
+    if isinstance(event, StepResult):
+        return b.on_result(event) or _ignored(state, event, b.why)
+    if isinstance(event, TimerFired):
+        return b.on_timer() or _ignored(state, event, "nothing is due")
+    return b.on_redrive() or _ignored(state, event, b.why)
+
+
+def backoff_ms(wf: WorkflowDef, run_id: str, step: str, attempt: int, retry_base: int) -> int:
+    """Delay before the attempt after ``attempt``: exponential, capped, jitter hashed from its identity."""
+    policy = wf.step(step).retry
+    base = policy.initial_backoff_s * policy.multiplier ** max(0, attempt - retry_base - 1)
+    base = min(base, policy.max_backoff_s)
+    u = zlib.crc32(f"{run_id}/{step}/{attempt}".encode()) / 0xFFFFFFFF
+    return max(0, round(base * (1 + policy.jitter * (2 * u - 1)) * 1000))
+
+
+class InputMappingError(Exception):
+    """A step's input mapping names a field that the run input or earlier outputs do not have."""
+
+
+def resolve_input(wf: WorkflowDef, s: RunState, step: str) -> dict[str, Any]:
+    """The agent's input for ``step``: the run input, or the step's mapping over input and outputs."""
+    sd = wf.step(step)
+    if sd.input is None:
+        return dict(s.input)
+    scope = {
+        "input": s.input,
+        "run": {"run_id": s.run_id, "tenant": s.tenant, "workflow": s.workflow},
+        "steps": s.outputs(),
+    }
+    out: dict[str, Any] = {}
+    for arg, path in sd.input.items():
+        found, value = lookup(scope, path)
+        if not found:
+            raise InputMappingError(f"step {step!r} input {arg!r}: {path!r} is not in the run")
+        out[arg] = value
+    return out
+
+
+def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
+    data: dict[str, Any] = {"reason": reason, "input": type(event).__name__}
+    step = attempt = None
+    if isinstance(event, StepResult):
+        step, attempt = event.step, event.attempt
+        data["kind"] = event.kind
+        data["ok"] = event.ok
+    log = RunEvent(
+        run_id=state.run_id,
+        seq=-1,
+        type="input.ignored",
+        at_ms=event.at_ms,
+        workflow=state.workflow,
+        version=state.version,
+        tenant=state.tenant,
+        step=step,
+        attempt=attempt,
+        data=data,
+    )
+    return Decision(state=state, events=(log,), ignored=reason)
+
+
+class _Builder:
+    """Mutates a private copy of the state and collects what the decision emits."""
+
+    def __init__(self, wf: WorkflowDef, s: RunState) -> None:
+        self.wf, self.s = wf, s
+        self.events: list[RunEvent] = []
+        self.tasks: list[StepTask] = []
+        self.quarantine: Quarantine | None = None
+        self.why = ""
+
+    def finish(self) -> Decision:
+        self._settle()
+        return Decision(
+            state=self.s, events=tuple(self.events), tasks=tuple(self.tasks), quarantine=self.quarantine
+        )
+
+    def emit(
+        self,
+        type: EventType,
+        step: str | None = None,
+        attempt: int | None = None,
+        data: dict[str, Any] | None = None,
+        cost: StepCost | None = None,
+    ) -> None:
+        s = self.s
+        s.seq += 1
+        self.events.append(
+            RunEvent(
+                run_id=s.run_id,
+                seq=s.seq,
+                type=type,
+                at_ms=s.clock_ms,
+                workflow=s.workflow,
+                version=s.version,
+                tenant=s.tenant,
+                step=step,
+                attempt=attempt,
+                data=data or {},
+                cost=cost,
+            )
+        )
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def on_result(self, r: StepResult) -> Decision | None:
+        st = self.s.steps.get(r.step)
+        in_flight = (
+            st is not None
+            and st.attempt == r.attempt
+            and st.deadline_ms is not None
+            and (st.status == ("scheduled" if r.kind == "run" else "compensating"))
+        )
+        if st is None or not in_flight:
+            where = f"{st.status} at attempt {st.attempt}" if st else "not started"
+            self.why = (
+                f"late or duplicate {r.kind} result for {r.step!r} attempt {r.attempt} (step is {where})"
+            )
+            return None
+        if r.ok:
+            self.emit("step.succeeded", r.step, r.attempt, {"kind": r.kind, "output": r.output}, r.cost)
+        else:
+            self.emit(
+                "step.failed",
+                r.step,
+                r.attempt,
+                {"kind": r.kind, "error_type": r.error_type, "error": r.error, "retriable": r.retriable},
+                r.cost,
+            )
+        st.deadline_ms = None
+        st.finished_ms = self.s.clock_ms
+        if r.kind == "compensate":
+            if r.ok:
+                st.status = "compensated"
+                self.emit("step.compensated", r.step, r.attempt)
+                self._next_compensation(done=r.step)
+            else:
+                self._fail_attempt(r.step, r.error_type or "Error", r.error or "", r.retriable)
+        elif r.ok:
+            st.status, st.output = "succeeded", dict(r.output or {})
+            st.error_type = st.error = None
+            st.done_seq = self.s.seq
+            self._route(r.step)
+        else:
+            self._fail_attempt(r.step, r.error_type or "Error", r.error or "", r.retriable)
+        return self.finish()
+
+    def on_timer(self) -> Decision | None:
+        now = self.s.clock_ms
+        due = sorted(
+            (name, st)
+            for name, st in self.s.steps.items()
+            if (st.due_ms is not None and st.due_ms <= now)
+            or (st.deadline_ms is not None and st.deadline_ms <= now)
+        )
+        if not due:
+            return None
+        self.emit("timer.fired", data={"due": [name for name, _ in due]})
+        for name, st in due:
+            kind: Literal["run", "compensate"] = "compensate" if st.status == "compensating" else "run"
+            if st.due_ms is not None:
+                self._issue(name, kind)
+            elif st.deadline_ms is not None:
+                sd = self.wf.step(name)
+                self.emit(
+                    "step.deadline_expired", name, st.attempt, {"kind": kind, "deadline_ms": st.deadline_ms}
+                )
+                st.deadline_ms = None
+                self._fail_attempt(
+                    name,
+                    "DeadlineExceeded",
+                    f"no result for attempt {st.attempt} within its {sd.timeout_s:g}s timeout "
+                    f"+ {self.wf.deadline_grace_s:g}s grace: re-issued",
+                    True,
+                )
+        return self.finish()
+
+    def on_redrive(self) -> Decision | None:
+        s = self.s
+        if s.status not in ("quarantined", "over_budget") or s.compensations:
+            self.why = f"redrive needs a quarantined run; this one is {s.status}"
+            return None
+        self.emit("run.redrive_requested", data={"previous_error": s.error})
+        s.status, s.error_type, s.error = "running", None, None
+        for name, st in sorted(s.steps.items()):
+            if st.status in ("failed", "cancelled"):
+                st.retry_base = st.attempt
+                self._issue(name, "run")
+        return self.finish()
+
+    # -- decisions ----------------------------------------------------------------------------------
+
+    def _route(self, name: str) -> None:
+        sd = self.wf.step(name)
+        output = self.s.steps[name].output
+        chosen, by = targets(sd.next), "next"
+        for i, branch in enumerate(sd.branches):
+            if branch.when.holds(output):
+                chosen, by = targets(branch.goto), f"branches[{i}]"
+                break
+        self.emit("run.routed", name, data={"to": chosen, "by": by})
+        self.goto(chosen)
+
+    def goto(self, chosen: list[str]) -> None:
+        for t in chosen:
+            if t.startswith(END):
+                self.s.outcome = self.s.outcome or t[len(END) :]
+            else:
+                self._start(t)
+
+    def _start(self, name: str) -> None:
+        s = self.s
+        if name in s.steps or s.status != "running":
+            return  # each step runs once per run; a join is started by the last branch to arrive
+        sd = self.wf.step(name)
+        if any(n not in s.steps or s.steps[n].status != "succeeded" for n in sd.needs):
+            return
+        s.steps[name] = StepState(status="scheduled", model=sd.model)
+        self._issue(name, "run")
+
+    def _issue(self, name: str, kind: Literal["run", "compensate"]) -> None:
+        s, sd = self.s, self.wf.step(name)
+        st = s.steps[name]
+        try:
+            task_input = resolve_input(self.wf, s, name)
+        except InputMappingError as exc:
+            st.status = "failed"
+            self._quarantine(name, st.attempt, "InputMappingError", str(exc))
+            return
+        st.attempt += 1
+        st.status = "scheduled" if kind == "run" else "compensating"
+        st.scheduled_ms = s.clock_ms
+        st.deadline_ms = s.clock_ms + round((sd.timeout_s + self.wf.deadline_grace_s) * 1000)
+        st.due_ms = None
+        agent = sd.agent if kind == "run" else (sd.compensate or "")
+        self.tasks.append(
+            StepTask(
+                run_id=s.run_id,
+                workflow=s.workflow,
+                version=s.version,
+                step=name,
+                attempt=st.attempt,
+                kind=kind,
+                agent=agent,
+                model=st.model,
+                input=task_input,
+                tenant=s.tenant,
+                issued_ms=s.clock_ms,
+                timeout_s=sd.timeout_s,
+            )
+        )
+        self.emit(
+            "step.scheduled" if kind == "run" else "step.compensation_scheduled",
+            name,
+            st.attempt,
+            {"agent": agent, "model": st.model, "deadline_ms": st.deadline_ms},
+        )
+
+    def _fail_attempt(self, name: str, error_type: str, error: str, retriable: bool) -> None:
+        s, st = self.s, self.s.steps[name]
+        policy = self.wf.step(name).retry
+        compensating = st.status == "compensating"
+        st.error_type, st.error = error_type, error
+        if retriable and st.attempt - st.retry_base < policy.max_attempts:
+            delay = backoff_ms(self.wf, s.run_id, name, st.attempt, st.retry_base)
+            st.due_ms = s.clock_ms + delay
+            if not compensating:
+                st.status = "retry_wait"
+            self.emit(
+                "step.retry_scheduled",
+                name,
+                st.attempt,
+                {"due_ms": st.due_ms, "delay_ms": delay, "error_type": error_type},
+            )
+        elif compensating:
+            st.status = "compensation_failed"
+            self.emit(
+                "step.compensation_failed", name, st.attempt, {"error_type": error_type, "error": error}
+            )
+            self._next_compensation(done=name)
+        else:
+            st.status = "failed"
+            self._quarantine(name, st.attempt, error_type, error)
+
+    def _quarantine(self, step: str | None, attempt: int, error_type: str, error: str) -> None:
+        s = self.s
+        s.status, s.error_type, s.error = "quarantined", error_type, error
+        for name, st in sorted(s.steps.items()):
+            if st.status in ("scheduled", "retry_wait"):
+                st.status, st.deadline_ms, st.due_ms = "cancelled", None, None
+                self.emit("step.cancelled", name, st.attempt, {"reason": "run quarantined"})
+        self.emit("run.quarantined", step, attempt, {"error_type": error_type, "error": error})
+        self.quarantine = Quarantine(step, attempt, error_type, error)
+        done = [
+            (st.done_seq or 0, n)
+            for n, st in s.steps.items()
+            if st.status == "succeeded" and self.wf.step(n).compensate
+        ]
+        s.compensations = [n for _, n in sorted(done, reverse=True)]
+        self._next_compensation(done=None)
+
+    def _next_compensation(self, done: str | None) -> None:
+        s = self.s
+        if done is not None and s.compensations and s.compensations[0] == done:
+            s.compensations.pop(0)
+        if s.compensations:
+            name = s.compensations[0]
+            s.steps[name].retry_base = s.steps[name].attempt
+            self._issue(name, "compensate")
+
+    def _settle(self) -> None:
+        s = self.s
+        if s.status != "running" or any(st.status in ACTIVE for st in s.steps.values()):
+            return
+        if s.outcome is not None:
+            s.status = "completed"
+            self.emit("run.completed", data={"outcome": s.outcome, "outputs": s.outputs()})
+        else:
+            self._quarantine(
+                None,
+                0,
+                "StuckRun",
+                "no step is active and no outcome was reached (a join waits for a step that did not run?)",
+            )

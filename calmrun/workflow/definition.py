@@ -1,0 +1,247 @@
+"""Workflow definitions: steps, transitions, branches, fan-out/join, retries and outcomes.
+
+Written as YAML files or built as Python objects; both are validated by the same pydantic models, and
+errors name the file, the step and the field.
+"""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from calmrun.errors import ConfigError
+
+NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+END = "end:"
+
+
+class _Def(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RetryPolicy(_Def):
+    """Exponential backoff with deterministic jitter between attempts of one step."""
+
+    max_attempts: int = Field(3, ge=1, le=100)
+    initial_backoff_s: float = Field(0.5, ge=0)
+    multiplier: float = Field(2.0, ge=1)
+    max_backoff_s: float = Field(60.0, ge=0)
+    jitter: float = Field(0.2, ge=0, le=1, description="+/- this fraction of the backoff")
+
+
+_OPS: dict[str, Any] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "in": lambda a, b: a in b,
+    "not_in": lambda a, b: a not in b,
+}
+
+
+class Condition(_Def):
+    """A test on one field of a step's output (``field`` is a dotted path)."""
+
+    field: str
+    op: Literal["eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "exists"] = "eq"
+    value: Any = None
+
+    def holds(self, output: Any) -> bool:
+        """True when the condition holds for ``output``; a missing field holds only for ``ne``/``not_in``."""
+        found, actual = lookup(output, self.field)
+        if self.op == "exists":
+            return found == bool(self.value if self.value is not None else True)
+        if not found:
+            return self.op in ("ne", "not_in")
+        try:
+            return bool(_OPS[self.op](actual, self.value))
+        except TypeError:
+            return False
+
+
+def lookup(data: Any, path: str) -> tuple[bool, Any]:
+    """Follow a dotted path through dicts (and list indexes); return (found, value)."""
+    cur = data
+    for part in path.split(".") if path else []:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            return False, None
+    return True, cur
+
+
+Target = str | list[str]
+"""A step name, a list of step names (parallel fan-out), or ``end:<outcome>``."""
+
+
+def targets(target: Target | None) -> list[str]:
+    """A target as a list; no target means the run ends as ``completed``."""
+    if target is None:
+        return [f"{END}completed"]
+    return [target] if isinstance(target, str) else list(target)
+
+
+class Branch(_Def):
+    """Go to ``goto`` when ``when`` holds for the step's output; branches are tried in order."""
+
+    when: Condition
+    goto: Target
+
+
+class StepDef(_Def):
+    """One step: which agent runs it, on which input, how it is retried, and where the run goes next."""
+
+    name: str = Field(pattern=NAME)
+    agent: str = Field(description="registered agent name or 'module:attr'")
+    model: str | None = Field(None, description="model alias from configuration")
+    input: dict[str, str] | None = Field(
+        None, description="argument -> path: 'input.x' (run input), 'steps.<step>.x' (earlier output)"
+    )
+    retry: RetryPolicy = RetryPolicy()
+    timeout_s: float = Field(30.0, gt=0)
+    compensate: str | None = Field(
+        None, description="agent that undoes this step when the run is quarantined"
+    )
+    next: Target | None = None
+    branches: list[Branch] = Field(default_factory=list)
+    needs: list[str] = Field(default_factory=list, description="join: start only when all these succeeded")
+
+
+class WorkflowDef(_Def):
+    """A named, versioned workflow. Steps form a directed acyclic graph; each step runs once per run."""
+
+    name: str = Field(pattern=NAME)
+    version: str = "1"
+    description: str = ""
+    start: Target | None = None
+    steps: list[StepDef] = Field(min_length=1)
+    outcomes: list[str] = Field(default_factory=lambda: ["completed"])
+    deadline_grace_s: float = Field(
+        30.0, ge=0, description="a task's result may come this long after its timeout before a re-issue"
+    )
+
+    @field_validator("outcomes")
+    @classmethod
+    def _outcomes_named(cls, v: list[str]) -> list[str]:
+        return v if "completed" in v else [*v, "completed"]
+
+    @model_validator(mode="after")
+    def _graph_is_valid(self) -> WorkflowDef:
+        names = [s.name for s in self.steps]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"step names must be unique; repeated: {sorted(dupes)}")
+        known = set(names)
+
+        def check(where: str, target: Target | None) -> None:
+            for t in targets(target):
+                if t.startswith(END):
+                    if t[len(END) :] not in self.outcomes:
+                        raise ValueError(
+                            f"{where}: outcome {t[len(END) :]!r} is not in outcomes {self.outcomes}"
+                        )
+                elif t not in known:
+                    raise ValueError(f"{where}: unknown step {t!r}; steps are {names}")
+
+        check("start", self.start or names[0])
+        for s in self.steps:
+            check(f"step {s.name!r} next", s.next)
+            for i, b in enumerate(s.branches):
+                check(f"step {s.name!r} branches[{i}].goto", b.goto)
+            for n in s.needs:
+                if n not in known:
+                    raise ValueError(f"step {s.name!r} needs unknown step {n!r}")
+            for arg, path in (s.input or {}).items():
+                head, _, rest = path.partition(".")
+                if head == "steps":
+                    ref = rest.split(".")[0]
+                    if ref not in known:
+                        raise ValueError(f"step {s.name!r} input {arg!r}: unknown step {ref!r} in {path!r}")
+                elif head not in ("input", "run"):
+                    raise ValueError(f"step {s.name!r} input {arg!r}: path must start with input. or steps.")
+        self._check_acyclic()
+        return self
+
+    def _check_acyclic(self) -> None:
+        edges = {s.name: self.successors(s) for s in self.steps}
+        state: dict[str, int] = {}
+
+        def visit(n: str, path: list[str]) -> None:
+            if state.get(n) == 1:
+                raise ValueError(
+                    f"steps form a cycle: {' -> '.join([*path, n])}; each step runs once per run"
+                )
+            if state.get(n) == 2:
+                return
+            state[n] = 1
+            for m in edges[n]:
+                visit(m, [*path, n])
+            state[n] = 2
+
+        for n in edges:
+            visit(n, [])
+
+    @staticmethod
+    def successors(step: StepDef) -> list[str]:
+        out = [t for t in targets(step.next) if not t.startswith(END)]
+        for b in step.branches:
+            out += [t for t in targets(b.goto) if not t.startswith(END)]
+        return out
+
+    def step(self, name: str) -> StepDef:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def first(self) -> Target:
+        return self.start or self.steps[0].name
+
+
+def load_workflow(path: Path) -> WorkflowDef:
+    """Read and validate one YAML workflow definition.
+
+    Raises:
+        ConfigError: unreadable YAML or an invalid definition; names the file, step and field.
+    """
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_workflow(data, source=str(path))
+
+
+def parse_workflow(data: Any, *, source: str = "<workflow>") -> WorkflowDef:
+    """Validate a workflow given as plain data; errors name ``source``, the step and the field."""
+    try:
+        return WorkflowDef.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid workflow: {describe_errors(exc, data)}") from exc
+
+
+def describe_errors(exc: ValidationError, data: Any) -> str:
+    """Render validation errors as 'steps[1] (extract).retry.max_attempts: message'."""
+    parts = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = ""
+        for i, p in enumerate(loc):
+            if isinstance(p, int):
+                where += f"[{p}]"
+                if i > 0 and loc[i - 1] == "steps" and isinstance(data, dict):
+                    steps = data.get("steps") or []
+                    if p < len(steps) and isinstance(steps[p], dict) and "name" in steps[p]:
+                        where += f" ({steps[p]['name']})"
+            else:
+                where += ("." if where else "") + str(p)
+        parts.append(f"{where or 'workflow'}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,79 @@
+"""Run state: what the compacted ``<prefix>.runs.state`` topic holds per run ID."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from calmrun.jsonfield import JsonDict
+
+RunStatus = Literal["running", "completed", "quarantined", "over_budget"]
+StepStatus = Literal[
+    "scheduled",
+    "retry_wait",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "compensating",
+    "compensated",
+    "compensation_failed",
+]
+ACTIVE: frozenset[str] = frozenset({"scheduled", "retry_wait", "compensating"})
+
+
+class StepState(BaseModel):
+    """One step of one run: its attempts, its recorded output, and when the runtime next acts on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: StepStatus
+    attempt: int = 0
+    retry_base: int = Field(
+        0, description="attempts made before the last redrive; the retry policy counts after it"
+    )
+    model: str | None = None
+    output: JsonDict | None = None
+    error_type: str | None = None
+    error: str | None = None
+    scheduled_ms: int = 0
+    deadline_ms: int | None = Field(None, description="re-issue the attempt if no result by then")
+    due_ms: int | None = Field(None, description="retry_wait: when the next attempt is issued")
+    finished_ms: int | None = None
+    done_seq: int | None = Field(None, description="event seq at success: orders compensation")
+
+
+class RunState(BaseModel):
+    """The whole state of one run; folding its input events through the decider rebuilds it exactly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    workflow: str
+    version: str
+    tenant: str = "default"
+    status: RunStatus = "running"
+    outcome: str | None = None
+    input: JsonDict = Field(default_factory=dict)
+    steps: dict[str, StepState] = Field(default_factory=dict)
+    compensations: list[str] = Field(default_factory=list, description="steps still to compensate, in order")
+    seq: int = Field(0, description="seq of the last event of this run")
+    created_ms: int = 0
+    clock_ms: int = Field(0, description="max event time seen: the decider's only notion of now")
+    error_type: str | None = None
+    error: str | None = None
+
+    def next_due_ms(self) -> int | None:
+        """Earliest time at which a timer must wake this run (a deadline or a retry), if any."""
+        times = [t for s in self.steps.values() for t in (s.deadline_ms, s.due_ms) if t is not None]
+        return min(times) if times else None
+
+    def is_terminal(self) -> bool:
+        return (
+            self.status != "running"
+            and not self.compensations
+            and not any(s.status in ACTIVE for s in self.steps.values())
+        )
+
+    def outputs(self) -> dict[str, Any]:
+        return {name: s.output for name, s in self.steps.items() if s.output is not None}
