@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install kafka demo test lint bench clean
+.PHONY: install kafka tools demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,16 @@ install: $(STAMP)
 kafka: install
 	$(PY) -m calmrun.devkafka fetch
 
+# kcat: one test starts a run from the real kcat CLI, as operators do.
+tools:
+	@command -v kcat >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q kcat; \
+	  else echo "kcat missing: sudo apt-get install kcat" >&2; exit 1; fi; }
+
 demo: kafka
 	$(PY) -m calmrun.demo
 
-test: kafka
+test: kafka tools
 	$(PY) -m pytest
 
 lint: install

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
 
 from calmrun.avro import AvroCodec
 from calmrun.errors import DecodeError, SerializationError
@@ -27,7 +28,7 @@ Convert = Callable[[Any], Any] | None  # None: the value passes unchanged
 
 
 def _dumps(v: Any) -> str:
-    return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+    return to_json(v).decode()
 
 
 class _Derived:
@@ -111,6 +112,8 @@ class _Derived:
         if tp in prim:
             if tp is float:
                 return "double", float, None
+            if tp is Decimal:
+                return "string", str, None
             return prim[tp], None, None
         raise TypeError(f"no Avro mapping for {tp!r}")
 
@@ -168,7 +171,7 @@ class RecordCodec:
         d = self._derived.get(type(record).__name__)
         if d is None:
             raise SerializationError(f"{type(record).__name__} is not a calmrun wire record")
-        data = record.model_dump(mode="json")
+        data = record.model_dump()  # python mode: bytes stay bytes (json mode would decode them as UTF-8)
         if d.to_avro is not None:
             data = d.to_avro(data)
         return self.avro.encode(f"{NAMESPACE}.{type(record).__name__}", data)

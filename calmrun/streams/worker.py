@@ -428,7 +428,7 @@ class Worker:
         ):
             self.stats.tasks_skipped += 1
             where = f"{st.status} at attempt {st.attempt}" if st else "unknown"
-            reason = f"task not executed: {task.kind} of {task.step!r} attempt {task.attempt} is stale (step {where})"
+            reason = f"stale task not executed: {task.kind} {task.step!r} #{task.attempt} (step {where})"
             ev = RunEvent(
                 run_id=task.run_id,
                 seq=-1,

@@ -1,0 +1,31 @@
+# calmrun worker image. Build: docker build -t calmrun:local .   Run: docker run calmrun:local worker
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+WORKDIR /app
+
+COPY pyproject.toml README.md /app/
+# calmrun/schemas is a symlink to ../schemas: copy the real directory first. COPY of a directory keeps
+# symlinks inside it as symlinks, so /app/calmrun/schemas -> ../schemas resolves to /app/schemas.
+COPY schemas /app/schemas
+COPY calmrun /app/calmrun
+
+RUN test -d /app/calmrun/schemas \
+    && pip install --no-cache-dir . \
+    && rm -rf /app/build
+
+RUN useradd --create-home --uid 10001 --user-group calmrun
+USER calmrun
+WORKDIR /home/calmrun
+
+# Serve /metrics on all interfaces of the container (the settings default is 127.0.0.1, port 0 = off).
+ENV CALMRUN_METRICS__HOST=0.0.0.0 \
+    CALMRUN_METRICS__PORT=9464
+EXPOSE 9464
+
+ENTRYPOINT ["calmrun"]
+CMD ["worker"]

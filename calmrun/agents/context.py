@@ -1,0 +1,135 @@
+"""What an agent sees of its step attempt: identity, its model, a logger, and the usage it accumulates."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, cast
+
+from pydantic import BaseModel
+from pydantic_ai import Agent
+from pydantic_ai.agent import AgentRunResult
+from pydantic_ai.models import Model
+from pydantic_ai.usage import RunUsage
+
+from calmrun.agents.models import ModelRegistry
+from calmrun.errors import ConfigError
+from calmrun.workflow.events import StepCost, StepTask
+
+OutputT = TypeVar("OutputT")
+
+_log = logging.getLogger("calmrun.agents")
+
+
+@dataclass
+class StepContext:
+    """One attempt of one step, as an agent sees it.
+
+    Pass ``idempotency_key`` to downstream APIs: it is stable per attempt, so a re-executed attempt (after a
+    worker crash) is recognised there. Usage of every model run through :meth:`run` is added up here and
+    reported in the step's cost, also when the attempt fails.
+    """
+
+    run_id: str
+    workflow: str
+    step: str
+    attempt: int
+    kind: Literal["run", "compensate"]
+    tenant: str
+    idempotency_key: str
+    model_alias: str | None
+    logger: logging.LoggerAdapter[logging.Logger]
+    models: ModelRegistry = field(repr=False)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    requests: int = 0
+    api_calls: int = 0
+
+    @classmethod
+    def for_task(
+        cls, task: StepTask, models: ModelRegistry, logger: logging.Logger | None = None
+    ) -> StepContext:
+        """The context of ``task``; its logger adds ``run_id``, ``step`` and ``attempt`` to every record."""
+        extra = {"run_id": task.run_id, "step": task.step, "attempt": task.attempt}
+        return cls(
+            run_id=task.run_id,
+            workflow=task.workflow,
+            step=task.step,
+            attempt=task.attempt,
+            kind=task.kind,
+            tenant=task.tenant,
+            idempotency_key=task.idempotency_key,
+            model_alias=task.model,
+            logger=logging.LoggerAdapter(logger or _log, extra),
+            models=models,
+        )
+
+    def model(self) -> Model:
+        """The pydantic-ai model of this step's alias.
+
+        Raises:
+            ConfigError: the step names no model alias.
+            UnknownModelError: the alias is not configured.
+        """
+        if self.model_alias is None:
+            raise ConfigError(
+                f"step {self.step!r} of workflow {self.workflow!r} runs a model but names no model alias "
+                f"(set `model:` on the step)"
+            )
+        return self.models.resolve(self.model_alias)
+
+    def count_api_call(self, n: int = 1) -> None:
+        """Count ``n`` downstream API calls (ticketing, payments...) for the step's cost."""
+        self.api_calls += n
+
+    def add_usage(self, usage: RunUsage) -> None:
+        """Add a pydantic-ai usage to this attempt's totals."""
+        self.tokens_in += usage.input_tokens
+        self.tokens_out += usage.output_tokens
+        self.requests += usage.requests
+
+    async def run(self, agent: Agent[Any, OutputT], prompt: str, **kw: Any) -> AgentRunResult[OutputT]:
+        """Run ``agent`` on this step's model and model settings and record its usage.
+
+        Keyword arguments go to ``agent.run``; a ``model`` given there wins over the step's, and
+        ``model_settings`` given there are merged over the alias's. When the alias sets an ``output_mode`` and
+        the agent's output type is a pydantic model, the output type is wrapped for that mode.
+
+        The usage is counted even when the run raises (for example ``UnexpectedModelBehavior`` after the
+        output retries are exhausted): pydantic-ai adds to the ``RunUsage`` passed in as it goes.
+        """
+        if "model" not in kw:
+            kw["model"] = self.model()
+        if self.model_alias is not None and self.model_alias in self.models:
+            alias_settings = self.models.model_settings(self.model_alias)
+            given = kw.get("model_settings")
+            if given is None:
+                kw["model_settings"] = alias_settings or None
+            elif isinstance(given, dict):
+                kw["model_settings"] = {**alias_settings, **given}
+            out = agent.output_type
+            if "output_type" not in kw and isinstance(out, type) and issubclass(out, BaseModel):
+                wrapped = self.models.output_type_for(self.model_alias, out)
+                if wrapped is not out:
+                    kw["output_type"] = wrapped
+        usage: RunUsage = kw.pop("usage", None) or RunUsage()
+        before = (usage.input_tokens, usage.output_tokens, usage.requests)
+        try:
+            result = await agent.run(prompt, usage=usage, **kw)
+        finally:
+            self.tokens_in += usage.input_tokens - before[0]
+            self.tokens_out += usage.output_tokens - before[1]
+            self.requests += usage.requests - before[2]
+        return cast("AgentRunResult[OutputT]", result)
+
+    def cost(self, latency_ms: float, queue_wait_ms: float) -> StepCost:
+        """This attempt's cost so far; ``cost_usd`` stays 0 until pricing is applied."""
+        return StepCost(
+            latency_ms=latency_ms,
+            queue_wait_ms=queue_wait_ms,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
+            requests=self.requests,
+            api_calls=self.api_calls,
+            model=self.model_alias,
+        )

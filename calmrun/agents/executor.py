@@ -1,0 +1,99 @@
+"""Run one step attempt: resolve its agent, run it under the step's timeout, report a StepResult.
+
+Every outcome of the agent becomes a result (an output, or an error with whether a retry may help) with the
+attempt's cost, failed attempts included; only cancellation of the caller propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from calmrun.agents.context import StepContext
+from calmrun.agents.models import ModelRegistry
+from calmrun.agents.registry import AgentRegistry
+from calmrun.errors import CalmrunError
+from calmrun.workflow.events import StepResult, StepTask
+
+AGENT_TIMEOUT = "AgentTimeout"
+"""``error_type`` of an attempt that did not finish within the step's ``timeout_s`` (retriable)."""
+
+MAX_ERROR_CHARS = 2000
+
+
+async def execute(
+    task: StepTask,
+    registry: AgentRegistry,
+    models: ModelRegistry,
+    *,
+    now_ms: Callable[[], int],
+    logger: logging.Logger | None = None,
+) -> StepResult:
+    """Run ``task``'s agent once and describe what happened.
+
+    The agent runs under ``asyncio.timeout(task.timeout_s)``; on expiry it is cancelled and the result is an
+    ``AgentTimeout`` error (retriable). Errors of calmrun's hierarchy keep their ``retriable`` flag; any other
+    exception an agent raises is retriable (the retry policy bounds it, then the run is quarantined).
+
+    Args:
+        task: the attempt to run.
+        registry: where ``task.agent`` is resolved.
+        models: where the step's model alias (``task.model``) is resolved.
+        now_ms: wall clock in epoch milliseconds (queue wait is measured against ``task.issued_ms``).
+        logger: base logger of the step context (default ``calmrun.agents``).
+
+    Returns:
+        The attempt's result, with its cost (tokens used by a failed attempt are reported too).
+
+    Raises:
+        asyncio.CancelledError: the caller was cancelled (worker shutdown); no result is produced.
+    """
+    started_ms = now_ms()
+    t0 = time.monotonic()
+    ctx = StepContext.for_task(task, models, logger)
+    output: dict[str, Any] | None = None
+    error_type: str | None = None
+    error: str | None = None
+    retriable = True
+    deadline = asyncio.timeout(task.timeout_s)
+    try:
+        spec = registry.resolve(task.agent)
+        async with deadline:
+            output = await spec.call(ctx, task.input)
+    # Broad on purpose: the failure is not swallowed, it becomes the attempt's recorded result, which the
+    # decider retries or quarantines. CancelledError is a BaseException and propagates.
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            error_type = AGENT_TIMEOUT
+            error = f"agent {task.agent!r} did not finish within {task.timeout_s:g}s and was cancelled"
+            retriable = True
+            ctx.logger.warning("%s", error)
+        else:
+            error_type = type(exc).__name__
+            error = (str(exc) or error_type)[:MAX_ERROR_CHARS]
+            retriable = exc.retriable if isinstance(exc, CalmrunError) else True
+            ctx.logger.warning(
+                "agent %r failed: %s: %s (retriable=%s)",
+                task.agent,
+                error_type,
+                error,
+                retriable,
+                exc_info=not isinstance(exc, CalmrunError),
+            )
+    latency_ms = (time.monotonic() - t0) * 1000
+    cost = ctx.cost(latency_ms=latency_ms, queue_wait_ms=float(max(0, started_ms - task.issued_ms)))
+    return StepResult(
+        run_id=task.run_id,
+        step=task.step,
+        attempt=task.attempt,
+        at_ms=now_ms(),
+        kind=task.kind,
+        output=output,
+        error_type=error_type,
+        error=error,
+        retriable=retriable,
+        cost=cost,
+    )

@@ -1,0 +1,341 @@
+"""The ``calmrun`` command: workers, run requests, status, dead letters and topics.
+
+Settings are built once here (``--config`` file < ``CALMRUN_*`` environment < flags) and passed down.
+Human-readable output by default; ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from calmrun.agents import AgentRegistry, ModelRegistry
+from calmrun.client import Client, summarize
+from calmrun.errors import CalmrunError
+from calmrun.settings import Settings, load_settings
+from calmrun.streams.topics import ensure_topics
+from calmrun.workflow.definition import WorkflowDef, load_workflow
+from calmrun.workflow.events import RunEvent, RunRequest
+from calmrun.workflow.state import RunState
+
+T = TypeVar("T")
+app = typer.Typer(help="calmrun: a Kafka-native runtime for AI-agent workflows.", no_args_is_help=True)
+dlq_app = typer.Typer(help="The quarantine: dead-letter topics.", no_args_is_help=True)
+topics_app = typer.Typer(help="calmrun's Kafka topics.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(topics_app, name="topics")
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", envvar="CALMRUN_CONFIG", help="YAML settings file.")
+]
+BootstrapOpt = Annotated[str | None, typer.Option("--bootstrap", "-b", help="Kafka bootstrap (host:port).")]
+PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default calmrun).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+WorkflowFiles = Annotated[
+    list[Path], typer.Option("--workflow", "-w", help="Workflow YAML file (repeatable).")
+]
+
+
+def _settings(config: Path | None, bootstrap: str | None, prefix: str | None, **worker: Any) -> Settings:
+    kafka = {k: v for k, v in {"bootstrap": bootstrap, "prefix": prefix}.items() if v is not None}
+    worker = {k: v for k, v in worker.items() if v is not None}
+    return load_settings(
+        config, **({"kafka": kafka} if kafka else {}), **({"worker": worker} if worker else {})
+    )
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; a calmrun error becomes a one-line message and exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except CalmrunError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _workflows(files: list[Path]) -> list[WorkflowDef]:
+    try:
+        return [load_workflow(f) for f in files]
+    except CalmrunError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _ms(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+@app.command()
+def worker(
+    workflow: WorkflowFiles,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+    max_in_flight: Annotated[int | None, typer.Option(help="Step tasks run at once.")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+) -> None:
+    """Run the given workflows until SIGINT/SIGTERM. Agent references resolve from the current directory."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    sys.path.insert(0, os.getcwd())
+    settings = _settings(config, bootstrap, prefix, max_in_flight=max_in_flight)
+    wfs = _workflows(workflow)
+
+    async def main() -> None:
+        from calmrun.streams.worker import Worker
+
+        w = Worker(settings, wfs, AgentRegistry(), ModelRegistry(settings.models))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(w.stop()))
+        await w.start()
+        err.print(f"worker running {[wf.name for wf in wfs]} on {settings.kafka.bootstrap}; Ctrl-C stops it")
+        try:
+            await w.run_until_stopped()
+        finally:
+            await w.stop()
+
+    _run(main())
+
+
+@app.command()
+def submit(
+    workflow: Annotated[str, typer.Argument(help="Workflow name.")],
+    input: Annotated[str, typer.Option("--input", "-i", help="JSON object, or @file.json.")] = "{}",
+    run_id: Annotated[str | None, typer.Option(help="Run ID (default: generated).")] = None,
+    tenant: Annotated[str, typer.Option(help="Tenant of the run.")] = "default",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the run finishes.")] = False,
+    wait_s: Annotated[float, typer.Option(help="How long --wait waits.")] = 120.0,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a run by producing a run request."""
+    text = Path(input[1:]).read_text() if input.startswith("@") else input
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]error:[/red] --input is not JSON: {exc}")
+        raise typer.Exit(2) from None
+    settings = _settings(config, bootstrap, prefix)
+
+    async def main() -> tuple[str, RunState | None]:
+        async with Client(settings) as c:
+            rid = await c.submit(RunRequest(workflow=workflow, input=data, run_id=run_id, tenant=tenant))
+            state = (await c.wait_terminal([rid], wait_s=wait_s))[rid] if wait else None
+            return rid, state
+
+    rid, state = _run(main())
+    if as_json:
+        print(json.dumps({"run_id": rid, "state": state.model_dump(mode="json") if state else None}))
+    else:
+        out.print(
+            f"submitted {rid}" + (f": {state.status} ({state.outcome or state.error})" if state else "")
+        )
+
+
+@app.command()
+def status(
+    run_id: str,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A run's state, its steps and its event history."""
+    settings = _settings(config, bootstrap, prefix)
+
+    async def main() -> tuple[RunState | None, list[RunEvent]]:
+        async with Client(settings) as c:
+            return await c.state(run_id), await c.events(run_id)
+
+    state, events = _run(main())
+    if state is None:
+        err.print(f"[red]error:[/red] no run {run_id!r} in {settings.kafka.prefix}.runs.state")
+        raise typer.Exit(1)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "state": state.model_dump(mode="json"),
+                    "events": [e.model_dump(mode="json") for e in events],
+                }
+            )
+        )
+        return
+    print_status(state, events)
+
+
+def print_status(state: RunState, events: list[RunEvent]) -> None:
+    """Render one run for people: header, steps with cost, then the event history."""
+    out.print(
+        f"[bold]{state.run_id}[/bold]  workflow {state.workflow} v{state.version}  tenant {state.tenant}  "
+        f"status [bold]{state.status}[/bold]  outcome {state.outcome or '-'}"
+    )
+    if state.error:
+        out.print(f"  error: {state.error_type}: {state.error}")
+    costs: dict[str, list[float]] = {}
+    for e in events:
+        if e.cost is not None and e.step and e.seq > 0:
+            c = costs.setdefault(e.step, [0.0, 0.0, 0.0, 0.0])
+            c[0] += e.cost.latency_ms
+            c[1] += e.cost.tokens_in + e.cost.tokens_out
+            c[2] += e.cost.api_calls
+            c[3] += float(e.cost.cost_usd)
+    steps = Table("step", "status", "attempts", "latency ms", "tokens", "api calls", "cost $", title="steps")
+    for name, st in state.steps.items():
+        c = costs.get(name, [0.0, 0.0, 0.0, 0.0])
+        steps.add_row(
+            name, st.status, str(st.attempt), f"{c[0]:.1f}", f"{c[1]:.0f}", f"{c[2]:.0f}", f"{c[3]:.6f}"
+        )
+    out.print(steps)
+    history = Table("seq", "at", "event", "step", "attempt", "detail", title="history")
+    for e in events:
+        detail = {k: v for k, v in e.data.items() if k not in ("output", "input", "outputs")}
+        history.add_row(
+            str(e.seq), _ms(e.at_ms), e.type, e.step or "", str(e.attempt or ""), json.dumps(detail)[:90]
+        )
+    out.print(history)
+
+
+@app.command()
+def runs(
+    limit: Annotated[int, typer.Option(help="Most recent N runs.")] = 20,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recent runs and their status."""
+    settings = _settings(config, bootstrap, prefix)
+
+    async def main() -> dict[str, RunState]:
+        async with Client(settings) as c:
+            return await c.read_states()
+
+    states = _run(main())
+    recent = sorted(states.values(), key=lambda s: s.created_ms, reverse=True)[:limit]
+    if as_json:
+        print(json.dumps({"summary": summarize(states), "runs": [s.model_dump(mode="json") for s in recent]}))
+        return
+    print_runs(recent, states)
+
+
+def print_runs(recent: list[RunState], states: dict[str, RunState]) -> None:
+    table = Table("run", "workflow", "status", "outcome", "steps", "created", title=f"{len(states)} runs")
+    for s in recent:
+        table.add_row(
+            s.run_id,
+            s.workflow,
+            s.status,
+            s.outcome or s.error_type or "-",
+            str(len(s.steps)),
+            _ms(s.created_ms),
+        )
+    out.print(table)
+    out.print(summarize(states))
+
+
+@dlq_app.command("tail")
+def dlq_tail(
+    workflow: Annotated[str, typer.Option("--workflow", "-w", help="Workflow (or _invalid).")] = "_invalid",
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new records.")] = False,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the quarantined records of a workflow's dead-letter topic, with their cause."""
+    settings = _settings(config, bootstrap, prefix)
+
+    async def main() -> None:
+        from calmrun.streams.dlq import DlqRecord
+
+        async with Client(settings) as c:
+            async for _, rec in c._read(c.topics.dlq(workflow), DlqRecord, follow=follow):
+                if as_json:
+                    print(json.dumps(rec.model_dump(mode="json")), flush=True)
+                else:
+                    out.print(
+                        f"{_ms(rec.at_ms)} [bold]{rec.reason}[/bold] {rec.error_type}: {rec.error[:200]}  "
+                        f"run={rec.run_id or '-'} step={rec.step or '-'} attempt={rec.attempt} "
+                        f"source={rec.source_topic}[{rec.source_partition}]@{rec.source_offset}"
+                    )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(main())
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    workflow: Annotated[str, typer.Option("--workflow", "-w", help="Workflow whose DLQ to re-drive.")],
+    run_id: Annotated[
+        list[str] | None, typer.Option("--run-id", help="Only these runs (repeatable).")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every quarantined run and poison record.")] = False,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Re-inject quarantined runs (after a fix) so they continue from the failed step."""
+    if not run_id and not all_:
+        err.print("[red]error:[/red] name runs with --run-id, or re-drive everything with --all")
+        raise typer.Exit(2)
+    settings = _settings(config, bootstrap, prefix)
+
+    async def main() -> tuple[int, int]:
+        async with Client(settings) as c:
+            return await c.redrive(workflow, set(run_id) if run_id else None)
+
+    runs_n, records = _run(main())
+    out.print(f"re-driven: {runs_n} runs, {records} poison records re-injected")
+
+
+@topics_app.command("create")
+def topics_create(
+    workflow: WorkflowFiles,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Create every topic of these workflows (idempotent)."""
+    settings = _settings(config, bootstrap, prefix)
+    created = _run(ensure_topics(settings.kafka, _workflows(workflow)))
+    out.print(f"created {len(created)} topics" + (": " + ", ".join(created) if created else " (all existed)"))
+
+
+@app.command()
+def models(config: ConfigOpt = None) -> None:
+    """List the model aliases and what each resolves to."""
+    settings = _settings(config, None, None)
+    registry = ModelRegistry(settings.models)
+    table = Table("alias", "resolves to")
+    for alias in registry.aliases:
+        table.add_row(alias, registry.describe(alias))
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Runnable calmrun examples (importable from the repository root)."""
