@@ -28,8 +28,9 @@ tools:
 demo: kafka
 	$(PY) -m calmrun.demo
 
+# pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: kafka tools
-	$(PY) -m pytest
+	@$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran: failing" >&2; exit 1; fi; exit $$rc
 
 lint: install
 	$(VENV)/bin/ruff check calmrun tests $(wildcard bench)

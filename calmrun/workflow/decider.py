@@ -83,7 +83,7 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
     if isinstance(event, StepResult):
         return b.on_result(event) or _ignored(state, event, b.why)
     if isinstance(event, TimerFired):
-        return b.on_timer() or _ignored(state, event, "nothing is due")
+        return b.on_timer(event.at_ms) or _ignored(state, event, "nothing is due")
     return b.on_redrive() or _ignored(state, event, b.why)
 
 
@@ -227,8 +227,9 @@ class _Builder:
             self._fail_attempt(r.step, r.error_type or "Error", r.error or "", r.retriable)
         return self.finish()
 
-    def on_timer(self) -> Decision | None:
-        now = self.s.clock_ms
+    def on_timer(self, now: int) -> Decision | None:
+        # what is due is judged by the timer's own time, not the run clock: a re-delivered old timer
+        # finds nothing due and is ignored
         due = sorted(
             (name, st)
             for name, st in self.s.steps.items()
@@ -238,10 +239,12 @@ class _Builder:
         if not due:
             return None
         self.emit("timer.fired", data={"due": [name for name, _ in due]})
-        for name, st in due:
+        # expiries first: one may quarantine the run, and then no retry of a sibling may be issued
+        for name, st in sorted(due, key=lambda d: (d[1].due_ms is not None, d[0])):
             kind: Literal["run", "compensate"] = "compensate" if st.status == "compensating" else "run"
             if st.due_ms is not None:
-                self._issue(name, kind)
+                if kind == "compensate" or st.status == "retry_wait":
+                    self._issue(name, kind)
             elif st.deadline_ms is not None:
                 sd = self.wf.step(name)
                 self.emit(
@@ -261,6 +264,10 @@ class _Builder:
         s = self.s
         if s.status not in ("quarantined", "over_budget") or s.compensations:
             self.why = f"redrive needs a quarantined run; this one is {s.status}"
+            return None
+        undone = sorted(n for n, st in s.steps.items() if st.status in ("compensated", "compensation_failed"))
+        if undone:
+            self.why = f"redrive refused: steps {undone} were compensated, so the run cannot continue"
             return None
         self.emit("run.redrive_requested", data={"previous_error": s.error})
         s.status, s.error_type, s.error = "running", None, None

@@ -142,6 +142,8 @@ class WorkflowDef(_Def):
         known = set(names)
 
         def check(where: str, target: Target | None) -> None:
+            if not targets(target):
+                raise ValueError(f"{where}: an empty list of steps goes nowhere")
             for t in targets(target):
                 if t.startswith(END):
                     if t[len(END) :] not in self.outcomes:
@@ -172,6 +174,9 @@ class WorkflowDef(_Def):
 
     def _check_acyclic(self) -> None:
         edges = {s.name: self.successors(s) for s in self.steps}
+        for s in self.steps:  # a join depends on what it needs: that is an edge too
+            for n in s.needs:
+                edges[n].append(s.name)
         state: dict[str, int] = {}
 
         def visit(n: str, path: list[str]) -> None:
