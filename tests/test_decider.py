@@ -470,7 +470,7 @@ def test_retry_with_backoff_then_success() -> None:
     assert run.timer(1000 + delay - 1).ignored == "nothing is due"
     d = run.timer(1000 + delay)
     assert types(d) == ["timer.fired", "step.scheduled"]
-    assert d.events[0].data == {"due": ["call"]}
+    assert d.events[0].data == {"due": ["call"], "at_ms": 2080}
     assert task_ids(d) == [("call", 2, "run")]
     assert d.tasks[0].issued_ms == 1000 + delay
     st = run.s.steps["call"]

@@ -23,7 +23,7 @@ from calmrun.workflow.events import (
     StepTask,
     TimerFired,
 )
-from calmrun.workflow.state import ACTIVE, RunState, StepState
+from calmrun.workflow.state import ACTIVE, RunState, RunStatus, StepState
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,26 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
             input=dict(event.input),
             created_ms=event.at_ms,
             clock_ms=event.at_ms,
+            budget_usd=event.budget_usd if event.budget_usd is not None else wf.budget_usd,
         )
         b = _Builder(wf, s)
-        b.emit("run.requested", data={"input": s.input})
+        b.emit("run.requested", data=_request_data(event))
+        tb, spent = event.tenant_budget_usd, event.tenant_spent_usd
+        if tb is not None and spent is not None and spent >= tb:
+            s.status = "refused"
+            s.error_type = "TenantBudgetExceeded"
+            window = event.tenant_window or "its window"
+            s.error = f"tenant {s.tenant!r} spent ${spent} of its ${tb} budget for {window}"
+            b.emit(
+                "run.refused",
+                data={
+                    "tenant": s.tenant,
+                    "spent_usd": str(spent),
+                    "budget_usd": str(tb),
+                    "window": event.tenant_window,
+                },
+            )
+            return b.finish()
         b.goto(targets(wf.first))
         return b.finish()
     if state is None:
@@ -85,6 +102,17 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
     if isinstance(event, TimerFired):
         return b.on_timer(event.at_ms) or _ignored(state, event, "nothing is due")
     return b.on_redrive() or _ignored(state, event, b.why)
+
+
+def _request_data(event: RunRequested) -> dict[str, Any]:
+    data: dict[str, Any] = {"input": dict(event.input)}
+    for name in ("budget_usd", "tenant_budget_usd", "tenant_spent_usd"):
+        value = getattr(event, name)
+        if value is not None:
+            data[name] = str(value)
+    if event.tenant_window is not None:
+        data["tenant_window"] = event.tenant_window
+    return data
 
 
 def backoff_ms(wf: WorkflowDef, run_id: str, step: str, attempt: int, retry_base: int) -> int:
@@ -202,13 +230,16 @@ class _Builder:
         if r.ok:
             self.emit("step.succeeded", r.step, r.attempt, {"kind": r.kind, "output": r.output}, r.cost)
         else:
-            self.emit(
-                "step.failed",
-                r.step,
-                r.attempt,
-                {"kind": r.kind, "error_type": r.error_type, "error": r.error, "retriable": r.retriable},
-                r.cost,
-            )
+            data: dict[str, Any] = {
+                "kind": r.kind,
+                "error_type": r.error_type,
+                "error": r.error,
+                "retriable": r.retriable,
+            }
+            if r.retry_after_ms is not None:
+                data["retry_after_ms"] = r.retry_after_ms
+            self.emit("step.failed", r.step, r.attempt, data, r.cost)
+        self.s.spent_usd += r.cost.cost_usd
         st.deadline_ms = None
         st.finished_ms = self.s.clock_ms
         if r.kind == "compensate":
@@ -217,15 +248,50 @@ class _Builder:
                 self.emit("step.compensated", r.step, r.attempt)
                 self._next_compensation(done=r.step)
             else:
-                self._fail_attempt(r.step, r.error_type or "Error", r.error or "", r.retriable)
+                self._fail_attempt(
+                    r.step, r.error_type or "Error", r.error or "", r.retriable, r.retry_after_ms
+                )
         elif r.ok:
-            st.status, st.output = "succeeded", dict(r.output or {})
-            st.error_type = st.error = None
-            st.done_seq = self.s.seq
-            self._route(r.step)
+            low = self._low_confidence(r.step, r.output or {})
+            if low is not None and self._can_escalate(r.step, "low_confidence"):
+                self._escalate(r.step, "low_confidence", {"confidence": low})
+            else:
+                st.status, st.output = "succeeded", dict(r.output or {})
+                st.error_type = st.error = None
+                st.done_seq = self.s.seq
+                self._route(r.step)
+        elif r.error_type == "InvalidOutputError" and self._can_escalate(r.step, "invalid_output"):
+            st.error_type, st.error = r.error_type, r.error
+            self._escalate(r.step, "invalid_output", {"error": (r.error or "")[:500]})
         else:
-            self._fail_attempt(r.step, r.error_type or "Error", r.error or "", r.retriable)
+            self._fail_attempt(r.step, r.error_type or "Error", r.error or "", r.retriable, r.retry_after_ms)
         return self.finish()
+
+    def _low_confidence(self, name: str, output: dict[str, Any]) -> float | None:
+        sd = self.wf.step(name)
+        if sd.confidence_field is None or sd.min_confidence is None:
+            return None
+        found, value = lookup(output, sd.confidence_field)
+        if not found or not isinstance(value, int | float) or isinstance(value, bool):
+            return None
+        return float(value) if value < sd.min_confidence else None
+
+    def _can_escalate(self, name: str, reason: str) -> bool:
+        sd, st = self.wf.step(name), self.s.steps[name]
+        return reason in sd.escalate_on and st.model_index + 1 < len(sd.ladder)
+
+    def _escalate(self, name: str, reason: str, detail: dict[str, Any]) -> None:
+        """Move the step to the next model alias on its ladder, with a fresh retry budget."""
+        sd, st = self.wf.step(name), self.s.steps[name]
+        before = st.model
+        st.model_index += 1
+        st.model = sd.ladder[st.model_index]
+        st.retry_base = st.attempt
+        st.status = "scheduled"
+        self.emit(
+            "step.escalated", name, st.attempt, {"from": before, "to": st.model, "reason": reason, **detail}
+        )
+        self._issue(name, "run")
 
     def on_timer(self, now: int) -> Decision | None:
         # what is due is judged by the timer's own time, not the run clock: a re-delivered old timer
@@ -238,7 +304,7 @@ class _Builder:
         )
         if not due:
             return None
-        self.emit("timer.fired", data={"due": [name for name, _ in due]})
+        self.emit("timer.fired", data={"due": [name for name, _ in due], "at_ms": now})
         # expiries first: one may quarantine the run, and then no retry of a sibling may be issued
         for name, st in sorted(due, key=lambda d: (d[1].due_ms is not None, d[0])):
             kind: Literal["run", "compensate"] = "compensate" if st.status == "compensating" else "run"
@@ -304,7 +370,7 @@ class _Builder:
         sd = self.wf.step(name)
         if any(n not in s.steps or s.steps[n].status != "succeeded" for n in sd.needs):
             return
-        s.steps[name] = StepState(status="scheduled", model=sd.model)
+        s.steps[name] = StepState(status="scheduled", model=sd.ladder[0])
         self._issue(name, "run")
 
     def _issue(self, name: str, kind: Literal["run", "compensate"]) -> None:
@@ -315,6 +381,8 @@ class _Builder:
         except InputMappingError as exc:
             st.status = "failed"
             self._quarantine(name, st.attempt, "InputMappingError", str(exc))
+            return
+        if kind == "run" and self._over_budget(name):
             return
         st.attempt += 1
         st.status = "scheduled" if kind == "run" else "compensating"
@@ -345,13 +413,39 @@ class _Builder:
             {"agent": agent, "model": st.model, "deadline_ms": st.deadline_ms},
         )
 
-    def _fail_attempt(self, name: str, error_type: str, error: str, retriable: bool) -> None:
+    def _over_budget(self, name: str) -> bool:
+        """Stop the run before an attempt that would take it past its budget."""
+        s, sd = self.s, self.wf.step(name)
+        if s.budget_usd is None or s.spent_usd + sd.estimated_cost_usd <= s.budget_usd:
+            return False
+        st = s.steps[name]
+        st.status = "cancelled"
+        error = (
+            f"spent ${s.spent_usd} of a ${s.budget_usd} budget; step {name!r} "
+            f"(estimated ${sd.estimated_cost_usd}) would exceed it"
+        )
+        self.emit(
+            "run.over_budget",
+            name,
+            st.attempt + 1,
+            {
+                "spent_usd": str(s.spent_usd),
+                "budget_usd": str(s.budget_usd),
+                "estimated_usd": str(sd.estimated_cost_usd),
+            },
+        )
+        self._quarantine(name, st.attempt, "OverBudget", error, status="over_budget")
+        return True
+
+    def _fail_attempt(
+        self, name: str, error_type: str, error: str, retriable: bool, retry_after_ms: int | None = None
+    ) -> None:
         s, st = self.s, self.s.steps[name]
         policy = self.wf.step(name).retry
         compensating = st.status == "compensating"
         st.error_type, st.error = error_type, error
         if retriable and st.attempt - st.retry_base < policy.max_attempts:
-            delay = backoff_ms(self.wf, s.run_id, name, st.attempt, st.retry_base)
+            delay = max(backoff_ms(self.wf, s.run_id, name, st.attempt, st.retry_base), retry_after_ms or 0)
             st.due_ms = s.clock_ms + delay
             if not compensating:
                 st.status = "retry_wait"
@@ -367,18 +461,24 @@ class _Builder:
                 "step.compensation_failed", name, st.attempt, {"error_type": error_type, "error": error}
             )
             self._next_compensation(done=name)
+        elif self._can_escalate(name, "exhausted"):
+            self._escalate(name, "exhausted", {"error_type": error_type})
         else:
             st.status = "failed"
             self._quarantine(name, st.attempt, error_type, error)
 
-    def _quarantine(self, step: str | None, attempt: int, error_type: str, error: str) -> None:
+    def _quarantine(
+        self, step: str | None, attempt: int, error_type: str, error: str, status: RunStatus = "quarantined"
+    ) -> None:
         s = self.s
-        s.status, s.error_type, s.error = "quarantined", error_type, error
+        s.status, s.error_type, s.error = status, error_type, error
         for name, st in sorted(s.steps.items()):
             if st.status in ("scheduled", "retry_wait"):
                 st.status, st.deadline_ms, st.due_ms = "cancelled", None, None
-                self.emit("step.cancelled", name, st.attempt, {"reason": "run quarantined"})
-        self.emit("run.quarantined", step, attempt, {"error_type": error_type, "error": error})
+                self.emit("step.cancelled", name, st.attempt, {"reason": f"run {status}"})
+        self.emit(
+            "run.quarantined", step, attempt, {"error_type": error_type, "error": error, "status": status}
+        )
         self.quarantine = Quarantine(step, attempt, error_type, error)
         done = [
             (st.done_seq or 0, n)

@@ -7,6 +7,7 @@ errors name the file, the step and the field.
 from __future__ import annotations
 
 import operator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,9 @@ def lookup(data: Any, path: str) -> tuple[bool, Any]:
     return True, cur
 
 
+Escalation = Literal["invalid_output", "low_confidence", "exhausted"]
+ESCALATIONS: tuple[Escalation, ...] = ("invalid_output", "low_confidence", "exhausted")
+
 Target = str | list[str]
 """A step name, a list of step names (parallel fan-out), or ``end:<outcome>``."""
 
@@ -113,6 +117,24 @@ class StepDef(_Def):
     next: Target | None = None
     branches: list[Branch] = Field(default_factory=list)
     needs: list[str] = Field(default_factory=list, description="join: start only when all these succeeded")
+    models: list[str] = Field(
+        default_factory=list, description="model aliases, cheapest first: the decider escalates along them"
+    )
+    escalate_on: list[Escalation] = Field(
+        default_factory=lambda: list(ESCALATIONS),
+        description="invalid_output: at once; low_confidence: output field below min_confidence; "
+        "exhausted: after the retry policy gave up on a model",
+    )
+    confidence_field: str | None = Field(None, description="output field holding the agent's confidence")
+    min_confidence: float | None = None
+    estimated_cost_usd: Decimal = Field(
+        Decimal(0), ge=0, description="what an attempt may cost: the budget check stops a run before it"
+    )
+
+    @property
+    def ladder(self) -> list[str | None]:
+        """The model aliases attempts escalate along (one entry, possibly None, when there is no ladder)."""
+        return list(self.models) if self.models else [self.model]
 
 
 class WorkflowDef(_Def):
@@ -124,6 +146,9 @@ class WorkflowDef(_Def):
     start: Target | None = None
     steps: list[StepDef] = Field(min_length=1)
     outcomes: list[str] = Field(default_factory=lambda: ["completed"])
+    budget_usd: Decimal | None = Field(
+        None, ge=0, description="default budget of each run (a request may set one)"
+    )
     deadline_grace_s: float = Field(
         30.0, ge=0, description="a task's result may come this long after its timeout before a re-issue"
     )

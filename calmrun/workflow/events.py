@@ -71,6 +71,9 @@ EventType = Literal[
     "step.compensated",
     "step.compensation_failed",
     "step.cancelled",
+    "step.escalated",
+    "run.over_budget",
+    "run.refused",
     # logged, never applied
     "input.ignored",
 ]
@@ -122,11 +125,17 @@ class StepTask(_Record):
 
 @dataclass(frozen=True)
 class RunRequested:
+    """A run request; the tenant's spend in its budget window is stamped on by the worker."""
+
     run_id: str
     workflow: str
     input: dict[str, Any]
     at_ms: int
     tenant: str = "default"
+    budget_usd: Decimal | None = None
+    tenant_budget_usd: Decimal | None = None
+    tenant_spent_usd: Decimal | None = None
+    tenant_window: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ class StepResult:
     retriable: bool = True
     cost: StepCost = field(default_factory=StepCost)
     traceback: str | None = None
+    retry_after_ms: int | None = None
 
     @property
     def ok(self) -> bool:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from calmrun.jsonfield import JsonDict
 
-RunStatus = Literal["running", "completed", "quarantined", "over_budget"]
+RunStatus = Literal["running", "completed", "quarantined", "over_budget", "refused"]
 StepStatus = Literal[
     "scheduled",
     "retry_wait",
@@ -33,6 +34,7 @@ class StepState(BaseModel):
         0, description="attempts made before the last redrive; the retry policy counts after it"
     )
     model: str | None = None
+    model_index: int = Field(0, description="position on the step's model ladder")
     output: JsonDict | None = None
     error_type: str | None = None
     error: str | None = None
@@ -62,6 +64,8 @@ class RunState(BaseModel):
     clock_ms: int = Field(0, description="max event time seen: the decider's only notion of now")
     error_type: str | None = None
     error: str | None = None
+    budget_usd: Decimal | None = None
+    spent_usd: Decimal = Field(Decimal(0), description="money of every recorded attempt of this run")
 
     def next_due_ms(self) -> int | None:
         """Earliest time at which a timer must wake this run (a deadline or a retry), if any."""

@@ -1,0 +1,99 @@
+"""A run's recorded history as decider inputs, and the fold that re-decides it.
+
+Every decision logs its input first (``run.requested``, ``step.succeeded``, ``step.failed``,
+``timer.fired``, ``run.redrive_requested``), so the inputs of a run can be rebuilt from its events and
+folded through the decider again: with the same definition this reproduces the recorded events exactly;
+with a changed one, the first difference is where the change would alter runs in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any
+
+from calmrun.workflow.decider import decide
+from calmrun.workflow.definition import WorkflowDef
+from calmrun.workflow.events import (
+    INPUT_TYPES,
+    DeciderInput,
+    RedriveRequested,
+    RunEvent,
+    RunRequested,
+    StepCost,
+    StepResult,
+    TimerFired,
+)
+from calmrun.workflow.state import RunState
+
+
+def applied(events: Iterable[RunEvent]) -> list[RunEvent]:
+    """The applied events of one run in seq order; copies re-sent after a crash (same seq) appear once."""
+    by_seq: dict[int, RunEvent] = {}
+    for ev in events:
+        if ev.seq > 0:
+            by_seq.setdefault(ev.seq, ev)
+    return [by_seq[k] for k in sorted(by_seq)]
+
+
+def _dec(data: dict[str, Any], key: str) -> Decimal | None:
+    value = data.get(key)
+    return None if value is None else Decimal(str(value))
+
+
+def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
+    """Rebuild the decider inputs of one run from its recorded events."""
+    out: list[DeciderInput] = []
+    for ev in applied(events):
+        if ev.type not in INPUT_TYPES:
+            continue
+        d = ev.data
+        if ev.type == "run.requested":
+            out.append(
+                RunRequested(
+                    run_id=ev.run_id,
+                    workflow=ev.workflow,
+                    input=dict(d.get("input") or {}),
+                    at_ms=ev.at_ms,
+                    tenant=ev.tenant,
+                    budget_usd=_dec(d, "budget_usd"),
+                    tenant_budget_usd=_dec(d, "tenant_budget_usd"),
+                    tenant_spent_usd=_dec(d, "tenant_spent_usd"),
+                    tenant_window=d.get("tenant_window"),
+                )
+            )
+        elif ev.type in ("step.succeeded", "step.failed"):
+            assert ev.step is not None and ev.attempt is not None
+            ok = ev.type == "step.succeeded"
+            out.append(
+                StepResult(
+                    run_id=ev.run_id,
+                    step=ev.step,
+                    attempt=ev.attempt,
+                    at_ms=ev.at_ms,
+                    kind=d.get("kind", "run"),
+                    output=d.get("output") if ok else None,
+                    error_type=None if ok else (d.get("error_type") or "Error"),
+                    error=None if ok else d.get("error"),
+                    retriable=bool(d.get("retriable", True)),
+                    cost=ev.cost or StepCost(),
+                    retry_after_ms=d.get("retry_after_ms"),
+                )
+            )
+        elif ev.type == "timer.fired":
+            out.append(TimerFired(ev.run_id, int(d.get("at_ms", ev.at_ms))))
+        else:
+            out.append(RedriveRequested(ev.run_id, ev.at_ms))
+    return out
+
+
+def fold(wf: WorkflowDef, inputs: Iterable[DeciderInput]) -> tuple[RunState | None, list[RunEvent]]:
+    """Decide ``inputs`` in order from no state; returns the final state and the applied events."""
+    state: RunState | None = None
+    events: list[RunEvent] = []
+    for inp in inputs:
+        d = decide(wf, state, inp)
+        if d.ignored is None:
+            state = d.state
+            events.extend(d.events)
+    return state, events
