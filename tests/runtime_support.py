@@ -78,3 +78,171 @@ async def until(pred: Any, wait_s: float = 30.0, what: str = "condition") -> Non
         if loop.time() > end:
             raise AssertionError(f"timed out after {wait_s}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+# -- added for the runtime integration tests (test_runtime_*.py) ---------------------------------------
+
+
+async def sleepy_add_one(ctx: StepContext, item: Item) -> Out:
+    """``add_one`` after ``SLEEP_S`` seconds (set per process by ``tests.worker_proc --sleep``)."""
+    await asyncio.sleep(SLEEP_S)
+    return Out(n=item.n + 1, label=f"{ctx.step}:{ctx.attempt}")
+
+
+SLEEP_S = 0.0
+
+
+async def read_raw(broker: str, topic: str, partitions: int = 4) -> list[Any]:
+    """Every record of ``topic`` (all partitions) from the beginning to its current end, undecoded."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out: list[Any] = []
+        remaining = {tp for tp in tps if end[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=500)
+            for records in batch.values():
+                out.extend(records)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def poll_states(
+    client: Any, run_ids: Sequence[str], pred: Any, wait_s: float = 60.0, what: str = "run states"
+) -> dict[str, Any]:
+    """Re-read the state topic until ``pred(state)`` holds for every run in ``run_ids``; returns the states.
+
+    Unlike ``Client.wait_terminal`` this can wait for a run to leave one terminal status for another
+    (a redrive turns ``quarantined`` into ``completed``).
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait_s
+    while True:
+        states = await client.read_states()
+        wanted = {rid: states.get(rid) for rid in run_ids}
+        if all(s is not None and pred(s) for s in wanted.values()):
+            return wanted
+        if loop.time() > end:
+            counts: dict[str, int] = {}
+            for s in wanted.values():
+                k = s.status if s is not None else "absent"
+                counts[k] = counts.get(k, 0) + 1
+            raise AssertionError(f"timed out after {wait_s}s waiting for {what}: {counts}")
+        await asyncio.sleep(0.2)
+
+
+def successful_seqs(events: Sequence[Any]) -> dict[tuple[str, str], set[int]]:
+    """(run, step) -> the distinct seqs of its applied ``step.succeeded`` (kind run) events.
+
+    A record re-sent after a crash repeats its seq, so it collapses here; two different seqs for one step
+    would mean the step's result was applied twice.
+    """
+    out: dict[tuple[str, str], set[int]] = {}
+    for e in events:
+        if e.type == "step.succeeded" and e.seq > 0 and e.data.get("kind", "run") == "run":
+            out.setdefault((e.run_id, e.step), set()).add(e.seq)
+    return out
+
+
+class WorkerProcs:
+    """``tests.worker_proc`` workers as separate OS processes; ``kill_all()`` ends every one still alive.
+
+    Each worker writes its stats and owned partitions as JSON to ``<dir>/<name>.json`` every 0.1 s and a
+    last time after a clean stop (SIGTERM).
+    """
+
+    def __init__(self, broker: str, prefix: str, directory: Any) -> None:
+        self.broker, self.prefix, self.dir = broker, prefix, directory
+        self.procs: dict[str, Any] = {}
+        self.logs: dict[str, Any] = {}
+
+    def start(self, name: str, *args: str) -> Any:
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in kill_all
+        self.logs[name] = log
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.worker_proc",
+                "--bootstrap",
+                self.broker,
+                "--prefix",
+                self.prefix,
+                "--status-file",
+                str(self.dir / f"{name}.json"),
+                *args,
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        self.procs[name] = proc
+        return proc
+
+    def status(self, name: str) -> dict[str, Any]:
+        import json
+
+        path = self.dir / f"{name}.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def alive(self, name: str) -> None:
+        """Raise if the worker exited on its own (its log tail is in the message)."""
+        proc = self.procs[name]
+        if proc.poll() is not None:
+            tail = (self.dir / f"{name}.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"worker {name} exited with {proc.returncode}:\n{tail}")
+
+    def kill9(self, name: str) -> None:
+        import signal
+
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def terminate(self, name: str, wait_s: float = 60.0) -> int:
+        import signal
+
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGTERM)
+        return int(proc.wait(timeout=wait_s))
+
+    def kill_all(self) -> None:
+        import signal
+
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+        for log in self.logs.values():
+            log.close()
+
+
+async def ready(worker: Worker, partitions: int = 4, wait_s: float = 60.0) -> Worker:
+    """Wait until ``worker`` has restored and owns all ``partitions``.
+
+    Tests that are not about startup submit only after this: records fetched while the worker is still
+    restoring its state hit a known race (see ``test_runtime_restart``), which would make them flaky.
+    """
+    await until(lambda: worker.owned == set(range(partitions)), wait_s, "the worker to own every partition")
+    return worker

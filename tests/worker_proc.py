@@ -1,0 +1,95 @@
+"""A calmrun worker as its own OS process, for the fault tests (kill -9, several workers in one group).
+
+    python -m tests.worker_proc --bootstrap B --prefix P [--sleep S] [--max-in-flight N] [--status-file F]
+
+Runs the ``lin`` workflow of ``tests.runtime_support.linear`` with the agent ``add_one`` (sleeping ``S``
+seconds first) until SIGTERM or SIGINT, then stops the worker cleanly. With ``--status-file``, the worker's
+stats, owned partitions and pid are written there as JSON (atomically) every 0.1 s and once more after stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+from calmrun.agents import AgentRegistry, ModelRegistry
+from calmrun.settings import load_settings
+from calmrun.streams.worker import Worker
+from tests import runtime_support
+from tests.runtime_support import linear, sleepy_add_one
+
+
+def _write_status(path: Path | None, worker: Worker, state: str) -> None:
+    if path is None:
+        return
+    data = {
+        "pid": os.getpid(),
+        "state": state,
+        "owned": sorted(worker.owned),
+        "stats": dataclasses.asdict(worker.stats),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+async def main(args: argparse.Namespace) -> None:
+    runtime_support.SLEEP_S = args.sleep
+    settings = load_settings(
+        kafka={"bootstrap": args.bootstrap, "prefix": args.prefix, "partitions": args.partitions},
+        worker={
+            "max_in_flight": args.max_in_flight,
+            "commit_interval_s": args.commit_interval,
+            "timer_interval_s": 0.1,
+            "session_timeout_s": 6,  # a killed worker's partitions move after 6 s, not 30
+        },
+    )
+    worker = Worker(settings, [linear()], AgentRegistry({"add_one": sleepy_add_one}), ModelRegistry({}))
+    status = Path(args.status_file) if args.status_file else None
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(worker.stop())))
+    await worker.start()
+    _write_status(status, worker, "running")
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            _write_status(status, worker, "running")
+
+    reporter = asyncio.create_task(report())
+    try:
+        await worker.run_until_stopped()
+    finally:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+        for t in stopping:
+            await t
+        await worker.stop()
+        _write_status(status, worker, "stopped")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.worker_proc")
+    p.add_argument("--bootstrap", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--sleep", type=float, default=0.0, help="seconds each agent call sleeps")
+    p.add_argument("--max-in-flight", type=int, default=100)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--commit-interval", type=float, default=0.2)
+    p.add_argument("--status-file", default=None)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(message)s")
+    asyncio.run(main(parse_args()))
