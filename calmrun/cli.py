@@ -25,6 +25,7 @@ from rich.table import Table
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.client import Client, summarize
 from calmrun.errors import CalmrunError
+from calmrun.replay.cli import replay_app, snapshot
 from calmrun.settings import Settings, load_settings
 from calmrun.streams.topics import ensure_topics
 from calmrun.workflow.definition import WorkflowDef, load_workflow
@@ -37,6 +38,8 @@ dlq_app = typer.Typer(help="The quarantine: dead-letter topics.", no_args_is_hel
 topics_app = typer.Typer(help="calmrun's Kafka topics.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(topics_app, name="topics")
+app.add_typer(replay_app, name="replay")
+app.command("snapshot")(snapshot)
 out = Console()
 err = Console(stderr=True)
 

@@ -168,7 +168,12 @@ class Client:
         until: float | None = None,
     ) -> AsyncGenerator[tuple[str, M], None]:
         """Decode a topic from the beginning to its end offsets (or on, with ``follow``)."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap, enable_auto_commit=False)
+        # "earliest": the default "latest" reset that assign() starts can race our seek and skip records
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
         try:
             await consumer.start()
         except KafkaConnectionError as exc:
@@ -181,9 +186,11 @@ class Client:
                 raise CalmrunError(f"topic {topic} does not exist (run `calmrun topics create`?)")
             tps = [TopicPartition(topic, p) for p in sorted(partitions if partitions is not None else known)]
             consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            begin = await consumer.beginning_offsets(tps)
             end = await consumer.end_offsets(tps)
-            remaining = {tp for tp in tps if end[tp] > 0}
+            for tp in tps:
+                consumer.seek(tp, begin[tp])
+            remaining = {tp for tp in tps if end[tp] > begin[tp]}
             while follow or remaining:
                 if until is not None and time.monotonic() > until:
                     return

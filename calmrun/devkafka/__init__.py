@@ -236,7 +236,9 @@ class DevKafka:
         classpath = f"{jars}/*"
         base = [java, f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (self.data_dir / "logs" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # a leading '-' would read as an option of StorageTool
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             _run(
                 [*base, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
                 "formatting KRaft storage",

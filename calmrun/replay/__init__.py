@@ -1,0 +1,35 @@
+"""Replay: offsets into a shadow namespace, recorded runs re-decided, runs re-executed live and compared."""
+
+from calmrun.replay.live import LiveReplay, replay_live
+from calmrun.replay.offsets import REPLAYED_FROM, OffsetReplay, ReplayArgumentError, replay_offsets
+from calmrun.replay.recorded import (
+    BatchRecorded,
+    Divergence,
+    RecordedReplay,
+    ReplayError,
+    pick_definition,
+    replay_recorded,
+    replay_recorded_many,
+)
+from calmrun.replay.snapshot import Snapshot, SnapshotError, fetch_snapshot, fetch_snapshots, load_snapshot
+
+__all__ = [
+    "REPLAYED_FROM",
+    "BatchRecorded",
+    "Divergence",
+    "LiveReplay",
+    "OffsetReplay",
+    "RecordedReplay",
+    "ReplayArgumentError",
+    "ReplayError",
+    "Snapshot",
+    "SnapshotError",
+    "fetch_snapshot",
+    "fetch_snapshots",
+    "load_snapshot",
+    "pick_definition",
+    "replay_live",
+    "replay_offsets",
+    "replay_recorded",
+    "replay_recorded_many",
+]
