@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from calmrun.errors import CalmrunError
-from calmrun.replay._history import inputs_from_events, is_input
 from calmrun.replay.snapshot import Snapshot
 from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import WorkflowDef
-from calmrun.workflow.events import DeciderInput, RunEvent, StepResult
+from calmrun.workflow.events import INPUT_TYPES, DeciderInput, RunEvent, StepResult
+from calmrun.workflow.history import inputs_from_events
 from calmrun.workflow.state import RunState
 
 Verdict = Literal["converged", "diverged"]
@@ -303,7 +303,7 @@ def _diff(a: Any, b: Any, where: str, out: list[str]) -> None:
 def _decisions(events: Sequence[RunEvent]) -> list[list[RunEvent]]:
     groups: list[list[RunEvent]] = []
     for e in events:
-        if is_input(e) or not groups:
+        if e.type in INPUT_TYPES or not groups:
             groups.append([e])
         else:
             groups[-1].append(e)
