@@ -94,7 +94,10 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
         return b.finish()
     if state is None:
         return Decision(state=None, ignored=f"no run {event.run_id!r} is known")
-    s = state.model_copy(deep=True)
+    # copy on write: the state's containers are copied here, a step's state only when it changes
+    s = state.model_copy()
+    s.steps = dict(state.steps)
+    s.compensations = list(state.compensations)
     s.clock_ms = max(s.clock_ms, event.at_ms)
     b = _Builder(wf, s)
     if isinstance(event, StepResult):
@@ -178,6 +181,16 @@ class _Builder:
         self.tasks: list[StepTask] = []
         self.quarantine: Quarantine | None = None
         self.why = ""
+        self._copied: set[str] = set()
+
+    def _mut(self, name: str) -> StepState:
+        """The step's state, copied before its first change in this decision (inputs are never mutated)."""
+        st = self.s.steps[name]
+        if name not in self._copied:
+            st = st.model_copy()
+            self.s.steps[name] = st
+            self._copied.add(name)
+        return st
 
     def finish(self) -> Decision:
         self._settle()
@@ -227,6 +240,7 @@ class _Builder:
                 f"late or duplicate {r.kind} result for {r.step!r} attempt {r.attempt} (step is {where})"
             )
             return None
+        st = self._mut(r.step)
         if r.ok:
             self.emit("step.succeeded", r.step, r.attempt, {"kind": r.kind, "output": r.output}, r.cost)
         else:
@@ -282,7 +296,7 @@ class _Builder:
 
     def _escalate(self, name: str, reason: str, detail: dict[str, Any]) -> None:
         """Move the step to the next model alias on its ladder, with a fresh retry budget."""
-        sd, st = self.wf.step(name), self.s.steps[name]
+        sd, st = self.wf.step(name), self._mut(name)
         before = st.model
         st.model_index += 1
         st.model = sd.ladder[st.model_index]
@@ -306,7 +320,8 @@ class _Builder:
             return None
         self.emit("timer.fired", data={"due": [name for name, _ in due], "at_ms": now})
         # expiries first: one may quarantine the run, and then no retry of a sibling may be issued
-        for name, st in sorted(due, key=lambda d: (d[1].due_ms is not None, d[0])):
+        for name, _ in sorted(due, key=lambda d: (d[1].due_ms is not None, d[0])):
+            st = self._mut(name)  # an earlier iteration may have changed it (a quarantine cancels)
             kind: Literal["run", "compensate"] = "compensate" if st.status == "compensating" else "run"
             if st.due_ms is not None:
                 if kind == "compensate" or st.status == "retry_wait":
@@ -337,8 +352,9 @@ class _Builder:
             return None
         self.emit("run.redrive_requested", data={"previous_error": s.error})
         s.status, s.error_type, s.error = "running", None, None
-        for name, st in sorted(s.steps.items()):
-            if st.status in ("failed", "cancelled"):
+        for name in sorted(s.steps):
+            if s.steps[name].status in ("failed", "cancelled"):
+                st = self._mut(name)
                 st.retry_base = st.attempt
                 self._issue(name, "run")
         return self.finish()
@@ -371,11 +387,12 @@ class _Builder:
         if any(n not in s.steps or s.steps[n].status != "succeeded" for n in sd.needs):
             return
         s.steps[name] = StepState(status="scheduled", model=sd.ladder[0])
+        self._copied.add(name)
         self._issue(name, "run")
 
     def _issue(self, name: str, kind: Literal["run", "compensate"]) -> None:
         s, sd = self.s, self.wf.step(name)
-        st = s.steps[name]
+        st = self._mut(name)
         try:
             task_input = resolve_input(self.wf, s, name)
         except InputMappingError as exc:
@@ -418,7 +435,7 @@ class _Builder:
         s, sd = self.s, self.wf.step(name)
         if s.budget_usd is None or s.spent_usd + sd.estimated_cost_usd <= s.budget_usd:
             return False
-        st = s.steps[name]
+        st = self._mut(name)
         st.status = "cancelled"
         error = (
             f"spent ${s.spent_usd} of a ${s.budget_usd} budget; step {name!r} "
@@ -440,7 +457,7 @@ class _Builder:
     def _fail_attempt(
         self, name: str, error_type: str, error: str, retriable: bool, retry_after_ms: int | None = None
     ) -> None:
-        s, st = self.s, self.s.steps[name]
+        s, st = self.s, self._mut(name)
         policy = self.wf.step(name).retry
         compensating = st.status == "compensating"
         st.error_type, st.error = error_type, error
@@ -472,8 +489,9 @@ class _Builder:
     ) -> None:
         s = self.s
         s.status, s.error_type, s.error = status, error_type, error
-        for name, st in sorted(s.steps.items()):
-            if st.status in ("scheduled", "retry_wait"):
+        for name in sorted(s.steps):
+            if s.steps[name].status in ("scheduled", "retry_wait"):
+                st = self._mut(name)
                 st.status, st.deadline_ms, st.due_ms = "cancelled", None, None
                 self.emit("step.cancelled", name, st.attempt, {"reason": f"run {status}"})
         self.emit(
@@ -494,7 +512,8 @@ class _Builder:
             s.compensations.pop(0)
         if s.compensations:
             name = s.compensations[0]
-            s.steps[name].retry_base = s.steps[name].attempt
+            st = self._mut(name)
+            st.retry_base = st.attempt
             self._issue(name, "compensate")
 
     def _settle(self) -> None:
