@@ -24,6 +24,7 @@ from rich.table import Table
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.client import Client, summarize
+from calmrun.costs.cli import aggregator, costs, step_costs
 from calmrun.errors import CalmrunError
 from calmrun.replay.cli import replay_app, snapshot
 from calmrun.settings import Settings, load_settings
@@ -40,6 +41,10 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(topics_app, name="topics")
 app.add_typer(replay_app, name="replay")
 app.command("snapshot")(snapshot)
+app.command("costs")(costs)
+app.command("costs-aggregator")(aggregator)
+app.command("costs")(costs)
+app.command("costs-aggregator")(aggregator)
 out = Console()
 err = Console(stderr=True)
 
@@ -102,9 +107,13 @@ def worker(
     wfs = _workflows(workflow)
 
     async def main() -> None:
+        from prometheus_client import CollectorRegistry
+
+        from calmrun.costs.metrics import WorkerMetrics
         from calmrun.streams.worker import Worker
 
-        w = Worker(settings, wfs, AgentRegistry(), ModelRegistry(settings.models))
+        metrics = WorkerMetrics(CollectorRegistry()) if settings.metrics.port else None
+        w = Worker(settings, wfs, AgentRegistry(), ModelRegistry(settings.models), metrics=metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(w.stop()))
@@ -195,19 +204,18 @@ def print_status(state: RunState, events: list[RunEvent]) -> None:
     )
     if state.error:
         out.print(f"  error: {state.error_type}: {state.error}")
-    costs: dict[str, list[float]] = {}
-    for e in events:
-        if e.cost is not None and e.step and e.seq > 0:
-            c = costs.setdefault(e.step, [0.0, 0.0, 0.0, 0.0])
-            c[0] += e.cost.latency_ms
-            c[1] += e.cost.tokens_in + e.cost.tokens_out
-            c[2] += e.cost.api_calls
-            c[3] += float(e.cost.cost_usd)
+    costs = step_costs(events)
     steps = Table("step", "status", "attempts", "latency ms", "tokens", "api calls", "cost $", title="steps")
     for name, st in state.steps.items():
-        c = costs.get(name, [0.0, 0.0, 0.0, 0.0])
+        c = costs.get(name)
         steps.add_row(
-            name, st.status, str(st.attempt), f"{c[0]:.1f}", f"{c[1]:.0f}", f"{c[2]:.0f}", f"{c[3]:.6f}"
+            name,
+            st.status,
+            str(st.attempt),
+            f"{c.latency_ms:.1f}" if c else "0.0",
+            str(c.tokens_in + c.tokens_out) if c else "0",
+            str(c.api_calls) if c else "0",
+            f"{c.cost_usd:.6f}" if c else "0.000000",
         )
     out.print(steps)
     history = Table("seq", "at", "event", "step", "attempt", "detail", title="history")

@@ -22,7 +22,7 @@ from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 
 M = TypeVar("M", bound=BaseModel)
-TERMINAL = frozenset({"completed", "quarantined", "over_budget"})
+TERMINAL = frozenset({"completed", "quarantined", "over_budget", "refused"})
 
 
 class Client:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from pathlib import Path
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.cli import out, print_runs, print_status
 from calmrun.client import Client, summarize
+from calmrun.costs.aggregator import AggregatorProcess
+from calmrun.costs.cli import batch_costs, print_costs
 from calmrun.devkafka import KAFKA_VERSION, DevKafka, free_port
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
@@ -39,6 +42,7 @@ async def run_demo(bootstrap: str, runs: int) -> None:
     ]
     worker = Worker(settings, [wf], AgentRegistry(), ModelRegistry(settings.models))
     await worker.start()
+    aggregator = AggregatorProcess(settings).start()
     try:
         async with Client(settings) as client:
             requests = [
@@ -65,7 +69,12 @@ async def run_demo(bootstrap: str, runs: int) -> None:
             if summary["by_status"].get("completed") != runs:
                 out.print(f"[red]not every run completed: {summary}[/red]")
                 raise SystemExit(1)
+        out.print("waiting for the cost aggregator to cover every event ...")
+        table = await batch_costs(settings)
+        print_costs(table, "model")
+        print_costs(table, "workflow")
     finally:
+        aggregator.stop()
         await worker.stop()
 
 
@@ -75,6 +84,11 @@ def main() -> None:
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # a fresh broker answers "coordinator not available" for a moment; aiokafka logs each retry as an error
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    if not sys.stdout.isatty():  # piped or captured: wide tables rather than 80 columns
+        os.environ.setdefault("COLUMNS", "150")
+        out.width = int(os.environ["COLUMNS"])
     if args.bootstrap:
         asyncio.run(run_demo(args.bootstrap, args.runs))
         return

@@ -45,6 +45,9 @@ class WorkerSettings(_Frozen):
     max_in_flight: int = Field(100, ge=1, description="step tasks running at once in one worker")
     commit_interval_s: float = Field(1.0, gt=0)
     timer_interval_s: float = Field(0.2, gt=0, description="how often due retries and deadlines are checked")
+    session_timeout_s: float = Field(
+        30.0, ge=6, description="a worker silent this long leaves the group and its partitions move"
+    )
     deadline_grace_s: float = Field(
         30.0,
         ge=0,
@@ -77,6 +80,53 @@ class ModelAlias(_Frozen):
     price_out_per_mtok: Decimal | None = None
 
 
+Window = Literal["1m", "1h", "1d"]
+"""A tumbling cost window: one minute, one hour or one day (aligned to the epoch, UTC)."""
+
+
+class PriceSettings(_Frozen):
+    """Prices that are not a model's tokens: downstream API calls, per call, by the kind an agent names.
+
+    ``ctx.count_api_call(kind="payments")`` is priced at ``api_calls["payments"]``; a kind without a price
+    costs nothing (and is still counted). Model token prices come from genai-prices, or from the alias's
+    ``price_in_per_mtok`` / ``price_out_per_mtok`` when set (self-hosted or negotiated).
+    """
+
+    api_calls: dict[str, Decimal] = Field(default_factory=dict, description="API kind -> USD per call")
+
+
+class TenantBudget(_Frozen):
+    """What one tenant may spend per tumbling window; new runs are refused once it is spent."""
+
+    usd: Decimal = Field(ge=0)
+    window: Window = "1h"
+
+
+class BudgetSettings(_Frozen):
+    """Budgets per tenant (per window). Run budgets come with the request or the workflow."""
+
+    tenants: dict[str, TenantBudget] = Field(default_factory=dict)
+
+
+class CostSettings(_Frozen):
+    """The cost aggregator (``calmrun costs-aggregator``): its group, cadence and window retention."""
+
+    app_id: str | None = Field(None, description="faust app id and consumer group; default '<prefix>-costs'")
+    emit_interval_s: float = Field(
+        0.5, gt=0, description="how often changed totals are written to <prefix>.costs.totals"
+    )
+    retention_s: dict[Window, int] = Field(
+        default_factory=lambda: {"1m": 6 * 3600, "1h": 7 * 86400, "1d": 90 * 86400},  # type: ignore[arg-type]
+        description="how long the buckets of each window are kept (seconds)",
+    )
+    data_dir: Path | None = Field(None, description="faust data directory; default a temporary one")
+    commit_interval_s: float = Field(2.8, gt=0, description="offset commit cadence (faust's)")
+    session_timeout_s: float = Field(10.0, ge=6, description="consumer group session timeout")
+    producer_buffer: int = Field(
+        10_000, ge=100, description="table writes that may wait to be produced before the stream is throttled"
+    )
+
+
 class Settings(BaseSettings):
     """Everything configurable in calmrun."""
 
@@ -88,6 +138,9 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     metrics: MetricsSettings = MetricsSettings()
     models: dict[str, ModelAlias] = Field(default_factory=dict)
+    prices: PriceSettings = PriceSettings()
+    budgets: BudgetSettings = BudgetSettings()
+    costs: CostSettings = CostSettings()
 
     @property
     def group_id(self) -> str:

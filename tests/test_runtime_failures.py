@@ -90,11 +90,6 @@ async def test_failing_agents_are_retried_then_quarantined_with_their_cause(brok
     assert "boom on attempt 3" in boom_dlq.error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime bug: calmrun.agents.executor.execute never sets StepResult.traceback, so the "
-    "quarantine DLQ record built in Worker._decide always has traceback=None",
-)
 async def test_quarantine_record_carries_the_agent_traceback(broker: str, prefix: str) -> None:
     settings = settings_for(broker, prefix)
 
@@ -104,7 +99,7 @@ async def test_quarantine_record_carries_the_agent_traceback(broker: str, prefix
     wf = linear("boom", steps=1, agent="boom", retry={"max_attempts": 1})
     async with running(settings, [wf], AgentRegistry({"boom": boom})) as w, Client(settings) as client:
         await ready(w)
-        await client.wait_terminal(await client.submit_many([RunRequest(workflow="boom", run_id="b")]), 60)
+        await client.wait_terminal(await client.submit_many([RunRequest(workflow="boom", run_id="b", input={"n": 1})]), 60)
         [d] = await client.read_dlq("boom")
     assert (d.reason, d.error_type, d.error) == ("quarantined", "RuntimeError", "kaput")
     assert d.traceback is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel
@@ -13,6 +14,7 @@ from pydantic_ai.models import Model
 from pydantic_ai.usage import RunUsage
 
 from calmrun.agents.models import ModelRegistry
+from calmrun.costs.pricing import Pricing
 from calmrun.errors import ConfigError
 from calmrun.workflow.events import StepCost, StepTask
 
@@ -44,6 +46,7 @@ class StepContext:
     tokens_out: int = 0
     requests: int = 0
     api_calls: int = 0
+    api_calls_by_kind: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def for_task(
@@ -78,9 +81,14 @@ class StepContext:
             )
         return self.models.resolve(self.model_alias)
 
-    def count_api_call(self, n: int = 1) -> None:
-        """Count ``n`` downstream API calls (ticketing, payments...) for the step's cost."""
+    def count_api_call(self, n: int = 1, kind: str = "api") -> None:
+        """Count ``n`` downstream API calls for the step's cost.
+
+        ``kind`` (``"payments"``, ``"ticketing"``...) selects the per-call price in ``prices.api_calls``;
+        calls of a kind without a price are counted and cost nothing.
+        """
         self.api_calls += n
+        self.api_calls_by_kind[kind] = self.api_calls_by_kind.get(kind, 0) + n
 
     def add_usage(self, usage: RunUsage) -> None:
         """Add a pydantic-ai usage to this attempt's totals."""
@@ -122,8 +130,13 @@ class StepContext:
             self.requests += usage.requests - before[2]
         return cast("AgentRunResult[OutputT]", result)
 
-    def cost(self, latency_ms: float, queue_wait_ms: float) -> StepCost:
-        """This attempt's cost so far; ``cost_usd`` stays 0 until pricing is applied."""
+    def cost(self, latency_ms: float, queue_wait_ms: float, pricing: Pricing | None = None) -> StepCost:
+        """This attempt's cost so far; without ``pricing``, ``cost_usd`` is 0 and ``price_source`` None."""
+        price = (
+            pricing.price(self.model_alias, self.tokens_in, self.tokens_out, self.api_calls_by_kind)
+            if pricing is not None
+            else None
+        )
         return StepCost(
             latency_ms=latency_ms,
             queue_wait_ms=queue_wait_ms,
@@ -132,4 +145,6 @@ class StepContext:
             requests=self.requests,
             api_calls=self.api_calls,
             model=self.model_alias,
+            cost_usd=price.usd if price is not None else Decimal(0),
+            price_source=price.source if price is not None else None,
         )

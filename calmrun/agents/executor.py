@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 from calmrun.agents.context import StepContext
 from calmrun.agents.models import ModelRegistry
 from calmrun.agents.registry import AgentRegistry
+from calmrun.costs.pricing import Pricing
 from calmrun.errors import CalmrunError
 from calmrun.workflow.events import StepResult, StepTask
 
@@ -22,6 +24,7 @@ AGENT_TIMEOUT = "AgentTimeout"
 """``error_type`` of an attempt that did not finish within the step's ``timeout_s`` (retriable)."""
 
 MAX_ERROR_CHARS = 2000
+MAX_TRACEBACK_CHARS = 8000
 
 
 async def execute(
@@ -31,6 +34,7 @@ async def execute(
     *,
     now_ms: Callable[[], int],
     logger: logging.Logger | None = None,
+    pricing: Pricing | None = None,
 ) -> StepResult:
     """Run ``task``'s agent once and describe what happened.
 
@@ -44,6 +48,8 @@ async def execute(
         models: where the step's model alias (``task.model``) is resolved.
         now_ms: wall clock in epoch milliseconds (queue wait is measured against ``task.issued_ms``).
         logger: base logger of the step context (default ``calmrun.agents``).
+        pricing: turns the attempt's tokens and API calls into money (``cost_usd``, ``price_source``);
+            without it the cost carries no money.
 
     Returns:
         The attempt's result, with its cost (tokens used by a failed attempt are reported too).
@@ -58,6 +64,7 @@ async def execute(
     error_type: str | None = None
     error: str | None = None
     retriable = True
+    tb: str | None = None
     deadline = asyncio.timeout(task.timeout_s)
     try:
         spec = registry.resolve(task.agent)
@@ -74,6 +81,7 @@ async def execute(
         else:
             error_type = type(exc).__name__
             error = (str(exc) or error_type)[:MAX_ERROR_CHARS]
+            tb = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:]
             retriable = exc.retriable if isinstance(exc, CalmrunError) else True
             ctx.logger.warning(
                 "agent %r failed: %s: %s (retriable=%s)",
@@ -84,7 +92,9 @@ async def execute(
                 exc_info=not isinstance(exc, CalmrunError),
             )
     latency_ms = (time.monotonic() - t0) * 1000
-    cost = ctx.cost(latency_ms=latency_ms, queue_wait_ms=float(max(0, started_ms - task.issued_ms)))
+    cost = ctx.cost(
+        latency_ms=latency_ms, queue_wait_ms=float(max(0, started_ms - task.issued_ms)), pricing=pricing
+    )
     return StepResult(
         run_id=task.run_id,
         step=task.step,
@@ -95,5 +105,6 @@ async def execute(
         error_type=error_type,
         error=error,
         retriable=retriable,
-        cost=cost,
+        cost=cost.model_copy(update={"agent": task.agent}),
+        traceback=tb,
     )

@@ -30,6 +30,9 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.costs.metrics import WorkerMetrics
+from calmrun.costs.pricing import Pricing
+from calmrun.costs.totals import TenantSpend
 from calmrun.errors import (
     BrokerUnavailableError,
     CalmrunError,
@@ -50,6 +53,7 @@ from calmrun.workflow.events import (
     RedriveRequested,
     RunCommand,
     RunEvent,
+    RunRequest,
     RunRequested,
     StepResult,
     StepTask,
@@ -101,6 +105,7 @@ class Worker:
         *,
         clock: Callable[[], int] = wall_ms,
         on_event: Callable[[RunEvent], None] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.workflows = {wf.name: wf for wf in workflows}
@@ -109,6 +114,10 @@ class Worker:
         self.codec = RecordCodec(wire_models())
         self.stats = WorkerStats()
         self.on_event = on_event
+        self.metrics = metrics
+        self.pricing = Pricing.from_settings(settings)
+        # tenant budgets need each tenant's spend in its window, from the cost aggregator's output
+        self.tenant_spend = TenantSpend(settings) if settings.budgets.tenants else None
         self.n = settings.kafka.partitions
         self.runs: dict[int, dict[str, RunState]] = {}
         self.owned: set[int] = set()
@@ -120,7 +129,8 @@ class Worker:
         self._timers: list[tuple[int, int, str]] = []
         self._loops: list[asyncio.Task[None]] = []
         self._failed: BaseException | None = None
-        self._stopped = asyncio.Event()
+        self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
+        self._closing = False  # stop() has run (or is running)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._restorer: AIOKafkaConsumer | None = None
@@ -151,8 +161,13 @@ class Worker:
             linger_ms=k.linger_ms,
             max_batch_size=256 * 1024,
         )
+        # "earliest": with the default "latest", the reset that assign() starts in the background can land
+        # after our explicit seek and silently skip the whole state partition
         self._restorer = AIOKafkaConsumer(
-            bootstrap_servers=k.bootstrap, enable_auto_commit=False, client_id=f"{k.client_id}-restore"
+            bootstrap_servers=k.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id=f"{k.client_id}-restore",
         )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=k.bootstrap,
@@ -162,8 +177,8 @@ class Worker:
             auto_offset_reset="earliest",
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_poll_interval_ms=600_000,
-            session_timeout_ms=30_000,
-            heartbeat_interval_ms=3_000,
+            session_timeout_ms=round(self.settings.worker.session_timeout_s * 1000),
+            heartbeat_interval_ms=round(self.settings.worker.session_timeout_s * 100),
         )
         try:
             await self._producer.start()
@@ -176,6 +191,10 @@ class Worker:
         except KafkaConnectionError as exc:
             await self._close_clients()
             raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
+        if self.metrics is not None:
+            await self.metrics.start(self)
+        if self.tenant_spend is not None:
+            await self.tenant_spend.start()
         self._loops = [
             asyncio.create_task(self._poll_loop(), name="calmrun-poll"),
             asyncio.create_task(self._timer_loop(), name="calmrun-timer"),
@@ -185,8 +204,9 @@ class Worker:
 
     async def stop(self) -> None:
         """Stop fetching, cancel running agents (their tasks are re-delivered), flush, commit, leave."""
-        if self._stopped.is_set():
+        if self._closing:
             return
+        self._closing = True
         self._stopped.set()
         for t in self._loops:
             t.cancel()
@@ -200,6 +220,10 @@ class Worker:
             await self._commit()
         if self._publisher is not None:
             await self._publisher.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
+        if self.tenant_spend is not None:
+            await self.tenant_spend.stop()
         await self._close_clients()
 
     async def _close_clients(self) -> None:
@@ -228,11 +252,16 @@ class Worker:
 
     # -- rebalance ----------------------------------------------------------------------------------
 
-    async def _on_assigned(self, parts: set[int]) -> None:
+    async def _on_assigned(self, parts: set[int], tps: list[TopicPartition]) -> None:
+        # aiokafka applies the assignment before it awaits this callback, so fetching may already run:
+        # pause until the state is restored (the poll loop also rewinds anything that slipped through)
+        assert self._consumer is not None
         new = parts - self.owned
         if new:
+            self._consumer.pause(*[tp for tp in tps if tp.partition in new])
             await self._restore(new)
         self.owned |= parts
+        self._consumer.resume(*tps)
         log.info("partitions assigned: %s (restored %d runs)", sorted(parts), self.stats.restored_runs)
 
     async def _on_revoked(self, parts: set[int]) -> None:
@@ -252,11 +281,13 @@ class Worker:
         assert self._restorer is not None
         tps = [TopicPartition(self.topics.state, p) for p in parts]
         self._restorer.assign(tps)
+        begin = await self._restorer.beginning_offsets(tps)
         end = await self._restorer.end_offsets(tps)
-        await self._restorer.seek_to_beginning(*tps)
+        for tp in tps:
+            self._restorer.seek(tp, begin[tp])
         for p in parts:
             self.runs[p] = {}
-        remaining = {tp for tp in tps if end[tp] > 0}
+        remaining = {tp for tp in tps if end[tp] > begin[tp]}
         while remaining:
             batch = await self._restorer.getmany(*remaining, timeout_ms=1000)
             for tp, records in batch.items():
@@ -300,6 +331,10 @@ class Worker:
                     await self._room.wait()
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=max(limit, 500))
                 for tp, records in batch.items():
+                    if tp.partition not in self.owned:
+                        # fetched before this partition's state was restored: read it again later
+                        self._consumer.seek(tp, records[0].offset)
+                        continue
                     for rec in records:
                         self._offsets.consumed(tp, rec.offset)
                         if rec.topic == self.topics.requests:
@@ -404,8 +439,29 @@ class Worker:
         if isinstance(body, RunCommand):
             inp = RedriveRequested(run_id, rec.timestamp)
         else:
-            inp = RunRequested(run_id, wf.name, body.input, rec.timestamp, body.tenant)
+            inp = self._request(run_id, wf, body, rec.timestamp)
         self._decide(p, wf, state, inp, rec, self._finisher(tp, rec.offset))
+
+    def _request(self, run_id: str, wf: WorkflowDef, body: RunRequest, at_ms: int) -> RunRequested:
+        """The decider's input for a request, stamped with the tenant's spend when it has a budget."""
+        budget = self.settings.budgets.tenants.get(body.tenant)
+        if (
+            budget is None
+            or self.tenant_spend is None
+            or run_id in self.runs.get(partition_for(run_id, self.n), {})
+        ):
+            return RunRequested(run_id, wf.name, body.input, at_ms, body.tenant, budget_usd=body.budget_usd)
+        return RunRequested(
+            run_id,
+            wf.name,
+            body.input,
+            at_ms,
+            body.tenant,
+            budget_usd=body.budget_usd,
+            tenant_budget_usd=budget.usd,
+            tenant_spent_usd=self.tenant_spend.spent(body.tenant, budget.window, at_ms),
+            tenant_window=budget.window,
+        )
 
     def _on_task(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
         try:
@@ -458,7 +514,9 @@ class Worker:
                 self.stats.running += 1
                 self.stats.peak_running = max(self.stats.peak_running, self.stats.running)
                 try:
-                    result = await execute(task, self.agents, self.models, now_ms=self.clock)
+                    result = await execute(
+                        task, self.agents, self.models, now_ms=self.clock, pricing=self.pricing
+                    )
                 finally:
                     self.stats.running -= 1
             p = rec.partition
@@ -568,6 +626,8 @@ class Worker:
     def _event_out(self, p: int, ev: RunEvent) -> Out:
         if self.on_event is not None:
             self.on_event(ev)
+        if self.metrics is not None:
+            self.metrics.observe(ev)
         return Out(
             self.topics.events, p, ev.run_id.encode(), self.codec.encode(ev), (("type", ev.type.encode()),)
         )
@@ -593,4 +653,4 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.worker._on_revoked({tp.partition for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.worker._on_assigned({tp.partition for tp in assigned})
+        await self.worker._on_assigned({tp.partition for tp in assigned}, list(assigned))

@@ -49,6 +49,7 @@ class StepCost(_Record):
     requests: int = 0
     api_calls: int = 0
     model: str | None = None
+    agent: str | None = None
     cost_usd: Decimal = Decimal(0)
     price_source: str | None = None
 
