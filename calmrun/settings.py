@@ -35,7 +35,7 @@ class KafkaSettings(_Frozen):
     )
     acks: Literal["all", "1", "0"] = "all"
     idempotence: bool = True
-    linger_ms: int = 5
+    linger_ms: int = Field(1, ge=0, description="producer batching delay; each hop waits up to this")
     client_id: str = "calmrun"
 
 

@@ -1,0 +1,229 @@
+"""Drive the benchmark workflow: start a worker process, run closed loops of requests, read the timings.
+
+A closed loop keeps ``concurrency`` runs in flight: it submits that many, and one more each time a run
+completes (seen as a ``run.completed`` record on the events topic, recognised by its ``type`` header
+without decoding), until ``n`` runs are done. Latencies come from the recorded event timestamps afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from bench.common import PARTITIONS, Ctx, Proc, cpu_s, end_offsets, pct, prefix
+from calmrun.codec import RecordCodec, wire_models
+from calmrun.streams.topics import Topics
+from calmrun.workflow.events import RunEvent, RunRequest
+
+WORKFLOW, STEPS = "lin", ("s1", "s2", "s3")
+
+
+def worker_args(ctx: Ctx, pfx: str, **opts: Any) -> list[str]:
+    args = ["--bootstrap", ctx.bootstrap, "--prefix", pfx]
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            args.append(flag)
+        elif v is not False and v is not None:
+            args += [flag, str(v)]
+    return args
+
+
+async def start_worker(ctx: Ctx, name: str, **opts: Any) -> tuple[Proc, str]:
+    """A ``bench.worker`` process on a fresh prefix, returned once it owns every partition."""
+    pfx = prefix(name)
+    worker = Proc("bench.worker", worker_args(ctx, pfx, **opts), ctx.out / f".{pfx}.json")
+    try:
+        await worker.wait_for(lambda s: len(s.get("owned", [])) == PARTITIONS, 120, "the worker to own all")
+    except BaseException:
+        worker.kill()
+        raise
+    return worker, pfx
+
+
+def topics_of(pfx: str) -> tuple[list[str], list[str], list[str]]:
+    """(consumed-only, consumed and produced, produced-only) topics of the worker under ``pfx``."""
+    t = Topics(pfx)
+    steps = [t.step(WORKFLOW, s) for s in STEPS]
+    return [t.requests], steps, [t.state, t.events, t.dlq(WORKFLOW), t.dlq("_invalid")]
+
+
+async def moved(bootstrap: str, pfx: str) -> tuple[int, int]:
+    """(records consumed, records produced) by the worker so far, from topic end offsets."""
+    cons, both, prod = topics_of(pfx)
+    ends = await end_offsets(bootstrap, [*cons, *both, *prod])
+    consumed = sum(ends[t] for t in [*cons, *both])
+    produced = sum(ends[t] for t in [*both, *prod])
+    return consumed, produced
+
+
+@dataclass
+class Loop:
+    n: int
+    concurrency: int
+    elapsed_s: float
+    run_ids: list[str]
+    consumed: int = 0
+    produced: int = 0
+    worker_cpu_s: float = 0.0
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def runs_per_s(self) -> float:
+        return self.n / self.elapsed_s
+
+    @property
+    def hops_per_s(self) -> float:
+        return self.n * len(STEPS) / self.elapsed_s
+
+    @property
+    def cpu_us_per_run(self) -> float:
+        return self.worker_cpu_s / self.n * 1e6
+
+    @property
+    def moved_per_s(self) -> float:
+        return (self.consumed + self.produced) / self.elapsed_s
+
+
+async def closed_loop(ctx: Ctx, pfx: str, tag: str, n: int, concurrency: int, pid: int = 0) -> Loop:
+    """Run ``n`` runs keeping ``concurrency`` in flight; counts the records the worker moved meanwhile."""
+    codec = RecordCodec(wire_models())
+    topics = Topics(pfx)
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", enable_idempotence=True)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=ctx.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50
+    )
+    await producer.start()
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topics.events, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        c0, p0 = await moved(ctx.bootstrap, pfx)
+        ids = [f"{tag}-{i:07d}" for i in range(n)]
+        pending = set(ids)
+        submitted = 0
+
+        async def submit(k: int) -> None:
+            nonlocal submitted
+            for rid in ids[submitted : submitted + k]:
+                req = RunRequest(workflow=WORKFLOW, run_id=rid, input={"n": 0})
+                await producer.send(topics.requests, codec.encode(req), key=rid.encode())
+            submitted = min(n, submitted + k)
+
+        cpu0 = cpu_s(pid) if pid else 0.0
+        t0 = time.perf_counter()
+        await submit(concurrency)
+        while pending:
+            batch = await consumer.getmany(timeout_ms=1000)
+            done = 0
+            for records in batch.values():
+                for rec in records:
+                    if ("type", b"run.completed") in rec.headers:
+                        rid = (rec.key or b"").decode()
+                        if rid in pending:
+                            pending.discard(rid)
+                            done += 1
+            if done:
+                await submit(done)
+        elapsed = time.perf_counter() - t0
+        cpu = cpu_s(pid) - cpu0 if pid else 0.0
+        await producer.flush()
+        c1, p1 = await moved(ctx.bootstrap, pfx)
+        return Loop(n, concurrency, elapsed, ids, c1 - c0, p1 - p0, cpu)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+WANTED = {b"run.requested", b"step.succeeded", b"run.completed"}
+
+
+async def timings(ctx: Ctx, pfx: str, run_ids: Sequence[str]) -> dict[str, list[float]]:
+    """Per run: request -> completion; per hop: previous step's result (or the request) -> this step's.
+
+    All from the recorded events' ``at_ms`` (the request's is its record timestamp; a step result's is
+    when the worker finished the attempt).
+    """
+    codec = RecordCodec(wire_models())
+    topic = Topics(pfx).events
+    wanted = set(run_ids)
+    at: dict[str, dict[str, int]] = {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if end[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=500)
+            for records in batch.values():
+                for rec in records:
+                    kind = dict(rec.headers).get("type")
+                    if kind not in WANTED or (rec.key or b"").decode() not in wanted or rec.value is None:
+                        continue
+                    ev = codec.decode_as(rec.value, RunEvent)
+                    if ev.seq < 0:
+                        continue
+                    name = ev.step if ev.type == "step.succeeded" else ev.type
+                    at.setdefault(ev.run_id, {}).setdefault(str(name), ev.at_ms)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    runs: list[float] = []
+    hops: list[float] = []
+    for rid in run_ids:
+        t = at.get(rid, {})
+        if "run.requested" not in t or "run.completed" not in t:
+            continue
+        runs.append(t["run.completed"] - t["run.requested"])
+        prev = t["run.requested"]
+        for s in STEPS:
+            if s in t:
+                hops.append(t[s] - prev)
+                prev = t[s]
+    return {"run_ms": runs, "hop_ms": hops}
+
+
+def latency_summary(t: dict[str, list[float]]) -> dict[str, float]:
+    return {
+        "run p50 ms": pct(t["run_ms"], 50),
+        "run p99 ms": pct(t["run_ms"], 99),
+        "hop p50 ms": pct(t["hop_ms"], 50),
+        "hop p99 ms": pct(t["hop_ms"], 99),
+        "runs timed": float(len(t["run_ms"])),
+    }
+
+
+async def measure(
+    ctx: Ctx, name: str, *, n: int, concurrency: int, warmup: int, with_timings: bool = True, **worker: Any
+) -> tuple[list[Loop], dict[str, Any]]:
+    """One worker: a warm-up loop, then ``ctx.rounds`` measured loops; returns them and its last status."""
+    proc, pfx = await start_worker(ctx, name, **worker)
+    try:
+        await closed_loop(ctx, pfx, "warm", warmup, min(concurrency, warmup))
+        loops = []
+        for r in range(ctx.rounds):
+            loop = await closed_loop(ctx, pfx, f"r{r}", n, concurrency, proc.pid)
+            if with_timings:
+                loop.timings = latency_summary(await timings(ctx, pfx, loop.run_ids))
+            loops.append(loop)
+        return loops, await proc.stop()
+    finally:
+        proc.kill()
+
+
+def status_path(ctx: Ctx, pfx: str) -> Path:
+    return ctx.out / f".{pfx}.json"

@@ -1,0 +1,164 @@
+"""A calmrun worker as its own process for the benchmarks: the three-step no-op workflow, ~200-byte outputs.
+
+    python -m bench.worker --bootstrap B --prefix P --status-file F [--max-in-flight N] [--acks all|1]
+        [--no-idempotence] [--linger-ms MS] [--sleep S] [--profile OUT]
+
+Runs ``lin`` (``tests.runtime_support.linear``: s1 -> s2 -> s3) with the agent ``bench_step`` (returns at
+once, or after ``--sleep`` seconds) until SIGTERM. Every 0.1 s and once after stop it writes its stats,
+owned partitions and RSS (current and peak, KiB) to the status file. With ``--profile`` the whole life of
+the worker runs under pyinstrument; the profile is written as text (``OUT``) and as JSON by package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from bench.common import PARTITIONS, rss_kib, write_status
+from bench.profile import summarise
+from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
+from calmrun.settings import load_settings
+from calmrun.streams.worker import Worker
+from tests.runtime_support import linear
+
+WORKFLOW = "lin"
+STEPS = 3
+PAD = "x" * 170
+SLEEP_S = 0.0
+
+
+class Item(BaseModel):
+    n: int = 0
+
+
+class Out(BaseModel):
+    n: int
+    label: str
+    pad: str
+
+
+async def bench_step(ctx: StepContext, item: Item) -> Out:
+    """The no-op step: its output is about 200 bytes of JSON."""
+    if SLEEP_S:
+        await asyncio.sleep(SLEEP_S)
+    return Out(n=item.n + 1, label=f"{ctx.step}:{ctx.attempt}", pad=PAD)
+
+
+def make_worker(
+    bootstrap: str,
+    prefix: str,
+    *,
+    max_in_flight: int = 100,
+    acks: str = "all",
+    idempotence: bool = True,
+    linger_ms: int = 5,
+) -> Worker:
+    settings = load_settings(
+        kafka={
+            "bootstrap": bootstrap,
+            "prefix": prefix,
+            "partitions": PARTITIONS,
+            "acks": acks,
+            "idempotence": idempotence,
+            "linger_ms": linger_ms,
+        },
+        worker={"max_in_flight": max_in_flight, "commit_interval_s": 1.0, "timer_interval_s": 0.2},
+    )
+    return Worker(
+        settings,
+        [linear(WORKFLOW, STEPS, agent="bench_step")],
+        AgentRegistry({"bench_step": bench_step}),
+        ModelRegistry({}),
+    )
+
+
+def _status(path: Path | None, worker: Worker, state: str) -> None:
+    write_status(
+        path,
+        {
+            "pid": os.getpid(),
+            "state": state,
+            "owned": sorted(worker.owned),
+            "stats": dataclasses.asdict(worker.stats),
+            "rss": rss_kib(),
+            "runs_held": sum(len(t) for t in worker.runs.values()),
+        },
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    global SLEEP_S
+    SLEEP_S = args.sleep
+    worker = make_worker(
+        args.bootstrap,
+        args.prefix,
+        max_in_flight=args.max_in_flight,
+        acks=args.acks,
+        idempotence=not args.no_idempotence,
+        linger_ms=args.linger_ms,
+    )
+    status = Path(args.status_file) if args.status_file else None
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(worker.stop())))
+    await worker.start()
+    _status(status, worker, "running")
+    waiter = asyncio.create_task(worker.run_until_stopped())
+    while not waiter.done():
+        await asyncio.wait({waiter}, timeout=0.1)
+        _status(status, worker, "running")
+    for t in stopping:
+        await t
+    _status(status, worker, "stopped")
+    waiter.result()
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--status-file")
+    parser.add_argument("--max-in-flight", type=int, default=100)
+    parser.add_argument("--acks", default="all", choices=["all", "1"])
+    parser.add_argument("--no-idempotence", action="store_true")
+    parser.add_argument("--linger-ms", type=int, default=5)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--profile")
+    parser.add_argument(
+        "--preload", help="a Python file executed before the worker starts (bench-only patch experiments)"
+    )
+    args = parser.parse_args()
+    if args.preload:
+        import runpy
+
+        runpy.run_path(args.preload)
+    logging.basicConfig(level=logging.WARNING)
+    if not args.profile:
+        asyncio.run(main(args))
+        return
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.001, async_mode="disabled")
+    profiler.start()
+    try:
+        asyncio.run(main(args))
+    finally:
+        profiler.stop()
+        Path(args.profile).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+        session = profiler.last_session
+        root = session.root_frame() if session is not None else None
+        if root is not None:
+            Path(args.profile + ".json").write_text(json.dumps(summarise(root), indent=2))
+
+
+if __name__ == "__main__":
+    cli()
