@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install kafka tools demo test lint bench clean
+.PHONY: install kafka tools local-model demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,16 +20,25 @@ kafka: install
 	$(PY) -m calmrun.devkafka fetch
 
 # kcat: one test starts a run from the real kcat CLI, as operators do.
+# prometheus: one test lets a real Prometheus scrape a worker and checks PromQL answers (it fails without).
 tools:
 	@command -v kcat >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q kcat; \
 	  else echo "kcat missing: sudo apt-get install kcat" >&2; exit 1; fi; }
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; \
+	  else echo "prometheus missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
+
+# The local model of the end-to-end tests (calmrun.devmodel): the first install compiles llama.cpp (about
+# 5 minutes on 2 cores); pip's wheel cache makes later installs take seconds.
+local-model: install
+	$(PY) -m calmrun.devmodel install
 
 demo: kafka
 	$(PY) -m calmrun.demo
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
-test: kafka tools
+test: kafka tools local-model
 	@$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran: failing" >&2; exit 1; fi; exit $$rc
 
 lint: install
@@ -37,7 +46,9 @@ lint: install
 	$(VENV)/bin/ruff format --check calmrun tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
+# bench/: the numbers in the README (python -m bench --help); the bench extra is bench-only
 bench: kafka
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench
 
 clean:

@@ -20,14 +20,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from calmrun.agents import AgentRegistry, ModelRegistry
+from calmrun.cli_common import cli_settings
 from calmrun.client import Client, summarize
 from calmrun.costs.cli import aggregator, costs, step_costs
 from calmrun.errors import CalmrunError
 from calmrun.replay.cli import replay_app, snapshot
-from calmrun.settings import Settings, load_settings
 from calmrun.streams.topics import ensure_topics
 from calmrun.workflow.definition import WorkflowDef, load_workflow
 from calmrun.workflow.events import RunEvent, RunRequest
@@ -57,14 +58,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 WorkflowFiles = Annotated[
     list[Path], typer.Option("--workflow", "-w", help="Workflow YAML file (repeatable).")
 ]
-
-
-def _settings(config: Path | None, bootstrap: str | None, prefix: str | None, **worker: Any) -> Settings:
-    kafka = {k: v for k, v in {"bootstrap": bootstrap, "prefix": prefix}.items() if v is not None}
-    worker = {k: v for k, v in worker.items() if v is not None}
-    return load_settings(
-        config, **({"kafka": kafka} if kafka else {}), **({"worker": worker} if worker else {})
-    )
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -103,7 +96,7 @@ def worker(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     sys.path.insert(0, os.getcwd())
-    settings = _settings(config, bootstrap, prefix, max_in_flight=max_in_flight)
+    settings = cli_settings(config, bootstrap, prefix, max_in_flight=max_in_flight)
     wfs = _workflows(workflow)
 
     async def main() -> None:
@@ -147,7 +140,7 @@ def submit(
     except json.JSONDecodeError as exc:
         err.print(f"[red]error:[/red] --input is not JSON: {exc}")
         raise typer.Exit(2) from None
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> tuple[str, RunState | None]:
         async with Client(settings) as c:
@@ -173,7 +166,7 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """A run's state, its steps and its event history."""
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> tuple[RunState | None, list[RunEvent]]:
         async with Client(settings) as c:
@@ -236,7 +229,7 @@ def runs(
     as_json: JsonOpt = False,
 ) -> None:
     """Recent runs and their status."""
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> dict[str, RunState]:
         async with Client(settings) as c:
@@ -275,7 +268,7 @@ def dlq_tail(
     as_json: JsonOpt = False,
 ) -> None:
     """Print the quarantined records of a workflow's dead-letter topic, with their cause."""
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> None:
         from calmrun.streams.dlq import DlqRecord
@@ -310,7 +303,7 @@ def dlq_redrive(
     if not run_id and not all_:
         err.print("[red]error:[/red] name runs with --run-id, or re-drive everything with --all")
         raise typer.Exit(2)
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> tuple[int, int]:
         async with Client(settings) as c:
@@ -328,20 +321,34 @@ def topics_create(
     prefix: PrefixOpt = None,
 ) -> None:
     """Create every topic of these workflows (idempotent)."""
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
     created = _run(ensure_topics(settings.kafka, _workflows(workflow)))
     out.print(f"created {len(created)} topics" + (": " + ", ".join(created) if created else " (all existed)"))
 
 
 @app.command()
-def models(config: ConfigOpt = None) -> None:
-    """List the model aliases and what each resolves to."""
-    settings = _settings(config, None, None)
+def models(
+    config: ConfigOpt = None,
+    probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Ask each model if it answers.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each health probe.")] = 5.0,
+) -> None:
+    """List the model aliases, what each resolves to and whether it answers (exit 1 when one does not).
+
+    The probe spends no tokens: an OpenAI-compatible server must list the model on ``GET /models``.
+    """
+    settings = cli_settings(config, None, None)
     registry = ModelRegistry(settings.models)
-    table = Table("alias", "resolves to")
+    health = _run(registry.probe_all(timeout_s=timeout)) if probe else {}
+    table = Table("alias", "resolves to", *(["answers"] if probe else []))
     for alias in registry.aliases:
-        table.add_row(alias, registry.describe(alias))
+        row = [alias, registry.describe(alias)]
+        if probe:
+            ok, detail = health[alias]
+            row.append(("[green]yes[/green] " if ok else "[red]no[/red] ") + escape(detail))
+        table.add_row(*row)
     out.print(table)
+    if probe and not all(ok for ok, _ in health.values()):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from calmrun.errors import ConfigError
 
@@ -163,7 +163,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"{config}: expected a mapping at the top level")
         data = loaded or {}
     try:
-        env = Settings().model_dump(exclude_unset=True)
+        # raw values, validated once below with the file's: an alias may be completed from the environment
+        env: dict[str, Any] = EnvSettingsSource(Settings)()
         return Settings.model_validate(_deep_merge(_deep_merge(data, env), overrides))
     except ValidationError as exc:
         where = f"{config}: " if config else ""

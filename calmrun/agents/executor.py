@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from calmrun.agents.context import StepContext
-from calmrun.agents.models import ModelRegistry
+from calmrun.agents.models import ModelRegistry, retry_after_ms
 from calmrun.agents.registry import AgentRegistry
 from calmrun.costs.pricing import Pricing
 from calmrun.errors import CalmrunError
@@ -65,6 +65,7 @@ async def execute(
     error: str | None = None
     retriable = True
     tb: str | None = None
+    retry_after: int | None = None
     deadline = asyncio.timeout(task.timeout_s)
     try:
         spec = registry.resolve(task.agent)
@@ -80,16 +81,18 @@ async def execute(
             ctx.logger.warning("%s", error)
         else:
             error_type = type(exc).__name__
-            error = (str(exc) or error_type)[:MAX_ERROR_CHARS]
-            tb = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:]
+            # a provider may repeat the API key it was sent: no key reaches results, events, the DLQ or logs
+            error = models.redact(str(exc) or error_type)[:MAX_ERROR_CHARS]
+            tb = models.redact("".join(traceback.format_exception(exc)))[-MAX_TRACEBACK_CHARS:]
             retriable = exc.retriable if isinstance(exc, CalmrunError) else True
+            retry_after = retry_after_ms(exc)
             ctx.logger.warning(
-                "agent %r failed: %s: %s (retriable=%s)",
+                "agent %r failed: %s: %s (retriable=%s)%s",
                 task.agent,
                 error_type,
                 error,
                 retriable,
-                exc_info=not isinstance(exc, CalmrunError),
+                "" if isinstance(exc, CalmrunError) else "\n" + tb,
             )
     latency_ms = (time.monotonic() - t0) * 1000
     cost = ctx.cost(
@@ -107,4 +110,5 @@ async def execute(
         retriable=retriable,
         cost=cost.model_copy(update={"agent": task.agent}),
         traceback=tb,
+        retry_after_ms=retry_after,
     )

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from calmrun.cli_common import cli_settings
 from calmrun.costs.aggregator import ALL, CostTopics, ensure_cost_topics
 from calmrun.costs.totals import (
     CompactedTail,
@@ -30,7 +31,7 @@ from calmrun.costs.totals import (
     wait_totals,
 )
 from calmrun.errors import CalmrunError
-from calmrun.settings import Settings, load_settings
+from calmrun.settings import Settings
 from calmrun.workflow.events import RunEvent
 
 By = Literal["run", "workflow", "agent", "model", "tenant"]
@@ -42,11 +43,6 @@ ConfigOpt = Annotated[
 ]
 BootstrapOpt = Annotated[str | None, typer.Option("--bootstrap", "-b", help="Kafka bootstrap (host:port).")]
 PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default calmrun).")]
-
-
-def _settings(config: Path | None, bootstrap: str | None, prefix: str | None) -> Settings:
-    kafka = {k: v for k, v in {"bootstrap": bootstrap, "prefix": prefix}.items() if v is not None}
-    return load_settings(config, **({"kafka": kafka} if kafka else {}))
 
 
 def parse_since(text: str | None, now_ms: int) -> int | None:
@@ -157,7 +153,7 @@ def costs(
 
     Figures lag the events by the aggregator's lag (usually about a second).
     """
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
     since_ms = parse_since(since, time.time_ns() // 1_000_000)
     try:
         if not follow:
@@ -195,7 +191,7 @@ def aggregator(
     """Run the cost aggregator (a faust app over <prefix>.runs.events) until SIGINT/SIGTERM."""
     from calmrun.costs.aggregator import run_aggregator
 
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
     run_aggregator(settings, loglevel=log_level.lower(), data_dir=data_dir)
 
 

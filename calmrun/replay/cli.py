@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from calmrun.cli_common import cli_settings
 from calmrun.errors import CalmrunError
 from calmrun.replay import report
 from calmrun.replay.offsets import ReplayArgumentError, replay_offsets
@@ -68,11 +69,6 @@ ModelOpt = Annotated[
 ShadowOpt = Annotated[
     str | None, typer.Option("--shadow", help="Live: shadow prefix (default <prefix>-replay-<random>).")
 ]
-
-
-def _settings(config: Path | None, bootstrap: str | None, prefix: str | None) -> Settings:
-    kafka = {k: v for k, v in {"bootstrap": bootstrap, "prefix": prefix}.items() if v is not None}
-    return load_settings(config, **({"kafka": kafka} if kafka else {}))
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -181,7 +177,7 @@ def offsets(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-produce a range of a topic (keys, headers and partitions intact) into a shadow namespace or live."""
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
     start_ms, end_ms = _time_ms(from_time, "--from-time"), _time_ms(to_time, "--to-time")
 
     async def main() -> Any:
@@ -241,7 +237,7 @@ def run(
     if mode not in ("recorded", "live"):
         raise _fail(f"--mode must be recorded or live, not {mode!r}")
     defs = _definitions(workflow)
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
     snap = _snapshot_of(run, settings)
     if mode == "recorded":
         from calmrun.replay.recorded import ReplayError, pick_definition, replay_recorded
@@ -327,7 +323,7 @@ def runs(
     if len(names) != 1:
         raise _fail(f"give definitions of one workflow, not {names}")
     since_ms, until_ms = _time_ms(since, "--since"), _time_ms(until, "--until")
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
 
     async def read() -> list[Snapshot]:
         with _progress() as p:
@@ -393,7 +389,7 @@ def snapshot(
     prefix: PrefixOpt = None,
 ) -> None:
     """Export a run's state and event history as JSON (replayable with `calmrun replay run FILE`)."""
-    settings = _settings(config, bootstrap, prefix)
+    settings = cli_settings(config, bootstrap, prefix)
     snap = _run(fetch_snapshot(settings, run_id))
     text = snap.to_json()
     if output is None:

@@ -1,0 +1,27 @@
+"""What every ``calmrun`` sub-command shares: settings from flags; errors as one line and an exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from calmrun.errors import CalmrunError
+from calmrun.settings import Settings, load_settings
+
+err = Console(stderr=True)
+
+
+def cli_settings(config: Path | None, bootstrap: str | None, prefix: str | None, **worker: Any) -> Settings:
+    """Settings from ``--config``, the environment and the common flags; a bad source exits with code 2."""
+    kafka = {k: v for k, v in {"bootstrap": bootstrap, "prefix": prefix}.items() if v is not None}
+    worker = {k: v for k, v in worker.items() if v is not None}
+    try:
+        return load_settings(
+            config, **({"kafka": kafka} if kafka else {}), **({"worker": worker} if worker else {})
+        )
+    except CalmrunError as exc:  # a bad file or variable: one line that names it, not a traceback
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
