@@ -21,7 +21,8 @@ from typing import Any
 
 from bench import floor, memory, replay, workflow
 from bench.common import ROOT, Ctx, loadavg
-from calmrun.devkafka import KAFKA_VERSION, DevKafka, free_port
+from calmrun.devkafka import KAFKA_VERSION, DevKafka
+from calmrun.localproc import free_port
 
 Workload = Callable[[Ctx], Awaitable[dict[str, Any]]]
 WORKLOADS: dict[str, Workload] = {

@@ -23,7 +23,8 @@ from calmrun.cli import out, print_runs, print_status
 from calmrun.client import Client, summarize
 from calmrun.costs.aggregator import AggregatorProcess
 from calmrun.costs.cli import batch_costs, print_costs
-from calmrun.devkafka import KAFKA_VERSION, DevKafka, free_port
+from calmrun.devkafka import KAFKA_VERSION, DevKafka
+from calmrun.localproc import free_port
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
 from calmrun.workflow.definition import load_workflow

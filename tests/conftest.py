@@ -10,7 +10,8 @@ from uuid import uuid4
 
 import pytest
 
-from calmrun.devkafka import DevKafka, free_port
+from calmrun.devkafka import DevKafka
+from calmrun.localproc import free_port
 
 
 @pytest.fixture(scope="session")

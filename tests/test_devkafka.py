@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from calmrun.devkafka import DevKafka, answers_metadata, default_cache_dir, fetch_jars, free_port
+from calmrun.devkafka import DevKafka, answers_metadata, default_cache_dir, fetch_jars
 from calmrun.errors import DevKafkaError
+from calmrun.localproc import free_port
 
 
 def test_jars_are_cached_and_reused() -> None:

@@ -22,7 +22,7 @@ from calmrun.client import Client
 from calmrun.costs.aggregator import AggregatorProcess
 from calmrun.costs.metrics import WorkerMetrics
 from calmrun.costs.totals import fold_locally, read_events, wait_totals
-from calmrun.devkafka import free_port
+from calmrun.localproc import free_port
 from calmrun.settings import Settings, load_settings
 from calmrun.streams.worker import Worker
 from calmrun.workflow.events import RunRequest

@@ -22,7 +22,7 @@ from pydantic_ai import Agent
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.agents.models import retry_after_ms
 from calmrun.client import Client
-from calmrun.devkafka import free_port
+from calmrun.localproc import free_port
 from calmrun.settings import ModelAlias
 from calmrun.workflow.definition import WorkflowDef, parse_workflow
 from calmrun.workflow.events import RunEvent, RunRequest

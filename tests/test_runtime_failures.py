@@ -7,7 +7,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import pytest
 from aiokafka import AIOKafkaProducer
 
 from calmrun.agents import AgentRegistry, StepContext
@@ -99,7 +98,9 @@ async def test_quarantine_record_carries_the_agent_traceback(broker: str, prefix
     wf = linear("boom", steps=1, agent="boom", retry={"max_attempts": 1})
     async with running(settings, [wf], AgentRegistry({"boom": boom})) as w, Client(settings) as client:
         await ready(w)
-        await client.wait_terminal(await client.submit_many([RunRequest(workflow="boom", run_id="b", input={"n": 1})]), 60)
+        await client.wait_terminal(
+            await client.submit_many([RunRequest(workflow="boom", run_id="b", input={"n": 1})]), 60
+        )
         [d] = await client.read_dlq("boom")
     assert (d.reason, d.error_type, d.error) == ("quarantined", "RuntimeError", "kaput")
     assert d.traceback is not None

@@ -19,7 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.client import Client
-from calmrun.devkafka import free_port
+from calmrun.localproc import free_port
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
 from calmrun.workflow.definition import parse_workflow

