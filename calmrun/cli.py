@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from calmrun.agents import AgentRegistry, ModelRegistry
-from calmrun.cli_common import cli_settings
+from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings
 from calmrun.client import Client, summarize
 from calmrun.costs.cli import aggregator, costs, step_costs
 from calmrun.errors import CalmrunError
@@ -44,17 +44,9 @@ app.add_typer(replay_app, name="replay")
 app.command("snapshot")(snapshot)
 app.command("costs")(costs)
 app.command("costs-aggregator")(aggregator)
-app.command("costs")(costs)
-app.command("costs-aggregator")(aggregator)
 out = Console()
 err = Console(stderr=True)
 
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", envvar="CALMRUN_CONFIG", help="YAML settings file.")
-]
-BootstrapOpt = Annotated[str | None, typer.Option("--bootstrap", "-b", help="Kafka bootstrap (host:port).")]
-PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default calmrun).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 WorkflowFiles = Annotated[
     list[Path], typer.Option("--workflow", "-w", help="Workflow YAML file (repeatable).")
 ]

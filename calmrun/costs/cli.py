@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from calmrun.cli_common import cli_settings
+from calmrun.cli_common import BootstrapOpt, ConfigOpt, PrefixOpt, cli_settings
 from calmrun.costs.aggregator import ALL, CostTopics, ensure_cost_topics
 from calmrun.costs.totals import (
     CompactedTail,
@@ -37,12 +37,6 @@ from calmrun.workflow.events import RunEvent
 By = Literal["run", "workflow", "agent", "model", "tenant"]
 WindowOpt = Literal["1m", "1h", "all"]
 err = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", envvar="CALMRUN_CONFIG", help="YAML settings file.")
-]
-BootstrapOpt = Annotated[str | None, typer.Option("--bootstrap", "-b", help="Kafka bootstrap (host:port).")]
-PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default calmrun).")]
 
 
 def parse_since(text: str | None, now_ms: int) -> int | None:

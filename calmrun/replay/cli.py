@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from calmrun.cli_common import cli_settings
+from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings
 from calmrun.errors import CalmrunError
 from calmrun.replay import report
 from calmrun.replay.offsets import ReplayArgumentError, replay_offsets
@@ -35,12 +35,6 @@ replay_app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", envvar="CALMRUN_CONFIG", help="YAML settings file.")
-]
-BootstrapOpt = Annotated[str | None, typer.Option("--bootstrap", "-b", help="Kafka bootstrap (host:port).")]
-PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default calmrun).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 DefinitionOpt = Annotated[
     list[Path],
     typer.Option(
