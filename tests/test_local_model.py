@@ -24,7 +24,7 @@ from pydantic_ai import Agent, ModelRetry, PromptedOutput, RunContext
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.client import Client
 from calmrun.devmodel import DevModel, DevModelError, install
-from calmrun.devmodel import free_port as free_http_port
+from calmrun.localproc import free_port as free_http_port
 from calmrun.settings import load_settings
 from calmrun.workflow.definition import load_workflow, parse_workflow
 from calmrun.workflow.events import RunEvent, RunRequest
