@@ -1,4 +1,4 @@
-# calmrun worker image. Build: docker build -t calmrun:local .   Run: docker run calmrun:local worker
+# calmrun worker image. Build: docker build -t calmrun:local .   Run: docker run calmrun:local worker -w FILE
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -13,6 +13,8 @@ COPY pyproject.toml README.md /app/
 # symlinks inside it as symlinks, so /app/calmrun/schemas -> ../schemas resolves to /app/schemas.
 COPY schemas /app/schemas
 COPY calmrun /app/calmrun
+# the example workflow, its agents (imported as examples.triage.agents) and its model configuration
+COPY examples /app/examples
 
 RUN test -d /app/calmrun/schemas \
     && pip install --no-cache-dir . \
@@ -20,7 +22,8 @@ RUN test -d /app/calmrun/schemas \
 
 RUN useradd --create-home --uid 10001 --user-group calmrun
 USER calmrun
-WORKDIR /home/calmrun
+# agent references (module:attr) resolve from the working directory: /app holds examples/
+WORKDIR /app
 
 # Serve /metrics on all interfaces of the container (the settings default is 127.0.0.1, port 0 = off).
 ENV CALMRUN_METRICS__HOST=0.0.0.0 \
@@ -28,4 +31,4 @@ ENV CALMRUN_METRICS__HOST=0.0.0.0 \
 EXPOSE 9464
 
 ENTRYPOINT ["calmrun"]
-CMD ["worker"]
+CMD ["worker", "-w", "examples/triage/workflow.yaml", "-c", "examples/triage/models.yaml"]

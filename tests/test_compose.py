@@ -11,6 +11,7 @@ import fnmatch
 import functools
 import importlib
 import ipaddress
+import itertools
 import json
 import os
 import shlex
@@ -29,7 +30,7 @@ GRAFANA_DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasource
 GRAFANA_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "calmrun.yml"
 GRAFANA_DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "calmrun.json"
 
-EXPECTED_SERVICES = {"kafka", "worker", "prometheus", "grafana"}
+EXPECTED_SERVICES = {"kafka", "worker", "aggregator", "prometheus", "grafana"}
 DASHBOARD_METRICS = (
     "calmrun_cost_usd_total",
     "calmrun_tokens_total",
@@ -642,3 +643,32 @@ def test_grafana_dashboard_covers_the_calmrun_metrics() -> None:
     exprs = " ".join(t.get("expr", "") for p in dashboard_panels() for t in p.get("targets", []))
     missing = [metric for metric in DASHBOARD_METRICS if metric not in exprs]
     assert not missing, f"calmrun.json: no panel queries {missing}"
+
+
+def _parses(argv: list[str]) -> None:
+    """The calmrun CLI accepts ``argv`` (required options present, values of the right type)."""
+    import typer.main
+
+    from calmrun.cli import app
+
+    group: Any = typer.main.get_command(app)
+    command = group.commands[argv[0]]
+    command.make_context(argv[0], list(argv[1:]))
+
+
+@pytest.mark.parametrize("name", ["worker", "aggregator"])
+def test_calmrun_service_commands_parse_and_their_files_ship(name: str) -> None:
+    argv = as_argv(service(name).get("command"))
+    assert argv, f"{name}: no command"
+    _parses(argv)
+    copied = {src.rstrip("/") for src, _ in copy_sources(worker_dockerfile())}
+    for flag, value in itertools.pairwise(argv):
+        if flag in ("-w", "--workflow", "-c", "--config"):
+            assert (ROOT / value).is_file(), f"{name}: {flag} {value} is not a file in the repo"
+            assert value.split("/")[0] in copied, f"{name}: {value} is not copied into the image"
+
+
+def test_dockerfile_default_cmd_parses() -> None:
+    cmd = last_instruction(worker_dockerfile(), "CMD")
+    assert cmd
+    _parses(cmd)
