@@ -384,37 +384,13 @@ def build_app(settings: Settings, *, data_dir: Path | None = None) -> Any:
 
 async def ensure_cost_topics(settings: Settings) -> list[str]:
     """Create the compacted output topics (same partition count as calmrun's); idempotent."""
-    import contextlib
+    from calmrun.streams.topics import create_topics
 
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
-
-    from calmrun.errors import BrokerUnavailableError
-
-    k = settings.kafka
-    topics = CostTopics(k.prefix)
+    topics = CostTopics(settings.kafka.prefix)
     compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "600000"}
-    wanted = {topics.totals: compact, topics.tenants: compact, topics.events: {}}
-    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-costs")
-    try:
-        await admin.start()
-    except KafkaConnectionError as exc:
-        await admin.close()
-        raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
-    try:
-        existing = set(await admin.list_topics())
-        missing = [t for t in wanted if t not in existing]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [
-                        NewTopic(t, k.partitions, k.replication_factor, topic_configs=wanted[t])
-                        for t in missing
-                    ]
-                )
-        return missing
-    finally:
-        await admin.close()
+    return await create_topics(
+        settings.kafka, {topics.totals: compact, topics.tenants: compact, topics.events: {}}, "costs"
+    )
 
 
 class AggregatorProcess:

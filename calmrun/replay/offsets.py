@@ -25,6 +25,7 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.errors import BrokerUnavailableError, CalmrunError
 from calmrun.settings import Settings
+from calmrun.streams.topics import admin_client
 
 REPLAYED_FROM = "calmrun-replayed-from"
 """Header added to every replayed record: ``<source topic>[<partition>]@<offset>``."""
@@ -270,20 +271,12 @@ async def replay_offsets(
 async def _resolve_topic(settings: Settings, topic: str) -> tuple[str, int]:
     """The topic's full name and partition count (``topic`` may be named relative to the prefix)."""
     k = settings.kafka
-    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-replay")
-    try:
-        await admin.start()
-    except KafkaConnectionError as exc:
-        await admin.close()
-        raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
-    try:
+    async with admin_client(k, "replay") as admin:
         existing = set(await admin.list_topics())
         for name in (topic, f"{k.prefix}.{topic}"):
             if name in existing:
                 meta = (await admin.describe_topics([name]))[0]
                 return name, len(meta["partitions"])
-    finally:
-        await admin.close()
     ours = sorted(t for t in existing if t.startswith(f"{k.prefix}."))
     known = ", ".join(ours[:20]) + (" ..." if len(ours) > 20 else "") if ours else "none"
     raise ReplayArgumentError(f"unknown topic {topic!r} (topics under {k.prefix!r}: {known})")

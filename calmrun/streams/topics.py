@@ -7,7 +7,7 @@ topic (requests, step topics, state, events) belongs to one worker at a time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -72,21 +72,39 @@ class Topics:
         return topics
 
 
-async def ensure_topics(settings: KafkaSettings, workflows: Iterable[WorkflowDef]) -> list[str]:
-    """Create every missing calmrun topic; idempotent. Returns the names it created.
+@contextlib.asynccontextmanager
+async def admin_client(settings: KafkaSettings, role: str = "") -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed on exit.
 
     Raises:
         BrokerUnavailableError: no broker answers at the bootstrap address.
-        ConfigError: an existing topic has a different partition count (co-partitioning would break).
     """
-    wanted = Topics(settings.prefix).all(workflows)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id=settings.client_id)
+    client_id = f"{settings.client_id}-{role}" if role else settings.client_id
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id=client_id)
     try:
         await admin.start()
     except KafkaConnectionError as exc:
         await admin.close()
         raise BrokerUnavailableError(settings.bootstrap, str(exc)) from exc
     try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def create_topics(
+    settings: KafkaSettings, wanted: dict[str, dict[str, str]], role: str = ""
+) -> list[str]:
+    """Create the missing topics of ``wanted`` (name -> topic config), calmrun's partition count; idempotent.
+
+    Returns:
+        The names it created.
+
+    Raises:
+        BrokerUnavailableError: no broker answers at the bootstrap address.
+        ConfigError: an existing topic has a different partition count (co-partitioning would break).
+    """
+    async with admin_client(settings, role) as admin:
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t not in existing]
         if missing:
@@ -111,5 +129,13 @@ async def ensure_topics(settings: KafkaSettings, workflows: Iterable[WorkflowDef
                         f"{settings.partitions}; all calmrun topics must have the same count"
                     )
         return missing
-    finally:
-        await admin.close()
+
+
+async def ensure_topics(settings: KafkaSettings, workflows: Iterable[WorkflowDef]) -> list[str]:
+    """Create every missing calmrun topic of these workflows; idempotent. Returns the names it created.
+
+    Raises:
+        BrokerUnavailableError: no broker answers at the bootstrap address.
+        ConfigError: an existing topic has a different partition count (co-partitioning would break).
+    """
+    return await create_topics(settings, Topics(settings.prefix).all(workflows))
