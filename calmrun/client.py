@@ -156,7 +156,13 @@ class Client:
         for rid in wanted:
             status = latest[rid].status if rid in latest else "not started"
             counts[status] = counts.get(status, 0) + 1
-        raise CalmrunError(f"{len(wanted)} runs not all finished within {wait_s:.0f}s: {counts}")
+        hint = (
+            " (a run that never started was parked as poison: see `calmrun dlq tail -w _invalid`, e.g. an "
+            "unknown workflow or invalid input; or no worker runs its workflow)"
+            if "not started" in counts
+            else ""
+        )
+        raise CalmrunError(f"{len(wanted)} runs not all finished within {wait_s:.0f}s: {counts}{hint}")
 
     async def _read(
         self,
