@@ -13,10 +13,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from calmrun.agents import AgentRegistry, ModelRegistry
-from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings
+from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings, run_command
 from calmrun.client import Client, summarize
 from calmrun.costs.cli import aggregator, costs, step_costs
 from calmrun.errors import CalmrunError
@@ -52,13 +51,7 @@ WorkflowFiles = Annotated[
 ]
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; a calmrun error becomes a one-line message and exit code 1."""
-    try:
-        return asyncio.run(coro)
-    except CalmrunError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+_run = run_command
 
 
 def _workflows(files: list[Path]) -> list[WorkflowDef]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -12,6 +14,7 @@ from calmrun.errors import CalmrunError
 from calmrun.settings import Settings, load_settings
 
 err = Console(stderr=True)
+T = TypeVar("T")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", envvar="CALMRUN_CONFIG", help="YAML settings file.")
@@ -32,3 +35,12 @@ def cli_settings(config: Path | None, bootstrap: str | None, prefix: str | None,
     except CalmrunError as exc:  # a bad file or variable: one line that names it, not a traceback
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+def run_command(coro: Coroutine[Any, Any, T], *, usage_errors: tuple[type[Exception], ...] = ()) -> T:
+    """Run a command's coroutine; a calmrun error is one line, exit code 1 (2 for ``usage_errors``)."""
+    try:
+        return asyncio.run(coro)
+    except CalmrunError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2 if isinstance(exc, usage_errors) else 1) from None

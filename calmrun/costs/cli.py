@@ -7,6 +7,7 @@ The lead's ``calmrun/cli.py`` registers them: ``app.command("costs")(costs)`` an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -19,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from calmrun.cli_common import BootstrapOpt, ConfigOpt, PrefixOpt, cli_settings
+from calmrun.cli_common import BootstrapOpt, ConfigOpt, PrefixOpt, cli_settings, run_command
 from calmrun.costs.aggregator import ALL, CostTopics, ensure_cost_topics
 from calmrun.costs.totals import (
     CompactedTail,
@@ -30,7 +31,6 @@ from calmrun.costs.totals import (
     read_totals,
     wait_totals,
 )
-from calmrun.errors import CalmrunError
 from calmrun.settings import Settings
 from calmrun.workflow.events import RunEvent
 
@@ -149,17 +149,12 @@ def costs(
     """
     settings = cli_settings(config, bootstrap, prefix)
     since_ms = parse_since(since, time.time_ns() // 1_000_000)
-    try:
-        if not follow:
-            table = asyncio.run(read_totals(settings))
-            _print(table.rows(by, window, since_ms), by, window, as_json)
-            return
-        asyncio.run(_follow(settings, by, window, since_ms, as_json))
-    except CalmrunError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
+    if not follow:
+        table = run_command(read_totals(settings))
+        _print(table.rows(by, window, since_ms), by, window, as_json)
         return
+    with contextlib.suppress(KeyboardInterrupt):
+        run_command(_follow(settings, by, window, since_ms, as_json))
 
 
 async def _follow(settings: Settings, by: str, window: str, since_ms: int | None, as_json: bool) -> None:

@@ -6,7 +6,6 @@ arguments (nothing was written), 3 recorded replay diverged.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from collections.abc import Coroutine
@@ -19,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings
+from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings, run_command
 from calmrun.errors import CalmrunError
 from calmrun.replay import report
 from calmrun.replay.offsets import ReplayArgumentError, replay_offsets
@@ -66,14 +65,7 @@ ShadowOpt = Annotated[
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except ReplayArgumentError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    except CalmrunError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    return run_command(coro, usage_errors=(ReplayArgumentError,))
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
