@@ -9,15 +9,14 @@ from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 from pydantic import BaseModel
 
 from calmrun.codec import RecordCodec, wire_models
-from calmrun.errors import BrokerUnavailableError, CalmrunError
+from calmrun.errors import CalmrunError
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
-from calmrun.streams.topics import Topics, partition_for
+from calmrun.streams.topics import Topics, partition_for, start_client
 from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 
@@ -43,11 +42,7 @@ class Client:
             linger_ms=5,
             client_id=f"{k.client_id}-cli",
         )
-        try:
-            await self._producer.start()
-        except KafkaConnectionError as exc:
-            await self._producer.stop()
-            raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
+        await start_client(self._producer, k.bootstrap)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -180,11 +175,7 @@ class Client:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
-        try:
-            await consumer.start()
-        except KafkaConnectionError as exc:
-            await consumer.stop()
-            raise BrokerUnavailableError(self.settings.kafka.bootstrap, str(exc)) from exc
+        await start_client(consumer, self.settings.kafka.bootstrap)
         try:
             # every calmrun topic has the configured partition count (ensure_topics enforces it)
             known = range(self.settings.kafka.partitions) if topic in await consumer.topics() else None

@@ -19,7 +19,6 @@ from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 
 from calmrun.codec import RecordCodec, wire_models
@@ -34,8 +33,9 @@ from calmrun.costs.aggregator import (
     public,
     retention_ms,
 )
-from calmrun.errors import BrokerUnavailableError, DecodeError
+from calmrun.errors import DecodeError
 from calmrun.settings import Settings
+from calmrun.streams.topics import start_client
 from calmrun.workflow.events import RunEvent
 
 Apply = Callable[[bytes, bytes | None], None]
@@ -75,11 +75,7 @@ class CompactedTail:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=k.bootstrap, enable_auto_commit=False, client_id=f"{k.client_id}-costs-reader"
         )
-        try:
-            await self._consumer.start()
-        except KafkaConnectionError as exc:
-            await self._consumer.stop()
-            raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
+        await start_client(self._consumer, k.bootstrap)
         tps = [TopicPartition(self.topic, p) for p in range(k.partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)

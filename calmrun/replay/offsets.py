@@ -20,12 +20,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
-from calmrun.errors import BrokerUnavailableError, CalmrunError
+from calmrun.errors import CalmrunError
 from calmrun.settings import Settings
-from calmrun.streams.topics import admin_client
+from calmrun.streams.topics import admin_client, start_client
 
 REPLAYED_FROM = "calmrun-replayed-from"
 """Header added to every replayed record: ``<source topic>[<partition>]@<offset>``."""
@@ -175,11 +175,7 @@ async def replay_offsets(
         auto_offset_reset="none",
         client_id=f"{k.client_id}-replay",
     )
-    try:
-        await consumer.start()
-    except KafkaConnectionError as exc:
-        await consumer.stop()
-        raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
+    await start_client(consumer, k.bootstrap)
     producer: AIOKafkaProducer | None = None
     try:
         source, count = await _resolve_topic(settings, topic)
@@ -349,11 +345,7 @@ async def _producer(settings: Settings) -> AIOKafkaProducer:
         linger_ms=5,
         max_batch_size=256 * 1024,
     )
-    try:
-        await producer.start()
-    except KafkaConnectionError as exc:
-        await producer.stop()
-        raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
+    await start_client(producer, k.bootstrap)
     return producer
 
 

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from calmrun.codec import RecordCodec, wire_models
-from calmrun.errors import BrokerUnavailableError, CalmrunError, ConfigError
+from calmrun.errors import CalmrunError, ConfigError
 from calmrun.settings import Settings
-from calmrun.streams.topics import Topics, partition_for
+from calmrun.streams.topics import Topics, partition_for, start_client
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 
@@ -166,11 +165,7 @@ async def scan_runs(
         auto_offset_reset="earliest",
         client_id=f"{k.client_id}-replay",
     )
-    try:
-        await consumer.start()
-    except KafkaConnectionError as exc:
-        await consumer.stop()
-        raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
+    await start_client(consumer, k.bootstrap)
     try:
         existing = await consumer.topics()
         for t in (topics.events, topics.state):

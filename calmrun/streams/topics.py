@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
@@ -70,6 +71,19 @@ class Topics:
         for name in self.step_topics(wfs):
             topics[name] = {}
         return topics
+
+
+async def start_client(client: Any, bootstrap: str) -> None:
+    """Start an aiokafka producer or consumer; an unreachable broker stops it and raises.
+
+    Raises:
+        BrokerUnavailableError: no broker answers at ``bootstrap``.
+    """
+    try:
+        await client.start()
+    except KafkaConnectionError as exc:
+        await client.stop()
+        raise BrokerUnavailableError(bootstrap, str(exc)) from exc
 
 
 @contextlib.asynccontextmanager
