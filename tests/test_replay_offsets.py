@@ -100,11 +100,17 @@ async def test_shadow_replay_reproduces_outcomes_and_leaves_production_alone(
 
 
 async def _timed_topic(broker: str, topic: str, t0: int) -> None:
-    """20 records on partition 1 of ``topic``, record i stamped t0 + i seconds; 3 on partition 2."""
+    """20 records on partition 1 of ``topic``, record i stamped t0 + i seconds; 3 on partition 2.
+
+    The stamps are years old, so the topic keeps records forever: with the default 7-day retention the
+    broker's retention check (every 10 s in the dev broker) deletes them while the test runs.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+        await admin.create_topics(
+            [NewTopic(topic, num_partitions=4, replication_factor=1, topic_configs={"retention.ms": "-1"})]
+        )
     finally:
         await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
