@@ -73,6 +73,7 @@ class Loop:
     produced: int = 0
     worker_cpu_s: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)
+    client_ms: list[float] = field(default_factory=list)
 
     @property
     def runs_per_s(self) -> float:
@@ -110,12 +111,15 @@ async def closed_loop(ctx: Ctx, pfx: str, tag: str, n: int, concurrency: int, pi
         c0, p0 = await moved(ctx.bootstrap, pfx)
         ids = [f"{tag}-{i:07d}" for i in range(n)]
         pending = set(ids)
+        sent_at: dict[str, float] = {}
+        client_ms: list[float] = []
         submitted = 0
 
         async def submit(k: int) -> None:
             nonlocal submitted
             for rid in ids[submitted : submitted + k]:
                 req = RunRequest(workflow=WORKFLOW, run_id=rid, input={"n": 0})
+                sent_at[rid] = time.perf_counter()
                 await producer.send(topics.requests, codec.encode(req), key=rid.encode())
             submitted = min(n, submitted + k)
 
@@ -131,6 +135,7 @@ async def closed_loop(ctx: Ctx, pfx: str, tag: str, n: int, concurrency: int, pi
                         rid = (rec.key or b"").decode()
                         if rid in pending:
                             pending.discard(rid)
+                            client_ms.append((time.perf_counter() - sent_at[rid]) * 1000)
                             done += 1
             if done:
                 await submit(done)
@@ -138,7 +143,7 @@ async def closed_loop(ctx: Ctx, pfx: str, tag: str, n: int, concurrency: int, pi
         cpu = cpu_s(pid) - cpu0 if pid else 0.0
         await producer.flush()
         c1, p1 = await moved(ctx.bootstrap, pfx)
-        return Loop(n, concurrency, elapsed, ids, c1 - c0, p1 - p0, cpu)
+        return Loop(n, concurrency, elapsed, ids, c1 - c0, p1 - p0, cpu, client_ms=client_ms)
     finally:
         await consumer.stop()
         await producer.stop()
@@ -197,8 +202,11 @@ async def timings(ctx: Ctx, pfx: str, run_ids: Sequence[str]) -> dict[str, list[
     return {"run_ms": runs, "hop_ms": hops}
 
 
-def latency_summary(t: dict[str, list[float]]) -> dict[str, float]:
+def latency_summary(t: dict[str, list[float]], client_ms: list[float]) -> dict[str, float]:
+    """Event-timestamp latencies, and the client's: send of the request -> ``run.completed`` seen."""
     return {
+        "client p50 ms": pct(client_ms, 50),
+        "client p99 ms": pct(client_ms, 99),
         "run p50 ms": pct(t["run_ms"], 50),
         "run p99 ms": pct(t["run_ms"], 99),
         "hop p50 ms": pct(t["hop_ms"], 50),
@@ -218,7 +226,7 @@ async def measure(
         for r in range(ctx.rounds):
             loop = await closed_loop(ctx, pfx, f"r{r}", n, concurrency, proc.pid)
             if with_timings:
-                loop.timings = latency_summary(await timings(ctx, pfx, loop.run_ids))
+                loop.timings = latency_summary(await timings(ctx, pfx, loop.run_ids), loop.client_ms)
             loops.append(loop)
         return loops, await proc.stop()
     finally:

@@ -59,17 +59,12 @@ def make_worker(
     max_in_flight: int = 100,
     acks: str = "all",
     idempotence: bool = True,
-    linger_ms: int = 5,
+    linger_ms: int | None = None,
 ) -> Worker:
+    kafka = {"bootstrap": bootstrap, "prefix": prefix, "partitions": PARTITIONS, "acks": acks}
+    kafka |= {"idempotence": idempotence} | ({} if linger_ms is None else {"linger_ms": linger_ms})
     settings = load_settings(
-        kafka={
-            "bootstrap": bootstrap,
-            "prefix": prefix,
-            "partitions": PARTITIONS,
-            "acks": acks,
-            "idempotence": idempotence,
-            "linger_ms": linger_ms,
-        },
+        kafka=kafka,
         worker={"max_in_flight": max_in_flight, "commit_interval_s": 1.0, "timer_interval_s": 0.2},
     )
     return Worker(
@@ -130,7 +125,7 @@ def cli() -> None:
     parser.add_argument("--max-in-flight", type=int, default=100)
     parser.add_argument("--acks", default="all", choices=["all", "1"])
     parser.add_argument("--no-idempotence", action="store_true")
-    parser.add_argument("--linger-ms", type=int, default=5)
+    parser.add_argument("--linger-ms", type=int, help="producer linger (default: the runtime's)")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--profile")
     parser.add_argument(

@@ -21,7 +21,7 @@ def _loop_metrics(loops: list[Loop], prefix: str = "") -> dict[str, Any]:
         f"{prefix}worker CPU us/run": summary([lp.cpu_us_per_run for lp in loops]),
     }
     if loops and loops[0].timings:
-        for k in ("run p50 ms", "run p99 ms", "hop p50 ms", "hop p99 ms"):
+        for k in ("client p50 ms", "client p99 ms", "run p50 ms", "run p99 ms", "hop p50 ms", "hop p99 ms"):
             out[f"{prefix}{k}"] = summary([lp.timings[k] for lp in loops])
     return out
 
@@ -65,7 +65,7 @@ async def latency(ctx: Ctx) -> dict[str, Any]:
     sat, _ = await measure(ctx, "latsat", n=nsat, concurrency=100, warmup=ctx.n(300, 10), max_in_flight=100)
     metrics: dict[str, Any] = {}
     for label, loops in (("light (1 in flight)", light), ("saturated (100 in flight)", sat)):
-        for k in ("run p50 ms", "run p99 ms", "hop p50 ms", "hop p99 ms"):
+        for k in ("client p50 ms", "client p99 ms", "run p50 ms", "run p99 ms", "hop p50 ms", "hop p99 ms"):
             metrics[f"{k}, {label}"] = summary([lp.timings[k] for lp in loops])
         metrics[f"runs/s, {label}"] = summary([lp.runs_per_s for lp in loops])
     return {"params": {"light_runs": n1, "saturated_runs": nsat, "max_in_flight": 100}, "metrics": metrics}
