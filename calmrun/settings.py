@@ -43,6 +43,11 @@ class WorkerSettings(_Frozen):
     """How a worker runs steps: concurrency, commit cadence, durable deadlines."""
 
     max_in_flight: int = Field(100, ge=1, description="step tasks running at once in one worker")
+    eager: bool = Field(
+        True,
+        description="run a task this worker just scheduled at once; its record is still written and its "
+        "echo recognised (Temporal's eager activity execution)",
+    )
     commit_interval_s: float = Field(1.0, gt=0)
     timer_interval_s: float = Field(0.2, gt=0, description="how often due retries and deadlines are checked")
     session_timeout_s: float = Field(

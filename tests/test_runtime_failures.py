@@ -7,13 +7,15 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from calmrun.agents import AgentRegistry, StepContext
 from calmrun.client import Client
+from calmrun.codec import RecordCodec, wire_models
 from calmrun.streams.topics import INVALID, Topics
 from calmrun.workflow.definition import parse_workflow
-from calmrun.workflow.events import RunRequest
+from calmrun.workflow.events import RunRequest, StepTask
 from tests.runtime_support import Item, Out, add_one, linear, poll_states, ready, running, settings_for, until
 
 FAST_RETRY = {"initial_backoff_s": 0.01, "max_backoff_s": 0.05, "jitter": 0.0}
@@ -89,8 +91,10 @@ async def test_failing_agents_are_retried_then_quarantined_with_their_cause(brok
     assert "boom on attempt 3" in boom_dlq.error
 
 
-async def test_quarantine_record_carries_the_agent_traceback(broker: str, prefix: str) -> None:
-    settings = settings_for(broker, prefix)
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "read-back"])
+async def test_quarantine_record_carries_the_agent_traceback(broker: str, prefix: str, eager: bool) -> None:
+    """Also the task itself: an eager task's dead-letter record holds the bytes written to its step topic."""
+    settings = settings_for(broker, prefix, eager=eager)
 
     async def boom(ctx: StepContext, item: Item) -> Out:
         raise RuntimeError("kaput")
@@ -105,6 +109,10 @@ async def test_quarantine_record_carries_the_agent_traceback(broker: str, prefix
     assert (d.reason, d.error_type, d.error) == ("quarantined", "RuntimeError", "kaput")
     assert d.traceback is not None
     assert "kaput" in d.traceback and "in boom" in d.traceback
+    assert d.source_topic == Topics(prefix).step("boom", "s1")
+    assert (d.source_offset == -1) is eager
+    task = RecordCodec(wire_models()).decode_as(d.value or b"", StepTask)
+    assert (task.run_id, task.step, task.attempt) == ("b", "s1", 1)
 
 
 async def test_poison_requests_are_parked_and_the_worker_goes_on(broker: str, prefix: str) -> None:

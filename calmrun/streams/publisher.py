@@ -6,6 +6,10 @@ state whose consequences were lost. The input record counts as finished (its off
 only when the state is acknowledged too. A crash in between re-delivers the input; the decider, being
 deterministic, re-makes the same decision, and the duplicates it re-sends are recognised downstream
 (same run, step and attempt; same event seq).
+
+States are encoded only when sent, and a state is not sent at all when a later decision of the same run
+is already queued: the later state includes it (compaction would keep only that one anyway). The
+superseded decision's input finishes when the later state is acknowledged.
 """
 
 from __future__ import annotations
@@ -31,12 +35,27 @@ class Out:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+@dataclass(frozen=True)
+class LazyOut:
+    """A record whose value is encoded only if it is sent (a run's state)."""
+
+    topic: str
+    partition: int
+    key: bytes
+    encode: Callable[[], bytes]
+
+
+# a run's state may absorb this many superseded ones, so a run deciding without pause still gets written
+_MAX_ABSORBED = 64
+
+
 @dataclass
 class _Item:
     outputs: list[Out]
-    state: Out | None
+    state: LazyOut | None
     on_done: Callable[[], None] | None
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    absorbed: list[_Item] = field(default_factory=list)  # superseded decisions finishing with this one
 
 
 class Publisher:
@@ -48,6 +67,7 @@ class Publisher:
         self._stage1: asyncio.Queue[_Item] = asyncio.Queue()
         self._stage2: asyncio.Queue[_Item] = asyncio.Queue()
         self._pending = 0
+        self._latest: dict[tuple[str, int, bytes], _Item] = {}  # newest queued decision per state key
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -66,11 +86,14 @@ class Publisher:
     def pending(self) -> int:
         return self._pending
 
-    def submit(self, outputs: list[Out], state: Out | None, on_done: Callable[[], None] | None) -> None:
+    def submit(self, outputs: list[Out], state: LazyOut | None, on_done: Callable[[], None] | None) -> None:
         """Queue one decision's records; synchronous, so decisions keep the order they were made in."""
         self._pending += 1
         self._idle.clear()
-        self._stage1.put_nowait(_Item(outputs, state, on_done))
+        item = _Item(outputs, state, on_done)
+        if state is not None:
+            self._latest[(state.topic, state.partition, state.key)] = item
+        self._stage1.put_nowait(item)
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is acknowledged."""
@@ -99,11 +122,23 @@ class Publisher:
                 item = await self._stage2.get()
                 if item.futures:
                     await asyncio.gather(*item.futures)
-                if item.state is not None:
-                    fut = await self._send(item.state)
-                    fut.add_done_callback(functools.partial(self._finish, item))
-                else:
+                st = item.state
+                if st is None:
                     self._finish(item, None)
+                    continue
+                k = (st.topic, st.partition, st.key)
+                later = self._latest.get(k, item)
+                if later is item:
+                    del self._latest[k]
+                elif len(later.absorbed) < _MAX_ABSORBED:
+                    later.absorbed += [item, *item.absorbed]  # its state follows, with this one in it
+                    item.absorbed = []
+                    continue
+                else:  # enough waiting: this state is sent and covers the decisions absorbed so far
+                    item.absorbed += later.absorbed
+                    later.absorbed = []
+                fut = await self._send(Out(st.topic, st.partition, st.key, st.encode()))
+                fut.add_done_callback(functools.partial(self._finish, item))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -113,8 +148,9 @@ class Publisher:
         if fut is not None and not fut.cancelled() and fut.exception() is not None:
             self._on_error(fut.exception())  # type: ignore[arg-type]
             return
-        if item.on_done is not None:
-            item.on_done()
-        self._pending -= 1
+        for done in (*item.absorbed, item):
+            if done.on_done is not None:
+                done.on_done()
+            self._pending -= 1
         if self._pending == 0:
             self._idle.set()

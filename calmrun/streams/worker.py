@@ -8,18 +8,24 @@ Delivery is at least once with idempotent transitions: a record's offset is comm
 oldest record not yet finished, and a record is finished only when everything it caused is acknowledged
 (see ``publisher``). A re-delivered request or task whose effect is recorded is ignored; a task whose
 result never arrives is re-issued by the timer from its durable deadline in the run state.
+
+Eager tasks: since the worker that decides a run also owns that run's step partitions, it starts each task
+it schedules at once instead of waiting to read the task back from its step topic (the record is written
+all the same). When the record arrives it is recognised by its idempotency key and finishes, like any task
+record, only once the decision on its result is acknowledged; a crash before that re-delivers it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
@@ -43,7 +49,7 @@ from calmrun.errors import (
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
 from calmrun.streams.offsets import OffsetTracker
-from calmrun.streams.publisher import Out, Publisher
+from calmrun.streams.publisher import LazyOut, Out, Publisher
 from calmrun.streams.requests import parse_request
 from calmrun.streams.topics import INVALID, Topics, ensure_topics, partition_for
 from calmrun.workflow.decider import Decision, decide
@@ -69,11 +75,35 @@ def wall_ms() -> int:
 
 
 @dataclass
+class _Echo:
+    """An eagerly started task whose own record has not been read back and finished yet."""
+
+    partition: int
+    awaiting_record: bool = True
+    settled: bool = False  # the decision on its result is acknowledged
+    finishers: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _LocalSource:
+    """Where an eager task came from, for a dead-letter record: its step topic, offset unknown (-1)."""
+
+    topic: str
+    partition: int
+    key: bytes
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    offset: int = -1
+
+
+@dataclass
 class WorkerStats:
     """Counters a test or the CLI can read; Prometheus metrics mirror them."""
 
     requests: int = 0
     tasks_started: int = 0
+    tasks_eager: int = 0
+    tasks_echoed: int = 0
     tasks_skipped: int = 0
     decisions: int = 0
     ignored: int = 0
@@ -123,6 +153,7 @@ class Worker:
         self.owned: set[int] = set()
         self._offsets = OffsetTracker()
         self._executing: dict[tuple[str, str, int, str], asyncio.Task[None]] = {}
+        self._echoes: dict[str, _Echo] = {}  # idempotency key -> an eager task's pending echo
         self._slots = asyncio.Semaphore(settings.worker.max_in_flight)
         self._room = asyncio.Event()
         self._room.set()
@@ -271,6 +302,7 @@ class Worker:
             await self._publisher.drain()
             await self._commit()
         self._offsets.forget(parts)
+        self._echoes = {k: e for k, e in self._echoes.items() if e.partition not in parts}
         for p in parts:
             self.runs.pop(p, None)
         self._timers = [t for t in self._timers if t[1] not in parts]
@@ -464,6 +496,8 @@ class Worker:
         )
 
     def _on_task(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
+        if self._echoes and self._echoed(tp, rec):
+            return
         try:
             task = self.codec.decode_as(rec.value or b"", StepTask)
         except DecodeError as exc:
@@ -500,14 +534,54 @@ class Worker:
             self._submit([self._event_out(p, ev)], None, self._finisher(tp, rec.offset))
             return
         self.stats.tasks_started += 1
-        self._executing[key] = asyncio.create_task(self._run_task(tp, rec, task, key))
+        self._executing[key] = asyncio.create_task(
+            self._run_task(rec.partition, rec, task, key, self._finisher(tp, rec.offset))
+        )
+
+    def _echoed(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> bool:
+        """Is this the record of a task started eagerly here? Then it finishes with that task's result."""
+        idem = next((v for k, v in rec.headers if k == "calmrun-idempotency-key"), None)
+        echo = self._echoes.get(idem.decode()) if idem is not None else None
+        if echo is None or not echo.awaiting_record or echo.partition != rec.partition:
+            return False
+        assert idem is not None
+        self.stats.tasks_echoed += 1
+        echo.awaiting_record = False
+        if echo.settled:
+            del self._echoes[idem.decode()]
+            self._offsets.finished(tp, rec.offset)
+        else:
+            echo.finishers.append(self._finisher(tp, rec.offset))
+        return True
+
+    def _start_eager(self, p: int, out: Out, task: StepTask) -> None:
+        """Run a task just scheduled here without reading it back; see the module docstring."""
+        key = (task.run_id, task.step, task.attempt, task.kind)
+        idem = task.idempotency_key
+        if key in self._executing or idem in self._echoes:
+            return
+        echo = self._echoes[idem] = _Echo(p)
+
+        def settle() -> None:
+            echo.settled = True
+            for finish in echo.finishers:
+                finish()
+            echo.finishers.clear()
+            if not echo.awaiting_record and self._echoes.get(idem) is echo:
+                del self._echoes[idem]
+
+        source = _LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
+        self.stats.tasks_started += 1
+        self.stats.tasks_eager += 1
+        self._executing[key] = asyncio.create_task(self._run_task(p, source, task, key, settle))
 
     async def _run_task(
         self,
-        tp: TopicPartition,
-        rec: ConsumerRecord[bytes, bytes],
+        p: int,
+        source: ConsumerRecord[bytes, bytes] | _LocalSource,
         task: StepTask,
         key: tuple[str, str, int, str],
+        on_done: Callable[[], None],
     ) -> None:
         try:
             async with self._slots:
@@ -519,12 +593,11 @@ class Worker:
                     )
                 finally:
                     self.stats.running -= 1
-            p = rec.partition
             state = self.runs.get(p, {}).get(task.run_id)
             if p not in self.owned or self._stopped.is_set():
                 log.info("dropping result of %s: partition %d no longer owned", key, p)
                 return
-            self._decide(p, self.workflows[task.workflow], state, result, rec, self._finisher(tp, rec.offset))
+            self._decide(p, self.workflows[task.workflow], state, result, source, on_done)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -541,7 +614,7 @@ class Worker:
         wf: WorkflowDef,
         state: RunState | None,
         inp: DeciderInput,
-        source: ConsumerRecord[bytes, bytes] | None,
+        source: ConsumerRecord[bytes, bytes] | _LocalSource | None,
         on_done: Callable[[], None] | None,
     ) -> Decision:
         d = decide(wf, state, inp)
@@ -555,7 +628,7 @@ class Worker:
             return d
         assert d.state is not None
         self.runs[p][run_id] = d.state
-        outputs += [
+        tasks = [
             Out(
                 self.topics.step(t.workflow, t.step),
                 p,
@@ -565,6 +638,7 @@ class Worker:
             )
             for t in d.tasks
         ]
+        outputs += tasks
         if d.quarantine is not None:
             self.stats.quarantined += 1
             q = d.quarantine
@@ -589,8 +663,11 @@ class Worker:
             outputs.append(self._dlq_out(self.topics.dlq(wf.name), p, key, dlq))
         if d.state.status == "completed" and any(e.type == "run.completed" for e in d.events):
             self.stats.completed += 1
-        state_out = Out(self.topics.state, p, key, self.codec.encode(d.state))
+        state_out = LazyOut(self.topics.state, p, key, functools.partial(self.codec.encode, d.state))
         self._submit(outputs, state_out, on_done)
+        if self.settings.worker.eager and not self._stopped.is_set():
+            for out, task in zip(tasks, d.tasks, strict=True):
+                self._start_eager(p, out, task)
         due = d.state.next_due_ms()
         if due is not None:
             heapq.heappush(self._timers, (due, p, run_id))
@@ -640,7 +717,7 @@ class Worker:
         )
         return Out(topic, p, key, self.codec.encode(dlq), headers)
 
-    def _submit(self, outputs: list[Out], state: Out | None, on_done: Callable[[], None] | None) -> None:
+    def _submit(self, outputs: list[Out], state: LazyOut | None, on_done: Callable[[], None] | None) -> None:
         assert self._publisher is not None
         self._publisher.submit(outputs, state, on_done)
 
