@@ -236,7 +236,7 @@ class WorkerMetrics:
         if w is not None:
             counts: dict[str, int] = {name: 0 for name in w.workflows}
             for table in list(w.runs.values()):
-                for state in list(table.values()):
+                for _, state in table.live():
                     if not state.is_terminal():
                         counts[state.workflow] = counts.get(state.workflow, 0) + 1
             for name, n in sorted(counts.items()):

@@ -51,6 +51,7 @@ from calmrun.streams.dlq import DlqRecord
 from calmrun.streams.offsets import OffsetTracker
 from calmrun.streams.publisher import LazyOut, Out, Publisher
 from calmrun.streams.requests import parse_request
+from calmrun.streams.runtable import RunTable
 from calmrun.streams.topics import INVALID, Topics, ensure_topics, partition_for
 from calmrun.workflow.decider import Decision, decide
 from calmrun.workflow.definition import WorkflowDef
@@ -149,7 +150,7 @@ class Worker:
         # tenant budgets need each tenant's spend in its window, from the cost aggregator's output
         self.tenant_spend = TenantSpend(settings) if settings.budgets.tenants else None
         self.n = settings.kafka.partitions
-        self.runs: dict[int, dict[str, RunState]] = {}
+        self.runs: dict[int, RunTable] = {}
         self.owned: set[int] = set()
         self._offsets = OffsetTracker()
         self._executing: dict[tuple[str, str, int, str], asyncio.Task[None]] = {}
@@ -318,7 +319,7 @@ class Worker:
         for tp in tps:
             self._restorer.seek(tp, begin[tp])
         for p in parts:
-            self.runs[p] = {}
+            self.runs[p] = RunTable(self.codec)
         remaining = {tp for tp in tps if end[tp] > begin[tp]}
         while remaining:
             batch = await self._restorer.getmany(*remaining, timeout_ms=1000)
@@ -329,16 +330,16 @@ class Worker:
                         continue
                     run_id = rec.key.decode() if rec.key else ""
                     if rec.value is None:
-                        table.pop(run_id, None)
+                        table.pop(run_id)
                     else:
-                        table[run_id] = self.codec.decode_as(rec.value, RunState)
+                        table.put(run_id, self.codec.decode_as(rec.value, RunState), rec.value)
             for tp in list(remaining):
                 if await self._restorer.position(tp) >= end[tp]:
                     remaining.discard(tp)
         self._restorer.unsubscribe()
         for p in parts:
-            for run_id, state in self.runs[p].items():
-                self.stats.restored_runs += 1
+            self.stats.restored_runs += len(self.runs[p])
+            for run_id, state in self.runs[p].live():
                 due = state.next_due_ms()
                 if due is not None:
                     heapq.heappush(self._timers, (due, p, run_id))
@@ -393,7 +394,8 @@ class Worker:
         """Give the decider a TimerFired for every owned run whose deadline or retry time has come."""
         while self._timers and self._timers[0][0] <= now:
             _, p, run_id = heapq.heappop(self._timers)
-            state = self.runs.get(p, {}).get(run_id)
+            table = self.runs.get(p)
+            state = table.get_live(run_id) if table is not None else None  # a finished run has no timers
             if p not in self.owned or state is None:
                 continue
             due = state.next_due_ms()
@@ -480,7 +482,7 @@ class Worker:
         if (
             budget is None
             or self.tenant_spend is None
-            or run_id in self.runs.get(partition_for(run_id, self.n), {})
+            or run_id in self.runs.get(partition_for(run_id, self.n), ())
         ):
             return RunRequested(run_id, wf.name, body.input, at_ms, body.tenant, budget_usd=body.budget_usd)
         return RunRequested(
@@ -504,7 +506,7 @@ class Worker:
             self._poison(tp, rec, exc, None)
             return
         p = rec.partition
-        state = self.runs.get(p, {}).get(task.run_id)
+        state = self._state(p, task.run_id)
         st = state.steps.get(task.step) if state else None
         expected = "scheduled" if task.kind == "run" else "compensating"
         key = (task.run_id, task.step, task.attempt, task.kind)
@@ -593,7 +595,7 @@ class Worker:
                     )
                 finally:
                     self.stats.running -= 1
-            state = self.runs.get(p, {}).get(task.run_id)
+            state = self._state(p, task.run_id)
             if p not in self.owned or self._stopped.is_set():
                 log.info("dropping result of %s: partition %d no longer owned", key, p)
                 return
@@ -605,6 +607,10 @@ class Worker:
         finally:
             self._executing.pop(key, None)
             self._room.set()
+
+    def _state(self, p: int, run_id: str) -> RunState | None:
+        table = self.runs.get(p)
+        return table.get(run_id) if table is not None else None
 
     # -- decisions ----------------------------------------------------------------------------------
 
@@ -627,7 +633,7 @@ class Worker:
             self._submit(outputs, None, on_done)
             return d
         assert d.state is not None
-        self.runs[p][run_id] = d.state
+        encoded = self.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
         tasks = [
             Out(
                 self.topics.step(t.workflow, t.step),
@@ -663,7 +669,8 @@ class Worker:
             outputs.append(self._dlq_out(self.topics.dlq(wf.name), p, key, dlq))
         if d.state.status == "completed" and any(e.type == "run.completed" for e in d.events):
             self.stats.completed += 1
-        state_out = LazyOut(self.topics.state, p, key, functools.partial(self.codec.encode, d.state))
+        encode = functools.partial(self.codec.encode, d.state) if encoded is None else lambda: encoded
+        state_out = LazyOut(self.topics.state, p, key, encode)
         self._submit(outputs, state_out, on_done)
         if self.settings.worker.eager and not self._stopped.is_set():
             for out, task in zip(tasks, d.tasks, strict=True):
