@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kafka = DevKafka(data_dir=Path(tempfile.mkdtemp(prefix="calmrun-bench-kafka-")), port=free_port())
         kafka.start()
         ctx.bootstrap = kafka.bootstrap
+        ctx.broker_pid = kafka.running_pid() or 0
     try:
         results = asyncio.run(run_all(ctx, names))
     finally:

@@ -44,6 +44,7 @@ class Ctx:
     profile: bool = False
     out: Path = ROOT / "bench" / "results"
     notes: list[str] = field(default_factory=list)
+    broker_pid: int = 0  # the broker this run started (0: an external one, whose CPU is not measured)
 
     def n(self, full: int, quick: int) -> int:
         return quick if self.quick else full

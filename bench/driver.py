@@ -72,6 +72,8 @@ class Loop:
     consumed: int = 0
     produced: int = 0
     worker_cpu_s: float = 0.0
+    broker_cpu_s: float = 0.0
+    driver_cpu_s: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)
     client_ms: list[float] = field(default_factory=list)
 
@@ -86,6 +88,15 @@ class Loop:
     @property
     def cpu_us_per_run(self) -> float:
         return self.worker_cpu_s / self.n * 1e6
+
+    @property
+    def cores(self) -> dict[str, float]:
+        """CPU cores busy on average during the loop: the worker, the broker and this driver."""
+        return {
+            "worker": self.worker_cpu_s / self.elapsed_s,
+            "broker": self.broker_cpu_s / self.elapsed_s,
+            "driver": self.driver_cpu_s / self.elapsed_s,
+        }
 
     @property
     def moved_per_s(self) -> float:
@@ -124,6 +135,8 @@ async def closed_loop(ctx: Ctx, pfx: str, tag: str, n: int, concurrency: int, pi
             submitted = min(n, submitted + k)
 
         cpu0 = cpu_s(pid) if pid else 0.0
+        broker0 = cpu_s(ctx.broker_pid) if ctx.broker_pid else 0.0
+        driver0 = time.process_time()
         t0 = time.perf_counter()
         await submit(concurrency)
         while pending:
@@ -141,9 +154,11 @@ async def closed_loop(ctx: Ctx, pfx: str, tag: str, n: int, concurrency: int, pi
                 await submit(done)
         elapsed = time.perf_counter() - t0
         cpu = cpu_s(pid) - cpu0 if pid else 0.0
+        broker = cpu_s(ctx.broker_pid) - broker0 if ctx.broker_pid else 0.0
+        driver = time.process_time() - driver0
         await producer.flush()
         c1, p1 = await moved(ctx.bootstrap, pfx)
-        return Loop(n, concurrency, elapsed, ids, c1 - c0, p1 - p0, cpu, client_ms=client_ms)
+        return Loop(n, concurrency, elapsed, ids, c1 - c0, p1 - p0, cpu, broker, driver, client_ms=client_ms)
     finally:
         await consumer.stop()
         await producer.stop()

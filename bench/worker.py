@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from bench.common import PARTITIONS, rss_kib, write_status
 from bench.profile import summarise
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
+from calmrun.gctune import settle_heap
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
 from tests.runtime_support import linear
@@ -106,6 +107,7 @@ async def main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(worker.stop())))
     await worker.start()
+    settle_heap(worker.settings.worker.gc_threshold)  # as `calmrun worker` does
     _status(status, worker, "running")
     waiter = asyncio.create_task(worker.run_until_stopped())
     while not waiter.done():

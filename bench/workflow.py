@@ -19,7 +19,11 @@ def _loop_metrics(loops: list[Loop], prefix: str = "") -> dict[str, Any]:
         f"{prefix}step hops/s": summary([lp.hops_per_s for lp in loops]),
         f"{prefix}records moved/s": summary([lp.moved_per_s for lp in loops]),
         f"{prefix}worker CPU us/run": summary([lp.cpu_us_per_run for lp in loops]),
+        f"{prefix}cores busy: worker": summary([lp.cores["worker"] for lp in loops]),
     }
+    if loops and loops[0].broker_cpu_s:
+        out[f"{prefix}cores busy: broker"] = summary([lp.cores["broker"] for lp in loops])
+    out[f"{prefix}cores busy: driver (client)"] = summary([lp.cores["driver"] for lp in loops])
     if loops and loops[0].timings:
         for k in ("client p50 ms", "client p99 ms", "run p50 ms", "run p99 ms", "hop p50 ms", "hop p99 ms"):
             out[f"{prefix}{k}"] = summary([lp.timings[k] for lp in loops])

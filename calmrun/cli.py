@@ -88,6 +88,7 @@ def worker(
         from prometheus_client import CollectorRegistry
 
         from calmrun.costs.metrics import WorkerMetrics
+        from calmrun.gctune import settle_heap
         from calmrun.streams.worker import Worker
 
         metrics = WorkerMetrics(CollectorRegistry()) if settings.metrics.port else None
@@ -96,6 +97,7 @@ def worker(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(w.stop()))
         await w.start()
+        settle_heap(settings.worker.gc_threshold)
         err.print(f"worker running {[wf.name for wf in wfs]} on {settings.kafka.bootstrap}; Ctrl-C stops it")
         try:
             await w.run_until_stopped()

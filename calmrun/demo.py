@@ -24,6 +24,7 @@ from calmrun.client import Client, summarize
 from calmrun.costs.aggregator import AggregatorProcess
 from calmrun.costs.cli import batch_costs, print_costs
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
+from calmrun.gctune import settle_heap
 from calmrun.localproc import free_port
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
@@ -43,6 +44,7 @@ async def run_demo(bootstrap: str, runs: int) -> None:
     ]
     worker = Worker(settings, [wf], AgentRegistry(), ModelRegistry(settings.models))
     await worker.start()
+    settle_heap(settings.worker.gc_threshold)
     aggregator = AggregatorProcess(settings).start()
     try:
         async with Client(settings) as client:

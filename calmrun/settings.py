@@ -53,6 +53,12 @@ class WorkerSettings(_Frozen):
     session_timeout_s: float = Field(
         30.0, ge=6, description="a worker silent this long leaves the group and its partitions move"
     )
+    gc_threshold: int = Field(
+        10_000,
+        ge=0,
+        description="a worker process freezes its startup heap and collects young objects after this many "
+        "allocations (CPython: 700); 0 leaves the garbage collector alone",
+    )
     deadline_grace_s: float = Field(
         30.0,
         ge=0,

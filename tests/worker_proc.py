@@ -20,6 +20,7 @@ import signal
 from pathlib import Path
 
 from calmrun.agents import AgentRegistry, ModelRegistry
+from calmrun.gctune import settle_heap
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
 from tests import runtime_support
@@ -58,6 +59,7 @@ async def main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(worker.stop())))
     await worker.start()
+    settle_heap(settings.worker.gc_threshold)  # as `calmrun worker` does
     _write_status(status, worker, "running")
 
     async def report() -> None:
