@@ -1,8 +1,9 @@
-"""Workload 7: the worker's resident memory at rest and while it holds many runs in flight.
+"""Workload 7: the worker's resident memory at rest, holding many runs in flight, and after many finished.
 
-The worker runs with ``max_in_flight`` above the number of runs and agents that sleep, so every submitted
-run is decided, its first step task consumed and its agent running at the same time. RSS is read from
-``/proc/<pid>/status`` (VmRSS now, VmHWM peak) by the worker itself.
+In flight: the worker runs with ``max_in_flight`` above the number of runs and agents that sleep, so every
+submitted run is decided, its first step task consumed and its agent running at the same time. Finished:
+no-op agents, and RSS once every run has completed (a worker keeps each run it has seen; finished ones as
+their encoded state). RSS is read from ``/proc/<pid>/status`` (VmRSS now, VmHWM peak) by the worker itself.
 """
 
 from __future__ import annotations
@@ -52,15 +53,33 @@ async def _once(ctx: Ctx, n: int) -> dict[str, float]:
         worker.kill()  # agents sleep for minutes: nothing to flush that matters here
 
 
+async def _finished(ctx: Ctx, n: int) -> dict[str, float]:
+    worker, pfx = await start_worker(ctx, "done")
+    try:
+        await asyncio.sleep(1.0)
+        rest = worker.status()["rss"]
+        await submit_requests(ctx.bootstrap, pfx, n, tag="done")
+        held = await worker.wait_for(lambda s: s["stats"]["completed"] >= n, 600, f"{n} runs to finish")
+        return {
+            "held_mib": held["rss"]["VmRSS"] / 1024,
+            "per_run_kib": (held["rss"]["VmRSS"] - rest["VmRSS"]) / n,
+        }
+    finally:
+        worker.kill()
+
+
 async def run(ctx: Ctx) -> dict[str, Any]:
-    n = ctx.n(10_000, 200)
+    n, nf = ctx.n(10_000, 200), ctx.n(20_000, 200)
     rounds = [await _once(ctx, n) for _ in range(max(1, ctx.rounds - 1))]
+    finished = [await _finished(ctx, nf) for _ in range(max(1, ctx.rounds - 1))]
     return {
-        "params": {"runs_in_flight": n, "max_in_flight": n + 100},
+        "params": {"runs_in_flight": n, "max_in_flight": n + 100, "finished_runs": nf},
         "metrics": {
             "RSS at rest MiB": summary([r["rest_mib"] for r in rounds]),
             f"RSS with {n} runs in flight MiB": summary([r["held_mib"] for r in rounds]),
             "peak RSS MiB": summary([r["peak_mib"] for r in rounds]),
             "KiB per run in flight": summary([r["per_run_kib"] for r in rounds]),
+            f"RSS after {nf} runs finished MiB": summary([r["held_mib"] for r in finished]),
+            "KiB per finished run": summary([r["per_run_kib"] for r in finished]),
         },
     }

@@ -43,6 +43,11 @@ class WorkerSettings(_Frozen):
     """How a worker runs steps: concurrency, commit cadence, durable deadlines."""
 
     max_in_flight: int = Field(100, ge=1, description="step tasks running at once in one worker")
+    max_unacked: int = Field(
+        2_000,
+        ge=1,
+        description="decisions whose records are not yet acknowledged; above this the worker stops fetching",
+    )
     eager: bool = Field(
         True,
         description="run a task this worker just scheduled at once; its record is still written and its "

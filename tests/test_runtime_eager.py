@@ -147,3 +147,19 @@ async def test_a_run_deciding_without_pause_still_gets_its_state_written(broker:
     assert 2 <= len(states) <= 300 // 64 + 1, states
     assert states == sorted(states) and states[-1] == 299
     assert sorted(done) == list(range(300))
+
+
+async def test_a_flood_of_requests_is_held_back_by_unacknowledged_decisions(broker: str, prefix: str) -> None:
+    """Eager no-op steps decide faster than the producer sends: the worker stops fetching meanwhile."""
+    settings = settings_for(broker, prefix, max_unacked=50)
+    async with running(settings, [linear()], AgentRegistry({"add_one": add_one})) as w:
+        await ready(w)
+        async with Client(settings) as client:
+            ids = await client.submit_many(
+                RunRequest(workflow="lin", input={"n": i}, run_id=f"f{i}") for i in range(3000)
+            )
+            states = await client.wait_terminal(ids, wait_s=120)
+        peak = w.stats.peak_unacked
+    assert {s.status for s in states.values()} == {"completed"}
+    # one fetch (up to 500 requests, 4 decisions each at most) may land after the last check of room
+    assert 50 <= peak <= 50 + 4 * 500, peak

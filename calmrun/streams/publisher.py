@@ -61,9 +61,17 @@ class _Item:
 class Publisher:
     """Sends decisions through one producer in two ordered stages; see the module docstring."""
 
-    def __init__(self, producer: AIOKafkaProducer, on_error: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        on_error: Callable[[BaseException], None],
+        max_pending: int = 2_000,
+    ) -> None:
         self._producer = producer
         self._on_error = on_error
+        self._max_pending = max_pending
+        self._room = asyncio.Event()  # set while fewer than max_pending decisions are unacknowledged
+        self._room.set()
         self._stage1: asyncio.Queue[_Item] = asyncio.Queue()
         self._stage2: asyncio.Queue[_Item] = asyncio.Queue()
         self._pending = 0
@@ -90,10 +98,16 @@ class Publisher:
         """Queue one decision's records; synchronous, so decisions keep the order they were made in."""
         self._pending += 1
         self._idle.clear()
+        if self._pending >= self._max_pending:
+            self._room.clear()
         item = _Item(outputs, state, on_done)
         if state is not None:
             self._latest[(state.topic, state.partition, state.key)] = item
         self._stage1.put_nowait(item)
+
+    async def room(self) -> None:
+        """Wait until fewer than ``max_pending`` decisions are unacknowledged (the worker's backpressure)."""
+        await self._room.wait()
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is acknowledged."""
@@ -152,5 +166,7 @@ class Publisher:
             if done.on_done is not None:
                 done.on_done()
             self._pending -= 1
+        if self._pending < self._max_pending:
+            self._room.set()
         if self._pending == 0:
             self._idle.set()

