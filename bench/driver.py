@@ -18,7 +18,7 @@ from aiokafka.structs import TopicPartition
 
 from bench.common import PARTITIONS, Ctx, Proc, cpu_s, end_offsets, pct, prefix
 from calmrun.codec import RecordCodec, wire_models
-from calmrun.streams.topics import Topics
+from calmrun.streams.topics import Topics, read_to_end
 from calmrun.workflow.events import RunEvent, RunRequest
 
 WORKFLOW, STEPS = "lin", ("s1", "s2", "s3")
@@ -181,25 +181,15 @@ async def timings(ctx: Ctx, pfx: str, run_ids: Sequence[str]) -> dict[str, list[
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if end[tp] > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for records in batch.values():
-                for rec in records:
-                    kind = dict(rec.headers).get("type")
-                    if kind not in WANTED or (rec.key or b"").decode() not in wanted or rec.value is None:
-                        continue
-                    ev = codec.decode_as(rec.value, RunEvent)
-                    if ev.seq < 0:
-                        continue
-                    name = ev.step if ev.type == "step.succeeded" else ev.type
-                    at.setdefault(ev.run_id, {}).setdefault(str(name), ev.at_ms)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
+        async for rec in read_to_end(consumer, tps):
+            kind = dict(rec.headers).get("type")
+            if kind not in WANTED or (rec.key or b"").decode() not in wanted or rec.value is None:
+                continue
+            ev = codec.decode_as(rec.value, RunEvent)
+            if ev.seq < 0:
+                continue
+            name = ev.step if ev.type == "step.succeeded" else ev.type
+            at.setdefault(ev.run_id, {}).setdefault(str(name), ev.at_ms)
     finally:
         await consumer.stop()
     runs: list[float] = []

@@ -22,7 +22,7 @@ from bench.driver import WORKFLOW, start_worker
 from bench.memory import submit_requests
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.settings import load_settings
-from calmrun.streams.topics import Topics, ensure_topics
+from calmrun.streams.topics import Topics, ensure_topics, read_to_end
 from calmrun.workflow.events import RunEvent
 from tests.runtime_support import linear
 
@@ -96,17 +96,9 @@ async def _events(ctx: Ctx, pfx: str) -> list[tuple[int, int, bytes]]:
     out: list[tuple[int, int, bytes]] = []
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if end[tp] > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for records in batch.values():
-                out.extend((r.partition, r.offset, r.value) for r in records if r.value is not None)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
+        async for r in read_to_end(consumer, tps):
+            if r.value is not None:
+                out.append((r.partition, r.offset, r.value))
         return out
     finally:
         await consumer.stop()

@@ -97,23 +97,13 @@ async def read_raw(broker: str, topic: str, partitions: int = 4) -> list[Any]:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
+    from calmrun.streams.topics import read_to_end
+
     consumer = AIOKafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        out: list[Any] = []
-        remaining = {tp for tp in tps if end[tp] > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for records in batch.values():
-                out.extend(records)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        return out
+        return [rec async for rec in read_to_end(consumer, tps)]
     finally:
         await consumer.stop()
 

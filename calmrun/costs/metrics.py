@@ -236,9 +236,8 @@ class WorkerMetrics:
         if w is not None:
             counts: dict[str, int] = {name: 0 for name in w.workflows}
             for table in list(w.runs.values()):
-                for _, state in table.live():
-                    if not state.is_terminal():
-                        counts[state.workflow] = counts.get(state.workflow, 0) + 1
+                for _, state in table.live():  # a finished run is not live
+                    counts[state.workflow] = counts.get(state.workflow, 0) + 1
             for name, n in sorted(counts.items()):
                 in_flight.add_metric((name,), n)
             per_topic = self._lag

@@ -8,9 +8,9 @@ needs no broker for recorded replay.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.errors import CalmrunError, ConfigError
 from calmrun.settings import Settings
-from calmrun.streams.topics import Topics, partition_for, start_client
+from calmrun.streams.topics import Topics, partition_for, read_to_end, start_client
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 
@@ -176,7 +176,7 @@ async def scan_runs(
         states: dict[str, RunState] = {}
         # the state first: its state is never newer than the events read after it
         state_tps = [TopicPartition(topics.state, p) for p in parts]
-        async for rec in _records(consumer, state_tps, None):
+        async for rec in read_to_end(consumer, state_tps, None):
             rid = (rec.key or b"").decode(errors="replace")
             if keep is not None and not keep(rid):
                 continue
@@ -186,7 +186,7 @@ async def scan_runs(
                 states[rid] = codec.decode_as(rec.value, RunState)
         event_tps = [TopicPartition(topics.events, p) for p in parts]
         n = 0
-        async for rec in _records(consumer, event_tps, since_ms):
+        async for rec in read_to_end(consumer, event_tps, since_ms):
             n += 1
             if on_progress is not None and n % 5000 == 0:
                 on_progress(n)
@@ -204,31 +204,3 @@ async def scan_runs(
         }
     finally:
         await consumer.stop()
-
-
-async def _records(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ms: int | None
-) -> AsyncIterator[Any]:
-    """Yield the records of ``tps`` from the start (or the offsets of ``since_ms``) to their end offsets."""
-    consumer.assign(tps)
-    end = await consumer.end_offsets(tps)
-    start = await consumer.beginning_offsets(tps)
-    if since_ms is not None:
-        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
-        for tp in tps:
-            at = found.get(tp)
-            start[tp] = at.offset if at is not None else end[tp]
-    for tp in tps:  # numeric seeks: a reset to the beginning races with the consumer's own reset policy
-        consumer.seek(tp, start[tp])
-    remaining = {tp for tp in tps if end[tp] > 0}
-    while remaining:
-        for tp in list(remaining):
-            if await consumer.position(tp) >= end[tp]:
-                remaining.discard(tp)
-        if not remaining:
-            break
-        batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=5000)
-        for tp, records in batch.items():
-            for rec in records:
-                if rec.offset < end[tp]:
-                    yield rec

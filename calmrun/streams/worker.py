@@ -52,7 +52,7 @@ from calmrun.streams.offsets import OffsetTracker
 from calmrun.streams.publisher import LazyOut, Out, Publisher
 from calmrun.streams.requests import parse_request
 from calmrun.streams.runtable import RunTable
-from calmrun.streams.topics import INVALID, Topics, ensure_topics, partition_for
+from calmrun.streams.topics import INVALID, Topics, ensure_topics, partition_for, read_to_end
 from calmrun.workflow.decider import Decision, decide
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import (
@@ -314,29 +314,15 @@ class Worker:
         """Rebuild the run table of ``parts`` from the compacted state topic, up to its end offset."""
         assert self._restorer is not None
         tps = [TopicPartition(self.topics.state, p) for p in parts]
-        self._restorer.assign(tps)
-        begin = await self._restorer.beginning_offsets(tps)
-        end = await self._restorer.end_offsets(tps)
-        for tp in tps:
-            self._restorer.seek(tp, begin[tp])
         for p in parts:
             self.runs[p] = RunTable(self.codec)
-        remaining = {tp for tp in tps if end[tp] > begin[tp]}
-        while remaining:
-            batch = await self._restorer.getmany(*remaining, timeout_ms=1000)
-            for tp, records in batch.items():
-                table = self.runs[tp.partition]
-                for rec in records:
-                    if rec.offset >= end[tp]:
-                        continue
-                    run_id = rec.key.decode() if rec.key else ""
-                    if rec.value is None:
-                        table.pop(run_id)
-                    else:
-                        table.put(run_id, self.codec.decode_as(rec.value, RunState), rec.value)
-            for tp in list(remaining):
-                if await self._restorer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
+        async for rec in read_to_end(self._restorer, tps):
+            table = self.runs[rec.partition]
+            run_id = rec.key.decode() if rec.key else ""
+            if rec.value is None:
+                table.pop(run_id)
+            else:
+                table.put(run_id, self.codec.decode_as(rec.value, RunState), rec.value)
         self._restorer.unsubscribe()
         for p in parts:
             self.stats.restored_runs += len(self.runs[p])
