@@ -99,7 +99,9 @@ async def read_raw(broker: str, topic: str, partitions: int = 4) -> list[Any]:
 
     from calmrun.streams.topics import read_to_end
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]

@@ -193,7 +193,11 @@ class WorkerMetrics:
         worker = self._worker
         assert worker is not None
         k = worker.settings.kafka
-        consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-metrics")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=k.bootstrap,
+            client_id=f"{k.client_id}-metrics",
+            isolation_level="read_committed",
+        )
         try:
             await consumer.start()
             names = {worker.topics.dlq(w): w for w in [*worker.workflows, "_invalid"]}

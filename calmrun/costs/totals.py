@@ -73,7 +73,10 @@ class CompactedTail:
         """
         k = self.settings.kafka
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=k.bootstrap, enable_auto_commit=False, client_id=f"{k.client_id}-costs-reader"
+            bootstrap_servers=k.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            client_id=f"{k.client_id}-costs-reader",
         )
         await start_client(self._consumer, k.bootstrap)
         tps = [TopicPartition(self.topic, p) for p in range(k.partitions)]
