@@ -108,6 +108,8 @@ class PartitionWriter:
         self._task: asyncio.Task[None] | None = None
         self.failed: BaseException | None = None
         self.commits = 0
+        self._last: dict[TopicPartition, int] = {}  # the input offsets last committed, for a probe
+        self._probing = False
 
     async def start(self) -> None:
         """Initialise the transactional id: aborts the previous owner's open transaction and fences it."""
@@ -125,6 +127,15 @@ class PartitionWriter:
         """Commit input offsets that moved without a decision (a task record finished by its result)."""
         self._idle.clear()
         self._wake.set()
+
+    def remember(self, offsets: dict[TopicPartition, int]) -> None:
+        """The committed input offsets as found on assignment (what a probe commits again)."""
+        self._last.update(offsets)
+
+    async def probe(self) -> None:
+        """Commit a transaction even with nothing new: it fails (fenced) if another worker took over."""
+        self._probing = True
+        await self.flush()
 
     @property
     def pending(self) -> int:
@@ -156,6 +167,9 @@ class PartitionWriter:
                 if self._batch:
                     self._wake.set()
                 offsets = self._positions(self.partition)  # no await since the batch was taken
+                if self._probing and not (batch or offsets):
+                    offsets = dict(self._last)
+                self._probing = False
                 if batch or offsets:
                     await self._commit(batch, offsets)
                 if not self._batch:
@@ -188,6 +202,7 @@ class PartitionWriter:
         await asyncio.gather(*futures)  # resolved by the commit; raises if a record was refused
         self.commits += 1
         if offsets:
+            self._last.update(offsets)
             self._committed(offsets)
         self._gate.done(len(batch))
         for d in batch:

@@ -190,8 +190,10 @@ class Worker:
         self._room.set()
         self._stable = asyncio.Event()  # cleared while a rebalance is under way: no decisions then
         self._stable.set()
+        self._rebalancing = False
         self._rebalance = asyncio.Lock()
         self._timers: list[tuple[int, int, str]] = []
+        self._tick = 0.0  # loop time the watchdog last ran: a long gap means this process was paused
         self._loops: list[asyncio.Task[None]] = []
         self._failed: BaseException | None = None
         self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
@@ -256,6 +258,7 @@ class Worker:
             asyncio.create_task(self._poll_loop(), name="calmrun-poll"),
             asyncio.create_task(self._timer_loop(), name="calmrun-timer"),
             asyncio.create_task(self._commit_loop(), name="calmrun-commit"),
+            asyncio.create_task(self._watch_loop(), name="calmrun-watch"),
         ]
         log.info("worker started: workflows %s, group %s", sorted(self.workflows), self.settings.group_id)
 
@@ -318,6 +321,7 @@ class Worker:
     async def _on_revoked(self, parts: set[int]) -> None:
         """Commit what is decided for ``parts``, stop deciding; keep their runs until the next assignment."""
         self._stable.clear()
+        self._rebalancing = True
         async with self._rebalance:
             assert self._restorer is not None
             writers = {p: self._writers.pop(p) for p in parts if p in self._writers}
@@ -367,12 +371,15 @@ class Worker:
                 await self._restore(restore)
             for p in new:
                 # the committed offsets as of now: the previous owner's last transaction is settled
+                found: dict[TopicPartition, int] = {}
                 for tp in self._input_tps(p):
                     committed = await self._consumer.committed(tp)
                     if committed is not None:
                         self._consumer.seek(tp, committed)
                     else:
                         await self._consumer.seek_to_beginning(tp)
+                    found[tp] = committed or 0  # 0: nothing committed, the beginning skips nothing
+                writers[p].remember(found)
                 for run_id, state in self.runs[p].live():
                     due = state.next_due_ms()
                     if due is not None:
@@ -380,6 +387,8 @@ class Worker:
             self._writers.update(writers)
             self.owned |= new
             self._consumer.resume(*[tp for p in new for tp in self._input_tps(p)])
+            self._tick = asyncio.get_running_loop().time()
+        self._rebalancing = False
         self._stable.set()
         log.info(
             "partitions assigned: %s (restored %s, kept %s; %d runs restored so far)",
@@ -479,6 +488,7 @@ class Worker:
                 # decisions outrun the commits when agents return at once: fetch no more until they catch up
                 await self._gate.room()
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=max(limit, 500))
+                await self._revalidate_if_stalled()  # before a paused worker starts any task it read
                 for tp, records in batch.items():
                     if tp.partition not in self.owned:
                         # fetched before this partition was taken over here: read it again later
@@ -533,6 +543,47 @@ class Worker:
                 heapq.heappush(self._timers, (now + 1000, p, run_id))
                 continue
             self._decide(p, self.workflows[state.workflow], state, TimerFired(run_id, now), None, ())
+
+    async def _watch_loop(self) -> None:
+        """Notice that this process was paused (SIGSTOP, a VM freeze) or its loop blocked for long."""
+        loop = asyncio.get_running_loop()
+        self._tick = loop.time()
+        try:
+            while True:
+                await asyncio.sleep(0.1)
+                await self._revalidate_if_stalled()
+                self._tick = loop.time()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+
+    async def _revalidate_if_stalled(self) -> None:
+        """After a stall of half a session or more, prove each partition is still ours before going on.
+
+        Another worker may have been given our partitions meanwhile. Its initialisation fences our
+        transactions, so nothing we decide can count; but a task read from a step topic would start an
+        agent whose result the other worker may have recorded already. So: stop deciding, commit a probe
+        transaction per partition (a fenced one fails and the partition is dropped), then go on.
+        """
+        loop = asyncio.get_running_loop()
+        gap = loop.time() - self._tick
+        if gap < self.settings.worker.session_timeout_s / 2:
+            return
+        self._stable.clear()
+        try:
+            async with self._rebalance:
+                if loop.time() - self._tick < self.settings.worker.session_timeout_s / 2:
+                    return  # checked by the other caller meanwhile
+                log.warning(
+                    "this worker was stalled for %.1fs: checking its partitions are still its own", gap
+                )
+                writers = list(self._writers.values())
+                await asyncio.gather(*(wr.probe() for wr in writers))
+                self._tick = loop.time()
+        finally:
+            if not self._rebalancing:
+                self._stable.set()
 
     async def _commit_loop(self) -> None:
         """Commit input offsets that moved without a decision (task records finished by an earlier one)."""
@@ -674,6 +725,9 @@ class Worker:
         if p not in self.owned or self._stopped.is_set():
             return
         for out, task in tasks:
+            state = self._state(p, task.run_id)
+            if state is None or not awaits(state, task.step, task.attempt, task.kind):
+                continue  # its record was read back first and the attempt has run already
             source = _LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
             self._start(p, task, source, eager=True, finishers=[])
 
