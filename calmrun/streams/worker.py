@@ -736,6 +736,20 @@ class Worker:
     ) -> None:
         try:
             async with self._slots:
+                # queued behind the slots: check again, as a pause may have handed the partition over
+                await self._revalidate_if_stalled()
+                await self._stable.wait()
+                state = self._state(p, task.run_id)
+                if (
+                    p not in self.owned
+                    or state is None
+                    or not awaits(state, task.step, task.attempt, task.kind)
+                ):
+                    running = self._running.pop(idem)
+                    if p in self.owned:  # decided meanwhile (a copy of the task ran): its records are done
+                        for finish in running.finishers:
+                            finish()
+                    return
                 self.stats.running += 1
                 self.stats.peak_running = max(self.stats.peak_running, self.stats.running)
                 try:
