@@ -29,7 +29,6 @@ WORKLOADS: dict[str, Workload] = {
     "floor": floor.run,
     "throughput": workflow.throughput,
     "latency": workflow.latency,
-    "durability": workflow.durability,
     "replay": replay.run_replay,
     "costs": replay.run_costs,
     "memory": memory.run,
