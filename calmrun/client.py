@@ -13,6 +13,7 @@ from aiokafka.structs import TopicPartition
 from pydantic import BaseModel
 
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
@@ -41,8 +42,9 @@ class Client:
             enable_idempotence=True,
             linger_ms=5,
             client_id=f"{k.client_id}-cli",
+            **client_kwargs(k),
         )
-        await start_client(self._producer, k.bootstrap)
+        await start_client(self._producer, k)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -174,8 +176,9 @@ class Client:
             bootstrap_servers=self.settings.kafka.bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            **client_kwargs(self.settings.kafka),
         )
-        await start_client(consumer, self.settings.kafka.bootstrap)
+        await start_client(consumer, self.settings.kafka)
         try:
             # every calmrun topic has the configured partition count (ensure_topics enforces it)
             known = range(self.settings.kafka.partitions) if topic in await consumer.topics() else None

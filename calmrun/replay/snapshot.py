@@ -17,6 +17,7 @@ from aiokafka.structs import TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError, ConfigError
 from calmrun.settings import Settings
 from calmrun.streams.topics import Topics, partition_for, read_to_end, start_client
@@ -164,8 +165,9 @@ async def scan_runs(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         client_id=f"{k.client_id}-replay",
+        **client_kwargs(k),
     )
-    await start_client(consumer, k.bootstrap)
+    await start_client(consumer, k)
     try:
         existing = await consumer.topics()
         for t in (topics.events, topics.state):

@@ -36,6 +36,7 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import client_kwargs
 from calmrun.costs.metrics import WorkerMetrics
 from calmrun.costs.pricing import Pricing
 from calmrun.costs.totals import TenantSpend
@@ -193,6 +194,7 @@ class Worker:
             enable_idempotence=k.idempotence,
             linger_ms=k.linger_ms,
             max_batch_size=256 * 1024,
+            **client_kwargs(k),
         )
         # "earliest": with the default "latest", the reset that assign() starts in the background can land
         # after our explicit seek and silently skip the whole state partition
@@ -201,6 +203,7 @@ class Worker:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id=f"{k.client_id}-restore",
+            **client_kwargs(k),
         )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=k.bootstrap,
@@ -212,6 +215,7 @@ class Worker:
             max_poll_interval_ms=600_000,
             session_timeout_ms=round(self.settings.worker.session_timeout_s * 1000),
             heartbeat_interval_ms=round(self.settings.worker.session_timeout_s * 100),
+            **client_kwargs(k),
         )
         try:
             await self._producer.start()
