@@ -242,7 +242,10 @@ def _tls_refusal(exc: OSError, k: KafkaSettings) -> str:
     text = str(reason).upper()
     if "WRONG_VERSION" in text or "RECORD_LAYER" in text or "PACKET_LENGTH" in text:
         return f"TLS handshake failed ({reason}): this listener does not speak TLS"
-    if "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text or "BAD_CERTIFICATE" in text:
+    # alerts the broker sends about our certificate (none, unknown issuer, refused)
+    if any(
+        a in text for a in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "UNKNOWN_CA")
+    ):
         sent = (
             "a client certificate was refused"
             if k.security.tls.cert_file
@@ -251,7 +254,8 @@ def _tls_refusal(exc: OSError, k: KafkaSettings) -> str:
         return f"the broker requires a trusted client certificate and {sent} ({reason})"
     if isinstance(exc, ConnectionResetError | BrokenPipeError):
         return (
-            f"the broker closed the connection during the handshake ({exc}): another protocol on this port?"
+            f"the broker closed the connection during the TLS handshake ({type(exc).__name__}): "
+            "this listener does not speak TLS, or expects another protocol"
         )
     return f"TLS failed: {reason}"
 

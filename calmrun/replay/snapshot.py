@@ -20,7 +20,7 @@ from calmrun.codec import RecordCodec, wire_models
 from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError, ConfigError
 from calmrun.settings import Settings
-from calmrun.streams.topics import Topics, partition_for, read_to_end, start_client
+from calmrun.streams.topics import Topics, check_readable, partition_for, read_to_end, start_client
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 
@@ -172,7 +172,8 @@ async def scan_runs(
         existing = await consumer.topics()
         for t in (topics.events, topics.state):
             if t not in existing:
-                raise ConfigError(f"topic {t} does not exist: is the prefix {k.prefix!r} right?")
+                missing = ConfigError(f"topic {t} does not exist: is the prefix {k.prefix!r} right?")
+                await check_readable(k, t, missing)
         parts = partitions if partitions is not None else list(range(k.partitions))
         events: dict[str, list[RunEvent]] = {}
         states: dict[str, RunState] = {}

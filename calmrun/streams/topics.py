@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -18,7 +18,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
 
 from calmrun.connect import client_kwargs, diagnose, start_checked
-from calmrun.errors import ConfigError, KafkaAuthorizationError
+from calmrun.errors import CalmrunError, ConfigError, KafkaAuthorizationError
 from calmrun.settings import KafkaSettings
 from calmrun.workflow.definition import WorkflowDef
 
@@ -147,6 +147,16 @@ async def create_topics(
                         f"{settings.partitions}; all calmrun topics must have the same count"
                     )
         return missing
+
+
+async def check_readable(settings: KafkaSettings, topic: str, missing: CalmrunError) -> NoReturn:
+    """Raise why ``topic`` is not in this client's metadata: an ACL (``KafkaAuthorizationError``) or
+    ``missing`` (it does not exist). Kafka lists only the topics a principal may describe."""
+    async with admin_client(settings, "describe") as admin:
+        found = await admin.describe_topics([topic])
+    if found and found[0]["error_code"] == 29:  # TOPIC_AUTHORIZATION_FAILED
+        raise KafkaAuthorizationError("topic", topic, detail="Describe refused")
+    raise missing
 
 
 def _raise_refusals(response: Any) -> None:
