@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -220,6 +220,11 @@ class Settings(BaseSettings):
     prices: PriceSettings = PriceSettings()
     budgets: BudgetSettings = BudgetSettings()
     costs: CostSettings = CostSettings()
+    redact: list[Annotated[str, Field(pattern=r"^(input(\.[^.]+)+|steps\.[^.]+(\.[^.]+)+)$")]] = Field(
+        default_factory=list,
+        description="fields masked in events, dead letters, snapshots and logs (calmrun.redact): "
+        "input.<field>... or steps.<step>.<field>...",
+    )
 
     @property
     def group_id(self) -> str:

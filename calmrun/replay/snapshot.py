@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError, ConfigError
+from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams.topics import Topics, check_readable, partition_for, read_to_end, start_client
 from calmrun.workflow.events import RunEvent
@@ -201,8 +202,14 @@ async def scan_runs(
                 events.setdefault(rid, []).append(ev)
         if on_progress is not None:
             on_progress(n)
+        redactor = Redactor(settings.redact)  # the events are redacted on the topic; the state is not
         return {
-            rid: Snapshot(run_id=rid, prefix=k.prefix, state=states.get(rid), events=applied_events(evs))
+            rid: Snapshot(
+                run_id=rid,
+                prefix=k.prefix,
+                state=redactor.state(states[rid]) if rid in states else None,
+                events=applied_events(evs),
+            )
             for rid, evs in events.items()
         }
     finally:

@@ -47,6 +47,7 @@ from calmrun.errors import (
     UnknownWorkflowError,
     WorkerError,
 )
+from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
 from calmrun.streams.offsets import OffsetTracker
@@ -149,6 +150,7 @@ class Worker:
         self.on_event = on_event
         self.metrics = metrics
         self.pricing = Pricing.from_settings(settings)
+        self.redactor = Redactor(settings.redact)
         # tenant budgets need each tenant's spend in its window, from the cost aggregator's output
         self.tenant_spend = TenantSpend(settings) if settings.budgets.tenants else None
         self.n = settings.kafka.partitions
@@ -583,8 +585,9 @@ class Worker:
                 self.stats.running += 1
                 self.stats.peak_running = max(self.stats.peak_running, self.stats.running)
                 try:
+                    scrub = functools.partial(self.redactor.text, state=self._state(p, task.run_id))
                     result = await execute(
-                        task, self.agents, self.models, now_ms=self.clock, pricing=self.pricing
+                        task, self.agents, self.models, now_ms=self.clock, pricing=self.pricing, scrub=scrub
                     )
                 finally:
                     self.stats.running -= 1
@@ -678,7 +681,8 @@ class Worker:
     ) -> None:
         """Park a record that cannot be processed at all; the processor goes on with the next one."""
         self.stats.poison += 1
-        log.warning("poison record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
+        why = self.redactor.text(str(exc))
+        log.warning("poison record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, why)
         dlq = DlqRecord(
             reason="poison",
             error_type=type(exc).__name__,
@@ -705,11 +709,14 @@ class Worker:
             self.on_event(ev)
         if self.metrics is not None:
             self.metrics.observe(ev)
+        ev = self.redactor.event(ev, self._state(p, ev.run_id))  # settings.redact (calmrun.redact)
         return Out(
             self.topics.events, p, ev.run_id.encode(), self.codec.encode(ev), (("type", ev.type.encode()),)
         )
 
     def _dlq_out(self, topic: str, p: int, key: bytes | None, dlq: DlqRecord) -> Out:
+        state = self._state(p, dlq.run_id) if dlq.run_id else None
+        dlq = self.redactor.dlq(dlq, state, self.codec)  # settings.redact (calmrun.redact)
         headers = (
             ("error", dlq.error_type.encode()),
             ("reason", dlq.reason.encode()),
