@@ -33,10 +33,30 @@ class Certs:
     users: dict[str, ClientCert]
 
 
-def make_certs(folder: Path, users: Iterable[str], *, broker_name: str = "broker") -> Certs:
+def load_certs(folder: Path, users: Iterable[str], *, broker_name: str = "broker") -> Certs | None:
+    """The certificates :func:`make_certs` wrote into ``folder`` before, or None when any is missing."""
+
+    def paths(name: str) -> ClientCert:
+        return ClientCert(folder / f"{name}.crt", folder / f"{name}.key", folder / f"{name}.pem")
+
+    certs = Certs(folder / "ca.pem", paths(broker_name), {u: paths(u) for u in users})
+    every = [certs.ca, *(p for c in (certs.broker, *certs.users.values()) for p in (c.cert, c.key, c.bundle))]
+    return certs if all(p.exists() for p in every) else None
+
+
+def make_certs(
+    folder: Path,
+    users: Iterable[str],
+    *,
+    broker_name: str = "broker",
+    hosts: Iterable[str] = (),
+    mode: int = 0o600,
+) -> Certs:
     """Write a fresh CA, a broker certificate and one client certificate per user into ``folder``.
 
-    Keys are unencrypted PKCS#8 (what Kafka's PEM key store reads); files are readable by the owner only.
+    The broker certificate names 127.0.0.1, localhost and ``hosts`` (a compose service name...). Keys are
+    unencrypted PKCS#8 (what Kafka's PEM key store reads); files get ``mode`` (owner only by default; a
+    container running as another user needs 0o644).
 
     Raises:
         DevKafkaError: trustme (the ``dev`` extra) is not installed.
@@ -63,8 +83,8 @@ def make_certs(folder: Path, users: Iterable[str], *, broker_name: str = "broker
         paths = ClientCert(folder / f"{name}.crt", folder / f"{name}.key", folder / f"{name}.pem")
         for path, data in ((paths.cert, chain), (paths.key, pkcs8), (paths.bundle, pkcs8 + chain)):
             path.write_bytes(data)
-            path.chmod(0o600)
+            path.chmod(mode)
         return paths
 
-    broker = issue(broker_name, "127.0.0.1", "localhost")
+    broker = issue(broker_name, "127.0.0.1", "localhost", *hosts)
     return Certs(ca_file, broker, {name: issue(name) for name in users})
