@@ -20,9 +20,16 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from aiokafka import errors as ke
 from pydantic import SecretStr
 
-from calmrun.errors import BrokerUnavailableError, CalmrunError, ConfigError, KafkaAuthError
+from calmrun.errors import (
+    BrokerUnavailableError,
+    CalmrunError,
+    ConfigError,
+    KafkaAuthError,
+    KafkaAuthorizationError,
+)
 from calmrun.settings import KafkaSettings, SecuritySettings
 
 PROBE_TIMEOUT_S = 5.0
@@ -261,7 +268,6 @@ def _tls_refusal(exc: OSError, k: KafkaSettings) -> str:
 
 
 def _kafka_refusal(exc: BaseException, k: KafkaSettings) -> str:
-    from aiokafka import errors as ke
 
     sec = k.security
     who = f"user {sec.sasl.username!r}" if sec.sasl.username else "the token"
@@ -292,6 +298,30 @@ def _kafka_refusal(exc: BaseException, k: KafkaSettings) -> str:
     return f"the broker closed the connection ({type(exc).__name__}: {exc}): does it speak {sec.protocol}?"
 
 
+_REFUSED_BY_ACL: dict[type[BaseException], str] = {
+    ke.TopicAuthorizationFailedError: "topic",
+    ke.GroupAuthorizationFailedError: "group",
+    ke.TransactionalIdAuthorizationFailed: "transactional_id",
+    ke.ClusterAuthorizationFailedError: "cluster",
+}
+AUTHORIZATION_ERRORS: tuple[type[BaseException], ...] = tuple(_REFUSED_BY_ACL)
+"""aiokafka's errors for an operation an ACL refused."""
+
+
+def authorization_error(exc: BaseException) -> CalmrunError | None:
+    """aiokafka's refusal by an ACL as a :class:`KafkaAuthorizationError` naming the resource; else None."""
+    for kind, resource in _REFUSED_BY_ACL.items():
+        if isinstance(exc, kind):
+            name = str(exc.args[0]) if exc.args else ""
+            return KafkaAuthorizationError(resource, name, detail=type(exc).__name__)
+    return None
+
+
+async def start_error(k: KafkaSettings, exc: BaseException) -> CalmrunError:
+    """What to raise when a client did not start: an ACL refusal, a refused connection or no broker."""
+    return authorization_error(exc) or await diagnose(k, exc)
+
+
 async def start_checked(client: Any, k: KafkaSettings) -> None:
     """Start an aiokafka producer or consumer; on failure stop it and raise what the broker refused.
 
@@ -299,11 +329,9 @@ async def start_checked(client: Any, k: KafkaSettings) -> None:
         KafkaAuthError: a broker answered and refused TLS, SASL or the protocol.
         BrokerUnavailableError: no broker answers at the bootstrap address.
     """
-    from aiokafka.errors import KafkaConnectionError
-
     try:
         await client.start()
-    except KafkaConnectionError as exc:
+    except (ke.KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:
         with contextlib.suppress(Exception):
             await client.stop()
-        raise (await diagnose(k, exc)) from exc
+        raise (await start_error(k, exc)) from exc

@@ -36,12 +36,11 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.codec import RecordCodec, wire_models
-from calmrun.connect import client_kwargs
+from calmrun.connect import AUTHORIZATION_ERRORS, client_kwargs, start_error
 from calmrun.costs.metrics import WorkerMetrics
 from calmrun.costs.pricing import Pricing
 from calmrun.costs.totals import TenantSpend
 from calmrun.errors import (
-    BrokerUnavailableError,
     CalmrunError,
     DecodeError,
     UnknownWorkflowError,
@@ -227,9 +226,9 @@ class Worker:
             topics = [self.topics.requests, *self.topics.step_topics(self.workflows.values())]
             self._consumer.subscribe(topics=topics, listener=_Listener(self))
             await self._consumer.start()
-        except KafkaConnectionError as exc:
+        except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:  # an ACL, TLS/SASL, or no broker
             await self._close_clients()
-            raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
+            raise (await start_error(k, exc)) from exc
         if self.metrics is not None:
             await self.metrics.start(self)
         if self.tenant_spend is not None:

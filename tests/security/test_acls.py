@@ -90,3 +90,16 @@ async def test_a_team_cannot_touch_another_teams_prefix(secured: DevKafka, prefi
     assert {s.status for s in a_states.values()} == {"completed"}
     assert {s.status for s in b_states.values()} == {"completed"}
     assert "sneaky" not in b_states
+
+
+async def test_a_missing_group_acl_fails_the_worker_start_naming_the_group(
+    secured: DevKafka, prefix: str
+) -> None:
+    alice = settings_as(secured, "alice", f"{prefix}g")
+    topics_only = [a for a in acls_for(alice, "alice", "worker") if a.resource == "topic"]
+    await apply_acls(settings_as(secured, "admin", f"{prefix}g"), topics_only)
+    worker = Worker(alice, [linear()], AgentRegistry({"add_one": add_one}), ModelRegistry({}))
+    with pytest.raises(KafkaAuthorizationError) as refused:
+        await worker.start()
+    await worker.stop()
+    assert (refused.value.resource, refused.value.name) == ("group", f"{prefix}g.workers")
