@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,14 @@ def cli(*args: str) -> Any:
 
 @pytest.mark.parametrize("via", ["sasl", "mtls"])
 async def test_triage_runs_end_to_end_on_a_secured_broker(
-    secured: DevKafka, prefix: str, via: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    secured: DevKafka,
+    prefix: str,
+    via: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     assert secured.secured is not None
     sys.path.insert(0, str(ROOT))
     monkeypatch.setenv("CALMRUN_TEST_ALICE_PW", secured.secured.passwords["alice"])
@@ -103,4 +109,7 @@ async def test_triage_runs_end_to_end_on_a_secured_broker(
         await asyncio.to_thread(cli, "costs", "--by", "workflow", "--json", "--config", str(cfg))
     )
     assert [row["value"] for row in costs["rows"]] == ["triage"], costs
-    assert os.environ["CALMRUN_TEST_ALICE_PW"] not in (tmp_path / "aggregator.log").read_text()
+    password = secured.secured.passwords["alice"]
+    assert password not in (tmp_path / "aggregator.log").read_text()
+    assert caplog.records and password not in caplog.text
+    assert password not in cfg.read_text() and password not in repr(settings)
