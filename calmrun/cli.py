@@ -37,8 +37,10 @@ T = TypeVar("T")
 app = typer.Typer(help="calmrun: a Kafka-native runtime for AI-agent workflows.", no_args_is_help=True)
 dlq_app = typer.Typer(help="The quarantine: dead-letter topics.", no_args_is_help=True)
 topics_app = typer.Typer(help="calmrun's Kafka topics.", no_args_is_help=True)
+check_app = typer.Typer(help="Checks over what calmrun has written.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(topics_app, name="topics")
+app.add_typer(check_app, name="check")
 app.add_typer(replay_app, name="replay")
 app.command("snapshot")(snapshot)
 app.command("costs")(costs)
@@ -273,6 +275,39 @@ def dlq_tail(
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(main())
+
+
+@check_app.command("history")
+def check_history_cmd(
+    workflow: Annotated[
+        list[Path] | None,
+        typer.Option("--workflow", "-w", help="Definitions to re-decide each run against (repeatable)."),
+    ] = None,
+    run_id: Annotated[
+        list[str] | None, typer.Option("--run-id", help="Only these runs (repeatable).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Violations to print at most.")] = 20,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check that every run has one history (events, state, dead letters); exit 1 on any violation."""
+    from calmrun.check import check_history
+
+    settings = cli_settings(config, bootstrap, prefix)
+    wfs = _workflows(workflow or [])
+    report = _run(check_history(settings.kafka, wfs, run_ids=run_id))
+    if as_json:
+        print(json.dumps(report.to_dict(limit)))
+    else:
+        out.print(escape(report.summary()))
+        if not wfs:
+            out.print("(no --workflow given: states were not re-decided from the events)")
+        for v in report.violations[:limit]:
+            out.print(f"  {v.run_id}  [bold]{v.rule}[/bold]  {escape(v.detail)}  {'; '.join(v.events)}")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @dlq_app.command("redrive")

@@ -182,6 +182,7 @@ class Client:
             bootstrap_servers=self.settings.kafka.bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            isolation_level="read_committed",  # the worker writes in transactions
             **client_kwargs(self.settings.kafka),
         )
         await start_client(consumer, self.settings.kafka)

@@ -119,7 +119,16 @@ class WorkerSettings(_Frozen):
     commit_interval_s: float = Field(1.0, gt=0)
     timer_interval_s: float = Field(0.2, gt=0, description="how often due retries and deadlines are checked")
     session_timeout_s: float = Field(
-        30.0, ge=6, description="a worker silent this long leaves the group and its partitions move"
+        6.0,
+        ge=6,
+        description="a worker silent this long leaves the group and its partitions move (6 s is the "
+        "broker's default minimum); heartbeats go every second",
+    )
+    instance_id: str | None = Field(
+        None,
+        description="static group membership (KIP-345): a stable name per worker (a pod name); a worker "
+        "restarted under the same name within the session timeout gets its partitions back without a "
+        "rebalance of the group",
     )
     gc_threshold: int = Field(
         10_000,
@@ -130,7 +139,8 @@ class WorkerSettings(_Frozen):
     deadline_grace_s: float = Field(
         30.0,
         ge=0,
-        description="a task's result may arrive this long after its timeout before it is re-issued",
+        description="a task's result may arrive this long after its timeout before the same attempt is "
+        "issued again (a lost task; the attempt's own timeout is reported by the attempt)",
     )
 
 

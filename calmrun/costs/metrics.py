@@ -195,7 +195,10 @@ class WorkerMetrics:
         assert worker is not None
         k = worker.settings.kafka
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-metrics", **client_kwargs(k)
+            bootstrap_servers=k.bootstrap,
+            client_id=f"{k.client_id}-metrics",
+            isolation_level="read_committed",
+            **client_kwargs(k),
         )
         try:
             await consumer.start()

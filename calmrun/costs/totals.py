@@ -76,6 +76,7 @@ class CompactedTail:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=k.bootstrap,
             enable_auto_commit=False,
+            isolation_level="read_committed",
             client_id=f"{k.client_id}-costs-reader",
             **client_kwargs(k),
         )

@@ -174,6 +174,7 @@ async def replay_offsets(
         bootstrap_servers=k.bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="none",
+        isolation_level="read_committed",
         client_id=f"{k.client_id}-replay",
         **client_kwargs(k),
     )

@@ -165,6 +165,7 @@ async def scan_runs(
         bootstrap_servers=k.bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level="read_committed",
         client_id=f"{k.client_id}-replay",
         **client_kwargs(k),
     )
