@@ -349,6 +349,46 @@ def topics_create(
 
 
 @app.command()
+def acls(
+    principal: Annotated[str, typer.Option("--principal", help="User name or principal (User:alice).")],
+    role: Annotated[
+        list[str] | None,
+        typer.Option("--role", help="worker, costs, operator or viewer (repeatable; default all four)."),
+    ] = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Create them (needs a super user's settings).")
+    ] = False,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Print (or apply) the prefixed ACLs that confine a principal to one prefix, per role.
+
+    Without --apply it prints one line per ACL and the same as kafka-acls.sh arguments.
+    """
+    from calmrun.acls import ROLES, acls_for, apply_acls
+
+    settings = cli_settings(config, bootstrap, prefix)
+    wanted = role or list(ROLES)
+    try:
+        bindings = [a for r in wanted for a in acls_for(settings, principal, r)]  # type: ignore[arg-type]
+    except CalmrunError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    bindings = list(dict.fromkeys(bindings))
+    if apply:
+        n = _run(apply_acls(settings, bindings))
+        out.print(f"created {n} ACLs for {bindings[0].principal} on prefix {settings.kafka.prefix!r}")
+        return
+    print(f"# prefix {settings.kafka.prefix!r}, roles {', '.join(wanted)}")
+    for a in bindings:
+        print(a.line())
+    print("# the same with kafka-acls.sh --bootstrap-server ... --command-config admin.properties:")
+    for a in bindings:
+        print(f"#   kafka-acls.sh {a.kafka_acls_args()}")
+
+
+@app.command()
 def models(
     config: ConfigOpt = None,
     probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Ask each model if it answers.")] = True,

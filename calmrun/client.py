@@ -9,14 +9,16 @@ from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.structs import TopicPartition
 from pydantic import BaseModel
 
 from calmrun.codec import RecordCodec, wire_models
-from calmrun.errors import CalmrunError
+from calmrun.connect import client_kwargs
+from calmrun.errors import CalmrunError, KafkaAuthorizationError
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
-from calmrun.streams.topics import Topics, partition_for, start_client
+from calmrun.streams.topics import Topics, check_readable, partition_for, start_client
 from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 
@@ -41,8 +43,9 @@ class Client:
             enable_idempotence=True,
             linger_ms=5,
             client_id=f"{k.client_id}-cli",
+            **client_kwargs(k),
         )
-        await start_client(self._producer, k.bootstrap)
+        await start_client(self._producer, k)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -64,14 +67,19 @@ class Client:
         """Produce many run requests and wait until all are acknowledged."""
         ids: list[str] = []
         futures = []
-        for req in requests:
-            run_id = req.run_id or f"run-{time.time_ns():x}-{len(ids)}"
-            req = req.model_copy(update={"run_id": run_id})
-            futures.append(
-                await self.producer.send(self.topics.requests, self.codec.encode(req), key=run_id.encode())
-            )
-            ids.append(run_id)
-        await asyncio.gather(*futures)
+        try:
+            for req in requests:
+                run_id = req.run_id or f"run-{time.time_ns():x}-{len(ids)}"
+                req = req.model_copy(update={"run_id": run_id})
+                futures.append(
+                    await self.producer.send(
+                        self.topics.requests, self.codec.encode(req), key=run_id.encode()
+                    )
+                )
+                ids.append(run_id)
+            await asyncio.gather(*futures)
+        except TopicAuthorizationFailedError as exc:
+            raise KafkaAuthorizationError("topic", self.topics.requests, detail="Write refused") from exc
         return ids
 
     async def redrive(self, workflow: str, run_ids: set[str] | None = None) -> tuple[int, int]:
@@ -175,13 +183,15 @@ class Client:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",  # the worker writes in transactions
+            **client_kwargs(self.settings.kafka),
         )
-        await start_client(consumer, self.settings.kafka.bootstrap)
+        await start_client(consumer, self.settings.kafka)
         try:
             # every calmrun topic has the configured partition count (ensure_topics enforces it)
             known = range(self.settings.kafka.partitions) if topic in await consumer.topics() else None
             if not known:
-                raise CalmrunError(f"topic {topic} does not exist (run `calmrun topics create`?)")
+                missing = CalmrunError(f"topic {topic} does not exist (run `calmrun topics create`?)")
+                await check_readable(self.settings.kafka, topic, missing)
             tps = [TopicPartition(topic, p) for p in sorted(partitions if partitions is not None else known)]
             consumer.assign(tps)
             begin = await consumer.beginning_offsets(tps)

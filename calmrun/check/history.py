@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError
 from calmrun.replay.recorded import pick_definition, replay_recorded
 from calmrun.replay.snapshot import Snapshot
@@ -238,8 +239,9 @@ async def check_history(
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         client_id=f"{kafka.client_id}-check",
+        **client_kwargs(kafka),
     )
-    await start_client(consumer, kafka.bootstrap)
+    await start_client(consumer, kafka)
     report = HistoryReport()
     events: dict[str, list[RunEvent]] = defaultdict(list)
     states: dict[str, RunState] = {}

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from calmrun.connect import client_kwargs
 from calmrun.workflow.events import RunEvent
 
 if TYPE_CHECKING:
@@ -197,6 +198,7 @@ class WorkerMetrics:
             bootstrap_servers=k.bootstrap,
             client_id=f"{k.client_id}-metrics",
             isolation_level="read_committed",
+            **client_kwargs(k),
         )
         try:
             await consumer.start()

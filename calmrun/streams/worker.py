@@ -41,16 +41,17 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import AUTHORIZATION_ERRORS, client_kwargs, start_error
 from calmrun.costs.metrics import WorkerMetrics
 from calmrun.costs.pricing import Pricing
 from calmrun.costs.totals import TenantSpend
 from calmrun.errors import (
-    BrokerUnavailableError,
     CalmrunError,
     DecodeError,
     UnknownWorkflowError,
     WorkerError,
 )
+from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
 from calmrun.streams.offsets import OffsetTracker
@@ -174,6 +175,7 @@ class Worker:
         self.stats = WorkerStats()
         self.metrics = metrics
         self.pricing = Pricing.from_settings(settings)
+        self.redactor = Redactor(settings.redact)
         # tenant budgets need each tenant's spend in its window, from the cost aggregator's output
         self.tenant_spend = TenantSpend(settings) if settings.budgets.tenants else None
         self.n = settings.kafka.partitions
@@ -226,6 +228,7 @@ class Worker:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             client_id=f"{k.client_id}-restore",
+            **client_kwargs(k),
         )
         session_ms = round(w.session_timeout_s * 1000)
         self._consumer = AIOKafkaConsumer(
@@ -241,15 +244,16 @@ class Worker:
             rebalance_timeout_ms=max(session_ms, 30_000),
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=min(1000, session_ms // 3),
+            **client_kwargs(k),
         )
         try:
             await self._restorer.start()
             topics = [self.topics.requests, *self.topics.step_topics(self.workflows.values())]
             self._consumer.subscribe(topics=topics, listener=_Listener(self))
             await self._consumer.start()
-        except KafkaConnectionError as exc:
+        except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:  # an ACL, TLS/SASL, or no broker
             await self._close_clients()
-            raise BrokerUnavailableError(k.bootstrap, str(exc)) from exc
+            raise (await start_error(k, exc)) from exc
         if self.metrics is not None:
             await self.metrics.start(self)
         if self.tenant_spend is not None:
@@ -408,6 +412,7 @@ class Worker:
             acks="all",
             linger_ms=k.linger_ms,
             max_batch_size=256 * 1024,
+            **client_kwargs(k),
         )
 
         def committed(positions: dict[TopicPartition, int]) -> None:
@@ -684,7 +689,7 @@ class Worker:
                 attempt=task.attempt,
                 data={"reason": reason, "input": "StepTask"},
             )
-            self._submit(p, [event_out(self.topics, self.codec, p, ev)], None, (finish,), [ev])
+            self._submit(p, [self._event_out(p, ev)], None, (finish,), [ev])
             return
         self._start(p, task, rec, eager=False, finishers=[finish])
 
@@ -753,8 +758,9 @@ class Worker:
                 self.stats.running += 1
                 self.stats.peak_running = max(self.stats.peak_running, self.stats.running)
                 try:
+                    scrub = functools.partial(self.redactor.text, state=self._state(p, task.run_id))
                     result = await execute(
-                        task, self.agents, self.models, now_ms=self.clock, pricing=self.pricing
+                        task, self.agents, self.models, now_ms=self.clock, pricing=self.pricing, scrub=scrub
                     )
                 finally:
                     self.stats.running -= 1
@@ -794,7 +800,7 @@ class Worker:
         self.stats.decisions += 1
         run_id = inp.run_id
         key = run_id.encode()
-        outputs = [event_out(self.topics, self.codec, p, ev) for ev in d.events]
+        outputs = [self._event_out(p, ev) for ev in d.events]
         if d.ignored:
             self.stats.ignored += 1
             self._submit(p, outputs, None, finishers, d.events)
@@ -823,7 +829,7 @@ class Worker:
                 headers=dict(source.headers) if source else {},
                 at_ms=self.clock(),
             )
-            outputs.append(dlq_out(self.topics.dlq(wf.name), self.codec, p, key, dlq))
+            outputs.append(self._dlq_out(self.topics.dlq(wf.name), p, key, dlq))
         encode = functools.partial(self.codec.encode, d.state) if encoded is None else lambda: encoded
         state_out = StateOut(self.topics.state, p, key, encode)
         eager = tasks if self.settings.worker.eager else []
@@ -838,7 +844,8 @@ class Worker:
     ) -> None:
         """Park a record that cannot be processed at all; the processor goes on with the next one."""
         self.stats.poison += 1
-        log.warning("poison record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
+        why = self.redactor.text(str(exc))
+        log.warning("poison record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, why)
         dlq = DlqRecord(
             reason="poison",
             error_type=type(exc).__name__,
@@ -855,8 +862,17 @@ class Worker:
             headers=dict(rec.headers),
             at_ms=self.clock(),
         )
-        out = dlq_out(self.topics.dlq(workflow or INVALID), self.codec, rec.partition, rec.key, dlq)
+        out = self._dlq_out(self.topics.dlq(workflow or INVALID), rec.partition, rec.key, dlq)
         self._submit(rec.partition, [out], None, (self._finisher(tp, rec.offset),), ())
+
+    def _event_out(self, p: int, ev: RunEvent) -> Out:
+        ev = self.redactor.event(ev, self._state(p, ev.run_id))  # settings.redact (calmrun.redact)
+        return event_out(self.topics, self.codec, p, ev)
+
+    def _dlq_out(self, topic: str, p: int, key: bytes | None, dlq: DlqRecord) -> Out:
+        state = self._state(p, dlq.run_id) if dlq.run_id else None
+        dlq = self.redactor.dlq(dlq, state, self.codec)  # settings.redact (calmrun.redact)
+        return dlq_out(topic, self.codec, p, key, dlq)
 
     def _submit(
         self,
