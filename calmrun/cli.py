@@ -6,12 +6,10 @@ Human-readable output by default; ``--json`` for scripts.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,21 +88,15 @@ def worker(
         from prometheus_client import CollectorRegistry
 
         from calmrun.costs.metrics import WorkerMetrics
-        from calmrun.gctune import settle_heap
         from calmrun.streams.worker import Worker
 
         metrics = WorkerMetrics(CollectorRegistry()) if settings.metrics.port else None
         w = Worker(settings, wfs, AgentRegistry(), ModelRegistry(settings.models), metrics=metrics)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(w.stop()))
-        await w.start()
-        settle_heap(settings.worker.gc_threshold)
-        err.print(f"worker running {[wf.name for wf in wfs]} on {settings.kafka.bootstrap}; Ctrl-C stops it")
-        try:
-            await w.run_until_stopped()
-        finally:
-            await w.stop()
+        await w.run(
+            lambda: err.print(
+                f"worker running {[wf.name for wf in wfs]} on {settings.kafka.bootstrap}; Ctrl-C stops it"
+            )
+        )
 
     _run(main())
 

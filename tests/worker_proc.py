@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 
 from calmrun.agents import AgentRegistry, ModelRegistry
-from calmrun.gctune import settle_heap
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
 from tests import runtime_support
@@ -61,29 +58,13 @@ async def main(args: argparse.Namespace) -> None:
     agents = AgentRegistry({"add_one": sleepy_add_one, "nonce": nonce_step})
     worker = Worker(settings, [wf], agents, ModelRegistry({}))
     status = Path(args.status_file) if args.status_file else None
-    loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task[None]] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(worker.stop())))
-    await worker.start()
-    settle_heap(settings.worker.gc_threshold)  # as `calmrun worker` does
-    _write_status(status, worker, "running")
-
-    async def report() -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            _write_status(status, worker, "running")
-
-    reporter = asyncio.create_task(report())
+    runner = asyncio.create_task(worker.run(lambda: _write_status(status, worker, "running")))
     try:
-        await worker.run_until_stopped()
+        while not runner.done():
+            await asyncio.wait({runner}, timeout=0.1)
+            _write_status(status, worker, "running")
+        runner.result()
     finally:
-        reporter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reporter
-        for t in stopping:
-            await t
-        await worker.stop()
         _write_status(status, worker, "stopped")
 
 

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import heapq
 import logging
+import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ from calmrun.errors import (
     UnknownWorkflowError,
     WorkerError,
 )
+from calmrun.gctune import settle_heap
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
@@ -296,6 +298,30 @@ class Worker:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.stop()
+
+    async def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """A process's main job: start, settle the heap, run until SIGINT/SIGTERM or a failure, stop.
+
+        Raises:
+            WorkerError: as ``run_until_stopped``.
+        """
+        loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Task[None]] = []
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(self.stop())))
+        try:
+            await self.start()
+            settle_heap(self.settings.worker.gc_threshold)
+            if on_started is not None:
+                on_started()
+            await self.run_until_stopped()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            for t in stopping:
+                await t
+            await self.stop()
 
     async def run_until_stopped(self) -> None:
         """Block until ``stop()`` is called or the worker fails.
