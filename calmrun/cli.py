@@ -151,7 +151,8 @@ def status(
 
     async def main() -> tuple[RunState | None, list[RunEvent]]:
         async with Client(settings) as c:
-            return await c.state(run_id), await c.events(run_id)
+            state = await c.state(run_id)
+            return state, (await c.run_events(state) if state is not None else [])
 
     state, events = _run(main())
     if state is None:

@@ -119,21 +119,37 @@ class Client:
         return out
 
     async def state(self, run_id: str) -> RunState | None:
+        """One run's latest state; only its own records are decoded."""
         p = partition_for(run_id, self.settings.kafka.partitions)
         found = None
-        async for key, rec in self._read(self.topics.state, RunState, partitions=[p]):
-            if key == run_id:
-                found = rec
+        async for _, rec in self._read(self.topics.state, RunState, partitions=[p], key=run_id.encode()):
+            found = rec
         return found
 
-    async def events(self, run_id: str | None = None) -> list[RunEvent]:
-        """The audit log, of one run (read from its partition only) or of all runs."""
-        parts = None if run_id is None else [partition_for(run_id, self.settings.kafka.partitions)]
-        return [
+    async def events(self, run_id: str | None = None, *, since_ms: int | None = None) -> list[RunEvent]:
+        """The audit log of all runs, or of one run: read from its partition only, from ``since_ms``
+        (record time) on, decoding only its own records.
+
+        ``calmrun status`` passes the run's ``created_ms`` less ``_SKEW_MS``; when that finds no
+        ``run.requested`` (a client clock far ahead), the run's whole partition is read instead.
+        """
+        if run_id is None:
+            return [ev async for _, ev in self._read(self.topics.events, RunEvent)]
+        parts = [partition_for(run_id, self.settings.kafka.partitions)]
+        key = run_id.encode()
+        found = [
             ev
-            async for key, ev in self._read(self.topics.events, RunEvent, partitions=parts)
-            if run_id is None or key == run_id
+            async for _, ev in self._read(
+                self.topics.events, RunEvent, partitions=parts, key=key, since_ms=since_ms
+            )
         ]
+        if since_ms is not None and not any(e.type == "run.requested" for e in found):
+            return await self.events(run_id)
+        return found
+
+    async def run_events(self, state: RunState) -> list[RunEvent]:
+        """The events of the run ``state`` belongs to, read from shortly before it was requested."""
+        return await self.events(state.run_id, since_ms=max(0, state.created_ms - _SKEW_MS))
 
     async def read_dlq(self, workflow: str) -> list[DlqRecord]:
         return [rec async for _, rec in self._read(self.topics.dlq(workflow), DlqRecord)]
@@ -175,8 +191,11 @@ class Client:
         partitions: list[int] | None = None,
         follow: bool = False,
         until: float | None = None,
+        key: bytes | None = None,
+        since_ms: int | None = None,
     ) -> AsyncGenerator[tuple[str, M], None]:
-        """Decode a topic from the beginning to its end offsets (or on, with ``follow``)."""
+        """Decode a topic from the beginning (or the offsets of ``since_ms``) to its end offsets (or on,
+        with ``follow``); with ``key``, records of other keys are skipped before they are decoded."""
         # "earliest": the default "latest" reset that assign() starts can race our seek and skip records
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka.bootstrap,
@@ -196,6 +215,11 @@ class Client:
             consumer.assign(tps)
             begin = await consumer.beginning_offsets(tps)
             end = await consumer.end_offsets(tps)
+            if since_ms is not None:
+                found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+                for tp in tps:
+                    at = found.get(tp)
+                    begin[tp] = at.offset if at is not None else end[tp]
             for tp in tps:
                 consumer.seek(tp, begin[tp])
             remaining = {tp for tp in tps if end[tp] > begin[tp]}
@@ -205,7 +229,7 @@ class Client:
                 batch = await consumer.getmany(timeout_ms=200)
                 for records in batch.values():
                     for rec in records:
-                        if rec.value is None:
+                        if rec.value is None or (key is not None and rec.key != key):
                             continue
                         yield (
                             (rec.key or b"").decode(errors="replace"),
@@ -216,6 +240,10 @@ class Client:
                         remaining.discard(tp)
         finally:
             await consumer.stop()
+
+
+_SKEW_MS = 5 * 60_000
+"""How far a client's clock (a request's timestamp: a run's ``created_ms``) may be ahead of the worker's."""
 
 
 def summarize(states: dict[str, RunState]) -> dict[str, Any]:
