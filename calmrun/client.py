@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.connect import client_kwargs
-from calmrun.errors import CalmrunError, KafkaAuthorizationError
+from calmrun.errors import KafkaAuthorizationError, RunsNotFinishedError, TopicMissingError
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
 from calmrun.streams.topics import Topics, check_readable, partition_for, start_client
@@ -158,7 +158,7 @@ class Client:
         """Tail the state topic until every run is terminal; returns their last states.
 
         Raises:
-            CalmrunError: not all runs finished in time (the message counts them by status).
+            RunsNotFinishedError: not all runs finished in time (it counts them by status).
         """
         wanted = set(run_ids)
         latest: dict[str, RunState] = {}
@@ -181,7 +181,7 @@ class Client:
             if "not started" in counts
             else ""
         )
-        raise CalmrunError(f"{len(wanted)} runs not all finished within {wait_s:.0f}s: {counts}{hint}")
+        raise RunsNotFinishedError(len(wanted), wait_s, counts, hint)
 
     async def _read(
         self,
@@ -209,7 +209,7 @@ class Client:
             # every calmrun topic has the configured partition count (ensure_topics enforces it)
             known = range(self.settings.kafka.partitions) if topic in await consumer.topics() else None
             if not known:
-                missing = CalmrunError(f"topic {topic} does not exist (run `calmrun topics create`?)")
+                missing = TopicMissingError(topic)
                 await check_readable(self.settings.kafka, topic, missing)
             tps = [TopicPartition(topic, p) for p in sorted(partitions if partitions is not None else known)]
             consumer.assign(tps)

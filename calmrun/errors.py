@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import enum
 from typing import ClassVar
+
+
+class ErrorKind(enum.StrEnum):
+    """The stable names of the failures a run records (``error_type`` of results, events, states, dead
+    letters). The decider matches on these, never on a class name: renaming a class changes nothing.
+    The values are the names calmrun has always written, so older histories read the same."""
+
+    AGENT_TIMEOUT = "AgentTimeout"  # the attempt did not finish within its step's timeout (retriable)
+    INVALID_OUTPUT = "InvalidOutputError"  # the output does not validate (escalates on invalid_output)
+    INVALID_INPUT = "InvalidInputError"
+    INPUT_MAPPING = "InputMappingError"  # a step's input names a field the run does not have
+    OVER_BUDGET = "OverBudget"  # the next attempt would take the run past its budget
+    TENANT_BUDGET = "TenantBudgetExceeded"  # a new run refused: its tenant spent its window's budget
+    STUCK_RUN = "StuckRun"  # nothing active and no outcome (a join waits for a step that never ran)
+    DEADLINE_EXCEEDED = "DeadlineExceeded"  # written before 0.2, when a lost task cost an attempt
 
 
 class CalmrunError(Exception):
@@ -10,9 +26,11 @@ class CalmrunError(Exception):
 
     Attributes:
         retriable: whether repeating the same operation may succeed.
+        kind: the name a run records for this failure, when it has a stable one (else the class name).
     """
 
     retriable: ClassVar[bool] = False
+    kind: ClassVar[ErrorKind | None] = None
 
 
 class ConfigError(CalmrunError):
@@ -99,6 +117,8 @@ class InvalidInputError(CalmrunError):
         agent: the agent reference.
     """
 
+    kind: ClassVar[ErrorKind | None] = ErrorKind.INVALID_INPUT
+
     def __init__(self, agent: str, detail: str) -> None:
         super().__init__(f"agent {agent!r}: invalid input: {detail}")
         self.agent = agent
@@ -112,6 +132,7 @@ class InvalidOutputError(CalmrunError):
     """
 
     retriable: ClassVar[bool] = True
+    kind: ClassVar[ErrorKind | None] = ErrorKind.INVALID_OUTPUT
 
     def __init__(self, agent: str, detail: str) -> None:
         super().__init__(f"agent {agent!r}: invalid output: {detail}")
@@ -188,3 +209,69 @@ class KafkaAuthorizationError(CalmrunError):
         self.resource = resource
         self.name = name
         self.principal = principal
+
+
+class InputMappingError(CalmrunError):
+    """A step's input mapping names a field that the run input or earlier outputs do not have."""
+
+    kind: ClassVar[ErrorKind | None] = ErrorKind.INPUT_MAPPING
+
+
+class ReplayError(CalmrunError):
+    """A replay cannot start: no definition for the run's workflow, an unreadable history.
+
+    Attributes:
+        run_id: the run, when the error concerns one.
+    """
+
+    def __init__(self, message: str, *, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class ReplayArgumentError(CalmrunError):
+    """Bad replay arguments (unknown topic, offset out of range, empty range); nothing was written."""
+
+
+class SnapshotError(CalmrunError):
+    """A snapshot cannot be made or read: unknown run, unreadable file.
+
+    Attributes:
+        run_id: the run asked for, when known.
+    """
+
+    def __init__(self, message: str, *, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class DevModelError(CalmrunError):
+    """The local model could not be installed, started or stopped; the message says what to do."""
+
+
+class RunsNotFinishedError(CalmrunError):
+    """Runs a client waited for did not all finish in time.
+
+    Attributes:
+        wait_s: how long it waited.
+        counts: the runs that did not finish, by status (``not started`` for no state at all).
+    """
+
+    retriable: ClassVar[bool] = True
+
+    def __init__(self, total: int, wait_s: float, counts: dict[str, int], hint: str = "") -> None:
+        super().__init__(f"{total} runs not all finished within {wait_s:.0f}s: {counts}{hint}")
+        self.wait_s = wait_s
+        self.counts = dict(counts)
+
+
+class TopicMissingError(CalmrunError):
+    """A topic calmrun reads does not exist (yet).
+
+    Attributes:
+        topic: the topic's name.
+    """
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic} does not exist (run `calmrun topics create`?)")
+        self.topic = topic

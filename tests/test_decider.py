@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 import pytest
 
+from calmrun.errors import InputMappingError
 from calmrun.workflow.decider import (
     Decision,
-    InputMappingError,
     Quarantine,
     backoff_ms,
     decide,

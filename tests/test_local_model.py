@@ -23,7 +23,8 @@ from pydantic_ai import Agent, ModelRetry, PromptedOutput, RunContext
 
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.client import Client
-from calmrun.devmodel import DevModel, DevModelError, install
+from calmrun.devmodel import DevModel, install
+from calmrun.errors import DevModelError
 from calmrun.localproc import free_port as free_http_port
 from calmrun.settings import load_settings
 from calmrun.workflow.definition import load_workflow, parse_workflow

@@ -17,10 +17,10 @@ from calmrun.agents.context import StepContext
 from calmrun.agents.models import ModelRegistry, retry_after_ms
 from calmrun.agents.registry import AgentRegistry
 from calmrun.costs.pricing import Pricing
-from calmrun.errors import CalmrunError
+from calmrun.errors import CalmrunError, ErrorKind
 from calmrun.workflow.events import StepResult, StepTask
 
-AGENT_TIMEOUT = "AgentTimeout"
+AGENT_TIMEOUT = ErrorKind.AGENT_TIMEOUT
 """``error_type`` of an attempt that did not finish within the step's ``timeout_s`` (retriable)."""
 
 MAX_ERROR_CHARS = 2000
@@ -82,7 +82,8 @@ async def execute(
             retriable = True
             ctx.logger.warning("%s", error)
         else:
-            error_type = type(exc).__name__
+            kind = exc.kind if isinstance(exc, CalmrunError) else None
+            error_type = kind.value if kind is not None else type(exc).__name__
             # a provider may repeat the API key it was sent: no key reaches results, events, the DLQ or logs
             error = models.redact(str(exc) or error_type)[:MAX_ERROR_CHARS]
             tb = models.redact("".join(traceback.format_exception(exc)))[-MAX_TRACEBACK_CHARS:]

@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from calmrun.errors import CalmrunError
+from calmrun.errors import DevModelError
 from calmrun.localproc import tail, terminate
 
 LLAMA_CPP_VERSION = "0.3.36"
@@ -46,10 +46,6 @@ __all__ = [
     "install",
     "installed",
 ]
-
-
-class DevModelError(CalmrunError):
-    """The local model could not be installed, started or stopped; the message says what to do."""
 
 
 def _version(dist: str) -> str | None:

@@ -1,17 +1,17 @@
 """Replay: offsets into a shadow namespace, recorded runs re-decided, runs re-executed live and compared."""
 
+from calmrun.errors import ReplayArgumentError, ReplayError, SnapshotError
 from calmrun.replay.live import LiveReplay, replay_live
-from calmrun.replay.offsets import REPLAYED_FROM, OffsetReplay, ReplayArgumentError, replay_offsets
+from calmrun.replay.offsets import REPLAYED_FROM, OffsetReplay, replay_offsets
 from calmrun.replay.recorded import (
     BatchRecorded,
     Divergence,
     RecordedReplay,
-    ReplayError,
     pick_definition,
     replay_recorded,
     replay_recorded_many,
 )
-from calmrun.replay.snapshot import Snapshot, SnapshotError, fetch_snapshot, fetch_snapshots, load_snapshot
+from calmrun.replay.snapshot import Snapshot, fetch_snapshot, fetch_snapshots, load_snapshot
 
 __all__ = [
     "REPLAYED_FROM",

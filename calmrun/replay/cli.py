@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings, run_command
-from calmrun.errors import CalmrunError
+from calmrun.errors import CalmrunError, ReplayArgumentError
 from calmrun.replay import report
-from calmrun.replay.offsets import ReplayArgumentError, replay_offsets
+from calmrun.replay.offsets import replay_offsets
 from calmrun.replay.snapshot import Snapshot, fetch_snapshot, fetch_snapshots, load_snapshot
 from calmrun.settings import ModelAlias, Settings, load_settings
 from calmrun.workflow.definition import WorkflowDef, load_workflow
@@ -226,7 +226,8 @@ def run(
     settings = cli_settings(config, bootstrap, prefix)
     snap = _snapshot_of(run, settings)
     if mode == "recorded":
-        from calmrun.replay.recorded import ReplayError, pick_definition, replay_recorded
+        from calmrun.errors import ReplayError
+        from calmrun.replay.recorded import pick_definition, replay_recorded
 
         try:
             result = replay_recorded(

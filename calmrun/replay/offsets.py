@@ -24,7 +24,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
 from calmrun.connect import client_kwargs
-from calmrun.errors import CalmrunError
+from calmrun.errors import ReplayArgumentError
 from calmrun.settings import Settings
 from calmrun.streams.topics import admin_client, start_client
 
@@ -33,10 +33,6 @@ REPLAYED_FROM = "calmrun-replayed-from"
 
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _COMPACTED = ("runs.state",)
-
-
-class ReplayArgumentError(CalmrunError):
-    """Bad replay arguments (unknown topic, offset out of range, empty range); nothing was written."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from calmrun.errors import CalmrunError
+from calmrun.errors import ReplayError
 from calmrun.replay.snapshot import Snapshot
 from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import WorkflowDef
@@ -23,18 +23,6 @@ from calmrun.workflow.state import RunState
 
 Verdict = Literal["converged", "diverged"]
 _NOT_COMPARED = {"version"}  # a new version of a definition may replay an old run and still converge
-
-
-class ReplayError(CalmrunError):
-    """A replay cannot start: no definition for the run's workflow, an unreadable history.
-
-    Attributes:
-        run_id: the run, when the error concerns one.
-    """
-
-    def __init__(self, message: str, *, run_id: str | None = None) -> None:
-        super().__init__(message)
-        self.run_id = run_id
 
 
 @dataclass(frozen=True)

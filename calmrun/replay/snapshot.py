@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.connect import client_kwargs
-from calmrun.errors import CalmrunError, ConfigError
+from calmrun.errors import ConfigError, SnapshotError
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams.topics import Topics, check_readable, partition_for, read_to_end, start_client
@@ -62,18 +62,6 @@ class Snapshot(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=1)
-
-
-class SnapshotError(CalmrunError):
-    """A snapshot cannot be made or read: unknown run, unreadable file.
-
-    Attributes:
-        run_id: the run asked for, when known.
-    """
-
-    def __init__(self, message: str, *, run_id: str | None = None) -> None:
-        super().__init__(message)
-        self.run_id = run_id
 
 
 def applied_events(events: Iterable[RunEvent]) -> list[RunEvent]:

@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from calmrun.errors import ErrorKind, InputMappingError
 from calmrun.workflow.definition import END, WorkflowDef, lookup, targets
 from calmrun.workflow.events import (
     DeciderInput,
@@ -77,7 +78,7 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
         tb, spent = event.tenant_budget_usd, event.tenant_spent_usd
         if tb is not None and spent is not None and spent >= tb:
             s.status = "refused"
-            s.error_type = "TenantBudgetExceeded"
+            s.error_type = ErrorKind.TENANT_BUDGET
             window = event.tenant_window or "its window"
             s.error = f"tenant {s.tenant!r} spent ${spent} of its ${tb} budget for {window}"
             b.emit(
@@ -125,10 +126,6 @@ def backoff_ms(wf: WorkflowDef, run_id: str, step: str, attempt: int, retry_base
     base = min(base, policy.max_backoff_s)
     u = zlib.crc32(f"{run_id}/{step}/{attempt}".encode()) / 0xFFFFFFFF
     return max(0, round(base * (1 + policy.jitter * (2 * u - 1)) * 1000))
-
-
-class InputMappingError(Exception):
-    """A step's input mapping names a field that the run input or earlier outputs do not have."""
 
 
 def resolve_input(wf: WorkflowDef, s: RunState, step: str) -> dict[str, Any]:
@@ -282,7 +279,7 @@ class _Builder:
                 st.error_type = st.error = None
                 st.done_seq = self.s.seq
                 self._route(r.step)
-        elif r.error_type == "InvalidOutputError" and self._can_escalate(r.step, "invalid_output"):
+        elif r.error_type == ErrorKind.INVALID_OUTPUT and self._can_escalate(r.step, "invalid_output"):
             st.error_type, st.error = r.error_type, r.error
             self._escalate(r.step, "invalid_output", {"error": (r.error or "")[:500]})
         else:
@@ -397,7 +394,7 @@ class _Builder:
             task_input = resolve_input(self.wf, s, name)
         except InputMappingError as exc:
             st.status = "failed"
-            self._quarantine(name, st.attempt, "InputMappingError", str(exc))
+            self._quarantine(name, st.attempt, ErrorKind.INPUT_MAPPING, str(exc))
             return
         if kind == "run" and self._over_budget(name):
             return
@@ -476,7 +473,7 @@ class _Builder:
                 "estimated_usd": str(sd.estimated_cost_usd),
             },
         )
-        self._quarantine(name, st.attempt, "OverBudget", error, status="over_budget")
+        self._quarantine(name, st.attempt, ErrorKind.OVER_BUDGET, error, status="over_budget")
         return True
 
     def _fail_attempt(
@@ -552,6 +549,6 @@ class _Builder:
             self._quarantine(
                 None,
                 0,
-                "StuckRun",
+                ErrorKind.STUCK_RUN,
                 "no step is active and no outcome was reached (a join waits for a step that did not run?)",
             )
