@@ -294,7 +294,10 @@ def dlq_redrive(
 
     async def main() -> tuple[int, int]:
         async with Client(settings) as c:
-            return await c.redrive(workflow, set(run_id) if run_id else None)
+            import getpass
+
+            by = f"cli:{getpass.getuser()}"
+            return await c.redrive(workflow, set(run_id) if run_id else None, by=by)
 
     runs_n, records = _run(main())
     out.print(f"re-driven: {runs_n} runs, {records} poison records re-injected")
