@@ -303,6 +303,33 @@ def dlq_redrive(
     out.print(f"re-driven: {runs_n} runs, {records} poison records re-injected")
 
 
+@app.command()
+def ui(
+    workflow: Annotated[
+        list[Path] | None,
+        typer.Option("--workflow", "-w", help="Workflow YAML, for 'replay this run' (repeatable)."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (default ui.host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default ui.port, 8765; 0: any free port).")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="CALMRUN_UI_TOKEN", help="Bearer token of one operator.")
+    ] = None,
+    ready_file: Annotated[Path | None, typer.Option(hidden=True, help="Write the address here.")] = None,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Serve the operator page: runs, a run's timeline, dead letters (redrive), costs, workers; live."""
+    from calmrun.ui.cli import serve  # here, not at the top: `calmrun --help` stays quick
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base = cli_settings(config, bootstrap, prefix)
+    ui_over = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = base.model_copy(update={"ui": base.ui.model_copy(update=ui_over)}) if ui_over else base
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(serve(settings, _workflows(workflow or []), token, ready_file))
+
+
 @topics_app.command("create")
 def topics_create(
     workflow: WorkflowFiles,

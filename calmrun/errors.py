@@ -149,3 +149,18 @@ class UnknownWorkflowError(CalmrunError):
 
 class WorkerError(CalmrunError):
     """The worker cannot go on (a produce failed after its retries); uncommitted input is re-delivered."""
+
+
+class UiAccessError(ConfigError):
+    """The operator page would be reachable off loopback without authentication: it refuses to start.
+
+    Attributes:
+        host: the address it was asked to listen on.
+    """
+
+    def __init__(self, host: str) -> None:
+        super().__init__(
+            f"calmrun ui on {host} (not loopback) needs authentication: give --token, ui.users "
+            "(tokens with roles) or ui.trusted_header (a reverse proxy's user header) in the configuration"
+        )
+        self.host = host
