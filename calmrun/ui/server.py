@@ -173,7 +173,10 @@ class UiServer:
                 "role": u.role,
                 "prefix": self.settings.kafka.prefix,
                 "bootstrap": self.settings.kafka.bootstrap,
-                "replay": sorted({f"{d.name} v{d.version}" for d in self.definitions}),
+                "definitions": {
+                    name: sorted({d.version for d in self.definitions if d.name == name})
+                    for name in sorted({d.name for d in self.definitions})
+                },
             }
         )
 
@@ -220,7 +223,8 @@ class UiServer:
         state, events = self.index.state(run_id), self.index.events(run_id)
         snap = Snapshot(run_id=run_id, prefix=self.settings.kafka.prefix, state=state, events=events)
         try:
-            wf = pick_definition(self.definitions, snap.workflow, snap.version, None)
+            version = request.query.get("version") or None
+            wf = pick_definition(self.definitions, snap.workflow, snap.version, version)
             verdict = replay_recorded(wf, snap)
         except ReplayError as exc:
             return web.json_response({"error": str(exc)}, status=422)

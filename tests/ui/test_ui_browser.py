@@ -143,7 +143,13 @@ async def stack(broker: str, prefix: str, tmp_path: Path) -> AsyncIterator[dict[
     ) as w:
         await ready(w)
         agg = AggregatorProcess(settings, log=tmp_path / "agg.log").start()
-        ui = UiProcess(settings, tmp_path, [EXAMPLE / "workflow.yaml", fragile_yaml])
+        v2 = tmp_path / "triage-v2.yaml"  # decide's refund branch goes to escalate: refunded runs diverge
+        text = (EXAMPLE / "workflow.yaml").read_text().replace('version: "1"', 'version: "2"')
+        v2.write_text(
+            text.replace("value: refund}\n        goto: refund", "value: refund}\n        goto: escalate")
+        )
+        assert load_workflow(v2).version == "2" and v2.read_text() != text
+        ui = UiProcess(settings, tmp_path, [EXAMPLE / "workflow.yaml", v2, fragile_yaml])
         try:
             yield {"settings": settings, "worker": w, "url": await ui.url(), "ui": ui, "tmp": tmp_path}
         finally:
@@ -347,6 +353,20 @@ async def test_operator_page_in_chromium(stack: dict[str, Any], shots: list[Path
             await page.wait_for_selector("#replay-verdict")
             assert await page.inner_text("#replay-verdict") == "converged"
             await shoot(page, shots, "run")
+
+            # against a changed definition a refunded run diverges: the first divergent decision, side by side
+            await page.goto(f"{url}#/runs?outcome=refunded")
+            await page.wait_for_selector("#runs tbody tr a")
+            await page.click("#runs tbody tr a")
+            await page.wait_for_selector("#replay-version")
+            await page.select_option("#replay-version", "2")
+            await page.click("#replay-run")
+            await page.wait_for_selector("#replay-verdict")
+            assert await page.inner_text("#replay-verdict") == "diverged"
+            divergence = await page.inner_text("#divergence")
+            assert "run.routed" in divergence and "escalate" in divergence, divergence
+            assert await page.locator("#replay-side .diff").count() >= 2  # a differing event on each side
+            await shoot(page, shots, "run-replay-diverged")
 
             # -- costs equal `calmrun costs --json` --------------------------------------------------
             await batch_costs(settings)  # the aggregator has folded every event

@@ -130,11 +130,18 @@ async function viewRun(runId) {
     }, "Redrive this run"));
   }
   const replayOut = h("div", { id: "replay-result" });
+  const versions = (me.definitions || {})[st.workflow] || [];
+  const against = h("select", { id: "replay-version", "aria-label": "replay against version", disabled: !versions.length },
+    versions.map((v) => h("option", { value: v, selected: v === st.version }, `against v${v}`)));
   actions.append(h("button", {
     id: "replay-run", disabled: !data.replayable,
     title: data.replayable ? null : "start calmrun ui with -w WORKFLOW.yaml to replay",
-    onclick: async () => { replayOut.replaceChildren(h("p", {}, "replaying...")); replayOut.replaceChildren(...renderReplay(await api(`/api/runs/${encodeURIComponent(runId)}/replay`, { method: "POST" }))); },
-  }, "Replay this run (recorded)"));
+    onclick: async () => {
+      replayOut.replaceChildren(h("p", {}, "replaying..."));
+      const q = new URLSearchParams(against.value ? { version: against.value } : {});
+      replayOut.replaceChildren(...renderReplay(await api(`/api/runs/${encodeURIComponent(runId)}/replay?${q}`, { method: "POST" })));
+    },
+  }, "Replay this run (recorded)"), against);
   const bars = data.attempts.map((a) => {
     const end = a.end_ms || data.end_ms;
     const start = a.start_ms || a.scheduled_ms;
