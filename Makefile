@@ -38,8 +38,9 @@ tools:
 local-model: install
 	$(PY) -m calmrun.devmodel install
 
+# `make demo UI=1`: the operator page (calmrun ui) on http://127.0.0.1:8765/ too, left open until Ctrl-C
 demo: kafka
-	$(PY) -m calmrun.demo
+	$(PY) -m calmrun.demo $(if $(UI),--ui)
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: kafka tools local-model
