@@ -2,8 +2,10 @@
 
 It is never a source of truth: it is deleted and rebuilt from the topics at every start and kept current
 by tailing them (``tail.py``). A run's row is its latest state record; events are kept once per
-``(run_id, seq)`` (a copy re-sent after a crash is dropped, ``seq < 0`` lines are not kept); a dead letter
-is kept per ``(topic, partition, offset)`` with its original bytes, for the preview and the redrive.
+``(run_id, seq)`` as their Avro bytes (a copy re-sent after a crash is dropped, ``seq < 0`` lines are not
+kept) and decoded when a run's page asks for them; a dead letter is kept per ``(topic, partition, offset)``
+with its original bytes, for the preview and the redrive. Per-step cost sums and the filter menus' values
+are kept up to date as rows arrive, so no view scans every event.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from calmrun.codec import NAMESPACE, RecordCodec, wire_models
+from calmrun.errors import DecodeError
 from calmrun.streams.dlq import DlqRecord
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
+
+EventRow = tuple[str, int, str, int, str | None, int | None, str, dict[str, Any] | None, bytes]
+"""(run_id, seq, type, at_ms, step, attempt, workflow, cost as decoded Avro or None, the record's bytes)"""
 
 _SCHEMA = """
 CREATE TABLE runs (
@@ -27,14 +34,19 @@ CREATE TABLE runs (
     updated_ms INTEGER NOT NULL, seq INTEGER NOT NULL, spent REAL NOT NULL, spent_usd TEXT NOT NULL,
     state TEXT NOT NULL
 );
-CREATE INDEX runs_created ON runs (created_ms DESC);
-CREATE INDEX runs_status ON runs (status, created_ms DESC);
-CREATE INDEX runs_workflow ON runs (workflow, created_ms DESC);
+CREATE INDEX runs_created ON runs (created_ms DESC, run_id);
+CREATE INDEX runs_status ON runs (status, created_ms DESC, run_id);
+CREATE INDEX runs_workflow ON runs (workflow, created_ms DESC, run_id);
 CREATE INDEX runs_spent ON runs (spent DESC);
 CREATE TABLE events (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL, at_ms INTEGER NOT NULL,
-    step TEXT, attempt INTEGER, body TEXT NOT NULL, PRIMARY KEY (run_id, seq)
+    step TEXT, attempt INTEGER, body BLOB NOT NULL, PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE step_costs (
+    workflow TEXT NOT NULL, step TEXT NOT NULL, attempts INTEGER NOT NULL, tokens INTEGER NOT NULL,
+    calls INTEGER NOT NULL, usd TEXT NOT NULL, PRIMARY KEY (workflow, step)
+) WITHOUT ROWID;
+CREATE TABLE choices (name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (name, value)) WITHOUT ROWID;
 CREATE TABLE dlq (
     topic TEXT NOT NULL, part INTEGER NOT NULL, off INTEGER NOT NULL, workflow TEXT NOT NULL,
     reason TEXT NOT NULL, error_type TEXT NOT NULL, error TEXT NOT NULL, run_id TEXT, step TEXT,
@@ -88,6 +100,7 @@ class RunIndex:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.executescript(_SCHEMA)
+        self.codec = RecordCodec(wire_models())
 
     def close(self) -> None:
         self.db.close()
@@ -97,14 +110,14 @@ class RunIndex:
     def apply(
         self,
         states: Iterable[tuple[str, RunState | None]],
-        events: Iterable[RunEvent],
+        events: Iterable[EventRow],
         dead: Iterable[tuple[str, int, int, str, DlqRecord]],
     ) -> None:
         """Apply one batch read from the topics, in one transaction.
 
         Args:
             states: (run ID, latest state) in offset order; None is a tombstone (the run is forgotten).
-            events: audit events; the first copy of each (run, seq >= 0) is kept.
+            events: audit events as rows; the first copy of each (run, seq >= 0) is kept.
             dead: (topic, partition, offset, workflow, record) of the dead-letter topics.
         """
         db = self.db
@@ -133,14 +146,19 @@ class RunIndex:
                         st.model_dump_json(),
                     ),
                 )
-            db.executemany(
-                "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?)",
-                (
-                    (e.run_id, e.seq, e.type, e.at_ms, e.step, e.attempt, e.model_dump_json())
-                    for e in events
-                    if e.seq >= 0
-                ),
-            )
+                db.executemany(
+                    "INSERT OR IGNORE INTO choices VALUES (?, ?)",
+                    [(n, v) for n, v in zip(FILTERS, _choice_values(st), strict=True) if v],
+                )
+            for run_id, seq, type_, at_ms, step, attempt, workflow, cost, body in events:
+                if seq < 0:
+                    continue
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?)",
+                    (run_id, seq, type_, at_ms, step, attempt, body),
+                )
+                if cur.rowcount == 1 and cost and step and seq > 0 and type_ in _ATTEMPTS:
+                    self._add_step_cost(workflow, step, cost)
             db.executemany(
                 "INSERT OR IGNORE INTO dlq VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -200,13 +218,29 @@ class RunIndex:
         return RunPage([dict(r) for r in rows], sum(counts.values()), counts)
 
     def choices(self) -> dict[str, list[str]]:
-        """The values each filter can take (for the filter menus)."""
-        return {
-            name: [
-                r[0] for r in self.db.execute(f"SELECT DISTINCT {name} FROM runs WHERE {name} IS NOT NULL")
-            ]
-            for name in FILTERS
-        }
+        """The values each filter can take (for the filter menus): every value seen since the start."""
+        out: dict[str, list[str]] = {name: [] for name in FILTERS}
+        for name, value in self.db.execute("SELECT name, value FROM choices ORDER BY name, value"):
+            out[name].append(value)
+        return out
+
+    def _add_step_cost(self, workflow: str, step: str, cost: dict[str, Any]) -> None:
+        row = self.db.execute(
+            "SELECT attempts, tokens, calls, usd FROM step_costs WHERE workflow = ? AND step = ?",
+            (workflow, step),
+        ).fetchone()
+        attempts, tokens, calls, usd = row if row else (0, 0, 0, "0")
+        self.db.execute(
+            "INSERT OR REPLACE INTO step_costs VALUES (?,?,?,?,?,?)",
+            (
+                workflow,
+                step,
+                attempts + 1,
+                tokens + int(cost.get("tokens_in") or 0) + int(cost.get("tokens_out") or 0),
+                calls + int(cost.get("requests") or 0) + int(cost.get("api_calls") or 0),
+                str(Decimal(usd) + Decimal(str(cost.get("cost_usd") or 0))),
+            ),
+        )
 
     def state(self, run_id: str) -> RunState | None:
         row = self.db.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -215,7 +249,7 @@ class RunIndex:
     def events(self, run_id: str) -> list[RunEvent]:
         """The run's applied events in seq order (each seq once)."""
         return [
-            RunEvent.model_validate_json(r[0])
+            self.codec.decode_as(r[0], RunEvent)
             for r in self.db.execute("SELECT body FROM events WHERE run_id = ? ORDER BY seq", (run_id,))
         ]
 
@@ -255,22 +289,7 @@ class RunIndex:
 
     def step_costs(self) -> list[dict[str, Any]]:
         """Per (workflow, step): attempts, tokens, calls and money of the recorded attempts."""
-        out: dict[tuple[str, str], dict[str, Any]] = {}
-        for (body,) in self.db.execute(
-            "SELECT body FROM events WHERE type IN ('step.succeeded', 'step.failed') AND seq > 0"
-        ):
-            e = RunEvent.model_validate_json(body)
-            if e.cost is None or e.step is None:
-                continue
-            row = out.setdefault(
-                (e.workflow, e.step),
-                {"workflow": e.workflow, "step": e.step, "attempts": 0, "tokens": 0, "calls": 0, "usd": "0"},
-            )
-            row["attempts"] += 1
-            row["tokens"] += e.cost.tokens_in + e.cost.tokens_out
-            row["calls"] += e.cost.requests + e.cost.api_calls
-            row["usd"] = str(Decimal(row["usd"]) + e.cost.cost_usd)
-        return sorted(out.values(), key=lambda r: (r["workflow"], r["step"]))
+        return [dict(r) for r in self.db.execute("SELECT * FROM step_costs ORDER BY workflow, step")]
 
     def in_flight(self) -> dict[str, int]:
         """Step attempts the states say are running or waiting for a retry, by status."""
@@ -290,3 +309,35 @@ class RunIndex:
         size = self.db.execute("PRAGMA page_size").fetchone()[0]
         out["bytes"] = pages * size
         return out
+
+
+_ATTEMPTS = frozenset({"step.succeeded", "step.failed"})
+
+
+def _choice_values(st: RunState) -> tuple[str | None, ...]:
+    return (st.workflow, st.version, st.status, st.outcome, st.tenant)
+
+
+_EVENT = f"{NAMESPACE}.RunEvent"
+
+
+def event_row(codec: RecordCodec, value: bytes) -> EventRow:
+    """The index's columns of an encoded event, from fastavro's dict (no pydantic model: rebuilds are bulk).
+
+    Raises:
+        DecodeError: not an encoded ``RunEvent``.
+    """
+    name, raw = codec.avro.decode(value)
+    if name != _EVENT:
+        raise DecodeError(f"expected {_EVENT}, got {name}")
+    return (
+        raw["run_id"],
+        raw["seq"],
+        raw["type"],
+        raw["at_ms"],
+        raw["step"],
+        raw["attempt"],
+        raw["workflow"],
+        raw["cost"],
+        value,
+    )

@@ -24,8 +24,7 @@ from calmrun.errors import CalmrunError, DecodeError
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
 from calmrun.streams.topics import Topics, start_client
-from calmrun.ui.index import RunIndex
-from calmrun.workflow.events import RunEvent
+from calmrun.ui.index import EventRow, RunIndex, event_row
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.ui")
@@ -159,7 +158,7 @@ class TopicTail:
 
     def _apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
         states: list[tuple[str, RunState | None]] = []
-        events: list[RunEvent] = []
+        events: list[EventRow] = []
         dead: list[tuple[str, int, int, str, DlqRecord]] = []
         dlq_prefix = self.topics.dlq("")
         for tp, records in batch.items():
@@ -176,8 +175,8 @@ class TopicTail:
                 elif tp.topic == self.topics.events:
                     if rec.value is None:
                         continue
-                    with contextlib.suppress(DecodeError):
-                        events.append(self.codec.decode_as(rec.value, RunEvent))
+                    with contextlib.suppress(DecodeError, KeyError):
+                        events.append(event_row(self.codec, rec.value))
                 elif tp.topic.startswith(dlq_prefix):
                     if rec.value is None:
                         continue

@@ -14,7 +14,7 @@ from calmrun.errors import UiAccessError
 from calmrun.settings import UiSettings, UiUser
 from calmrun.streams.dlq import DlqRecord
 from calmrun.ui.access import LOCAL, Access, User, is_loopback
-from calmrun.ui.index import RunIndex, RunQuery
+from calmrun.ui.index import RunIndex, RunQuery, event_row
 from calmrun.ui.views import REDACTED, attempts, preview, run_view
 from calmrun.workflow.events import RunEvent, StepCost, StepTask
 from calmrun.workflow.state import RunState, StepState
@@ -87,9 +87,18 @@ def test_index_filters_searches_counts_and_keeps_each_event_once(tmp_path: Path)
     assert [r["run_id"] for r in idx.runs(RunQuery(search="r-2", limit=3)).rows] == ["r-29", "r-28", "r-27"]
     assert idx.runs(RunQuery(search="%")).total == 0  # LIKE wildcards are escaped
     assert idx.runs(RunQuery(since_ms=10, until_ms=20)).total == 10
-    ev = _event("r-1", 1, "run.requested", 1)
-    idx.apply([], [ev, ev, _event("r-1", -1, "input.ignored", 2)], [])  # a re-sent copy; a logged-only line
-    assert [e.seq for e in idx.events("r-1")] == [1]
+    codec = RecordCodec(wire_models())
+    ev = event_row(codec, codec.encode(_event("r-1", 1, "run.requested", 1)))
+    cost = StepCost(tokens_in=3, tokens_out=2, requests=1, cost_usd=Decimal("0.25"))
+    done = _event("r-1", 2, "step.succeeded", 2, step="a", attempt=1, cost=cost)
+    ignored = _event("r-1", -1, "input.ignored", 2)
+    rows = [ev, ev, *(event_row(codec, codec.encode(e)) for e in (done, done, ignored))]
+    idx.apply([], rows, [])  # re-sent copies; a logged-only line
+    assert [e.seq for e in idx.events("r-1")] == [1, 2]
+    assert idx.step_costs() == [
+        {"workflow": "triage", "step": "a", "attempts": 1, "tokens": 5, "calls": 1, "usd": "0.25"}
+    ]
+    assert idx.choices()["status"] == ["completed", "quarantined", "running"]
     assert idx.state("r-5") is not None and idx.state("r-5").status == "running"  # type: ignore[union-attr]
     assert idx.sizes()["runs"] == 29
 
