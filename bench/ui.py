@@ -73,7 +73,8 @@ async def _write_runs(bootstrap: str, pfx: str, n: int) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024, acks=1)
     await producer.start()
     try:
-        t0 = 1_790_000_000_000
+        # the last day: older record timestamps would fall out of the topics' 7-day retention at once
+        t0 = time.time_ns() // 1_000_000 - n * 864
         pending = []
         tb = tid.encode()
         for i in range(n):

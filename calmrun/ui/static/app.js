@@ -249,9 +249,14 @@ async function viewDlq(_arg, params) {
       confirmRedrive(wfs, chosen.map((r) => r.run_id), chosen);
     },
   }, "Redrive selected");
+  const all = h("button", {
+    class: "danger", id: "redrive-all", disabled: !canAct || !wf,
+    title: wf ? null : "choose a workflow first",
+    onclick: () => confirmRedrive(wf, null),
+  }, "Redrive all of this workflow (runs and poison records)");
   return [
     h("h1", {}, "Dead letters"),
-    h("div", { class: "filters" }, h("label", { for: "dlq-workflow" }, "workflow", sel), many,
+    h("div", { class: "filters" }, h("label", { for: "dlq-workflow" }, "workflow", sel), many, all,
       onlyRun ? h("a", { href: `#/dlq${wf ? "?workflow=" + encodeURIComponent(wf) : ""}` }, `only ${onlyRun}: show all`) : null),
     h("div", { class: "counts" }, Object.entries(data.counts).sort().map(([w, n]) => h("span", { class: "count" }, w, " ", h("b", {}, n)))),
     records.length
@@ -264,8 +269,13 @@ async function viewDlq(_arg, params) {
 
 async function confirmRedrive(workflow, runIds, records) {
   const dlg = $("#confirm");
-  $("#confirm-title").textContent = runIds.length > 1 ? `Redrive ${runIds.length} runs?` : "Redrive this run?";
-  $("#confirm-text").textContent = `${runIds.join(", ")} continue from the failed step with a fresh retry budget. This is recorded with your name (${me.user}).`;
+  if (runIds === null) {
+    $("#confirm-title").textContent = `Redrive everything in ${workflow}'s dead letters?`;
+    $("#confirm-text").textContent = `Every quarantined run continues and every poison record is re-injected into its source topic (as calmrun dlq redrive --all). This is recorded with your name (${me.user}).`;
+  } else {
+    $("#confirm-title").textContent = runIds.length > 1 ? `Redrive ${runIds.length} runs?` : "Redrive this run?";
+    $("#confirm-text").textContent = `${runIds.join(", ")} continue from the failed step with a fresh retry budget. This is recorded with your name (${me.user}).`;
+  }
   dlg.returnValue = "";
   dlg.showModal();
   $("#confirm-cancel").focus();
@@ -275,13 +285,15 @@ async function confirmRedrive(workflow, runIds, records) {
   if (Array.isArray(workflow)) for (const r of records) (groups[r.workflow] ||= []).push(r.run_id);
   else groups[workflow] = runIds;
   try {
-    let n = 0;
+    let n = 0, m = 0;
     for (const [wf, ids] of Object.entries(groups)) {
-      const res = await api("/api/redrive", { method: "POST", headers: { "Content-Type": "application/json", "X-Calmrun-Action": "1" }, body: JSON.stringify({ workflow: wf, run_ids: ids }) });
+      const body = ids === null ? { workflow: wf, all: true } : { workflow: wf, run_ids: ids };
+      const res = await api("/api/redrive", { method: "POST", headers: { "Content-Type": "application/json", "X-Calmrun-Action": "1" }, body: JSON.stringify(body) });
       n += res.runs;
+      m += res.records;
     }
     dlqChecked.clear();
-    toast(`redrive sent for ${n} run(s) by ${me.user}`);
+    toast(`redrive sent for ${n} run(s)${m ? `, ${m} record(s) re-injected` : ""} by ${me.user}`);
   } catch (e) {
     toast(`redrive failed: ${e.message}`);
   }
