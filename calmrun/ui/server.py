@@ -297,21 +297,22 @@ class UiServer:
 
     async def _start_cost_tails(self) -> None:
         """Follow the aggregator's topics once they exist (the page never creates topics)."""
-        if self._cost_tail is not None:
+        if self._cost_tail is not None and (self._spend is not None or not self.settings.budgets.tenants):
             return
         topics = CostTopics(self.settings.kafka.prefix)
         assert self.tail._consumer is not None
         names = await self.tail._consumer.topics()
-        if topics.totals not in names:
-            return
-        tail = CompactedTail(self.settings, topics.totals, self.costs.apply)
-        await tail.start()
-        with contextlib.suppress(TimeoutError):
-            await tail.caught_up(10)
-        self._cost_tail = tail
-        if topics.tenants in names and self.settings.budgets.tenants:
+        if self._cost_tail is None and topics.totals in names:
+            tail = CompactedTail(self.settings, topics.totals, self.costs.apply)
+            await tail.start()
+            with contextlib.suppress(TimeoutError):
+                await tail.caught_up(10)
+            self._cost_tail = tail
+        if self._spend is None and topics.tenants in names and self.settings.budgets.tenants:
             spend = TenantSpend(self.settings)
             await spend._tail.start()  # not spend.start(): that creates the topic, and the page only reads
+            with contextlib.suppress(TimeoutError):
+                await spend.caught_up(10)
             self._spend = spend
 
     async def workers(self, request: web.Request) -> web.StreamResponse:

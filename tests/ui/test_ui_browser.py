@@ -88,6 +88,7 @@ class UiProcess:
                 "prefix": settings.kafka.prefix,
                 "partitions": 4,
             },
+            "budgets": {"tenants": {"default": {"usd": "0.01", "window": "1h"}}},  # the page compares spend
             "ui": {
                 "users": {
                     "alice": {"token": OPERATOR_TOKEN, "role": "operator"},
@@ -392,6 +393,9 @@ async def test_operator_page_in_chromium(stack: dict[str, Any], shots: list[Path
             total_usd = sum(float(r["cost_usd"]) for r in want.values())
             chart_total = await page.inner_text('[data-testid="chart-money-total"]')
             assert chart_total == f"total ${total_usd:.6f}"
+            budget = page.locator("#cost-budgets tbody tr")
+            assert await budget.count() == 1 and "$0.010000" in await budget.inner_text()
+            assert float(await budget.locator("[role=meter]").get_attribute("aria-valuenow") or 0) > 0
             await shoot(page, shots, "costs")
 
             # -- workers ---------------------------------------------------------------------------
