@@ -327,7 +327,9 @@ def ui(
     ui_over = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = base.model_copy(update={"ui": base.ui.model_copy(update=ui_over)}) if ui_over else base
     with contextlib.suppress(KeyboardInterrupt):
-        _run(serve(settings, _workflows(workflow or []), token, ready_file))
+        from calmrun.errors import UiAccessError
+
+        _run(serve(settings, _workflows(workflow or []), token, ready_file), usage_errors=(UiAccessError,))
 
 
 @topics_app.command("create")
