@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from importlib import resources
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,7 +32,7 @@ from calmrun.settings import Settings
 from calmrun.ui.access import COOKIE, Access, User
 from calmrun.ui.index import RunIndex, RunQuery
 from calmrun.ui.tail import TopicTail
-from calmrun.ui.views import dead_letter, run_view
+from calmrun.ui.views import dead_letter, redact_event, run_view
 from calmrun.ui.workers import describe_groups
 from calmrun.workflow.definition import WorkflowDef
 
@@ -48,7 +50,8 @@ class UiServer:
         settings: broker, prefix, ``ui`` settings (host, port, users, trusted header, index path).
         access: who may read and act.
         definitions: workflow definitions for "replay this run" (definitions are not stored in Kafka).
-        index_path: where the SQLite index lives (rebuilt at start); default ``ui.index_path`` or memory.
+        index_path: where the SQLite index lives (rebuilt at start); default ``ui.index_path``, else a
+            temporary file removed at stop (a file, not memory: 100,000 runs take about 490 MB).
     """
 
     def __init__(
@@ -59,8 +62,9 @@ class UiServer:
         index_path: str | None = None,
     ) -> None:
         self.settings, self.access, self.definitions = settings, access, list(definitions)
-        path = index_path or (str(settings.ui.index_path) if settings.ui.index_path else ":memory:")
-        self.index = RunIndex(path)
+        path = index_path or (str(settings.ui.index_path) if settings.ui.index_path else None)
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="calmrun-ui-") if path is None else None
+        self.index = RunIndex(path or str(Path(self._tmpdir.name if self._tmpdir else ".") / "index.sqlite"))
         self.codec = RecordCodec(wire_models())
         self.version = 0
         self.tail = TopicTail(settings, self.index, self._on_change)
@@ -118,6 +122,8 @@ class UiServer:
                 await t.stop()
         await self.tail.stop()
         self.index.close()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
 
     # -- access ---------------------------------------------------------------------------------------
 
@@ -230,8 +236,6 @@ class UiServer:
             return web.json_response({"error": str(exc)}, status=422)
         out = verdict.to_dict()
         if not request[USER].can_act and out.get("divergence"):
-            from calmrun.ui.views import redact_event
-
             d = out["divergence"]
             d["original"] = [redact_event(e) for e in d["original"]]
             d["replay"] = [redact_event(e) for e in d["replay"]]
@@ -300,8 +304,7 @@ class UiServer:
         if self._cost_tail is not None and (self._spend is not None or not self.settings.budgets.tenants):
             return
         topics = CostTopics(self.settings.kafka.prefix)
-        assert self.tail._consumer is not None
-        names = await self.tail._consumer.topics()
+        names = await self.tail.topic_names()
         if self._cost_tail is None and topics.totals in names:
             tail = CompactedTail(self.settings, topics.totals, self.costs.apply)
             await tail.start()

@@ -84,6 +84,11 @@ class TopicTail:
         """Wait until everything present at ``start()`` is in the index."""
         await asyncio.wait_for(self._caught_up.wait(), wait_s)
 
+    async def topic_names(self) -> set[str]:
+        """Every topic the broker has now (a metadata request)."""
+        assert self._consumer is not None, "start() first"
+        return set(await self._consumer.topics())
+
     @property
     def is_caught_up(self) -> bool:
         return self._caught_up.is_set()
