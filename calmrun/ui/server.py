@@ -32,7 +32,7 @@ from calmrun.settings import Settings
 from calmrun.ui.access import COOKIE, Access, User
 from calmrun.ui.index import RunIndex, RunQuery
 from calmrun.ui.tail import TopicTail
-from calmrun.ui.views import dead_letter, redact_event, run_view
+from calmrun.ui.views import dead_letter, redact_event, run_view, step_inputs
 from calmrun.ui.workers import describe_groups
 from calmrun.workflow.definition import WorkflowDef
 
@@ -218,7 +218,12 @@ class UiServer:
         if state is None and not events:
             raise web.HTTPNotFound(text=f"no run {run_id!r} in the index")
         redact = not request[USER].can_act
-        view = run_view(state, events, self.index.dead_letters(run_id=run_id), redact)
+        wf = next(
+            (d for d in self.definitions if state and (d.name, d.version) == (state.workflow, state.version)),
+            None,
+        )
+        inputs = step_inputs(wf, state) if wf is not None and state is not None else None
+        view = run_view(state, events, self.index.dead_letters(run_id=run_id), redact, inputs)
         view["replayable"] = any(
             d.name == (state.workflow if state else events[0].workflow) for d in self.definitions
         )

@@ -12,6 +12,8 @@ from typing import Any
 from calmrun.codec import RecordCodec
 from calmrun.errors import DecodeError
 from calmrun.replay.recorded import path_of
+from calmrun.workflow.decider import InputMappingError, resolve_input
+from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 
@@ -100,12 +102,36 @@ def attempts(events: list[RunEvent]) -> list[dict[str, Any]]:
     return [rows[k] for k in order]
 
 
+def step_inputs(wf: WorkflowDef, state: RunState) -> dict[str, Any]:
+    """Each step's input, from the definition's mapping over the run input and the recorded outputs.
+
+    The events do not carry an attempt's input (the step task record does); with the run's definition it
+    is what the decider resolved when it issued the attempt (every attempt of a step gets the same input).
+    A step whose mapping cannot be resolved (it never ran) is left out.
+    """
+    out: dict[str, Any] = {}
+    for name in state.steps:
+        try:
+            out[name] = resolve_input(wf, state, name)
+        except (InputMappingError, KeyError):
+            continue
+    return out
+
+
 def run_view(
-    state: RunState | None, events: list[RunEvent], dead: list[dict[str, Any]], redact: bool
+    state: RunState | None,
+    events: list[RunEvent],
+    dead: list[dict[str, Any]],
+    redact: bool,
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The Run view: state, events, the attempts of the waterfall, the path and the run's dead letters."""
     st = state.model_dump(mode="json") if state is not None else None
     evs = [e.model_dump(mode="json") for e in events]
     rows = attempts(events)
+    for r in rows:
+        if inputs and r["kind"] == "run" and r["step"] in inputs:
+            r["input"] = REDACTED if redact else inputs[r["step"]]
     if redact:
         st = redact_state(st) if st is not None else None
         evs = [redact_event(e) for e in evs]

@@ -347,6 +347,8 @@ async def test_operator_page_in_chromium(stack: dict[str, Any], shots: list[Path
             await page.wait_for_selector("#waterfall .wf-row")
             rows = await page.locator("#waterfall .wf-row").count()
             assert rows >= 5  # classify, extract + sentiment (in parallel), decide, and the branch taken
+            decide_input = await page.locator("#attempts [data-testid=attempt-input]").nth(3).text_content()
+            assert '"classification"' in (decide_input or "")  # decide's mapping over earlier outputs
             await page.reload()  # a fresh load: Tab starts at the top of the page
             await page.wait_for_selector("#replay-run")
             await tab_until(page, "#replay-run")

@@ -157,6 +157,7 @@ async function viewRun(runId) {
     h("td", {}, fmtTime(a.scheduled_ms)), h("td", { class: "num" }, fmtMs(a.wait_ms)), h("td", { class: "num" }, fmtMs(a.latency_ms)),
     h("td", { class: "num" }, a.tokens_in === undefined ? "-" : `${a.tokens_in}/${a.tokens_out}`),
     h("td", { class: "num" }, a.cost_usd === undefined ? "-" : fmtUsd(a.cost_usd)),
+    h("td", {}, a.input !== undefined ? h("details", {}, h("summary", {}, "input"), h("pre", { "data-testid": "attempt-input" }, json(a.input))) : "-"),
     h("td", {}, a.error ? h("details", {}, h("summary", { class: "error" }, a.error_type), h("pre", {}, a.error))
       : a.output !== undefined && a.output !== null ? h("details", {}, h("summary", {}, "output"), h("pre", {}, json(a.output))) : "-")));
   const dead = data.dead_letters.map((d) => h("li", {},
@@ -180,7 +181,7 @@ async function viewRun(runId) {
     h("div", { class: "waterfall", id: "waterfall", "aria-label": "waterfall of step attempts" }, bars.length ? bars : h("p", { class: "muted" }, "no step attempts yet")),
     h("h2", {}, "Attempts"),
     h("table", { id: "attempts" },
-      h("thead", {}, h("tr", {}, ["step", "attempt", "status", "model", "issued (UTC)", "wait", "duration", "tokens in/out", "cost", "output or error"].map((c) => h("th", {}, c)))),
+      h("thead", {}, h("tr", {}, ["step", "attempt", "status", "model", "issued (UTC)", "wait", "duration", "tokens in/out", "cost", "input", "output or error"].map((c) => h("th", {}, c)))),
       h("tbody", {}, attemptRows)),
     h("h2", {}, "Input"),
     h("pre", {}, json(st.input)),
