@@ -132,15 +132,12 @@ class UiServer:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         token = request.query.get("token")
-        if (
-            request.path == "/" and token
-        ):  # a link with the token: remember it in a cookie, drop it from the URL
-            user = self.access.identify(token, {})
-            if user is None:
+        if request.path == "/" and token:  # a link with the token: keep it in a cookie, not in the address
+            if self.access.identify(token, {}) is None:
                 raise web.HTTPUnauthorized(text="unknown token")
-            resp = web.HTTPFound("/")
-            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
-            raise resp
+            found = web.HTTPFound("/", headers=_HEADERS)
+            found.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
+            raise found
         auth = request.headers.get("Authorization", "")
         bearer = auth[7:] if auth.lower().startswith("bearer ") else None
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -150,7 +147,9 @@ class UiServer:
                 raise web.HTTPUnauthorized(text="not authenticated: a token or the proxy's user header")
             return web.Response(status=401, text=_LOGIN, content_type="text/html")
         request[USER] = user
-        return await handler(request)
+        response = await handler(request)
+        response.headers.update(_HEADERS)
+        return response
 
     def _operator(self, request: web.Request) -> User:
         user = request[USER]
@@ -374,6 +373,14 @@ def _int(v: str | None) -> int | None:
 def _asset(name: str) -> str:
     return resources.files("calmrun.ui").joinpath("static", name).read_text()
 
+
+_HEADERS = {
+    # the page's own files only; the waterfall sets widths with style attributes
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",  # a first visit carries the token in its address
+    "X-Content-Type-Options": "nosniff",
+}
 
 _LOGIN = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>calmrun: sign in</title></head>
 <body><main><h1>calmrun</h1><p>Not authenticated. Open the link with your token
