@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import floor, memory, replay, ui, workflow
+from bench import floor, memory, replay, status, ui, workflow
 from bench.common import ROOT, Ctx, loadavg
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.localproc import free_port
@@ -29,10 +29,10 @@ WORKLOADS: dict[str, Workload] = {
     "floor": floor.run,
     "throughput": workflow.throughput,
     "latency": workflow.latency,
-    "durability": workflow.durability,
     "replay": replay.run_replay,
     "costs": replay.run_costs,
     "memory": memory.run,
+    "status": status.run,
     "ui": ui.run,
 }
 

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -25,7 +24,6 @@ from pydantic import BaseModel
 from bench.common import PARTITIONS, rss_kib, write_status
 from bench.profile import summarise
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
-from calmrun.gctune import settle_heap
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
 from tests.runtime_support import linear
@@ -102,21 +100,13 @@ async def main(args: argparse.Namespace) -> None:
         linger_ms=args.linger_ms,
     )
     status = Path(args.status_file) if args.status_file else None
-    loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task[None]] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(worker.stop())))
-    await worker.start()
-    settle_heap(worker.settings.worker.gc_threshold)  # as `calmrun worker` does
-    _status(status, worker, "running")
-    waiter = asyncio.create_task(worker.run_until_stopped())
-    while not waiter.done():
-        await asyncio.wait({waiter}, timeout=0.1)
-        _status(status, worker, "running")
-    for t in stopping:
-        await t
+    runner = asyncio.create_task(worker.run(lambda: _status(status, worker, "running")))
+    while not runner.done():
+        await asyncio.wait({runner}, timeout=0.1)
+        if worker.owned:
+            _status(status, worker, "running")
     _status(status, worker, "stopped")
-    waiter.result()
+    runner.result()
 
 
 def cli() -> None:

@@ -2,7 +2,6 @@
 
 * ``throughput``: N runs with 100 in flight (closed loop): runs/s, step hops/s, Kafka records moved/s.
 * ``latency``: request -> completion and per hop, from event timestamps, one run at a time and saturated.
-* ``durability``: throughput and latency with acks=1 and no idempotence against acks=all + idempotence.
 """
 
 from __future__ import annotations
@@ -73,24 +72,3 @@ async def latency(ctx: Ctx) -> dict[str, Any]:
             metrics[f"{k}, {label}"] = summary([lp.timings[k] for lp in loops])
         metrics[f"runs/s, {label}"] = summary([lp.runs_per_s for lp in loops])
     return {"params": {"light_runs": n1, "saturated_runs": nsat, "max_in_flight": 100}, "metrics": metrics}
-
-
-async def durability(ctx: Ctx) -> dict[str, Any]:
-    n, warm = ctx.n(3_000, 40), ctx.n(300, 10)
-    strong, _ = await measure(ctx, "dur", n=n, concurrency=100, warmup=warm, acks="all")
-    weak, _ = await measure(ctx, "weak", n=n, concurrency=100, warmup=warm, acks="1", no_idempotence=True)
-    ms, mw = _loop_metrics(strong, "acks=all+idempotence: "), _loop_metrics(weak, "acks=1: ")
-    ratio = [s.runs_per_s / w.runs_per_s for s, w in zip(strong, weak, strict=True)]
-    return {
-        "params": {"runs": n, "runs_in_flight": 100},
-        "metrics": {
-            **{k: v for k, v in ms.items() if "hops" not in k},
-            **{k: v for k, v in mw.items() if "hops" not in k},
-            "runs/s ratio strong/weak": summary(ratio),
-        },
-        "notes": [
-            "exactly-once transactions (faust processing_guarantee='exactly_once' or a transactional "
-            "producer) are not supported by the worker: it is at least once with idempotent transitions, "
-            "so there is no transactional row"
-        ],
-    }

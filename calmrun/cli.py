@@ -6,12 +6,10 @@ Human-readable output by default; ``--json`` for scripts.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,8 +35,10 @@ T = TypeVar("T")
 app = typer.Typer(help="calmrun: a Kafka-native runtime for AI-agent workflows.", no_args_is_help=True)
 dlq_app = typer.Typer(help="The quarantine: dead-letter topics.", no_args_is_help=True)
 topics_app = typer.Typer(help="calmrun's Kafka topics.", no_args_is_help=True)
+check_app = typer.Typer(help="Checks over what calmrun has written.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(topics_app, name="topics")
+app.add_typer(check_app, name="check")
 app.add_typer(replay_app, name="replay")
 app.command("snapshot")(snapshot)
 app.command("costs")(costs)
@@ -88,21 +88,15 @@ def worker(
         from prometheus_client import CollectorRegistry
 
         from calmrun.costs.metrics import WorkerMetrics
-        from calmrun.gctune import settle_heap
         from calmrun.streams.worker import Worker
 
         metrics = WorkerMetrics(CollectorRegistry()) if settings.metrics.port else None
         w = Worker(settings, wfs, AgentRegistry(), ModelRegistry(settings.models), metrics=metrics)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(w.stop()))
-        await w.start()
-        settle_heap(settings.worker.gc_threshold)
-        err.print(f"worker running {[wf.name for wf in wfs]} on {settings.kafka.bootstrap}; Ctrl-C stops it")
-        try:
-            await w.run_until_stopped()
-        finally:
-            await w.stop()
+        await w.run(
+            lambda: err.print(
+                f"worker running {[wf.name for wf in wfs]} on {settings.kafka.bootstrap}; Ctrl-C stops it"
+            )
+        )
 
     _run(main())
 
@@ -157,7 +151,8 @@ def status(
 
     async def main() -> tuple[RunState | None, list[RunEvent]]:
         async with Client(settings) as c:
-            return await c.state(run_id), await c.events(run_id)
+            state = await c.state(run_id)
+            return state, (await c.run_events(state) if state is not None else [])
 
     state, events = _run(main())
     if state is None:
@@ -275,6 +270,39 @@ def dlq_tail(
         _run(main())
 
 
+@check_app.command("history")
+def check_history_cmd(
+    workflow: Annotated[
+        list[Path] | None,
+        typer.Option("--workflow", "-w", help="Definitions to re-decide each run against (repeatable)."),
+    ] = None,
+    run_id: Annotated[
+        list[str] | None, typer.Option("--run-id", help="Only these runs (repeatable).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Violations to print at most.")] = 20,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check that every run has one history (events, state, dead letters); exit 1 on any violation."""
+    from calmrun.check import check_history
+
+    settings = cli_settings(config, bootstrap, prefix)
+    wfs = _workflows(workflow or [])
+    report = _run(check_history(settings.kafka, wfs, run_ids=run_id))
+    if as_json:
+        print(json.dumps(report.to_dict(limit)))
+    else:
+        out.print(escape(report.summary()))
+        if not wfs:
+            out.print("(no --workflow given: states were not re-decided from the events)")
+        for v in report.violations[:limit]:
+            out.print(f"  {v.run_id}  [bold]{v.rule}[/bold]  {escape(v.detail)}  {'; '.join(v.events)}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @dlq_app.command("redrive")
 def dlq_redrive(
     workflow: Annotated[str, typer.Option("--workflow", "-w", help="Workflow whose DLQ to re-drive.")],
@@ -343,6 +371,46 @@ def topics_create(
     settings = cli_settings(config, bootstrap, prefix)
     created = _run(ensure_topics(settings.kafka, _workflows(workflow)))
     out.print(f"created {len(created)} topics" + (": " + ", ".join(created) if created else " (all existed)"))
+
+
+@app.command()
+def acls(
+    principal: Annotated[str, typer.Option("--principal", help="User name or principal (User:alice).")],
+    role: Annotated[
+        list[str] | None,
+        typer.Option("--role", help="worker, costs, operator or viewer (repeatable; default all four)."),
+    ] = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Create them (needs a super user's settings).")
+    ] = False,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Print (or apply) the prefixed ACLs that confine a principal to one prefix, per role.
+
+    Without --apply it prints one line per ACL and the same as kafka-acls.sh arguments.
+    """
+    from calmrun.acls import ROLES, acls_for, apply_acls
+
+    settings = cli_settings(config, bootstrap, prefix)
+    wanted = role or list(ROLES)
+    try:
+        bindings = [a for r in wanted for a in acls_for(settings, principal, r)]  # type: ignore[arg-type]
+    except CalmrunError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    bindings = list(dict.fromkeys(bindings))
+    if apply:
+        n = _run(apply_acls(settings, bindings))
+        out.print(f"created {n} ACLs for {bindings[0].principal} on prefix {settings.kafka.prefix!r}")
+        return
+    print(f"# prefix {settings.kafka.prefix!r}, roles {', '.join(wanted)}")
+    for a in bindings:
+        print(a.line())
+    print("# the same with kafka-acls.sh --bootstrap-server ... --command-config admin.properties:")
+    for a in bindings:
+        print(f"#   kafka-acls.sh {a.kafka_acls_args()}")
 
 
 @app.command()

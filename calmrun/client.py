@@ -9,14 +9,16 @@ from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.structs import TopicPartition
 from pydantic import BaseModel
 
 from calmrun.codec import RecordCodec, wire_models
-from calmrun.errors import CalmrunError
+from calmrun.connect import client_kwargs
+from calmrun.errors import CalmrunError, KafkaAuthorizationError
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
-from calmrun.streams.topics import Topics, partition_for, start_client
+from calmrun.streams.topics import Topics, check_readable, partition_for, start_client
 from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 
@@ -41,8 +43,9 @@ class Client:
             enable_idempotence=True,
             linger_ms=5,
             client_id=f"{k.client_id}-cli",
+            **client_kwargs(k),
         )
-        await start_client(self._producer, k.bootstrap)
+        await start_client(self._producer, k)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -64,14 +67,19 @@ class Client:
         """Produce many run requests and wait until all are acknowledged."""
         ids: list[str] = []
         futures = []
-        for req in requests:
-            run_id = req.run_id or f"run-{time.time_ns():x}-{len(ids)}"
-            req = req.model_copy(update={"run_id": run_id})
-            futures.append(
-                await self.producer.send(self.topics.requests, self.codec.encode(req), key=run_id.encode())
-            )
-            ids.append(run_id)
-        await asyncio.gather(*futures)
+        try:
+            for req in requests:
+                run_id = req.run_id or f"run-{time.time_ns():x}-{len(ids)}"
+                req = req.model_copy(update={"run_id": run_id})
+                futures.append(
+                    await self.producer.send(
+                        self.topics.requests, self.codec.encode(req), key=run_id.encode()
+                    )
+                )
+                ids.append(run_id)
+            await asyncio.gather(*futures)
+        except TopicAuthorizationFailedError as exc:
+            raise KafkaAuthorizationError("topic", self.topics.requests, detail="Write refused") from exc
         return ids
 
     async def redrive(
@@ -120,21 +128,37 @@ class Client:
         return out
 
     async def state(self, run_id: str) -> RunState | None:
+        """One run's latest state; only its own records are decoded."""
         p = partition_for(run_id, self.settings.kafka.partitions)
         found = None
-        async for key, rec in self._read(self.topics.state, RunState, partitions=[p]):
-            if key == run_id:
-                found = rec
+        async for _, rec in self._read(self.topics.state, RunState, partitions=[p], key=run_id.encode()):
+            found = rec
         return found
 
-    async def events(self, run_id: str | None = None) -> list[RunEvent]:
-        """The audit log, of one run (read from its partition only) or of all runs."""
-        parts = None if run_id is None else [partition_for(run_id, self.settings.kafka.partitions)]
-        return [
+    async def events(self, run_id: str | None = None, *, since_ms: int | None = None) -> list[RunEvent]:
+        """The audit log of all runs, or of one run: read from its partition only, from ``since_ms``
+        (record time) on, decoding only its own records.
+
+        ``calmrun status`` passes the run's ``created_ms`` less ``_SKEW_MS``; when that finds no
+        ``run.requested`` (a client clock far ahead), the run's whole partition is read instead.
+        """
+        if run_id is None:
+            return [ev async for _, ev in self._read(self.topics.events, RunEvent)]
+        parts = [partition_for(run_id, self.settings.kafka.partitions)]
+        key = run_id.encode()
+        found = [
             ev
-            async for key, ev in self._read(self.topics.events, RunEvent, partitions=parts)
-            if run_id is None or key == run_id
+            async for _, ev in self._read(
+                self.topics.events, RunEvent, partitions=parts, key=key, since_ms=since_ms
+            )
         ]
+        if since_ms is not None and not any(e.type == "run.requested" for e in found):
+            return await self.events(run_id)
+        return found
+
+    async def run_events(self, state: RunState) -> list[RunEvent]:
+        """The events of the run ``state`` belongs to, read from shortly before it was requested."""
+        return await self.events(state.run_id, since_ms=max(0, state.created_ms - _SKEW_MS))
 
     async def read_dlq(self, workflow: str) -> list[DlqRecord]:
         return [rec async for _, rec in self._read(self.topics.dlq(workflow), DlqRecord)]
@@ -176,24 +200,35 @@ class Client:
         partitions: list[int] | None = None,
         follow: bool = False,
         until: float | None = None,
+        key: bytes | None = None,
+        since_ms: int | None = None,
     ) -> AsyncGenerator[tuple[str, M], None]:
-        """Decode a topic from the beginning to its end offsets (or on, with ``follow``)."""
+        """Decode a topic from the beginning (or the offsets of ``since_ms``) to its end offsets (or on,
+        with ``follow``); with ``key``, records of other keys are skipped before they are decoded."""
         # "earliest": the default "latest" reset that assign() starts can race our seek and skip records
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka.bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            isolation_level="read_committed",  # the worker writes in transactions
+            **client_kwargs(self.settings.kafka),
         )
-        await start_client(consumer, self.settings.kafka.bootstrap)
+        await start_client(consumer, self.settings.kafka)
         try:
             # every calmrun topic has the configured partition count (ensure_topics enforces it)
             known = range(self.settings.kafka.partitions) if topic in await consumer.topics() else None
             if not known:
-                raise CalmrunError(f"topic {topic} does not exist (run `calmrun topics create`?)")
+                missing = CalmrunError(f"topic {topic} does not exist (run `calmrun topics create`?)")
+                await check_readable(self.settings.kafka, topic, missing)
             tps = [TopicPartition(topic, p) for p in sorted(partitions if partitions is not None else known)]
             consumer.assign(tps)
             begin = await consumer.beginning_offsets(tps)
             end = await consumer.end_offsets(tps)
+            if since_ms is not None:
+                found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+                for tp in tps:
+                    at = found.get(tp)
+                    begin[tp] = at.offset if at is not None else end[tp]
             for tp in tps:
                 consumer.seek(tp, begin[tp])
             remaining = {tp for tp in tps if end[tp] > begin[tp]}
@@ -203,7 +238,7 @@ class Client:
                 batch = await consumer.getmany(timeout_ms=200)
                 for records in batch.values():
                     for rec in records:
-                        if rec.value is None:
+                        if rec.value is None or (key is not None and rec.key != key):
                             continue
                         yield (
                             (rec.key or b"").decode(errors="replace"),
@@ -214,6 +249,10 @@ class Client:
                         remaining.discard(tp)
         finally:
             await consumer.stop()
+
+
+_SKEW_MS = 5 * 60_000
+"""How far a client's clock (a request's timestamp: a run's ``created_ms``) may be ahead of the worker's."""
 
 
 def summarize(states: dict[str, RunState]) -> dict[str, Any]:

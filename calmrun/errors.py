@@ -151,6 +151,45 @@ class WorkerError(CalmrunError):
     """The worker cannot go on (a produce failed after its retries); uncommitted input is re-delivered."""
 
 
+class KafkaAuthError(CalmrunError):
+    """The broker refused this client's connection: TLS, SASL or the protocol itself does not match.
+
+    Raised when a client starts, within seconds; a restart with the same settings fails the same way.
+
+    Attributes:
+        broker: the ``host:port`` that refused.
+        mechanism: what was tried: ``TLS``, ``mTLS``, a SASL mechanism (``SASL_SSL/SCRAM-SHA-512``) or
+            ``PLAINTEXT``.
+        detail: what was refused (never holds a password).
+    """
+
+    def __init__(self, broker: str, *, mechanism: str, detail: str) -> None:
+        super().__init__(f"Kafka broker {broker} refused the connection ({mechanism}): {detail}")
+        self.broker = broker
+        self.mechanism = mechanism
+        self.detail = detail
+
+
+class KafkaAuthorizationError(CalmrunError):
+    """An ACL denies this client an operation on a topic, group or transactional ID.
+
+    Attributes:
+        resource: the kind (``topic``, ``group``, ``transactional_id``, ``cluster``).
+        name: the resource's name (a topic name for ``topic``).
+        principal: who asked, when known (``User:alice``), else "".
+    """
+
+    def __init__(self, resource: str, name: str, *, principal: str = "", detail: str = "") -> None:
+        who = f" for {principal}" if principal else ""
+        why = f": {detail}" if detail else ""
+        super().__init__(
+            f"not authorized{who} on {resource} {name!r}{why} (`calmrun acls` prints the ACLs a prefix needs)"
+        )
+        self.resource = resource
+        self.name = name
+        self.principal = principal
+
+
 class UiAccessError(ConfigError):
     """The operator page would be reachable off loopback without authentication: it refuses to start.
 

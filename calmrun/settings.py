@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from calmrun.errors import ConfigError
@@ -19,6 +19,68 @@ from calmrun.errors import ConfigError
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+
+
+class TlsSettings(_Frozen):
+    """TLS towards the brokers (``SSL`` and ``SASL_SSL``): whom to trust and, for mTLS, who we are.
+
+    Files are PEM. Without ``ca_file`` the system's trust store is used (managed clusters with public CAs).
+    """
+
+    ca_file: Path | None = Field(None, description="PEM CA bundle the broker certificates must chain to")
+    cert_file: Path | None = Field(None, description="client certificate (PEM) for mTLS; needs key_file")
+    key_file: Path | None = Field(None, description="the client certificate's private key (PEM)")
+    key_password: SecretStr | None = Field(
+        None, description="password of an encrypted key_file: the value, env:NAME or file:PATH"
+    )
+    check_hostname: bool = Field(True, description="the broker certificate must name the host dialled")
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mTLS needs both)")
+        return self
+
+
+class SaslSettings(_Frozen):
+    """SASL login (``SASL_PLAINTEXT`` and ``SASL_SSL``).
+
+    ``password`` is the value itself, ``env:NAME`` (read from that variable when a client starts) or
+    ``file:PATH``, as model API keys are; it is never logged, written to a topic or exported.
+    ``OAUTHBEARER`` takes ``oauth_token_provider: "module:attr"``: an ``aiokafka.abc.AbstractTokenProvider``
+    instance, or a class or factory taking no arguments that returns one.
+    """
+
+    mechanism: SaslMechanism = "PLAIN"
+    username: str | None = None
+    password: SecretStr | None = None
+    oauth_token_provider: str | None = Field(
+        None, pattern=r"^[\w.]+:[\w.]+$", description="module:attr of an aiokafka AbstractTokenProvider"
+    )
+
+
+class SecuritySettings(_Frozen):
+    """How calmrun authenticates to Kafka; applied to every client it starts (see calmrun.connect)."""
+
+    protocol: SecurityProtocol = "PLAINTEXT"
+    sasl: SaslSettings = SaslSettings()
+    tls: TlsSettings = TlsSettings()
+
+    @model_validator(mode="after")
+    def _complete(self) -> SecuritySettings:
+        if self.protocol.startswith("SASL_"):
+            if self.sasl.mechanism == "OAUTHBEARER":
+                if self.sasl.oauth_token_provider is None:
+                    raise ValueError("OAUTHBEARER needs sasl.oauth_token_provider (module:attr)")
+            elif self.sasl.username is None or self.sasl.password is None:
+                raise ValueError(
+                    f"{self.protocol} with {self.sasl.mechanism} needs sasl.username and sasl.password"
+                )
+        return self
 
 
 class KafkaSettings(_Frozen):
@@ -37,6 +99,7 @@ class KafkaSettings(_Frozen):
     idempotence: bool = True
     linger_ms: int = Field(1, ge=0, description="producer batching delay; each hop waits up to this")
     client_id: str = "calmrun"
+    security: SecuritySettings = SecuritySettings()
 
 
 class WorkerSettings(_Frozen):
@@ -56,7 +119,16 @@ class WorkerSettings(_Frozen):
     commit_interval_s: float = Field(1.0, gt=0)
     timer_interval_s: float = Field(0.2, gt=0, description="how often due retries and deadlines are checked")
     session_timeout_s: float = Field(
-        30.0, ge=6, description="a worker silent this long leaves the group and its partitions move"
+        6.0,
+        ge=6,
+        description="a worker silent this long leaves the group and its partitions move (6 s is the "
+        "broker's default minimum); heartbeats go every second",
+    )
+    instance_id: str | None = Field(
+        None,
+        description="static group membership (KIP-345): a stable name per worker (a pod name); a worker "
+        "restarted under the same name within the session timeout gets its partitions back without a "
+        "rebalance of the group",
     )
     gc_threshold: int = Field(
         10_000,
@@ -67,7 +139,8 @@ class WorkerSettings(_Frozen):
     deadline_grace_s: float = Field(
         30.0,
         ge=0,
-        description="a task's result may arrive this long after its timeout before it is re-issued",
+        description="a task's result may arrive this long after its timeout before the same attempt is "
+        "issued again (a lost task; the attempt's own timeout is reported by the attempt)",
     )
 
 
@@ -188,6 +261,11 @@ class Settings(BaseSettings):
     prices: PriceSettings = PriceSettings()
     budgets: BudgetSettings = BudgetSettings()
     costs: CostSettings = CostSettings()
+    redact: list[Annotated[str, Field(pattern=r"^(input(\.[^.]+)+|steps\.[^.]+(\.[^.]+)+)$")]] = Field(
+        default_factory=list,
+        description="fields masked in events, dead letters, snapshots and logs (calmrun.redact): "
+        "input.<field>... or steps.<step>.<field>...",
+    )
     ui: UiSettings = UiSettings()
 
     @property

@@ -99,7 +99,9 @@ async def read_raw(broker: str, topic: str, partitions: int = 4) -> list[Any]:
 
     from calmrun.streams.topics import read_to_end
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
@@ -164,7 +166,7 @@ class WorkerProcs:
         from pathlib import Path
 
         root = Path(__file__).resolve().parent.parent
-        log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in kill_all
+        log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in kill_all; a restart appends
         self.logs[name] = log
         proc = subprocess.Popen(
             [
@@ -236,3 +238,75 @@ async def ready(worker: Worker, partitions: int = 4, wait_s: float = 60.0) -> Wo
     """
     await until(lambda: worker.owned == set(range(partitions)), wait_s, "the worker to own every partition")
     return worker
+
+
+# -- the effectively-once fault tests (tests/streams/test_effectively_once.py) ---------------------------
+
+START_LOG: str | None = None  # set per process by ``tests.worker_proc --start-log``
+
+
+class Nonce(BaseModel):
+    n: int = 0
+
+
+class NonceOut(BaseModel):
+    n: int
+    nonce: int
+    even: bool
+
+
+def log_start(ctx: StepContext) -> None:
+    """Append this attempt's start to ``START_LOG`` (one line, one write: atomic across processes)."""
+    if START_LOG is None:
+        return
+    import json
+    import os
+    import time
+
+    line = json.dumps(
+        {
+            "pid": os.getpid(),
+            "t_ms": time.time_ns() // 1_000_000,
+            "run_id": ctx.run_id,
+            "step": ctx.step,
+            "kind": ctx.kind,
+            "attempt": ctx.attempt,
+            "key": ctx.idempotency_key,
+        }
+    )
+    fd = os.open(START_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+async def nonce_step(ctx: StepContext, item: Nonce) -> NonceOut:
+    """Sleeps ``SLEEP_S``, returns a random nonce: a re-run of the step would route the run differently."""
+    import random
+
+    log_start(ctx)
+    await asyncio.sleep(SLEEP_S)
+    nonce = random.randrange(1_000_000)
+    return NonceOut(n=item.n + 1, nonce=nonce, even=nonce % 2 == 0)
+
+
+def branchy(name: str = "fork") -> WorkflowDef:
+    """Three steps with a branch on the first step's random nonce: s1 -> (even: s2a | odd: s2b) -> s3."""
+    return parse_workflow(
+        {
+            "name": name,
+            "steps": [
+                {
+                    "name": "s1",
+                    "agent": "nonce",
+                    "input": {"n": "input.n"},
+                    "branches": [{"when": {"field": "even", "value": True}, "goto": "s2a"}],
+                    "next": "s2b",
+                },
+                {"name": "s2a", "agent": "nonce", "input": {"n": "steps.s1.n"}, "next": "s3"},
+                {"name": "s2b", "agent": "nonce", "input": {"n": "steps.s1.n"}, "next": "s3"},
+                {"name": "s3", "agent": "nonce", "input": {"n": "steps.s1.n"}},
+            ],
+        }
+    )

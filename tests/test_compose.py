@@ -353,8 +353,9 @@ def test_worker_waits_for_kafka_to_be_healthy() -> None:
 # --------------------------------------------------------------------------------------------- kafka
 
 
-def test_kafka_listeners_are_consistent() -> None:
-    env = environment("kafka")
+@pytest.mark.parametrize("name", ["kafka", "kafka-secured"])
+def test_kafka_listeners_are_consistent(name: str) -> None:
+    env = environment(name)
     listeners = listener_map(env["KAFKA_LISTENERS"])
     advertised = listener_map(env["KAFKA_ADVERTISED_LISTENERS"])
     protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
@@ -672,3 +673,67 @@ def test_dockerfile_default_cmd_parses() -> None:
     cmd = last_instruction(worker_dockerfile(), "CMD")
     assert cmd
     _parses(cmd)
+
+
+# ------------------------------------------------------------------------------------ secured profile
+
+SECURED = ("kafka-secured", "worker-secured", "aggregator-secured")
+
+
+def test_secured_services_start_only_with_their_profile() -> None:
+    for name in SECURED:
+        assert service(name).get("profiles") == ["secured"], f"{name}: should be in profile 'secured' only"
+    for name in EXPECTED_SERVICES:
+        assert not service(name).get("profiles"), f"{name}: the default stack must start without a profile"
+
+
+def test_secured_listeners_are_sasl_ssl_and_avoid_the_images_ssl_name_check() -> None:
+    env = environment("kafka-secured")
+    protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    for name in listener_map(env["KAFKA_ADVERTISED_LISTENERS"]):
+        assert protocols[name] == "SASL_SSL", f"kafka-secured: {name} is {protocols[name]}, not SASL_SSL"
+        assert "SSL" not in name, f"kafka-secured: listener {name}: the image then wants JKS files"
+    for key in ("KAFKA_SSL_KEYSTORE_LOCATION", "KAFKA_SSL_TRUSTSTORE_LOCATION"):
+        target = env[key].rpartition("/")[0]
+        mounted = {t for _kind, _src, t in volume_mounts(service("kafka-secured"))}
+        assert target in mounted, f"kafka-secured: {key} {env[key]} is not in a mounted directory"
+
+
+def secured_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from calmrun.settings import Settings
+
+    for key in list(os.environ):
+        if key.startswith("CALMRUN_"):
+            monkeypatch.delenv(key)
+    for key, value in environment(name).items():
+        if key.startswith("CALMRUN_"):
+            monkeypatch.setenv(key, value)
+    return Settings()
+
+
+@pytest.mark.parametrize("name", ["worker-secured", "aggregator-secured"])
+def test_secured_clients_are_valid_settings_with_a_password_reference(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = secured_settings(name, monkeypatch)
+    sec = settings.kafka.security
+    assert sec.protocol == "SASL_SSL" and sec.sasl.mechanism == "PLAIN"
+    assert sec.sasl.password is not None
+    password = sec.sasl.password.get_secret_value()
+    assert password.startswith("file:/run/secrets/"), f"{name}: the password should be a file: reference"
+    assert password.rpartition("/")[2] in service(name).get("secrets", []), f"{name}: secret not mounted"
+    assert password.rpartition("/")[2] in (compose().get("secrets") or {}), f"{name}: secret not declared"
+    mounted = {t for _kind, _src, t in volume_mounts(service(name))}
+    assert str(sec.tls.ca_file).rpartition("/")[0] in mounted, (
+        f"{name}: ca_file is not in a mounted directory"
+    )
+    advertised = listener_map(environment("kafka-secured")["KAFKA_ADVERTISED_LISTENERS"])
+    host, _, port = settings.kafka.bootstrap.rpartition(":")
+    assert (host, int(port)) in advertised.values(), f"{name}: bootstrap is not a kafka-secured listener"
+
+
+def test_secured_certificates_are_never_committed() -> None:
+    ignore = ROOT / "deploy" / "secured" / "certs" / ".gitignore"
+    assert ignore.is_file() and "*" in ignore.read_text().split(), (
+        "deploy/secured/certs must ignore its files"
+    )

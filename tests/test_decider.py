@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any, Literal
 
 import pytest
@@ -545,7 +546,8 @@ def test_timer_issues_every_due_step_in_name_order() -> None:
 # -- deadlines -------------------------------------------------------------------------------------
 
 
-def test_deadline_expiry_reissues_and_ignores_late_result() -> None:
+def test_deadline_expiry_reissues_the_same_attempt_and_takes_its_result() -> None:
+    """A missing result is a lost task, not a failure: the same attempt (same key) is sent again."""
     run = Run(RETRY)  # timeout 1s + grace 1s
     run.request(at=0)
     assert run.s.steps["call"].deadline_ms == 2000
@@ -553,38 +555,34 @@ def test_deadline_expiry_reissues_and_ignores_late_result() -> None:
     assert run.timer(1999).ignored is not None
 
     d = run.timer(2000)
-    assert types(d) == ["timer.fired", "step.deadline_expired", "step.retry_scheduled"]
-    assert d.events[1].data == {"kind": "run", "deadline_ms": 2000}
+    assert types(d) == ["timer.fired", "step.reissued"]
     assert d.events[1].attempt == 1
-    assert d.events[2].data["error_type"] == "DeadlineExceeded"
+    assert d.events[1].data["expired_ms"] == 2000 and d.events[1].data["deadline_ms"] == 4000
+    assert task_ids(d) == [("call", 1, "run")]
+    assert d.tasks[0].idempotency_key == f"{RUN}/call/run/1"
     st = run.s.steps["call"]
-    assert (st.status, st.attempt, st.deadline_ms, st.error_type) == (
-        "retry_wait",
-        1,
-        None,
-        "DeadlineExceeded",
-    )
-    assert d.tasks == ()
+    assert (st.status, st.attempt, st.deadline_ms, st.error_type) == ("scheduled", 1, 4000, None)
 
-    # the late result of attempt 1 is ignored, now and after the re-issue
-    late = run.ok("call", attempt=1, at=2100, x="late")
-    assert late.ignored is not None and "late or duplicate" in late.ignored
-    d = run.timer(st.due_ms or 0)
-    assert task_ids(d) == [("call", 2, "run")]
-    assert run.ok("call", attempt=1, at=5000, x="late").ignored is not None
-    run.ok("call", attempt=2, at=5001, x="fresh")
-    assert run.s.steps["call"].output == {"x": "fresh"}
+    # the result of attempt 1 (from either copy of the task) is taken once; a second copy is ignored
+    run.ok("call", attempt=1, at=2100, x="first")
+    assert run.s.steps["call"].output == {"x": "first"}
+    assert run.ok("call", attempt=1, at=2200, x="second").ignored is not None
+    assert run.s.steps["call"].output == {"x": "first"}
 
 
-def test_deadline_expiry_counts_as_attempt() -> None:
+def test_deadline_expiry_never_costs_an_attempt() -> None:
     wf = workflow(
         [{"name": "a", "agent": "x", "timeout_s": 1, "retry": {"max_attempts": 1}}], deadline_grace_s=0
     )
     run = Run(wf)
     run.request(at=0)
-    d = run.timer(1000)
-    assert types(d) == ["timer.fired", "step.deadline_expired", "run.quarantined"]
-    assert d.quarantine is not None and d.quarantine.error_type == "DeadlineExceeded"
+    for at in (1000, 2000, 3000):
+        d = run.timer(at)
+        assert types(d) == ["timer.fired", "step.reissued"]
+        assert task_ids(d) == [("a", 1, "run")]
+    assert run.s.status == "running"
+    assert run.s.steps["a"].attempt == 1
+    run.fail("a", attempt=1, at=3500)  # a failure the attempt reports itself does count
     assert run.s.status == "quarantined"
 
 
@@ -751,7 +749,7 @@ def test_non_retriable_compensation_failure_fails_at_once() -> None:
     assert run.s.is_terminal()
 
 
-def test_compensation_deadline_expiry_retries_compensation() -> None:
+def test_compensation_deadline_expiry_reissues_the_compensation() -> None:
     wf = workflow(
         [
             {
@@ -771,10 +769,9 @@ def test_compensation_deadline_expiry_retries_compensation() -> None:
     run.ok("a", at=0)
     run.fail("b", at=0, retriable=False)
     d = run.timer(1000)
-    assert types(d) == ["timer.fired", "step.deadline_expired", "step.retry_scheduled"]
+    assert types(d) == ["timer.fired", "step.reissued"]
     assert d.events[1].data["kind"] == "compensate"
-    d = run.timer(1000)
-    assert task_ids(d) == [("a", 3, "compensate")]
+    assert task_ids(d) == [("a", 2, "compensate")]
 
 
 # -- duplicates and unknown runs -------------------------------------------------------------------
@@ -1004,20 +1001,26 @@ def test_redelivered_timer_is_ignored() -> None:
 
 
 def test_no_task_issued_for_step_cancelled_in_same_decision() -> None:
-    wf = workflow(
-        [
-            {"name": "a", "agent": "x", "next": ["b", "c"]},
-            {"name": "b", "agent": "x", "timeout_s": 10, "retry": {"initial_backoff_s": 0.001, "jitter": 0}},
-            {"name": "c", "agent": "x", "timeout_s": 1, "retry": {"max_attempts": 1}},
-        ],
-        deadline_grace_s=0,
+    backoff = {"initial_backoff_s": 0.001, "jitter": 0}
+    wf = parse_workflow(
+        {
+            "name": "w",
+            "budget_usd": "1",
+            "steps": [
+                {"name": "a", "agent": "x", "next": ["b", "c"]},
+                {"name": "b", "agent": "x", "retry": backoff},
+                {"name": "c", "agent": "x", "estimated_cost_usd": "0.6", "retry": backoff},
+            ],
+        }
     )
     run = Run(wf)
     run.request(at=0)
     run.ok("a", at=0)
     run.fail("b", at=1)  # b due again at 2
-    d = run.timer(1000)  # b's retry is due and c's deadline expires (no attempts left): quarantine
-    assert run.s.status == "quarantined" and run.s.steps["b"].status == "cancelled"
+    # c's failed attempt cost $0.5: its retry (estimated $0.6) would pass the $1 budget
+    run.feed(StepResult(RUN, "c", 1, 1, error_type="Boom", error="x", cost=StepCost(cost_usd=Decimal("0.5"))))
+    d = run.timer(1000)  # b's retry is issued first, then c's stops the run: b is cancelled with it
+    assert run.s.status == "over_budget" and run.s.steps["b"].status == "cancelled"
     assert task_ids(d) == []
 
 

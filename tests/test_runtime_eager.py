@@ -1,39 +1,54 @@
 """Eager tasks and coalesced states against the real broker.
 
 A worker starts the tasks it schedules at once (``worker.eager``) and writes a run's state once for a
-burst of its decisions (``streams.publisher``); neither may change what a run records or lose a commit.
+burst of its decisions (``streams.txn``); neither may change what a run records or lose a commit.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import functools
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry
 from calmrun.client import Client
-from calmrun.streams.publisher import LazyOut, Out, Publisher
-from calmrun.streams.topics import Topics
+from calmrun.streams.records import Out, StateOut
+from calmrun.streams.topics import Topics, read_to_end
+from calmrun.streams.txn import FENCED, Gate, PartitionWriter
 from calmrun.workflow.events import RunRequest
-from tests.runtime_support import add_one, linear, read_raw, ready, running, settings_for, until
+from tests.runtime_support import add_one, linear, ready, running, settings_for, until
 
 N = 30
 
 
 async def committed_lag(broker: str, group: str, topics: list[str], partitions: int = 4) -> int:
-    """Records of ``topics`` past the group's committed offsets (0: everything read was committed)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker, group_id=group, enable_auto_commit=False)
+    """Records of ``topics`` at or past the group's committed offsets (0: everything read was committed).
+
+    Counted as records, not offsets: transactions leave commit markers, which occupy offsets but are no
+    records a consumer could be given again.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker, group_id=group, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(t, p) for t in topics for p in range(partitions)]
         end = await consumer.end_offsets(tps)
         lag = 0
         for tp in tps:
-            lag += end[tp] - ((await consumer.committed(tp)) or 0)
+            start = (await consumer.committed(tp)) or 0
+            if start < end[tp]:
+                consumer.assign([tp])
+                consumer.seek(tp, start)
+                while await consumer.position(tp) < end[tp]:
+                    batch = await consumer.getmany(tp, timeout_ms=200)
+                    lag += sum(1 for r in batch.get(tp, []) if r.offset < end[tp])
         return lag
     finally:
         await consumer.stop()
@@ -78,75 +93,99 @@ async def test_eager_and_read_back_tasks_record_the_same_runs(broker: str, prefi
     assert await committed_lag(broker, settings.group_id, [t.requests, *t.step_topics([wf])]) == 0
 
 
-async def _publisher(broker: str, *topics: str) -> tuple[AIOKafkaProducer, Publisher, list[BaseException]]:
+async def _writer(
+    broker: str, tid: str, failures: list[BaseException], *topics: str
+) -> tuple[PartitionWriter, list[dict[TopicPartition, int]]]:
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in topics])
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in topics])
     finally:
         await admin.close()
-    errors: list[BaseException] = []
-    producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all", enable_idempotence=True)
-    await producer.start()
-    pub = Publisher(producer, errors.append)
-    pub.start()
-    return producer, pub, errors
+    producer = AIOKafkaProducer(bootstrap_servers=broker, transactional_id=tid, enable_idempotence=True)
+    committed: list[dict[TopicPartition, int]] = []
+    writer = PartitionWriter(
+        0,
+        producer,
+        f"{tid}-group",
+        lambda p: {},
+        committed.append,
+        Gate(100),
+        lambda p, e: failures.append(e),
+    )
+    await writer.start()
+    return writer, committed
 
 
-async def test_a_burst_of_decisions_writes_the_run_state_once_and_finishes_every_input(
+async def read_committed(broker: str, topic: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    try:
+        return [r.value async for r in read_to_end(consumer, [TopicPartition(topic, 0)])]
+    finally:
+        await consumer.stop()
+
+
+async def test_a_burst_of_decisions_is_one_transaction_with_the_run_state_once(
     broker: str, prefix: str
 ) -> None:
-    """Ten decisions of one run submitted together: their events in order, one state (the last), ten done."""
+    """Ten decisions of one run added together: their events in order, one state (the last), ten commits."""
     topic_ev, topic_st = f"{prefix}.ev", f"{prefix}.st"
-    producer, pub, errors = await _publisher(broker, topic_ev, topic_st)
+    failures: list[BaseException] = []
+    writer, _ = await _writer(broker, f"{prefix}.tx", failures, topic_ev, topic_st)
     done: list[int] = []
     encoded: list[int] = []
 
-    def state(i: int) -> LazyOut:
+    def state(i: int) -> StateOut:
         def encode() -> bytes:
             encoded.append(i)
             return f"state{i}".encode()
 
-        return LazyOut(topic_st, 0, b"run", encode)
-
-    def finisher(i: int) -> Callable[[], None]:
-        return lambda: done.append(i)
+        return StateOut(topic_st, 0, b"run", encode)
 
     try:
         for i in range(10):
-            pub.submit([Out(topic_ev, 0, b"run", f"event{i}".encode())], state(i), finisher(i))
-        await asyncio.wait_for(pub.drain(), 30)
-    finally:
-        await pub.stop()
-        await producer.stop()
-    assert errors == []
-    assert [r.value for r in await read_raw(broker, topic_ev, 1)] == [f"event{i}".encode() for i in range(10)]
-    assert [r.value for r in await read_raw(broker, topic_st, 1)] == [b"state9"]
-    assert encoded == [9]  # superseded states are never even encoded
-    assert sorted(done) == list(range(10))
-
-
-async def test_a_run_deciding_without_pause_still_gets_its_state_written(broker: str, prefix: str) -> None:
-    """The absorbing is bounded: 300 queued decisions of one run write a few states, the last one last."""
-    topic_ev, topic_st = f"{prefix}.ev", f"{prefix}.st"
-    producer, pub, errors = await _publisher(broker, topic_ev, topic_st)
-    done: list[int] = []
-    try:
-        for i in range(300):
-            pub.submit(
-                [Out(topic_ev, 0, b"run", b"e")],
-                LazyOut(topic_st, 0, b"run", lambda i=i: str(i).encode()),  # type: ignore[misc]
-                lambda i=i: done.append(i),  # type: ignore[misc]
+            writer.add(
+                [Out(topic_ev, 0, b"run", f"event{i}".encode())], state(i), functools.partial(done.append, i)
             )
-        await asyncio.wait_for(pub.drain(), 30)
+        await asyncio.wait_for(writer.flush(), 30)
     finally:
-        await pub.stop()
-        await producer.stop()
-    assert errors == []
-    states = [int(r.value) for r in await read_raw(broker, topic_st, 1)]
-    assert 2 <= len(states) <= 300 // 64 + 1, states
-    assert states == sorted(states) and states[-1] == 299
-    assert sorted(done) == list(range(300))
+        await writer.close()
+    assert failures == []
+    assert writer.commits == 1
+    assert await read_committed(broker, topic_ev) == [f"event{i}".encode() for i in range(10)]
+    assert await read_committed(broker, topic_st) == [b"state9"]
+    assert encoded == [9]  # superseded states are never even encoded
+    assert done == list(range(10))  # after the commit, in decision order
+
+
+async def test_a_fenced_writer_commits_nothing_and_says_so(broker: str, prefix: str) -> None:
+    """A second writer of the same partition fences the first: the first one's later decisions never show."""
+    topic_ev = f"{prefix}.ev"
+    first_failures: list[BaseException] = []
+    second_failures: list[BaseException] = []
+    first, _ = await _writer(broker, f"{prefix}.tx", first_failures, topic_ev)
+    second: PartitionWriter | None = None
+    try:
+        first.add([Out(topic_ev, 0, b"run", b"before")], None, None)
+        await asyncio.wait_for(first.flush(), 30)
+        second, _ = await _writer(broker, f"{prefix}.tx", second_failures, topic_ev)  # the next owner
+        committed_late: list[bool] = []
+        first.add([Out(topic_ev, 0, b"run", b"zombie")], None, lambda: committed_late.append(True))
+        await asyncio.wait_for(first.flush(), 30)
+        second.add([Out(topic_ev, 0, b"run", b"after")], None, None)
+        await asyncio.wait_for(second.flush(), 30)
+    finally:
+        await first.close()
+        if second is not None:
+            await second.close()
+    assert len(first_failures) == 1 and isinstance(first_failures[0], FENCED), first_failures
+    assert committed_late == []
+    assert second_failures == []
+    assert await read_committed(broker, topic_ev) == [b"before", b"after"]
 
 
 async def test_a_flood_of_requests_is_held_back_by_unacknowledged_decisions(broker: str, prefix: str) -> None:

@@ -3,28 +3,27 @@
     python -m tests.worker_proc --bootstrap B --prefix P [--sleep S] [--max-in-flight N] [--status-file F]
 
 Runs the ``lin`` workflow of ``tests.runtime_support.linear`` with the agent ``add_one`` (sleeping ``S``
-seconds first) until SIGTERM or SIGINT, then stops the worker cleanly. With ``--status-file``, the worker's
-stats, owned partitions and pid are written there as JSON (atomically) every 0.1 s and once more after stop.
+seconds first), or with ``--workflow fork`` the branching ``tests.runtime_support.branchy`` whose agents
+log every start (``--start-log``), until SIGTERM or SIGINT, then stops the worker cleanly. With
+``--status-file``, the worker's stats, owned partitions and pid are written there as JSON (atomically)
+every 0.1 s and once more after stop.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 
 from calmrun.agents import AgentRegistry, ModelRegistry
-from calmrun.gctune import settle_heap
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
 from tests import runtime_support
-from tests.runtime_support import linear, sleepy_add_one
+from tests.runtime_support import branchy, linear, nonce_step, sleepy_add_one
 
 
 def _write_status(path: Path | None, worker: Worker, state: str) -> None:
@@ -43,40 +42,29 @@ def _write_status(path: Path | None, worker: Worker, state: str) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     runtime_support.SLEEP_S = args.sleep
+    runtime_support.START_LOG = args.start_log
     settings = load_settings(
         kafka={"bootstrap": args.bootstrap, "prefix": args.prefix, "partitions": args.partitions},
         worker={
             "max_in_flight": args.max_in_flight,
             "commit_interval_s": args.commit_interval,
             "timer_interval_s": 0.1,
-            "session_timeout_s": 6,  # a killed worker's partitions move after 6 s, not 30
+            "session_timeout_s": args.session_timeout,
+            "instance_id": args.instance_id,
+            "deadline_grace_s": args.deadline_grace,
         },
     )
-    worker = Worker(settings, [linear()], AgentRegistry({"add_one": sleepy_add_one}), ModelRegistry({}))
+    wf = branchy() if args.workflow == "fork" else linear()
+    agents = AgentRegistry({"add_one": sleepy_add_one, "nonce": nonce_step})
+    worker = Worker(settings, [wf], agents, ModelRegistry({}))
     status = Path(args.status_file) if args.status_file else None
-    loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task[None]] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(worker.stop())))
-    await worker.start()
-    settle_heap(settings.worker.gc_threshold)  # as `calmrun worker` does
-    _write_status(status, worker, "running")
-
-    async def report() -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            _write_status(status, worker, "running")
-
-    reporter = asyncio.create_task(report())
+    runner = asyncio.create_task(worker.run(lambda: _write_status(status, worker, "running")))
     try:
-        await worker.run_until_stopped()
+        while not runner.done():
+            await asyncio.wait({runner}, timeout=0.1)
+            _write_status(status, worker, "running")
+        runner.result()
     finally:
-        reporter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reporter
-        for t in stopping:
-            await t
-        await worker.stop()
         _write_status(status, worker, "stopped")
 
 
@@ -89,9 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--commit-interval", type=float, default=0.2)
     p.add_argument("--status-file", default=None)
+    p.add_argument("--workflow", choices=["lin", "fork"], default="lin")
+    p.add_argument("--start-log", default=None, help="append every agent start here (JSON lines)")
+    p.add_argument("--instance-id", default=None, help="static group membership")
+    p.add_argument("--session-timeout", type=float, default=6.0)
+    p.add_argument("--deadline-grace", type=float, default=30.0)
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(message)s")
+    logging.getLogger("calmrun.worker").setLevel(logging.INFO)
     asyncio.run(main(parse_args()))

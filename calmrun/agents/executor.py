@@ -35,6 +35,7 @@ async def execute(
     now_ms: Callable[[], int],
     logger: logging.Logger | None = None,
     pricing: Pricing | None = None,
+    scrub: Callable[[str], str] | None = None,
 ) -> StepResult:
     """Run ``task``'s agent once and describe what happened.
 
@@ -50,6 +51,7 @@ async def execute(
         logger: base logger of the step context (default ``calmrun.agents``).
         pricing: turns the attempt's tokens and API calls into money (``cost_usd``, ``price_source``);
             without it the cost carries no money.
+        scrub: applied to the failure's log line (``settings.redact``: the run's redacted values).
 
     Returns:
         The attempt's result, with its cost (tokens used by a failed attempt are reported too).
@@ -86,13 +88,14 @@ async def execute(
             tb = models.redact("".join(traceback.format_exception(exc)))[-MAX_TRACEBACK_CHARS:]
             retriable = exc.retriable if isinstance(exc, CalmrunError) else True
             retry_after = retry_after_ms(exc)
+            clean = scrub or str
             ctx.logger.warning(
                 "agent %r failed: %s: %s (retriable=%s)%s",
                 task.agent,
                 error_type,
-                error,
+                clean(error),
                 retriable,
-                "" if isinstance(exc, CalmrunError) else "\n" + tb,
+                "" if isinstance(exc, CalmrunError) else "\n" + clean(tb),
             )
     latency_ms = (time.monotonic() - t0) * 1000
     cost = ctx.cost(

@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import faust_credentials
 from calmrun.errors import DecodeError
-from calmrun.settings import Settings, load_settings
+from calmrun.settings import SecuritySettings, Settings, load_settings
 from calmrun.workflow.events import RunEvent
 
 log = logging.getLogger("calmrun.costs")
@@ -332,6 +333,7 @@ def build_app(settings: Settings, *, data_dir: Path | None = None) -> Any:
         broker_heartbeat_interval=c.session_timeout_s / 3,
         producer_linger=0.005,  # batch the changelog writes (faust's default sends each on its own)
         stream_buffer_maxsize=16384,
+        **faust_credentials(k),
     )
     codec = RecordCodec(wire_models())
     source = app.topic(topics.events, key_serializer="raw", value_serializer="raw")
@@ -429,6 +431,8 @@ class AggregatorProcess:
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+            # the child authenticates as this process does; an env:/file: secret stays a reference
+            "CALMRUN_KAFKA__SECURITY": security_json(k.security),
         }
         self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
         if out is not subprocess.DEVNULL:
@@ -462,6 +466,16 @@ class AggregatorProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def security_json(sec: SecuritySettings) -> str:
+    """``kafka.security`` as JSON for a child's ``CALMRUN_KAFKA__SECURITY`` (secrets as configured)."""
+    data = sec.model_dump(mode="json")
+    if sec.sasl.password is not None:
+        data["sasl"]["password"] = sec.sasl.password.get_secret_value()
+    if sec.tls.key_password is not None:
+        data["tls"]["key_password"] = sec.tls.key_password.get_secret_value()
+    return json.dumps(data)
 
 
 def run_aggregator(settings: Settings, *, loglevel: str = "info", data_dir: Path | None = None) -> None:

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from calmrun.connect import client_kwargs
 from calmrun.workflow.events import RunEvent
 
 if TYPE_CHECKING:
@@ -193,7 +194,12 @@ class WorkerMetrics:
         worker = self._worker
         assert worker is not None
         k = worker.settings.kafka
-        consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-metrics")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=k.bootstrap,
+            client_id=f"{k.client_id}-metrics",
+            isolation_level="read_committed",
+            **client_kwargs(k),
+        )
         try:
             await consumer.start()
             names = {worker.topics.dlq(w): w for w in [*worker.workflows, "_invalid"]}

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import client_kwargs
 from calmrun.costs.aggregator import AggregatorProcess, CostFold, CostTopics, ensure_cost_topics
 from calmrun.costs.totals import fold_locally, read_events, wait_totals
 from calmrun.settings import Settings, load_settings
@@ -70,7 +71,9 @@ def workload(runs: int, t0: int) -> list[RunEvent]:
 
 async def produce(settings: Settings, events: list[RunEvent]) -> None:
     codec = RecordCodec(wire_models())
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=20, **client_kwargs(settings.kafka)
+    )
     await producer.start()
     try:
         topic = CostTopics(settings.kafka.prefix).events
@@ -107,7 +110,7 @@ async def measure(bootstrap: str, runs: int) -> None:
 
     topics = CostTopics(prefix)
     group = topics.app_id(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs(settings.kafka))
     await admin.start()
     log = Path(tempfile.mkdtemp(prefix="calmrun-costs-bench-")) / "aggregator.log"
     try:

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import client_kwargs
 from calmrun.costs.aggregator import (
     ALL,
     PUBLIC_FIELDS,
@@ -73,9 +74,13 @@ class CompactedTail:
         """
         k = self.settings.kafka
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=k.bootstrap, enable_auto_commit=False, client_id=f"{k.client_id}-costs-reader"
+            bootstrap_servers=k.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            client_id=f"{k.client_id}-costs-reader",
+            **client_kwargs(k),
         )
-        await start_client(self._consumer, k.bootstrap)
+        await start_client(self._consumer, k)
         tps = [TopicPartition(self.topic, p) for p in range(k.partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)

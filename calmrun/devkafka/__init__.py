@@ -18,7 +18,9 @@ import uuid
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
 
+from calmrun.devkafka.certs import Certs
 from calmrun.errors import DevKafkaError
 from calmrun.localproc import free_port, tail, terminate
 
@@ -134,13 +136,34 @@ logger.state.level = warn
 """
 
 
+SCRAM_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256")
+
+
+@dataclass(frozen=True)
+class Secured:
+    """The secured mode: certificates (see :mod:`calmrun.devkafka.certs`) and SASL users.
+
+    Every user in ``passwords`` can log in with SCRAM-SHA-512, SCRAM-SHA-256 (credentials written at
+    format time) and PLAIN; every user in ``certs.users`` with its client certificate. ``super_users``
+    bypass ACLs (the broker's own certificate always does); everyone else needs ACLs.
+    """
+
+    certs: Certs
+    passwords: dict[str, str]
+    super_users: tuple[str, ...] = ("admin",)
+
+
 @dataclass
 class DevKafka:
     """One local KRaft broker+controller bound to 127.0.0.1.
 
     Attributes:
         data_dir: storage, config, log and PID file of this broker.
-        port: the client (PLAINTEXT) port; ``controller_port`` is the KRaft quorum port.
+        port: the client port: PLAINTEXT, or SASL_SSL in secured mode; ``controller_port`` is the KRaft
+            quorum port.
+        secured: when set, no PLAINTEXT listener: SASL_SSL on ``port``, SSL requiring client certificates
+            on ``ssl_port`` (also the inter-broker and controller listener), the StandardAuthorizer with
+            ``allow.everyone.if.no.acl.found=false``.
     """
 
     data_dir: Path
@@ -149,10 +172,86 @@ class DevKafka:
     heap: str = "512m"
     cache_dir: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    secured: Secured | None = None
+    ssl_port: int = 0
 
     @property
     def bootstrap(self) -> str:
+        """The client listener: PLAINTEXT, or SASL_SSL in secured mode."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        """The mTLS listener of the secured mode."""
+        return f"127.0.0.1:{self.ssl_port}"
+
+    def client_settings(
+        self, user: str, *, via: Literal["sasl", "mtls"] = "sasl", mechanism: str = "SCRAM-SHA-512"
+    ) -> dict[str, Any]:
+        """``kafka`` settings (bootstrap and security) with which ``user`` reaches this secured broker.
+
+        The SASL password is given as is: pass ``password="env:NAME"`` style settings in real configs.
+        """
+        sec = self.secured
+        if sec is None:
+            return {"bootstrap": self.bootstrap}
+        if via == "mtls":
+            cert = sec.certs.users[user]
+            tls = {"ca_file": str(sec.certs.ca), "cert_file": str(cert.cert), "key_file": str(cert.key)}
+            return {"bootstrap": self.ssl_bootstrap, "security": {"protocol": "SSL", "tls": tls}}
+        return {
+            "bootstrap": self.bootstrap,
+            "security": {
+                "protocol": "SASL_SSL",
+                "sasl": {"mechanism": mechanism, "username": user, "password": sec.passwords[user]},
+                "tls": {"ca_file": str(sec.certs.ca)},
+            },
+        }
+
+    def _secured_properties(self, sec: Secured) -> dict[str, str]:
+        plain_users = " ".join(f'user_{u}="{p}"' for u, p in sec.passwords.items())
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        supers = ";".join(f"User:{u}" for u in ("broker", *sec.super_users))
+        listeners = (
+            f"SASL_SSL://127.0.0.1:{self.port},SSL://127.0.0.1:{self.ssl_port},"
+            f"CONTROLLER://127.0.0.1:{self.controller_port}"
+        )
+        props = {
+            "listeners": listeners,
+            "advertised.listeners": f"SASL_SSL://127.0.0.1:{self.port},SSL://127.0.0.1:{self.ssl_port}",
+            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,SSL:SSL,CONTROLLER:SSL",
+            "inter.broker.listener.name": "SSL",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(sec.certs.broker.bundle),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(sec.certs.ca),
+            "ssl.endpoint.identification.algorithm": "https",
+            "listener.name.ssl.ssl.client.auth": "required",
+            "listener.name.controller.ssl.client.auth": "required",
+            # CN=alice,OU=...,O=... -> User:alice
+            "ssl.principal.mapping.rules": "RULE:^CN=([^,]+),.*$/$1/,DEFAULT",
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": ",".join((*SCRAM_MECHANISMS, "PLAIN")),
+            "listener.name.sasl_ssl.plain.sasl.jaas.config": (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};"
+            ),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "false",
+            "super.users": supers,
+        }
+        for mech in SCRAM_MECHANISMS:
+            props[f"listener.name.sasl_ssl.{mech.lower()}.sasl.jaas.config"] = scram
+        return props
+
+    def _probe_kwargs(self) -> dict[str, Any]:
+        """How the readiness probe connects: PLAINTEXT, or mTLS with the broker's own certificate."""
+        if self.secured is None:
+            return {}
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(self.secured.certs.ca))
+        broker = self.secured.certs.broker
+        ctx.load_cert_chain(str(broker.cert), str(broker.key))
+        return {"security_protocol": "SSL", "ssl_context": ctx}
 
     @property
     def pid_file(self) -> Path:
@@ -192,6 +291,8 @@ class DevKafka:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
         }
+        if self.secured is not None:
+            props.update(self._secured_properties(self.secured))
         props.update(self.extra)
         return props
 
@@ -219,11 +320,14 @@ class DevKafka:
             shutil.rmtree(self.data_dir)
         if not self.controller_port:
             self.controller_port = free_port()
+        if self.secured is not None and not self.ssl_port:
+            self.ssl_port = free_port()
         java = java_binary()
         jars = fetch_jars(self.cache_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "server.properties"
         config.write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
+        config.chmod(0o600)  # the secured mode's PLAIN passwords
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.log_file, level="INFO"))
         classpath = f"{jars}/*"
@@ -232,8 +336,12 @@ class DevKafka:
             cluster_id = "-"
             while cluster_id.startswith("-"):  # a leading '-' would read as an option of StorageTool
                 cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            scram: list[str] = []
+            for user, password in self.secured.passwords.items() if self.secured else ():
+                for mech in SCRAM_MECHANISMS:
+                    scram += ["--add-scram", f"{mech}=[name={user},password={password}]"]
             _run(
-                [*base, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                [*base, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), *scram],
                 "formatting KRaft storage",
             )
         with open(self.data_dir / "stdout.log", "ab") as out:
@@ -260,7 +368,8 @@ class DevKafka:
                     f"broker exited with {proc.returncode}; see {self.log_file}\n"
                     + tail(self.data_dir / "stdout.log")
                 )
-            if answers_metadata(self.bootstrap):
+            probe = self.ssl_bootstrap if self.secured else self.bootstrap
+            if answers_metadata(probe, **self._probe_kwargs()):
                 return
             time.sleep(0.3)
         self.stop()
@@ -283,8 +392,11 @@ class DevKafka:
         return True
 
 
-def answers_metadata(bootstrap: str, timeout: float = 5.0) -> bool:
-    """True when a broker at ``bootstrap`` answers a metadata request (not just a TCP connect)."""
+def answers_metadata(bootstrap: str, timeout: float = 5.0, **security: Any) -> bool:
+    """True when a broker at ``bootstrap`` answers a metadata request (not just a TCP connect).
+
+    ``security``: aiokafka's ``security_protocol``, ``ssl_context``... for a secured listener.
+    """
     host, _, port = bootstrap.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=1):
@@ -295,7 +407,9 @@ def answers_metadata(bootstrap: str, timeout: float = 5.0) -> bool:
     async def probe() -> bool:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000), **security
+        )
         try:
             await asyncio.wait_for(admin.start(), timeout)
             await asyncio.wait_for(admin.describe_cluster(), timeout)

@@ -23,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
+from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError
 from calmrun.settings import Settings
 from calmrun.streams.topics import admin_client, start_client
@@ -173,9 +174,11 @@ async def replay_offsets(
         bootstrap_servers=k.bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="none",
+        isolation_level="read_committed",
         client_id=f"{k.client_id}-replay",
+        **client_kwargs(k),
     )
-    await start_client(consumer, k.bootstrap)
+    await start_client(consumer, k)
     producer: AIOKafkaProducer | None = None
     try:
         source, count = await _resolve_topic(settings, topic)
@@ -344,14 +347,17 @@ async def _producer(settings: Settings) -> AIOKafkaProducer:
         enable_idempotence=True,
         linger_ms=5,
         max_batch_size=256 * 1024,
+        **client_kwargs(k),
     )
-    await start_client(producer, k.bootstrap)
+    await start_client(producer, k)
     return producer
 
 
 async def _ensure_topic(settings: Settings, topic: str, partitions: int) -> None:
     k = settings.kafka
-    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-replay")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-replay", **client_kwargs(k)
+    )
     await admin.start()
     try:
         if topic in set(await admin.list_topics()):

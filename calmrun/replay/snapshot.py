@@ -17,9 +17,11 @@ from aiokafka.structs import TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError, ConfigError
+from calmrun.redact import Redactor
 from calmrun.settings import Settings
-from calmrun.streams.topics import Topics, partition_for, read_to_end, start_client
+from calmrun.streams.topics import Topics, check_readable, partition_for, read_to_end, start_client
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 
@@ -163,14 +165,17 @@ async def scan_runs(
         bootstrap_servers=k.bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level="read_committed",
         client_id=f"{k.client_id}-replay",
+        **client_kwargs(k),
     )
-    await start_client(consumer, k.bootstrap)
+    await start_client(consumer, k)
     try:
         existing = await consumer.topics()
         for t in (topics.events, topics.state):
             if t not in existing:
-                raise ConfigError(f"topic {t} does not exist: is the prefix {k.prefix!r} right?")
+                missing = ConfigError(f"topic {t} does not exist: is the prefix {k.prefix!r} right?")
+                await check_readable(k, t, missing)
         parts = partitions if partitions is not None else list(range(k.partitions))
         events: dict[str, list[RunEvent]] = {}
         states: dict[str, RunState] = {}
@@ -198,8 +203,14 @@ async def scan_runs(
                 events.setdefault(rid, []).append(ev)
         if on_progress is not None:
             on_progress(n)
+        redactor = Redactor(settings.redact)  # the events are redacted on the topic; the state is not
         return {
-            rid: Snapshot(run_id=rid, prefix=k.prefix, state=states.get(rid), events=applied_events(evs))
+            rid: Snapshot(
+                run_id=rid,
+                prefix=k.prefix,
+                state=redactor.state(states[rid]) if rid in states else None,
+                events=applied_events(evs),
+            )
             for rid, evs in events.items()
         }
     finally:

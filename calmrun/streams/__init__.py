@@ -1,1 +1,1 @@
-"""Stream processing on Kafka (faust-streaming): apps, agents and tables of the calmrun runtime."""
+"""The shell over Kafka: the worker, its transactional writers, run tables, topics and records."""

@@ -30,9 +30,6 @@ class OffsetTracker:
         if tp in self._done:
             self._done[tp].add(offset)
 
-    def open_count(self) -> int:
-        return sum(len(q) - len(self._done[tp]) for tp, q in self._open.items())
-
     def to_commit(self) -> dict[TopicPartition, int]:
         """Positions that moved since the last call: the first unfinished offset, or one past the last."""
         out = {}

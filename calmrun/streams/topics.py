@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -17,7 +17,8 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
 
-from calmrun.errors import BrokerUnavailableError, ConfigError
+from calmrun.connect import client_kwargs, diagnose, start_checked
+from calmrun.errors import CalmrunError, ConfigError, KafkaAuthorizationError
 from calmrun.settings import KafkaSettings
 from calmrun.workflow.definition import WorkflowDef
 
@@ -75,33 +76,33 @@ class Topics:
         return topics
 
 
-async def start_client(client: Any, bootstrap: str) -> None:
-    """Start an aiokafka producer or consumer; an unreachable broker stops it and raises.
+async def start_client(client: Any, settings: KafkaSettings) -> None:
+    """Start an aiokafka producer or consumer (built with ``client_kwargs``); on failure stop it and raise.
 
     Raises:
-        BrokerUnavailableError: no broker answers at ``bootstrap``.
+        KafkaAuthError: the broker refused TLS, SASL or the protocol (names broker and mechanism).
+        BrokerUnavailableError: no broker answers at the bootstrap address.
     """
-    try:
-        await client.start()
-    except KafkaConnectionError as exc:
-        await client.stop()
-        raise BrokerUnavailableError(bootstrap, str(exc)) from exc
+    await start_checked(client, settings)
 
 
 @contextlib.asynccontextmanager
 async def admin_client(settings: KafkaSettings, role: str = "") -> AsyncIterator[AIOKafkaAdminClient]:
-    """A started admin client, closed on exit.
+    """A started admin client with the configured security, closed on exit.
 
     Raises:
+        KafkaAuthError: the broker refused TLS, SASL or the protocol (names broker and mechanism).
         BrokerUnavailableError: no broker answers at the bootstrap address.
     """
     client_id = f"{settings.client_id}-{role}" if role else settings.client_id
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id=client_id)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap, client_id=client_id, **client_kwargs(settings)
+    )
     try:
         await admin.start()
     except KafkaConnectionError as exc:
         await admin.close()
-        raise BrokerUnavailableError(settings.bootstrap, str(exc)) from exc
+        raise (await diagnose(settings, exc)) from exc
     try:
         yield admin
     finally:
@@ -134,7 +135,8 @@ async def create_topics(
                 for t in missing
             ]
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker created them first
-                await admin.create_topics(new)
+                response = await admin.create_topics(new)
+                _raise_refusals(response)
         present = [t for t in wanted if t in existing]
         if present:
             for meta in await admin.describe_topics(present):
@@ -145,6 +147,31 @@ async def create_topics(
                         f"{settings.partitions}; all calmrun topics must have the same count"
                     )
         return missing
+
+
+async def check_readable(settings: KafkaSettings, topic: str, missing: CalmrunError) -> NoReturn:
+    """Raise why ``topic`` is not in this client's metadata: an ACL (``KafkaAuthorizationError``) or
+    ``missing`` (it does not exist). Kafka lists only the topics a principal may describe."""
+    async with admin_client(settings, "describe") as admin:
+        found = await admin.describe_topics([topic])
+    if found and found[0]["error_code"] == 29:  # TOPIC_AUTHORIZATION_FAILED
+        raise KafkaAuthorizationError("topic", topic, detail="Describe refused")
+    raise missing
+
+
+def _raise_refusals(response: Any) -> None:
+    """Raise the first per-topic error of a CreateTopics response (aiokafka returns them, not raises)."""
+    from aiokafka.errors import TopicAlreadyExistsError as Exists
+    from aiokafka.errors import for_code
+
+    for entry in response.topic_errors:
+        topic, code = entry[0], entry[1]
+        if code == 0 or for_code(code) is Exists:
+            continue
+        message = entry[2] if len(entry) > 2 and entry[2] else for_code(code).__name__
+        if code in (29, 31):  # TOPIC_AUTHORIZATION_FAILED, CLUSTER_AUTHORIZATION_FAILED
+            raise KafkaAuthorizationError("topic", topic, detail=f"Create refused: {message}")
+        raise ConfigError(f"cannot create topic {topic}: {message}")
 
 
 async def ensure_topics(settings: KafkaSettings, workflows: Iterable[WorkflowDef]) -> list[str]:

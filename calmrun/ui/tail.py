@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from calmrun.codec import RecordCodec, wire_models
+from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError, DecodeError
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
@@ -74,9 +75,10 @@ class TopicTail:
             isolation_level="read_committed",
             client_id=f"{k.client_id}-ui",
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            **client_kwargs(k),
         )
         self.started_at = time.monotonic()
-        await start_client(self._consumer, k.bootstrap)
+        await start_client(self._consumer, k)
         await self._reassign(initial=True)
         self._task = asyncio.create_task(self._run())
 

@@ -16,6 +16,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
+from calmrun.connect import client_kwargs
 from calmrun.settings import Settings
 from calmrun.streams.topics import admin_client, start_client
 
@@ -33,8 +34,9 @@ async def describe_groups(settings: Settings) -> list[dict[str, Any]]:
             enable_auto_commit=False,
             isolation_level="read_committed",
             client_id=f"{settings.kafka.client_id}-ui-lag",
+            **client_kwargs(settings.kafka),
         )
-        await start_client(consumer, settings.kafka.bootstrap)
+        await start_client(consumer, settings.kafka)
         try:
             for role, gid in groups:
                 out.append(await _group(admin, consumer, role, gid))

@@ -150,6 +150,20 @@ def resolve_input(wf: WorkflowDef, s: RunState, step: str) -> dict[str, Any]:
     return out
 
 
+def awaits(state: RunState, step: str, attempt: int, kind: Literal["run", "compensate"]) -> bool:
+    """Is this attempt of ``step`` in flight, so that its task should run and its result counts?
+
+    The one test shared by the result path and the shell's "should this task record still run".
+    """
+    st = state.steps.get(step)
+    return (
+        st is not None
+        and st.attempt == attempt
+        and st.deadline_ms is not None
+        and st.status == ("scheduled" if kind == "run" else "compensating")
+    )
+
+
 def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
     data: dict[str, Any] = {"reason": reason, "input": type(event).__name__}
     step = attempt = None
@@ -194,9 +208,9 @@ class _Builder:
 
     def finish(self) -> Decision:
         self._settle()
-        return Decision(
-            state=self.s, events=tuple(self.events), tasks=tuple(self.tasks), quarantine=self.quarantine
-        )
+        # a step issued and then cancelled within this decision (a sibling stopped the run) sends nothing
+        tasks = tuple(t for t in self.tasks if awaits(self.s, t.step, t.attempt, t.kind))
+        return Decision(state=self.s, events=tuple(self.events), tasks=tasks, quarantine=self.quarantine)
 
     def emit(
         self,
@@ -228,13 +242,7 @@ class _Builder:
 
     def on_result(self, r: StepResult) -> Decision | None:
         st = self.s.steps.get(r.step)
-        in_flight = (
-            st is not None
-            and st.attempt == r.attempt
-            and st.deadline_ms is not None
-            and (st.status == ("scheduled" if r.kind == "run" else "compensating"))
-        )
-        if st is None or not in_flight:
+        if st is None or not awaits(self.s, r.step, r.attempt, r.kind):
             where = f"{st.status} at attempt {st.attempt}" if st else "not started"
             self.why = (
                 f"late or duplicate {r.kind} result for {r.step!r} attempt {r.attempt} (step is {where})"
@@ -327,18 +335,10 @@ class _Builder:
                 if kind == "compensate" or st.status == "retry_wait":
                     self._issue(name, kind)
             elif st.deadline_ms is not None:
-                sd = self.wf.step(name)
-                self.emit(
-                    "step.deadline_expired", name, st.attempt, {"kind": kind, "deadline_ms": st.deadline_ms}
-                )
-                st.deadline_ms = None
-                self._fail_attempt(
-                    name,
-                    "DeadlineExceeded",
-                    f"no result for attempt {st.attempt} within its {sd.timeout_s:g}s timeout "
-                    f"+ {self.wf.deadline_grace_s:g}s grace: re-issued",
-                    True,
-                )
+                # no result by the deadline: the task was lost (or waits behind a backlog), it did not
+                # fail. Issue the same attempt again under the same idempotency key; a new attempt is
+                # only ever made for a failure or timeout that the attempt itself reported.
+                self._reissue(name, kind)
         return self.finish()
 
     def on_redrive(self, by: str | None = None) -> Decision | None:
@@ -407,27 +407,52 @@ class _Builder:
         st.deadline_ms = s.clock_ms + round((sd.timeout_s + self.wf.deadline_grace_s) * 1000)
         st.due_ms = None
         agent = sd.agent if kind == "run" else (sd.compensate or "")
-        self.tasks.append(
-            StepTask(
-                run_id=s.run_id,
-                workflow=s.workflow,
-                version=s.version,
-                step=name,
-                attempt=st.attempt,
-                kind=kind,
-                agent=agent,
-                model=st.model,
-                input=task_input,
-                tenant=s.tenant,
-                issued_ms=s.clock_ms,
-                timeout_s=sd.timeout_s,
-            )
-        )
+        self.tasks.append(self._task(name, kind, agent, task_input))
         self.emit(
             "step.scheduled" if kind == "run" else "step.compensation_scheduled",
             name,
             st.attempt,
             {"agent": agent, "model": st.model, "deadline_ms": st.deadline_ms},
+        )
+
+    def _reissue(self, name: str, kind: Literal["run", "compensate"]) -> None:
+        """Send the current attempt of ``name`` again (same attempt, same key) with a fresh deadline."""
+        s, sd = self.s, self.wf.step(name)
+        st = self._mut(name)
+        previous = st.deadline_ms
+        st.deadline_ms = s.clock_ms + round((sd.timeout_s + self.wf.deadline_grace_s) * 1000)
+        agent = sd.agent if kind == "run" else (sd.compensate or "")
+        self.tasks.append(self._task(name, kind, agent, resolve_input(self.wf, s, name)))
+        self.emit(
+            "step.reissued",
+            name,
+            st.attempt,
+            {
+                "kind": kind,
+                "agent": agent,
+                "model": st.model,
+                "expired_ms": previous,
+                "deadline_ms": st.deadline_ms,
+            },
+        )
+
+    def _task(
+        self, name: str, kind: Literal["run", "compensate"], agent: str, task_input: dict[str, Any]
+    ) -> StepTask:
+        s, st = self.s, self.s.steps[name]
+        return StepTask(
+            run_id=s.run_id,
+            workflow=s.workflow,
+            version=s.version,
+            step=name,
+            attempt=st.attempt,
+            kind=kind,
+            agent=agent,
+            model=st.model,
+            input=task_input,
+            tenant=s.tenant,
+            issued_ms=s.clock_ms,
+            timeout_s=self.wf.step(name).timeout_s,
         )
 
     def _over_budget(self, name: str) -> bool:

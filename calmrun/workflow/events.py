@@ -65,7 +65,8 @@ EventType = Literal[
     # decisions
     "step.scheduled",
     "step.retry_scheduled",
-    "step.deadline_expired",
+    "step.reissued",
+    "step.deadline_expired",  # written by calmrun before 0.2: a lost task then cost an attempt
     "run.routed",
     "run.completed",
     "run.quarantined",

@@ -1,0 +1,74 @@
+"""The records a worker writes, built from decisions: pure functions, no I/O, and the header names.
+
+Every record of a run goes to the run's partition of its topic (co-partitioned by run ID), so one
+partition's transaction holds everything a decision wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from calmrun.codec import RecordCodec
+from calmrun.streams.dlq import DlqRecord
+from calmrun.streams.topics import Topics
+from calmrun.workflow.events import RunEvent, StepTask
+
+IDEMPOTENCY_KEY = "calmrun-idempotency-key"
+"""Header of a task record: the attempt's idempotency key (``StepTask.idempotency_key``)."""
+MOVED_FROM = "calmrun-moved-from"
+"""Header of a request re-keyed to its run's partition: ``<partition>:<offset>`` of the original."""
+EVENT_TYPE = "type"
+"""Header of an event record: its ``RunEvent.type``, so readers can filter without decoding."""
+
+
+@dataclass(frozen=True)
+class Out:
+    """One record to send to an explicit partition."""
+
+    topic: str
+    partition: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class StateOut:
+    """A run's state record, encoded only if it is sent (a later state in the same batch replaces it)."""
+
+    topic: str
+    partition: int
+    key: bytes
+    encode: Callable[[], bytes]
+
+
+def event_out(topics: Topics, codec: RecordCodec, p: int, ev: RunEvent) -> Out:
+    return Out(topics.events, p, ev.run_id.encode(), codec.encode(ev), ((EVENT_TYPE, ev.type.encode()),))
+
+
+def task_out(topics: Topics, codec: RecordCodec, p: int, task: StepTask) -> Out:
+    return Out(
+        topics.step(task.workflow, task.step),
+        p,
+        task.run_id.encode(),
+        codec.encode(task),
+        ((IDEMPOTENCY_KEY, task.idempotency_key.encode()),),
+    )
+
+
+def dlq_out(topic: str, codec: RecordCodec, p: int, key: bytes | None, dlq: DlqRecord) -> Out:
+    headers = (
+        ("error", dlq.error_type.encode()),
+        ("reason", dlq.reason.encode()),
+        ("source", f"{dlq.source_topic}[{dlq.source_partition}]@{dlq.source_offset}".encode()),
+    )
+    return Out(topic, p, key, codec.encode(dlq), headers)
+
+
+def header(headers: object, name: str) -> bytes | None:
+    """The value of header ``name`` of a consumed record (a sequence of (name, bytes) pairs), or None."""
+    for k, v in headers:  # type: ignore[attr-defined]
+        if k == name:
+            return bytes(v)
+    return None

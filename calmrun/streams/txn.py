@@ -1,0 +1,210 @@
+"""One partition's output as Kafka transactions: a decision's records, the states and the input offsets it
+finished become visible together, or not at all.
+
+A worker holds one transactional producer per owned partition, ``transactional.id`` =
+``<group>.tx.<partition>``. Initialising that id when the partition is assigned aborts any transaction the
+previous owner left open and fences that owner: a crashed, paused or partitioned worker's late records
+never reach a ``read_committed`` reader, and its late commits fail (``ProducerFenced``).
+
+Decisions are batched: while one transaction commits, the next batch collects, and it is sent as soon as
+the commit returns, so light load commits each decision alone and heavy load amortises a commit over
+many. Within a batch only the newest state of each run is written (compaction keeps only that one).
+After the commit, each decision's ``on_commit`` runs: an agent is started only for a task that is durably
+recorded, so a crash can never leave an agent's work unexplained by the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import InvalidProducerEpoch, ProducerFenced, TransactionCoordinatorFenced
+from aiokafka.structs import TopicPartition
+
+from calmrun.streams.records import Out, StateOut
+
+log = logging.getLogger("calmrun.worker")
+
+FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionCoordinatorFenced)
+"""Errors that mean another worker now owns the partition: this one must let it go, not fail."""
+
+_MAX_BATCH = 2_000  # decisions per transaction at most, so that one commit stays short
+
+
+def transactional_id(group_id: str, partition: int) -> str:
+    """The transactional id of ``partition``'s writer: one per partition of the group, never per process."""
+    return f"{group_id}.tx.{partition}"
+
+
+class Gate:
+    """Counts decisions not yet committed across all partitions; intake waits while too many are."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.pending, self.peak = limit, 0, 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def add(self, n: int) -> None:
+        self.pending += n
+        self.peak = max(self.peak, self.pending)
+        if self.pending >= self.limit:
+            self._room.clear()
+
+    def done(self, n: int) -> None:
+        self.pending -= n
+        if self.pending < self.limit:
+            self._room.set()
+
+    async def room(self) -> None:
+        await self._room.wait()
+
+
+@dataclass
+class _Decision:
+    outputs: list[Out]
+    state: StateOut | None
+    on_commit: Callable[[], None] | None
+
+
+class PartitionWriter:
+    """Commits one partition's decisions in transactions; see the module docstring.
+
+    Args:
+        partition: the partition number this writer owns in every calmrun topic.
+        producer: a producer configured with this partition's ``transactional_id`` (not started).
+        group_id: the consumer group whose offsets are committed in the transactions.
+        positions: called right after a batch is taken; the input offsets to commit with it (all inputs
+            finished so far are in this batch or an earlier one).
+        committed: called with those positions once their transaction committed.
+        gate: the worker's count of uncommitted decisions.
+        on_failed: called once if a transaction fails; the writer is unusable after that.
+    """
+
+    def __init__(
+        self,
+        partition: int,
+        producer: AIOKafkaProducer,
+        group_id: str,
+        positions: Callable[[int], dict[TopicPartition, int]],
+        committed: Callable[[dict[TopicPartition, int]], None],
+        gate: Gate,
+        on_failed: Callable[[int, BaseException], None],
+    ) -> None:
+        self.partition = partition
+        self._producer = producer
+        self._group_id = group_id
+        self._positions, self._committed = positions, committed
+        self._gate = gate
+        self._on_failed = on_failed
+        self._batch: list[_Decision] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self.failed: BaseException | None = None
+        self.commits = 0
+        self._last: dict[TopicPartition, int] = {}  # the input offsets last committed, for a probe
+        self._probing = False
+
+    async def start(self) -> None:
+        """Initialise the transactional id: aborts the previous owner's open transaction and fences it."""
+        await self._producer.start()
+        self._task = asyncio.create_task(self._run(), name=f"calmrun-txn-{self.partition}")
+
+    def add(self, outputs: list[Out], state: StateOut | None, on_commit: Callable[[], None] | None) -> None:
+        """Queue one decision for the next transaction; synchronous, so decisions keep their order."""
+        self._batch.append(_Decision(outputs, state, on_commit))
+        self._gate.add(1)
+        self._idle.clear()
+        self._wake.set()
+
+    def kick(self) -> None:
+        """Commit input offsets that moved without a decision (a task record finished by its result)."""
+        self._idle.clear()
+        self._wake.set()
+
+    def remember(self, offsets: dict[TopicPartition, int]) -> None:
+        """The committed input offsets as found on assignment (what a probe commits again)."""
+        self._last.update(offsets)
+
+    async def probe(self) -> None:
+        """Commit a transaction even with nothing new: it fails (fenced) if another worker took over."""
+        self._probing = True
+        await self.flush()
+
+    @property
+    def pending(self) -> int:
+        return len(self._batch)
+
+    async def flush(self) -> None:
+        """Wait until every decision added so far is committed (or the writer failed)."""
+        self.kick()
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Stop the writer; a transaction not committed by now is aborted by the broker or the next owner."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._producer.stop(), 10)
+        self._gate.done(len(self._batch))
+        self._batch.clear()
+        self._idle.set()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._batch = self._batch[:_MAX_BATCH], self._batch[_MAX_BATCH:]
+                if self._batch:
+                    self._wake.set()
+                offsets = self._positions(self.partition)  # no await since the batch was taken
+                if self._probing and not (batch or offsets):
+                    offsets = dict(self._last)
+                self._probing = False
+                if batch or offsets:
+                    await self._commit(batch, offsets)
+                if not self._batch:
+                    self._idle.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.failed = exc
+            self._idle.set()
+            self._on_failed(self.partition, exc)
+
+    async def _commit(self, batch: list[_Decision], offsets: dict[TopicPartition, int]) -> None:
+        p = self._producer
+        await p.begin_transaction()
+        futures: list[asyncio.Future[Any]] = []
+        states: dict[tuple[str, bytes], StateOut] = {}
+        for d in batch:
+            for o in d.outputs:
+                futures.append(
+                    await p.send(o.topic, o.value, key=o.key, partition=o.partition, headers=list(o.headers))
+                )
+            if d.state is not None:
+                states.pop((d.state.topic, d.state.key), None)  # keep the newest, in decision order
+                states[(d.state.topic, d.state.key)] = d.state
+        for st in states.values():
+            futures.append(await p.send(st.topic, st.encode(), key=st.key, partition=st.partition))
+        if offsets:
+            await p.send_offsets_to_transaction(offsets, self._group_id)
+        await p.commit_transaction()
+        await asyncio.gather(*futures)  # resolved by the commit; raises if a record was refused
+        self.commits += 1
+        if offsets:
+            self._last.update(offsets)
+            self._committed(offsets)
+        self._gate.done(len(batch))
+        for d in batch:
+            if d.on_commit is not None:
+                d.on_commit()
