@@ -378,7 +378,9 @@ def acls(
     principal: Annotated[str, typer.Option("--principal", help="User name or principal (User:alice).")],
     role: Annotated[
         list[str] | None,
-        typer.Option("--role", help="worker, costs, operator or viewer (repeatable; default all four)."),
+        typer.Option(
+            "--role", help="worker, costs, operator, viewer or ui (repeatable; default the first four)."
+        ),
     ] = None,
     apply: Annotated[
         bool, typer.Option("--apply", help="Create them (needs a super user's settings).")
@@ -391,10 +393,10 @@ def acls(
 
     Without --apply it prints one line per ACL and the same as kafka-acls.sh arguments.
     """
-    from calmrun.acls import ROLES, acls_for, apply_acls
+    from calmrun.acls import DEFAULT_ROLES, acls_for, apply_acls
 
     settings = cli_settings(config, bootstrap, prefix)
-    wanted = role or list(ROLES)
+    wanted = role or list(DEFAULT_ROLES)
     try:
         bindings = [a for r in wanted for a in acls_for(settings, principal, r)]  # type: ignore[arg-type]
     except CalmrunError as exc:
