@@ -21,6 +21,7 @@ kafka: install
 
 # kcat: one test starts a run from the real kcat CLI, as operators do.
 # prometheus: one test lets a real Prometheus scrape a worker and checks PromQL answers (it fails without).
+# chromium: tests/ui/ drive the operator page in Debian's Chromium through Playwright (it fails without).
 tools:
 	@command -v kcat >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q kcat; \
@@ -28,14 +29,18 @@ tools:
 	@command -v prometheus >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; \
 	  else echo "prometheus missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	  else echo "chromium missing: sudo apt-get install chromium" >&2; exit 1; fi; }
 
 # The local model of the end-to-end tests (calmrun.devmodel): the first install compiles llama.cpp (about
 # 5 minutes on 2 cores); pip's wheel cache makes later installs take seconds.
 local-model: install
 	$(PY) -m calmrun.devmodel install
 
+# `make demo UI=1`: the operator page (calmrun ui) on http://127.0.0.1:8765/ too, left open until Ctrl-C
 demo: kafka
-	$(PY) -m calmrun.demo
+	$(PY) -m calmrun.demo $(if $(UI),--ui)
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: kafka tools local-model

@@ -20,8 +20,10 @@ from typing import Literal
 from calmrun.errors import CalmrunError, ConfigError
 from calmrun.settings import Settings
 
-Role = Literal["worker", "costs", "operator", "viewer"]
-ROLES: tuple[Role, ...] = ("worker", "costs", "operator", "viewer")
+Role = Literal["worker", "costs", "operator", "viewer", "ui"]
+ROLES: tuple[Role, ...] = ("worker", "costs", "operator", "viewer", "ui")
+DEFAULT_ROLES: tuple[Role, ...] = ROLES[:4]
+"""What ``calmrun acls`` prints without ``--role``; ``ui`` (the operator page) is asked for by name."""
 
 # Kafka's wire codes (org.apache.kafka.common.resource / acl)
 _RESOURCE = {"topic": 2, "group": 3, "cluster": 4, "transactional_id": 5}
@@ -94,6 +96,10 @@ def acls_for(settings: Settings, principal: str, role: Role) -> list[Acl]:
         add("group", "literal", app_id, "Read", "Describe")
     elif role == "operator":
         add("topic", "prefixed", topics, "Read", "Write", "Describe", "Create")
+    elif role == "ui":  # calmrun ui: reads the topics, redrives (writes requests), describes both groups' lag
+        add("topic", "prefixed", topics, "Read", "Write", "Describe")
+        add("group", "literal", group, "Describe")
+        add("group", "literal", app_id, "Describe")
     else:
         add("topic", "prefixed", topics, "Read", "Describe")
     return out

@@ -322,10 +322,42 @@ def dlq_redrive(
 
     async def main() -> tuple[int, int]:
         async with Client(settings) as c:
-            return await c.redrive(workflow, set(run_id) if run_id else None)
+            import getpass
+
+            by = f"cli:{getpass.getuser()}"
+            return await c.redrive(workflow, set(run_id) if run_id else None, by=by)
 
     runs_n, records = _run(main())
     out.print(f"re-driven: {runs_n} runs, {records} poison records re-injected")
+
+
+@app.command()
+def ui(
+    workflow: Annotated[
+        list[Path] | None,
+        typer.Option("--workflow", "-w", help="Workflow YAML, for 'replay this run' (repeatable)."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (default ui.host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default ui.port, 8765; 0: any free port).")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="CALMRUN_UI_TOKEN", help="Bearer token of one operator.")
+    ] = None,
+    ready_file: Annotated[Path | None, typer.Option(hidden=True, help="Write the address here.")] = None,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Serve the operator page: runs, a run's timeline, dead letters (redrive), costs, workers; live."""
+    from calmrun.ui.cli import serve  # here, not at the top: `calmrun --help` stays quick
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base = cli_settings(config, bootstrap, prefix)
+    ui_over = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = base.model_copy(update={"ui": base.ui.model_copy(update=ui_over)}) if ui_over else base
+    with contextlib.suppress(KeyboardInterrupt):
+        from calmrun.errors import UiAccessError
+
+        _run(serve(settings, _workflows(workflow or []), token, ready_file), usage_errors=(UiAccessError,))
 
 
 @topics_app.command("create")
@@ -346,7 +378,9 @@ def acls(
     principal: Annotated[str, typer.Option("--principal", help="User name or principal (User:alice).")],
     role: Annotated[
         list[str] | None,
-        typer.Option("--role", help="worker, costs, operator or viewer (repeatable; default all four)."),
+        typer.Option(
+            "--role", help="worker, costs, operator, viewer or ui (repeatable; default the first four)."
+        ),
     ] = None,
     apply: Annotated[
         bool, typer.Option("--apply", help="Create them (needs a super user's settings).")
@@ -359,10 +393,10 @@ def acls(
 
     Without --apply it prints one line per ACL and the same as kafka-acls.sh arguments.
     """
-    from calmrun.acls import ROLES, acls_for, apply_acls
+    from calmrun.acls import DEFAULT_ROLES, acls_for, apply_acls
 
     settings = cli_settings(config, bootstrap, prefix)
-    wanted = role or list(ROLES)
+    wanted = role or list(DEFAULT_ROLES)
     try:
         bindings = [a for r in wanted for a in acls_for(settings, principal, r)]  # type: ignore[arg-type]
     except CalmrunError as exc:

@@ -82,8 +82,13 @@ class Client:
             raise KafkaAuthorizationError("topic", self.topics.requests, detail="Write refused") from exc
         return ids
 
-    async def redrive(self, workflow: str, run_ids: set[str] | None = None) -> tuple[int, int]:
+    async def redrive(
+        self, workflow: str, run_ids: set[str] | None = None, *, by: str | None = None
+    ) -> tuple[int, int]:
         """Re-drive quarantined runs (by ID, or all) and re-inject poison records of ``workflow``'s DLQ.
+
+        ``by`` names who asked: it travels on the command (and the run's ``run.redrive_requested`` event)
+        and as the header ``calmrun-redriven-by`` on a re-injected record.
 
         Returns:
             (runs re-driven, records re-injected). A run that is no longer quarantined ignores it.
@@ -94,7 +99,7 @@ class Client:
                 continue
             if rec.reason == "quarantined" and rec.run_id and rec.run_id not in seen:
                 seen.add(rec.run_id)
-                cmd = RunCommand(command="redrive", run_id=rec.run_id, workflow=workflow)
+                cmd = RunCommand(command="redrive", run_id=rec.run_id, workflow=workflow, by=by)
                 await self.producer.send_and_wait(
                     self.topics.requests, self.codec.encode(cmd), key=rec.run_id.encode()
                 )
@@ -104,7 +109,11 @@ class Client:
                     rec.source_topic,
                     rec.value,
                     key=rec.key,
-                    headers=[*rec.headers.items(), ("calmrun-redriven", b"1")],
+                    headers=[
+                        *rec.headers.items(),
+                        ("calmrun-redriven", b"1"),
+                        *([("calmrun-redriven-by", by.encode())] if by else []),
+                    ],
                 )
                 records += 1
         return runs, records

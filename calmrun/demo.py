@@ -1,8 +1,10 @@
 """The main job end to end: a local broker, a worker, a batch of triage runs, their statuses and history.
 
-``python -m calmrun.demo [--runs N]`` (``make demo``): starts the project's KRaft broker on a free port,
-runs the example triage workflow on scripted models (no network), submits N tickets, waits for every run,
-prints statuses, throughput, latency and one run's event history, then stops everything it started.
+``python -m calmrun.demo [--runs N] [--ui]`` (``make demo``): starts the project's KRaft broker on a free
+port, runs the example triage workflow on scripted models (no network), submits N tickets, waits for every
+run, prints statuses, throughput, latency and one run's event history, then stops everything it started.
+With ``--ui`` the operator page (``calmrun ui``) serves the demo's topics from the start, its address is
+printed, and everything stays up after the batch until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "triage"
 
 
-async def run_demo(bootstrap: str, runs: int) -> None:
+async def run_demo(bootstrap: str, runs: int, ui_port: int | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     settings = load_settings(EXAMPLE / "models.yaml", kafka={"bootstrap": bootstrap, "prefix": "demo"})
     wf = load_workflow(EXAMPLE / "workflow.yaml")
@@ -46,6 +49,14 @@ async def run_demo(bootstrap: str, runs: int) -> None:
     await worker.start()
     settle_heap(settings.worker.gc_threshold)
     aggregator = AggregatorProcess(settings).start()
+    page = None
+    if ui_port is not None:
+        from calmrun.ui import Access, UiServer
+
+        ui_settings = settings.model_copy(update={"ui": settings.ui.model_copy(update={"port": ui_port})})
+        page = UiServer(ui_settings, Access(ui_settings.ui), [wf])
+        url = await page.start()
+        out.print(f"[bold]operator page: {url}[/bold] (calmrun ui; open it to watch the batch)")
     try:
         async with Client(settings) as client:
             requests = [
@@ -76,7 +87,16 @@ async def run_demo(bootstrap: str, runs: int) -> None:
         table = await batch_costs(settings)
         print_costs(table, "model")
         print_costs(table, "workflow")
+        if page is not None:
+            out.print(f"[bold]the operator page stays open at {page.url}[/bold]; Ctrl-C stops the demo")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
     finally:
+        if page is not None:
+            await page.stop()
         aggregator.stop()
         await worker.stop()
 
@@ -85,6 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument("--ui", action="store_true", help="serve the operator page and keep it open")
+    parser.add_argument("--ui-port", type=int, default=8765, help="its port on 127.0.0.1 (0: any free one)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     # a fresh broker answers "coordinator not available" for a moment; aiokafka logs each retry as an error
@@ -92,8 +114,9 @@ def main() -> None:
     if not sys.stdout.isatty():  # piped or captured: wide tables rather than 80 columns
         os.environ.setdefault("COLUMNS", "150")
         out.width = int(os.environ["COLUMNS"])
+    ui_port = args.ui_port if args.ui else None
     if args.bootstrap:
-        asyncio.run(run_demo(args.bootstrap, args.runs))
+        asyncio.run(run_demo(args.bootstrap, args.runs, ui_port))
         return
     data = Path(tempfile.mkdtemp(prefix="calmrun-demo-kafka-"))
     kafka = DevKafka(data_dir=data, port=free_port())
@@ -104,7 +127,7 @@ def main() -> None:
         f"broker answers at {kafka.bootstrap} after {time.monotonic() - t0:.1f}s (pid {kafka.running_pid()})"
     )
     try:
-        asyncio.run(run_demo(kafka.bootstrap, args.runs))
+        asyncio.run(run_demo(kafka.bootstrap, args.runs, ui_port))
     finally:
         kafka.stop()
         out.print("broker stopped")

@@ -275,3 +275,18 @@ class TopicMissingError(CalmrunError):
     def __init__(self, topic: str) -> None:
         super().__init__(f"topic {topic} does not exist (run `calmrun topics create`?)")
         self.topic = topic
+
+
+class UiAccessError(ConfigError):
+    """The operator page would be reachable off loopback without authentication: it refuses to start.
+
+    Attributes:
+        host: the address it was asked to listen on.
+    """
+
+    def __init__(self, host: str) -> None:
+        super().__init__(
+            f"calmrun ui on {host} (not loopback) needs authentication: give --token, ui.users "
+            "(tokens with roles) or ui.trusted_header (a reverse proxy's user header) in the configuration"
+        )
+        self.host = host

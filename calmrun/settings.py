@@ -216,6 +216,37 @@ class CostSettings(_Frozen):
     )
 
 
+UiRole = Literal["viewer", "operator"]
+"""viewer: read only, payloads redacted; operator: also the actions (redrive)."""
+
+
+class UiUser(_Frozen):
+    """One user of the operator page, identified by a bearer token."""
+
+    token: SecretStr
+    role: UiRole = "viewer"
+
+
+class UiSettings(_Frozen):
+    """The operator page (``calmrun ui``): where it listens and who may do what.
+
+    Off loopback the page refuses to start unless ``users`` or ``trusted_header`` is configured.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    users: dict[str, UiUser] = Field(default_factory=dict, description="user name -> token and role")
+    trusted_header: str | None = Field(
+        None, description="a reverse proxy that authenticated the user puts the user name in this header"
+    )
+    header_roles: dict[str, UiRole] = Field(
+        default_factory=dict, description="roles of users named by trusted_header (others: viewer)"
+    )
+    index_path: Path | None = Field(
+        None, description="the SQLite index file (rebuilt at start); default a temporary file"
+    )
+
+
 class Settings(BaseSettings):
     """Everything configurable in calmrun."""
 
@@ -235,6 +266,7 @@ class Settings(BaseSettings):
         description="fields masked in events, dead letters, snapshots and logs (calmrun.redact): "
         "input.<field>... or steps.<step>.<field>...",
     )
+    ui: UiSettings = UiSettings()
 
     @property
     def group_id(self) -> str:

@@ -664,7 +664,7 @@ class Worker:
         state = self.runs[p].get(run_id)
         inp: DeciderInput
         if isinstance(body, RunCommand):
-            inp = RedriveRequested(run_id, rec.timestamp)
+            inp = RedriveRequested(run_id, rec.timestamp, body.by)
         else:
             inp = self._request(run_id, wf, body, rec.timestamp)
         self._decide(p, wf, state, inp, rec, (self._finisher(tp, rec.offset),))

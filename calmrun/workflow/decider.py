@@ -105,7 +105,7 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
         return b.on_result(event) or _ignored(state, event, b.why)
     if isinstance(event, TimerFired):
         return b.on_timer(event.at_ms) or _ignored(state, event, "nothing is due")
-    return b.on_redrive() or _ignored(state, event, b.why)
+    return b.on_redrive(event.by) or _ignored(state, event, b.why)
 
 
 def _request_data(event: RunRequested) -> dict[str, Any]:
@@ -338,7 +338,7 @@ class _Builder:
                 self._reissue(name, kind)
         return self.finish()
 
-    def on_redrive(self) -> Decision | None:
+    def on_redrive(self, by: str | None = None) -> Decision | None:
         s = self.s
         if s.status not in ("quarantined", "over_budget") or s.compensations:
             self.why = f"redrive needs a quarantined run; this one is {s.status}"
@@ -347,7 +347,7 @@ class _Builder:
         if undone:
             self.why = f"redrive refused: steps {undone} were compensated, so the run cannot continue"
             return None
-        self.emit("run.redrive_requested", data={"previous_error": s.error})
+        self.emit("run.redrive_requested", data={"previous_error": s.error, **({"by": by} if by else {})})
         s.status, s.error_type, s.error = "running", None, None
         for name in sorted(s.steps):
             if s.steps[name].status in ("failed", "cancelled"):

@@ -37,6 +37,7 @@ class RunCommand(_Record):
     command: Literal["redrive"]
     run_id: str
     workflow: str
+    by: str | None = Field(None, description="who asked (the operator page's user); recorded on the event")
 
 
 class StepCost(_Record):
@@ -172,6 +173,7 @@ class TimerFired:
 class RedriveRequested:
     run_id: str
     at_ms: int
+    by: str | None = None
 
 
 DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested

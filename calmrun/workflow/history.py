@@ -83,7 +83,7 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
         elif ev.type == "timer.fired":
             out.append(TimerFired(ev.run_id, int(d.get("at_ms", ev.at_ms))))
         else:
-            out.append(RedriveRequested(ev.run_id, ev.at_ms))
+            out.append(RedriveRequested(ev.run_id, ev.at_ms, d.get("by")))
     return out
 
 
