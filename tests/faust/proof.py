@@ -6,7 +6,7 @@ the in-memory store, so after a restart it can only come back from the table's c
 
 Run a worker in its own process (nothing happens at import time)::
 
-    python -m calmrun.streams.proof worker --bootstrap 127.0.0.1:9092 --prefix demo --data-dir /tmp/w
+    python -m tests.faust.proof worker --bootstrap 127.0.0.1:9092 --prefix demo --data-dir /tmp/w
 
 Input values are JSON objects (a ``seq`` field is echoed back); output values are JSON objects with
 ``key``, ``seq``, ``count``, ``partition``, ``offset`` (of the input record) and ``pid`` (of the worker).
@@ -138,9 +138,7 @@ def build_app(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m calmrun.streams.proof", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m tests.faust.proof", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker", help="run a faust worker of the proof app until SIGTERM/SIGINT")
     worker.add_argument("--bootstrap", required=True)

@@ -1,6 +1,6 @@
 """Proof that faust-streaming works on our broker: forward records, count them in a table, recover it.
 
-The worker runs in its own OS process (``python -m calmrun.streams.proof worker``); the helpers here are
+The worker runs in its own OS process (``python -m tests.faust.proof worker``); the helpers here are
 shared with ``test_faust_restarts.py``.
 """
 
@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from calmrun.streams.proof import ProofNames
+from tests.faust.proof import ProofNames
 
 PARTITIONS = 4
 
@@ -161,7 +161,7 @@ class Workers:
         n = len(self.procs)
         log = self.base_dir / f"worker-{n}.log"
         cmd = [
-            sys.executable, "-m", "calmrun.streams.proof", "worker",
+            sys.executable, "-m", "tests.faust.proof", "worker",
             "--bootstrap", self.bootstrap, "--prefix", self.prefix,
             "--data-dir", str(self.base_dir / f"data-{n}"),
             "--partitions", str(PARTITIONS),
@@ -169,7 +169,12 @@ class Workers:
         ]  # fmt: skip
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=Path(__file__).resolve().parents[2],  # the project root: ``tests.faust.proof`` imports
             )
         self.procs.append(proc)
         self.logs[proc.pid] = log

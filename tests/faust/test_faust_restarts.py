@@ -27,7 +27,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from calmrun.streams.proof import ProofNames
+from tests.faust.proof import ProofNames
 from tests.test_faust_proof import (
     PARTITIONS,
     OutputCollector,
