@@ -107,7 +107,9 @@ class AvroCodec:
         body.seek(HEADER_SIZE)
         try:
             record = fastavro.schemaless_reader(body, parsed, None)
-        except (EOFError, ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError) as exc:
+        # Broad on purpose: on hostile bytes fastavro raises EOFError, ValueError, OverflowError,
+        # IndexError, UnicodeDecodeError...; every one of them means these bytes are not this record.
+        except Exception as exc:
             raise DecodeError(f"corrupt or truncated Avro body for {name}: {exc!r}") from exc
         if body.tell() != len(data):
             raise DecodeError(f"{len(data) - body.tell()} trailing bytes after the {name} record")

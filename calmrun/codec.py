@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
 from calmrun.avro import AvroCodec
-from calmrun.errors import DecodeError, SerializationError
-from calmrun.jsonfield import AvroJson
+from calmrun.errors import CalmrunError, DecodeError, SerializationError
+from calmrun.jsonfield import AvroJson, loads
 
 NAMESPACE = "io.calmrun"
 M = TypeVar("M", bound=BaseModel)
@@ -75,7 +75,7 @@ class _Derived:
         if origin is Annotated:
             base, *meta = get_args(tp)
             if any(isinstance(m, AvroJson) for m in meta):
-                return "string", _dumps, json.loads
+                return "string", _dumps, _loads
             return self._type(base)
         if origin in (Union, types.UnionType):
             args = [a for a in get_args(tp) if a is not type(None)]
@@ -116,6 +116,13 @@ class _Derived:
                 return "string", str, None
             return prim[tp], None, None
         raise TypeError(f"no Avro mapping for {tp!r}")
+
+
+def _loads(v: Any) -> Any:
+    """A JSON field read back: at the ceilings every calmrun writer stays under (see ``jsonfield``)."""
+    if not isinstance(v, str):
+        raise DecodeError(f"a JSON field holds a {type(v).__name__}, not a string")
+    return loads(v, what="a JSON field")
 
 
 def _optional(f: Convert) -> Convert:
@@ -177,19 +184,28 @@ class RecordCodec:
         return self.avro.encode(f"{NAMESPACE}.{type(record).__name__}", data)
 
     def decode(self, data: bytes) -> BaseModel:
-        """Decode any registered record.
+        """Decode any registered record; total: whatever the bytes, a record or a ``DecodeError``.
 
         Raises:
-            DecodeError: not single-object Avro, unknown fingerprint, corrupt bytes or invalid values.
+            DecodeError: not single-object Avro, unknown fingerprint, corrupt bytes or invalid values
+                (``LimitExceededError`` for a JSON field over the ceilings of ``calmrun.jsonfield``).
         """
-        name, raw = self.avro.decode(data)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise DecodeError(f"expected bytes, got {type(data).__name__}")
+        name, raw = self.avro.decode(bytes(data))
         d = self._by_full[name]
         try:
             if d.from_avro is not None:
                 raw = d.from_avro(raw)
             return d.model.model_validate(raw)
-        except (ValueError, ValidationError) as exc:
-            raise DecodeError(f"{name} does not validate: {exc}") from exc
+        except CalmrunError:
+            raise
+        except ValidationError as exc:
+            raise DecodeError(f"{name} does not validate: {_short(exc)}") from exc
+        # Broad on purpose: these are untrusted bytes, and any failure to make a record of them is a
+        # decode failure of that record (the caller parks it); nothing here may escape as a crash.
+        except Exception as exc:
+            raise DecodeError(f"{name} does not decode: {type(exc).__name__}: {exc}") from exc
 
     def decode_as(self, data: bytes, model: type[M]) -> M:
         """Decode and insist on one type."""
@@ -197,6 +213,12 @@ class RecordCodec:
         if not isinstance(rec, model):
             raise DecodeError(f"expected {model.__name__}, got {type(rec).__name__}")
         return rec
+
+
+def _short(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)[:5]
+    )
 
 
 def wire_models() -> list[type[BaseModel]]:

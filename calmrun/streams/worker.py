@@ -43,11 +43,14 @@ from calmrun.errors import (
     BrokerUnavailableError,
     CalmrunError,
     DecodeError,
+    LimitExceededError,
+    PoisonStormError,
     UnknownWorkflowError,
     WorkerError,
 )
+from calmrun.limits import check_workflow
 from calmrun.settings import Settings
-from calmrun.streams.dlq import DlqRecord
+from calmrun.streams.dlq import MAX_KEY_BYTES, DlqRecord
 from calmrun.streams.offsets import OffsetTracker
 from calmrun.streams.publisher import LazyOut, Out, Publisher
 from calmrun.streams.requests import parse_request
@@ -140,7 +143,7 @@ class Worker:
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
-        self.workflows = {wf.name: wf for wf in workflows}
+        self.workflows = {wf.name: check_workflow(wf, settings) for wf in workflows}
         self.agents, self.models, self.clock = agents, models, clock
         self.topics = Topics(settings.kafka.prefix)
         self.codec = RecordCodec(wire_models())
@@ -168,6 +171,7 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._restorer: AIOKafkaConsumer | None = None
         self._publisher: Publisher | None = None
+        self._unexpected_in_row = 0  # records in a row whose handling raised (see _isolated)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -193,6 +197,7 @@ class Worker:
             enable_idempotence=k.idempotence,
             linger_ms=k.linger_ms,
             max_batch_size=256 * 1024,
+            max_request_size=k.max_request_size,
         )
         # "earliest": with the default "latest", the reset that assign() starts in the background can land
         # after our explicit seek and silently skip the whole state partition
@@ -321,8 +326,11 @@ class Worker:
             run_id = rec.key.decode() if rec.key else ""
             if rec.value is None:
                 table.pop(run_id)
-            else:
+                continue
+            try:
                 table.put(run_id, self.codec.decode_as(rec.value, RunState), rec.value)
+            except DecodeError as exc:  # not written by a worker: park it, restore the rest
+                self._poison(TopicPartition(rec.topic, rec.partition), rec, exc, None, finish=False)
         self._restorer.unsubscribe()
         for p in parts:
             self.stats.restored_runs += len(self.runs[p])
@@ -431,11 +439,44 @@ class Worker:
     def _finisher(self, tp: TopicPartition, offset: int) -> Callable[[], None]:
         return lambda: self._offsets.finished(tp, offset)
 
+    def _isolated(
+        self,
+        handle: Callable[[TopicPartition, ConsumerRecord[bytes, bytes]], None],
+        tp: TopicPartition,
+        rec: ConsumerRecord[bytes, bytes],
+    ) -> None:
+        """Handle one record; whatever it raises parks that record as poison and finishes it.
+
+        One record never stops the worker. Only ``limits.max_consecutive_poison`` records in a row (on all
+        partitions) whose handling raised an unexpected error do: that is a bug of ours, not bad input.
+        """
+        try:
+            handle(tp, rec)
+        # Broad on purpose: the record is parked with the cause and its offset committed past it.
+        except Exception as exc:
+            if not isinstance(exc, CalmrunError):
+                self._unexpected_in_row += 1
+            self._poison(tp, rec, exc, None)
+            if self._unexpected_in_row >= self.settings.limits.max_consecutive_poison:
+                self._fail(PoisonStormError(self._unexpected_in_row, type(exc).__name__))
+        else:
+            self._unexpected_in_row = 0
+
     def _on_request(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
+        self._isolated(self._handle_request, tp, rec)
+
+    def _handle_request(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
         self.stats.requests += 1
         fallback = f"{rec.topic}-{rec.partition}-{rec.offset}"
         try:
-            run_id, body = parse_request(rec.key, rec.value, self.codec, fallback_id=fallback)
+            run_id, body = parse_request(
+                rec.key,
+                rec.value,
+                self.codec,
+                fallback_id=fallback,
+                limits=self.settings.limits,
+                headers=rec.headers,
+            )
         except DecodeError as exc:
             self._poison(tp, rec, exc, None)
             return
@@ -460,6 +501,14 @@ class Worker:
         state = self.runs[p].get(run_id)
         inp: DeciderInput
         if isinstance(body, RunCommand):
+            attempts = sum(st.attempt for st in state.steps.values()) if state else 0
+            if attempts >= self.settings.limits.max_attempts_per_run:
+                limit = self.settings.limits.max_attempts_per_run
+                over = LimitExceededError(
+                    "max_attempts_per_run", actual=attempts, maximum=limit, what="redrive"
+                )
+                self._poison(tp, rec, over, wf_name)
+                return
             inp = RedriveRequested(run_id, rec.timestamp)
         else:
             inp = self._request(run_id, wf, body, rec.timestamp)
@@ -487,6 +536,9 @@ class Worker:
         )
 
     def _on_task(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
+        self._isolated(self._handle_task, tp, rec)
+
+    def _handle_task(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
         if self._echoes and self._echoed(tp, rec):
             return
         try:
@@ -580,7 +632,12 @@ class Worker:
                 self.stats.peak_running = max(self.stats.peak_running, self.stats.running)
                 try:
                     result = await execute(
-                        task, self.agents, self.models, now_ms=self.clock, pricing=self.pricing
+                        task,
+                        self.agents,
+                        self.models,
+                        now_ms=self.clock,
+                        pricing=self.pricing,
+                        limits=self.settings.limits,
                     )
                 finally:
                     self.stats.running -= 1
@@ -670,7 +727,13 @@ class Worker:
         return d
 
     def _poison(
-        self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes], exc: CalmrunError, workflow: str | None
+        self,
+        tp: TopicPartition,
+        rec: ConsumerRecord[bytes, bytes],
+        exc: Exception,
+        workflow: str | None,
+        *,
+        finish: bool = True,
     ) -> None:
         """Park a record that cannot be processed at all; the processor goes on with the next one."""
         self.stats.poison += 1
@@ -688,13 +751,12 @@ class Worker:
             source_offset=rec.offset,
             key=rec.key,
             value=rec.value,
-            headers=dict(rec.headers),
+            headers={k: v or b"" for k, v in rec.headers},  # a header's value may be null
             at_ms=self.clock(),
         )
         topic = self.topics.dlq(workflow or INVALID)
-        self._submit(
-            [self._dlq_out(topic, rec.partition, rec.key, dlq)], None, self._finisher(tp, rec.offset)
-        )
+        done = self._finisher(tp, rec.offset) if finish else None
+        self._submit([self._dlq_out(topic, rec.partition, rec.key, dlq)], None, done)
 
     def _event_out(self, p: int, ev: RunEvent) -> Out:
         if self.on_event is not None:
@@ -706,12 +768,20 @@ class Worker:
         )
 
     def _dlq_out(self, topic: str, p: int, key: bytes | None, dlq: DlqRecord) -> Out:
+        # a dead letter always fits its topic, and always encodes (see DlqRecord.fitted)
+        dlq = dlq.fitted(self.settings.limits.dlq_max_payload_bytes)
+        key = key if key is None or len(key) <= MAX_KEY_BYTES else key[:MAX_KEY_BYTES]
+        try:
+            value = self.codec.encode(dlq)
+        except CalmrunError as exc:
+            dlq = dlq.model_copy(update={"key": None, "value": None, "headers": {}, "error": f"{exc}"})
+            value = self.codec.encode(dlq.fitted(0))
         headers = (
             ("error", dlq.error_type.encode()),
             ("reason", dlq.reason.encode()),
             ("source", f"{dlq.source_topic}[{dlq.source_partition}]@{dlq.source_offset}".encode()),
         )
-        return Out(topic, p, key, self.codec.encode(dlq), headers)
+        return Out(topic, p, key, value, headers)
 
     def _submit(self, outputs: list[Out], state: LazyOut | None, on_done: Callable[[], None] | None) -> None:
         assert self._publisher is not None
