@@ -323,7 +323,7 @@ class Worker:
             self.runs[p] = RunTable(self.codec)
         async for rec in read_to_end(self._restorer, tps):
             table = self.runs[rec.partition]
-            run_id = rec.key.decode() if rec.key else ""
+            run_id = (rec.key or b"").decode(errors="replace")
             if rec.value is None:
                 table.pop(run_id)
                 continue
