@@ -504,8 +504,8 @@ class Worker:
             attempts = sum(st.attempt for st in state.steps.values()) if state else 0
             if attempts >= self.settings.limits.max_attempts_per_run:
                 limit = self.settings.limits.max_attempts_per_run
-                over = LimitExceededError(
-                    "max_attempts_per_run", actual=attempts, maximum=limit, what="redrive"
+                over = LimitExceededError(  # the next attempt would be one too many
+                    "max_attempts_per_run", actual=attempts + 1, maximum=limit, what="redrive"
                 )
                 self._poison(tp, rec, over, wf_name)
                 return
