@@ -68,20 +68,26 @@ def loads(
         text.encode("utf-8")  # a str may hold lone surrogates already
     except UnicodeError as exc:
         raise DecodeError(f"{what} is not UTF-8 text: {exc}") from exc
-    skeleton = _STRING.sub('""', text)  # what is left outside strings: structure and numbers
-    digits = _longest_digits(skeleton, max_digits)
-    if digits > max_digits:
-        raise LimitExceededError(
-            "max_number_digits", actual=digits, maximum=max_digits, what=f"a number in {what}"
-        )
-    depth = json_depth_of_text(skeleton)
-    if depth > max_depth:
-        raise LimitExceededError("max_json_depth", actual=depth, maximum=max_depth, what=what)
+    # Cheap tests on the raw text first: too few brackets or digits anywhere cannot be over a limit. Only
+    # a suspect text is measured exactly, outside its strings (digits or brackets inside strings count
+    # for nothing).
+    long_digits = len(text) > max_digits and _longest_digits(text, max_digits) > max_digits
+    many_brackets = text.count("[") + text.count("{") > max_depth
+    if long_digits or many_brackets:
+        skeleton = _STRING.sub('""', text)  # what is left outside strings: structure and numbers
+        digits = _longest_digits(skeleton, max_digits) if long_digits else 0
+        if digits > max_digits:
+            raise LimitExceededError(
+                "max_number_digits", actual=digits, maximum=max_digits, what=f"a number in {what}"
+            )
+        depth = json_depth_of_text(skeleton) if many_brackets else 0
+        if depth > max_depth:
+            raise LimitExceededError("max_json_depth", actual=depth, maximum=max_depth, what=what)
     try:
         value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise DecodeError(f"invalid {what}: {exc}") from exc
-    if _SURROGATE_ESCAPE.search(text):
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
