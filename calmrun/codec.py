@@ -23,6 +23,8 @@ from calmrun.errors import CalmrunError, DecodeError, SerializationError
 from calmrun.jsonfield import AvroJson, loads
 
 NAMESPACE = "io.calmrun"
+EARLIER_FIELDS: dict[str, set[str]] = {"DlqRecord": {"truncated"}}
+"""Per model, fields appended since an earlier version whose records must still decode."""
 M = TypeVar("M", bound=BaseModel)
 Convert = Callable[[Any], Any] | None  # None: the value passes unchanged
 
@@ -163,7 +165,22 @@ class RecordCodec:
     def __init__(self, models: Iterable[type[BaseModel]]) -> None:
         self._derived = {m.__name__: _Derived(m) for m in models}
         self._by_full = {f"{NAMESPACE}.{name}": d for name, d in self._derived.items()}
-        self.avro = AvroCodec(d.schema for d in self._derived.values())
+        self.avro = AvroCodec((d.schema for d in self._derived.values()), readers=self._earlier())
+
+    def _earlier(self) -> list[dict[str, Any]]:
+        """Schemas of records written by earlier calmrun versions that still decode into today's models.
+
+        Each is today's schema without the fields added since (they have defaults): a field appended to
+        a model changes its fingerprint, and the records already in a topic must stay readable.
+        """
+        out = []
+        for name, added in EARLIER_FIELDS.items():
+            d = self._derived.get(name)
+            if d is not None:
+                schema = dict(d.schema)
+                schema["fields"] = [f for f in schema["fields"] if f["name"] not in added]
+                out.append(schema)
+        return out
 
     def schemas(self) -> dict[str, dict[str, Any]]:
         """The Avro schema of each model, by model name."""
