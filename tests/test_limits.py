@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -14,6 +16,7 @@ from calmrun.errors import ConfigError, LimitExceededError
 from calmrun.limits import check_workflow
 from calmrun.settings import load_settings
 from calmrun.streams.dlq import DlqRecord
+from calmrun.streams.dlqview import entry_json, entry_line
 from calmrun.streams.requests import parse_request
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import StepTask
@@ -121,3 +124,31 @@ async def test_an_output_over_the_limit_fails_the_attempt_as_an_invalid_output()
     assert r.error and "max_output_bytes" in r.error
     ok = await execute(task, AgentRegistry({"chatty": chatty}), ModelRegistry({}), now_ms=now)
     assert ok.ok and ok.output == {"text": "x" * 12_000}  # under the default 16 KiB
+
+
+def test_dlq_views_show_any_bytes_and_decode_known_avro() -> None:
+    codec = RecordCodec(wire_models())
+    task = StepTask(
+        run_id="r", workflow="w", version="1", step="s", attempt=3, agent="a", issued_ms=0, timeout_s=5
+    )
+    d = DlqRecord(
+        reason="quarantined",
+        error_type="RuntimeError",
+        error="[bold]not markup[/bold]\nsecond line",
+        source_topic="t",
+        source_partition=1,
+        source_offset=-1,
+        key=b"\xff\xfekey",
+        value=codec.encode(task),
+        headers={"calmrun-idempotency-key": b"r/s/run/3", "bin": b"\x00\xff"},
+        at_ms=0,
+    )
+    view = json.loads(json.dumps(entry_json(d, codec)))
+    assert view["key"] == {"size": 5, "encoding": "base64", "data": base64.b64encode(b"\xff\xfekey").decode()}
+    assert view["value"]["encoding"] == "base64"
+    assert view["value"]["avro"] == {"schema": "StepTask", "record": json.loads(task.model_dump_json())}
+    assert view["headers"]["calmrun-idempotency-key"]["data"] == "r/s/run/3"
+    assert view["headers"]["bin"]["encoding"] == "base64"
+    line = entry_line(d, codec, "now")
+    assert "key=b'\\xff\\xfekey'" in line and "value=avro:StepTask(" in line
+    assert "\n" not in line
