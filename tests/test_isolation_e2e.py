@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ class Poison:
     error_type: str = "DecodeError"
     cause: str = ""  # a piece of the dead letter's error text
     topic: str = "requests"  # or "step": the step topic of lin.s1
+    header_name: bytes | None = None  # produced by kcat with this (non-UTF-8) header name
 
 
 def _avro_request(input_json: str) -> bytes:
@@ -139,6 +141,11 @@ def poison_records() -> list[Poison]:
         ),
         Poison("2 MB key", req("{}").encode(), key=b"k" * MB2, error_type="LimitExceededError"),
         Poison("garbage task", b"\xff\x00 not a task", topic="step", cause="Avro"),
+        # aiokafka itself cannot parse these (it decodes header names): parked without bytes
+        Poison("non-UTF-8 header name", b"{}", key=b"hdr-1", header_name=b"\xff\xfe", cause="cannot parse"),
+        Poison(
+            "non-UTF-8 header name, again", b"{}", key=b"hdr-2", header_name=b"\xc3", cause="cannot parse"
+        ),
         Poison("an event on a step topic", CODEC.encode(event), topic="step", cause="expected StepTask"),
     ]
 
@@ -160,6 +167,45 @@ async def _until(pred: object, procs: WorkerProcs, wait_s: float, what: str) -> 
         if loop.time() > end:
             raise AssertionError(f"timed out after {wait_s}s waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+def _kcat_produce(broker: str, topic: str, p: Poison) -> None:
+    kcat = shutil.which("kcat")
+    assert kcat is not None, "the kcat CLI is not installed (Debian package 'kcat'); this test needs it"
+    assert p.key is not None and p.value is not None and p.header_name is not None
+    subprocess.run(
+        [
+            kcat.encode(),
+            b"-P",
+            b"-b",
+            broker.encode(),
+            b"-t",
+            topic.encode(),
+            b"-k",
+            p.key,
+            b"-H",
+            p.header_name + b"=v",
+        ],
+        input=p.value + b"\n",
+        check=True,
+        timeout=60,
+    )
+
+
+def _kcat_find(broker: str, topic: str, p: Poison) -> tuple[str, int, int]:
+    """Where kcat wrote ``p`` (aiokafka cannot read it back, which is the point)."""
+    kcat = shutil.which("kcat")
+    assert kcat is not None
+    out = subprocess.run(
+        [kcat, "-C", "-b", broker, "-t", topic, "-e", "-q", "-f", "%k %p %o\n"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    [(part, off)] = [
+        (int(f[1]), int(f[2])) for f in (line.split() for line in out.splitlines()) if f[0] == p.key
+    ]
+    return topic, part, off
 
 
 def _cli(broker: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -199,8 +245,11 @@ async def test_every_poison_record_is_parked_and_1000_valid_runs_complete(
             if i % every == 0 and i // every < len(poison):
                 p = poison[i // every]
                 topic = topics.requests if p.topic == "requests" else topics.step("lin", "s1")
-                md = await producer.send_and_wait(topic, p.value, key=p.key, headers=list(p.headers))
-                sources[(md.topic, md.partition, md.offset)] = p
+                if p.header_name is not None:
+                    _kcat_produce(broker, topic, p)
+                else:
+                    md = await producer.send_and_wait(topic, p.value, key=p.key, headers=list(p.headers))
+                    sources[(md.topic, md.partition, md.offset)] = p
             headers = [("trace", b"\xff\xfe")] if i % 100 == 7 else []  # bad UTF-8 on valid ones too
             futures.append(
                 await producer.send(
@@ -210,6 +259,9 @@ async def test_every_poison_record_is_parked_and_1000_valid_runs_complete(
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
+    for p in poison:
+        if p.header_name is not None:
+            sources[_kcat_find(broker, topics.requests, p)] = p
     assert len(sources) == len(poison)
 
     async with Client(settings) as client:
@@ -246,7 +298,9 @@ async def test_every_poison_record_is_parked_and_1000_valid_runs_complete(
         assert (d.reason, d.error_type) == ("poison", p.error_type), (p.name, d.error)
         assert p.cause in d.error, (p.name, d.error)
         assert d.traceback
-        if p.value is not None and len(p.value) > settings.limits.dlq_max_payload_bytes:
+        if p.header_name is not None:  # the client could not parse it: only where it is
+            assert (d.key, d.value, d.headers, d.truncated) == (None, None, {}, [])
+        elif p.value is not None and len(p.value) > settings.limits.dlq_max_payload_bytes:
             [cut] = [c for c in d.truncated if c.field == "value"]
             assert (cut.size, cut.sha256) == (len(p.value), hashlib.sha256(p.value).hexdigest()), p.name
             assert d.value == p.value[: cut.kept]
@@ -272,7 +326,7 @@ async def test_every_poison_record_is_parked_and_1000_valid_runs_complete(
     for src, p in sources.items():
         e = listed[src]
         assert e["error"] and e["error_type"] == p.error_type
-        if p.value is None:
+        if p.value is None or p.header_name is not None:
             assert e["value"] is None
         elif e["value"]["encoding"] == "utf-8":
             assert p.value.startswith(e["value"]["data"].encode())

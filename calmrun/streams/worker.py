@@ -51,6 +51,7 @@ from calmrun.errors import (
 from calmrun.limits import check_workflow
 from calmrun.settings import Settings
 from calmrun.streams.dlq import MAX_KEY_BYTES, DlqRecord
+from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker
 from calmrun.streams.publisher import LazyOut, Out, Publisher
 from calmrun.streams.requests import parse_request
@@ -359,7 +360,8 @@ class Worker:
                     await self._room.wait()
                 # decisions outrun the producer when agents return at once: fetch no more until it catches up
                 await self._publisher.room()
-                batch = await self._consumer.getmany(timeout_ms=200, max_records=max(limit, 500))
+                fetched = await getmany(self._consumer, timeout_ms=200, max_records=max(limit, 500))
+                batch = fetched.records
                 for tp, records in batch.items():
                     if tp.partition not in self.owned:
                         # fetched before this partition's state was restored: read it again later
@@ -371,6 +373,8 @@ class Worker:
                             self._on_request(tp, rec)
                         else:
                             self._on_task(tp, rec)
+                for tp, offset, exc in fetched.unreadable:
+                    self._unparsable(tp, offset, exc)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -757,6 +761,19 @@ class Worker:
         topic = self.topics.dlq(workflow or INVALID)
         done = self._finisher(tp, rec.offset) if finish else None
         self._submit([self._dlq_out(topic, rec.partition, rec.key, dlq)], None, done)
+
+    def _unparsable(self, tp: TopicPartition, offset: int, exc: Exception) -> None:
+        """Park a record the Kafka client could not even parse (see ``streams.fetch``): no bytes to keep."""
+        if tp.partition not in self.owned:
+            assert self._consumer is not None
+            self._consumer.seek(tp, offset)  # as for any record fetched before its partition was restored
+            return
+        rec: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+            tp.topic, tp.partition, offset, -1, 0, None, None, None, -1, -1, ()
+        )
+        self._offsets.consumed(tp, offset)
+        why = DecodeError(f"the Kafka client cannot parse this record (a header name not UTF-8?): {exc!r}")
+        self._poison(tp, rec, why, None)
 
     def _event_out(self, p: int, ev: RunEvent) -> Out:
         if self.on_event is not None:
