@@ -6,15 +6,19 @@ read from Kafka and handlers that fail the way a bug of ours would.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, StepContext
 from calmrun.client import Client
 from calmrun.errors import PoisonStormError
 from calmrun.settings import Settings
+from calmrun.streams.fetch import getmany
 from calmrun.streams.topics import INVALID, Topics
 from calmrun.streams.worker import Worker
 from calmrun.workflow.events import RunCommand, RunRequest
@@ -126,3 +130,64 @@ async def test_a_redrive_past_max_attempts_per_run_is_refused(broker: str, prefi
     assert [d.error_type for d in refused] == ["LimitExceededError"]
     assert "max_attempts_per_run: 5 > 4" in refused[0].error
     assert state is not None and state.steps["s1"].attempt == 4
+
+
+async def test_fetch_steps_past_records_the_client_cannot_parse_and_loses_none_before_them(
+    broker: str, prefix: str
+) -> None:
+    """A non-UTF-8 header name (kcat writes one) makes aiokafka's getmany raise; nothing may be lost."""
+    kcat = shutil.which("kcat")
+    assert kcat is not None, "the kcat CLI is not installed (Debian package 'kcat'); this test needs it"
+    topic = f"{prefix}.h"
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 2, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=broker, linger_ms=50)
+    await producer.start()
+    try:
+        for i in range(5):  # one batch: these come in the same fetch as the bad records
+            await producer.send(topic, f"a{i}".encode(), partition=0)
+            await producer.send(topic, f"p1-{i}".encode(), partition=1)
+        await producer.flush()
+        for name in (b"\xff\xfe", b"\xc3"):  # two in a row
+            _kcat_bad_header(kcat, broker, topic, name)
+        for i in range(5):
+            await producer.send(topic, f"b{i}".encode(), partition=0)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=broker, auto_offset_reset="earliest", group_id=prefix
+    )
+    await consumer.start()
+    seen: list[tuple[int, int, bytes | None]] = []
+    bad: list[tuple[int, int]] = []
+    nxt: dict[TopicPartition, int] = {}
+    try:
+        for _ in range(50):
+            f = await getmany(consumer, timeout_ms=300, max_records=500, consumed_to=nxt.get)
+            for tp, recs in f.records.items():
+                seen += [(tp.partition, r.offset, r.value) for r in recs]
+                nxt[tp] = recs[-1].offset + 1
+            for tp, off, exc in f.unreadable:
+                assert isinstance(exc, UnicodeDecodeError)
+                bad.append((tp.partition, off))
+                nxt[tp] = off + 1
+            if len(seen) >= 15 and len(bad) >= 2:
+                break
+    finally:
+        await consumer.stop()
+    assert bad == [(0, 5), (0, 6)]
+    assert sorted(seen) == sorted(
+        [(0, i, f"a{i}".encode()) for i in range(5)]
+        + [(0, 7 + i, f"b{i}".encode()) for i in range(5)]
+        + [(1, i, f"p1-{i}".encode()) for i in range(5)]
+    )
+
+
+def _kcat_bad_header(kcat: str, broker: str, topic: str, name: bytes) -> None:
+    cmd = [kcat.encode(), b"-P", b"-b", broker.encode(), b"-t", topic.encode(), b"-p", b"0"]
+    subprocess.run([*cmd, b"-H", name + b"=v"], input=b"bad\n", check=True, timeout=60)

@@ -360,7 +360,12 @@ class Worker:
                     await self._room.wait()
                 # decisions outrun the producer when agents return at once: fetch no more until it catches up
                 await self._publisher.room()
-                fetched = await getmany(self._consumer, timeout_ms=200, max_records=max(limit, 500))
+                fetched = await getmany(
+                    self._consumer,
+                    timeout_ms=200,
+                    max_records=max(limit, 500),
+                    consumed_to=self._offsets.consumed_to,
+                )
                 batch = fetched.records
                 for tp, records in batch.items():
                     if tp.partition not in self.owned:
