@@ -39,9 +39,13 @@ class AvroCodec:
 
     Args:
         schemas: Avro schemas (dicts) of named records; their full names are the lookup keys.
+        readers: earlier versions of those schemas: records written with them still decode (under the
+            same name), nothing is written with them.
     """
 
-    def __init__(self, schemas: Iterable[Mapping[str, Any]]) -> None:
+    def __init__(
+        self, schemas: Iterable[Mapping[str, Any]], readers: Iterable[Mapping[str, Any]] = ()
+    ) -> None:
         self._by_name: dict[str, tuple[Any, bytes]] = {}
         self._by_fingerprint: dict[bytes, tuple[str, Any]] = {}
         for schema in schemas:
@@ -50,6 +54,9 @@ class AvroCodec:
             fp = schema_fingerprint(schema)
             self._by_name[name] = (parsed, MARKER + fp)
             self._by_fingerprint[fp] = (name, parsed)
+        for schema in readers:
+            parsed = fastavro.parse_schema(dict(schema))
+            self._by_fingerprint.setdefault(schema_fingerprint(schema), (str(parsed["name"]), parsed))
 
     @classmethod
     def from_package(cls) -> AvroCodec:
@@ -107,7 +114,9 @@ class AvroCodec:
         body.seek(HEADER_SIZE)
         try:
             record = fastavro.schemaless_reader(body, parsed, None)
-        except (EOFError, ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError) as exc:
+        # Broad on purpose: on hostile bytes fastavro raises EOFError, ValueError, OverflowError,
+        # IndexError, UnicodeDecodeError...; every one of them means these bytes are not this record.
+        except Exception as exc:
             raise DecodeError(f"corrupt or truncated Avro body for {name}: {exc!r}") from exc
         if body.tell() != len(data):
             raise DecodeError(f"{len(data) - body.tell()} trailing bytes after the {name} record")

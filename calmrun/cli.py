@@ -253,18 +253,15 @@ def dlq_tail(
     settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> None:
-        from calmrun.streams.dlq import DlqRecord
+        from calmrun.streams.dlqview import RawEntry, entry_json, entry_line
 
         async with Client(settings) as c:
-            async for _, rec in c._read(c.topics.dlq(workflow), DlqRecord, follow=follow):
+            async for rec in c.dlq_entries(workflow, follow=follow):
                 if as_json:
-                    print(json.dumps(rec.model_dump(mode="json")), flush=True)
+                    print(json.dumps(entry_json(rec, c.codec)), flush=True)
                 else:
-                    out.print(
-                        f"{_ms(rec.at_ms)} [bold]{rec.reason}[/bold] {rec.error_type}: {rec.error[:200]}  "
-                        f"run={rec.run_id or '-'} step={rec.step or '-'} attempt={rec.attempt} "
-                        f"source={rec.source_topic}[{rec.source_partition}]@{rec.source_offset}"
-                    )
+                    when = "-" if isinstance(rec, RawEntry) else _ms(rec.at_ms)
+                    out.print(escape(entry_line(rec, c.codec, when)), soft_wrap=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(main())

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.structs import TopicPartition
 from pydantic import BaseModel
 
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.connect import client_kwargs
-from calmrun.errors import KafkaAuthorizationError, RunsNotFinishedError, TopicMissingError
+from calmrun.errors import (
+    DecodeError,
+    KafkaAuthorizationError,
+    RunsNotFinishedError,
+    TopicMissingError,
+)
 from calmrun.settings import Settings
 from calmrun.streams.dlq import DlqRecord
+from calmrun.streams.dlqview import RawEntry
 from calmrun.streams.topics import Topics, check_readable, partition_for, start_client
 from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("calmrun.client")
 TERMINAL = frozenset({"completed", "quarantined", "over_budget", "refused"})
 
 
@@ -91,7 +99,8 @@ class Client:
         and as the header ``calmrun-redriven-by`` on a re-injected record.
 
         Returns:
-            (runs re-driven, records re-injected). A run that is no longer quarantined ignores it.
+            (runs re-driven, records re-injected). A run that is no longer quarantined ignores it. A poison
+            record stored cut (``truncated``) is not re-injected: its original bytes are not all there.
         """
         runs, records, seen = 0, 0, set()
         for rec in await self.read_dlq(workflow):
@@ -104,6 +113,14 @@ class Client:
                     self.topics.requests, self.codec.encode(cmd), key=rec.run_id.encode()
                 )
                 runs += 1
+            elif rec.reason == "poison" and run_ids is None and rec.truncated:
+                log.warning(
+                    "not re-injecting %s[%d]@%d: stored cut (%s)",
+                    rec.source_topic,
+                    rec.source_partition,
+                    rec.source_offset,
+                    ", ".join(f"{c.field} {c.size:,} B sha256 {c.sha256}" for c in rec.truncated),
+                )
             elif rec.reason == "poison" and run_ids is None:
                 await self.producer.send_and_wait(
                     rec.source_topic,
@@ -163,6 +180,19 @@ class Client:
     async def read_dlq(self, workflow: str) -> list[DlqRecord]:
         return [rec async for _, rec in self._read(self.topics.dlq(workflow), DlqRecord)]
 
+    async def dlq_entries(
+        self, workflow: str, *, follow: bool = False
+    ) -> AsyncGenerator[DlqRecord | RawEntry]:
+        """Every record of ``workflow``'s dead-letter topic; one that is not a ``DlqRecord`` comes raw."""
+        async for rec in self._records(self.topics.dlq(workflow), follow=follow):
+            if rec.value is None:
+                continue
+            try:
+                yield self.codec.decode_as(rec.value, DlqRecord)
+            except DecodeError as exc:
+                headers = {k: v or b"" for k, v in rec.headers}
+                yield RawEntry(rec.topic, rec.partition, rec.offset, rec.key, rec.value, headers, str(exc))
+
     async def wait_terminal(self, run_ids: Iterable[str], wait_s: float = 60.0) -> dict[str, RunState]:
         """Tail the state topic until every run is terminal; returns their last states.
 
@@ -205,6 +235,28 @@ class Client:
     ) -> AsyncGenerator[tuple[str, M], None]:
         """Decode a topic from the beginning (or the offsets of ``since_ms``) to its end offsets (or on,
         with ``follow``); with ``key``, records of other keys are skipped before they are decoded."""
+        async with contextlib.aclosing(
+            self._records(
+                topic, partitions=partitions, follow=follow, until=until, key=key, since_ms=since_ms
+            )
+        ) as records:
+            async for rec in records:
+                if rec.value is None:
+                    continue
+                yield (rec.key or b"").decode(errors="replace"), self.codec.decode_as(rec.value, model)
+
+    async def _records(
+        self,
+        topic: str,
+        *,
+        partitions: list[int] | None = None,
+        follow: bool = False,
+        until: float | None = None,
+        key: bytes | None = None,
+        since_ms: int | None = None,
+    ) -> AsyncGenerator[ConsumerRecord[bytes, bytes], None]:
+        """A topic's records from the beginning (or ``since_ms``) to its end offsets (or on, with
+        ``follow``), undecoded; with ``key``, only that key's."""
         # "earliest": the default "latest" reset that assign() starts can race our seek and skip records
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka.bootstrap,
@@ -238,12 +290,8 @@ class Client:
                 batch = await consumer.getmany(timeout_ms=200)
                 for records in batch.values():
                     for rec in records:
-                        if rec.value is None or (key is not None and rec.key != key):
-                            continue
-                        yield (
-                            (rec.key or b"").decode(errors="replace"),
-                            self.codec.decode_as(rec.value, model),
-                        )
+                        if key is None or rec.key == key:
+                            yield rec
                 for tp in list(remaining):
                     if await consumer.position(tp) >= end[tp]:
                         remaining.discard(tp)

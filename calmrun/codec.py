@@ -19,10 +19,12 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
 from calmrun.avro import AvroCodec
-from calmrun.errors import DecodeError, SerializationError
-from calmrun.jsonfield import AvroJson
+from calmrun.errors import CalmrunError, DecodeError, SerializationError
+from calmrun.jsonfield import AvroJson, loads
 
 NAMESPACE = "io.calmrun"
+EARLIER_FIELDS: dict[str, set[str]] = {"DlqRecord": {"truncated"}}
+"""Per model, fields appended since an earlier version whose records must still decode."""
 M = TypeVar("M", bound=BaseModel)
 Convert = Callable[[Any], Any] | None  # None: the value passes unchanged
 
@@ -75,7 +77,7 @@ class _Derived:
         if origin is Annotated:
             base, *meta = get_args(tp)
             if any(isinstance(m, AvroJson) for m in meta):
-                return "string", _dumps, json.loads
+                return "string", _dumps, _loads
             return self._type(base)
         if origin in (Union, types.UnionType):
             args = [a for a in get_args(tp) if a is not type(None)]
@@ -118,6 +120,13 @@ class _Derived:
         raise TypeError(f"no Avro mapping for {tp!r}")
 
 
+def _loads(v: Any) -> Any:
+    """A JSON field read back: at the ceilings every calmrun writer stays under (see ``jsonfield``)."""
+    if not isinstance(v, str):
+        raise DecodeError(f"a JSON field holds a {type(v).__name__}, not a string")
+    return loads(v, what="a JSON field")
+
+
 def _optional(f: Convert) -> Convert:
     if f is None:
         return None
@@ -156,7 +165,22 @@ class RecordCodec:
     def __init__(self, models: Iterable[type[BaseModel]]) -> None:
         self._derived = {m.__name__: _Derived(m) for m in models}
         self._by_full = {f"{NAMESPACE}.{name}": d for name, d in self._derived.items()}
-        self.avro = AvroCodec(d.schema for d in self._derived.values())
+        self.avro = AvroCodec((d.schema for d in self._derived.values()), readers=self._earlier())
+
+    def _earlier(self) -> list[dict[str, Any]]:
+        """Schemas of records written by earlier calmrun versions that still decode into today's models.
+
+        Each is today's schema without the fields added since (they have defaults): a field appended to
+        a model changes its fingerprint, and the records already in a topic must stay readable.
+        """
+        out = []
+        for name, added in EARLIER_FIELDS.items():
+            d = self._derived.get(name)
+            if d is not None:
+                schema = dict(d.schema)
+                schema["fields"] = [f for f in schema["fields"] if f["name"] not in added]
+                out.append(schema)
+        return out
 
     def schemas(self) -> dict[str, dict[str, Any]]:
         """The Avro schema of each model, by model name."""
@@ -177,19 +201,28 @@ class RecordCodec:
         return self.avro.encode(f"{NAMESPACE}.{type(record).__name__}", data)
 
     def decode(self, data: bytes) -> BaseModel:
-        """Decode any registered record.
+        """Decode any registered record; total: whatever the bytes, a record or a ``DecodeError``.
 
         Raises:
-            DecodeError: not single-object Avro, unknown fingerprint, corrupt bytes or invalid values.
+            DecodeError: not single-object Avro, unknown fingerprint, corrupt bytes or invalid values
+                (``LimitExceededError`` for a JSON field over the ceilings of ``calmrun.jsonfield``).
         """
-        name, raw = self.avro.decode(data)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise DecodeError(f"expected bytes, got {type(data).__name__}")
+        name, raw = self.avro.decode(bytes(data))
         d = self._by_full[name]
         try:
             if d.from_avro is not None:
                 raw = d.from_avro(raw)
             return d.model.model_validate(raw)
-        except (ValueError, ValidationError) as exc:
-            raise DecodeError(f"{name} does not validate: {exc}") from exc
+        except CalmrunError:
+            raise
+        except ValidationError as exc:
+            raise DecodeError(f"{name} does not validate: {_short(exc)}") from exc
+        # Broad on purpose: these are untrusted bytes, and any failure to make a record of them is a
+        # decode failure of that record (the caller parks it); nothing here may escape as a crash.
+        except Exception as exc:
+            raise DecodeError(f"{name} does not decode: {type(exc).__name__}: {exc}") from exc
 
     def decode_as(self, data: bytes, model: type[M]) -> M:
         """Decode and insist on one type."""
@@ -197,6 +230,12 @@ class RecordCodec:
         if not isinstance(rec, model):
             raise DecodeError(f"expected {model.__name__}, got {type(rec).__name__}")
         return rec
+
+
+def _short(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)[:5]
+    )
 
 
 def wire_models() -> list[type[BaseModel]]:

@@ -79,6 +79,22 @@ class UnknownSchemaError(DecodeError):
         self.fingerprint = fingerprint
 
 
+class LimitExceededError(DecodeError):
+    """A record from Kafka is over one of the limits in ``settings.limits``; it is refused, never parsed.
+
+    Attributes:
+        limit: the setting that refused it (``max_request_bytes``, ``max_json_depth``...).
+        actual: the size the record has (at least this much; scanning stops at the first excess).
+        maximum: the configured limit.
+    """
+
+    def __init__(self, limit: str, *, actual: int, maximum: int, what: str = "record") -> None:
+        super().__init__(f"{what} is over limits.{limit}: {actual:,} > {maximum:,}")
+        self.limit = limit
+        self.actual = actual
+        self.maximum = maximum
+
+
 class UnknownModelError(CalmrunError):
     """A step names a model alias that the configuration does not define.
 
@@ -290,3 +306,21 @@ class UiAccessError(ConfigError):
             "(tokens with roles) or ui.trusted_header (a reverse proxy's user header) in the configuration"
         )
         self.host = host
+
+
+class PoisonStormError(WorkerError):
+    """Every record of a long run in a row, on every partition, was poison: a bug of ours, not bad input.
+
+    Attributes:
+        count: consecutive poison records.
+        last_error: the type name of the last record's error.
+    """
+
+    def __init__(self, count: int, last_error: str) -> None:
+        super().__init__(
+            f"{count} consecutive records on all partitions were poison (last: {last_error}); this is a bug "
+            "in calmrun or in this worker's workflows, not bad input: stopping rather than park everything "
+            "(limits.max_consecutive_poison)"
+        )
+        self.count = count
+        self.last_error = last_error

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from calmrun.errors import ConfigError
+from calmrun.jsonfield import MAX_CONFIGURABLE_DEPTH, NUMBER_DIGITS_CEILING
 
 
 class _Frozen(BaseModel):
@@ -100,6 +101,12 @@ class KafkaSettings(_Frozen):
     linger_ms: int = Field(1, ge=0, description="producer batching delay; each hop waits up to this")
     client_id: str = "calmrun"
     security: SecuritySettings = SecuritySettings()
+    max_request_size: int = Field(
+        1_048_576,
+        ge=65_536,
+        description="largest record batch a calmrun producer sends (the client's max_request_size); "
+        "raise it together with the broker's message.max.bytes",
+    )
 
 
 class WorkerSettings(_Frozen):
@@ -141,6 +148,46 @@ class WorkerSettings(_Frozen):
         ge=0,
         description="a task's result may arrive this long after its timeout before the same attempt is "
         "issued again (a lost task; the attempt's own timeout is reported by the attempt)",
+    )
+
+
+class LimitsSettings(_Frozen):
+    """What one record may hold; what is over a limit is refused with its cause, never half-processed.
+
+    A request over a limit goes to ``<prefix>.dlq._invalid`` (or its workflow's DLQ); a step output over
+    ``max_output_bytes`` (or deeper than ``max_json_depth``) fails that attempt as an invalid output.
+    """
+
+    max_request_bytes: int = Field(
+        262_144, ge=1_024, description="key + value + headers of one run request, in bytes"
+    )
+    max_json_depth: int = Field(
+        64,
+        ge=2,
+        le=MAX_CONFIGURABLE_DEPTH,
+        description="nesting of arrays and objects in JSON input or output",
+    )
+    max_number_digits: int = Field(
+        1_000, ge=20, le=NUMBER_DIGITS_CEILING, description="characters of one JSON number literal"
+    )
+    max_output_bytes: int = Field(16_384, ge=256, description="one step output, as JSON")
+    max_steps_per_run: int = Field(32, ge=1, description="steps of one workflow (each runs once per run)")
+    max_fan_out: int = Field(16, ge=1, description="steps one step may start at once")
+    max_attempts_per_run: int = Field(
+        1_000, ge=1, description="attempts of all steps of one run; a redrive past it is refused"
+    )
+    dlq_max_payload_bytes: int = Field(
+        65_536,
+        ge=1_024,
+        le=524_288,
+        description="key + headers + value copied into a dead-letter record; more is cut, with its "
+        "length and SHA-256",
+    )
+    max_consecutive_poison: int = Field(
+        100,
+        ge=1,
+        description="records in a row, on all partitions, that failed with an unexpected error (a bug, "
+        "not bad input) before the worker stops",
     )
 
 
@@ -267,6 +314,7 @@ class Settings(BaseSettings):
         "input.<field>... or steps.<step>.<field>...",
     )
     ui: UiSettings = UiSettings()
+    limits: LimitsSettings = LimitsSettings()
 
     @property
     def group_id(self) -> str:

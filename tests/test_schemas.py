@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from decimal import Decimal
 from pathlib import Path
 
-from calmrun.avro import AvroCodec
+import fastavro
+
+from calmrun.avro import MARKER, AvroCodec, schema_fingerprint
 from calmrun.codec import RecordCodec, wire_models, write_schemas
 from calmrun.streams.dlq import DlqRecord
 from calmrun.workflow.events import RunEvent, RunRequest, StepCost, StepTask
@@ -75,3 +78,33 @@ def test_records_round_trip() -> None:
     ]
     for rec in records:
         assert codec.decode(codec.encode(rec)) == rec
+
+
+def test_dead_letters_written_before_the_truncated_field_still_decode() -> None:
+    """Quarantine topics keep records forever: those of the schema before ``truncated`` must stay readable."""
+    codec = RecordCodec(wire_models())
+    schema = dict(codec.schemas()["DlqRecord"])
+    schema["fields"] = [f for f in schema["fields"] if f["name"] != "truncated"]
+    assert schema_fingerprint(schema).hex() == "d2076863d255fb92"  # what calmrun wrote until this change
+    old = {
+        "reason": "poison",
+        "error_type": "DecodeError",
+        "error": "bad",
+        "traceback": None,
+        "workflow": None,
+        "run_id": None,
+        "step": None,
+        "attempt": 0,
+        "source_topic": "t",
+        "source_partition": 0,
+        "source_offset": 3,
+        "key": None,
+        "value": b"\xff",
+        "headers": {},
+        "at_ms": 1,
+    }
+    buf = io.BytesIO()
+    buf.write(MARKER + schema_fingerprint(schema))
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), old)
+    rec = codec.decode_as(buf.getvalue(), DlqRecord)
+    assert (rec.value, rec.source_offset, rec.truncated) == (b"\xff", 3, [])

@@ -18,11 +18,14 @@ from calmrun.agents.models import ModelRegistry, retry_after_ms
 from calmrun.agents.registry import AgentRegistry
 from calmrun.costs.pricing import Pricing
 from calmrun.errors import CalmrunError, ErrorKind
+from calmrun.limits import check_output
+from calmrun.settings import LimitsSettings
 from calmrun.workflow.events import StepResult, StepTask
 
 AGENT_TIMEOUT = ErrorKind.AGENT_TIMEOUT
 """``error_type`` of an attempt that did not finish within the step's ``timeout_s`` (retriable)."""
 
+DEFAULT_LIMITS = LimitsSettings()
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
 
@@ -36,6 +39,7 @@ async def execute(
     logger: logging.Logger | None = None,
     pricing: Pricing | None = None,
     scrub: Callable[[str], str] | None = None,
+    limits: LimitsSettings | None = None,
 ) -> StepResult:
     """Run ``task``'s agent once and describe what happened.
 
@@ -52,6 +56,8 @@ async def execute(
         pricing: turns the attempt's tokens and API calls into money (``cost_usd``, ``price_source``);
             without it the cost carries no money.
         scrub: applied to the failure's log line (``settings.redact``: the run's redacted values).
+        limits: an output over ``max_output_bytes`` (or too deep, or with too long a number) fails the
+            attempt as an ``InvalidOutputError``; default ``LimitsSettings()``.
 
     Returns:
         The attempt's result, with its cost (tokens used by a failed attempt are reported too).
@@ -72,7 +78,9 @@ async def execute(
     try:
         spec = registry.resolve(task.agent)
         async with deadline:
-            output = await spec.call(ctx, task.input)
+            produced = await spec.call(ctx, task.input)
+        check_output(produced, limits or DEFAULT_LIMITS, task.agent)
+        output = produced
     # Broad on purpose: the failure is not swallowed, it becomes the attempt's recorded result, which the
     # decider retries or quarantines. CancelledError is a BaseException and propagates.
     except Exception as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from calmrun.settings import Settings
 from calmrun.streams.topics import start_client
 from calmrun.workflow.events import RunEvent
 
+log = logging.getLogger("calmrun.costs")
+
 Apply = Callable[[bytes, bytes | None], None]
 
 
@@ -64,6 +67,7 @@ class CompactedTail:
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
         self.records = 0
+        self.undecodable = 0
 
     async def start(self) -> None:
         """Assign all partitions, read from the beginning; ``caught_up()`` tells when the end seen at start
@@ -97,10 +101,16 @@ class CompactedTail:
             for records in batch.values():
                 for rec in records:
                     self.records += 1
-                    if self.raw:
-                        self.apply(rec)
-                    else:
-                        self.apply(rec.key or b"", rec.value)
+                    try:
+                        if self.raw:
+                            self.apply(rec)
+                        else:
+                            self.apply(rec.key or b"", rec.value)
+                    # Broad on purpose: a read model of a derived topic has no dead-letter topic; a record
+                    # it cannot fold stays in the topic, is counted and logged, and the tail goes on.
+                    except Exception as exc:
+                        self.undecodable += 1
+                        log.warning("%s[%d]@%d not applied: %r", rec.topic, rec.partition, rec.offset, exc)
             if pending:
                 for tp in list(pending):
                     if await self._consumer.position(tp) >= end[tp]:
@@ -174,8 +184,14 @@ class CostTable:
         k = key.decode()
         if value is None:
             self.records.pop(k, None)
-        else:
-            self.records[k] = json.loads(value)
+            return
+        v = json.loads(value)
+        missing = {"dim", "value", "window", "start_ms", *PUBLIC_FIELDS} - set(
+            v if isinstance(v, dict) else ()
+        )
+        if missing:
+            raise DecodeError(f"a cost total without {sorted(missing)}")
+        self.records[k] = v
 
     def rows(self, by: str | None = None, window: str = ALL, since_ms: int | None = None) -> list[CostRow]:
         """Rows of dimension ``by`` (all dimensions when None) in ``window``; buckets from ``since_ms`` on."""

@@ -45,6 +45,10 @@ class OffsetTracker:
     def committed(self, positions: dict[TopicPartition, int]) -> None:
         self._committed.update(positions)
 
+    def consumed_to(self, tp: TopicPartition) -> int | None:
+        """The offset after the last record consumed from ``tp``, or None if none since it was assigned."""
+        return self._next.get(tp)
+
     def forget(self, partitions: set[int]) -> None:
         """Drop the partitions a rebalance took away."""
         for tp in [tp for tp in self._open if tp.partition in partitions]:

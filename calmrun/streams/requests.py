@@ -1,20 +1,44 @@
-"""Reading run requests: JSON (any client, kcat included) or Avro single-object bytes."""
+"""Reading run requests: JSON (any client, kcat included) or Avro single-object bytes.
+
+``parse_request`` is total: whatever the key, value and headers, it returns a request or raises a
+``DecodeError`` (``LimitExceededError`` when the record is over ``settings.limits``), so the worker can
+park the record and go on.
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 
 from pydantic import ValidationError
 
 from calmrun.avro import is_single_object
 from calmrun.codec import RecordCodec
-from calmrun.errors import DecodeError
+from calmrun.errors import CalmrunError, DecodeError, LimitExceededError
+from calmrun.jsonfield import check_value, loads
+from calmrun.settings import LimitsSettings
 from calmrun.workflow.definition import describe_errors
 from calmrun.workflow.events import RunCommand, RunRequest
 
+DEFAULT_LIMITS = LimitsSettings()
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()) -> int:
+    """Bytes of a record as the limits count them: key, value, header names and values."""
+    return (
+        len(key or b"")
+        + len(value or b"")
+        + sum(len(k.encode("utf-8", "surrogatepass")) + len(v or b"") for k, v in headers)
+    )
+
 
 def parse_request(
-    key: bytes | None, value: bytes | None, codec: RecordCodec, *, fallback_id: str
+    key: bytes | None,
+    value: bytes | None,
+    codec: RecordCodec,
+    *,
+    fallback_id: str,
+    limits: LimitsSettings = DEFAULT_LIMITS,
+    headers: Sequence[tuple[str, bytes]] = (),
 ) -> tuple[str, RunRequest | RunCommand]:
     """Decode a requests-topic record into (run ID, request or command).
 
@@ -22,21 +46,56 @@ def parse_request(
     record's topic, partition and offset, so a re-delivered keyless request maps to the same run).
 
     Raises:
+        LimitExceededError: the record is bigger than ``limits.max_request_bytes``, or its JSON is deeper
+            than ``limits.max_json_depth`` or holds a number longer than ``limits.max_number_digits``.
         DecodeError: bytes that are neither valid JSON nor known Avro, or a body that does not validate.
     """
+    try:
+        return _parse(key, value, codec, fallback_id, limits, headers)
+    except CalmrunError:
+        raise
+    # Broad on purpose: this reads bytes from any client; any failure to make a request of them is a
+    # DecodeError of that record (the worker parks it), never an exception that stops the worker.
+    except Exception as exc:
+        raise DecodeError(f"unexpected {type(exc).__name__} while decoding a request: {exc}") from exc
+
+
+def _parse(
+    key: bytes | None,
+    value: bytes | None,
+    codec: RecordCodec,
+    fallback_id: str,
+    limits: LimitsSettings,
+    headers: Sequence[tuple[str, bytes]],
+) -> tuple[str, RunRequest | RunCommand]:
     if value is None:
         raise DecodeError("empty value (tombstone) on the requests topic")
+    size = record_size(key, value, headers)
+    if size > limits.max_request_bytes:
+        raise LimitExceededError(
+            "max_request_bytes", actual=size, maximum=limits.max_request_bytes, what="run request"
+        )
     body: RunRequest | RunCommand
     if is_single_object(value):
         rec = codec.decode(value)
         if not isinstance(rec, RunRequest | RunCommand):
             raise DecodeError(f"a {type(rec).__name__} is not a run request")
+        if isinstance(rec, RunRequest):
+            # the codec read the input at calmrun's ceilings; a request must also meet the configured limits
+            check_value(
+                rec.input,
+                max_depth=limits.max_json_depth - 1,  # as in a JSON request, the body is one level
+                max_digits=limits.max_number_digits,
+                what="run input",
+            )
         body = rec
     else:
-        try:
-            data = json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DecodeError(f"neither Avro single-object bytes nor JSON: {exc}") from exc
+        data = loads(
+            value,
+            max_depth=limits.max_json_depth,
+            max_digits=limits.max_number_digits,
+            what="run request (neither Avro single-object bytes nor JSON)",
+        )
         if not isinstance(data, dict):
             raise DecodeError(f"a run request must be a JSON object, not {type(data).__name__}")
         model: type[RunRequest] | type[RunCommand] = RunCommand if "command" in data else RunRequest

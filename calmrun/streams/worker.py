@@ -49,13 +49,17 @@ from calmrun.costs.totals import TenantSpend
 from calmrun.errors import (
     CalmrunError,
     DecodeError,
+    LimitExceededError,
+    PoisonStormError,
     UnknownWorkflowError,
     WorkerError,
 )
 from calmrun.gctune import settle_heap
+from calmrun.limits import check_workflow
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
-from calmrun.streams.dlq import DlqRecord
+from calmrun.streams.dlq import MAX_KEY_BYTES, DlqRecord
+from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker
 from calmrun.streams.records import (
     IDEMPOTENCY_KEY,
@@ -172,7 +176,7 @@ class Worker:
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
-        self.workflows = {wf.name: wf for wf in workflows}
+        self.workflows = {wf.name: check_workflow(wf, settings) for wf in workflows}
         self.agents, self.models, self.clock = agents, models, clock
         self.topics = Topics(settings.kafka.prefix)
         self.codec = RecordCodec(wire_models())
@@ -206,6 +210,7 @@ class Worker:
         self._closing = False  # stop() has run (or is running)
         self._consumer: AIOKafkaConsumer | None = None
         self._restorer: AIOKafkaConsumer | None = None
+        self._unexpected_in_row = 0  # records in a row whose handling raised (see _isolated)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -386,6 +391,7 @@ class Worker:
             self._consumer.pause(*[tp for p in new for tp in self._input_tps(p)])
             writers = {p: self._writer(p) for p in new}
             await asyncio.gather(*(wr.start() for wr in writers.values()))
+            self._writers.update(writers)  # a state record the restore parks is written by its partition's
             state_tps = {p: TopicPartition(self.topics.state, p) for p in new}
             ends = await self._restorer.end_offsets(list(state_tps.values())) if new else {}
             restore: set[int] = set()
@@ -416,7 +422,6 @@ class Worker:
                     due = state.next_due_ms()
                     if due is not None:
                         heapq.heappush(self._timers, (due, p, run_id))
-            self._writers.update(writers)
             self.owned |= new
             self._consumer.resume(*[tp for p in new for tp in self._input_tps(p)])
             self._tick = asyncio.get_running_loop().time()
@@ -445,6 +450,7 @@ class Worker:
             # version) and is retried after this; aiokafka's 100 ms default doubled every commit cycle
             # (31 -> 14 ms median with 10 ms, measured on the dev broker)
             retry_backoff_ms=_TXN_RETRY_BACKOFF_MS,
+            max_request_size=k.max_request_size,
             **client_kwargs(k),
         )
 
@@ -495,11 +501,14 @@ class Worker:
             self.runs[p] = RunTable(self.codec)
         async for rec in read_to_end(self._restorer, tps):
             table = self.runs[rec.partition]
-            run_id = rec.key.decode() if rec.key else ""
+            run_id = (rec.key or b"").decode(errors="replace")
             if rec.value is None:
                 table.pop(run_id)
-            else:
+                continue
+            try:
                 table.put(run_id, self.codec.decode_as(rec.value, RunState), rec.value)
+            except DecodeError as exc:  # not written by a worker: park it, restore the rest
+                self._poison(TopicPartition(rec.topic, rec.partition), rec, exc, None, finish=False)
         self._restorer.unsubscribe()
         for p in parts:
             self.stats.restored_runs += len(self.runs[p])
@@ -525,7 +534,13 @@ class Worker:
                     await self._room.wait()
                 # decisions outrun the commits when agents return at once: fetch no more until they catch up
                 await self._gate.room()
-                batch = await self._consumer.getmany(timeout_ms=200, max_records=max(limit, 500))
+                fetched = await getmany(
+                    self._consumer,
+                    timeout_ms=200,
+                    max_records=max(limit, 500),
+                    consumed_to=self._offsets.consumed_to,
+                )
+                batch = fetched.records
                 await self._revalidate_if_stalled()  # before a paused worker starts any task it read
                 for tp, records in batch.items():
                     if tp.partition not in self.owned:
@@ -540,6 +555,8 @@ class Worker:
                             self._on_request(tp, rec)
                         else:
                             self._on_task(tp, rec)
+                for tp, offset, exc in fetched.unreadable:
+                    self._unparsable(tp, offset, exc)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -640,11 +657,44 @@ class Worker:
     def _finisher(self, tp: TopicPartition, offset: int) -> Callable[[], None]:
         return functools.partial(self._offsets.finished, tp, offset)
 
+    def _isolated(
+        self,
+        handle: Callable[[TopicPartition, ConsumerRecord[bytes, bytes]], None],
+        tp: TopicPartition,
+        rec: ConsumerRecord[bytes, bytes],
+    ) -> None:
+        """Handle one record; whatever it raises parks that record as poison and finishes it.
+
+        One record never stops the worker. Only ``limits.max_consecutive_poison`` records in a row (on all
+        partitions) whose handling raised an unexpected error do: that is a bug of ours, not bad input.
+        """
+        try:
+            handle(tp, rec)
+        # Broad on purpose: the record is parked with the cause and its offset committed past it.
+        except Exception as exc:
+            if not isinstance(exc, CalmrunError):
+                self._unexpected_in_row += 1
+            self._poison(tp, rec, exc, None)
+            if self._unexpected_in_row >= self.settings.limits.max_consecutive_poison:
+                self._fail(PoisonStormError(self._unexpected_in_row, type(exc).__name__))
+        else:
+            self._unexpected_in_row = 0
+
     def _on_request(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
+        self._isolated(self._handle_request, tp, rec)
+
+    def _handle_request(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
         self.stats.requests += 1
         fallback = f"{rec.topic}-{rec.partition}-{rec.offset}"
         try:
-            run_id, body = parse_request(rec.key, rec.value, self.codec, fallback_id=fallback)
+            run_id, body = parse_request(
+                rec.key,
+                rec.value,
+                self.codec,
+                fallback_id=fallback,
+                limits=self.settings.limits,
+                headers=rec.headers,
+            )
         except DecodeError as exc:
             self._poison(tp, rec, exc, None)
             return
@@ -664,6 +714,14 @@ class Worker:
         state = self.runs[p].get(run_id)
         inp: DeciderInput
         if isinstance(body, RunCommand):
+            attempts = sum(st.attempt for st in state.steps.values()) if state else 0
+            if attempts >= self.settings.limits.max_attempts_per_run:
+                limit = self.settings.limits.max_attempts_per_run
+                over = LimitExceededError(  # the next attempt would be one too many
+                    "max_attempts_per_run", actual=attempts + 1, maximum=limit, what="redrive"
+                )
+                self._poison(tp, rec, over, wf_name)
+                return
             inp = RedriveRequested(run_id, rec.timestamp, body.by)
         else:
             inp = self._request(run_id, wf, body, rec.timestamp)
@@ -691,6 +749,9 @@ class Worker:
         )
 
     def _on_task(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
+        self._isolated(self._handle_task, tp, rec)
+
+    def _handle_task(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
         finish = self._finisher(tp, rec.offset)
         idem_bytes = header(rec.headers, IDEMPOTENCY_KEY)
         idem = idem_bytes.decode(errors="replace") if idem_bytes is not None else None
@@ -793,7 +854,13 @@ class Worker:
                 try:
                     scrub = functools.partial(self.redactor.text, state=self._state(p, task.run_id))
                     result = await execute(
-                        task, self.agents, self.models, now_ms=self.clock, pricing=self.pricing, scrub=scrub
+                        task,
+                        self.agents,
+                        self.models,
+                        now_ms=self.clock,
+                        pricing=self.pricing,
+                        scrub=scrub,
+                        limits=self.settings.limits,
                     )
                 finally:
                     self.stats.running -= 1
@@ -873,7 +940,13 @@ class Worker:
         return d
 
     def _poison(
-        self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes], exc: CalmrunError, workflow: str | None
+        self,
+        tp: TopicPartition,
+        rec: ConsumerRecord[bytes, bytes],
+        exc: Exception,
+        workflow: str | None,
+        *,
+        finish: bool = True,
     ) -> None:
         """Park a record that cannot be processed at all; the processor goes on with the next one."""
         self.stats.poison += 1
@@ -892,11 +965,24 @@ class Worker:
             source_offset=rec.offset,
             key=rec.key,
             value=rec.value,
-            headers=dict(rec.headers),
+            headers={k: v or b"" for k, v in rec.headers},  # a header's value may be null
             at_ms=self.clock(),
         )
         out = self._dlq_out(self.topics.dlq(workflow or INVALID), rec.partition, rec.key, dlq)
-        self._submit(rec.partition, [out], None, (self._finisher(tp, rec.offset),), ())
+        self._submit(rec.partition, [out], None, (self._finisher(tp, rec.offset),) if finish else (), ())
+
+    def _unparsable(self, tp: TopicPartition, offset: int, exc: Exception) -> None:
+        """Park a record the Kafka client could not even parse (see ``streams.fetch``): no bytes to keep."""
+        if tp.partition not in self.owned:
+            assert self._consumer is not None
+            self._consumer.seek(tp, offset)  # as for any record fetched before its partition was restored
+            return
+        rec: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+            tp.topic, tp.partition, offset, -1, 0, None, None, None, -1, -1, ()
+        )
+        self._offsets.consumed(tp, offset)
+        why = DecodeError(f"the Kafka client cannot parse this record (a header name not UTF-8?): {exc!r}")
+        self._poison(tp, rec, why, None)
 
     def _event_out(self, p: int, ev: RunEvent) -> Out:
         ev = self.redactor.event(ev, self._state(p, ev.run_id))  # settings.redact (calmrun.redact)
@@ -905,7 +991,14 @@ class Worker:
     def _dlq_out(self, topic: str, p: int, key: bytes | None, dlq: DlqRecord) -> Out:
         state = self._state(p, dlq.run_id) if dlq.run_id else None
         dlq = self.redactor.dlq(dlq, state, self.codec)  # settings.redact (calmrun.redact)
-        return dlq_out(topic, self.codec, p, key, dlq)
+        # a dead letter always fits its topic, and always encodes (see DlqRecord.fitted)
+        dlq = dlq.fitted(self.settings.limits.dlq_max_payload_bytes)
+        key = key if key is None or len(key) <= MAX_KEY_BYTES else key[:MAX_KEY_BYTES]
+        try:
+            return dlq_out(topic, self.codec, p, key, dlq)
+        except CalmrunError as exc:
+            dlq = dlq.model_copy(update={"key": None, "value": None, "headers": {}, "error": f"{exc}"})
+            return dlq_out(topic, self.codec, p, key, dlq.fitted(0))
 
     def _submit(
         self,

@@ -1,0 +1,83 @@
+"""The limits of ``settings.limits`` that are checked once, on workflows and step outputs.
+
+Requests are checked where they are read (``calmrun.streams.requests``); a workflow over a limit is refused
+when the worker starts (a step count, fan-out or attempt budget its records could not hold); a step output
+over a limit fails its attempt as an invalid output, so the decider retries or escalates it like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic_core import to_json
+
+from calmrun.errors import CalmrunError, ConfigError, InvalidOutputError
+from calmrun.jsonfield import loads
+from calmrun.settings import LimitsSettings, Settings
+from calmrun.workflow.definition import WorkflowDef, targets
+
+STEP_OVERHEAD_BYTES = 4_096
+"""Room a step takes in the run state beyond its output: status, times, a capped error message."""
+
+
+def check_workflow(wf: WorkflowDef, settings: Settings) -> WorkflowDef:
+    """Return ``wf`` if its runs stay within ``settings.limits``; the run state of a run must fit a record.
+
+    Raises:
+        ConfigError: more steps than ``max_steps_per_run``, a fan-out wider than ``max_fan_out``, more
+            attempts in the worst case than ``max_attempts_per_run``, or a run state that could outgrow
+            ``kafka.max_request_size``; the message names the setting to raise.
+    """
+    lim = settings.limits
+    where = f"workflow {wf.name!r}"
+    if len(wf.steps) > lim.max_steps_per_run:
+        raise ConfigError(
+            f"{where} has {len(wf.steps)} steps, over limits.max_steps_per_run ({lim.max_steps_per_run})"
+        )
+    fans = [targets(wf.first)] + [
+        t for s in wf.steps for t in [targets(s.next), *(targets(b.goto) for b in s.branches)]
+    ]
+    widest = max(len(t) for t in fans)
+    if widest > lim.max_fan_out:
+        raise ConfigError(
+            f"{where} starts {widest} steps at once, over limits.max_fan_out ({lim.max_fan_out})"
+        )
+    worst = sum(s.retry.max_attempts * max(1, len(s.ladder)) * (2 if s.compensate else 1) for s in wf.steps)
+    if worst > lim.max_attempts_per_run:
+        raise ConfigError(
+            f"{where} may make {worst} attempts per run (retries x model ladder), over "
+            f"limits.max_attempts_per_run ({lim.max_attempts_per_run})"
+        )
+    state = lim.max_request_bytes + len(wf.steps) * (lim.max_output_bytes + STEP_OVERHEAD_BYTES)
+    if state > settings.kafka.max_request_size:
+        raise ConfigError(
+            f"{where}: a run state may reach {state:,} bytes (limits.max_request_bytes + steps x "
+            f"(limits.max_output_bytes + {STEP_OVERHEAD_BYTES})), over kafka.max_request_size "
+            f"({settings.kafka.max_request_size:,}); lower the limits or raise max_request_size (and the "
+            "broker's message.max.bytes)"
+        )
+    return wf
+
+
+def check_output(output: Any, limits: LimitsSettings, agent: str) -> None:
+    """Refuse a step output that calmrun could not store and read back, or that is over the limits.
+
+    Raises:
+        InvalidOutputError: not serialisable, bigger than ``max_output_bytes``, deeper than
+            ``max_json_depth`` or with a number longer than ``max_number_digits`` (retriable, as every
+            invalid output is).
+    """
+    try:
+        data = to_json(output)
+    # Broad on purpose: whatever an agent returned that cannot be serialised is an invalid output.
+    except Exception as exc:
+        raise InvalidOutputError(agent, f"not JSON-serialisable: {exc}") from exc
+    if len(data) > limits.max_output_bytes:
+        raise InvalidOutputError(
+            agent,
+            f"output of {len(data):,} bytes is over limits.max_output_bytes ({limits.max_output_bytes:,})",
+        )
+    try:
+        loads(data, max_depth=limits.max_json_depth, max_digits=limits.max_number_digits, what="step output")
+    except CalmrunError as exc:
+        raise InvalidOutputError(agent, str(exc)) from exc

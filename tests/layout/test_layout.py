@@ -1,0 +1,127 @@
+"""The house rules that a reader relies on: no import circles, small modules, a pure decider."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "calmrun"
+MAX_LINES = 400
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """calmrun modules imported at module level (``if TYPE_CHECKING:`` blocks excluded)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    is_pkg = path.name == "__init__.py"
+    base = name if is_pkg else name.rsplit(".", 1)[0]
+
+    def visit(stmts: list[ast.stmt]) -> None:
+        for node in stmts:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level:
+                    anchor = base.split(".")[: len(base.split(".")) - node.level + 1]
+                    mod = ".".join([*anchor, mod] if mod else anchor)
+                found.add(mod)
+                found.update(f"{mod}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.If | ast.Try):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+
+    visit(tree.body)
+    return {m for m in found if m in known and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {name: imports(path, name, known) for name, path in mods.items()}
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one member (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in g.get(v, ()):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def test_no_module_import_circle() -> None:
+    g = graph()
+    # a package's __init__ re-exporting its modules is not a circle of the modules themselves
+    found = [c for c in cycles(g) if not all(m == package_of(m) or m.count(".") == 1 for m in c)]
+    assert not found, f"import circles: {found}"
+
+
+def test_no_package_import_circle() -> None:
+    pg: dict[str, set[str]] = defaultdict(set)
+    for m, deps in graph().items():
+        for d in deps:
+            if package_of(d) != package_of(m):
+                pg[package_of(m)].add(package_of(d))
+    assert not cycles(pg), f"package circles: {cycles(pg)}"
+
+
+def test_no_module_over_400_lines() -> None:
+    long = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
+    over = {n: k for n, k in long.items() if k > MAX_LINES}
+    assert not over, f"modules over {MAX_LINES} lines: {over}"
+
+
+def test_the_decider_imports_no_kafka_faust_or_clock() -> None:
+    for name in ("calmrun.workflow.decider", "calmrun.workflow.state", "calmrun.workflow.events"):
+        tree = ast.parse(modules()[name].read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not names & {"aiokafka", "faust", "time", "datetime", "random", "asyncio"}, (name, names)
