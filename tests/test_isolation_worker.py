@@ -19,8 +19,8 @@ from calmrun.client import Client
 from calmrun.errors import PoisonStormError
 from calmrun.settings import Settings
 from calmrun.streams.fetch import getmany
+from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.topics import INVALID, Topics
-from calmrun.streams.worker import Worker
 from calmrun.workflow.events import RunCommand, RunRequest
 from tests.runtime_support import (
     Item,
@@ -41,8 +41,8 @@ def _with_limits(broker: str, prefix: str, **limits: int) -> Settings:
     return s.model_copy(update={"limits": s.limits.model_copy(update=limits)})
 
 
-def _failing(exc: Exception) -> Callable[[TopicPartition, ConsumerRecord[bytes, bytes]], None]:
-    def handle(tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
+def _failing(exc: Exception) -> Callable[[ConsumerRecord[bytes, bytes], Pending], None]:
+    def handle(rec: ConsumerRecord[bytes, bytes], pending: Pending) -> None:
         raise exc
 
     return handle
@@ -67,17 +67,19 @@ async def test_unexpected_errors_park_the_record_and_only_a_storm_stops_the_work
             await producer.stop()
         recs = await read_raw(broker, topics.events)
         tp = TopicPartition(topics.events, 0)
-        ok = _ok(w)
-        w._isolated(_failing(KeyError("a bug")), tp, recs[0])
-        w._isolated(_failing(RecursionError("deep")), tp, recs[1])
-        w._isolated(ok, tp, recs[2])  # a record handled fine in between resets the count
-        w._isolated(_failing(ValueError("x")), tp, recs[3])
-        w._isolated(_failing(ValueError("y")), tp, recs[4])
-        assert w._failed is None
-        w._isolated(_failing(TypeError("z")), tp, recs[5])
-        assert isinstance(w._failed, PoisonStormError)
-        assert "3 consecutive records" in str(w._failed) and "bug" in str(w._failed)
-        await until(lambda: w._publisher is not None and w._publisher.pending == 0, 10, "dead letters sent")
+        inputs = OffsetTracker()  # the records are this test's, not the worker's inputs
+        w.intake.isolated(_failing(KeyError("a bug")), recs[0], inputs.consumed(tp, 0))
+        w.intake.isolated(_failing(RecursionError("deep")), recs[1], inputs.consumed(tp, 1))
+        w.intake.isolated(
+            _ok, recs[2], inputs.consumed(tp, 2)
+        )  # a record handled fine in between resets the count
+        w.intake.isolated(_failing(ValueError("x")), recs[3], inputs.consumed(tp, 3))
+        w.intake.isolated(_failing(ValueError("y")), recs[4], inputs.consumed(tp, 4))
+        assert w.failure is None
+        w.intake.isolated(_failing(TypeError("z")), recs[5], inputs.consumed(tp, 5))
+        assert isinstance(w.failure, PoisonStormError)
+        assert "3 consecutive records" in str(w.failure) and "bug" in str(w.failure)
+        await until(lambda: w.uncommitted == 0, 10, "dead letters committed")
     async with Client(settings) as client:
         parked = await client.read_dlq(INVALID)
     assert [d.error_type for d in sorted(parked, key=lambda d: d.source_offset)] == [
@@ -90,11 +92,8 @@ async def test_unexpected_errors_park_the_record_and_only_a_storm_stops_the_work
     assert all(d.source_topic == topics.events and d.traceback for d in parked)
 
 
-def _ok(w: Worker) -> Callable[[TopicPartition, ConsumerRecord[bytes, bytes]], None]:
-    def handle(tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
-        w._offsets.finished(tp, rec.offset)
-
-    return handle
+def _ok(rec: ConsumerRecord[bytes, bytes], pending: Pending) -> None:
+    pending.finish()
 
 
 async def test_a_redrive_past_max_attempts_per_run_is_refused(broker: str, prefix: str) -> None:

@@ -48,4 +48,4 @@ async def test_a_thousand_concurrent_runs_across_partitions_all_complete(broker:
         assert states[rid].steps["s3"].output == {"n": i + 3, "label": "s3:1"}
     assert w.stats.tasks_started == 3000
     assert w.stats.completed == 1000
-    assert w._failed is None
+    assert w.failure is None

@@ -56,7 +56,7 @@ async def test_failing_agents_are_retried_then_quarantined_with_their_cause(brok
         states = await client.wait_terminal(ids, wait_s=90)
         dlq = {wf: await client.read_dlq(wf) for wf in attempts}
         events = await client.events()
-        assert w._failed is None
+        assert w.failure is None
     errors = {"boom": "RuntimeError", "hang": "AgentTimeout", "badout": "InvalidOutputError"}
     for req in good:
         assert states[req.run_id].status == "completed", states[req.run_id]
@@ -145,7 +145,7 @@ async def test_poison_requests_are_parked_and_the_worker_goes_on(broker: str, pr
         )
         states = await client.wait_terminal([after], wait_s=60)
         assert states[after].status == "completed"
-        assert w._failed is None
+        assert w.failure is None
         parked = await client.read_dlq(INVALID)
     assert w.stats.poison == len(poison)
     by_value = {d.value: d for d in parked}

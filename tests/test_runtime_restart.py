@@ -149,8 +149,8 @@ async def test_requests_fetched_while_the_worker_restores_see_the_restored_runs(
         await client.submit_many([*repeats, *fresh])  # no worker runs now
         async with running(settings, [wf], agents) as w2:
             states = await client.wait_terminal([r.run_id for r in fresh], wait_s=120)
-            await until(lambda: w2.stats.requests >= 40 or w2._failed is not None, 60, "the backlog")
-            assert w2._failed is None, f"worker failed: {w2._failed!r}"
+            await until(lambda: w2.stats.requests >= 40 or w2.failure is not None, 60, "the backlog")
+            assert w2.failure is None, f"worker failed: {w2.failure!r}"
             after = await client.read_states()
             events = await client.events()
     check_outputs(states, fresh)

@@ -8,8 +8,26 @@ still open; a crash re-delivers exactly the unfinished records (and maybe some f
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from aiokafka.structs import TopicPartition
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """One consumed input record that is not finished yet: the one owner of "this input is done".
+
+    Made by the intake when it reads a record; ``finish()`` is called once the decision that answers the
+    record is in a transaction (a task record: once the decision on its attempt's result is), so the
+    offset commits with, or after, that decision.
+    """
+
+    tracker: OffsetTracker
+    tp: TopicPartition
+    offset: int
+
+    def finish(self) -> None:
+        self.tracker.finished(self.tp, self.offset)
 
 
 class OffsetTracker:
@@ -21,10 +39,11 @@ class OffsetTracker:
         self._next: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
 
-    def consumed(self, tp: TopicPartition, offset: int) -> None:
+    def consumed(self, tp: TopicPartition, offset: int) -> Pending:
         self._open.setdefault(tp, deque()).append(offset)
         self._done.setdefault(tp, set())
         self._next[tp] = offset + 1
+        return Pending(self, tp, offset)
 
     def finished(self, tp: TopicPartition, offset: int) -> None:
         if tp in self._done:

@@ -161,6 +161,42 @@ def awaits(state: RunState, step: str, attempt: int, kind: Literal["run", "compe
     )
 
 
+def task_ignored(state: RunState | None, task: StepTask, at_ms: int) -> RunEvent | None:
+    """Should this task record run? None if its attempt is in flight, else the ``input.ignored`` to log.
+
+    The shell asks this for every task record it reads (a stale copy, a task of a finished run); it
+    shares ``awaits`` with the result path, so a task runs exactly when its result would count.
+    """
+    if state is not None and awaits(state, task.step, task.attempt, task.kind):
+        return None
+    st = state.steps.get(task.step) if state else None
+    where = f"{st.status} at attempt {st.attempt}" if st else "unknown"
+    return RunEvent(
+        run_id=task.run_id,
+        seq=-1,
+        type="input.ignored",
+        at_ms=at_ms,
+        workflow=task.workflow,
+        version=task.version,
+        tenant=task.tenant,
+        step=task.step,
+        attempt=task.attempt,
+        data={
+            "reason": f"stale task not executed: {task.kind} {task.step!r} #{task.attempt} (step {where})",
+            "input": "StepTask",
+        },
+    )
+
+
+def expired(state: RunState, now_ms: int) -> list[str]:
+    """Idempotency keys of the attempts whose deadline has passed at ``now_ms`` (what a timer re-issues)."""
+    return [
+        f"{state.run_id}/{name}/{'compensate' if st.status == 'compensating' else 'run'}/{st.attempt}"
+        for name, st in sorted(state.steps.items())
+        if st.deadline_ms is not None and st.deadline_ms <= now_ms
+    ]
+
+
 def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
     data: dict[str, Any] = {"reason": reason, "input": type(event).__name__}
     step = attempt = None

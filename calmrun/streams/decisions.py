@@ -1,0 +1,161 @@
+"""From an input to the records of its decision: decide, hold the new state, queue the transaction.
+
+The decider is pure; this is where its decision meets Kafka. The events (redacted per ``settings.redact``),
+the tasks, a quarantine's dead letter and the run's state go to the run's partition's next transaction
+with the inputs the decision finishes; once it commits, the events are counted and observed by the metrics
+and the tasks start here (eager execution).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aiokafka import ConsumerRecord
+
+from calmrun.codec import RecordCodec
+from calmrun.costs.metrics import WorkerMetrics
+from calmrun.errors import CalmrunError
+from calmrun.redact import Redactor
+from calmrun.settings import Settings
+from calmrun.streams.dlq import MAX_KEY_BYTES, DlqRecord
+from calmrun.streams.offsets import Pending
+from calmrun.streams.partitions import Partitions
+from calmrun.streams.records import Out, StateOut, dlq_out, event_out, task_out
+from calmrun.streams.tasks import Source
+from calmrun.streams.timers import Timers
+from calmrun.streams.topics import Topics
+from calmrun.workflow.decider import Decision, decide
+from calmrun.workflow.definition import WorkflowDef
+from calmrun.workflow.events import DeciderInput, RunEvent, StepResult, StepTask
+from calmrun.workflow.state import RunState
+
+
+@dataclass
+class DecisionCounts:
+    decisions: int = 0
+    ignored: int = 0
+    quarantined: int = 0
+    completed: int = 0
+
+
+class Decisions:
+    """Decides inputs and queues their records; see the module docstring.
+
+    Args:
+        start_tasks: starts the tasks of a committed decision (``None`` when tasks are read back).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Topics,
+        codec: RecordCodec,
+        partitions: Partitions,
+        timers: Timers,
+        redactor: Redactor,
+        clock: Callable[[], int],
+        metrics: WorkerMetrics | None,
+        start_tasks: Callable[[int, list[tuple[Out, StepTask]]], None],
+    ) -> None:
+        self.settings, self.topics, self.codec = settings, topics, codec
+        self._parts, self._timers, self._redactor = partitions, timers, redactor
+        self._clock, self._metrics, self._start_tasks = clock, metrics, start_tasks
+        self.counts = DecisionCounts()
+
+    def decide(
+        self,
+        p: int,
+        wf: WorkflowDef,
+        state: RunState | None,
+        inp: DeciderInput,
+        source: Source | ConsumerRecord[bytes, bytes] | None,
+        pending: Sequence[Pending],
+    ) -> Decision:
+        """Decide ``inp`` for a run of partition ``p`` and add its records to ``p``'s next transaction."""
+        d = decide(wf, state, inp)
+        self.counts.decisions += 1
+        run_id = inp.run_id
+        key = run_id.encode()
+        outputs = [self.event_out(p, ev) for ev in d.events]
+        if d.ignored:
+            self.counts.ignored += 1
+            self.submit(p, outputs, pending, d.events)
+            return d
+        assert d.state is not None
+        encoded = self._parts.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
+        tasks = [(task_out(self.topics, self.codec, p, t), t) for t in d.tasks]
+        outputs += [out for out, _ in tasks]
+        if d.quarantine is not None:
+            q = d.quarantine
+            dlq = DlqRecord(
+                reason="quarantined",
+                error_type=q.error_type,
+                error=q.error,
+                traceback=inp.traceback if isinstance(inp, StepResult) else None,
+                workflow=wf.name,
+                run_id=run_id,
+                step=q.step,
+                attempt=q.attempt,
+                source_topic=source.topic if source else self.topics.state,
+                source_partition=source.partition if source else p,
+                source_offset=source.offset if source else -1,
+                key=source.key if source else key,
+                value=source.value if source else None,
+                headers=dict(source.headers) if source else {},
+                at_ms=self._clock(),
+            )
+            outputs.append(self.dlq_out(self.topics.dlq(wf.name), p, key, dlq))
+        encode = functools.partial(self.codec.encode, d.state) if encoded is None else lambda: encoded
+        state_out = StateOut(self.topics.state, p, key, encode)
+        eager = tasks if self.settings.worker.eager else []
+        self.submit(p, outputs, pending, d.events, state_out, eager, quarantined=d.quarantine is not None)
+        due = d.state.next_due_ms()
+        if due is not None:
+            self._timers.push(due, p, run_id)
+        return d
+
+    def submit(
+        self,
+        p: int,
+        outputs: list[Out],
+        pending: Sequence[Pending],
+        events: Sequence[RunEvent],
+        state: StateOut | None = None,
+        eager: list[tuple[Out, StepTask]] | None = None,
+        *,
+        quarantined: bool = False,
+    ) -> None:
+        """Add one decision to partition ``p``'s next transaction; its inputs are finished with it."""
+        writer = self._parts.writers[p]
+        for input_record in pending:
+            input_record.finish()
+
+        def on_commit() -> None:
+            for ev in events:
+                if ev.type == "run.completed":
+                    self.counts.completed += 1
+                if self._metrics is not None:
+                    self._metrics.observe(ev)
+            self.counts.quarantined += quarantined
+            if eager:
+                self._start_tasks(p, eager)
+
+        writer.add(outputs, state, on_commit)
+
+    def event_out(self, p: int, ev: RunEvent) -> Out:
+        ev = self._redactor.event(ev, self._parts.state(p, ev.run_id))  # settings.redact (calmrun.redact)
+        return event_out(self.topics, self.codec, p, ev)
+
+    def dlq_out(self, topic: str, p: int, key: bytes | None, dlq: DlqRecord) -> Out:
+        state = self._parts.state(p, dlq.run_id) if dlq.run_id else None
+        dlq = self._redactor.dlq(dlq, state, self.codec)  # settings.redact (calmrun.redact)
+        # a dead letter always fits its topic, and always encodes (see DlqRecord.fitted)
+        dlq = dlq.fitted(self.settings.limits.dlq_max_payload_bytes)
+        key = key if key is None or len(key) <= MAX_KEY_BYTES else key[:MAX_KEY_BYTES]
+        try:
+            return dlq_out(topic, self.codec, p, key, dlq)
+        except CalmrunError as exc:
+            dlq = dlq.model_copy(update={"key": None, "value": None, "headers": {}, "error": f"{exc}"})
+            return dlq_out(topic, self.codec, p, key, dlq.fitted(0))

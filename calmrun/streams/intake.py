@@ -1,0 +1,240 @@
+"""The intake: fetch records, turn each into a decider input or a task to run, park what cannot be.
+
+Every record is handled in isolation: whatever its handling raises parks that record in a dead-letter
+topic with the cause and finishes it, so one record never stops the worker. Only
+``limits.max_consecutive_poison`` records in a row failing with an unexpected error (a bug of ours, not
+bad input) stop it. Records of a partition not (yet) owned are rewound and read again later.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol, TypeAlias
+
+from aiokafka import ConsumerRecord
+from aiokafka.structs import TopicPartition
+
+from calmrun.codec import RecordCodec
+from calmrun.errors import (
+    CalmrunError,
+    DecodeError,
+    LimitExceededError,
+    PoisonStormError,
+    UnknownWorkflowError,
+)
+from calmrun.settings import Settings
+from calmrun.streams.dlq import DlqRecord
+from calmrun.streams.fetch import getmany
+from calmrun.streams.offsets import OffsetTracker, Pending
+from calmrun.streams.partitions import Partitions
+from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
+from calmrun.streams.requests import parse_request
+from calmrun.streams.tasks import TaskRunner
+from calmrun.streams.topics import INVALID, Topics, partition_for
+from calmrun.workflow.decider import task_ignored
+from calmrun.workflow.definition import WorkflowDef
+from calmrun.workflow.events import (
+    DeciderInput,
+    RedriveRequested,
+    RunCommand,
+    RunEvent,
+    RunRequest,
+    RunRequested,
+    StepTask,
+)
+from calmrun.workflow.state import RunState
+
+log = logging.getLogger("calmrun.worker")
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+
+
+class Shell(Protocol):
+    """What the intake needs of the worker: deciding, and writing what it cannot decide."""
+
+    def decide(
+        self, p: int, wf: WorkflowDef, state: RunState | None, inp: DeciderInput, source: Record | None,
+        pending: Sequence[Pending],
+    ) -> object: ...  # fmt: skip
+
+    def request_input(self, run_id: str, wf: WorkflowDef, body: RunRequest, at_ms: int) -> RunRequested: ...
+
+    def submit(
+        self, p: int, outputs: list[Out], pending: Sequence[Pending], events: Sequence[RunEvent]
+    ) -> None: ...
+
+    def event_out(self, p: int, ev: RunEvent) -> Out: ...
+
+    def dlq_out(self, topic: str, p: int, key: bytes | None, dlq: DlqRecord) -> Out: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+class IntakeCounts:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.tasks_skipped = 0
+        self.poison = 0
+
+
+class Intake:
+    """Reads the worker's input topics; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Topics,
+        codec: RecordCodec,
+        workflows: Mapping[str, WorkflowDef],
+        partitions: Partitions,
+        offsets: OffsetTracker,
+        tasks: TaskRunner,
+        shell: Shell,
+        clock: Callable[[], int],
+        redact: Callable[[str], str],
+    ) -> None:
+        self.settings, self.topics, self.codec, self.workflows = settings, topics, codec, workflows
+        self._parts, self._offsets, self._tasks, self._shell = partitions, offsets, tasks, shell
+        self._clock, self._redact = clock, redact
+        self._n = settings.kafka.partitions
+        self._unexpected_in_row = 0
+        self.counts = IntakeCounts()
+
+    async def run(self, gate: Callable[[], Awaitable[None]]) -> None:
+        """Fetch and handle records until cancelled; ``gate`` is awaited before each fetch."""
+        consumer = self._parts.consumer
+        assert consumer is not None
+        limit = self.settings.worker.max_in_flight
+        while True:
+            await self._tasks.room()
+            await gate()  # decisions outrun the commits when agents return at once: fetch no more
+            fetched = await getmany(
+                consumer, timeout_ms=200, max_records=max(limit, 500), consumed_to=self._offsets.consumed_to
+            )
+            await self._parts.revalidate_if_stalled()  # before a paused worker starts any task it read
+            for tp, records in fetched.records.items():
+                if tp.partition not in self._parts.owned:
+                    # fetched before this partition was taken over here: read it again later
+                    consumer.seek(tp, records[0].offset)
+                    continue
+                for rec in records:
+                    if tp.partition not in self._parts.owned:  # lost to a fence meanwhile
+                        break
+                    pending = self._offsets.consumed(tp, rec.offset)
+                    handle = self._request if rec.topic == self.topics.requests else self._task
+                    self.isolated(handle, rec, pending)
+            for tp, offset, exc in fetched.unreadable:
+                self._unparsable(tp, offset, exc)
+
+    def isolated(self, handle: Callable[[Record, Pending], None], rec: Record, pending: Pending) -> None:
+        """Handle one record; whatever it raises parks that record as poison and finishes it."""
+        try:
+            handle(rec, pending)
+        # Broad on purpose: the record is parked with the cause and its offset committed past it.
+        except Exception as exc:
+            if not isinstance(exc, CalmrunError):
+                self._unexpected_in_row += 1
+            self.park(rec, exc, None, pending)
+            if self._unexpected_in_row >= self.settings.limits.max_consecutive_poison:
+                self._shell.fail(PoisonStormError(self._unexpected_in_row, type(exc).__name__))
+        else:
+            self._unexpected_in_row = 0
+
+    def _request(self, rec: Record, pending: Pending) -> None:
+        self.counts.requests += 1
+        fallback = f"{rec.topic}-{rec.partition}-{rec.offset}"
+        limits = self.settings.limits
+        try:
+            run_id, body = parse_request(
+                rec.key, rec.value, self.codec, fallback_id=fallback, limits=limits, headers=rec.headers
+            )
+        except DecodeError as exc:
+            self.park(rec, exc, None, pending)
+            return
+        p = partition_for(run_id, self._n)
+        if p != rec.partition:
+            # produced by a client with another partitioner (kcat's default, or no key): move it to the
+            # partition that owns this run, keyed by the run ID
+            moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
+            out = Out(rec.topic, p, run_id.encode(), rec.value, moved)
+            self._shell.submit(rec.partition, [out], (pending,), ())
+            return
+        wf = self.workflows.get(body.workflow)
+        if wf is None:
+            self.park(rec, UnknownWorkflowError(body.workflow, list(self.workflows)), None, pending)
+            return
+        state = self._parts.runs[p].get(run_id)
+        inp: DeciderInput
+        if isinstance(body, RunCommand):
+            attempts = sum(st.attempt for st in state.steps.values()) if state else 0
+            if attempts >= limits.max_attempts_per_run:
+                over = LimitExceededError(  # the next attempt would be one too many
+                    "max_attempts_per_run",
+                    actual=attempts + 1,
+                    maximum=limits.max_attempts_per_run,
+                    what="redrive",
+                )
+                self.park(rec, over, wf.name, pending)
+                return
+            inp = RedriveRequested(run_id, rec.timestamp, body.by)
+        else:
+            inp = self._shell.request_input(run_id, wf, body, rec.timestamp)
+        self._shell.decide(p, wf, state, inp, rec, (pending,))
+
+    def _task(self, rec: Record, pending: Pending) -> None:
+        idem_bytes = header(rec.headers, IDEMPOTENCY_KEY)
+        idem = idem_bytes.decode(errors="replace") if idem_bytes is not None else None
+        if idem is not None and self._tasks.echo(idem, rec.partition, pending):
+            return
+        try:
+            task = self.codec.decode_as(rec.value or b"", StepTask)
+        except DecodeError as exc:
+            self.park(rec, exc, None, pending)
+            return
+        if task.idempotency_key != idem and self._tasks.echo(task.idempotency_key, rec.partition, pending):
+            return
+        p = rec.partition
+        ignored = task_ignored(self._parts.state(p, task.run_id), task, self._clock())
+        if ignored is not None:
+            self.counts.tasks_skipped += 1
+            self._shell.submit(p, [self._shell.event_out(p, ignored)], (pending,), (ignored,))
+            return
+        self._tasks.start(p, task, rec, eager=False, pending=[pending])
+
+    def park(self, rec: Record, exc: Exception, workflow: str | None, pending: Pending | None) -> None:
+        """Park a record that cannot be processed at all; the worker goes on with the next one."""
+        self.counts.poison += 1
+        log.warning(
+            "poison record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, self._redact(str(exc))
+        )
+        dlq = DlqRecord(
+            reason="poison",
+            error_type=type(exc).__name__,
+            error=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+            workflow=workflow,
+            run_id=None,
+            step=None,
+            source_topic=rec.topic,
+            source_partition=rec.partition,
+            source_offset=rec.offset,
+            key=rec.key,
+            value=rec.value,
+            headers={k: v or b"" for k, v in rec.headers},  # a header's value may be null
+            at_ms=self._clock(),
+        )
+        out = self._shell.dlq_out(self.topics.dlq(workflow or INVALID), rec.partition, rec.key, dlq)
+        self._shell.submit(rec.partition, [out], (pending,) if pending is not None else (), ())
+
+    def _unparsable(self, tp: TopicPartition, offset: int, exc: Exception) -> None:
+        """Park a record the Kafka client could not even parse (see ``streams.fetch``): no bytes to keep."""
+        if tp.partition not in self._parts.owned:
+            assert self._parts.consumer is not None
+            self._parts.consumer.seek(tp, offset)  # as for a record fetched before its partition was ours
+            return
+        rec: Record = ConsumerRecord(tp.topic, tp.partition, offset, -1, 0, None, None, None, -1, -1, ())
+        pending = self._offsets.consumed(tp, offset)
+        why = DecodeError(f"the Kafka client cannot parse this record (a header name not UTF-8?): {exc!r}")
+        self.park(rec, why, None, pending)

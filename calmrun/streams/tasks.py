@@ -1,0 +1,189 @@
+"""The task runner: step attempts executing in one worker, at most ``max_in_flight`` at once.
+
+A task starts from a task record read back from its step topic, or at once when the decision that
+scheduled it is committed here (eager). Either way every record of a running attempt (its own, a copy
+re-issued after a deadline) finishes with the decision on the attempt's result, and an eager task's record
+that arrives after that decision finishes on arrival (``settled``). Nothing here decides: the runner asks
+``admit`` before an agent starts (after a pause the partition may have moved) and hands each result to
+``on_result``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from calmrun.streams.offsets import Pending
+from calmrun.workflow.events import StepResult, StepTask
+
+log = logging.getLogger("calmrun.worker")
+
+
+class Source(Protocol):
+    """Where a task came from, for a dead-letter record: a consumed record or a local one."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> tuple[tuple[str, bytes], ...] | list[tuple[str, bytes]]: ...
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    """An eager task's source: its step topic, offset unknown (-1)."""
+
+    topic: str
+    partition: int
+    key: bytes
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    offset: int = -1
+
+
+@dataclass
+class _Running:
+    partition: int
+    task: asyncio.Task[None] | None = None
+    eager: bool = False
+    record_seen: bool = False
+    pending: list[Pending] = field(default_factory=list)
+
+
+@dataclass
+class TaskCounts:
+    started: int = 0
+    eager: int = 0
+    echoed: int = 0
+    running: int = 0
+    peak_running: int = 0
+
+
+class TaskRunner:
+    """Runs step attempts; see the module docstring.
+
+    Args:
+        max_in_flight: agents running at once.
+        execute: runs one attempt and reports its result (``agents.execute`` with the worker's context).
+        admit: asked after a task got its slot and before its agent starts: may it still run here?
+        accept: asked when a result is in: is the partition still ours to decide it?
+        on_result: the decision on a result, with the task's source and its pending records.
+        on_error: a bug in the runner itself (never an agent's failure, which is a result).
+    """
+
+    def __init__(
+        self,
+        max_in_flight: int,
+        execute: Callable[[StepTask], Awaitable[StepResult]],
+        admit: Callable[[int, StepTask], Awaitable[bool]],
+        accept: Callable[[int], Awaitable[bool]],
+        on_result: Callable[[int, StepTask, StepResult, Source, list[Pending]], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._limit = max_in_flight
+        self._execute, self._admit, self._accept = execute, admit, accept
+        self._on_result, self._on_error = on_result, on_error
+        self._running: dict[str, _Running] = {}  # idempotency key -> an attempt executing here
+        self._settled: dict[str, int] = {}  # idempotency key -> partition: eager, decided, record unread
+        self._room = asyncio.Event()
+        self._room.set()
+        self.counts = TaskCounts()
+
+    def __contains__(self, idempotency_key: object) -> bool:
+        return idempotency_key in self._running
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    async def room(self) -> None:
+        """Wait until fewer than ``max_in_flight`` tasks are held here (the intake's backpressure)."""
+        while len(self._running) >= self._limit:
+            self._room.clear()
+            await self._room.wait()
+
+    def echo(self, idem: str, p: int, pending: Pending) -> bool:
+        """Is this task record an attempt running or decided here? Then it finishes with that attempt."""
+        running = self._running.get(idem)
+        if running is not None and running.partition == p:
+            self.counts.echoed += running.eager and not running.record_seen
+            running.record_seen = True
+            running.pending.append(pending)
+            return True
+        if self._settled.get(idem) == p:  # an eager task whose result is committed already
+            del self._settled[idem]
+            self.counts.echoed += 1
+            pending.finish()
+            return True
+        return False
+
+    def start(self, p: int, task: StepTask, source: Source, *, eager: bool, pending: list[Pending]) -> None:
+        """Run ``task`` unless that attempt already runs here."""
+        idem = task.idempotency_key
+        if idem in self._running:
+            return
+        self.counts.started += 1
+        self.counts.eager += eager
+        running = self._running[idem] = _Running(p, eager=eager, record_seen=not eager, pending=pending)
+        running.task = asyncio.create_task(self._run(p, source, task, idem))
+
+    async def cancel(self, parts: set[int]) -> None:
+        """Cancel the attempts of ``parts`` and wait until they stopped (their records are re-delivered)."""
+        doomed = [r.task for r in self._running.values() if r.partition in parts and r.task is not None]
+        for t in doomed:
+            t.cancel()
+        for t in doomed:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    def cancel_now(self, p: int) -> None:
+        """Cancel the attempts of ``p`` without waiting (from a synchronous callback)."""
+        for r in self._running.values():
+            if r.partition == p and r.task is not None:
+                r.task.cancel()
+
+    def forget(self, p: int) -> None:
+        """Drop what is remembered of ``p``'s settled eager tasks (the partition is gone)."""
+        self._settled = {k: q for k, q in self._settled.items() if q != p}
+
+    async def _run(self, p: int, source: Source, task: StepTask, idem: str) -> None:
+        try:
+            async with self._slots:
+                if not await self._admit(p, task):
+                    running = self._running.pop(idem)
+                    if await self._accept(p):  # decided meanwhile (a copy ran): its records are done
+                        for pending in running.pending:
+                            pending.finish()
+                    return
+                c = self.counts
+                c.running += 1
+                c.peak_running = max(c.peak_running, c.running)
+                try:
+                    result = await self._execute(task)
+                finally:
+                    c.running -= 1
+            if not await self._accept(p):
+                log.info("dropping result of %s: partition %d no longer owned", idem, p)
+                return
+            running = self._running.pop(idem)
+            if running.eager and not running.record_seen:
+                self._settled[idem] = p
+            self._on_result(p, task, result, source, running.pending)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._on_error(exc)
+        finally:
+            self._running.pop(idem, None)
+            self._room.set()
