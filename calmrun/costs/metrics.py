@@ -256,7 +256,7 @@ class WorkerMetrics:
 
 async def _consumer_lag(worker: Worker) -> dict[str, int]:
     """Per topic: the worker consumer's high watermark minus its position, over its assignment."""
-    consumer = worker._consumer
+    consumer = worker.parts.consumer
     lag: dict[str, int] = {}
     if consumer is None:
         return lag

@@ -38,6 +38,8 @@ class DecisionCounts:
     ignored: int = 0
     quarantined: int = 0
     completed: int = 0
+    transactions: int = 0  # committed, on all partitions
+    peak_unacked: int = 0  # decisions queued and not yet committed, at most
 
 
 class Decisions:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Protocol, TypeAlias
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeAlias
 
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
@@ -25,6 +25,7 @@ from calmrun.errors import (
     UnknownWorkflowError,
 )
 from calmrun.settings import Settings
+from calmrun.streams.decisions import Decisions
 from calmrun.streams.dlq import DlqRecord
 from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
@@ -39,37 +40,14 @@ from calmrun.workflow.events import (
     DeciderInput,
     RedriveRequested,
     RunCommand,
-    RunEvent,
     RunRequest,
     RunRequested,
     StepTask,
 )
-from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
-
-
-class Shell(Protocol):
-    """What the intake needs of the worker: deciding, and writing what it cannot decide."""
-
-    def decide(
-        self, p: int, wf: WorkflowDef, state: RunState | None, inp: DeciderInput, source: Record | None,
-        pending: Sequence[Pending],
-    ) -> object: ...  # fmt: skip
-
-    def request_input(self, run_id: str, wf: WorkflowDef, body: RunRequest, at_ms: int) -> RunRequested: ...
-
-    def submit(
-        self, p: int, outputs: list[Out], pending: Sequence[Pending], events: Sequence[RunEvent]
-    ) -> None: ...
-
-    def event_out(self, p: int, ev: RunEvent) -> Out: ...
-
-    def dlq_out(self, topic: str, p: int, key: bytes | None, dlq: DlqRecord) -> Out: ...
-
-    def fail(self, exc: BaseException) -> None: ...
 
 
 class IntakeCounts:
@@ -91,12 +69,15 @@ class Intake:
         partitions: Partitions,
         offsets: OffsetTracker,
         tasks: TaskRunner,
-        shell: Shell,
+        decisions: Decisions,
+        request_input: Callable[[str, WorkflowDef, RunRequest, int], RunRequested],
+        fail: Callable[[BaseException], None],
         clock: Callable[[], int],
         redact: Callable[[str], str],
     ) -> None:
         self.settings, self.topics, self.codec, self.workflows = settings, topics, codec, workflows
-        self._parts, self._offsets, self._tasks, self._shell = partitions, offsets, tasks, shell
+        self._parts, self._offsets, self._tasks, self._decisions = partitions, offsets, tasks, decisions
+        self._request_input, self._fail = request_input, fail
         self._clock, self._redact = clock, redact
         self._n = settings.kafka.partitions
         self._unexpected_in_row = 0
@@ -138,7 +119,7 @@ class Intake:
                 self._unexpected_in_row += 1
             self.park(rec, exc, None, pending)
             if self._unexpected_in_row >= self.settings.limits.max_consecutive_poison:
-                self._shell.fail(PoisonStormError(self._unexpected_in_row, type(exc).__name__))
+                self._fail(PoisonStormError(self._unexpected_in_row, type(exc).__name__))
         else:
             self._unexpected_in_row = 0
 
@@ -159,7 +140,7 @@ class Intake:
             # partition that owns this run, keyed by the run ID
             moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
             out = Out(rec.topic, p, run_id.encode(), rec.value, moved)
-            self._shell.submit(rec.partition, [out], (pending,), ())
+            self._decisions.submit(rec.partition, [out], (pending,), ())
             return
         wf = self.workflows.get(body.workflow)
         if wf is None:
@@ -180,8 +161,8 @@ class Intake:
                 return
             inp = RedriveRequested(run_id, rec.timestamp, body.by)
         else:
-            inp = self._shell.request_input(run_id, wf, body, rec.timestamp)
-        self._shell.decide(p, wf, state, inp, rec, (pending,))
+            inp = self._request_input(run_id, wf, body, rec.timestamp)
+        self._decisions.decide(p, wf, state, inp, rec, (pending,))
 
     def _task(self, rec: Record, pending: Pending) -> None:
         idem_bytes = header(rec.headers, IDEMPOTENCY_KEY)
@@ -199,7 +180,7 @@ class Intake:
         ignored = task_ignored(self._parts.state(p, task.run_id), task, self._clock())
         if ignored is not None:
             self.counts.tasks_skipped += 1
-            self._shell.submit(p, [self._shell.event_out(p, ignored)], (pending,), (ignored,))
+            self._decisions.submit(p, [self._decisions.event_out(p, ignored)], (pending,), (ignored,))
             return
         self._tasks.start(p, task, rec, eager=False, pending=[pending])
 
@@ -225,8 +206,8 @@ class Intake:
             headers={k: v or b"" for k, v in rec.headers},  # a header's value may be null
             at_ms=self._clock(),
         )
-        out = self._shell.dlq_out(self.topics.dlq(workflow or INVALID), rec.partition, rec.key, dlq)
-        self._shell.submit(rec.partition, [out], (pending,) if pending is not None else (), ())
+        out = self._decisions.dlq_out(self.topics.dlq(workflow or INVALID), rec.partition, rec.key, dlq)
+        self._decisions.submit(rec.partition, [out], (pending,) if pending is not None else (), ())
 
     def _unparsable(self, tp: TopicPartition, offset: int, exc: Exception) -> None:
         """Park a record the Kafka client could not even parse (see ``streams.fetch``): no bytes to keep."""

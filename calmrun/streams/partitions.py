@@ -29,6 +29,8 @@ from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.timers import Timers
 from calmrun.streams.topics import Topics, read_to_end
 from calmrun.streams.txn import FENCED, PartitionWriter
+from calmrun.workflow.decider import awaits
+from calmrun.workflow.events import StepTask
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
@@ -97,6 +99,16 @@ class Partitions:
 
     def listener(self) -> ConsumerRebalanceListener:
         return _Listener(self)
+
+    def awaited(self, p: int, task: StepTask) -> bool:
+        """Does the run's state (here) still wait for this attempt?"""
+        state = self.state(p, task.run_id)
+        return state is not None and awaits(state, task.step, task.attempt, task.kind)
+
+    async def admit(self, p: int, task: StepTask) -> bool:
+        """May ``task`` start now? Asked after it waited for a slot: a pause may have moved ``p``."""
+        await self.revalidate_if_stalled()
+        return await self.accept(p) and self.awaited(p, task)
 
     async def accept(self, p: int) -> bool:
         """Wait out a rebalance or a stall check; then: is ``p`` ours to decide?"""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from calmrun.streams.offsets import Pending
+from calmrun.streams.records import Out
 from calmrun.workflow.events import StepResult, StepTask
 
 log = logging.getLogger("calmrun.worker")
@@ -137,6 +138,15 @@ class TaskRunner:
         self.counts.eager += eager
         running = self._running[idem] = _Running(p, eager=eager, record_seen=not eager, pending=pending)
         running.task = asyncio.create_task(self._run(p, source, task, idem))
+
+    def start_committed(
+        self, p: int, tasks: list[tuple[Out, StepTask]], awaited: Callable[[int, StepTask], bool]
+    ) -> None:
+        """Start the tasks of a decision just committed, unless read back and run already (eager)."""
+        for out, task in tasks:
+            if awaited(p, task):
+                source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
+                self.start(p, task, source, eager=True, pending=[])
 
     async def cancel(self, parts: set[int]) -> None:
         """Cancel the attempts of ``parts`` and wait until they stopped (their records are re-delivered)."""

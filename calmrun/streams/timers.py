@@ -8,7 +8,10 @@ may be stale (the run moved on); the decider, given the timer, finds nothing due
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
+
+from calmrun.workflow.decider import expired
+from calmrun.workflow.state import RunState
 
 
 class Timers:
@@ -33,3 +36,29 @@ class Timers:
 
     def __len__(self) -> int:
         return len(self._heap)
+
+    def fire(
+        self,
+        now_ms: int,
+        live: Callable[[int, str], RunState | None],
+        running: Container[str],
+        fire: Callable[[int, RunState], None],
+    ) -> None:
+        """``fire`` every run (still live and owned, per ``live``) whose next due time has come.
+
+        A run whose expired attempt is still ``running`` here (it started late behind a backlog) is
+        looked at again a second later: its own timeout will end it.
+        """
+        for p, run_id in self.due(now_ms):
+            state = live(p, run_id)  # a finished run has no timers
+            if state is None:
+                continue
+            due = state.next_due_ms()
+            if due is None:
+                continue
+            if due > now_ms:
+                self.push(due, p, run_id)
+            elif any(key in running for key in expired(state, now_ms)):
+                self.push(now_ms + 1000, p, run_id)
+            else:
+                fire(p, state)

@@ -1,15 +1,11 @@
-"""The worker: composes the rooms of the shell over Kafka and turns each decision into its records.
+"""The worker: composes the rooms of the shell over Kafka, and runs them from start to stop.
 
 All calmrun topics are co-partitioned by run ID and consumed by one group with the range assignor, so
 partition N of every topic belongs to one worker: it holds the state of those runs, executes their step
-tasks, and is the only writer of their state. The rooms, each one job:
-
-- ``partitions``: ownership (rebalances, restore, fencing, stalls);
-- ``intake``: fetch, handle each record in isolation, park what cannot be handled;
-- ``tasks``: the agents executing, ``max_in_flight`` at once;
-- ``timers``: when a run's deadline or retry time comes;
-- ``txn``: each partition's decisions, states and finished offsets committed in one transaction;
-- ``records``: the records a decision writes.
+tasks, and is the only writer of their state. The rooms, each one job: ``partitions`` (ownership:
+rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``decisions`` (decide, queue
+the records), ``tasks`` (agents running), ``timers`` (deadlines and retries), ``txn`` (one transaction per
+batch of a partition), ``records`` (the records a decision writes), ``clients`` (the Kafka clients).
 
 Effectively once: everything is read ``read_committed`` and each partition's decisions are written in
 Kafka transactions with the input offsets they finish, so a run's events, tasks and state are one
@@ -28,39 +24,35 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.codec import RecordCodec, wire_models
-from calmrun.connect import AUTHORIZATION_ERRORS, client_kwargs, start_error
+from calmrun.connect import AUTHORIZATION_ERRORS, start_error
 from calmrun.costs.metrics import WorkerMetrics
 from calmrun.costs.pricing import Pricing
 from calmrun.costs.totals import TenantSpend
-from calmrun.errors import CalmrunError, WorkerError
+from calmrun.errors import WorkerError
 from calmrun.gctune import settle_heap
 from calmrun.limits import check_workflow
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
-from calmrun.streams.dlq import MAX_KEY_BYTES, DlqRecord
+from calmrun.streams import clients
+from calmrun.streams.decisions import Decisions
 from calmrun.streams.intake import Intake
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
-from calmrun.streams.records import Out, StateOut, dlq_out, event_out, task_out
+from calmrun.streams.records import Out
 from calmrun.streams.runtable import RunTable
-from calmrun.streams.tasks import LocalSource, Source, TaskRunner
+from calmrun.streams.stats import WorkerStats, snapshot
+from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.timers import Timers
 from calmrun.streams.topics import Topics, ensure_topics, partition_for
-from calmrun.streams.txn import Gate, PartitionWriter, transactional_id
-from calmrun.workflow.decider import Decision, awaits, decide, expired
+from calmrun.streams.txn import Gate, PartitionWriter
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import (
-    DeciderInput,
-    RunEvent,
     RunRequest,
     RunRequested,
     StepResult,
@@ -71,48 +63,9 @@ from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
 
-_TXN_RETRY_BACKOFF_MS = 5
-# A transaction begun right after a commit meets the broker still writing the last one's markers
-# (CONCURRENT_TRANSACTIONS; NOT_ENOUGH_REPLICAS to a client of aiokafka's protocol version) and is retried
-# after this; aiokafka's 100 ms default doubled every commit cycle (31 -> 14 ms median with 10 ms, 5.8 ms
-# with 5 ms, measured on the dev broker).
-
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@dataclass
-class WorkerStats:
-    """Counters a test or the CLI can read; Prometheus metrics mirror them (a snapshot of the rooms')."""
-
-    requests: int = 0
-    tasks_started: int = 0
-    tasks_eager: int = 0
-    tasks_echoed: int = 0
-    tasks_skipped: int = 0
-    decisions: int = 0
-    ignored: int = 0
-    poison: int = 0
-    quarantined: int = 0
-    completed: int = 0
-    running: int = 0
-    peak_running: int = 0
-    peak_unacked: int = 0  # decisions submitted but not yet committed, at most (see max_unacked)
-    restored_runs: int = 0
-    restored_partitions: int = 0
-    kept_partitions: int = 0  # partitions given back by a rebalance with their runs still in memory
-    fenced: int = 0  # partitions lost because another worker took them over (their writes were refused)
-    transactions: int = 0
-
-
-@dataclass
-class _Counts:
-    decisions: int = 0
-    ignored: int = 0
-    quarantined: int = 0
-    completed: int = 0
-    transactions: int = 0
 
 
 class Worker:
@@ -149,14 +102,13 @@ class Worker:
         # tenant budgets need each tenant's spend in its window, from the cost aggregator's output
         self.tenant_spend = TenantSpend(settings) if settings.budgets.tenants else None
         self.n = settings.kafka.partitions
-        self._counts = _Counts()
         self._offsets = OffsetTracker()
         self._gate = Gate(settings.worker.max_unacked)
         self._timers = Timers()
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
             self._execute,
-            self._admit,
+            lambda p, task: self.parts.admit(p, task),  # the partitions are made next, with the runner
             self._accept,
             self._on_result,
             self._fail,
@@ -174,6 +126,17 @@ class Worker:
             self._fail,
             settings.worker.session_timeout_s,
         )
+        self.decisions = Decisions(
+            settings,
+            self.topics,
+            self.codec,
+            self.parts,
+            self._timers,
+            self.redactor,
+            clock,
+            metrics,
+            self._start_committed,
+        )
         self.intake = Intake(
             settings,
             self.topics,
@@ -182,7 +145,9 @@ class Worker:
             self.parts,
             self._offsets,
             self.tasks,
-            self,
+            self.decisions,
+            self.request_input,
+            self._fail,
             clock,
             self.redactor.text,
         )
@@ -202,32 +167,10 @@ class Worker:
         return self.parts.runs
 
     @property
-    def _consumer(self) -> AIOKafkaConsumer | None:
-        return self.parts.consumer
-
-    @property
     def stats(self) -> WorkerStats:
-        c, t, p, i = self._counts, self.tasks.counts, self.parts.counts, self.intake.counts
-        return WorkerStats(
-            requests=i.requests,
-            tasks_started=t.started,
-            tasks_eager=t.eager,
-            tasks_echoed=t.echoed,
-            tasks_skipped=i.tasks_skipped,
-            decisions=c.decisions,
-            ignored=c.ignored,
-            poison=i.poison,
-            quarantined=c.quarantined,
-            completed=c.completed,
-            running=t.running,
-            peak_running=t.peak_running,
-            peak_unacked=self._gate.peak,
-            restored_runs=p.restored_runs,
-            restored_partitions=p.restored_partitions,
-            kept_partitions=p.kept_partitions,
-            fenced=p.fenced,
-            transactions=c.transactions,
-        )
+        """The rooms' counters, now."""
+        self.decisions.counts.peak_unacked = self._gate.peak
+        return snapshot(self.intake.counts, self.tasks.counts, self.parts.counts, self.decisions.counts)
 
     @property
     def failure(self) -> BaseException | None:
@@ -256,34 +199,10 @@ class Worker:
             KafkaAuthError: TLS, SASL or the protocol does not match the broker's.
             KafkaAuthorizationError: an ACL refuses a topic, the group or the transactional IDs.
         """
-        k, w = self.settings.kafka, self.settings.worker
+        k = self.settings.kafka
         await ensure_topics(k, self.workflows.values())
-        # "earliest": with the default "latest", the reset that assign() starts in the background can land
-        # after our explicit seek and silently skip the whole state partition
-        restorer = self.parts.restorer = AIOKafkaConsumer(
-            bootstrap_servers=k.bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            client_id=f"{k.client_id}-restore",
-            **client_kwargs(k),
-        )
-        session_ms = round(w.session_timeout_s * 1000)
-        consumer = self.parts.consumer = AIOKafkaConsumer(
-            bootstrap_servers=k.bootstrap,
-            group_id=self.settings.group_id,
-            group_instance_id=w.instance_id,
-            client_id=k.client_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            partition_assignment_strategy=(RangePartitionAssignor,),
-            max_poll_interval_ms=600_000,
-            rebalance_timeout_ms=max(session_ms, 30_000),
-            session_timeout_ms=session_ms,
-            heartbeat_interval_ms=min(1000, session_ms // 3),
-            **client_kwargs(k),
-        )
+        restorer = self.parts.restorer = clients.restorer(self.settings)
+        consumer = self.parts.consumer = clients.group_consumer(self.settings)
         try:
             await restorer.start()
             consumer.subscribe(topics=self.input_topics, listener=self.parts.listener())
@@ -369,10 +288,6 @@ class Worker:
         if self._failed is not None:
             raise WorkerError(f"worker stopped: {self._failed!r}") from self._failed
 
-    def fail(self, exc: BaseException) -> None:
-        """Stop the worker because of ``exc`` (``run_until_stopped`` raises it)."""
-        self._fail(exc)
-
     def _fail(self, exc: BaseException) -> None:
         log.error("worker failing: %r", exc)
         if self._failed is None:
@@ -391,23 +306,11 @@ class Worker:
             self._fail(exc)
 
     def _writer(self, p: int) -> PartitionWriter:
-        k = self.settings.kafka
-        producer = AIOKafkaProducer(
-            bootstrap_servers=k.bootstrap,
-            client_id=f"{k.client_id}-tx-{p}",
-            transactional_id=transactional_id(self.settings.group_id, p),
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=k.linger_ms,
-            max_batch_size=256 * 1024,
-            retry_backoff_ms=_TXN_RETRY_BACKOFF_MS,
-            max_request_size=k.max_request_size,
-            **client_kwargs(k),
-        )
+        producer = clients.transactional_producer(self.settings, p)
 
         def committed(positions: dict[TopicPartition, int]) -> None:
             self._offsets.committed(positions)
-            self._counts.transactions += 1
+            self.decisions.counts.transactions += 1
 
         def positions(part: int) -> dict[TopicPartition, int]:
             return {tp: off for tp, off in self._offsets.to_commit().items() if tp.partition == part}
@@ -427,22 +330,17 @@ class Worker:
 
     def fire_due_timers(self, now: int) -> None:
         """Give the decider a TimerFired for every owned run whose deadline or retry time has come."""
-        for p, run_id in self._timers.due(now):
+
+        def live(p: int, run_id: str) -> RunState | None:
             table = self.parts.runs.get(p)
-            state = table.get_live(run_id) if table is not None else None  # a finished run has no timers
-            if p not in self.parts.owned or state is None:
-                continue
-            due = state.next_due_ms()
-            if due is None:
-                continue
-            if due > now:
-                self._timers.push(due, p, run_id)
-                continue
-            if any(key in self.tasks for key in expired(state, now)):
-                # still running here (started late behind a backlog): its own timeout will end it
-                self._timers.push(now + 1000, p, run_id)
-                continue
-            self.decide(p, self.workflows[state.workflow], state, TimerFired(run_id, now), None, ())
+            return table.get_live(run_id) if p in self.parts.owned and table is not None else None
+
+        def fire(p: int, state: RunState) -> None:
+            self.decisions.decide(
+                p, self.workflows[state.workflow], state, TimerFired(state.run_id, now), None, ()
+            )
+
+        self._timers.fire(now, live, self.tasks, fire)
 
     async def _commit_loop(self) -> None:
         """Commit input offsets that moved without a decision (task records finished by an earlier one)."""
@@ -466,14 +364,6 @@ class Worker:
             limits=self.settings.limits,
         )
 
-    async def _admit(self, p: int, task: StepTask) -> bool:
-        # queued behind the slots: check again, as a pause may have handed the partition over
-        await self.parts.revalidate_if_stalled()
-        if not await self.parts.accept(p):
-            return False
-        state = self.parts.state(p, task.run_id)
-        return state is not None and awaits(state, task.step, task.attempt, task.kind)
-
     async def _accept(self, p: int) -> bool:
         return await self.parts.accept(p) and not self._stopped.is_set()
 
@@ -481,18 +371,12 @@ class Worker:
         self, p: int, task: StepTask, result: StepResult, source: Source, pending: list[Pending]
     ) -> None:
         state = self.parts.state(p, task.run_id)
-        self.decide(p, self.workflows[task.workflow], state, result, source, pending)
+        self.decisions.decide(p, self.workflows[task.workflow], state, result, source, pending)
 
     def _start_committed(self, p: int, tasks: list[tuple[Out, StepTask]]) -> None:
         """Start the tasks of a decision just committed (eager execution; see the module docstring)."""
-        if p not in self.parts.owned or self._stopped.is_set():
-            return
-        for out, task in tasks:
-            state = self.parts.state(p, task.run_id)
-            if state is None or not awaits(state, task.step, task.attempt, task.kind):
-                continue  # its record was read back first and the attempt has run already
-            source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
-            self.tasks.start(p, task, source, eager=True, pending=[])
+        if p in self.parts.owned and not self._stopped.is_set():
+            self.tasks.start_committed(p, tasks, self.parts.awaited)
 
     # -- decisions ----------------------------------------------------------------------------------
 
@@ -516,100 +400,3 @@ class Worker:
             tenant_spent_usd=self.tenant_spend.spent(body.tenant, budget.window, at_ms),
             tenant_window=budget.window,
         )
-
-    def decide(
-        self,
-        p: int,
-        wf: WorkflowDef,
-        state: RunState | None,
-        inp: DeciderInput,
-        source: Source | ConsumerRecord[bytes, bytes] | None,
-        pending: Sequence[Pending],
-    ) -> Decision:
-        """Decide ``inp`` for a run of partition ``p`` and add its records to ``p``'s next transaction."""
-        d = decide(wf, state, inp)
-        self._counts.decisions += 1
-        run_id = inp.run_id
-        key = run_id.encode()
-        outputs = [self.event_out(p, ev) for ev in d.events]
-        if d.ignored:
-            self._counts.ignored += 1
-            self.submit(p, outputs, pending, d.events)
-            return d
-        assert d.state is not None
-        encoded = self.parts.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
-        tasks = [(task_out(self.topics, self.codec, p, t), t) for t in d.tasks]
-        outputs += [out for out, _ in tasks]
-        if d.quarantine is not None:
-            q = d.quarantine
-            tb = inp.traceback if isinstance(inp, StepResult) else None
-            dlq = DlqRecord(
-                reason="quarantined",
-                error_type=q.error_type,
-                error=q.error,
-                traceback=tb,
-                workflow=wf.name,
-                run_id=run_id,
-                step=q.step,
-                attempt=q.attempt,
-                source_topic=source.topic if source else self.topics.state,
-                source_partition=source.partition if source else p,
-                source_offset=source.offset if source else -1,
-                key=source.key if source else key,
-                value=source.value if source else None,
-                headers=dict(source.headers) if source else {},
-                at_ms=self.clock(),
-            )
-            outputs.append(self.dlq_out(self.topics.dlq(wf.name), p, key, dlq))
-        encode = functools.partial(self.codec.encode, d.state) if encoded is None else lambda: encoded
-        state_out = StateOut(self.topics.state, p, key, encode)
-        eager = tasks if self.settings.worker.eager else []
-        self.submit(p, outputs, pending, d.events, state_out, eager, quarantined=d.quarantine is not None)
-        due = d.state.next_due_ms()
-        if due is not None:
-            self._timers.push(due, p, run_id)
-        return d
-
-    def submit(
-        self,
-        p: int,
-        outputs: list[Out],
-        pending: Sequence[Pending],
-        events: Sequence[RunEvent],
-        state: StateOut | None = None,
-        eager: list[tuple[Out, StepTask]] | None = None,
-        *,
-        quarantined: bool = False,
-    ) -> None:
-        """Add one decision to partition ``p``'s next transaction; its inputs are finished with it."""
-        writer = self.parts.writers[p]
-        for input_record in pending:
-            input_record.finish()
-
-        def on_commit() -> None:
-            for ev in events:
-                if ev.type == "run.completed":
-                    self._counts.completed += 1
-                if self.metrics is not None:
-                    self.metrics.observe(ev)
-            self._counts.quarantined += quarantined
-            if eager:
-                self._start_committed(p, eager)
-
-        writer.add(outputs, state, on_commit)
-
-    def event_out(self, p: int, ev: RunEvent) -> Out:
-        ev = self.redactor.event(ev, self.parts.state(p, ev.run_id))  # settings.redact (calmrun.redact)
-        return event_out(self.topics, self.codec, p, ev)
-
-    def dlq_out(self, topic: str, p: int, key: bytes | None, dlq: DlqRecord) -> Out:
-        state = self.parts.state(p, dlq.run_id) if dlq.run_id else None
-        dlq = self.redactor.dlq(dlq, state, self.codec)  # settings.redact (calmrun.redact)
-        # a dead letter always fits its topic, and always encodes (see DlqRecord.fitted)
-        dlq = dlq.fitted(self.settings.limits.dlq_max_payload_bytes)
-        key = key if key is None or len(key) <= MAX_KEY_BYTES else key[:MAX_KEY_BYTES]
-        try:
-            return dlq_out(topic, self.codec, p, key, dlq)
-        except CalmrunError as exc:
-            dlq = dlq.model_copy(update={"key": None, "value": None, "headers": {}, "error": f"{exc}"})
-            return dlq_out(topic, self.codec, p, key, dlq.fitted(0))

@@ -1,0 +1,62 @@
+"""What a worker counts: a snapshot of its rooms' counters, for tests, the CLI and the metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from calmrun.streams.decisions import DecisionCounts
+    from calmrun.streams.intake import IntakeCounts
+    from calmrun.streams.partitions import PartitionCounts
+    from calmrun.streams.tasks import TaskCounts
+
+
+@dataclass
+class WorkerStats:
+    """Counters a test or the CLI can read; Prometheus metrics mirror them (a snapshot of the rooms')."""
+
+    requests: int = 0
+    tasks_started: int = 0
+    tasks_eager: int = 0
+    tasks_echoed: int = 0
+    tasks_skipped: int = 0
+    decisions: int = 0
+    ignored: int = 0
+    poison: int = 0
+    quarantined: int = 0
+    completed: int = 0
+    running: int = 0
+    peak_running: int = 0
+    peak_unacked: int = 0  # decisions submitted but not yet committed, at most (see max_unacked)
+    restored_runs: int = 0
+    restored_partitions: int = 0
+    kept_partitions: int = 0  # partitions given back by a rebalance with their runs still in memory
+    fenced: int = 0  # partitions lost because another worker took them over (their writes were refused)
+    transactions: int = 0
+
+
+def snapshot(
+    intake: IntakeCounts, tasks: TaskCounts, parts: PartitionCounts, decided: DecisionCounts
+) -> WorkerStats:
+    """One worker's counters, gathered from its rooms."""
+    return WorkerStats(
+        requests=intake.requests,
+        tasks_started=tasks.started,
+        tasks_eager=tasks.eager,
+        tasks_echoed=tasks.echoed,
+        tasks_skipped=intake.tasks_skipped,
+        decisions=decided.decisions,
+        ignored=decided.ignored,
+        poison=intake.poison,
+        quarantined=decided.quarantined,
+        completed=decided.completed,
+        running=tasks.running,
+        peak_running=tasks.peak_running,
+        peak_unacked=decided.peak_unacked,
+        restored_runs=parts.restored_runs,
+        restored_partitions=parts.restored_partitions,
+        kept_partitions=parts.kept_partitions,
+        fenced=parts.fenced,
+        transactions=decided.transactions,
+    )
