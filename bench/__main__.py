@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import floor, memory, replay, workflow
+from bench import aggregator, floor, memory, replay, workflow
 from bench.common import ROOT, Ctx, loadavg
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.localproc import free_port
@@ -33,6 +33,7 @@ WORKLOADS: dict[str, Workload] = {
     "replay": replay.run_replay,
     "costs": replay.run_costs,
     "memory": memory.run,
+    "aggregator": aggregator.run,
 }
 
 

@@ -38,7 +38,7 @@ from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.costs.metrics import WorkerMetrics
 from calmrun.costs.pricing import Pricing
-from calmrun.costs.totals import TenantSpend
+from calmrun.costs.spend import TenantSpend
 from calmrun.errors import (
     BrokerUnavailableError,
     CalmrunError,

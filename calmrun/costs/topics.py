@@ -1,0 +1,44 @@
+"""The cost aggregator's topics: names under one prefix, and their creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from calmrun.settings import Settings
+
+
+@dataclass(frozen=True)
+class CostTopics:
+    """Names under one prefix: the aggregator's source, its output topics and its consumer group."""
+
+    prefix: str
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.runs.events"
+
+    @property
+    def totals(self) -> str:
+        return f"{self.prefix}.costs.totals"
+
+    @property
+    def tenants(self) -> str:
+        return f"{self.prefix}.costs.tenants"
+
+    def group(self, settings: Settings) -> str:
+        return settings.costs.app_id or f"{self.prefix}-costs"
+
+    def transactional_id(self, partition: int) -> str:
+        """One per source partition: a new owner of the partition fences the previous one."""
+        return f"{self.prefix}.costs.tx.{partition}"
+
+
+async def ensure_cost_topics(settings: Settings) -> list[str]:
+    """Create the compacted output topics (same partition count as calmrun's); idempotent."""
+    from calmrun.streams.topics import create_topics
+
+    topics = CostTopics(settings.kafka.prefix)
+    compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "600000"}
+    return await create_topics(
+        settings.kafka, {topics.totals: compact, topics.tenants: compact, topics.events: {}}, "costs"
+    )
