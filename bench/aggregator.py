@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 import uuid
@@ -24,9 +25,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
-from bench.common import PARTITIONS, Ctx, summary
+from bench.common import PARTITIONS, Ctx, cpu_s, summary
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.costs.process import AggregatorProcess
 from calmrun.costs.reader import read_current
@@ -120,7 +122,10 @@ async def _ends(consumer: AIOKafkaConsumer, topic: str) -> int:
 
 
 async def _covered(admin: AIOKafkaAdminClient, group: str, topic: str) -> int:
-    offsets = await admin.list_consumer_group_offsets(group)
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    except KafkaError:  # the group (or the offsets topic of a fresh broker) does not exist yet
+        return 0
     return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
@@ -134,21 +139,22 @@ async def backlog(bootstrap: str, raw: Raw, log: Path) -> dict[str, float]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        with AggregatorProcess(settings, log=log):
+        with AggregatorProcess(settings, log=log) as agg:
             t_start = time.perf_counter()
             first: tuple[float, int] | None = None
+            cpu0 = 0.0
             while True:
                 n = await _covered(admin, topics.group(settings), topics.events)
                 now = time.perf_counter()
                 if n > 0 and first is None:
-                    first = (now, n)
+                    first, cpu0 = (now, n), cpu_s(agg.pid)
                 if n >= len(raw):
                     break
                 if now - t_start > 600:
                     raise RuntimeError(f"aggregator did not finish in 600s ({n}/{len(raw)}); log: {log}")
                 await asyncio.sleep(0.02)
             assert first is not None
-            span = now - first[0]
+            span, cpu = now - first[0], cpu_s(agg.pid) - cpu0
             _, cov = await read_current(settings, wait=True, wait_s=60)
             if cov.lag:
                 raise RuntimeError(f"aggregator coverage still {cov.lag} events behind")
@@ -157,6 +163,7 @@ async def backlog(bootstrap: str, raw: Raw, log: Path) -> dict[str, float]:
     return {
         "events": float(len(raw)),
         "events_per_s": (len(raw) - first[1]) / span if span > 0 else float("inf"),
+        "events_per_cpu_s": (len(raw) - first[1]) / cpu if cpu > 0 else float("inf"),
         "start_s": first[0] - t_start,
     }
 
@@ -216,6 +223,9 @@ async def run(ctx: Ctx) -> dict[str, Any]:
             "aggregator backlog events/s (with Kafka, transactions)": summary(
                 [r["events_per_s"] for r in rounds]
             ),
+            "aggregator backlog events per CPU second of its process": summary(
+                [r["events_per_cpu_s"] for r in rounds]
+            ),
             "aggregator lag max during the flood (events)": summary([fl["max_lag_events"]]),
             "aggregator lag back to zero after the flood (s)": summary([fl["lag_zero_after_flood_s"]]),
         },
@@ -234,7 +244,8 @@ async def _standalone(bootstrap: str, runs: int) -> None:
     print(
         f"aggregator (aiokafka, transactions, {PARTITIONS} partitions, real broker): {len(raw)} events "
         f"({runs} runs, synthetic mix); first batch committed {r['start_s']:.1f}s after start; "
-        f"{r['events_per_s']:,.0f} events/s from then to the end; coverage reached the topic's end"
+        f"{r['events_per_s']:,.0f} events/s from then to the end ({r['events_per_cpu_s']:,.0f} per CPU "
+        f"second of the aggregator; load average {os.getloadavg()[0]:.1f}); coverage reached the topic's end"
     )
 
 

@@ -44,7 +44,7 @@ from prometheus_client.registry import Collector
 
 from calmrun.avro import AvroCodec
 from calmrun.codec import NAMESPACE, RecordCodec, wire_models
-from calmrun.costs.fold import PartitionFold
+from calmrun.costs.fold import PartitionFold, folded_type
 from calmrun.costs.topics import CostTopics, ensure_cost_topics
 from calmrun.errors import DecodeError
 from calmrun.settings import Settings, load_settings
@@ -139,6 +139,7 @@ class Aggregator:
         self.folds: dict[int, PartitionFold] = {}
         self._producers: dict[int, AIOKafkaProducer] = {}
         self._avro: AvroCodec = RecordCodec(wire_models()).avro
+        self._header = self._avro.header(EVENT_SCHEMA)
         self._lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()  # one re-read (or restore) at a time on the second consumer
         self._consumer: AIOKafkaConsumer | None = None
@@ -194,9 +195,12 @@ class Aggregator:
     # -- batches ----------------------------------------------------------------------------------
 
     def _fold(self, fold: PartitionFold, rec: Record) -> None:
-        self.metrics.events.inc()
+        body = rec.value or b""
+        if folded_type(body, self._header) is False:
+            fold.cover(rec.offset)  # an event type the fold does not use: no decoding
+            return
         try:
-            name, ev = self._avro.decode(rec.value or b"")
+            name, ev = self._avro.decode(body)
             if name != EVENT_SCHEMA:
                 raise DecodeError(f"expected RunEvent, got {name}", topic=rec.topic, offset=rec.offset)
         except DecodeError as exc:
@@ -204,13 +208,9 @@ class Aggregator:
                 "costs: skipping undecodable event %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc
             )
             self.metrics.undecodable.inc()
-            fold.next_offset = max(fold.next_offset, rec.offset + 1)
+            fold.cover(rec.offset)
             return
-        before = fold.duplicates
-        if fold.apply(ev, rec.offset):
-            self.metrics.attempts.inc()
-        elif fold.duplicates > before:
-            self.metrics.duplicates.inc()
+        fold.apply(ev, rec.offset)
 
     async def _reread(self, p: int, gaps: list[tuple[int, int]]) -> list[Record]:
         """The records in these offset ranges of source partition ``p`` (committed ones), read again."""
@@ -258,8 +258,12 @@ class Aggregator:
                 fold.repairs += len(found)
                 self.metrics.repairs.inc(len(found))
                 records = sorted([*records, *found], key=lambda r: r.offset)
+        counted, duplicates = fold.counted, fold.duplicates
         for rec in records:
             self._fold(fold, rec)
+        self.metrics.events.inc(len(records))
+        self.metrics.attempts.inc(fold.counted - counted)
+        self.metrics.duplicates.inc(fold.duplicates - duplicates)
         await self._commit(p, fold)
 
     async def _settle(self, p: int) -> None:

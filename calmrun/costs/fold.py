@@ -115,6 +115,48 @@ def _task_kind(data: str | None) -> str:
     return str(json.loads(data).get("kind", "run"))
 
 
+FOLDED_TYPES = frozenset(t.encode() for t in (*COST_EVENTS, *SCHEDULED, ESCALATED))
+
+
+def folded_type(body: bytes, header: bytes) -> bool | None:
+    """Whether a ``RunEvent`` single object is one the fold uses, from its first fields, without decoding.
+
+    ``RunEvent``'s Avro record starts with ``run_id`` (string), ``seq`` (long), ``type`` (string).
+    Returns None when ``body`` does not start with ``header`` (another schema, or not Avro): decode it.
+    """
+    if not body.startswith(header):
+        return None
+    try:
+        n, i = _varint(body, len(header))
+        _, i = _varint(body, i + n)
+        n, i = _varint(body, i)
+    except IndexError:
+        return None
+    return body[i : i + n] in FOLDED_TYPES
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    """An Avro (zig-zag) long at ``buf[i:]``: (value, index after it)."""
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (result >> 1) ^ -(result & 1), i
+        shift += 7
+
+
+def _agent_of(data: str | None) -> str | None:
+    """The ``agent`` of a scheduled event's JSON ``data`` (the decider writes it first)."""
+    if data and data.startswith('{"agent":"'):
+        end = data.find('"', 10)
+        if end > 10 and "\\" not in data[10:end]:
+            return data[10:end]
+    agent = json.loads(data or "{}").get("agent")
+    return agent if isinstance(agent, str) else None
+
+
 @dataclass
 class RunMark:
     """Per run: the highest seq counted and the agent of each scheduled step (``kind:step``)."""
@@ -148,6 +190,11 @@ class PartitionFold:
         self._tenant_emitted: dict[tuple[str, str], int] = {}
 
     # -- folding ----------------------------------------------------------------------------------
+
+    def cover(self, offset: int) -> None:
+        """Count ``offset`` as folded without an event (a record the fold has no use for)."""
+        if offset >= self.next_offset:
+            self.next_offset = offset + 1
 
     def apply(self, ev: Mapping[str, Any], offset: int) -> bool:
         """Fold one event read at ``offset``; True when its cost was counted now.
@@ -273,8 +320,8 @@ class PartitionFold:
         step = ev["step"]
         if step is None:
             return
-        agent = json.loads(ev["data"] or "{}").get("agent")
-        if not isinstance(agent, str):
+        agent = _agent_of(ev["data"])
+        if agent is None:
             return
         kind = "run" if ev["type"] == "step.scheduled" else "compensate"
         mark = self._mark(ev["run_id"])
