@@ -236,3 +236,50 @@ def step_costs(events: list[RunEvent]) -> dict[str, CostRow]:
             }
         )
     return rows
+
+
+@costs_app.command("forecast")
+def forecast_cmd(
+    workflow: Annotated[str, typer.Option("--workflow", "-w", help="The workflow to forecast.")],
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only runs that started then or later: 30m, 2h, 1d, ISO.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Expected cost per run of a workflow, with a range, from its observed runs and their paths.
+
+    Expected: the mean cost of the runs in the table; range: their 10th and 90th percentile (and min, max).
+    Below: each step/alias the runs took, the share of runs that took it, attempts per such run and what it
+    adds to the expected cost (compensations are in the run's cost but on no path).
+    """
+    from calmrun.costs.planner import forecast
+
+    settings = cli_settings(config, bootstrap, prefix)
+    since_ms = parse_since(since, time.time_ns() // 1_000_000)
+    table, cov = run_command(read_current(settings))
+    f = forecast(table, workflow, since_ms)
+    if as_json:
+        print(json.dumps({**f.as_json(), "coverage": cov.as_json()}))
+        return
+    console = Console()
+    if not f.runs:
+        console.print(
+            f"no priced runs of {workflow!r} in the cost table" + (f" since {since}" if since else "")
+        )
+        console.print(coverage_line(cov))
+        raise typer.Exit(1)
+    console.print(
+        f"[bold]{workflow}[/bold]: expected ${f.expected:.6f} per run "
+        f"(p10 ${f.low:.6f}, p90 ${f.high:.6f}; min ${f.cheapest:.6f}, max ${f.dearest:.6f}) "
+        f"from {f.runs} runs"
+    )
+    table_out = Table(
+        "step/alias", "share of runs", "attempts per run on it", "adds $ per run", title="paths"
+    )
+    for p in f.paths:
+        table_out.add_row(p.path, f"{p.share:.1%}", f"{p.attempts_per_run:.2f}", f"{p.cost_per_run:.6f}")
+    console.print(table_out)
+    console.print(coverage_line(cov))

@@ -163,6 +163,20 @@ class RunMark:
 
     hw: int = 0
     agents: dict[str, str] = field(default_factory=dict)
+    workflow: str = ""
+    first_ms: int = 0
+    paths: dict[str, int] = field(default_factory=dict)
+    """``step/alias`` -> attempts of the run on it (what ``calmrun costs forecast`` reads)."""
+
+
+def _mark_fields(mark: RunMark) -> dict[str, Any]:
+    return {
+        "hw": mark.hw,
+        "agents": mark.agents,
+        "workflow": mark.workflow,
+        "first_ms": mark.first_ms,
+        "paths": mark.paths,
+    }
 
 
 class PartitionFold:
@@ -254,6 +268,11 @@ class PartitionFold:
         agent = cost.get("agent") or mark.agents.get(f"{task_kind}:{step}") or f"?{step}"
         at = ev["at_ms"]
         self._add(("run", run_id, ALL, 0), delta)
+        if not mark.workflow:
+            mark.workflow, mark.first_ms = ev["workflow"], at
+        if task_kind == "run":
+            path = f"{step}/{model}"
+            mark.paths[path] = mark.paths.get(path, 0) + 1
         # one sum per (workflow, agent, model, tenant, step, minute) until flush() spreads it over the
         # dimensions and windows: 2 additions per attempt here instead of 17
         combo = (
@@ -364,7 +383,7 @@ class PartitionFold:
         if dim == "run":
             mark = self.runs.get(value)
             if mark is not None:
-                out["hw"], out["agents"] = mark.hw, mark.agents
+                out.update(_mark_fields(mark))
         return out
 
     def source_value(self) -> dict[str, Any]:
@@ -395,16 +414,8 @@ class PartitionFold:
                 body = (
                     self.value(key)
                     if key in self.totals
-                    else {
-                        "dim": "run",
-                        "value": run_id,
-                        "window": ALL,
-                        "start_ms": 0,
-                        "partition": p,
-                        "hw": mark.hw,
-                        "agents": mark.agents,
-                        "attempts": 0,
-                    }
+                    else {"dim": "run", "value": run_id, "window": ALL, "start_ms": 0, "partition": p}
+                    | _mark_fields(mark)
                 )
                 totals.append((encode_key(key, p), json.dumps(body).encode()))
         for key in self._dirty:
@@ -446,7 +457,13 @@ class PartitionFold:
             self.repairs = int(v["repairs"])
             return
         if k[0] == "run" and "hw" in v:
-            self.runs[k[1]] = RunMark(int(v["hw"]), dict(v.get("agents") or {}))
+            self.runs[k[1]] = RunMark(
+                int(v["hw"]),
+                dict(v.get("agents") or {}),
+                str(v.get("workflow") or ""),
+                int(v.get("first_ms") or 0),
+                dict(v.get("paths") or {}),
+            )
         if v.get("attempts", 0) or v.get("escalated", 0):
             row = _zero()
             for i, name in enumerate(FIELDS):
