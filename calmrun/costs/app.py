@@ -307,6 +307,11 @@ class Aggregator:
             return
         self.metrics.batches.inc()
 
+    async def _poll(self, wait_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        """The next records of the owned partitions (one ``getmany``)."""
+        assert self._consumer is not None
+        return await self._consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
+
     def lag(self) -> dict[int, int]:
         """Per owned source partition: the consumer's last stable offset minus the coverage."""
         out: dict[int, int] = {}
@@ -358,7 +363,7 @@ class Aggregator:
             await start_client(self._consumer, k.bootstrap)
             wait_ms = int(c.emit_interval_s * 1000)
             while not stopping.is_set():
-                batch = await self._consumer.getmany(timeout_ms=wait_ms, max_records=c.max_batch)
+                batch = await self._poll(wait_ms, c.max_batch)
                 async with self._lock:
                     work = {
                         tp.partition: recs
