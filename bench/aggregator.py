@@ -8,7 +8,8 @@
 
 Lag and coverage are read from the aggregator's consumer group offsets, which each batch's transaction
 commits together with its totals. ``python -m bench.aggregator --runs N`` runs the backlog part alone on a
-synthetic mix (no worker; starts the project's broker when no ``--bootstrap`` is given).
+synthetic mix (no worker); ``--flood N`` the flood and then the backlog of its events. Both start the
+project's broker when no ``--bootstrap`` is given.
 """
 
 from __future__ import annotations
@@ -237,7 +238,24 @@ async def run(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-async def _standalone(bootstrap: str, runs: int) -> None:
+async def _standalone(bootstrap: str, runs: int, flood_runs: int) -> None:
+    if flood_runs:
+        ctx = Ctx(bootstrap=bootstrap, out=Path(tempfile.mkdtemp(prefix="calmrun-costs-flood-")))
+        pfx, fl = await flood(ctx, flood_runs)
+        raw = await read_raw(bootstrap, pfx)
+        print(
+            f"flood: {flood_runs} runs of the bench workflow at once ({len(raw)} events, "
+            f"{len(raw) / flood_runs:.1f} per run), the aggregator alongside: largest lag seen "
+            f"{fl['max_lag_events']:,.0f} events; lag back to zero {fl['lag_zero_after_flood_s']:.2f}s "
+            f"after the worker completed the last run (load average {os.getloadavg()[0]:.1f})"
+        )
+        r = await backlog(bootstrap, raw, ctx.out / "backlog.log")
+        print(
+            f"backlog of those events, fresh aggregator: {r['events_per_s']:,.0f} events/s "
+            f"({r['events_per_cpu_s']:,.0f} per CPU second of the aggregator; load average "
+            f"{os.getloadavg()[0]:.1f})"
+        )
+        return
     raw = encode(workload(runs, 1_750_000_000_000))
     log = Path(tempfile.mkdtemp(prefix="calmrun-costs-bench-")) / "aggregator.log"
     r = await backlog(bootstrap, raw, log)
@@ -252,10 +270,11 @@ async def _standalone(bootstrap: str, runs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5000)
+    parser.add_argument("--flood", type=int, default=0, help="instead: the flood part with this many runs")
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
     if args.bootstrap:
-        asyncio.run(_standalone(args.bootstrap, args.runs))
+        asyncio.run(_standalone(args.bootstrap, args.runs, args.flood))
         return
     from calmrun.devkafka import DevKafka
     from calmrun.localproc import free_port
@@ -263,7 +282,7 @@ def main() -> None:
     kafka = DevKafka(data_dir=Path(tempfile.mkdtemp(prefix="calmrun-costs-kafka-")), port=free_port())
     kafka.start()
     try:
-        asyncio.run(_standalone(kafka.bootstrap, args.runs))
+        asyncio.run(_standalone(kafka.bootstrap, args.runs, args.flood))
     finally:
         kafka.stop()
 
