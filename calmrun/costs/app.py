@@ -310,7 +310,10 @@ class Aggregator:
     async def _poll(self, wait_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
         """The next records of the owned partitions (one ``getmany``)."""
         assert self._consumer is not None
-        return await self._consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
+        batch: dict[TopicPartition, list[Record]] = await self._consumer.getmany(
+            timeout_ms=wait_ms, max_records=max_records
+        )
+        return batch
 
     def lag(self) -> dict[int, int]:
         """Per owned source partition: the consumer's last stable offset minus the coverage."""
