@@ -123,10 +123,14 @@ async def test_a_step_starts_on_the_next_rung_once_the_cheap_one_is_seen_failing
             await read_current(s, wait=True, wait_s=60)  # the table covers every event so far
             stats = w.step_stats
             assert stats is not None
+
+            def seen(alias: str) -> int:
+                return int(stats.alias_figures("planned", "label", alias, _now(), 3600)["attempts"])
+
             await until(
-                lambda: stats.alias_figures("planned", "label", "cheap", _now(), 3600)["attempts"] >= FIRST,
+                lambda: (seen("cheap"), seen("smart")) == (FIRST, 12),
                 30,
-                "the worker's figures to hold the first runs",
+                "the worker's figures of the first runs",
             )
             late_id = await client.submit(RunRequest(workflow="planned", run_id="late", input={"n": 0}))
             late_state = (await client.wait_terminal([late_id], wait_s=60))[late_id]

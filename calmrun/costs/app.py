@@ -27,13 +27,10 @@ partition) drops the partition instead.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
-import sys
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Iterable
+from typing import TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import IllegalStateError, ProducerFenced
@@ -44,10 +41,11 @@ from prometheus_client.registry import Collector
 
 from calmrun.avro import AvroCodec
 from calmrun.codec import NAMESPACE, RecordCodec, wire_models
-from calmrun.costs.fold import PartitionFold, folded_type
+from calmrun.costs.fold import PartitionFold
+from calmrun.costs.peek import folded_type
 from calmrun.costs.topics import CostTopics, ensure_cost_topics
 from calmrun.errors import DecodeError
-from calmrun.settings import Settings, load_settings
+from calmrun.settings import Settings
 from calmrun.streams.topics import read_to_end, start_client
 
 log = logging.getLogger("calmrun.costs")
@@ -381,60 +379,3 @@ class Aggregator:
             for producer in self._producers.values():
                 await producer.stop()
             await self._reader.stop()
-
-
-def run_aggregator(settings: Settings, *, metrics_port: int | None = None) -> None:
-    """Run the aggregator in this process until SIGTERM/SIGINT (blocks); ``/metrics`` on ``metrics_port``."""
-
-    async def main() -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        agg = Aggregator(settings)
-        server: Any = None
-        port = settings.metrics.port if metrics_port is None else metrics_port
-        if port:
-            from prometheus_client import start_http_server
-
-            server, _ = start_http_server(port, addr=settings.metrics.host, registry=agg.registry)
-            log.info("costs: metrics on http://%s:%d/metrics", settings.metrics.host, port)
-        try:
-            await agg.run(stopping)
-        finally:
-            if server is not None:
-                server.shutdown()
-
-    asyncio.run(main())
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m calmrun.costs.app [--config F] [--bootstrap B] [--prefix P] [--metrics-port N]``."""
-    parser = argparse.ArgumentParser(prog="python -m calmrun.costs.app", description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--bootstrap")
-    parser.add_argument("--prefix")
-    parser.add_argument("--partitions", type=int)
-    parser.add_argument("--metrics-port", type=int)
-    parser.add_argument("--loglevel", default="info")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.loglevel.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
-    kafka = {
-        k: v
-        for k, v in {
-            "bootstrap": args.bootstrap,
-            "prefix": args.prefix,
-            "partitions": args.partitions,
-        }.items()
-        if v is not None
-    }
-    from pathlib import Path
-
-    settings = load_settings(Path(args.config) if args.config else None, kafka=kafka)
-    run_aggregator(settings, metrics_port=args.metrics_port)
-
-
-if __name__ == "__main__":
-    main()

@@ -202,7 +202,7 @@ def aggregator(
     """Run the cost aggregator over <prefix>.runs.events (one transaction per batch) until SIGTERM."""
     import logging
 
-    from calmrun.costs.app import run_aggregator
+    from calmrun.costs.__main__ import run_aggregator
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     settings = cli_settings(config, bootstrap, prefix)

@@ -1,21 +1,14 @@
 """The cost fold: run events -> totals per dimension and window, for one source partition. Pure: no Kafka.
 
-What it holds, per partition of ``<prefix>.runs.events``: for each run, workflow, agent, model alias,
-tenant and step (``workflow/step/alias``), the attempts (succeeded, failed), escalations away from that
-alias, tokens in and out, model requests, downstream API calls, money (``Decimal``), latency and queue wait,
-over all time and in tumbling windows of one minute and one hour (tenants also one day, for budgets).
-Buckets are aligned to the epoch and taken from the event's time (``at_ms``), so a replay puts every
-attempt in the same bucket; old buckets are deleted after their retention (event time).
+Totals per run, workflow, agent, model alias, tenant and step (``workflow/step/alias``), over all time and
+in epoch-aligned tumbling windows of the event's time (1m, 1h; tenants also 1d), old buckets deleted after
+their retention. Each ``(run_id, seq)`` counts once, the first copy in offset order: a run's events are
+appended in seq order to one partition, so a copy is an event whose seq is not above the highest counted
+for its run (``hw``). ``seq <= 0`` (``input.ignored``) and types the fold does not use are skipped.
 
-Each ``(run_id, seq)`` is counted once, the first copy in offset order: a run's events are appended in
-``seq`` order to one partition, so a copy (a worker crash re-sends events under the same seq, possibly with
-other tokens) is an event whose seq is not above the highest seq counted for its run (``hw``). Events with
-``seq <= 0`` (``input.ignored``) and types this fold does not know are skipped.
-
-The fold takes events as the dicts the Avro decoder returns (``RunEvent`` field names; ``data`` a JSON
-string, ``cost`` a dict with ``cost_usd`` a decimal string), which skips pydantic on the hot path;
-``wire_dict`` turns a ``RunEvent`` into that shape. ``PartitionFold.next_offset`` is the source offset up
-to which the partition is covered; the aggregator writes it with the totals in one transaction.
+Events come as the dicts the Avro decoder returns (``data`` a JSON string, ``cost_usd`` a decimal string),
+no pydantic on the hot path (``peek.wire_dict`` makes one from a ``RunEvent``). ``next_offset`` is the
+source offset up to which the partition is covered; the aggregator writes it with the totals.
 """
 
 from __future__ import annotations
@@ -25,6 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+
+from calmrun.costs.peek import COST_EVENTS, ESCALATED, SCHEDULED, agent_of, task_kind
+from calmrun.costs.topics import Key, decode_key, encode_key
 
 WINDOW_MS: dict[str, int] = {"1m": 60_000, "1h": 3_600_000, "1d": 86_400_000}
 ALL = "all"
@@ -37,9 +33,6 @@ WINDOWS_OF: dict[str, tuple[str, ...]] = {
     "step": (ALL, "1m", "1h"),
 }
 DIMENSIONS = tuple(WINDOWS_OF)
-COST_EVENTS = frozenset({"step.succeeded", "step.failed"})
-SCHEDULED = frozenset({"step.scheduled", "step.compensation_scheduled"})
-ESCALATED = "step.escalated"
 NO_MODEL = "-"
 SOURCE = "_source"
 """Dimension of the one record per partition that says which source offsets the totals cover."""
@@ -62,9 +55,6 @@ FIELDS = (
 attempt (low confidence), so ``succeeded - rejected`` attempts were accepted."""
 _ESC, _REJ, _COST = FIELDS.index("escalated"), FIELDS.index("rejected"), FIELDS.index("cost_usd")
 
-Key = tuple[str, str, str, int]
-"""(dimension, value, window, bucket start ms); the partition is the fold's own."""
-
 
 def bucket_start(at_ms: int, window: str) -> int:
     """Start of the tumbling ``window`` bucket holding ``at_ms`` (0 for ``all``)."""
@@ -78,83 +68,11 @@ def step_value(workflow: str, step: str, model: str) -> str:
     return f"{workflow}/{step}/{model}"
 
 
-def encode_key(key: Key, partition: int) -> bytes:
-    """The ``<prefix>.costs.totals`` key: JSON ``[dim, value, window, start_ms, partition]``."""
-    return json.dumps([*key, partition], separators=(",", ":")).encode()
-
-
-def decode_key(raw: bytes) -> tuple[Key, int]:
-    dim, value, window, start, partition = json.loads(raw)
-    return (str(dim), str(value), str(window), int(start)), int(partition)
-
-
 def _zero() -> list[Any]:
     v: list[Any] = [0] * len(FIELDS)
     v[_COST] = Decimal(0)
     v[-1] = v[-2] = 0.0
     return v
-
-
-def wire_dict(ev: Any) -> dict[str, Any]:
-    """A ``RunEvent`` in the shape the Avro decoder gives the fold (tests and benches fold models too)."""
-    d: dict[str, Any] = ev.model_dump()
-    d["data"] = json.dumps(d["data"])
-    if d["cost"] is not None:
-        d["cost"]["cost_usd"] = str(d["cost"]["cost_usd"])
-    return d
-
-
-def _task_kind(data: str | None) -> str:
-    """``run`` or ``compensate`` from an attempt event's JSON ``data`` (its first key, as written)."""
-    if not data or data == "{}":
-        return "run"
-    if data.startswith('{"kind":"run"'):
-        return "run"
-    if data.startswith('{"kind":"compensate"'):
-        return "compensate"
-    return str(json.loads(data).get("kind", "run"))
-
-
-FOLDED_TYPES = frozenset(t.encode() for t in (*COST_EVENTS, *SCHEDULED, ESCALATED))
-
-
-def folded_type(body: bytes, header: bytes) -> bool | None:
-    """Whether a ``RunEvent`` single object is one the fold uses, from its first fields, without decoding.
-
-    ``RunEvent``'s Avro record starts with ``run_id`` (string), ``seq`` (long), ``type`` (string).
-    Returns None when ``body`` does not start with ``header`` (another schema, or not Avro): decode it.
-    """
-    if not body.startswith(header):
-        return None
-    try:
-        n, i = _varint(body, len(header))
-        _, i = _varint(body, i + n)
-        n, i = _varint(body, i)
-    except IndexError:
-        return None
-    return body[i : i + n] in FOLDED_TYPES
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    """An Avro (zig-zag) long at ``buf[i:]``: (value, index after it)."""
-    shift = result = 0
-    while True:
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return (result >> 1) ^ -(result & 1), i
-        shift += 7
-
-
-def _agent_of(data: str | None) -> str | None:
-    """The ``agent`` of a scheduled event's JSON ``data`` (the decider writes it first)."""
-    if data and data.startswith('{"agent":"'):
-        end = data.find('"', 10)
-        if end > 10 and "\\" not in data[10:end]:
-            return data[10:end]
-    agent = json.loads(data or "{}").get("agent")
-    return agent if isinstance(agent, str) else None
 
 
 @dataclass
@@ -263,14 +181,14 @@ class PartitionFold:
             cost["queue_wait_ms"],
         ]
         step = ev["step"] or ""
-        task_kind = _task_kind(ev["data"])
+        kind = task_kind(ev["data"])
         model = cost["model"] or NO_MODEL
-        agent = cost.get("agent") or mark.agents.get(f"{task_kind}:{step}") or f"?{step}"
+        agent = cost.get("agent") or mark.agents.get(f"{kind}:{step}") or f"?{step}"
         at = ev["at_ms"]
         self._add(("run", run_id, ALL, 0), delta)
         if not mark.workflow:
             mark.workflow, mark.first_ms = ev["workflow"], at
-        if task_kind == "run":
+        if kind == "run":
             path = f"{step}/{model}"
             mark.paths[path] = mark.paths.get(path, 0) + 1
         # one sum per (workflow, agent, model, tenant, step, minute) until flush() spreads it over the
@@ -280,7 +198,7 @@ class PartitionFold:
             agent,
             model,
             ev["tenant"],
-            step if task_kind == "run" else None,
+            step if kind == "run" else None,
             at - at % 60_000,
         )
         cur = self._pending.get(combo)
@@ -339,7 +257,7 @@ class PartitionFold:
         step = ev["step"]
         if step is None:
             return
-        agent = _agent_of(ev["data"])
+        agent = agent_of(ev["data"])
         if agent is None:
             return
         kind = "run" if ev["type"] == "step.scheduled" else "compensate"

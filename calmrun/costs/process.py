@@ -1,4 +1,4 @@
-"""The aggregator in a child process (``python -m calmrun.costs.app``), for the demo, benches and tests."""
+"""The aggregator in a child process (``python -m calmrun.costs``), for the demo, benches and tests."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class AggregatorProcess:
         args = [
             sys.executable,
             "-m",
-            "calmrun.costs.app",
+            "calmrun.costs",
             "--bootstrap",
             k.bootstrap,
             "--prefix",

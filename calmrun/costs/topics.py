@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from calmrun.settings import Settings
+
+Key = tuple[str, str, str, int]
+"""A total: (dimension, value, window, bucket start ms); the source partition is added on the wire."""
 
 
 @dataclass(frozen=True)
@@ -42,3 +46,13 @@ async def ensure_cost_topics(settings: Settings) -> list[str]:
     return await create_topics(
         settings.kafka, {topics.totals: compact, topics.tenants: compact, topics.events: {}}, "costs"
     )
+
+
+def encode_key(key: Key, partition: int) -> bytes:
+    """The ``<prefix>.costs.totals`` key: JSON ``[dim, value, window, start_ms, partition]``."""
+    return json.dumps([*key, partition], separators=(",", ":")).encode()
+
+
+def decode_key(raw: bytes) -> tuple[Key, int]:
+    dim, value, window, start, partition = json.loads(raw)
+    return (str(dim), str(value), str(window), int(start)), int(partition)
