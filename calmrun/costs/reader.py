@@ -245,10 +245,10 @@ async def read_current(
         CostsNotCurrentError: ``wait`` and the totals did not cover that end within ``wait_s`` (is an
             aggregator running?).
     """
-    end = await events_end(settings)
     if not wait:
         table = await read_totals(settings)
         return table, _coverage(table, await events_end(settings))
+    end = await events_end(settings)
     table = CostTable()
     await ensure_cost_topics(settings)
     loop = asyncio.get_running_loop()
