@@ -94,6 +94,25 @@ def encode(events: list[RunEvent]) -> Raw:
     return [(partition_for(e.run_id, PARTITIONS), e.run_id.encode(), codec.encode(e)) for e in events]
 
 
+async def produce_in_transactions(bootstrap: str, pfx: str, raw: Raw, size: int) -> None:
+    """Write ``raw`` in transactions of ``size`` records, as a transactional worker does (a marker each)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        transactional_id=f"{pfx}.bench-writer",
+        linger_ms=5,
+        max_batch_size=512 * 1024,
+    )
+    await producer.start()
+    try:
+        topic = CostTopics(pfx).events
+        for i in range(0, len(raw), size):
+            async with producer.transaction():
+                for p, key, value in raw[i : i + size]:
+                    await producer.send(topic, value, key=key, partition=p)
+    finally:
+        await producer.stop()
+
+
 async def produce(bootstrap: str, pfx: str, raw: Raw) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024
@@ -117,6 +136,16 @@ async def read_raw(bootstrap: str, pfx: str) -> Raw:
         await consumer.stop()
 
 
+async def _offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        return {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
+    finally:
+        await consumer.stop()
+
+
 async def _ends(consumer: AIOKafkaConsumer, topic: str) -> int:
     tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
     return sum((await consumer.end_offsets(tps)).values())
@@ -130,12 +159,17 @@ async def _covered(admin: AIOKafkaAdminClient, group: str, topic: str) -> int:
     return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
 
 
-async def backlog(bootstrap: str, raw: Raw, log: Path) -> dict[str, float]:
-    """Copy ``raw`` into a fresh prefix, start an aggregator, time it to the end; check its coverage."""
+async def backlog(bootstrap: str, raw: Raw, log: Path, transactions: int = 0) -> dict[str, float]:
+    """Copy ``raw`` into a fresh prefix (in transactions of that many records when given), start an
+    aggregator, time it to the end; check its coverage."""
     pfx = f"bagg{uuid.uuid4().hex[:8]}"
     settings = settings_for(bootstrap, pfx)
     await ensure_cost_topics(settings)
-    await produce(bootstrap, pfx, raw)
+    if transactions:
+        await produce_in_transactions(bootstrap, pfx, raw, transactions)
+    else:
+        await produce(bootstrap, pfx, raw)
+    total = sum((await _offsets(bootstrap, CostTopics(pfx).events)).values())
     topics = CostTopics(pfx)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -149,10 +183,10 @@ async def backlog(bootstrap: str, raw: Raw, log: Path) -> dict[str, float]:
                 now = time.perf_counter()
                 if n > 0 and first is None:
                     first, cpu0 = (now, n), cpu_s(agg.pid)
-                if n >= len(raw):
+                if n >= total:
                     break
                 if now - t_start > 600:
-                    raise RuntimeError(f"aggregator did not finish in 600s ({n}/{len(raw)}); log: {log}")
+                    raise RuntimeError(f"aggregator did not finish in 600s ({n}/{total}); log: {log}")
                 await asyncio.sleep(0.02)
             assert first is not None
             span, cpu = now - first[0], cpu_s(agg.pid) - cpu0
@@ -163,8 +197,9 @@ async def backlog(bootstrap: str, raw: Raw, log: Path) -> dict[str, float]:
         await admin.close()
     return {
         "events": float(len(raw)),
-        "events_per_s": (len(raw) - first[1]) / span if span > 0 else float("inf"),
-        "events_per_cpu_s": (len(raw) - first[1]) / cpu if cpu > 0 else float("inf"),
+        # offsets include transaction markers: events are len(raw) of the total offsets
+        "events_per_s": (total - first[1]) * len(raw) / total / span if span > 0 else float("inf"),
+        "events_per_cpu_s": (total - first[1]) * len(raw) / total / cpu if cpu > 0 else float("inf"),
         "start_s": first[0] - t_start,
     }
 
@@ -238,7 +273,7 @@ async def run(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-async def _standalone(bootstrap: str, runs: int, flood_runs: int) -> None:
+async def _standalone(bootstrap: str, runs: int, flood_runs: int, transactions: int) -> None:
     if flood_runs:
         ctx = Ctx(bootstrap=bootstrap, out=Path(tempfile.mkdtemp(prefix="calmrun-costs-flood-")))
         pfx, fl = await flood(ctx, flood_runs)
@@ -258,10 +293,12 @@ async def _standalone(bootstrap: str, runs: int, flood_runs: int) -> None:
         return
     raw = encode(workload(runs, 1_750_000_000_000))
     log = Path(tempfile.mkdtemp(prefix="calmrun-costs-bench-")) / "aggregator.log"
-    r = await backlog(bootstrap, raw, log)
+    r = await backlog(bootstrap, raw, log, transactions)
     print(
         f"aggregator (aiokafka, transactions, {PARTITIONS} partitions, real broker): {len(raw)} events "
-        f"({runs} runs, synthetic mix); first batch committed {r['start_s']:.1f}s after start; "
+        f"({runs} runs, synthetic mix"
+        + (f", written in transactions of {transactions}" if transactions else "")
+        + "); first batch committed {r['start_s']:.1f}s after start; "
         f"{r['events_per_s']:,.0f} events/s from then to the end ({r['events_per_cpu_s']:,.0f} per CPU "
         f"second of the aggregator; load average {os.getloadavg()[0]:.1f}); coverage reached the topic's end"
     )
@@ -271,10 +308,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5000)
     parser.add_argument("--flood", type=int, default=0, help="instead: the flood part with this many runs")
+    parser.add_argument("--transactions", type=int, default=0, help="write the events in transactions of N")
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
     if args.bootstrap:
-        asyncio.run(_standalone(args.bootstrap, args.runs, args.flood))
+        asyncio.run(_standalone(args.bootstrap, args.runs, args.flood, args.transactions))
         return
     from calmrun.devkafka import DevKafka
     from calmrun.localproc import free_port
@@ -282,7 +320,7 @@ def main() -> None:
     kafka = DevKafka(data_dir=Path(tempfile.mkdtemp(prefix="calmrun-costs-kafka-")), port=free_port())
     kafka.start()
     try:
-        asyncio.run(_standalone(kafka.bootstrap, args.runs, args.flood))
+        asyncio.run(_standalone(kafka.bootstrap, args.runs, args.flood, args.transactions))
     finally:
         kafka.stop()
 
