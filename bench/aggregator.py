@@ -298,7 +298,7 @@ async def _standalone(bootstrap: str, runs: int, flood_runs: int, transactions: 
         f"aggregator (aiokafka, transactions, {PARTITIONS} partitions, real broker): {len(raw)} events "
         f"({runs} runs, synthetic mix"
         + (f", written in transactions of {transactions}" if transactions else "")
-        + "); first batch committed {r['start_s']:.1f}s after start; "
+        + f"); first batch committed {r['start_s']:.1f}s after start; "
         f"{r['events_per_s']:,.0f} events/s from then to the end ({r['events_per_cpu_s']:,.0f} per CPU "
         f"second of the aggregator; load average {os.getloadavg()[0]:.1f}); coverage reached the topic's end"
     )
