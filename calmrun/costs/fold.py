@@ -2,9 +2,9 @@
 
 Totals per run, workflow, agent, model alias, tenant and step (``workflow/step/alias``), over all time and
 in epoch-aligned tumbling windows of the event's time (1m, 1h; tenants also 1d), old buckets deleted after
-their retention. Each ``(run_id, seq)`` counts once, the first copy in offset order: a run's events are
-appended in seq order to one partition, so a copy is an event whose seq is not above the highest counted
-for its run (``hw``). ``seq <= 0`` (``input.ignored``) and types the fold does not use are skipped.
+their retention. Each ``(run_id, seq)`` counts once, the first copy in offset order (a worker crash
+re-sends copies, possibly with other tokens): each run keeps the seqs it counted. ``seq <= 0``
+(``input.ignored``) and types the fold does not use are skipped.
 
 Events come as the dicts the Avro decoder returns (``data`` a JSON string, ``cost_usd`` a decimal string),
 no pydantic on the hot path (``peek.wire_dict`` makes one from a ``RunEvent``). ``next_offset`` is the
@@ -77,9 +77,9 @@ def _zero() -> list[Any]:
 
 @dataclass
 class RunMark:
-    """Per run: the highest seq counted and the agent of each scheduled step (``kind:step``)."""
+    """Per run: the seqs counted, the agent of each scheduled step (``kind:step``), its workflow and path."""
 
-    hw: int = 0
+    seqs: set[int] = field(default_factory=set)
     agents: dict[str, str] = field(default_factory=dict)
     workflow: str = ""
     first_ms: int = 0
@@ -89,7 +89,7 @@ class RunMark:
 
 def _mark_fields(mark: RunMark) -> dict[str, Any]:
     return {
-        "hw": mark.hw,
+        "seqs": sorted(mark.seqs),
         "agents": mark.agents,
         "workflow": mark.workflow,
         "first_ms": mark.first_ms,
@@ -160,10 +160,10 @@ class PartitionFold:
     def _attempt(self, ev: Mapping[str, Any], cost: Mapping[str, Any], seq: int) -> bool:
         run_id = ev["run_id"]
         mark = self._mark(run_id)
-        if seq <= mark.hw:
+        if seq in mark.seqs:
             self.duplicates += 1
             return False
-        mark.hw = seq
+        mark.seqs.add(seq)
         self._dirty_runs.add(run_id)
         ok = ev["type"] == "step.succeeded"
         delta: list[Any] = [
@@ -225,10 +225,10 @@ class PartitionFold:
 
     def _escalation(self, ev: Mapping[str, Any], seq: int) -> None:
         mark = self._mark(ev["run_id"])
-        if seq <= mark.hw:
+        if seq in mark.seqs:
             self.duplicates += 1
             return
-        mark.hw = seq
+        mark.seqs.add(seq)
         self._dirty_runs.add(ev["run_id"])
         data = json.loads(ev["data"] or "{}")
         delta = _zero()
@@ -374,9 +374,9 @@ class PartitionFold:
             self.counted, self.duplicates = int(v["counted"]), int(v["duplicates"])
             self.repairs = int(v["repairs"])
             return
-        if k[0] == "run" and "hw" in v:
+        if k[0] == "run" and "seqs" in v:
             self.runs[k[1]] = RunMark(
-                int(v["hw"]),
+                set(v["seqs"]),
                 dict(v.get("agents") or {}),
                 str(v.get("workflow") or ""),
                 int(v.get("first_ms") or 0),
