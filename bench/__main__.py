@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import floor, memory, replay, status, ui, workflow
+from bench import aggregator, floor, memory, replay, status, ui, workflow
 from bench.common import ROOT, Ctx, loadavg
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.localproc import free_port
@@ -34,6 +34,7 @@ WORKLOADS: dict[str, Workload] = {
     "memory": memory.run,
     "status": status.run,
     "ui": ui.run,
+    "aggregator": aggregator.run,
 }
 
 

@@ -3,11 +3,11 @@ and a read-only viewer need, and applying them with CreateAcls.
 
 Everything calmrun names under a prefix ``P`` is covered by prefixed ACLs:
 
-- topics ``P.`` (requests, steps, state, events, DLQs, cost totals) and, for the cost aggregator, its own
-  faust topics ``<app_id>-`` (the table changelog, faust's assignor topic);
+- topics ``P.`` (requests, steps, state, events, DLQs, cost totals);
 - consumer groups: the workers' ``<group_id>`` (default ``P.workers``) and the aggregator's ``<app_id>``
   (default ``P-costs``); the CLI, replay and the cost readers assign partitions and use no group;
-- transactional IDs ``<group_id>.tx.`` (the worker's producers, one per partition).
+- transactional IDs ``<group_id>.tx.`` (the worker's producers, one per partition) and ``P.costs.tx.``
+  (the cost aggregator's).
 
 The ACLs never use a bare prefix ``P`` without its ``.``: team ``a`` must not match team ``ab``.
 """
@@ -92,8 +92,8 @@ def acls_for(settings: Settings, principal: str, role: Role) -> list[Acl]:
         add("transactional_id", "prefixed", f"{group}.tx.", "Write", "Describe")
     elif role == "costs":
         add("topic", "prefixed", topics, "Read", "Write", "Describe", "Create")
-        add("topic", "prefixed", f"{app_id}-", "Read", "Write", "Describe", "Create")
         add("group", "literal", app_id, "Read", "Describe")
+        add("transactional_id", "prefixed", f"{prefix}.costs.tx.", "Write", "Describe")
     elif role == "operator":
         add("topic", "prefixed", topics, "Read", "Write", "Describe", "Create")
     elif role == "ui":  # calmrun ui: reads the topics, redrives (writes requests), describes both groups' lag

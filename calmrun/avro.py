@@ -72,6 +72,10 @@ class AvroCodec:
     def names(self) -> list[str]:
         return sorted(self._by_name)
 
+    def header(self, name: str) -> bytes:
+        """The 10 bytes every single object of schema ``name`` starts with (marker and fingerprint)."""
+        return self._by_name[name][1]
+
     def schema(self, name: str) -> Any:
         """The parsed schema registered under ``name``."""
         return self._by_name[name][0]

@@ -23,7 +23,7 @@ from rich.table import Table
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings, run_command
 from calmrun.client import Client, summarize
-from calmrun.costs.cli import aggregator, costs, step_costs
+from calmrun.costs.cli import aggregator, costs_app, step_costs
 from calmrun.errors import CalmrunError
 from calmrun.replay.cli import replay_app, snapshot
 from calmrun.streams.topics import ensure_topics
@@ -41,7 +41,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(check_app, name="check")
 app.add_typer(replay_app, name="replay")
 app.command("snapshot")(snapshot)
-app.command("costs")(costs)
+app.add_typer(costs_app, name="costs")
 app.command("costs-aggregator")(aggregator)
 out = Console()
 err = Console(stderr=True)

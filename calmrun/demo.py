@@ -24,8 +24,8 @@ from pathlib import Path
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.cli import out, print_runs, print_status
 from calmrun.client import Client, summarize
-from calmrun.costs.aggregator import AggregatorProcess
 from calmrun.costs.cli import batch_costs, print_costs
+from calmrun.costs.process import AggregatorProcess
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.gctune import settle_heap
 from calmrun.localproc import free_port

@@ -324,3 +324,22 @@ class PoisonStormError(WorkerError):
         )
         self.count = count
         self.last_error = last_error
+
+
+class CostsNotCurrentError(CalmrunError):
+    """The cost totals did not cover the events topic's end in time (is a cost aggregator running?).
+
+    Attributes:
+        prefix: the topic prefix.
+        lag: events not yet folded when the wait ended.
+        wait_s: how long it waited.
+    """
+
+    retriable: ClassVar[bool] = True
+
+    def __init__(self, *, prefix: str, lag: int, wait_s: float) -> None:
+        super().__init__(
+            f"the cost totals of {prefix!r} are still {lag} events behind after {wait_s:g}s "
+            "(start one with `calmrun costs-aggregator`)"
+        )
+        self.prefix, self.lag, self.wait_s = prefix, lag, wait_s

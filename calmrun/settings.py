@@ -245,22 +245,18 @@ class BudgetSettings(_Frozen):
 
 
 class CostSettings(_Frozen):
-    """The cost aggregator (``calmrun costs-aggregator``): its group, cadence and window retention."""
+    """The cost aggregator (``calmrun costs-aggregator``): its group, batches and window retention."""
 
-    app_id: str | None = Field(None, description="faust app id and consumer group; default '<prefix>-costs'")
+    app_id: str | None = Field(None, description="the aggregator's consumer group; default '<prefix>-costs'")
     emit_interval_s: float = Field(
-        0.5, gt=0, description="how often changed totals are written to <prefix>.costs.totals"
+        0.2, gt=0, description="longest wait for events before a batch (and its transaction) is written"
     )
+    max_batch: int = Field(20_000, ge=1, description="most events folded into one transaction")
     retention_s: dict[Window, int] = Field(
         default_factory=lambda: {"1m": 6 * 3600, "1h": 7 * 86400, "1d": 90 * 86400},  # type: ignore[arg-type]
         description="how long the buckets of each window are kept (seconds)",
     )
-    data_dir: Path | None = Field(None, description="faust data directory; default a temporary one")
-    commit_interval_s: float = Field(2.8, gt=0, description="offset commit cadence (faust's)")
     session_timeout_s: float = Field(10.0, ge=6, description="consumer group session timeout")
-    producer_buffer: int = Field(
-        10_000, ge=100, description="table writes that may wait to be produced before the stream is throttled"
-    )
 
 
 UiRole = Literal["viewer", "operator"]

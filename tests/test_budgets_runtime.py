@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.client import Client
-from calmrun.costs.aggregator import AggregatorProcess
+from calmrun.costs.process import AggregatorProcess
 from calmrun.errors import InvalidOutputError
 from calmrun.settings import load_settings
 from calmrun.workflow.definition import parse_workflow

@@ -19,9 +19,9 @@ from pydantic_ai.usage import RunUsage
 
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.client import Client
-from calmrun.costs.aggregator import AggregatorProcess
+from calmrun.costs.cli import batch_costs
 from calmrun.costs.metrics import WorkerMetrics
-from calmrun.costs.totals import fold_locally, read_events, wait_totals
+from calmrun.costs.process import AggregatorProcess
 from calmrun.localproc import free_port
 from calmrun.settings import Settings, load_settings
 from calmrun.streams.worker import Worker
@@ -127,7 +127,7 @@ async def test_prometheus_sees_the_table_totals(broker: str, prefix: str, tmp_pa
             ) * attempts
 
             with AggregatorProcess(settings, log=tmp_path / "agg.log"):
-                table = await wait_totals(settings, fold_locally(await read_events(settings)), wait_s=90)
+                table = await batch_costs(settings, wait_s=90)
             row = table.row("workflow", "priced")
             assert (row.attempts, row.tokens_in, row.tokens_out, row.api_calls) == (
                 attempts,

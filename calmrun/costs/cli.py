@@ -1,6 +1,6 @@
-"""``calmrun costs`` (the cost table from the aggregator's output) and ``calmrun costs-aggregator``.
+"""``calmrun costs`` (the cost table, how current it is, ``forecast``) and ``calmrun costs-aggregator``.
 
-The lead's ``calmrun/cli.py`` registers them: ``app.command("costs")(costs)`` and
+``calmrun/cli.py`` registers them: ``app.add_typer(costs_app, name="costs")`` and
 ``app.command("costs-aggregator")(aggregator)``.
 """
 
@@ -13,28 +13,20 @@ import re
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from calmrun.cli_common import BootstrapOpt, ConfigOpt, PrefixOpt, cli_settings, run_command
-from calmrun.costs.aggregator import ALL, CostTopics, ensure_cost_topics
-from calmrun.costs.totals import (
-    CompactedTail,
-    CostRow,
-    CostTable,
-    fold_locally,
-    read_events,
-    read_totals,
-    wait_totals,
-)
+from calmrun.costs.fold import ALL
+from calmrun.costs.reader import CompactedTail, CostRow, CostTable, Coverage, events_end, read_current
+from calmrun.costs.topics import CostTopics, ensure_cost_topics
 from calmrun.settings import Settings
 from calmrun.workflow.events import RunEvent
 
-By = Literal["run", "workflow", "agent", "model", "tenant"]
+By = Literal["run", "workflow", "agent", "model", "tenant", "step"]
 WindowOpt = Literal["1m", "1h", "all"]
 err = Console(stderr=True)
 
@@ -69,6 +61,7 @@ def cost_table(rows: list[CostRow], by: str, window: str) -> Table:
         "attempts",
         "ok",
         "failed",
+        *(["escalated"] if by == "step" else []),
         "tokens in",
         "tokens out",
         "api calls",
@@ -83,20 +76,21 @@ def cost_table(rows: list[CostRow], by: str, window: str) -> Table:
         cells = [r.value]
         if window != ALL:
             cells.append(_bucket(r.start_ms))
-        table.add_row(*cells, *_cells(r))
+        table.add_row(*cells, *_cells(r, by))
         total.add({**r.as_json(), "cost_usd": str(r.cost_usd)})
     cells = ["[bold]total[/bold]"] + ([""] if window != ALL else [])
-    table.add_row(*cells, *_cells(total))
+    table.add_row(*cells, *_cells(total, by))
     return table
 
 
-def _cells(r: CostRow) -> list[str]:
+def _cells(r: CostRow, by: str) -> list[str]:
     avg = r.latency_ms / r.attempts if r.attempts else 0.0
     wait = r.queue_wait_ms / r.attempts if r.attempts else 0.0
     return [
         str(r.attempts),
         str(r.succeeded),
         str(r.failed),
+        *([str(r.escalated)] if by == "step" else []),
         str(r.tokens_in),
         str(r.tokens_out),
         str(r.api_calls),
@@ -112,46 +106,70 @@ async def batch_costs(settings: Settings, wait_s: float = 120.0) -> CostTable:
     The aggregator must be running (``costs-aggregator``, or ``AggregatorProcess`` in a demo).
 
     Raises:
-        AssertionError: the totals did not catch up within ``wait_s``.
+        CostsNotCurrentError: the totals did not cover the events within ``wait_s``.
     """
-    return await wait_totals(settings, fold_locally(await read_events(settings)), wait_s)
+    table, _ = await read_current(settings, wait=True, wait_s=wait_s)
+    return table
 
 
 def print_costs(table: CostTable, by: str = "workflow", window: str = ALL) -> None:
     """Print the cost table of one dimension (what ``calmrun costs --by BY --window WINDOW`` prints)."""
-    _print(table.rows(by, window), by, window, as_json=False)
+    _print(table.rows(by, window), by, window, None, as_json=False)
 
 
-def _print(rows: list[CostRow], by: str, window: str, as_json: bool) -> None:
+def coverage_line(cov: Coverage) -> str:
+    parts = " ".join(f"p{p}:{cov.covered.get(p, 0)}/{e}" for p, e in sorted(cov.end.items()))
+    return f"covers events offsets (covered/end) {parts}; lag {cov.lag} events"
+
+
+def _print(rows: list[CostRow], by: str, window: str, cov: Coverage | None, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"by": by, "window": window, "rows": [r.as_json() for r in rows]}))
-    else:
-        Console().print(cost_table(rows, by, window))  # per call: honours COLUMNS
+        body: dict[str, Any] = {"by": by, "window": window, "rows": [r.as_json() for r in rows]}
+        if cov is not None:
+            body["coverage"] = cov.as_json()
+        print(json.dumps(body))
+        return
+    console = Console()  # per call: honours COLUMNS
+    console.print(cost_table(rows, by, window))
+    if cov is not None:
+        console.print(coverage_line(cov))
 
 
+costs_app = typer.Typer(help="The cost table from the aggregator's totals, and forecasts.")
+
+
+@costs_app.callback(invoke_without_command=True)
 def costs(
+    ctx: typer.Context,
     by: Annotated[
-        By, typer.Option("--by", help="Dimension: run, workflow, agent, model or tenant.")
+        By, typer.Option("--by", help="Dimension: run, workflow, agent, model, tenant or step.")
     ] = "workflow",
     window: Annotated[WindowOpt, typer.Option("--window", help="1m, 1h (tumbling buckets) or all.")] = "all",
     since: Annotated[
         str | None, typer.Option("--since", help="Only buckets from then on: 30m, 2h, 1d or an ISO time.")
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing as totals change.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="First wait until the totals cover the events topic's end now.")
+    ] = False,
+    wait_s: Annotated[float, typer.Option("--wait-s", help="How long --wait waits.")] = 120.0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
 ) -> None:
-    """Cost per run, workflow, agent, model or tenant, from the aggregator's totals (``costs-aggregator``).
+    """Cost per run, workflow, agent, model, tenant or step (workflow/step/alias), from the aggregator.
 
-    Figures lag the events by the aggregator's lag (usually about a second).
+    Below the table: the events offsets the totals cover per partition, and the lag (events not yet in
+    them). ``--wait`` first waits until they cover the events topic's end as of the call.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     settings = cli_settings(config, bootstrap, prefix)
     since_ms = parse_since(since, time.time_ns() // 1_000_000)
     if not follow:
-        table = run_command(read_totals(settings))
-        _print(table.rows(by, window, since_ms), by, window, as_json)
+        table, cov = run_command(read_current(settings, wait=wait, wait_s=wait_s))
+        _print(table.rows(by, window, since_ms), by, window, cov, as_json)
         return
     with contextlib.suppress(KeyboardInterrupt):
         run_command(_follow(settings, by, window, since_ms, as_json))
@@ -166,7 +184,9 @@ async def _follow(settings: Settings, by: str, window: str, since_ms: int | None
         while True:
             if tail.records != shown:
                 shown = tail.records
-                _print(table.rows(by, window, since_ms), by, window, as_json)
+                end = await events_end(settings)
+                cov = Coverage({p: table.covered.get(p, 0) for p in end}, end)
+                _print(table.rows(by, window, since_ms), by, window, cov, as_json)
             await asyncio.sleep(1.0)
 
 
@@ -174,14 +194,19 @@ def aggregator(
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
-    data_dir: Annotated[Path | None, typer.Option(help="faust data directory.")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve /metrics here (default metrics.port; 0: off).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
 ) -> None:
-    """Run the cost aggregator (a faust app over <prefix>.runs.events) until SIGINT/SIGTERM."""
-    from calmrun.costs.aggregator import run_aggregator
+    """Run the cost aggregator over <prefix>.runs.events (one transaction per batch) until SIGTERM."""
+    import logging
 
+    from calmrun.costs.__main__ import run_aggregator
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     settings = cli_settings(config, bootstrap, prefix)
-    run_aggregator(settings, loglevel=log_level.lower(), data_dir=data_dir)
+    run_aggregator(settings, metrics_port=metrics_port)
 
 
 def step_costs(events: list[RunEvent]) -> dict[str, CostRow]:
@@ -211,3 +236,50 @@ def step_costs(events: list[RunEvent]) -> dict[str, CostRow]:
             }
         )
     return rows
+
+
+@costs_app.command("forecast")
+def forecast_cmd(
+    workflow: Annotated[str, typer.Option("--workflow", "-w", help="The workflow to forecast.")],
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only runs that started then or later: 30m, 2h, 1d, ISO.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Expected cost per run of a workflow, with a range, from its observed runs and their paths.
+
+    Expected: the mean cost of the runs in the table; range: their 10th and 90th percentile (and min, max).
+    Below: each step/alias the runs took, the share of runs that took it, attempts per such run and what it
+    adds to the expected cost (compensations are in the run's cost but on no path).
+    """
+    from calmrun.costs.planner import forecast
+
+    settings = cli_settings(config, bootstrap, prefix)
+    since_ms = parse_since(since, time.time_ns() // 1_000_000)
+    table, cov = run_command(read_current(settings))
+    f = forecast(table, workflow, since_ms)
+    if as_json:
+        print(json.dumps({**f.as_json(), "coverage": cov.as_json()}))
+        return
+    console = Console()
+    if not f.runs:
+        console.print(
+            f"no priced runs of {workflow!r} in the cost table" + (f" since {since}" if since else "")
+        )
+        console.print(coverage_line(cov))
+        raise typer.Exit(1)
+    console.print(
+        f"[bold]{workflow}[/bold]: expected ${f.expected:.6f} per run "
+        f"(p10 ${f.low:.6f}, p90 ${f.high:.6f}; min ${f.cheapest:.6f}, max ${f.dearest:.6f}) "
+        f"from {f.runs} runs"
+    )
+    table_out = Table(
+        "step/alias", "share of runs", "attempts per run on it", "adds $ per run", title="paths"
+    )
+    for p in f.paths:
+        table_out.add_row(p.path, f"{p.share:.1%}", f"{p.attempts_per_run:.2f}", f"{p.cost_per_run:.6f}")
+    console.print(table_out)
+    console.print(coverage_line(cov))

@@ -32,8 +32,9 @@ from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.connect import AUTHORIZATION_ERRORS, start_error
 from calmrun.costs.metrics import WorkerMetrics
+from calmrun.costs.planner import StepStats
 from calmrun.costs.pricing import Pricing
-from calmrun.costs.totals import TenantSpend
+from calmrun.costs.spend import TenantSpend
 from calmrun.errors import WorkerError
 from calmrun.gctune import settle_heap
 from calmrun.limits import check_workflow
@@ -101,6 +102,9 @@ class Worker:
         self.redactor = Redactor(settings.redact)
         # tenant budgets need each tenant's spend in its window, from the cost aggregator's output
         self.tenant_spend = TenantSpend(settings) if settings.budgets.tenants else None
+        # steps with `choose` start on a rung picked from the cost table's figures, stamped on the request
+        choosing = any(sd.choose for wf in self.workflows.values() for sd in wf.steps)
+        self.step_stats = StepStats(settings) if choosing else None
         self.n = settings.kafka.partitions
         self._offsets = OffsetTracker()
         self._gate = Gate(settings.worker.max_unacked)
@@ -214,6 +218,8 @@ class Worker:
             await self.metrics.start(self)
         if self.tenant_spend is not None:
             await self.tenant_spend.start()
+        if self.step_stats is not None:
+            await self.step_stats.start()
         self._loops = [
             asyncio.create_task(self._guarded(self.intake.run(self._gate.room)), name="calmrun-poll"),
             asyncio.create_task(self._guarded(self._timer_loop()), name="calmrun-timer"),
@@ -245,6 +251,8 @@ class Worker:
             await self.metrics.stop()
         if self.tenant_spend is not None:
             await self.tenant_spend.stop()
+        if self.step_stats is not None:
+            await self.step_stats.stop()
         await self._close_clients()
 
     async def _close_clients(self) -> None:
@@ -383,12 +391,12 @@ class Worker:
     def request_input(self, run_id: str, wf: WorkflowDef, body: RunRequest, at_ms: int) -> RunRequested:
         """The decider's input for a request, stamped with the tenant's spend when it has a budget."""
         budget = self.settings.budgets.tenants.get(body.tenant)
-        if (
-            budget is None
-            or self.tenant_spend is None
-            or run_id in self.parts.runs.get(partition_for(run_id, self.n), ())
-        ):
-            return RunRequested(run_id, wf.name, body.input, at_ms, body.tenant, budget_usd=body.budget_usd)
+        known = run_id in self.parts.runs.get(partition_for(run_id, self.n), ())
+        stats = self.step_stats.figures(wf, at_ms) if self.step_stats is not None and not known else None
+        if budget is None or self.tenant_spend is None or known:
+            return RunRequested(
+                run_id, wf.name, body.input, at_ms, body.tenant, budget_usd=body.budget_usd, model_stats=stats
+            )
         return RunRequested(
             run_id,
             wf.name,
@@ -399,4 +407,5 @@ class Worker:
             tenant_budget_usd=budget.usd,
             tenant_spent_usd=self.tenant_spend.spent(body.tenant, budget.window, at_ms),
             tenant_window=budget.window,
+            model_stats=stats,
         )

@@ -23,8 +23,10 @@ from aiohttp import web
 
 from calmrun.client import Client
 from calmrun.codec import RecordCodec, wire_models
-from calmrun.costs.aggregator import ALL, CostTopics
-from calmrun.costs.totals import CompactedTail, CostTable, TenantSpend
+from calmrun.costs.fold import ALL
+from calmrun.costs.reader import CompactedTail, CostTable
+from calmrun.costs.spend import TenantSpend
+from calmrun.costs.topics import CostTopics
 from calmrun.errors import CalmrunError, ReplayError
 from calmrun.replay.recorded import pick_definition, replay_recorded
 from calmrun.replay.snapshot import Snapshot

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from calmrun.errors import ErrorKind, InputMappingError
-from calmrun.workflow.definition import END, WorkflowDef, lookup, targets
+from calmrun.workflow.definition import END, StepDef, WorkflowDef, lookup, targets
 from calmrun.workflow.events import (
     DeciderInput,
     EventType,
@@ -91,6 +91,7 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
                 },
             )
             return b.finish()
+        b.choose_rungs(event.model_stats or {})
         b.goto(targets(wf.first))
         return b.finish()
     if state is None:
@@ -116,7 +117,24 @@ def _request_data(event: RunRequested) -> dict[str, Any]:
             data[name] = str(value)
     if event.tenant_window is not None:
         data["tenant_window"] = event.tenant_window
+    if event.model_stats is not None:
+        data["model_stats"] = event.model_stats
     return data
+
+
+def choose_rung(sd: StepDef, figures: dict[str, dict[str, Any]]) -> tuple[int, str]:
+    """The starting rung of a step with ``choose`` from the figures stamped on the request, and why."""
+    assert sd.choose is not None
+    rule = sd.choose.cheapest_meeting
+    for i, alias in enumerate(sd.models):
+        f = figures.get(alias) or {}
+        attempts, accepted = int(f.get("attempts", 0)), int(f.get("accepted", 0))
+        if attempts < rule.min_attempts:
+            return i, f"{alias}: {attempts} attempts in the window, fewer than {rule.min_attempts}"
+        rate = accepted / attempts
+        if rate >= rule.success_rate:
+            return i, f"{alias}: success rate {rate:.3f} over {attempts} attempts meets {rule.success_rate}"
+    return 0, f"no alias meets success rate {rule.success_rate}: the ladder from its first rung"
 
 
 def backoff_ms(wf: WorkflowDef, run_id: str, step: str, attempt: int, retry_base: int) -> int:
@@ -405,6 +423,20 @@ class _Builder:
         self.emit("run.routed", name, data={"to": chosen, "by": by})
         self.goto(chosen)
 
+    def choose_rungs(self, stats: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """Pick each ``choose`` step's starting rung now, from the figures on the request (one event each)."""
+        for sd in self.wf.steps:
+            if sd.choose is None:
+                continue
+            figures = stats.get(sd.name) or {}
+            rung, why = choose_rung(sd, figures)
+            self.s.start_rungs[sd.name] = rung
+            self.emit(
+                "step.model_chosen",
+                sd.name,
+                data={"model": sd.models[rung], "rung": rung, "why": why, "figures": figures},
+            )
+
     def goto(self, chosen: list[str]) -> None:
         for t in chosen:
             if t.startswith(END):
@@ -419,7 +451,8 @@ class _Builder:
         sd = self.wf.step(name)
         if any(n not in s.steps or s.steps[n].status != "succeeded" for n in sd.needs):
             return
-        s.steps[name] = StepState(status="scheduled", model=sd.ladder[0])
+        rung = s.start_rungs.get(name, 0)
+        s.steps[name] = StepState(status="scheduled", model=sd.ladder[rung], model_index=rung)
         self._copied.add(name)
         self._issue(name, "run")
 

@@ -100,6 +100,25 @@ class Branch(_Def):
     goto: Target
 
 
+class CheapestMeeting(_Def):
+    """Start on the first alias of the ladder (cheapest first) whose observed success rate meets a target.
+
+    Walking the ladder: an alias with fewer than ``min_attempts`` attempts in the window is chosen (the
+    ladder learns there); one meeting ``success_rate`` is chosen; one below it is passed over. When every
+    alias was passed over, the step starts on the first rung, as a plain ladder does.
+    """
+
+    success_rate: float = Field(ge=0, le=1, description="accepted attempts / attempts, over the window")
+    min_attempts: int = Field(20, ge=1, description="fewer attempts than this in the window: not known yet")
+    window_s: int = Field(3600, ge=60, le=6 * 3600, description="how far back the figures reach (1m buckets)")
+
+
+class Choose(_Def):
+    """How a step with a model ladder picks its starting rung from the cost table's figures."""
+
+    cheapest_meeting: CheapestMeeting
+
+
 class StepDef(_Def):
     """One step: which agent runs it, on which input, how it is retried, and where the run goes next."""
 
@@ -129,6 +148,9 @@ class StepDef(_Def):
     min_confidence: float | None = None
     estimated_cost_usd: Decimal = Field(
         Decimal(0), ge=0, description="what an attempt may cost: the budget check stops a run before it"
+    )
+    choose: Choose | None = Field(
+        None, description="pick the starting rung of `models` from observed success rates (the planner)"
     )
 
     @property
@@ -186,6 +208,8 @@ class WorkflowDef(_Def):
             for n in s.needs:
                 if n not in known:
                     raise ValueError(f"step {s.name!r} needs unknown step {n!r}")
+            if s.choose is not None and len(s.models) < 2:
+                raise ValueError(f"step {s.name!r}: choose picks a rung of `models`, which needs two or more")
             for arg, path in (s.input or {}).items():
                 head, _, rest = path.partition(".")
                 if head == "steps":

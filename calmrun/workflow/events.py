@@ -75,6 +75,7 @@ EventType = Literal[
     "step.compensation_failed",
     "step.cancelled",
     "step.escalated",
+    "step.model_chosen",
     "run.over_budget",
     "run.refused",
     # logged, never applied
@@ -139,6 +140,9 @@ class RunRequested:
     tenant_budget_usd: Decimal | None = None
     tenant_spent_usd: Decimal | None = None
     tenant_window: str | None = None
+    model_stats: dict[str, dict[str, dict[str, Any]]] | None = None
+    """Stamped by the worker for steps with ``choose``: step -> alias -> observed figures
+    (``attempts``, ``accepted``, ``cost_usd``, ``latency_ms``, ``window_s``) from the cost table."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
                     tenant_budget_usd=_dec(d, "tenant_budget_usd"),
                     tenant_spent_usd=_dec(d, "tenant_spent_usd"),
                     tenant_window=d.get("tenant_window"),
+                    model_stats=d.get("model_stats"),
                 )
             )
         elif ev.type in ("step.succeeded", "step.failed"):

@@ -66,6 +66,9 @@ class RunState(BaseModel):
     error: str | None = None
     budget_usd: Decimal | None = None
     spent_usd: Decimal = Field(Decimal(0), description="money of every recorded attempt of this run")
+    start_rungs: dict[str, int] = Field(
+        default_factory=dict, description="step -> ladder rung chosen at the request (steps with choose)"
+    )
 
     def next_due_ms(self) -> int | None:
         """Earliest time at which a timer must wake this run (a deadline or a retry), if any."""

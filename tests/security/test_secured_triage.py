@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.cli import app
 from calmrun.client import Client
-from calmrun.costs.aggregator import AggregatorProcess
 from calmrun.costs.cli import batch_costs
+from calmrun.costs.process import AggregatorProcess
 from calmrun.devkafka import DevKafka
 from calmrun.settings import load_settings
 from calmrun.streams.topics import INVALID

@@ -27,8 +27,8 @@ from playwright import async_api as playwright_api
 
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.client import Client
-from calmrun.costs.aggregator import AggregatorProcess
 from calmrun.costs.cli import batch_costs
+from calmrun.costs.process import AggregatorProcess
 from calmrun.settings import Settings, load_settings
 from calmrun.workflow.definition import load_workflow
 from calmrun.workflow.events import RunRequest

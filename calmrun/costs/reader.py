@@ -1,0 +1,273 @@
+"""Reading the aggregator's output: ``<prefix>.costs.totals`` as a table, with how current it is.
+
+The topic is compacted and keyed per source partition (each partition of the events topic has its own
+partial sums and one coverage record, ``_source``, saying up to which offset it is folded); readers add the
+partitions up. The aggregator writes a partition's totals and coverage in one Kafka transaction per batch,
+so a reader (``read_committed``) sees totals that are exactly the fold of the events below the coverage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from calmrun.connect import client_kwargs
+from calmrun.costs.fold import ALL, FIELDS, SOURCE, bucket_start
+from calmrun.costs.topics import CostTopics, ensure_cost_topics
+from calmrun.errors import CostsNotCurrentError
+from calmrun.settings import Settings
+from calmrun.streams.topics import start_client
+
+
+class CompactedTail:
+    """Reads every partition of a topic from the beginning (committed records only) and keeps following it.
+
+    Args:
+        settings: where the broker is and how many partitions calmrun topics have.
+        topic: the topic to read.
+        apply: called with (key, value) for every record in offset order per partition (value None: deleted).
+    """
+
+    def __init__(self, settings: Settings, topic: str, apply: Callable[[bytes, bytes | None], None]) -> None:
+        self.settings, self.topic, self.apply = settings, topic, apply
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
+        self.records = 0
+
+    async def start(self) -> None:
+        """Assign all partitions, read from the beginning; ``caught_up()`` tells when the end seen at start
+        was reached.
+
+        Raises:
+            BrokerUnavailableError: no broker answers.
+        """
+        k = self.settings.kafka
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=k.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            client_id=f"{k.client_id}-costs-reader",
+            **client_kwargs(k),
+        )
+        await start_client(self._consumer, k)
+        tps = [TopicPartition(self.topic, p) for p in range(k.partitions)]
+        self._consumer.assign(tps)
+        start = await self._consumer.beginning_offsets(tps)
+        for tp in tps:
+            self._consumer.seek(tp, start[tp])
+        end = await self._consumer.end_offsets(tps)
+        self._task = asyncio.create_task(self._run(end))
+
+    async def _run(self, end: dict[TopicPartition, int]) -> None:
+        assert self._consumer is not None
+        pending = {tp for tp, off in end.items() if off > 0}
+        if not pending:
+            self._caught_up.set()
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200, max_records=5000)
+            for records in batch.values():
+                for rec in records:
+                    self.records += 1
+                    self.apply(rec.key or b"", rec.value)
+            if pending:
+                for tp in list(pending):
+                    if await self._consumer.position(tp) >= end[tp]:
+                        pending.discard(tp)
+                if not pending:
+                    self._caught_up.set()
+
+    async def caught_up(self, wait_s: float = 30.0) -> None:
+        """Wait until everything present at ``start()`` has been applied."""
+        await asyncio.wait_for(self._caught_up.wait(), wait_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def __aenter__(self) -> CompactedTail:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+@dataclass
+class CostRow:
+    """One line of the cost table: a dimension value in one window bucket, summed over partitions."""
+
+    dim: str
+    value: str
+    window: str
+    start_ms: int
+    attempts: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    escalated: int = 0
+    rejected: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    requests: int = 0
+    api_calls: int = 0
+    cost_usd: Decimal = Decimal(0)
+    latency_ms: float = 0.0
+    queue_wait_ms: float = 0.0
+
+    def add(self, v: dict[str, Any]) -> None:
+        for f in FIELDS:
+            if f == "cost_usd":
+                self.cost_usd += Decimal(v.get(f, "0"))
+            else:
+                setattr(self, f, getattr(self, f) + v.get(f, 0))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "value": self.value,
+            "window": self.window,
+            "start_ms": self.start_ms,
+            **{f: (str(self.cost_usd) if f == "cost_usd" else getattr(self, f)) for f in FIELDS},
+        }
+
+
+@dataclass
+class CostTable:
+    """The latest totals record per key, the rows they add up to, and the source offsets they cover."""
+
+    records: dict[bytes, dict[str, Any]] = field(default_factory=dict)
+    covered: dict[int, int] = field(default_factory=dict)
+    """Source partition -> offset below which every event is folded into these totals."""
+    repairs: dict[int, int] = field(default_factory=dict)
+
+    def apply(self, key: bytes, value: bytes | None) -> None:
+        if value is None:
+            self.records.pop(key, None)
+            return
+        v = json.loads(value)
+        if v.get("dim") == SOURCE:
+            self.covered[int(v["partition"])] = int(v["next_offset"])
+            self.repairs[int(v["partition"])] = int(v["repairs"])
+        else:
+            self.records[key] = v
+
+    def rows(self, by: str | None = None, window: str = ALL, since_ms: int | None = None) -> list[CostRow]:
+        """Rows of dimension ``by`` (all dimensions when None) in ``window``; buckets from ``since_ms`` on."""
+        out: dict[tuple[str, str, str, int], CostRow] = {}
+        for v in self.records.values():
+            if (by is not None and v["dim"] != by) or v["window"] != window:
+                continue
+            if not (v.get("attempts") or v.get("escalated")):
+                continue  # a run's record of its agents only
+            if since_ms is not None and window != ALL and v["start_ms"] < bucket_start(since_ms, window):
+                continue
+            k = (v["dim"], v["value"], v["window"], v["start_ms"])
+            row = out.get(k)
+            if row is None:
+                row = out[k] = CostRow(v["dim"], v["value"], v["window"], v["start_ms"])
+            row.add(v)
+        return sorted(out.values(), key=lambda r: (r.dim, r.start_ms, -r.cost_usd, r.value))
+
+    def row(self, dim: str, value: str, window: str = ALL, start_ms: int = 0) -> CostRow:
+        """One row (zeros when absent)."""
+        for r in self.rows(dim, window):
+            if r.value == value and r.start_ms == start_ms:
+                return r
+        return CostRow(dim, value, window, start_ms)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How current the totals are: per source partition, the offset covered and the events topic's end."""
+
+    covered: dict[int, int]
+    end: dict[int, int]
+
+    @property
+    def lag(self) -> int:
+        """Events (offsets) on the events topic not yet in the totals."""
+        return sum(max(0, e - self.covered.get(p, 0)) for p, e in self.end.items())
+
+    def covers(self, end: dict[int, int]) -> bool:
+        return all(self.covered.get(p, 0) >= e for p, e in end.items() if e > 0)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "lag_events": self.lag,
+            "partitions": [
+                {"partition": p, "covered": self.covered.get(p, 0), "end": e}
+                for p, e in sorted(self.end.items())
+            ],
+        }
+
+
+async def events_end(settings: Settings) -> dict[int, int]:
+    """The events topic's end per partition now (its last stable offset: committed records only)."""
+    k = settings.kafka
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=k.bootstrap,
+        isolation_level="read_committed",
+        client_id=f"{k.client_id}-costs-ends",
+        **client_kwargs(k),
+    )
+    await start_client(consumer, k)
+    try:
+        topic = CostTopics(k.prefix).events
+        tps = [TopicPartition(topic, p) for p in range(k.partitions)]
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def read_totals(settings: Settings, wait_s: float = 30.0) -> CostTable:
+    """``<prefix>.costs.totals`` as it is now (read to its end offsets)."""
+    table = CostTable()
+    await ensure_cost_topics(settings)
+    async with CompactedTail(settings, CostTopics(settings.kafka.prefix).totals, table.apply) as tail:
+        await tail.caught_up(wait_s)
+    return table
+
+
+async def read_current(
+    settings: Settings, *, wait: bool = False, wait_s: float = 120.0
+) -> tuple[CostTable, Coverage]:
+    """The totals and their coverage; with ``wait``, once they cover the events topic's end as of this call.
+
+    Raises:
+        CostsNotCurrentError: ``wait`` and the totals did not cover that end within ``wait_s`` (is an
+            aggregator running?).
+    """
+    if not wait:
+        table = await read_totals(settings)
+        return table, _coverage(table, await events_end(settings))
+    end = await events_end(settings)
+    table = CostTable()
+    await ensure_cost_topics(settings)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    async with CompactedTail(settings, CostTopics(settings.kafka.prefix).totals, table.apply) as tail:
+        await tail.caught_up(wait_s)
+        while not Coverage(table.covered, end).covers(end):
+            if loop.time() > deadline:
+                raise CostsNotCurrentError(
+                    prefix=settings.kafka.prefix, lag=Coverage(table.covered, end).lag, wait_s=wait_s
+                )
+            await asyncio.sleep(0.1)
+    return table, _coverage(table, end)
+
+
+def _coverage(table: CostTable, end: dict[int, int]) -> Coverage:
+    return Coverage({p: table.covered.get(p, 0) for p in end}, end)
