@@ -118,8 +118,8 @@ async def test_tenant_over_its_window_budget_is_refused(broker: str, prefix: str
                 RunRequest(workflow="paid", run_id="a1", tenant="acme", input={"n": 0})
             )
             assert (await client.wait_terminal([first], wait_s=60))[first].status == "completed"
-            assert w.tenant_spend is not None
-            spend = w.tenant_spend
+            assert w.stamps.tenant_spend is not None
+            spend = w.stamps.tenant_spend
             await until(
                 lambda: spend.spent("acme", "1h") >= Decimal("0.008"), 60, "the aggregator's tenant spend"
             )

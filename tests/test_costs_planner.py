@@ -121,7 +121,7 @@ async def test_a_step_starts_on_the_next_rung_once_the_cheap_one_is_seen_failing
             early = await client.events("a00")
 
             await read_current(s, wait=True, wait_s=60)  # the table covers every event so far
-            stats = w.step_stats
+            stats = w.stamps.step_stats
             assert stats is not None
 
             def seen(alias: str) -> int:

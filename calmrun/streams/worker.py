@@ -32,9 +32,7 @@ from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.codec import RecordCodec, wire_models
 from calmrun.connect import AUTHORIZATION_ERRORS, start_error
 from calmrun.costs.metrics import WorkerMetrics
-from calmrun.costs.planner import StepStats
 from calmrun.costs.pricing import Pricing
-from calmrun.costs.spend import TenantSpend
 from calmrun.errors import WorkerError
 from calmrun.gctune import settle_heap
 from calmrun.limits import check_workflow
@@ -47,6 +45,7 @@ from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import Out
 from calmrun.streams.runtable import RunTable
+from calmrun.streams.stamps import Stamps
 from calmrun.streams.stats import WorkerStats, snapshot
 from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.timers import Timers
@@ -54,8 +53,6 @@ from calmrun.streams.topics import Topics, ensure_topics, partition_for
 from calmrun.streams.txn import Gate, PartitionWriter
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import (
-    RunRequest,
-    RunRequested,
     StepResult,
     StepTask,
     TimerFired,
@@ -100,11 +97,7 @@ class Worker:
         self.metrics = metrics
         self.pricing = Pricing.from_settings(settings)
         self.redactor = Redactor(settings.redact)
-        # tenant budgets need each tenant's spend in its window, from the cost aggregator's output
-        self.tenant_spend = TenantSpend(settings) if settings.budgets.tenants else None
-        # steps with `choose` start on a rung picked from the cost table's figures, stamped on the request
-        choosing = any(sd.choose for wf in self.workflows.values() for sd in wf.steps)
-        self.step_stats = StepStats(settings) if choosing else None
+        self.stamps = Stamps(settings, self.workflows.values(), self._known)
         self.n = settings.kafka.partitions
         self._offsets = OffsetTracker()
         self._gate = Gate(settings.worker.max_unacked)
@@ -150,7 +143,7 @@ class Worker:
             self._offsets,
             self.tasks,
             self.decisions,
-            self.request_input,
+            self.stamps.request,
             self._fail,
             clock,
             self.redactor.text,
@@ -216,10 +209,7 @@ class Worker:
             raise (await start_error(k, exc)) from exc
         if self.metrics is not None:
             await self.metrics.start(self)
-        if self.tenant_spend is not None:
-            await self.tenant_spend.start()
-        if self.step_stats is not None:
-            await self.step_stats.start()
+        await self.stamps.start()
         self._loops = [
             asyncio.create_task(self._guarded(self.intake.run(self._gate.room)), name="calmrun-poll"),
             asyncio.create_task(self._guarded(self._timer_loop()), name="calmrun-timer"),
@@ -249,10 +239,7 @@ class Worker:
         await asyncio.gather(*(wr.close() for wr in writers))
         if self.metrics is not None:
             await self.metrics.stop()
-        if self.tenant_spend is not None:
-            await self.tenant_spend.stop()
-        if self.step_stats is not None:
-            await self.step_stats.stop()
+        await self.stamps.stop()
         await self._close_clients()
 
     async def _close_clients(self) -> None:
@@ -386,26 +373,5 @@ class Worker:
         if p in self.parts.owned and not self._stopped.is_set():
             self.tasks.start_committed(p, tasks, self.parts.awaited)
 
-    # -- decisions ----------------------------------------------------------------------------------
-
-    def request_input(self, run_id: str, wf: WorkflowDef, body: RunRequest, at_ms: int) -> RunRequested:
-        """The decider's input for a request, stamped with the tenant's spend when it has a budget."""
-        budget = self.settings.budgets.tenants.get(body.tenant)
-        known = run_id in self.parts.runs.get(partition_for(run_id, self.n), ())
-        stats = self.step_stats.figures(wf, at_ms) if self.step_stats is not None and not known else None
-        if budget is None or self.tenant_spend is None or known:
-            return RunRequested(
-                run_id, wf.name, body.input, at_ms, body.tenant, budget_usd=body.budget_usd, model_stats=stats
-            )
-        return RunRequested(
-            run_id,
-            wf.name,
-            body.input,
-            at_ms,
-            body.tenant,
-            budget_usd=body.budget_usd,
-            tenant_budget_usd=budget.usd,
-            tenant_spent_usd=self.tenant_spend.spent(body.tenant, budget.window, at_ms),
-            tenant_window=budget.window,
-            model_stats=stats,
-        )
+    def _known(self, run_id: str) -> bool:
+        return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())

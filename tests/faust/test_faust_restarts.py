@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.faust.proof import ProofNames
-from tests.test_faust_proof import (
+from tests.faust.test_faust_proof import (
     PARTITIONS,
     OutputCollector,
     Workers,
