@@ -30,12 +30,12 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from bench.common import PARTITIONS, Ctx, cpu_s, summary
-from calmrun.codec import RecordCodec, wire_models
 from calmrun.costs.process import AggregatorProcess
 from calmrun.costs.reader import read_current
 from calmrun.costs.topics import CostTopics, ensure_cost_topics
+from calmrun.kafka.topics import partition_for, read_to_end
 from calmrun.settings import Settings, load_settings
-from calmrun.streams.topics import partition_for, read_to_end
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, StepCost
 
 Raw = list[tuple[int, bytes, bytes]]  # (partition, key, value)

@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from bench.common import PARTITIONS, Ctx, Proc, cpu_s, end_offsets, pct, prefix
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.streams.topics import Topics, read_to_end
+from calmrun.kafka.topics import Topics, read_to_end
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, RunRequest
 
 WORKFLOW, STEPS = "lin", ("s1", "s2", "s3")

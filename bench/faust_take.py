@@ -30,8 +30,8 @@ from calmrun.costs.topics import CostTopics, ensure_cost_topics
 def worker(bootstrap: str, pfx: str, data_dir: Path) -> None:
     import faust
 
-    from calmrun.codec import RecordCodec, wire_models
     from calmrun.costs.fold import PartitionFold
+    from calmrun.wire.codec import RecordCodec, wire_models
 
     topics = CostTopics(pfx)
     app = faust.App(

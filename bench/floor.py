@@ -14,7 +14,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from bench.common import PARTITIONS, Ctx, create_topics, prefix, proc, summary
-from calmrun.codec import RecordCodec, wire_models
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import StepTask
 
 

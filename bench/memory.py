@@ -15,8 +15,8 @@ from aiokafka import AIOKafkaProducer
 
 from bench.common import Ctx, summary
 from bench.driver import WORKFLOW, start_worker
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.streams.topics import Topics
+from calmrun.kafka.topics import Topics
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunRequest
 
 

@@ -21,9 +21,9 @@ from aiokafka import AIOKafkaProducer
 
 from bench.common import PARTITIONS, Ctx, summary
 from calmrun.client import Client
-from calmrun.codec import RecordCodec, wire_models
+from calmrun.kafka.topics import Topics, create_topics, partition_for
 from calmrun.settings import load_settings
-from calmrun.streams.topics import Topics, create_topics, partition_for
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 

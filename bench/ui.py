@@ -21,10 +21,10 @@ from aiohttp import ClientSession
 from aiokafka import AIOKafkaProducer
 
 from bench.common import PARTITIONS, Ctx, create_topics, pct, prefix, summary
-from calmrun.codec import RecordCodec, wire_models
+from calmrun.kafka.topics import Topics, partition_for
 from calmrun.settings import load_settings
-from calmrun.streams.topics import Topics, partition_for
 from calmrun.ui import Access, UiServer
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import DeciderInput, RunRequested, StepCost, StepResult

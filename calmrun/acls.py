@@ -120,7 +120,7 @@ async def apply_acls(settings: Settings, acls: list[Acl]) -> int:
     from aiokafka.errors import for_code
     from aiokafka.protocol.admin import CreateAclsRequest
 
-    from calmrun.streams.topics import admin_client
+    from calmrun.kafka.topics import admin_client
 
     async with admin_client(settings.kafka, "acls") as admin:
         for acl in acls:

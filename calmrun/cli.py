@@ -25,8 +25,8 @@ from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_
 from calmrun.client import Client, summarize
 from calmrun.costs.cli import aggregator, costs_app, step_costs
 from calmrun.errors import CalmrunError
+from calmrun.kafka.topics import ensure_topics
 from calmrun.replay.cli import replay_app, snapshot
-from calmrun.streams.topics import ensure_topics
 from calmrun.workflow.definition import WorkflowDef, load_workflow
 from calmrun.workflow.events import RunEvent, RunRequest
 from calmrun.workflow.state import RunState
@@ -87,7 +87,7 @@ def worker(
     async def main() -> None:
         from prometheus_client import CollectorRegistry
 
-        from calmrun.costs.metrics import WorkerMetrics
+        from calmrun.streams.metrics import WorkerMetrics
         from calmrun.streams.worker import Worker
 
         metrics = WorkerMetrics(CollectorRegistry()) if settings.metrics.port else None
@@ -253,7 +253,7 @@ def dlq_tail(
     settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> None:
-        from calmrun.streams.dlqview import RawEntry, entry_json, entry_line
+        from calmrun.wire.dlqview import RawEntry, entry_json, entry_line
 
         async with Client(settings) as c:
             async for rec in c.dlq_entries(workflow, follow=follow):

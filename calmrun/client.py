@@ -14,18 +14,18 @@ from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.structs import TopicPartition
 from pydantic import BaseModel
 
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.connect import client_kwargs
 from calmrun.errors import (
     DecodeError,
     KafkaAuthorizationError,
     RunsNotFinishedError,
     TopicMissingError,
 )
+from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import Topics, check_readable, partition_for, start_client
 from calmrun.settings import Settings
-from calmrun.streams.dlq import DlqRecord
-from calmrun.streams.dlqview import RawEntry
-from calmrun.streams.topics import Topics, check_readable, partition_for, start_client
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.dlq import DlqRecord
+from calmrun.wire.dlqview import RawEntry
 from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 

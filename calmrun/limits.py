@@ -12,8 +12,8 @@ from typing import Any
 from pydantic_core import to_json
 
 from calmrun.errors import CalmrunError, ConfigError, InvalidOutputError
-from calmrun.jsonfield import loads
 from calmrun.settings import LimitsSettings, Settings
+from calmrun.wire.jsonfield import loads
 from calmrun.workflow.definition import WorkflowDef, targets
 
 STEP_OVERHEAD_BYTES = 4_096

@@ -22,9 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from calmrun.codec import RecordCodec
 from calmrun.errors import CalmrunError
-from calmrun.streams.dlq import DlqRecord
+from calmrun.wire.codec import RecordCodec
+from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.events import RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from calmrun.errors import ConfigError
-from calmrun.jsonfield import MAX_CONFIGURABLE_DEPTH, NUMBER_DIGITS_CEILING
+from calmrun.wire.jsonfield import MAX_CONFIGURABLE_DEPTH, NUMBER_DIGITS_CEILING
 
 
 class _Frozen(BaseModel):
@@ -65,7 +65,7 @@ class SaslSettings(_Frozen):
 
 
 class SecuritySettings(_Frozen):
-    """How calmrun authenticates to Kafka; applied to every client it starts (see calmrun.connect)."""
+    """How calmrun authenticates to Kafka; applied to every client it starts (see calmrun.kafka.connect)."""
 
     protocol: SecurityProtocol = "PLAINTEXT"
     sasl: SaslSettings = SaslSettings()

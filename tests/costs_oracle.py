@@ -16,12 +16,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from calmrun.codec import RecordCodec, wire_models
 from calmrun.costs.fold import ALL, WINDOW_MS, bucket_start
 from calmrun.costs.reader import CostTable, read_totals
 from calmrun.errors import DecodeError
+from calmrun.kafka.topics import read_to_end
 from calmrun.settings import Settings
-from calmrun.streams.topics import read_to_end
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent
 
 Row = dict[str, Any]

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from calmrun.avro import MARKER, AvroCodec, schema_fingerprint
 from calmrun.errors import DecodeError, SerializationError, UnknownSchemaError
+from calmrun.wire.avro import MARKER, AvroCodec, schema_fingerprint
 
 PING = {
     "type": "record",

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from aiokafka.abc import AbstractTokenProvider
 
-from calmrun.connect import client_kwargs, faust_credentials, mechanism
 from calmrun.devkafka.certs import make_certs
 from calmrun.errors import ConfigError
+from calmrun.kafka.connect import client_kwargs, faust_credentials, mechanism
 from calmrun.settings import load_settings
 
 

@@ -14,15 +14,15 @@ import typer
 from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner
 
-from calmrun.codec import RecordCodec, wire_models
 from calmrun.costs.cli import costs_app
 from calmrun.costs.fold import bucket_start
 from calmrun.costs.process import AggregatorProcess
 from calmrun.costs.reader import CostTable, read_totals
 from calmrun.costs.spend import TenantSpend
 from calmrun.costs.topics import ensure_cost_topics
+from calmrun.kafka.topics import partition_for
 from calmrun.settings import Settings, load_settings
-from calmrun.streams.topics import partition_for
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, StepCost
 from tests.runtime_support import until
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from calmrun.codec import RecordCodec, wire_models
 from calmrun.costs.process import AggregatorProcess
 from calmrun.costs.reader import read_current
 from calmrun.costs.topics import ensure_cost_topics
+from calmrun.kafka.topics import partition_for
 from calmrun.settings import Settings, load_settings
-from calmrun.streams.topics import partition_for
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, StepCost
 from tests.costs_oracle import counted, differences, read_events, recount
 

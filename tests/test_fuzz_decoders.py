@@ -19,15 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic_core import to_json
 
-from calmrun.avro import MARKER
-from calmrun.codec import RecordCodec, wire_models
 from calmrun.errors import CalmrunError, DecodeError, InvalidOutputError
-from calmrun.jsonfield import loads
 from calmrun.limits import check_output
 from calmrun.settings import LimitsSettings
-from calmrun.streams.dlq import DlqRecord
-from calmrun.streams.dlqview import entry_json, entry_line
 from calmrun.streams.requests import parse_request
+from calmrun.wire.avro import MARKER
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.dlq import DlqRecord
+from calmrun.wire.dlqview import entry_json, entry_line
+from calmrun.wire.jsonfield import loads
 from calmrun.workflow.events import RunCommand, RunRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # big reprs

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from calmrun.avro import MARKER
 from calmrun.check import check_history
 from calmrun.client import Client
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.streams.topics import INVALID, Topics
+from calmrun.kafka.topics import INVALID, Topics
+from calmrun.wire.avro import MARKER
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, RunRequest
 from tests.runtime_support import WorkerProcs, linear, settings_for
 

@@ -17,10 +17,10 @@ from aiokafka.structs import TopicPartition
 from calmrun.agents import AgentRegistry, StepContext
 from calmrun.client import Client
 from calmrun.errors import PoisonStormError
+from calmrun.kafka.topics import INVALID, Topics
 from calmrun.settings import Settings
 from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
-from calmrun.streams.topics import INVALID, Topics
 from calmrun.workflow.events import RunCommand, RunRequest
 from tests.runtime_support import (
     Item,

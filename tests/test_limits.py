@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext, execute
-from calmrun.codec import RecordCodec, wire_models
 from calmrun.errors import ConfigError, LimitExceededError
 from calmrun.limits import check_workflow
 from calmrun.settings import load_settings
-from calmrun.streams.dlq import DlqRecord
-from calmrun.streams.dlqview import entry_json, entry_line
 from calmrun.streams.requests import parse_request
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.dlq import DlqRecord
+from calmrun.wire.dlqview import entry_json, entry_line
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import StepTask
 from tests.runtime_support import linear

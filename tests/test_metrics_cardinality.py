@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from prometheus_client import CollectorRegistry
 
-from calmrun.costs.metrics import WorkerMetrics
+from calmrun.streams.metrics import WorkerMetrics
 from calmrun.workflow.events import RunEvent, StepCost
 
 

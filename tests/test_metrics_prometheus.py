@@ -20,10 +20,10 @@ from pydantic_ai.usage import RunUsage
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.client import Client
 from calmrun.costs.cli import batch_costs
-from calmrun.costs.metrics import WorkerMetrics
 from calmrun.costs.process import AggregatorProcess
 from calmrun.localproc import free_port
 from calmrun.settings import Settings, load_settings
+from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.worker import Worker
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import Item, Out, linear, ready

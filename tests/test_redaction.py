@@ -18,11 +18,11 @@ from pydantic import BaseModel
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.client import Client
 from calmrun.errors import ConfigError
+from calmrun.kafka.topics import admin_client
 from calmrun.redact import MASK, Redactor
 from calmrun.replay import fetch_snapshot
 from calmrun.replay.recorded import replay_recorded
 from calmrun.settings import load_settings
-from calmrun.streams.topics import admin_client
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import RunEvent, RunRequest
 from tests.runtime_support import read_raw, ready, running

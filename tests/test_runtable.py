@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from calmrun.codec import RecordCodec, wire_models
 from calmrun.streams.runtable import RunTable
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.state import RunState, StepState
 
 CODEC = RecordCodec(wire_models())

@@ -6,7 +6,7 @@ import asyncio
 
 from calmrun.agents import AgentRegistry, StepContext
 from calmrun.client import Client
-from calmrun.streams.topics import partition_for
+from calmrun.kafka.topics import partition_for
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import Item, Out, add_one, linear, ready, running, settings_for
 

@@ -18,8 +18,8 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry
 from calmrun.client import Client
+from calmrun.kafka.topics import Topics, read_to_end
 from calmrun.streams.records import Out, StateOut
-from calmrun.streams.topics import Topics, read_to_end
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import add_one, linear, ready, running, settings_for, until

@@ -12,8 +12,8 @@ from aiokafka import AIOKafkaProducer
 
 from calmrun.agents import AgentRegistry, StepContext
 from calmrun.client import Client
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.streams.topics import INVALID, Topics
+from calmrun.kafka.topics import INVALID, Topics
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import RunRequest, StepTask
 from tests.runtime_support import Item, Out, add_one, linear, poll_states, ready, running, settings_for, until

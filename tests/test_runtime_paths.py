@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from calmrun.agents import AgentRegistry, StepContext
 from calmrun.client import Client
-from calmrun.streams.topics import Topics, partition_for
+from calmrun.kafka.topics import Topics, partition_for
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import Item, Out, add_one, linear, read_raw, ready, running, settings_for, until

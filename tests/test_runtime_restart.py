@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaProducer
 
 from calmrun.agents import AgentRegistry
 from calmrun.client import Client
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.streams.topics import Topics, ensure_topics, partition_for
+from calmrun.kafka.topics import Topics, ensure_topics, partition_for
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 from tests.runtime_support import (

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import fastavro
 
-from calmrun.avro import MARKER, AvroCodec, schema_fingerprint
-from calmrun.codec import RecordCodec, wire_models, write_schemas
-from calmrun.streams.dlq import DlqRecord
+from calmrun.wire.avro import MARKER, AvroCodec, schema_fingerprint
+from calmrun.wire.codec import RecordCodec, wire_models, write_schemas
+from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.events import RunEvent, RunRequest, StepCost, StepTask
 from calmrun.workflow.state import RunState, StepState
 
@@ -22,9 +22,11 @@ def test_committed_schemas_match_the_models(tmp_path: Path) -> None:
     written = write_schemas(tmp_path)
     for path in written:
         committed = ROOT / "schemas" / path.name
-        assert committed.exists(), f"{path.name} missing from schemas/: run python -m calmrun.codec schemas"
+        assert committed.exists(), (
+            f"{path.name} missing from schemas/: run python -m calmrun.wire.codec schemas"
+        )
         assert json.loads(committed.read_text()) == json.loads(path.read_text()), (
-            f"schemas/{path.name} drifted from its pydantic model: run python -m calmrun.codec schemas"
+            f"schemas/{path.name} drifted from its pydantic model: run python -m calmrun.wire.codec schemas"
         )
     assert {p.name for p in written} == {p.name for p in (ROOT / "schemas").glob("*.avsc")}
 

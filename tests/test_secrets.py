@@ -140,7 +140,7 @@ def _worker_metrics() -> object | None:
     try:
         from prometheus_client import CollectorRegistry
 
-        from calmrun.costs.metrics import WorkerMetrics
+        from calmrun.streams.metrics import WorkerMetrics
     except ImportError:  # the metrics layer is not there: /metrics is then not part of the check
         return None
     return WorkerMetrics(CollectorRegistry())

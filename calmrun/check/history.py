@@ -28,14 +28,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError
+from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import Topics, read_to_end, start_client
 from calmrun.replay.recorded import pick_definition, replay_recorded
 from calmrun.replay.snapshot import Snapshot
 from calmrun.settings import KafkaSettings
-from calmrun.streams.dlq import DlqRecord
-from calmrun.streams.topics import Topics, read_to_end, start_client
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState

@@ -39,16 +39,15 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from calmrun.avro import AvroCodec
-from calmrun.codec import NAMESPACE, RecordCodec, wire_models
-from calmrun.connect import client_kwargs
 from calmrun.costs.fold import PartitionFold
 from calmrun.costs.peek import folded_type
 from calmrun.costs.topics import CostTopics, ensure_cost_topics
 from calmrun.errors import DecodeError
+from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS, client_kwargs
+from calmrun.kafka.topics import read_to_end, start_client
 from calmrun.settings import Settings
-from calmrun.streams.clients import TXN_RETRY_BACKOFF_MS
-from calmrun.streams.topics import read_to_end, start_client
+from calmrun.wire.avro import AvroCodec
+from calmrun.wire.codec import NAMESPACE, RecordCodec, wire_models
 
 log = logging.getLogger("calmrun.costs")
 
@@ -162,7 +161,7 @@ class Aggregator:
                     acks="all",
                     linger_ms=5,
                     max_batch_size=256 * 1024,
-                    retry_backoff_ms=TXN_RETRY_BACKOFF_MS,  # see calmrun.streams.clients
+                    retry_backoff_ms=TXN_RETRY_BACKOFF_MS,  # see calmrun.kafka.connect
                     **client_kwargs(k),
                 )
                 await start_client(producer, k)  # init_transactions: fences, aborts the old one

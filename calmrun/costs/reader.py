@@ -19,12 +19,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from calmrun.connect import client_kwargs
 from calmrun.costs.fold import ALL, FIELDS, SOURCE, bucket_start
 from calmrun.costs.topics import CostTopics, ensure_cost_topics
 from calmrun.errors import CostsNotCurrentError
+from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import start_client
 from calmrun.settings import Settings
-from calmrun.streams.topics import start_client
 
 
 class CompactedTail:

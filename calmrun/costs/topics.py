@@ -39,7 +39,7 @@ class CostTopics:
 
 async def ensure_cost_topics(settings: Settings) -> list[str]:
     """Create the compacted output topics (same partition count as calmrun's); idempotent."""
-    from calmrun.streams.topics import create_topics
+    from calmrun.kafka.topics import create_topics
 
     topics = CostTopics(settings.kafka.prefix)
     compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "600000"}

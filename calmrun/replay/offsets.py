@@ -23,10 +23,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
-from calmrun.connect import client_kwargs
 from calmrun.errors import ReplayArgumentError
+from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import admin_client, start_client
 from calmrun.settings import Settings
-from calmrun.streams.topics import admin_client, start_client
 
 REPLAYED_FROM = "calmrun-replayed-from"
 """Header added to every replayed record: ``<source topic>[<partition>]@<offset>``."""

@@ -16,12 +16,12 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.connect import client_kwargs
 from calmrun.errors import ConfigError, SnapshotError
+from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import Topics, check_readable, partition_for, read_to_end, start_client
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
-from calmrun.streams.topics import Topics, check_readable, partition_for, read_to_end, start_client
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 

@@ -1,7 +1,7 @@
 """The worker's Kafka clients, configured in one place: the group consumer, the restorer, the writers.
 
 Every one reads ``read_committed`` or writes transactionally, and carries the connection's security
-settings (``calmrun.connect``).
+settings (``calmrun.kafka.connect``).
 """
 
 from __future__ import annotations
@@ -9,15 +9,9 @@ from __future__ import annotations
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from calmrun.connect import client_kwargs
+from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS, client_kwargs
 from calmrun.settings import Settings
 from calmrun.streams.txn import transactional_id
-
-TXN_RETRY_BACKOFF_MS = 5
-"""A transaction begun right after a commit meets the broker still writing the last one's markers
-(CONCURRENT_TRANSACTIONS; NOT_ENOUGH_REPLICAS to a client of aiokafka's protocol version) and is retried
-after this; aiokafka's 100 ms default doubled every commit cycle (31 -> 14 ms median with 10 ms, 5.8 ms
-with 5 ms, measured on the dev broker)."""
 
 
 def group_consumer(settings: Settings) -> AIOKafkaConsumer:

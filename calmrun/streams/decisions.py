@@ -14,18 +14,18 @@ from dataclasses import dataclass
 
 from aiokafka import ConsumerRecord
 
-from calmrun.codec import RecordCodec
-from calmrun.costs.metrics import WorkerMetrics
 from calmrun.errors import CalmrunError
+from calmrun.kafka.topics import Topics
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
-from calmrun.streams.dlq import MAX_KEY_BYTES, DlqRecord
+from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.offsets import Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import Out, StateOut, dlq_out, event_out, task_out
 from calmrun.streams.tasks import Source
 from calmrun.streams.timers import Timers
-from calmrun.streams.topics import Topics
+from calmrun.wire.codec import RecordCodec
+from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
 from calmrun.workflow.decider import Decision, decide
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import DeciderInput, RunEvent, StepResult, StepTask

@@ -16,7 +16,6 @@ from typing import TypeAlias
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
-from calmrun.codec import RecordCodec
 from calmrun.errors import (
     CalmrunError,
     DecodeError,
@@ -24,16 +23,17 @@ from calmrun.errors import (
     PoisonStormError,
     UnknownWorkflowError,
 )
+from calmrun.kafka.topics import INVALID, Topics, partition_for
 from calmrun.settings import Settings
 from calmrun.streams.decisions import Decisions
-from calmrun.streams.dlq import DlqRecord
 from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
 from calmrun.streams.requests import parse_request
 from calmrun.streams.tasks import TaskRunner
-from calmrun.streams.topics import INVALID, Topics, partition_for
+from calmrun.wire.codec import RecordCodec
+from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.decider import task_ignored
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import (

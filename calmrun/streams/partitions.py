@@ -21,14 +21,14 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
-from calmrun.codec import RecordCodec
 from calmrun.errors import DecodeError
+from calmrun.kafka.topics import Topics, read_to_end
 from calmrun.streams.offsets import OffsetTracker
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.timers import Timers
-from calmrun.streams.topics import Topics, read_to_end
 from calmrun.streams.txn import FENCED, PartitionWriter
+from calmrun.wire.codec import RecordCodec
 from calmrun.workflow.decider import awaits
 from calmrun.workflow.events import StepTask
 from calmrun.workflow.state import RunState

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from calmrun.codec import RecordCodec
-from calmrun.streams.dlq import DlqRecord
-from calmrun.streams.topics import Topics
+from calmrun.kafka.topics import Topics
+from calmrun.wire.codec import RecordCodec
+from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.events import RunEvent, StepTask
 
 IDEMPOTENCY_KEY = "calmrun-idempotency-key"

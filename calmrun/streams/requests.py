@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from calmrun.avro import is_single_object
-from calmrun.codec import RecordCodec
 from calmrun.errors import CalmrunError, DecodeError, LimitExceededError
-from calmrun.jsonfield import check_value, loads
 from calmrun.settings import LimitsSettings
+from calmrun.wire.avro import is_single_object
+from calmrun.wire.codec import RecordCodec
+from calmrun.wire.jsonfield import check_value, loads
 from calmrun.workflow.definition import describe_errors
 from calmrun.workflow.events import RunCommand, RunRequest
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from calmrun.codec import RecordCodec
+from calmrun.wire.codec import RecordCodec
 from calmrun.workflow.state import RunState
 
 

@@ -29,18 +29,18 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry, execute
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.connect import AUTHORIZATION_ERRORS, start_error
-from calmrun.costs.metrics import WorkerMetrics
 from calmrun.costs.pricing import Pricing
 from calmrun.errors import WorkerError
 from calmrun.gctune import settle_heap
+from calmrun.kafka.connect import AUTHORIZATION_ERRORS, start_error
+from calmrun.kafka.topics import Topics, ensure_topics, partition_for
 from calmrun.limits import check_workflow
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams import clients
 from calmrun.streams.decisions import Decisions
 from calmrun.streams.intake import Intake
+from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import Out
@@ -49,8 +49,8 @@ from calmrun.streams.stamps import Stamps
 from calmrun.streams.stats import WorkerStats, snapshot
 from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.timers import Timers
-from calmrun.streams.topics import Topics, ensure_topics, partition_for
 from calmrun.streams.txn import Gate, PartitionWriter
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import (
     StepResult,

@@ -18,9 +18,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from calmrun.codec import NAMESPACE, RecordCodec, wire_models
 from calmrun.errors import DecodeError
-from calmrun.streams.dlq import DlqRecord
+from calmrun.wire.codec import NAMESPACE, RecordCodec, wire_models
+from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 

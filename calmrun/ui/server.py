@@ -22,7 +22,6 @@ from pathlib import Path
 from aiohttp import web
 
 from calmrun.client import Client
-from calmrun.codec import RecordCodec, wire_models
 from calmrun.costs.fold import ALL
 from calmrun.costs.reader import CompactedTail, CostTable
 from calmrun.costs.spend import TenantSpend
@@ -36,6 +35,7 @@ from calmrun.ui.index import RunIndex, RunQuery
 from calmrun.ui.tail import TopicTail
 from calmrun.ui.views import dead_letter, redact_event, run_view, step_inputs
 from calmrun.ui.workers import describe_groups
+from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.definition import WorkflowDef
 
 log = logging.getLogger("calmrun.ui")

@@ -19,13 +19,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from calmrun.codec import RecordCodec, wire_models
-from calmrun.connect import client_kwargs
 from calmrun.errors import CalmrunError, DecodeError
+from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import Topics, start_client
 from calmrun.settings import Settings
-from calmrun.streams.dlq import DlqRecord
-from calmrun.streams.topics import Topics, start_client
 from calmrun.ui.index import EventRow, RunIndex, event_row
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.ui")

@@ -9,9 +9,9 @@ import json
 import string
 from typing import Any
 
-from calmrun.codec import RecordCodec
 from calmrun.errors import DecodeError, InputMappingError
 from calmrun.replay.recorded import path_of
+from calmrun.wire.codec import RecordCodec
 from calmrun.workflow.decider import resolve_input
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import RunEvent

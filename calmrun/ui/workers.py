@@ -16,9 +16,9 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
-from calmrun.connect import client_kwargs
+from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import admin_client, start_client
 from calmrun.settings import Settings
-from calmrun.streams.topics import admin_client, start_client
 
 
 async def describe_groups(settings: Settings) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from calmrun.jsonfield import JsonDict
+from calmrun.wire.jsonfield import JsonDict
 
 
 class _Record(BaseModel):

@@ -25,8 +25,8 @@ from calmrun.client import Client
 from calmrun.costs.cli import batch_costs
 from calmrun.costs.process import AggregatorProcess
 from calmrun.devkafka import DevKafka
+from calmrun.kafka.topics import INVALID
 from calmrun.settings import load_settings
-from calmrun.streams.topics import INVALID
 from calmrun.workflow.definition import load_workflow
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import ready, running

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from calmrun.codec import RecordCodec, wire_models
 from calmrun.errors import UiAccessError
 from calmrun.settings import UiSettings, UiUser
-from calmrun.streams.dlq import DlqRecord
 from calmrun.ui.access import LOCAL, Access, User, is_loopback
 from calmrun.ui.index import RunIndex, RunQuery, event_row
 from calmrun.ui.views import REDACTED, attempts, preview, run_view
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.events import RunEvent, StepCost, StepTask
 from calmrun.workflow.state import RunState, StepState
 

@@ -335,3 +335,10 @@ async def start_checked(client: Any, k: KafkaSettings) -> None:
         with contextlib.suppress(Exception):
             await client.stop()
         raise (await start_error(k, exc)) from exc
+
+
+TXN_RETRY_BACKOFF_MS = 5
+"""A transaction begun right after a commit meets the broker still writing the last one's markers
+(CONCURRENT_TRANSACTIONS; NOT_ENOUGH_REPLICAS to a client of aiokafka's protocol version) and is retried
+after this; aiokafka's 100 ms default doubled every commit cycle (31 -> 14 ms median with 10 ms, 5.8 ms
+with 5 ms, measured on the dev broker)."""

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from calmrun.connect import client_kwargs
+from calmrun.kafka.connect import client_kwargs
 from calmrun.workflow.events import RunEvent
 
 if TYPE_CHECKING:

@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from calmrun.avro import is_single_object
-from calmrun.codec import RecordCodec
 from calmrun.errors import DecodeError
-from calmrun.streams.dlq import DlqRecord
+from calmrun.wire.avro import is_single_object
+from calmrun.wire.codec import RecordCodec
+from calmrun.wire.dlq import DlqRecord
 
 PREVIEW_CHARS = 60
 

@@ -1,8 +1,8 @@
 """Wire codec: pydantic records <-> Avro single-object bytes, with the Avro schemas derived from the models.
 
 The pydantic models are the one definition of every record; ``schemas/*.avsc`` are the same contracts
-written out for other readers (``python -m calmrun.codec`` rewrites them, a test fails when they drift).
-JSON-valued fields (``calmrun.jsonfield``) travel as JSON strings.
+written out for other readers (``python -m calmrun.wire.codec`` rewrites them, a test fails when they drift).
+JSON-valued fields (``calmrun.wire.jsonfield``) travel as JSON strings.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
-from calmrun.avro import AvroCodec
 from calmrun.errors import CalmrunError, DecodeError, SerializationError
-from calmrun.jsonfield import AvroJson, loads
+from calmrun.wire.avro import AvroCodec
+from calmrun.wire.jsonfield import AvroJson, loads
 
 NAMESPACE = "io.calmrun"
 EARLIER_FIELDS: dict[str, set[str]] = {"DlqRecord": {"truncated"}}
@@ -205,7 +205,7 @@ class RecordCodec:
 
         Raises:
             DecodeError: not single-object Avro, unknown fingerprint, corrupt bytes or invalid values
-                (``LimitExceededError`` for a JSON field over the ceilings of ``calmrun.jsonfield``).
+                (``LimitExceededError`` for a JSON field over the ceilings of ``calmrun.wire.jsonfield``).
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise DecodeError(f"expected bytes, got {type(data).__name__}")
@@ -240,7 +240,7 @@ def _short(exc: ValidationError) -> str:
 
 def wire_models() -> list[type[BaseModel]]:
     """Every record calmrun writes to Kafka."""
-    from calmrun.streams.dlq import DlqRecord
+    from calmrun.wire.dlq import DlqRecord
     from calmrun.workflow.events import RunCommand, RunEvent, RunRequest, StepTask
     from calmrun.workflow.state import RunState
 

@@ -17,8 +17,8 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
 
-from calmrun.connect import client_kwargs, diagnose, start_checked
 from calmrun.errors import CalmrunError, ConfigError, KafkaAuthorizationError
+from calmrun.kafka.connect import client_kwargs, diagnose, start_checked
 from calmrun.settings import KafkaSettings
 from calmrun.workflow.definition import WorkflowDef
 
