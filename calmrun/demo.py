@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 from calmrun.agents import AgentRegistry, ModelRegistry
-from calmrun.cli import out, print_runs, print_status
+from calmrun.cli.common import out
+from calmrun.cli.costs import batch_costs, print_costs
+from calmrun.cli.runs import print_runs, print_status
 from calmrun.client import Client, summarize
-from calmrun.costs.cli import batch_costs, print_costs
 from calmrun.costs.process import AggregatorProcess
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.gctune import settle_heap

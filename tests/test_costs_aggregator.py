@@ -14,7 +14,7 @@ import typer
 from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner
 
-from calmrun.costs.cli import costs_app
+from calmrun.cli.costs import costs_app
 from calmrun.costs.fold import bucket_start
 from calmrun.costs.process import AggregatorProcess
 from calmrun.costs.reader import CostTable, read_totals

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 from pydantic_ai.usage import RunUsage
 
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
+from calmrun.cli.costs import batch_costs
 from calmrun.client import Client
-from calmrun.costs.cli import batch_costs
 from calmrun.costs.process import AggregatorProcess
 from calmrun.localproc import free_port
 from calmrun.settings import Settings, load_settings

@@ -24,9 +24,9 @@ from pydantic_ai.models.function import AgentInfo
 from typer.testing import CliRunner
 
 from calmrun.agents import AgentRegistry, ModelRegistry
+from calmrun.cli.replay import replay_app
 from calmrun.client import Client
 from calmrun.replay import fetch_snapshot, fetch_snapshots, replay_live
-from calmrun.replay.cli import replay_app
 from calmrun.settings import load_settings
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import RunRequest

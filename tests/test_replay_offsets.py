@@ -12,9 +12,9 @@ from aiokafka.structs import TopicPartition
 from typer.testing import CliRunner
 
 from calmrun.agents import AgentRegistry
+from calmrun.cli.replay import replay_app
 from calmrun.client import Client
 from calmrun.replay import REPLAYED_FROM, replay_offsets
-from calmrun.replay.cli import replay_app
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import add_one, read_raw, ready, running, settings_for

@@ -15,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from calmrun.agents import AgentRegistry
+from calmrun.cli.replay import replay_app, snapshot
 from calmrun.client import Client
 from calmrun.replay import (
     fetch_snapshot,
@@ -23,7 +24,6 @@ from calmrun.replay import (
     replay_recorded,
     replay_recorded_many,
 )
-from calmrun.replay.cli import replay_app, snapshot
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import add_one, ready, running, settings_for

@@ -1,7 +1,8 @@
 """Replay: offsets into a shadow namespace, recorded runs re-decided, runs re-executed live and compared."""
 
+from typing import TYPE_CHECKING, Any
+
 from calmrun.errors import ReplayArgumentError, ReplayError, SnapshotError
-from calmrun.replay.live import LiveReplay, replay_live
 from calmrun.replay.offsets import REPLAYED_FROM, OffsetReplay, replay_offsets
 from calmrun.replay.recorded import (
     BatchRecorded,
@@ -12,6 +13,9 @@ from calmrun.replay.recorded import (
     replay_recorded_many,
 )
 from calmrun.replay.snapshot import Snapshot, fetch_snapshot, fetch_snapshots, load_snapshot
+
+if TYPE_CHECKING:
+    from calmrun.replay.live import LiveReplay, replay_live
 
 __all__ = [
     "REPLAYED_FROM",
@@ -33,3 +37,12 @@ __all__ = [
     "replay_recorded",
     "replay_recorded_many",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Live replay runs agents, so it is imported only when asked for (the CLI starts without pydantic-ai)."""
+    if name in ("LiveReplay", "replay_live"):
+        from calmrun.replay import live
+
+        return getattr(live, name)
+    raise AttributeError(f"module 'calmrun.replay' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """``python -m calmrun.replay``: the replay commands on their own (``calmrun replay`` once registered)."""
 
-from calmrun.replay.cli import replay_app, snapshot
+from calmrun.cli.replay import replay_app, snapshot
 
 replay_app.command("snapshot")(snapshot)
 

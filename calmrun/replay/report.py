@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from calmrun.replay.live import LiveReplay, Side
 from calmrun.replay.offsets import OffsetReplay
 from calmrun.replay.recorded import BatchRecorded, RecordedReplay
+
+if TYPE_CHECKING:  # live replay imports the agents: only its types are needed to print it
+    from calmrun.replay.live import LiveReplay, Side
 
 
 def print_offsets(out: Console, r: OffsetReplay) -> None:

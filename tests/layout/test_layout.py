@@ -125,3 +125,13 @@ def test_the_decider_imports_no_kafka_faust_or_clock() -> None:
         names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not names & {"aiokafka", "faust", "time", "datetime", "random", "asyncio"}, (name, names)
+
+
+def test_the_command_line_loads_no_agent_machinery_for_help() -> None:
+    """``calmrun --help`` and the read-only verbs answer at once: pydantic-ai and openai are a worker's."""
+    import subprocess
+    import sys
+
+    code = "import sys, calmrun.cli; print(sorted(m for m in ('pydantic_ai', 'openai') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.cli import app
+from calmrun.cli.costs import batch_costs
 from calmrun.client import Client
-from calmrun.costs.cli import batch_costs
 from calmrun.costs.process import AggregatorProcess
 from calmrun.devkafka import DevKafka
 from calmrun.kafka.topics import INVALID

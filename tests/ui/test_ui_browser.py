@@ -26,8 +26,8 @@ import yaml
 from playwright import async_api as playwright_api
 
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
+from calmrun.cli.costs import batch_costs
 from calmrun.client import Client
-from calmrun.costs.cli import batch_costs
 from calmrun.costs.process import AggregatorProcess
 from calmrun.settings import Settings, load_settings
 from calmrun.workflow.definition import load_workflow

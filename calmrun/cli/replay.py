@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from calmrun.cli_common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings, run_command
+from calmrun.cli.common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings, run_command
 from calmrun.errors import CalmrunError, ReplayArgumentError
 from calmrun.replay import report
 from calmrun.replay.offsets import replay_offsets

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from calmrun.cli_common import BootstrapOpt, ConfigOpt, PrefixOpt, cli_settings, run_command
+from calmrun.cli.common import BootstrapOpt, ConfigOpt, PrefixOpt, cli_settings, run_command
 from calmrun.costs.fold import ALL
 from calmrun.costs.reader import CompactedTail, CostRow, CostTable, Coverage, events_end, read_current
 from calmrun.costs.topics import CostTopics, ensure_cost_topics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -12,6 +13,7 @@ from rich.console import Console
 
 from calmrun.errors import CalmrunError
 from calmrun.settings import Settings, load_settings
+from calmrun.workflow.definition import WorkflowDef, load_workflow
 
 err = Console(stderr=True)
 T = TypeVar("T")
@@ -44,3 +46,26 @@ def run_command(coro: Coroutine[Any, Any, T], *, usage_errors: tuple[type[Except
     except CalmrunError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2 if isinstance(exc, usage_errors) else 1) from None
+
+
+out = Console()
+
+WorkflowFiles = Annotated[
+    list[Path], typer.Option("--workflow", "-w", help="Workflow YAML file (repeatable).")
+]
+
+
+def load_workflows(files: list[Path]) -> list[WorkflowDef]:
+    """The definitions of ``files``; a bad one is one line on stderr and exit code 2."""
+    try:
+        return [load_workflow(f) for f in files]
+    except CalmrunError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def clock_text(ms: int | None) -> str:
+    """An event time as ``HH:MM:SS.mmm`` (UTC), ``-`` for none."""
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%H:%M:%S.%f")[:-3]
