@@ -2,5 +2,5 @@
 
 Every workload warms up, measures several rounds and reports the median and spread of each metric; the
 results go to ``bench/results/results.json`` and ``bench/results/results.md``. Nothing here is part of the
-test suite's timing: ``tests/test_bench_smoke.py`` only checks that every workload still runs.
+test suite's timing: ``tests/deploy/test_bench_smoke.py`` only checks that every workload still runs.
 """

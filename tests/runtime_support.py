@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -70,11 +70,18 @@ async def running(
         await worker.stop()
 
 
-async def until(pred: Any, wait_s: float = 30.0, what: str = "condition") -> None:
-    """Poll ``pred()`` to a deadline (no fixed sleeps as synchronisation)."""
+async def until(
+    pred: Any, wait_s: float = 30.0, what: str = "condition", alive: Callable[[], None] | None = None
+) -> None:
+    """Poll ``pred()`` to a deadline (no fixed sleeps as synchronisation); the one "wait until" of the tests.
+
+    ``alive`` is called on every poll and may raise to fail at once (a worker process that died).
+    """
     loop = asyncio.get_running_loop()
     end = loop.time() + wait_s
     while not pred():
+        if alive is not None:
+            alive()
         if loop.time() > end:
             raise AssertionError(f"timed out after {wait_s}s waiting for {what}")
         await asyncio.sleep(0.05)
@@ -204,6 +211,15 @@ class WorkerProcs:
         if proc.poll() is not None:
             tail = (self.dir / f"{name}.log").read_text(errors="replace")[-3000:]
             raise AssertionError(f"worker {name} exited with {proc.returncode}:\n{tail}")
+
+    def watch(self, *names: str) -> Any:
+        """An ``alive`` check for ``until``: raises as soon as one of ``names`` exited."""
+
+        def check() -> None:
+            for name in names:
+                self.alive(name)
+
+        return check
 
     def kill9(self, name: str) -> None:
         import signal

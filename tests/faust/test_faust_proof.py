@@ -27,6 +27,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from tests.faust.proof import ProofNames
+from tests.runtime_support import until
 
 PARTITIONS = 4
 
@@ -81,18 +82,6 @@ async def committed_offsets(admin: AIOKafkaAdminClient, group: str, topic: str) 
     return {
         tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0
     }
-
-
-async def wait_until(
-    check: Callable[[], bool], within: float, what: str, alive: Callable[[], None] = lambda: None
-) -> None:
-    """Poll ``check`` until it holds; fail after ``within`` seconds, or when ``alive`` raises."""
-    deadline = time.monotonic() + within
-    while not check():
-        alive()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -185,7 +174,7 @@ class Workers:
         return "\n".join(text[-lines:])
 
     def check_alive(self, proc: subprocess.Popen[bytes]) -> Callable[[], None]:
-        """A callback for ``wait_until`` that fails when ``proc`` has exited."""
+        """A callback for ``until`` that fails when ``proc`` has exited."""
 
         def alive() -> None:
             if proc.poll() is not None:
@@ -267,7 +256,7 @@ async def test_forward_count_and_recover_table(broker: str, prefix: str, workers
         async with OutputCollector(broker, names.out_topic) as out:
             await produce(producer, names.in_topic, range(first), keys)
             worker = workers.start()
-            await wait_until(
+            await until(
                 lambda: out.seqs() >= set(range(first)), 45, "the first records", workers.check_alive(worker)
             )
             assert await topic_config(broker, names.changelog_topic, "cleanup.policy") == "compact"
@@ -289,7 +278,7 @@ async def test_forward_count_and_recover_table(broker: str, prefix: str, workers
             while True:
                 restarted = workers.start()
                 with contextlib.suppress(AssertionError):
-                    await wait_until(
+                    await until(
                         lambda: out.seqs() >= want,
                         30,
                         "the records after the restart",

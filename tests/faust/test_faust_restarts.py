@@ -35,7 +35,7 @@ from tests.faust.test_faust_proof import (
     committed_offsets,
     create_topics,
     key_partition,
-    wait_until,
+    until,
     worker_pool,
 )
 
@@ -138,7 +138,7 @@ async def test_restarts_lose_nothing(broker: str, prefix: str, workers: Workers,
                     t_start = time.monotonic()
                     proc = workers.start()
                     info.pid = proc.pid
-                    await wait_until(
+                    await until(
                         lambda pid=proc.pid: out.by_pid[pid] > 0,
                         60,
                         f"round {r}: first output",
@@ -148,7 +148,7 @@ async def test_restarts_lose_nothing(broker: str, prefix: str, workers: Workers,
                     if final:
                         produced = {seq for seq, fut in acks if fut.done() and fut.exception() is None}
                         with contextlib.suppress(AssertionError):  # a loss: reported with details below
-                            await wait_until(
+                            await until(
                                 lambda want=produced: out.seqs() >= want,
                                 DRAIN_TIMEOUT,
                                 "the final drain",

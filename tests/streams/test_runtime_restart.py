@@ -7,7 +7,7 @@ stats and owned partitions to a status file, which is how these tests see progre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +40,6 @@ def procs(broker: str, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
         yield p
     finally:
         p.kill_all()
-
-
-async def until_alive(
-    pred: Callable[[], bool], procs: WorkerProcs, names: list[str], wait_s: float, what: str
-) -> None:
-    """Poll ``pred`` to a deadline; fail at once if one of the worker processes ``names`` died."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + wait_s
-    while not pred():
-        for name in names:
-            procs.alive(name)
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {wait_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def assert_each_step_applied_once(events: list[RunEvent], run_ids: list[str], steps: int = 3) -> None:
@@ -171,16 +157,15 @@ async def test_kill_9_mid_run_then_restart_completes_every_run_once(
     settings = settings_for(broker, prefix)
     args = ["--sleep", "0.05", "--max-in-flight", "20"]
     procs.start("w1", *args)
-    await until_alive(lambda: procs.status("w1").get("owned") == [0, 1, 2, 3], procs, ["w1"], 60, "w1 ready")
+    await until(lambda: procs.status("w1").get("owned") == [0, 1, 2, 3], 60, "w1 ready", procs.watch("w1"))
     requests = [RunRequest(workflow="lin", input={"n": i}, run_id=f"k{i}") for i in range(500)]
     async with Client(settings) as client:
         ids = await client.submit_many(requests)
-        await until_alive(
+        await until(
             lambda: procs.status("w1")["stats"]["completed"] >= 100,
-            procs,
-            ["w1"],
             60,
             "some runs to complete",
+            procs.watch("w1"),
         )
         procs.kill9("w1")
         completed = procs.status("w1")["stats"]["completed"]
@@ -211,7 +196,7 @@ async def test_two_workers_share_the_partitions_and_each_run_completes_once(
         a, b = procs.status("w1").get("owned"), procs.status("w2").get("owned")
         return bool(a) and bool(b) and sorted(a + b) == [0, 1, 2, 3]
 
-    await until_alive(split, procs, ["w1", "w2"], 90, "the two workers to split the partitions")
+    await until(split, 90, "the two workers to split the partitions", procs.watch("w1", "w2"))
     requests = [RunRequest(workflow="lin", input={"n": i}, run_id=f"t{i}") for i in range(400)]
     async with Client(settings) as client:
         ids = await client.submit_many(requests)

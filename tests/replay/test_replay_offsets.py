@@ -17,8 +17,8 @@ from calmrun.client import Client
 from calmrun.replay import REPLAYED_FROM, replay_offsets
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import RunRequest
+from tests.replay.test_replay_recorded import branching
 from tests.runtime_support import add_one, read_raw, ready, running, settings_for
-from tests.test_replay_recorded import branching
 
 
 def cli() -> typer.Typer:

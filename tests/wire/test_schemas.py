@@ -15,7 +15,7 @@ from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.events import RunEvent, RunRequest, StepCost, StepTask
 from calmrun.workflow.state import RunState, StepState
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_schemas_match_the_models(tmp_path: Path) -> None:

@@ -29,9 +29,9 @@ from calmrun.kafka.topics import INVALID, Topics
 from calmrun.wire.avro import MARKER
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, RunRequest
-from tests.runtime_support import WorkerProcs, linear, settings_for
+from tests.runtime_support import WorkerProcs, linear, settings_for, until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CODEC = RecordCodec(wire_models())
 MB2 = 2 * 1024 * 1024
 LIMIT = "LimitExceededError"
@@ -160,16 +160,6 @@ def procs(broker: str, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
         p.kill_all()
 
 
-async def _until(pred: object, procs: WorkerProcs, wait_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + wait_s
-    while not pred():  # type: ignore[operator]
-        procs.alive("w")
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {wait_s}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 def _kcat_produce(broker: str, topic: str, p: Poison) -> None:
     kcat = shutil.which("kcat")
     assert kcat is not None, "the kcat CLI is not installed (Debian package 'kcat'); this test needs it"
@@ -227,7 +217,9 @@ async def test_every_poison_record_is_parked_and_1000_valid_runs_complete(
     settings = settings_for(broker, prefix)
     topics = Topics(prefix)
     procs.start("w", "--max-in-flight", "100")
-    await _until(lambda: procs.status("w").get("owned") == [0, 1, 2, 3], procs, 90, "the worker to be ready")
+    await until(
+        lambda: procs.status("w").get("owned") == [0, 1, 2, 3], 90, "the worker to be ready", procs.watch("w")
+    )
     pid = procs.status("w")["pid"]
     assert pid == procs.procs["w"].pid
 
@@ -276,8 +268,11 @@ async def test_every_poison_record_is_parked_and_1000_valid_runs_complete(
             await asyncio.wait([waiting], timeout=0.5)
         states = waiting.result()
         procs.alive("w")
-        await _until(
-            lambda: procs.status("w")["stats"]["poison"] >= len(poison), procs, 60, "every poison parked"
+        await until(
+            lambda: procs.status("w")["stats"]["poison"] >= len(poison),
+            60,
+            "every poison parked",
+            procs.watch("w"),
         )
         parked = [*(await client.read_dlq(INVALID)), *(await client.read_dlq("lin"))]
     for req in valid:

@@ -36,7 +36,7 @@ from calmrun.workflow.events import RunRequested, StepResult, StepTask
 from calmrun.workflow.state import RunState
 from examples.triage import agents as triage
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "triage"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "triage"
 SECRET = "sk-test-DO-NOT-LEAK-1234567890"
 
 
@@ -123,12 +123,12 @@ def triage_models() -> ModelRegistry:
 def test_registry_resolves_names_and_module_attr(registry: AgentRegistry) -> None:
     spec = registry.resolve("echo")
     assert spec.input_model is Question and spec.output_model is Answer
-    imported = registry.resolve("tests.test_agents:echo_words")
+    imported = registry.resolve("tests.agents.test_agents:echo_words")
     assert imported.target is echo_words
-    assert registry.resolve("tests.test_agents:echo_words") is imported  # cached
+    assert registry.resolve("tests.agents.test_agents:echo_words") is imported  # cached
     agent_spec = registry.resolve("examples.triage.agents:classify")
     assert agent_spec.input_model is None and agent_spec.output_model is triage.Classification
-    plain = registry.resolve("tests.test_agents:returns_dict")
+    plain = registry.resolve("tests.agents.test_agents:returns_dict")
     assert plain.input_model is None and plain.output_model is None
 
 
@@ -168,7 +168,7 @@ async def test_function_agent_round_trip(registry: AgentRegistry) -> None:
 
 
 async def test_dict_agent_output_is_json_able(registry: AgentRegistry) -> None:
-    out = await registry.resolve("tests.test_agents:returns_dict").call(_ctx(), {"a": 1})
+    out = await registry.resolve("tests.agents.test_agents:returns_dict").call(_ctx(), {"a": 1})
     assert out == {"got": {"a": 1}, "when": "1.50"}
     json.dumps(out)
 
@@ -216,8 +216,8 @@ answer_agent = Agent(output_type=Answer, instructions="Answer with words.")
 
 
 async def test_pydantic_ai_agent_records_tokens(registry: AgentRegistry) -> None:
-    models = ModelRegistry({"m": ModelAlias(model="function:tests.test_agents:_scripted_answer")})
-    task = _task("tests.test_agents:answer_agent", {"text": "two words"}, model="m")
+    models = ModelRegistry({"m": ModelAlias(model="function:tests.agents.test_agents:_scripted_answer")})
+    task = _task("tests.agents.test_agents:answer_agent", {"text": "two words"}, model="m")
     result = await execute(task, registry, models, now_ms=_clock())
     assert result.ok, result.error
     assert result.output == {"words": ["x", "y"], "n": 2}
@@ -226,8 +226,8 @@ async def test_pydantic_ai_agent_records_tokens(registry: AgentRegistry) -> None
 
 
 async def test_failed_model_run_still_reports_usage(registry: AgentRegistry) -> None:
-    models = ModelRegistry({"m": ModelAlias(model="function:tests.test_agents:_never_valid")})
-    task = _task("tests.test_agents:answer_agent", {"text": "x"}, model="m")
+    models = ModelRegistry({"m": ModelAlias(model="function:tests.agents.test_agents:_never_valid")})
+    task = _task("tests.agents.test_agents:answer_agent", {"text": "x"}, model="m")
     result = await execute(task, registry, models, now_ms=_clock())
     assert result.error_type == "InvalidOutputError" and result.retriable
     assert result.cost.requests >= 2 and result.cost.tokens_in > 0 and result.cost.tokens_out > 0
@@ -235,7 +235,7 @@ async def test_failed_model_run_still_reports_usage(registry: AgentRegistry) -> 
 
 async def test_agent_without_model_alias_fails_not_retriable(registry: AgentRegistry) -> None:
     result = await execute(
-        _task("tests.test_agents:answer_agent", {}), registry, ModelRegistry({}), now_ms=_clock()
+        _task("tests.agents.test_agents:answer_agent", {}), registry, ModelRegistry({}), now_ms=_clock()
     )
     assert result.error_type == "ConfigError" and not result.retriable
 
@@ -243,7 +243,7 @@ async def test_agent_without_model_alias_fails_not_retriable(registry: AgentRegi
 async def test_unknown_alias_fails_not_retriable(registry: AgentRegistry) -> None:
     models = ModelRegistry({"fast": ModelAlias(model="test")})
     result = await execute(
-        _task("tests.test_agents:answer_agent", {}, model="huge"), registry, models, now_ms=_clock()
+        _task("tests.agents.test_agents:answer_agent", {}, model="huge"), registry, models, now_ms=_clock()
     )
     assert result.error_type == "UnknownModelError" and not result.retriable
     assert result.error is not None and "fast" in result.error
@@ -270,14 +270,14 @@ def _conn_refused(messages: list[ModelMessage], info: AgentInfo) -> ModelRespons
     ],
 )
 async def test_provider_errors(registry: AgentRegistry, fn: str, status: int | None, retriable: bool) -> None:
-    models = ModelRegistry({"m": ModelAlias(model=f"function:tests.test_agents:{fn}")})
+    models = ModelRegistry({"m": ModelAlias(model=f"function:tests.agents.test_agents:{fn}")})
     ctx = StepContext.for_task(_task("x", {}, model="m"), models)
     with pytest.raises(ProviderError) as info:
-        await registry.resolve("tests.test_agents:answer_agent").call(ctx, {"text": "x"})
+        await registry.resolve("tests.agents.test_agents:answer_agent").call(ctx, {"text": "x"})
     assert info.value.status == status and info.value.retriable is retriable
     assert info.value.provider == "function"
     result = await execute(
-        _task("tests.test_agents:answer_agent", {}, model="m"), registry, models, now_ms=_clock()
+        _task("tests.agents.test_agents:answer_agent", {}, model="m"), registry, models, now_ms=_clock()
     )
     assert result.error_type == "ProviderError" and result.retriable is retriable
 

@@ -92,7 +92,7 @@ WORKFLOW = {
 
 
 def settings(broker: str, prefix: str) -> Any:
-    fn = "function:tests.test_costs_planner"
+    fn = "function:tests.costs.test_costs_planner"
     return load_settings(
         kafka={"bootstrap": broker, "prefix": prefix, "partitions": 4},
         worker={"commit_interval_s": 0.2, "timer_interval_s": 0.1},

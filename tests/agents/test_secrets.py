@@ -24,8 +24,8 @@ from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
 from calmrun.workflow.definition import parse_workflow
 from calmrun.workflow.events import RunRequest
+from tests.agents.test_model_faults import fake_openai
 from tests.runtime_support import read_raw, ready
-from tests.test_model_faults import fake_openai
 
 FAKE_KEY = f"sk-test-FAKE-{uuid4().hex}"
 
@@ -37,7 +37,7 @@ def _workflow(name: str, alias: str) -> object:
             "steps": [
                 {
                     "name": "ask",
-                    "agent": "tests.test_model_faults:ask",
+                    "agent": "tests.agents.test_model_faults:ask",
                     "model": alias,
                     "input": {"question": "input.question"},
                     "timeout_s": 30,

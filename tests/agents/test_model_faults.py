@@ -171,7 +171,7 @@ def _workflow(name: str, ladder: list[str]) -> WorkflowDef:
             "steps": [
                 {
                     "name": "ask",
-                    "agent": "tests.test_model_faults:ask",
+                    "agent": "tests.agents.test_model_faults:ask",
                     "models": ladder,
                     "input": {"question": "input.question"},
                     "timeout_s": timeout_s,

@@ -19,8 +19,8 @@ from calmrun.costs.reader import read_current
 from calmrun.costs.topics import ensure_cost_topics
 from calmrun.localproc import free_port
 from calmrun.settings import Settings
+from tests.costs.test_costs_aggregator import produce, settings_for, workload
 from tests.costs_oracle import counted, differences, read_events, recount
-from tests.test_costs_aggregator import produce, settings_for, workload
 
 
 class SkipsOne(Aggregator):

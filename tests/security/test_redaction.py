@@ -71,13 +71,13 @@ WORKFLOW = {
     "steps": [
         {
             "name": "lookup",
-            "agent": "tests.test_redaction:lookup",
+            "agent": "tests.security.test_redaction:lookup",
             "input": {"customer": "input.customer"},
             "next": "notify",
         },
         {
             "name": "notify",
-            "agent": "tests.test_redaction:notify",
+            "agent": "tests.security.test_redaction:notify",
             "input": {"email": "steps.lookup.email", "fail": "input.fail"},
             "retry": {"max_attempts": 1},
             "next": "end:sent",

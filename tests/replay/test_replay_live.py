@@ -71,7 +71,7 @@ WORKFLOW: dict[str, Any] = {
     "steps": [
         {
             "name": "judge",
-            "agent": "tests.test_replay_live:judge",
+            "agent": "tests.replay.test_replay_live:judge",
             "model": "fast",
             "input": {"n": "input.n"},
             "branches": [{"when": {"field": "label", "value": "big"}, "goto": "big"}],
@@ -89,7 +89,7 @@ PRICES = {"price_in_per_mtok": "1.0", "price_out_per_mtok": "4.0"}
 
 
 def models(fn: str) -> dict[str, Any]:
-    return {"fast": {"model": f"function:tests.test_replay_live:{fn}", **PRICES}}
+    return {"fast": {"model": f"function:tests.replay.test_replay_live:{fn}", **PRICES}}
 
 
 def settings(broker: str, prefix: str, fn: str) -> Any:
@@ -163,7 +163,7 @@ async def test_live_replay_on_a_substituted_model_reports_differences(
             "--prefix",
             prefix,
             "--model",
-            "fast=function:tests.test_replay_live:model_b",
+            "fast=function:tests.replay.test_replay_live:model_b",
             "--shadow",
             f"{prefix}-cli",
             "--json",

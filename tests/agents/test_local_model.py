@@ -31,7 +31,7 @@ from calmrun.workflow.definition import load_workflow, parse_workflow
 from calmrun.workflow.events import RunEvent, RunRequest
 from tests.runtime_support import ready, running
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "triage"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "triage"
 MODEL_STEPS = ("classify", "sentiment", "decide")
 
 
@@ -189,7 +189,7 @@ async def test_strict_output_fails_escalates_and_quarantines(
             "steps": [
                 {
                     "name": "digest",
-                    "agent": "tests.test_local_model:strict_digest",
+                    "agent": "tests.agents.test_local_model:strict_digest",
                     "models": ["tiny-a", "tiny-b"],
                     "input": {"ticket_id": "input.ticket_id", "body": "input.body"},
                     "timeout_s": 120,

@@ -72,7 +72,7 @@ def test_mtls_from_files(tmp_path: Path) -> None:
 def test_oauthbearer_token_provider_hook() -> None:
     k = kafka(
         protocol="SASL_SSL",
-        sasl={"mechanism": "OAUTHBEARER", "oauth_token_provider": "tests.test_connect:StaticToken"},
+        sasl={"mechanism": "OAUTHBEARER", "oauth_token_provider": "tests.security.test_connect:StaticToken"},
     )
     got = client_kwargs(k)
     assert isinstance(got["sasl_oauth_token_provider"], StaticToken)
@@ -81,7 +81,10 @@ def test_oauthbearer_token_provider_hook() -> None:
         client_kwargs(
             kafka(
                 protocol="SASL_SSL",
-                sasl={"mechanism": "OAUTHBEARER", "oauth_token_provider": "tests.test_connect:kafka"},
+                sasl={
+                    "mechanism": "OAUTHBEARER",
+                    "oauth_token_provider": "tests.security.test_connect:kafka",
+                },
             )
         )
 
