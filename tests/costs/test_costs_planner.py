@@ -135,6 +135,7 @@ async def test_a_step_starts_on_the_next_rung_once_the_cheap_one_is_seen_failing
             late_id = await client.submit(RunRequest(workflow="planned", run_id="late", input={"n": 0}))
             late_state = (await client.wait_terminal([late_id], wait_s=60))[late_id]
             late = await client.events("late")
+            await read_current(s, wait=True, wait_s=60)  # folded before the aggregator stops
 
     # before the window had enough attempts: the ladder from the cheap rung, and why
     [chosen] = [e.data for e in early if e.type == "step.model_chosen"]
