@@ -33,7 +33,8 @@ from bench.common import PARTITIONS, Ctx, cpu_s, summary
 from calmrun.costs.process import AggregatorProcess
 from calmrun.costs.reader import read_current
 from calmrun.costs.topics import CostTopics, ensure_cost_topics
-from calmrun.kafka.topics import partition_for, read_to_end
+from calmrun.kafka.reader import read_to_end
+from calmrun.kafka.topics import partition_for
 from calmrun.settings import Settings, load_settings
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, StepCost

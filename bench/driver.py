@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from bench.common import PARTITIONS, Ctx, Proc, cpu_s, end_offsets, pct, prefix
-from calmrun.kafka.topics import Topics, read_to_end
+from calmrun.kafka.reader import read_to_end
+from calmrun.kafka.topics import Topics
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, RunRequest
 

@@ -20,7 +20,8 @@ from aiokafka.structs import TopicPartition
 from bench.common import PARTITIONS, Ctx, summary
 from bench.driver import WORKFLOW, start_worker
 from bench.memory import submit_requests
-from calmrun.kafka.topics import Topics, ensure_topics, read_to_end
+from calmrun.kafka.reader import read_to_end
+from calmrun.kafka.topics import Topics, ensure_topics
 from calmrun.settings import load_settings
 from calmrun.wire.codec import RecordCodec, wire_models
 from tests.runtime_support import linear

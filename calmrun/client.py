@@ -20,6 +20,7 @@ from calmrun.errors import (
     RunsNotFinishedError,
     TopicMissingError,
 )
+from calmrun.kafka import reader
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.topics import Topics, check_readable, partition_for, start_client
 from calmrun.settings import Settings
@@ -273,28 +274,16 @@ class Client:
                 missing = TopicMissingError(topic)
                 await check_readable(self.settings.kafka, topic, missing)
             tps = [TopicPartition(topic, p) for p in sorted(partitions if partitions is not None else known)]
-            consumer.assign(tps)
-            begin = await consumer.beginning_offsets(tps)
-            end = await consumer.end_offsets(tps)
-            if since_ms is not None:
-                found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
-                for tp in tps:
-                    at = found.get(tp)
-                    begin[tp] = at.offset if at is not None else end[tp]
-            for tp in tps:
-                consumer.seek(tp, begin[tp])
-            remaining = {tp for tp in tps if end[tp] > begin[tp]}
-            while follow or remaining:
-                if until is not None and time.monotonic() > until:
-                    return
-                batch = await consumer.getmany(timeout_ms=200)
-                for records in batch.values():
-                    for rec in records:
-                        if key is None or rec.key == key:
-                            yield rec
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= end[tp]:
-                        remaining.discard(tp)
+            if follow:
+                consumer.assign(tps)
+                start = await consumer.beginning_offsets(tps)
+                records = reader.follow(consumer, tps, start, until=until)
+            else:
+                records = reader.read_to_end(consumer, tps, since_ms)
+            async with contextlib.aclosing(records) as each:
+                async for rec in each:
+                    if key is None or rec.key == key:
+                        yield rec
         finally:
             await consumer.stop()
 

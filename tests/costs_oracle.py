@@ -19,7 +19,7 @@ from aiokafka.structs import TopicPartition
 from calmrun.costs.fold import ALL, WINDOW_MS, bucket_start
 from calmrun.costs.reader import CostTable, read_totals
 from calmrun.errors import DecodeError
-from calmrun.kafka.topics import read_to_end
+from calmrun.kafka.reader import read_to_end
 from calmrun.settings import Settings
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent

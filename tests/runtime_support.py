@@ -104,7 +104,7 @@ async def read_raw(broker: str, topic: str, partitions: int = 4) -> list[Any]:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
-    from calmrun.kafka.topics import read_to_end
+    from calmrun.kafka.reader import read_to_end
 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=broker, enable_auto_commit=False, isolation_level="read_committed"

@@ -30,7 +30,8 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.errors import CalmrunError
 from calmrun.kafka.connect import client_kwargs
-from calmrun.kafka.topics import Topics, read_to_end, start_client
+from calmrun.kafka.reader import read_to_end
+from calmrun.kafka.topics import Topics, start_client
 from calmrun.replay.recorded import pick_definition, replay_recorded
 from calmrun.replay.snapshot import Snapshot
 from calmrun.settings import KafkaSettings

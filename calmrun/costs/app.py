@@ -44,7 +44,8 @@ from calmrun.costs.peek import folded_type
 from calmrun.costs.topics import CostTopics, ensure_cost_topics
 from calmrun.errors import DecodeError
 from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS, client_kwargs
-from calmrun.kafka.topics import read_to_end, start_client
+from calmrun.kafka.reader import read_to_end
+from calmrun.kafka.topics import start_client
 from calmrun.settings import Settings
 from calmrun.wire.avro import AvroCodec
 from calmrun.wire.codec import NAMESPACE, RecordCodec, wire_models

@@ -9,9 +9,7 @@ so a reader (``read_committed``) sees totals that are exactly the fold of the ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -23,86 +21,12 @@ from calmrun.costs.fold import ALL, FIELDS, SOURCE, bucket_start
 from calmrun.costs.topics import CostTopics, ensure_cost_topics
 from calmrun.errors import CostsNotCurrentError
 from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.reader import Tail
 from calmrun.kafka.topics import start_client
 from calmrun.settings import Settings
 
-
-class CompactedTail:
-    """Reads every partition of a topic from the beginning (committed records only) and keeps following it.
-
-    Args:
-        settings: where the broker is and how many partitions calmrun topics have.
-        topic: the topic to read.
-        apply: called with (key, value) for every record in offset order per partition (value None: deleted).
-    """
-
-    def __init__(self, settings: Settings, topic: str, apply: Callable[[bytes, bytes | None], None]) -> None:
-        self.settings, self.topic, self.apply = settings, topic, apply
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._caught_up = asyncio.Event()
-        self.records = 0
-
-    async def start(self) -> None:
-        """Assign all partitions, read from the beginning; ``caught_up()`` tells when the end seen at start
-        was reached.
-
-        Raises:
-            BrokerUnavailableError: no broker answers.
-        """
-        k = self.settings.kafka
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=k.bootstrap,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            client_id=f"{k.client_id}-costs-reader",
-            **client_kwargs(k),
-        )
-        await start_client(self._consumer, k)
-        tps = [TopicPartition(self.topic, p) for p in range(k.partitions)]
-        self._consumer.assign(tps)
-        start = await self._consumer.beginning_offsets(tps)
-        for tp in tps:
-            self._consumer.seek(tp, start[tp])
-        end = await self._consumer.end_offsets(tps)
-        self._task = asyncio.create_task(self._run(end))
-
-    async def _run(self, end: dict[TopicPartition, int]) -> None:
-        assert self._consumer is not None
-        pending = {tp for tp, off in end.items() if off > 0}
-        if not pending:
-            self._caught_up.set()
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=200, max_records=5000)
-            for records in batch.values():
-                for rec in records:
-                    self.records += 1
-                    self.apply(rec.key or b"", rec.value)
-            if pending:
-                for tp in list(pending):
-                    if await self._consumer.position(tp) >= end[tp]:
-                        pending.discard(tp)
-                if not pending:
-                    self._caught_up.set()
-
-    async def caught_up(self, wait_s: float = 30.0) -> None:
-        """Wait until everything present at ``start()`` has been applied."""
-        await asyncio.wait_for(self._caught_up.wait(), wait_s)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
-
-    async def __aenter__(self) -> CompactedTail:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+CompactedTail = Tail
+"""The cost readers follow the compacted totals and tenants topics with the one tail of ``kafka.reader``."""
 
 
 @dataclass

@@ -11,11 +11,9 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
-from aiokafka.structs import TopicPartition
 
 from calmrun.errors import CalmrunError, ConfigError, KafkaAuthorizationError
 from calmrun.kafka.connect import client_kwargs, diagnose, start_checked
@@ -182,31 +180,3 @@ async def ensure_topics(settings: KafkaSettings, workflows: Iterable[WorkflowDef
         ConfigError: an existing topic has a different partition count (co-partitioning would break).
     """
     return await create_topics(settings, Topics(settings.prefix).all(workflows))
-
-
-async def read_to_end(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ms: int | None = None
-) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
-    """Yield the records of ``tps`` from the start (or the offsets of ``since_ms``) to their end offsets."""
-    consumer.assign(tps)
-    end = await consumer.end_offsets(tps)
-    start = await consumer.beginning_offsets(tps)
-    if since_ms is not None:
-        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
-        for tp in tps:
-            at = found.get(tp)
-            start[tp] = at.offset if at is not None else end[tp]
-    for tp in tps:  # numeric seeks: a reset to the beginning races with the consumer's own reset policy
-        consumer.seek(tp, start[tp])
-    remaining = {tp for tp in tps if end[tp] > 0}
-    while remaining:
-        for tp in list(remaining):
-            if await consumer.position(tp) >= end[tp]:
-                remaining.discard(tp)
-        if not remaining:
-            break
-        batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=5000)
-        for tp, records in batch.items():
-            for rec in records:
-                if rec.offset < end[tp]:
-                    yield rec

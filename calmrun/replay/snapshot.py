@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from calmrun.errors import ConfigError, SnapshotError
 from calmrun.kafka.connect import client_kwargs
-from calmrun.kafka.topics import Topics, check_readable, partition_for, read_to_end, start_client
+from calmrun.kafka.reader import read_to_end
+from calmrun.kafka.topics import Topics, check_readable, partition_for, start_client
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.wire.codec import RecordCodec, wire_models

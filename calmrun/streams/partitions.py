@@ -22,7 +22,8 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
 from calmrun.errors import DecodeError
-from calmrun.kafka.topics import Topics, read_to_end
+from calmrun.kafka.reader import read_to_end
+from calmrun.kafka.topics import Topics
 from calmrun.streams.offsets import OffsetTracker
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.tasks import TaskRunner

@@ -77,6 +77,8 @@ class Worker:
         models: resolves model aliases to pydantic-ai models.
         clock: wall-clock milliseconds; time enters the decider only through the inputs it stamps.
         metrics: Prometheus metrics of this worker (``/metrics`` when ``settings.metrics.port``).
+        stamps: what requests are stamped with (tenant spend, planner figures); by default read from the
+            cost aggregator's topics as the settings and workflows need.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class Worker:
         *,
         clock: Callable[[], int] = wall_ms,
         metrics: WorkerMetrics | None = None,
+        stamps: Stamps | None = None,
     ) -> None:
         self.settings = settings
         self.workflows = {wf.name: check_workflow(wf, settings) for wf in workflows}
@@ -97,7 +100,7 @@ class Worker:
         self.metrics = metrics
         self.pricing = Pricing.from_settings(settings)
         self.redactor = Redactor(settings.redact)
-        self.stamps = Stamps(settings, self.workflows.values(), self._known)
+        self.stamps = stamps or Stamps(settings, self.workflows.values(), self._known)
         self.n = settings.kafka.partitions
         self._offsets = OffsetTracker()
         self._gate = Gate(settings.worker.max_unacked)

@@ -32,7 +32,8 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.check import check_history
 from calmrun.client import Client
-from calmrun.kafka.topics import Topics, read_to_end
+from calmrun.kafka.reader import read_to_end
+from calmrun.kafka.topics import Topics
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunEvent, RunRequest
 from tests.runtime_support import WorkerProcs, branchy, settings_for

@@ -18,7 +18,8 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry
 from calmrun.client import Client
-from calmrun.kafka.topics import Topics, read_to_end
+from calmrun.kafka.reader import read_to_end
+from calmrun.kafka.topics import Topics
 from calmrun.streams.records import Out, StateOut
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
 from calmrun.workflow.events import RunRequest
