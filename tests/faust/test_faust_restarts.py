@@ -87,7 +87,9 @@ class Round:
     """Largest sampled (processed - committed) over all partitions while this worker ran."""
 
 
-async def test_restarts_report_what_faust_loses_and_repeats(broker: str, prefix: str, workers: Workers, tmp_path: Path) -> None:
+async def test_restarts_report_what_faust_loses_and_repeats(
+    broker: str, prefix: str, workers: Workers, tmp_path: Path
+) -> None:
     names = ProofNames.for_prefix(prefix)
     await create_topics(broker, [names.in_topic, names.out_topic])
     workers.extra_args = [
