@@ -274,6 +274,13 @@ async def test_every_poison_record_is_parked_and_1000_valid_runs_complete(
             "every poison parked",
             procs.watch("w"),
         )
+        # the worker counts a completion once its transaction committed; its status file follows within 0.1 s
+        await until(
+            lambda: procs.status("w")["stats"]["completed"] >= len(valid),
+            10,
+            "the worker's count of completed runs",
+            procs.watch("w"),
+        )
         parked = [*(await client.read_dlq(INVALID)), *(await client.read_dlq("lin"))]
     for req in valid:
         s = states[req.run_id or ""]
