@@ -7,7 +7,8 @@ Everything calmrun names under a prefix ``P`` is covered by prefixed ACLs:
 - consumer groups: the workers' ``<group_id>`` (default ``P.workers``) and the aggregator's ``<app_id>``
   (default ``P-costs``); the CLI, replay and the cost readers assign partitions and use no group;
 - transactional IDs ``<group_id>.tx.`` (the worker's producers, one per partition) and ``P.costs.tx.``
-  (the cost aggregator's).
+  (the cost aggregator's);
+- pool executors' groups ``P.pool.<pool>`` and their transactional IDs ``P.pool.<pool>.tx.``.
 
 The ACLs never use a bare prefix ``P`` without its ``.``: team ``a`` must not match team ``ab``.
 """
@@ -20,10 +21,11 @@ from typing import Literal
 from calmrun.errors import CalmrunError, ConfigError
 from calmrun.settings import Settings
 
-Role = Literal["worker", "costs", "operator", "viewer", "ui"]
-ROLES: tuple[Role, ...] = ("worker", "costs", "operator", "viewer", "ui")
+Role = Literal["worker", "costs", "operator", "viewer", "ui", "executor"]
+ROLES: tuple[Role, ...] = ("worker", "costs", "operator", "viewer", "ui", "executor")
 DEFAULT_ROLES: tuple[Role, ...] = ROLES[:4]
-"""What ``calmrun acls`` prints without ``--role``; ``ui`` (the operator page) is asked for by name."""
+"""What ``calmrun acls`` prints without ``--role``; ``ui`` (the operator page) and ``executor`` (pool
+executors, ``calmrun worker --pool``) are asked for by name."""
 
 # Kafka's wire codes (org.apache.kafka.common.resource / acl)
 _RESOURCE = {"topic": 2, "group": 3, "cluster": 4, "transactional_id": 5}
@@ -94,6 +96,10 @@ def acls_for(settings: Settings, principal: str, role: Role) -> list[Acl]:
         add("topic", "prefixed", topics, "Read", "Write", "Describe", "Create")
         add("group", "literal", app_id, "Read", "Describe")
         add("transactional_id", "prefixed", f"{prefix}.costs.tx.", "Write", "Describe")
+    elif role == "executor":  # calmrun worker --pool NAME: step topics in, results (and dead letters) out
+        add("topic", "prefixed", topics, "Read", "Write", "Describe")
+        add("group", "prefixed", f"{prefix}.pool.", "Read", "Describe")
+        add("transactional_id", "prefixed", f"{prefix}.pool.", "Write", "Describe")
     elif role == "operator":
         add("topic", "prefixed", topics, "Read", "Write", "Describe", "Create")
     elif role == "ui":  # calmrun ui: reads the topics, redrives (writes requests), describes both groups' lag

@@ -6,7 +6,8 @@ Runs the ``lin`` workflow of ``tests.runtime_support.linear`` with the agent ``a
 seconds first), or with ``--workflow fork`` the branching ``tests.runtime_support.branchy`` whose agents
 log every start (``--start-log``), until SIGTERM or SIGINT, then stops the worker cleanly. With
 ``--status-file``, the worker's stats, owned partitions and pid are written there as JSON (atomically)
-every 0.1 s and once more after stop.
+every 0.1 s and once more after stop. ``--pooled STEP=POOL`` puts a step in a pool; ``--pool NAME`` runs
+that pool's executor instead of a deciding worker (``--pool none``: a worker that only decides).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.settings import load_settings
+from calmrun.streams.pool import PoolExecutor
 from calmrun.streams.worker import Worker
+from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef, parse_workflow
 from tests import runtime_support
 from tests.runtime_support import branchy, linear, nonce_step, sleepy_add_one
 
@@ -54,10 +57,15 @@ async def main(args: argparse.Namespace) -> None:
             "deadline_grace_s": args.deadline_grace,
         },
     )
-    wf = branchy() if args.workflow == "fork" else linear()
+    wf = pooled(branchy() if args.workflow == "fork" else linear(), args.pooled)
     agents = AgentRegistry({"add_one": sleepy_add_one, "nonce": nonce_step})
-    worker = Worker(settings, [wf], agents, ModelRegistry({}))
     status = Path(args.status_file) if args.status_file else None
+    if args.pool not in (None, "none"):
+        await run_executor(PoolExecutor(settings, [wf], args.pool, agents, ModelRegistry({})), status)
+        return
+    worker = Worker(
+        settings, [wf], agents, ModelRegistry({}), pool=None if args.pool == "none" else DEFAULT_POOL
+    )
     runner = asyncio.create_task(worker.run(lambda: _write_status(status, worker, "running")))
     try:
         while not runner.done():
@@ -66,6 +74,35 @@ async def main(args: argparse.Namespace) -> None:
         runner.result()
     finally:
         _write_status(status, worker, "stopped")
+
+
+def pooled(wf: WorkflowDef, pools: list[str]) -> WorkflowDef:
+    """``wf`` with ``STEP=POOL`` pools set on its steps (``--pooled s2=slow``)."""
+    wanted = dict(p.split("=", 1) for p in pools)
+    data = wf.model_dump(mode="json")
+    for step in data["steps"]:
+        if step["name"] in wanted:
+            step["pool"] = wanted[step["name"]]
+    return parse_workflow(data)
+
+
+async def run_executor(ex: PoolExecutor, status: Path | None) -> None:
+    def write(state: str) -> None:
+        if status is not None:
+            data = {"pid": os.getpid(), "state": state, "owned": sorted(ex.owned)}
+            data["stats"] = dataclasses.asdict(ex.counts) | dataclasses.asdict(ex.tasks.counts)
+            tmp = status.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(status)
+
+    runner = asyncio.create_task(ex.run(lambda: write("running")))
+    try:
+        while not runner.done():
+            await asyncio.wait({runner}, timeout=0.1)
+            write("running")
+        runner.result()
+    finally:
+        write("stopped")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,10 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instance-id", default=None, help="static group membership")
     p.add_argument("--session-timeout", type=float, default=6.0)
     p.add_argument("--deadline-grace", type=float, default=30.0)
+    p.add_argument("--pool", default=None, help="run an executor of this pool ('none': decide only)")
+    p.add_argument("--pooled", action="append", default=[], help="STEP=POOL: the step's pool")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(message)s")
     logging.getLogger("calmrun.worker").setLevel(logging.INFO)
+    logging.getLogger("calmrun.pool").setLevel(logging.INFO)
     asyncio.run(main(parse_args()))

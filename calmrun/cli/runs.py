@@ -27,6 +27,7 @@ from calmrun.cli.common import (
     run_command,
 )
 from calmrun.client import Client, summarize
+from calmrun.workflow.definition import DEFAULT_POOL
 from calmrun.workflow.events import RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 
@@ -37,6 +38,13 @@ def worker(
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
     max_in_flight: Annotated[int | None, typer.Option(help="Step tasks run at once.")] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Execute only the steps of this pool (an executor: no deciding); 'none': decide only, "
+            "execute nothing. Default: decide, and execute the steps that name no pool."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
 ) -> None:
     """Run the given workflows until SIGINT/SIGTERM. Agent references resolve from the current directory."""
@@ -45,20 +53,39 @@ def worker(
     sys.path.insert(0, os.getcwd())
     settings = cli_settings(config, bootstrap, prefix, max_in_flight=max_in_flight)
     wfs = load_workflows(workflow)
+    names = [wf.name for wf in wfs]
 
     async def main() -> None:
+        from calmrun.agents import AgentRegistry, ModelRegistry
+
+        if pool is not None and pool != "none":
+            from calmrun.streams.pool import PoolExecutor
+
+            ex = PoolExecutor(settings, wfs, pool, AgentRegistry(), ModelRegistry(settings.models))
+            await ex.run(
+                lambda: err.print(
+                    f"executor of pool {pool!r} running {ex.inputs} on {settings.kafka.bootstrap}; "
+                    "Ctrl-C stops it"
+                )
+            )
+            return
         from prometheus_client import CollectorRegistry
 
-        from calmrun.agents import AgentRegistry, ModelRegistry
         from calmrun.streams.metrics import WorkerMetrics
         from calmrun.streams.worker import Worker
 
         metrics = WorkerMetrics(CollectorRegistry()) if settings.metrics.port else None
-        w = Worker(settings, wfs, AgentRegistry(), ModelRegistry(settings.models), metrics=metrics)
+        w = Worker(
+            settings,
+            wfs,
+            AgentRegistry(),
+            ModelRegistry(settings.models),
+            metrics=metrics,
+            pool=None if pool == "none" else DEFAULT_POOL,
+        )
+        what = "deciding only" if pool == "none" else "deciding and executing the default pool"
         await w.run(
-            lambda: err.print(
-                f"worker running {[wf.name for wf in wfs]} on {settings.kafka.bootstrap}; Ctrl-C stops it"
-            )
+            lambda: err.print(f"worker {what} of {names} on {settings.kafka.bootstrap}; Ctrl-C stops it")
         )
 
     run_command(main())

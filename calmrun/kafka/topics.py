@@ -48,14 +48,26 @@ class Topics:
     def events(self) -> str:
         return f"{self.prefix}.runs.events"
 
+    @property
+    def results(self) -> str:
+        """Step results from pool executors, keyed by run ID (co-partitioned with the run state)."""
+        return f"{self.prefix}.runs.results"
+
     def step(self, workflow: str, step: str) -> str:
         return f"{self.prefix}.step.{workflow}.{step}"
+
+    def pool_group(self, pool: str) -> str:
+        """The consumer group (and transactional-id prefix) of the executors of ``pool``."""
+        return f"{self.prefix}.pool.{pool}"
 
     def dlq(self, workflow: str) -> str:
         return f"{self.prefix}.dlq.{workflow}"
 
-    def step_topics(self, workflows: Iterable[WorkflowDef]) -> list[str]:
-        return [self.step(wf.name, s.name) for wf in workflows for s in wf.steps]
+    def step_topics(self, workflows: Iterable[WorkflowDef], pool: str | None = None) -> list[str]:
+        """The step topics of these workflows; only those of steps in ``pool`` when one is given."""
+        return [
+            self.step(wf.name, s.name) for wf in workflows for s in wf.steps if pool is None or s.pool == pool
+        ]
 
     def all(self, workflows: Iterable[WorkflowDef]) -> dict[str, dict[str, str]]:
         """Every topic for these workflows with its topic-level configuration."""
@@ -65,6 +77,7 @@ class Topics:
             self.requests: {},
             self.state: {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "600000"},
             self.events: {},
+            self.results: {},
             self.dlq(INVALID): forever,
         }
         for wf in wfs:

@@ -14,14 +14,15 @@ from calmrun.settings import Settings
 from calmrun.streams.txn import transactional_id
 
 
-def group_consumer(settings: Settings) -> AIOKafkaConsumer:
-    """The consumer of the worker's inputs: one group, the range assignor (co-partitioning), no auto
-    commit (offsets commit in the writers' transactions), heartbeats every second."""
+def group_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
+    """The consumer of the worker's inputs: one group (``settings.group_id``, or a pool's), the range
+    assignor (co-partitioning), no auto commit (offsets commit in the writers' transactions), heartbeats
+    every second."""
     k, w = settings.kafka, settings.worker
     session_ms = round(w.session_timeout_s * 1000)
     return AIOKafkaConsumer(
         bootstrap_servers=k.bootstrap,
-        group_id=settings.group_id,
+        group_id=group_id or settings.group_id,
         group_instance_id=w.instance_id,
         client_id=k.client_id,
         enable_auto_commit=False,
@@ -53,13 +54,13 @@ def restorer(settings: Settings) -> AIOKafkaConsumer:
     )
 
 
-def transactional_producer(settings: Settings, p: int) -> AIOKafkaProducer:
+def transactional_producer(settings: Settings, p: int, group_id: str | None = None) -> AIOKafkaProducer:
     """The producer of partition ``p``'s writer (not started: starting it fences the previous owner)."""
     k = settings.kafka
     return AIOKafkaProducer(
         bootstrap_servers=k.bootstrap,
         client_id=f"{k.client_id}-tx-{p}",
-        transactional_id=transactional_id(settings.group_id, p),
+        transactional_id=transactional_id(group_id or settings.group_id, p),
         enable_idempotence=True,
         acks="all",
         linger_ms=k.linger_ms,

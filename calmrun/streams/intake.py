@@ -31,6 +31,7 @@ from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
 from calmrun.streams.requests import parse_request
+from calmrun.streams.results import parse_result
 from calmrun.streams.tasks import TaskRunner
 from calmrun.wire.codec import RecordCodec
 from calmrun.wire.dlq import DlqRecord
@@ -53,6 +54,7 @@ Record: TypeAlias = ConsumerRecord[bytes, bytes]
 class IntakeCounts:
     def __init__(self) -> None:
         self.requests = 0
+        self.results = 0
         self.tasks_skipped = 0
         self.poison = 0
 
@@ -104,10 +106,14 @@ class Intake:
                     if tp.partition not in self._parts.owned:  # lost to a fence meanwhile
                         break
                     pending = self._offsets.consumed(tp, rec.offset)
-                    handle = self._request if rec.topic == self.topics.requests else self._task
-                    self.isolated(handle, rec, pending)
+                    self.isolated(self._handler(rec.topic), rec, pending)
             for tp, offset, exc in fetched.unreadable:
                 self._unparsable(tp, offset, exc)
+
+    def _handler(self, topic: str) -> Callable[[Record, Pending], None]:
+        if topic == self.topics.requests:
+            return self._request
+        return self._result if topic == self.topics.results else self._task
 
     def isolated(self, handle: Callable[[Record, Pending], None], rec: Record, pending: Pending) -> None:
         """Handle one record; whatever it raises parks that record as poison and finishes it."""
@@ -163,6 +169,29 @@ class Intake:
         else:
             inp = self._request_input(run_id, wf, body, rec.timestamp)
         self._decisions.decide(p, wf, state, inp, rec, (pending,))
+
+    def _result(self, rec: Record, pending: Pending) -> None:
+        """A pool executor's answer (``streams.results``): decided as a local agent's result would be."""
+        self.counts.results += 1
+        try:
+            result = parse_result(
+                rec.key, rec.value, self.codec, limits=self.settings.limits, headers=rec.headers
+            )
+        except DecodeError as exc:
+            self.park(rec, exc, None, pending)
+            return
+        p = partition_for(result.run_id, self._n)
+        if p != rec.partition:  # another client's partitioner: move it to the run's partition
+            moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
+            out = Out(rec.topic, p, result.run_id.encode(), rec.value, moved)
+            self._decisions.submit(rec.partition, [out], (pending,), ())
+            return
+        wf = self.workflows.get(result.workflow)
+        if wf is None:
+            self.park(rec, UnknownWorkflowError(result.workflow, list(self.workflows)), None, pending)
+            return
+        state = self._parts.state(p, result.run_id)
+        self._decisions.decide(p, wf, state, result.to_input(rec.timestamp), rec, (pending,))
 
     def _task(self, rec: Record, pending: Pending) -> None:
         idem_bytes = header(rec.headers, IDEMPOTENCY_KEY)

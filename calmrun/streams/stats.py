@@ -17,6 +17,7 @@ class WorkerStats:
     """Counters a test or the CLI can read; Prometheus metrics mirror them (a snapshot of the rooms')."""
 
     requests: int = 0
+    results: int = 0  # pooled steps' results read from the results topic
     tasks_started: int = 0
     tasks_eager: int = 0
     tasks_echoed: int = 0
@@ -42,6 +43,7 @@ def snapshot(
     """One worker's counters, gathered from its rooms."""
     return WorkerStats(
         requests=intake.requests,
+        results=intake.results,
         tasks_started=tasks.started,
         tasks_eager=tasks.eager,
         tasks_echoed=tasks.echoed,

@@ -51,7 +51,7 @@ from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import Gate, PartitionWriter
 from calmrun.wire.codec import RecordCodec, wire_models
-from calmrun.workflow.definition import WorkflowDef
+from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
 from calmrun.workflow.events import (
     StepResult,
     StepTask,
@@ -79,6 +79,9 @@ class Worker:
         metrics: Prometheus metrics of this worker (``/metrics`` when ``settings.metrics.port``).
         stamps: what requests are stamped with (tenant spend, planner figures); by default read from the
             cost aggregator's topics as the settings and workflows need.
+        pool: the pool whose steps this worker executes itself (``"default"``: the steps that name no
+            pool, eagerly); ``None`` decides only. Pooled steps are executed by ``PoolExecutor``s, whose
+            results this worker reads from the results topic. Every worker of a group must agree.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Worker:
         clock: Callable[[], int] = wall_ms,
         metrics: WorkerMetrics | None = None,
         stamps: Stamps | None = None,
+        pool: str | None = DEFAULT_POOL,
     ) -> None:
         self.settings = settings
         self.workflows = {wf.name: check_workflow(wf, settings) for wf in workflows}
@@ -113,7 +117,10 @@ class Worker:
             self._on_result,
             self._fail,
         )
-        self.input_topics = [self.topics.requests, *self.topics.step_topics(self.workflows.values())]
+        self.pool = pool
+        local = self.topics.step_topics(self.workflows.values(), pool) if pool is not None else []
+        self._local = set(local)  # step topics whose tasks this worker executes
+        self.input_topics = [self.topics.requests, self.topics.results, *local]
         self.parts = Partitions(
             self.topics,
             self.codec,
@@ -374,7 +381,8 @@ class Worker:
     def _start_committed(self, p: int, tasks: list[tuple[Out, StepTask]]) -> None:
         """Start the tasks of a decision just committed (eager execution; see the module docstring)."""
         if p in self.parts.owned and not self._stopped.is_set():
-            self.tasks.start_committed(p, tasks, self.parts.awaited)
+            mine = [(out, task) for out, task in tasks if out.topic in self._local]  # not a pool's
+            self.tasks.start_committed(p, mine, self.parts.awaited)
 
     def _known(self, run_id: str) -> bool:
         return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())

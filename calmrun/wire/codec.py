@@ -241,10 +241,10 @@ def _short(exc: ValidationError) -> str:
 def wire_models() -> list[type[BaseModel]]:
     """Every record calmrun writes to Kafka."""
     from calmrun.wire.dlq import DlqRecord
-    from calmrun.workflow.events import RunCommand, RunEvent, RunRequest, StepTask
+    from calmrun.workflow.events import RunCommand, RunEvent, RunRequest, StepResultRecord, StepTask
     from calmrun.workflow.state import RunState
 
-    return [RunRequest, RunCommand, RunEvent, StepTask, RunState, DlqRecord]
+    return [RunRequest, RunCommand, RunEvent, StepTask, StepResultRecord, RunState, DlqRecord]
 
 
 def write_schemas(folder: Path) -> list[Path]:

@@ -18,6 +18,8 @@ from calmrun.errors import ConfigError
 
 NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 END = "end:"
+DEFAULT_POOL = "default"
+"""The pool of a step that names none: executed by the deciding workers themselves (eagerly)."""
 
 
 class _Def(BaseModel):
@@ -152,6 +154,19 @@ class StepDef(_Def):
     choose: Choose | None = Field(
         None, description="pick the starting rung of `models` from observed success rates (the planner)"
     )
+    pool: str = Field(
+        DEFAULT_POOL,
+        pattern=NAME,
+        description="who executes this step: 'default' (the deciding workers) or the name of a pool of "
+        "executors (`calmrun worker --pool NAME`), which read the step topic and answer on the results topic",
+    )
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_named(cls, v: str) -> str:
+        if v == "none":
+            raise ValueError("'none' is not a pool name: `--pool none` means a worker that executes nothing")
+        return v
 
     @property
     def ladder(self) -> list[str | None]:

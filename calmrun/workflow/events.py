@@ -124,6 +124,70 @@ class StepTask(_Record):
         return f"{self.run_id}/{self.step}/{self.kind}/{self.attempt}"
 
 
+class StepResultRecord(_Record):
+    """A pooled step's answer on ``<prefix>.runs.results``, keyed by run ID: what one attempt produced.
+
+    Written by a pool executor (``calmrun worker --pool NAME``, or any Kafka client answering the task
+    record of the step topic, JSON or Avro); the deciding worker turns it into a ``StepResult``. ``ok`` is
+    false when ``error_type`` is set: then ``retriable`` says whether the retry policy may try again.
+    """
+
+    run_id: str
+    workflow: str
+    step: str
+    attempt: int
+    kind: Literal["run", "compensate"] = "run"
+    version: str = ""
+    output: JsonDict | None = None
+    error_type: str | None = None
+    error: str | None = None
+    retriable: bool = True
+    retry_after_ms: int | None = None
+    traceback: str | None = None
+    cost: StepCost = Field(default_factory=StepCost)
+    pool: str | None = Field(None, description="the pool that executed it (for the audit log)")
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.run_id}/{self.step}/{self.kind}/{self.attempt}"
+
+    def to_input(self, at_ms: int) -> StepResult:
+        """The decider's input; ``at_ms`` is when the record was written (its Kafka timestamp)."""
+        return StepResult(
+            run_id=self.run_id,
+            step=self.step,
+            attempt=self.attempt,
+            at_ms=at_ms,
+            kind=self.kind,
+            output=dict(self.output) if self.output is not None else None,
+            error_type=self.error_type,
+            error=self.error,
+            retriable=self.retriable,
+            cost=self.cost,
+            traceback=self.traceback,
+            retry_after_ms=self.retry_after_ms,
+        )
+
+    @classmethod
+    def of(cls, task: StepTask, result: StepResult, pool: str | None = None) -> StepResultRecord:
+        return cls(
+            run_id=task.run_id,
+            workflow=task.workflow,
+            step=task.step,
+            attempt=task.attempt,
+            kind=task.kind,
+            version=task.version,
+            output=result.output,
+            error_type=result.error_type,
+            error=result.error,
+            retriable=result.retriable,
+            retry_after_ms=result.retry_after_ms,
+            traceback=result.traceback,
+            cost=result.cost,
+            pool=pool,
+        )
+
+
 # Inputs of the decider (in-process; recorded as the first event of each decision).
 
 

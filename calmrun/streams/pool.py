@@ -1,0 +1,383 @@
+"""A pool executor: runs the agents of one pool's steps and answers on the results topic.
+
+``calmrun worker --pool NAME`` reads only the step topics of the steps with ``pool: NAME``, in the
+consumer group ``<prefix>.pool.NAME``, and runs each task with the same context, timeout, cost capture,
+limits and idempotency key as a deciding worker does. Its answer is a ``StepResultRecord`` on
+``<prefix>.runs.results``, keyed by run ID and written to the task's partition, where the deciding
+worker that owns the run reads it and decides.
+
+Effectively once, as the deciding worker: one transactional producer per owned partition
+(``<prefix>.pool.NAME.tx.<p>``) writes the results with the task offsets they finish, so a crash loses
+only uncommitted results, whose tasks are read again and run again under the same idempotency key; a
+new owner's initialisation fences the old one. A result the decider has already recorded for that
+attempt (a re-run, a re-issued copy) is ignored there, so no attempt records two results. An executor
+holds no run state: it cannot tell a stale task from a live one, and runs every task it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import TopicPartition
+
+from calmrun.agents import AgentRegistry, ModelRegistry, execute
+from calmrun.costs.pricing import Pricing
+from calmrun.errors import DecodeError, WorkerError
+from calmrun.kafka.connect import AUTHORIZATION_ERRORS, start_error
+from calmrun.kafka.topics import INVALID, Topics, ensure_topics
+from calmrun.limits import check_workflow
+from calmrun.redact import Redactor
+from calmrun.settings import Settings
+from calmrun.streams import clients
+from calmrun.streams.fetch import getmany
+from calmrun.streams.offsets import OffsetTracker, Pending
+from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
+from calmrun.streams.tasks import Source, TaskRunner
+from calmrun.streams.txn import FENCED, Gate, PartitionWriter
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
+from calmrun.workflow.definition import WorkflowDef
+from calmrun.workflow.events import StepResult, StepResultRecord, StepTask
+
+log = logging.getLogger("calmrun.pool")
+
+POOL_HEADER = "calmrun-pool"
+"""Header of a result record: the pool that executed the attempt."""
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class PoolCounts:
+    tasks: int = 0  # task records read
+    results: int = 0  # results committed
+    poison: int = 0  # task records that could not be read, parked
+    fenced: int = 0
+
+
+class PoolExecutor:
+    """Executes the steps of ``pool`` for the given workflows; see the module docstring.
+
+    Args:
+        settings: Kafka, worker (``max_in_flight``, session), limits and model configuration.
+        workflows: the definitions whose steps name ``pool``; only those step topics are read.
+        pool: the pool's name (``"default"``: the steps that name none, for groups of ``--pool none``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        workflows: Sequence[WorkflowDef],
+        pool: str,
+        agents: AgentRegistry,
+        models: ModelRegistry,
+        *,
+        clock: Callable[[], int] = wall_ms,
+    ) -> None:
+        self.settings, self.pool, self.agents, self.models, self.clock = settings, pool, agents, models, clock
+        self.workflows = [check_workflow(wf, settings) for wf in workflows]
+        self.topics = Topics(settings.kafka.prefix)
+        self.group_id = self.topics.pool_group(pool)
+        self.inputs = self.topics.step_topics(self.workflows, pool)
+        if not self.inputs:
+            names = sorted({wf.name for wf in self.workflows})
+            raise WorkerError(f"no step of {names} names pool {pool!r}: this executor would read nothing")
+        self.codec = RecordCodec(wire_models())
+        self.pricing = Pricing.from_settings(settings)
+        self.redactor = Redactor(settings.redact)
+        self.owned: set[int] = set()
+        self.writers: dict[int, PartitionWriter] = {}
+        self.counts = PoolCounts()
+        self._offsets = OffsetTracker()
+        self._gate = Gate(settings.worker.max_unacked)
+        self._stable = asyncio.Event()
+        self.tasks = TaskRunner(
+            settings.worker.max_in_flight,
+            self._execute,
+            self._admit,
+            self._accept,
+            self._on_result,
+            self._fail,
+        )
+        self.consumer: AIOKafkaConsumer | None = None
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self._failed: BaseException | None = None
+        self._closing = False
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failed
+
+    async def start(self) -> None:
+        """Create the topics, join the pool's group and start executing.
+
+        Raises:
+            BrokerUnavailableError, KafkaAuthError, KafkaAuthorizationError: as ``Worker.start``.
+        """
+        k = self.settings.kafka
+        await ensure_topics(k, self.workflows)
+        consumer = self.consumer = clients.group_consumer(self.settings, self.group_id)
+        try:
+            consumer.subscribe(topics=self.inputs, listener=_Listener(self))
+            await consumer.start()
+        except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise (await start_error(k, exc)) from exc
+        self._loops = [
+            asyncio.create_task(self._guarded(self._poll_loop()), name="calmrun-pool-poll"),
+            asyncio.create_task(self._guarded(self._commit_loop()), name="calmrun-pool-commit"),
+        ]
+        log.info("executor of pool %r started: %s, group %s", self.pool, self.inputs, self.group_id)
+
+    async def stop(self) -> None:
+        """Stop fetching, cancel running agents (their tasks are read again), commit the results, leave."""
+        if self._closing:
+            return
+        self._closing = True
+        self._stopped.set()
+        for t in self._loops:
+            t.cancel()
+        for t in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.tasks.cancel(set(self.owned) | set(self.writers))
+        await self._close_writers(set(self.writers))
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+
+    async def __aenter__(self) -> PoolExecutor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """A process's main job: start, run until SIGINT/SIGTERM or a failure, stop.
+
+        Raises:
+            WorkerError: a transaction failed for a reason other than fencing.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stopped.set)
+        try:
+            await self.start()
+            if on_started is not None:
+                on_started()
+            await self._stopped.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+        if self._failed is not None:
+            raise WorkerError(f"executor stopped: {self._failed!r}") from self._failed
+
+    # -- ownership ----------------------------------------------------------------------------------
+
+    async def assigned(self, parts: set[int]) -> None:
+        """Own ``parts``: starting each one's transactional id fences its previous owner."""
+        new = parts - self.owned
+        writers = {p: self._writer(p) for p in new}
+        await asyncio.gather(*(wr.start() for wr in writers.values()))
+        self.writers.update(writers)
+        self.owned |= new
+        self._stable.set()
+        log.info("pool %r: partitions assigned %s", self.pool, sorted(parts))
+
+    async def revoked(self, parts: set[int]) -> None:
+        """Give ``parts`` up: cancel their agents (their tasks are read again by the next owner)."""
+        self._stable.clear()
+        self.owned -= parts
+        await self.tasks.cancel(parts)
+        await self._close_writers(parts)
+        self._offsets.forget(parts)
+
+    async def _close_writers(self, parts: set[int]) -> None:
+        writers = [self.writers.pop(p) for p in parts if p in self.writers]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(w.flush() for w in writers if w.failed is None)), 30)
+        await asyncio.gather(*(w.close() for w in writers))
+
+    def _writer(self, p: int) -> PartitionWriter:
+        producer = clients.transactional_producer(self.settings, p, self.group_id)
+
+        def positions(part: int) -> dict[TopicPartition, int]:
+            return {tp: off for tp, off in self._offsets.to_commit().items() if tp.partition == part}
+
+        return PartitionWriter(
+            p, producer, self.group_id, positions, self._offsets.committed, self._gate, self._lost
+        )
+
+    def _lost(self, p: int, exc: BaseException) -> None:
+        if not isinstance(exc, FENCED):
+            self._fail(exc)
+            return
+        self.counts.fenced += 1
+        log.warning("pool %r: partition %d taken over by another executor (%r)", self.pool, p, exc)
+        self.owned.discard(p)
+        self.tasks.cancel_now(p)
+        self._offsets.forget({p})
+        writer = self.writers.pop(p, None)
+        if writer is not None:
+            asyncio.get_running_loop().create_task(writer.close())
+
+    # -- loops --------------------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        limit = self.settings.worker.max_in_flight
+        while True:
+            await self.tasks.room()
+            await self._gate.room()
+            fetched = await getmany(
+                consumer, timeout_ms=200, max_records=limit, consumed_to=self._offsets.consumed_to
+            )
+            for tp, records in fetched.records.items():
+                if tp.partition not in self.owned:
+                    consumer.seek(tp, records[0].offset)
+                    continue
+                for rec in records:
+                    self._task(rec, self._offsets.consumed(tp, rec.offset))
+            for tp, offset, exc in fetched.unreadable:
+                empty: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+                    tp.topic, tp.partition, offset, -1, 0, None, None, None, -1, -1, ()
+                )
+                self._park(empty, DecodeError(f"the Kafka client cannot parse this record: {exc!r}"))
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.worker.commit_interval_s)
+            for wr in list(self.writers.values()):
+                wr.kick()
+
+    def _task(self, rec: ConsumerRecord[bytes, bytes], pending: Pending) -> None:
+        self.counts.tasks += 1
+        idem = header(rec.headers, IDEMPOTENCY_KEY)
+        if idem is not None and self.tasks.echo(idem.decode(errors="replace"), rec.partition, pending):
+            return  # a copy of an attempt running here: it finishes with that attempt's result
+        try:
+            task = self.codec.decode_as(rec.value or b"", StepTask)
+        except DecodeError as exc:
+            self._park(rec, exc, pending)
+            return
+        if self.tasks.echo(task.idempotency_key, rec.partition, pending):
+            return
+        self.tasks.start(rec.partition, task, rec, eager=False, pending=[pending])
+
+    def _park(
+        self, rec: ConsumerRecord[bytes, bytes], exc: Exception, pending: Pending | None = None
+    ) -> None:
+        """A task record that cannot be read: to ``<prefix>.dlq._invalid`` with its cause, finished."""
+        self.counts.poison += 1
+        log.warning(
+            "pool %r: poison task %s[%d]@%d: %s", self.pool, rec.topic, rec.partition, rec.offset, exc
+        )
+        dlq = DlqRecord(
+            reason="poison",
+            error_type=type(exc).__name__,
+            error=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+            workflow=None,
+            run_id=None,
+            step=None,
+            source_topic=rec.topic,
+            source_partition=rec.partition,
+            source_offset=rec.offset,
+            key=rec.key if rec.key is None or len(rec.key) <= MAX_KEY_BYTES else rec.key[:MAX_KEY_BYTES],
+            value=rec.value,
+            headers={k: v or b"" for k, v in rec.headers},
+            at_ms=self.clock(),
+        ).fitted(self.settings.limits.dlq_max_payload_bytes)
+        out = dlq_out(self.topics.dlq(INVALID), self.codec, rec.partition, dlq.key, dlq)
+        self._send(rec.partition, [out], [pending] if pending is not None else [])
+
+    def _send(self, p: int, outputs: list[Out], pending: list[Pending]) -> None:
+        writer = self.writers.get(p)
+        if writer is None:
+            return  # lost meanwhile: the next owner reads these records again
+        for rec in pending:
+            rec.finish()
+        writer.add(outputs, None, self._count(len([o for o in outputs if o.topic == self.topics.results])))
+
+    def _count(self, n: int) -> Callable[[], None]:
+        def committed() -> None:
+            self.counts.results += n
+
+        return committed
+
+    # -- tasks --------------------------------------------------------------------------------------
+
+    async def _execute(self, task: StepTask) -> StepResult:
+        return await execute(
+            task,
+            self.agents,
+            self.models,
+            now_ms=self.clock,
+            pricing=self.pricing,
+            scrub=functools.partial(self.redactor.text, state=None),
+            limits=self.settings.limits,
+        )
+
+    async def _admit(self, p: int, task: StepTask) -> bool:
+        return await self._accept(p)
+
+    async def _accept(self, p: int) -> bool:
+        if not self._stable.is_set() and not self._stopped.is_set():
+            await self._stable.wait()
+        return p in self.owned and not self._stopped.is_set()
+
+    def _on_result(
+        self, p: int, task: StepTask, result: StepResult, source: Source, pending: list[Pending]
+    ) -> None:
+        record = StepResultRecord.of(task, result, self.pool)
+        out = Out(
+            self.topics.results,
+            p,
+            task.run_id.encode(),
+            self.codec.encode(record),
+            ((IDEMPOTENCY_KEY, task.idempotency_key.encode()), (POOL_HEADER, self.pool.encode())),
+        )
+        self._send(p, [out], pending)
+
+    def _fail(self, exc: BaseException) -> None:
+        log.error("executor failing: %r", exc)
+        if self._failed is None:
+            self._failed = exc
+        self._stopped.set()
+
+    async def _guarded(self, loop: Any) -> None:
+        try:
+            await loop
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, executor: PoolExecutor) -> None:
+        self.executor = executor
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.executor.revoked({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.executor.assigned({tp.partition for tp in assigned})
