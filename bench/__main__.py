@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import aggregator, floor, memory, replay, status, ui, workflow
+from bench import aggregator, floor, memory, pools, replay, status, ui, workflow
 from bench.common import ROOT, Ctx, loadavg
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.localproc import free_port
@@ -35,6 +35,8 @@ WORKLOADS: dict[str, Workload] = {
     "status": status.run,
     "ui": ui.run,
     "aggregator": aggregator.run,
+    "pools-hop": pools.hop,
+    "pools-slow": pools.slow,
 }
 
 

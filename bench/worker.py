@@ -1,12 +1,13 @@
 """A calmrun worker as its own process for the benchmarks: the three-step no-op workflow, ~200-byte outputs.
 
     python -m bench.worker --bootstrap B --prefix P --status-file F [--max-in-flight N] [--acks all|1]
-        [--no-idempotence] [--linger-ms MS] [--sleep S] [--profile OUT]
+        [--no-idempotence] [--linger-ms MS] [--sleep S] [--profile OUT] [--pooled STEP=POOL] [--pool NAME]
 
 Runs ``lin`` (``tests.runtime_support.linear``: s1 -> s2 -> s3) with the agent ``bench_step`` (returns at
 once, or after ``--sleep`` seconds) until SIGTERM. Every 0.1 s and once after stop it writes its stats,
 owned partitions and RSS (current and peak, KiB) to the status file. With ``--profile`` the whole life of
 the worker runs under pyinstrument; the profile is written as text (``OUT``) and as JSON by package.
+``--pooled s2=slow`` puts a step in a pool; ``--pool slow`` runs that pool's executor instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from bench.common import PARTITIONS, rss_kib, write_status
 from bench.profile import summarise
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.settings import load_settings
+from calmrun.streams.pool import PoolExecutor
 from calmrun.streams.worker import Worker
+from calmrun.workflow.definition import WorkflowDef, parse_workflow
 from tests.runtime_support import linear
 
 WORKFLOW = "lin"
@@ -59,6 +62,7 @@ def make_worker(
     acks: str = "all",
     idempotence: bool = True,
     linger_ms: int | None = None,
+    pooled: dict[str, str] | None = None,
 ) -> Worker:
     kafka = {"bootstrap": bootstrap, "prefix": prefix, "partitions": PARTITIONS, "acks": acks}
     kafka |= {"idempotence": idempotence} | ({} if linger_ms is None else {"linger_ms": linger_ms})
@@ -67,11 +71,44 @@ def make_worker(
         worker={"max_in_flight": max_in_flight, "commit_interval_s": 1.0, "timer_interval_s": 0.2},
     )
     return Worker(
-        settings,
-        [linear(WORKFLOW, STEPS, agent="bench_step")],
-        AgentRegistry({"bench_step": bench_step}),
-        ModelRegistry({}),
+        settings, [workflow(pooled or {})], AgentRegistry({"bench_step": bench_step}), ModelRegistry({})
     )
+
+
+def workflow(pooled: dict[str, str]) -> WorkflowDef:
+    """The bench workflow, its steps in the pools given (step -> pool)."""
+    wf = linear(WORKFLOW, STEPS, agent="bench_step")
+    data = wf.model_dump(mode="json")
+    for step in data["steps"]:
+        step["pool"] = pooled.get(step["name"], "default")
+    return parse_workflow(data)
+
+
+def make_executor(bootstrap: str, prefix: str, pool: str, pooled: dict[str, str], mif: int) -> PoolExecutor:
+    settings = load_settings(
+        kafka={"bootstrap": bootstrap, "prefix": prefix, "partitions": PARTITIONS},
+        worker={"max_in_flight": mif, "commit_interval_s": 1.0},
+    )
+    agents = AgentRegistry({"bench_step": bench_step})
+    return PoolExecutor(settings, [workflow(pooled)], pool, agents, ModelRegistry({}))
+
+
+async def run_executor(args: argparse.Namespace, pooled: dict[str, str]) -> None:
+    ex = make_executor(args.bootstrap, args.prefix, args.pool, pooled, args.max_in_flight)
+    status = Path(args.status_file) if args.status_file else None
+
+    def write(state: str) -> None:
+        stats = dataclasses.asdict(ex.counts) | dataclasses.asdict(ex.tasks.counts)
+        data = {"pid": os.getpid(), "state": state, "owned": sorted(ex.owned), "stats": stats}
+        write_status(status, data | {"rss": rss_kib()})
+
+    runner = asyncio.create_task(ex.run(lambda: write("running")))
+    while not runner.done():
+        await asyncio.wait({runner}, timeout=0.1)
+        if ex.owned:
+            write("running")
+    write("stopped")
+    runner.result()
 
 
 def _status(path: Path | None, worker: Worker, state: str) -> None:
@@ -91,6 +128,10 @@ def _status(path: Path | None, worker: Worker, state: str) -> None:
 async def main(args: argparse.Namespace) -> None:
     global SLEEP_S
     SLEEP_S = args.sleep
+    pooled = dict(p.split("=", 1) for p in args.pooled)
+    if args.pool:
+        await run_executor(args, pooled)
+        return
     worker = make_worker(
         args.bootstrap,
         args.prefix,
@@ -98,6 +139,7 @@ async def main(args: argparse.Namespace) -> None:
         acks=args.acks,
         idempotence=not args.no_idempotence,
         linger_ms=args.linger_ms,
+        pooled=pooled,
     )
     status = Path(args.status_file) if args.status_file else None
     runner = asyncio.create_task(worker.run(lambda: _status(status, worker, "running")))
@@ -119,6 +161,8 @@ def cli() -> None:
     parser.add_argument("--no-idempotence", action="store_true")
     parser.add_argument("--linger-ms", type=int, help="producer linger (default: the runtime's)")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--pooled", action="append", default=[], help="STEP=POOL: the step's pool")
+    parser.add_argument("--pool", help="run an executor of this pool instead of a deciding worker")
     parser.add_argument("--profile")
     parser.add_argument(
         "--preload", help="a Python file executed before the worker starts (bench-only patch experiments)"
