@@ -38,13 +38,24 @@ def worker(
     prefix: PrefixOpt = None,
     max_in_flight: Annotated[int | None, typer.Option(help="Step tasks run at once.")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+    processes: Annotated[
+        int, typer.Option(min=1, help="Worker processes in the group on this machine (restarted on death).")
+    ] = 1,
 ) -> None:
-    """Run the given workflows until SIGINT/SIGTERM. Agent references resolve from the current directory."""
+    """Run the given workflows until SIGINT/SIGTERM. Agent references resolve from the current directory.
+
+    With ``--processes N`` (N > 1) this process supervises N children, each this same command without
+    ``--processes`` (see calmrun.supervisor).
+    """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     sys.path.insert(0, os.getcwd())
     settings = cli_settings(config, bootstrap, prefix, max_in_flight=max_in_flight)
     wfs = load_workflows(workflow)
+    if processes > 1:
+        from calmrun.supervisor import supervise
+
+        raise typer.Exit(supervise(settings, processes, sys.argv[1:]))
 
     async def main() -> None:
         from prometheus_client import CollectorRegistry
@@ -55,11 +66,14 @@ def worker(
 
         metrics = WorkerMetrics(CollectorRegistry()) if settings.metrics.port else None
         w = Worker(settings, wfs, AgentRegistry(), ModelRegistry(settings.models), metrics=metrics)
-        await w.run(
-            lambda: err.print(
-                f"worker running {[wf.name for wf in wfs]} on {settings.kafka.bootstrap}; Ctrl-C stops it"
-            )
-        )
+        from calmrun.supervisor import report_ready
+
+        def started() -> None:
+            names = [wf.name for wf in wfs]
+            err.print(f"worker running {names} on {settings.kafka.bootstrap}; Ctrl-C stops it")
+            report_ready()
+
+        await w.run(started)
 
     run_command(main())
 
