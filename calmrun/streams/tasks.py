@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,6 +82,9 @@ class TaskRunner:
         accept: asked when a result is in: is the partition still ours to decide it?
         on_result: the decision on a result, with the task's source and its pending records.
         on_error: a bug in the runner itself (never an agent's failure, which is a result).
+        hold: waited for before a task takes its slot and held until it finishes (the step and model
+            limits of ``streams.throttle``); a task waiting for it does not count against ``max_in_flight``
+            in :meth:`room`, and at most ``max_waiting`` do before ``room`` waits too.
     """
 
     def __init__(
@@ -91,7 +95,10 @@ class TaskRunner:
         accept: Callable[[int], Awaitable[bool]],
         on_result: Callable[[int, StepTask, StepResult, Source, list[Pending]], None],
         on_error: Callable[[BaseException], None],
+        hold: Callable[[StepTask], AbstractAsyncContextManager[None]] | None = None,
+        max_waiting: int = 0,
     ) -> None:
+        self._hold, self._max_waiting, self._waiting = hold, max_waiting, 0
         self._slots = asyncio.Semaphore(max_in_flight)
         self._limit = max_in_flight
         self._execute, self._admit, self._accept = execute, admit, accept
@@ -110,7 +117,7 @@ class TaskRunner:
 
     async def room(self) -> None:
         """Wait until fewer than ``max_in_flight`` tasks are held here (the intake's backpressure)."""
-        while len(self._running) >= self._limit:
+        while len(self._running) - self._waiting >= self._limit or self._waiting >= self._max_waiting > 0:
             self._room.clear()
             await self._room.wait()
 
@@ -167,9 +174,25 @@ class TaskRunner:
         """Drop what is remembered of ``p``'s settled eager tasks (the partition is gone)."""
         self._settled = {k: q for k, q in self._settled.items() if q != p}
 
+    @contextlib.asynccontextmanager
+    async def _held(self, task: StepTask) -> AsyncIterator[None]:
+        if self._hold is None:
+            yield
+            return
+        self._waiting += 1
+        waiting = True
+        try:
+            async with self._hold(task):
+                self._waiting -= 1
+                waiting = False
+                self._room.set()
+                yield
+        finally:
+            self._waiting -= waiting
+
     async def _run(self, p: int, source: Source, task: StepTask, idem: str) -> None:
         try:
-            async with self._slots:
+            async with self._held(task), self._slots:
                 if not await self._admit(p, task):
                     running = self._running.pop(idem)
                     if await self._accept(p):  # decided meanwhile (a copy ran): its records are done
