@@ -36,8 +36,6 @@ from calmrun.settings import AliasThrottle, ThrottleSettings
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import StepResult, StepTask
 
-_FREE: AbstractAsyncContextManager[None] = contextlib.nullcontext()
-
 
 @dataclass
 class _Alias:
@@ -124,12 +122,15 @@ class Throttle:
         now = self._clock()
         return {a: st.paused_until - now for a, st in self._aliases.items() if st.paused_until > now}
 
-    def hold(self, task: StepTask) -> AbstractAsyncContextManager[None]:
-        """Wait until ``task`` may start under its step's and its alias's limits; hold them until exit."""
+    def hold(self, task: StepTask) -> AbstractAsyncContextManager[None] | None:
+        """Wait until ``task`` may start under its step's and its alias's limits; hold them until exit.
+
+        Returns None when no limit applies to ``task`` (nothing to wait for).
+        """
         step = self._steps.get(f"{task.workflow}/{task.step}") if self._steps else None
         alias = self._aliases.get(task.model) if task.model is not None else None
         if step is None and alias is None:
-            return _FREE
+            return None
         return self._held(task, step, alias)
 
     @contextlib.asynccontextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from typing import Any
@@ -54,7 +55,7 @@ class Probe:
 
     async def run(self, t: StepTask, busy_s: float = 0.05) -> None:
         name = t.model or "-"
-        async with self.th.hold(t):
+        async with self.th.hold(t) or contextlib.nullcontext():
             self.starts.append((name, time.monotonic()))
             self.now[name] = self.now.get(name, 0) + 1
             self.peak[name] = max(self.peak.get(name, 0), self.now[name])
