@@ -191,6 +191,48 @@ class LimitsSettings(_Frozen):
     )
 
 
+class AliasThrottle(_Frozen):
+    """What one worker may send to one model alias; unset fields do not limit."""
+
+    max_concurrency: int | None = Field(None, ge=1, description="attempts of this alias running at once")
+    requests_per_minute: float | None = Field(
+        None,
+        gt=0,
+        description="attempt starts per minute, spaced evenly (model requests past an attempt's "
+        "first count when it finishes)",
+    )
+    requests_burst: int = Field(1, ge=1, description="starts allowed at once before the spacing applies")
+    tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="tokens (in + out) per minute, counted from finished attempts' usage: no "
+        "attempt starts while the last minute's tokens are over it",
+    )
+
+
+class StepThrottle(_Frozen):
+    """What one worker may run of one step at once."""
+
+    max_concurrency: int = Field(ge=1, description="attempts of this step running at once")
+
+
+class ThrottleSettings(_Frozen):
+    """Limits per model alias and per step in one worker, applied before an agent starts (calmrun.streams.
+    throttle); a task waiting for one holds no ``max_in_flight`` slot, and its wait is its queue wait."""
+
+    models: dict[str, AliasThrottle] = Field(default_factory=dict, description="model alias -> limits")
+    steps: dict[Annotated[str, Field(pattern=r"^[^/]+/[^/]+$")], StepThrottle] = Field(
+        default_factory=dict, description="'<workflow>/<step>' -> limits"
+    )
+    retry_after_default_s: float = Field(
+        10.0, ge=0, description="how long a 429 without Retry-After pauses its alias on this worker"
+    )
+    max_pause_s: float = Field(300.0, gt=0, description="the longest pause a Retry-After can ask for")
+    max_waiting: int = Field(
+        1_000, ge=1, description="tasks waiting for a limit before the worker stops fetching"
+    )
+
+
 class MetricsSettings(_Frozen):
     """The Prometheus ``/metrics`` endpoint of a worker (0 disables it)."""
 
@@ -311,6 +353,7 @@ class Settings(BaseSettings):
     )
     ui: UiSettings = UiSettings()
     limits: LimitsSettings = LimitsSettings()
+    throttle: ThrottleSettings = ThrottleSettings()
 
     @property
     def group_id(self) -> str:

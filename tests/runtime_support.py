@@ -273,11 +273,13 @@ class NonceOut(BaseModel):
 
 def log_start(ctx: StepContext) -> None:
     """Append this attempt's start to ``START_LOG`` (one line, one write: atomic across processes)."""
-    if START_LOG is None:
-        return
     import json
     import os
     import time
+
+    path = START_LOG or os.environ.get("CALMRUN_TEST_START_LOG")  # the variable: ``calmrun worker`` children
+    if path is None:
+        return
 
     line = json.dumps(
         {
@@ -290,7 +292,7 @@ def log_start(ctx: StepContext) -> None:
             "key": ctx.idempotency_key,
         }
     )
-    fd = os.open(START_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (line + "\n").encode())
     finally:
@@ -299,10 +301,11 @@ def log_start(ctx: StepContext) -> None:
 
 async def nonce_step(ctx: StepContext, item: Nonce) -> NonceOut:
     """Sleeps ``SLEEP_S``, returns a random nonce: a re-run of the step would route the run differently."""
+    import os
     import random
 
     log_start(ctx)
-    await asyncio.sleep(SLEEP_S)
+    await asyncio.sleep(SLEEP_S or float(os.environ.get("CALMRUN_TEST_SLEEP_S", "0")))
     nonce = random.randrange(1_000_000)
     return NonceOut(n=item.n + 1, nonce=nonce, even=nonce % 2 == 0)
 

@@ -40,6 +40,7 @@ async def execute(
     pricing: Pricing | None = None,
     scrub: Callable[[str], str] | None = None,
     limits: LimitsSettings | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> StepResult:
     """Run ``task``'s agent once and describe what happened.
 
@@ -58,6 +59,8 @@ async def execute(
         scrub: applied to the failure's log line (``settings.redact``: the run's redacted values).
         limits: an output over ``max_output_bytes`` (or too deep, or with too long a number) fails the
             attempt as an ``InvalidOutputError``; default ``LimitsSettings()``.
+        on_failure: told the exception an agent raised (a provider's 429 pauses its alias:
+            ``streams.throttle``); not told of timeouts.
 
     Returns:
         The attempt's result, with its cost (tokens used by a failed attempt are reported too).
@@ -97,6 +100,8 @@ async def execute(
             tb = models.redact("".join(traceback.format_exception(exc)))[-MAX_TRACEBACK_CHARS:]
             retriable = exc.retriable if isinstance(exc, CalmrunError) else True
             retry_after = retry_after_ms(exc)
+            if on_failure is not None:
+                on_failure(exc)
             clean = scrub or str
             ctx.logger.warning(
                 "agent %r failed: %s: %s (retriable=%s)%s",

@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic_ai.exceptions import ModelHTTPError, UserError
+from pydantic_ai.exceptions import (
+    ModelHTTPError,
+    ModelQuotaExceededError,
+    ModelRateLimitError,
+    UserError,
+)
 from pydantic_ai.messages import ModelMessage, ModelResponse
 from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse, infer_model
 from pydantic_ai.models.function import FunctionModel
@@ -29,7 +34,7 @@ from pydantic_ai.providers import infer_provider_class
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext
 
-from calmrun.errors import ConfigError
+from calmrun.errors import ConfigError, ProviderError
 from calmrun.settings import ModelAlias
 
 FUNCTION = "function:"
@@ -219,6 +224,25 @@ def retry_after_ms(exc: BaseException) -> int | None:
             return None
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+def rate_limited(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was caused by, a provider's rate limit: HTTP 429 or pydantic-ai's
+    ``ModelRateLimitError`` (also inside a stream). An exhausted quota (``ModelQuotaExceededError``) is not:
+    waiting does not help it.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ModelQuotaExceededError):
+            return False
+        if isinstance(cur, ModelRateLimitError):
+            return True
+        if isinstance(cur, ModelHTTPError | ProviderError):
+            return (cur.status_code if isinstance(cur, ModelHTTPError) else cur.status) == 429
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _import_function(alias: str, path: str) -> Any:

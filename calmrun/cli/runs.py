@@ -46,28 +46,41 @@ def worker(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+    processes: Annotated[
+        int, typer.Option(min=1, help="Worker processes in the group on this machine (restarted on death).")
+    ] = 1,
 ) -> None:
-    """Run the given workflows until SIGINT/SIGTERM. Agent references resolve from the current directory."""
+    """Run the given workflows until SIGINT/SIGTERM. Agent references resolve from the current directory.
+
+    With ``--processes N`` (N > 1) this process supervises N children, each this same command without
+    ``--processes`` (see calmrun.supervisor).
+    """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     sys.path.insert(0, os.getcwd())
     settings = cli_settings(config, bootstrap, prefix, max_in_flight=max_in_flight)
     wfs = load_workflows(workflow)
     names = [wf.name for wf in wfs]
+    if processes > 1:
+        from calmrun.supervisor import supervise
+
+        raise typer.Exit(supervise(settings, processes, sys.argv[1:]))
 
     async def main() -> None:
         from calmrun.agents import AgentRegistry, ModelRegistry
+        from calmrun.supervisor import report_ready
 
         if pool is not None and pool != "none":
             from calmrun.streams.pool import PoolExecutor
 
             ex = PoolExecutor(settings, wfs, pool, AgentRegistry(), ModelRegistry(settings.models))
-            await ex.run(
-                lambda: err.print(
-                    f"executor of pool {pool!r} running {ex.inputs} on {settings.kafka.bootstrap}; "
-                    "Ctrl-C stops it"
-                )
-            )
+
+            def executing() -> None:
+                where = f"{ex.inputs} on {settings.kafka.bootstrap}"
+                err.print(f"executor of pool {pool!r} running {where}; Ctrl-C stops it")
+                report_ready()
+
+            await ex.run(executing)
             return
         from prometheus_client import CollectorRegistry
 
@@ -84,9 +97,12 @@ def worker(
             pool=None if pool == "none" else DEFAULT_POOL,
         )
         what = "deciding only" if pool == "none" else "deciding and executing the default pool"
-        await w.run(
-            lambda: err.print(f"worker {what} of {names} on {settings.kafka.bootstrap}; Ctrl-C stops it")
-        )
+
+        def started() -> None:
+            err.print(f"worker running {names} ({what}) on {settings.kafka.bootstrap}; Ctrl-C stops it")
+            report_ready()
+
+        await w.run(started)
 
     run_command(main())
 

@@ -4,7 +4,8 @@ Counters and histograms are fed from the run events the worker writes (``observe
 audit log says: an event with ``seq <= 0`` is logged only and not counted, and a copy of an event already
 observed here (same run and seq, re-decided after a rebalance) is not counted twice. Gauges are read when
 Prometheus scrapes: runs in flight from the worker's run table, consumer lag from its consumer, DLQ depth
-from the dead-letter topics' offsets (refreshed every ``refresh_s``).
+from the dead-letter topics' offsets (refreshed every ``refresh_s``), model aliases paused after a 429 and
+tasks that waited for a limit from the worker's throttle (``calmrun.streams.throttle``).
 
 Labels are bounded by the configuration (workflow, step, agent, model alias, tenant, status, direction,
 topic); run IDs never become labels. Metrics live in the ``CollectorRegistry`` passed in, never in the
@@ -21,7 +22,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from calmrun.kafka.connect import client_kwargs
@@ -224,7 +225,7 @@ class WorkerMetrics:
         finally:
             await consumer.stop()
 
-    def _gauges(self) -> Iterable[GaugeMetricFamily]:
+    def _gauges(self) -> Iterable[Metric]:
         in_flight = GaugeMetricFamily(
             "calmrun_runs_in_flight",
             "Runs not yet terminal in this worker's partitions.",
@@ -251,7 +252,36 @@ class WorkerMetrics:
                 lag.add_metric((topic,), n)
             for wf, n in sorted(self._dlq_depth.items()):
                 dlq.add_metric((wf,), n)
-        return (in_flight, lag, dlq)
+        return (in_flight, lag, dlq, *_throttle(w))
+
+
+def _throttle(w: Worker | None) -> tuple[Metric, ...]:
+    paused = GaugeMetricFamily(
+        "calmrun_model_paused_seconds",
+        "Seconds left of a model alias's pause on this worker after the provider's rate limit (429).",
+        labels=("alias",),
+    )
+    pauses = CounterMetricFamily(
+        "calmrun_model_pauses", "Rate limits (429) that paused a model alias here.", labels=("alias",)
+    )
+    waits = CounterMetricFamily(
+        "calmrun_throttle_waits",
+        "Tasks that waited before their agent started, by limit (step, model, rate, paused) and name.",
+        labels=("limit", "name"),
+    )
+    waited = CounterMetricFamily(
+        "calmrun_throttle_wait_seconds", "Seconds tasks waited for a limit.", labels=("limit", "name")
+    )
+    if w is not None:
+        c = w.throttle.counts
+        for alias, left in sorted(w.throttle.paused().items()):
+            paused.add_metric((alias,), left)
+        for alias, n in sorted(c.pauses.items()):
+            pauses.add_metric((alias,), n)
+        for key, n in sorted(c.waits.items()):
+            waits.add_metric(key, n)
+            waited.add_metric(key, c.waited_s.get(key, 0.0))
+    return (paused, pauses, waits, waited)
 
 
 async def _consumer_lag(worker: Worker) -> dict[str, int]:
@@ -276,5 +306,5 @@ class _Gauges(Collector):
     def __init__(self, metrics: WorkerMetrics) -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         return self.metrics._gauges()

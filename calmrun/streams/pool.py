@@ -11,7 +11,8 @@ Effectively once, as the deciding worker: one transactional producer per owned p
 only uncommitted results, whose tasks are read again and run again under the same idempotency key; a
 new owner's initialisation fences the old one. A result the decider has already recorded for that
 attempt (a re-run, a re-issued copy) is ignored there, so no attempt records two results. An executor
-holds no run state: it cannot tell a stale task from a live one, and runs every task it reads.
+holds no run state: it cannot tell a stale task from a live one, and runs every task it reads. The
+limits per model alias and step (``settings.throttle``) apply per executor process.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.tasks import Source, TaskRunner
+from calmrun.streams.throttle import Throttle
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
@@ -104,6 +106,7 @@ class PoolExecutor:
         self._offsets = OffsetTracker()
         self._gate = Gate(settings.worker.max_unacked)
         self._stable = asyncio.Event()
+        self.throttle = Throttle(settings.throttle, self.workflows, models.aliases)  # limits, 429 pauses
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
             self._execute,
@@ -111,6 +114,8 @@ class PoolExecutor:
             self._accept,
             self._on_result,
             self._fail,
+            self.throttle.hold,
+            settings.throttle.max_waiting,
         )
         self.consumer: AIOKafkaConsumer | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -326,7 +331,7 @@ class PoolExecutor:
     # -- tasks --------------------------------------------------------------------------------------
 
     async def _execute(self, task: StepTask) -> StepResult:
-        return await execute(
+        result = await execute(
             task,
             self.agents,
             self.models,
@@ -334,7 +339,10 @@ class PoolExecutor:
             pricing=self.pricing,
             scrub=functools.partial(self.redactor.text, state=None),
             limits=self.settings.limits,
+            on_failure=functools.partial(self.throttle.failed, task),
         )
+        self.throttle.finished(task, result)
+        return result
 
     async def _admit(self, p: int, task: StepTask) -> bool:
         return await self._accept(p)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,6 +23,7 @@ from calmrun.streams.records import Out
 from calmrun.workflow.events import StepResult, StepTask
 
 log = logging.getLogger("calmrun.worker")
+_FREE: AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
 class Source(Protocol):
@@ -81,6 +83,9 @@ class TaskRunner:
         accept: asked when a result is in: is the partition still ours to decide it?
         on_result: the decision on a result, with the task's source and its pending records.
         on_error: a bug in the runner itself (never an agent's failure, which is a result).
+        hold: what a task waits for before it takes its slot and holds until it finishes (the step and
+            model limits of ``streams.throttle``; None: nothing); a task waiting for it does not count
+            against ``max_in_flight`` in :meth:`room`, and at most ``max_waiting`` do before ``room`` waits.
     """
 
     def __init__(
@@ -91,7 +96,10 @@ class TaskRunner:
         accept: Callable[[int], Awaitable[bool]],
         on_result: Callable[[int, StepTask, StepResult, Source, list[Pending]], None],
         on_error: Callable[[BaseException], None],
+        hold: Callable[[StepTask], AbstractAsyncContextManager[None] | None] | None = None,
+        max_waiting: int = 0,
     ) -> None:
+        self._hold, self._max_waiting, self._waiting = hold, max_waiting, 0
         self._slots = asyncio.Semaphore(max_in_flight)
         self._limit = max_in_flight
         self._execute, self._admit, self._accept = execute, admit, accept
@@ -110,7 +118,7 @@ class TaskRunner:
 
     async def room(self) -> None:
         """Wait until fewer than ``max_in_flight`` tasks are held here (the intake's backpressure)."""
-        while len(self._running) >= self._limit:
+        while len(self._running) - self._waiting >= self._limit or self._waiting >= self._max_waiting > 0:
             self._room.clear()
             await self._room.wait()
 
@@ -167,9 +175,23 @@ class TaskRunner:
         """Drop what is remembered of ``p``'s settled eager tasks (the partition is gone)."""
         self._settled = {k: q for k, q in self._settled.items() if q != p}
 
+    @contextlib.asynccontextmanager
+    async def _waited(self, hold: AbstractAsyncContextManager[None]) -> AsyncIterator[None]:
+        self._waiting += 1
+        waiting = True
+        try:
+            async with hold:
+                self._waiting -= 1
+                waiting = False
+                self._room.set()
+                yield
+        finally:
+            self._waiting -= waiting
+
     async def _run(self, p: int, source: Source, task: StepTask, idem: str) -> None:
         try:
-            async with self._slots:
+            hold = self._hold(task) if self._hold is not None else None
+            async with self._waited(hold) if hold is not None else _FREE, self._slots:
                 if not await self._admit(p, task):
                     running = self._running.pop(idem)
                     if await self._accept(p):  # decided meanwhile (a copy ran): its records are done

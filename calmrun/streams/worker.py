@@ -48,6 +48,7 @@ from calmrun.streams.runtable import RunTable
 from calmrun.streams.stamps import Stamps
 from calmrun.streams.stats import WorkerStats, snapshot
 from calmrun.streams.tasks import Source, TaskRunner
+from calmrun.streams.throttle import Throttle
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import Gate, PartitionWriter
 from calmrun.wire.codec import RecordCodec, wire_models
@@ -109,6 +110,7 @@ class Worker:
         self._offsets = OffsetTracker()
         self._gate = Gate(settings.worker.max_unacked)
         self._timers = Timers()
+        self.throttle = Throttle(settings.throttle, self.workflows.values(), models.aliases)
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
             self._execute,
@@ -116,6 +118,8 @@ class Worker:
             self._accept,
             self._on_result,
             self._fail,
+            self.throttle.hold,
+            settings.throttle.max_waiting,
         )
         self.pool = pool
         local = self.topics.step_topics(self.workflows.values(), pool) if pool is not None else []
@@ -359,7 +363,7 @@ class Worker:
     async def _execute(self, task: StepTask) -> StepResult:
         p = partition_for(task.run_id, self.n)
         scrub = functools.partial(self.redactor.text, state=self.parts.state(p, task.run_id))
-        return await execute(
+        result = await execute(
             task,
             self.agents,
             self.models,
@@ -367,7 +371,10 @@ class Worker:
             pricing=self.pricing,
             scrub=scrub,
             limits=self.settings.limits,
+            on_failure=functools.partial(self.throttle.failed, task),
         )
+        self.throttle.finished(task, result)
+        return result
 
     async def _accept(self, p: int) -> bool:
         return await self.parts.accept(p) and not self._stopped.is_set()

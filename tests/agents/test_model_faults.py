@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,9 +45,11 @@ class FakeOpenAI:
     """An OpenAI-compatible HTTP server on 127.0.0.1; the requested model name picks what it does.
 
     ``ok-*`` answers valid JSON for ``Answer``, ``invalid-*`` answers JSON that fails it, ``e500-*`` and
-    ``e429-*`` answer those statuses (429 with ``Retry-After``), ``hang-*`` never answers, ``echo401-*``
+    ``e429-*`` answer those statuses (429 with ``Retry-After``), ``once429-*`` answers its first request 429
+    with ``Retry-After: 2`` and then as ``ok-*``, ``hang-*`` never answers, ``echo401-*``
     answers 401 with the request's ``Authorization`` header in its message. Every request is
-    kept (``requests``, with its headers) so a test can see what reached the server.
+    kept (``requests``, with its headers and monotonic arrival time ``t``) so a test can see what reached
+    the server.
     """
 
     def __init__(self) -> None:
@@ -94,7 +97,9 @@ class FakeOpenAI:
         headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         payload = json.loads(body) if body else {}
-        self.requests.append({"method": method, "path": path, "headers": headers, "body": payload})
+        self.requests.append(
+            {"method": method, "path": path, "headers": headers, "body": payload, "t": time.monotonic()}
+        )
         if method == "GET" and path.endswith("/models"):
             names = sorted(self.hits) or ["ok"]
             await _reply(
@@ -118,7 +123,12 @@ class FakeOpenAI:
             error = {"error": {"message": "slow down", "type": "rate_limit"}}
             await _reply(writer, 429, error, {"Retry-After": str(RETRY_AFTER_S)})
             return
-        content = {"answer": "42", "confidence": 0.9} if kind == "ok" else {"answer": "", "confidence": 7}
+        if kind == "once429" and self.hits[model] == 1:
+            error = {"error": {"message": "slow down", "type": "rate_limit"}}
+            await _reply(writer, 429, error, {"Retry-After": "2"})
+            return
+        good = kind in ("ok", "once429")
+        content = {"answer": "42", "confidence": 0.9} if good else {"answer": "", "confidence": 7}
         await _reply(writer, 200, _completion(model, json.dumps(content)))
 
 
