@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from calmrun.errors import ErrorKind, InputMappingError
-from calmrun.workflow.definition import END, WorkflowDef, lookup, targets
+from calmrun.workflow.definition import DEFAULT_POOL, END, WorkflowDef, lookup, targets
 from calmrun.workflow.events import (
     EventType,
     RunEvent,
@@ -86,6 +86,11 @@ def awaits(state: RunState, step: str, attempt: int, kind: Literal["run", "compe
         and st.deadline_ms is not None
         and st.status == ("scheduled" if kind == "run" else "compensating")
     )
+
+
+def _pool(pool: str) -> dict[str, str]:
+    """A scheduled task's pool, on its event only when it is not the default (who runs it, for people)."""
+    return {} if pool == DEFAULT_POOL else {"pool": pool}
 
 
 class Schedule:
@@ -220,7 +225,7 @@ class Schedule:
             "step.scheduled" if kind == "run" else "step.compensation_scheduled",
             name,
             st.attempt,
-            {"agent": agent, "model": st.model, "deadline_ms": st.deadline_ms},
+            {"agent": agent, "model": st.model, "deadline_ms": st.deadline_ms, **_pool(sd.pool)},
         )
 
     def _reissue(self, name: str, kind: Literal["run", "compensate"]) -> None:
@@ -241,6 +246,7 @@ class Schedule:
                 "model": st.model,
                 "expired_ms": previous,
                 "deadline_ms": st.deadline_ms,
+                **_pool(sd.pool),
             },
         )
 

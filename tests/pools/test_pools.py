@@ -69,6 +69,8 @@ async def test_a_pooled_step_runs_in_its_executor_and_the_run_completes(
     assert states["p0"].steps["s3"].output == {"n": 3, "label": "s3:1"}
     assert worker.stats.results == 50 and executor.counts.results == 50
     assert executor.tasks.counts.started == 50 and worker.stats.tasks_started == 100  # s1 and s3 only
+    scheduled = {e.step: e.data.get("pool") for e in events if e.type == "step.scheduled"}
+    assert scheduled == {"s1": None, "s2": "gpu", "s3": None}  # who runs it, on the event for people
     succeeded = [e for e in events if e.type == "step.succeeded" and e.step == "s2"]
     assert succeeded[0].cost is not None and succeeded[0].cost.agent == "where"  # cost per attempt
     report = await check_history(settings.kafka, [wf])
