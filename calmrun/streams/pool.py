@@ -25,12 +25,12 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry
 
 from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.costs.pricing import Pricing
@@ -43,6 +43,7 @@ from calmrun.settings import Settings
 from calmrun.streams import clients
 from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
+from calmrun.streams.poolmetrics import PoolCounts, PoolMetrics
 from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.throttle import Throttle
@@ -60,14 +61,6 @@ POOL_HEADER = "calmrun-pool"
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@dataclass
-class PoolCounts:
-    tasks: int = 0  # task records read
-    results: int = 0  # results committed
-    poison: int = 0  # task records that could not be read, parked
-    fenced: int = 0
 
 
 class PoolExecutor:
@@ -122,6 +115,9 @@ class PoolExecutor:
         self._stopped = asyncio.Event()
         self._failed: BaseException | None = None
         self._closing = False
+        self.metrics = PoolMetrics(
+            CollectorRegistry(), pool, self.counts, lambda: self.tasks.counts.running, lambda: len(self.owned)
+        )
 
     @property
     def failure(self) -> BaseException | None:
@@ -143,6 +139,7 @@ class PoolExecutor:
             with contextlib.suppress(Exception):
                 await consumer.stop()
             raise (await start_error(k, exc)) from exc
+        self.metrics.start(self.settings.metrics)
         self._loops = [
             asyncio.create_task(self._guarded(self._poll_loop()), name="calmrun-pool-poll"),
             asyncio.create_task(self._guarded(self._commit_loop()), name="calmrun-pool-commit"),
@@ -165,6 +162,7 @@ class PoolExecutor:
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
+        self.metrics.stop()
 
     async def __aenter__(self) -> PoolExecutor:
         await self.start()

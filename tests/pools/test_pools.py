@@ -3,6 +3,7 @@ results topic, and the run keeps one history (the checker), with cost, retries a
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,6 +12,7 @@ from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.check import check_history
 from calmrun.client import Client
 from calmrun.errors import WorkerError
+from calmrun.localproc import free_port
 from calmrun.streams.pool import PoolExecutor
 from calmrun.streams.worker import Worker
 from calmrun.workflow.definition import WorkflowDef, parse_workflow
@@ -154,3 +156,37 @@ async def test_tasks_wait_for_an_executor_and_run_when_one_starts(
         started.append(executor)
         states = await client.wait_terminal(ids, wait_s=60)
     assert states["w1"].status == "completed"
+
+
+async def test_an_executor_serves_its_metrics(
+    broker: str, prefix: str, started: list[Worker | PoolExecutor]
+) -> None:
+
+    from calmrun.settings import load_settings
+
+    port = free_port()
+    base = settings_for(broker, prefix)
+    settings = load_settings(
+        kafka=base.kafka.model_dump(), worker=base.worker.model_dump(), metrics={"port": port}
+    )
+    wf = pooled(linear(), s2="gpu")
+    agents = AgentRegistry({"add_one": add_one})
+    worker = Worker(base, [wf], agents, ModelRegistry({}))
+    await worker.start()
+    started.append(worker)
+    await ready(worker)
+    executor = PoolExecutor(settings, [wf], "gpu", agents, ModelRegistry({}))
+    await executor.start()
+    started.append(executor)
+    async with Client(base) as client:
+        ids = await client.submit_many([RunRequest(workflow="lin", input={"n": i}) for i in range(5)])
+        await client.wait_terminal(ids, wait_s=60)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    await until(lambda: 'calmrun_pool_results_total{pool="gpu"} 5.0' in scrape(), 10, "5 results counted")
+    text = scrape()
+    assert 'calmrun_pool_partitions_owned{pool="gpu"} 4.0' in text
+    assert 'calmrun_pool_tasks_running{pool="gpu"} 0.0' in text
