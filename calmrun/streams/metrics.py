@@ -161,7 +161,8 @@ class WorkerMetrics:
         self._worker = worker
         for wf in worker.workflows.values():
             for s in wf.steps:
-                self.agents[(wf.name, s.name, "run")] = s.agent
+                if s.agent:  # approval and wait steps run none
+                    self.agents[(wf.name, s.name, "run")] = s.agent
                 if s.compensate:
                     self.agents[(wf.name, s.name, "compensate")] = s.compensate
 
