@@ -156,6 +156,10 @@ def print_status(state: RunState, events: list[RunEvent]) -> None:
             f"{c.cost_usd:.6f}" if c else "0.000000",
         )
     out.print(steps)
+    from calmrun.cli.people import waiting_lines
+
+    for line in waiting_lines(state, events):
+        out.print(line)
     history = Table("seq", "at", "event", "step", "attempt", "detail", title="history")
     for e in events:
         detail = {k: v for k, v in e.data.items() if k not in ("output", "input", "outputs")}

@@ -39,6 +39,7 @@ TERMINAL = {
     "run.quarantined": "quarantined",
     "run.over_budget": "over_budget",
     "run.refused": "refused",
+    "run.cancelled": "cancelled",
 }
 SEEN_RUNS = 100_000
 """Runs whose last observed seq is remembered (LRU) to drop re-decided copies; memory, not labels."""
