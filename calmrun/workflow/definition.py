@@ -187,7 +187,7 @@ class StepDef(_Def):
 
     @model_validator(mode="after")
     def _kind_fits(self) -> StepDef:
-        given = {f for f in self.model_fields if getattr(self, f) not in (None, [])}
+        given = {f for f in type(self).model_fields if getattr(self, f) not in (None, [])}
         if self.kind == "agent":
             if not self.agent:
                 raise ValueError(f"step {self.name!r}: an agent step needs `agent`")
