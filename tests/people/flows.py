@@ -59,7 +59,7 @@ def people(name: str = "hitl", gate_s: float = 120.0, pay_s: float = 120.0) -> W
     )
 
 
-def people_flows(quick_s: float = 2.0) -> list[WorkflowDef]:
+def people_flows(quick_s: float = 8.0) -> list[WorkflowDef]:
     """``hitl`` (waits of two minutes) and ``hitl_quick`` (its gate times out after ``quick_s``)."""
     return [people(), people("hitl_quick", gate_s=quick_s)]
 
