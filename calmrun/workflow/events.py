@@ -56,7 +56,7 @@ class RunCommand(_Record):
     def _fields_fit(self) -> RunCommand:
         need = {"approve": "step", "reject": "step", "signal": "name"}.get(self.command)
         if need is not None and not getattr(self, need):
-            raise ValueError(f"a {self.command} command needs `{need}`")
+            raise ValueError(f"{self.command} needs `{need}`")
         return self
 
 

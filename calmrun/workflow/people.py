@@ -33,8 +33,9 @@ from calmrun.workflow.definition import StepDef, targets
 from calmrun.workflow.events import Answer, CancelRequested, PersonInput, SignalReceived
 from calmrun.workflow.schedule import Decision, Schedule
 
-MAX_BUFFERED = 100
-"""Signals of one name kept for a step that has not started yet; more are ignored."""
+MAX_BUFFERED = 10
+"""Signals of one name kept for a step that has not started yet; more are ignored (``calmrun.limits``
+counts them in the largest run state)."""
 
 
 class People(Schedule):
