@@ -138,8 +138,8 @@ def print_status(state: RunState, events: list[RunEvent]) -> None:
         f"[bold]{state.run_id}[/bold]  workflow {state.workflow} v{state.version}  tenant {state.tenant}  "
         f"status [bold]{state.status}[/bold]  outcome {state.outcome or '-'}"
     )
-    if state.error:
-        out.print(f"  error: {state.error_type}: {state.error}")
+    if state.error:  # a cancelled run has no error type: its "error" says who cancelled it and why
+        out.print(f"  error: {state.error_type}: {state.error}" if state.error_type else f"  {state.error}")
     from calmrun.cli.costs import step_costs
 
     costs = step_costs(events)
