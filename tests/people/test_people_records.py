@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,17 @@ def test_a_signal_payload_is_held_to_the_output_limit() -> None:
     big = {**README["signal"], "data": {"blob": "x" * 2000}}
     with pytest.raises(LimitExceededError, match=r"signal payload is over limits\.max_output_bytes"):
         parse(json.dumps(big).encode(), LimitsSettings(max_output_bytes=1024))
+
+
+def test_the_signal_verb_refuses_a_bad_payload_before_connecting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from calmrun.cli import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["signal", "run-42", "paid", "--data", "[1, 2]"])
+    assert listed.exit_code == 2 and "must be a JSON object, not list" in listed.output
+    broken = runner.invoke(app, ["signal", "run-42", "paid", "--data", "{nope"])
+    assert broken.exit_code == 2 and "--data is not JSON" in broken.output
+    missing = runner.invoke(app, ["signal", "run-42", "paid", "--data", f"@{tmp_path}/none.json"])
+    assert missing.exit_code == 2 and "none.json" in missing.output
