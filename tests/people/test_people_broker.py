@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
+from prometheus_client import CollectorRegistry
+
+from calmrun.agents import ModelRegistry
 from calmrun.check import check_history
 from calmrun.client import Client
 from calmrun.settings import Settings
+from calmrun.streams.metrics import WorkerMetrics
+from calmrun.streams.worker import Worker
 from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
 from calmrun.workflow.state import RunState
 from tests.people.flows import people_agents, people_flows
-from tests.runtime_support import ready, running, settings_for
+from tests.runtime_support import ready, settings_for
 
 
 async def wait_for(
@@ -57,7 +62,18 @@ async def history_ok(settings: Settings, quick_s: float) -> None:
 
 async def test_approve_signal_reject_timeout_cancel_end_as_expected(broker: str, prefix: str) -> None:
     settings = settings_for(broker, prefix)
-    async with running(settings, people_flows(quick_s=1.0), people_agents()) as w, Client(settings) as c:
+    metrics = WorkerMetrics(CollectorRegistry())
+    worker = Worker(settings, people_flows(quick_s=1.0), people_agents(), ModelRegistry({}), metrics=metrics)
+    await worker.start()
+    try:
+        await _scenario(worker, metrics, settings)
+    finally:
+        await worker.stop()
+    await history_ok(settings, quick_s=1.0)
+
+
+async def _scenario(w: Worker, metrics: WorkerMetrics, settings: Settings) -> None:
+    async with Client(settings) as c:
         await ready(w)
         ids = await c.submit_many(
             [
@@ -71,6 +87,8 @@ async def test_approve_signal_reject_timeout_cancel_end_as_expected(broker: str,
         for run_id in ("approved", "rejected", "cancelled", "early-signal"):
             s = await wait_for(c, run_id, waiting("gate"), f"{run_id} to wait at the gate")
             assert s.steps["gate"].due_ms is not None and s.next_due_ms() == s.steps["gate"].due_ms
+        gate = {"workflow": "hitl", "step": "gate"}
+        assert metrics.registry.get_sample_value("calmrun_steps_waiting", gate) == 4
 
         # someone who is not an approver: ignored, with why, and the run still waits
         await c.command(command("approved", "approve", step="gate", by="mallory"))
@@ -121,4 +139,10 @@ async def test_approve_signal_reject_timeout_cancel_end_as_expected(broker: str,
         early = await c.events("early-signal")
         assert next(e for e in early if e.type == "step.signalled").data == {"name": "paid", "buffered": True}
         assert await c.read_dlq("hitl") == []  # a cancel is not a failure: no dead letter
-    await history_ok(settings, quick_s=1.0)
+        assert metrics.registry.get_sample_value("calmrun_steps_waiting", gate) is None
+        assert (
+            metrics.registry.get_sample_value(
+                "calmrun_runs_total", {"workflow": "hitl", "tenant": "default", "status": "cancelled"}
+            )
+            == 1
+        )
