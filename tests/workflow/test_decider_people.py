@@ -21,6 +21,7 @@ from calmrun.workflow.events import (
     Answer,
     CancelRequested,
     DeciderInput,
+    RedriveRequested,
     RunRequested,
     SignalReceived,
     StepResult,
@@ -371,3 +372,29 @@ def test_an_answer_and_a_timer_in_either_order_both_replay(inputs: list[DeciderI
         assert final is not None and replayed is not None and replayed.model_dump() == final.model_dump()
         won = "step.approved" if order[0] is answer else "step.timed_out"
         assert won in [e.type for e in log]
+
+
+def test_a_redrive_after_a_wait_timeout_waits_again_and_replays() -> None:
+    wf = parse_workflow(
+        {
+            "name": "k",
+            "steps": [
+                {"name": "w", "kind": "approval", "timeout_s": 1, "next": "x"},
+                {"name": "x", "agent": "x"},
+            ],
+        }
+    )
+    inputs: list[DeciderInput] = [
+        RunRequested(RUN, "k", {}, 0),
+        TimerFired(RUN, 1000),  # no answer: WaitTimeout, quarantined
+        RedriveRequested(RUN, 5000),
+        Answer(RUN, "w", True, 5100, "ann"),
+    ]
+    s, ds = run(wf, inputs)
+    assert all(d.ignored is None for d in ds)
+    assert s is not None and s.steps["w"].attempt == 2 and s.steps["w"].status == "succeeded"
+    assert [t.step for t in ds[-1].tasks] == ["x"]
+    log = [e for d in ds for e in d.events]
+    replayed, replay_log = fold_history(wf, inputs_from_events(log))
+    assert replayed is not None and replayed.model_dump() == s.model_dump()
+    assert [e.model_dump() for e in replay_log] == [e.model_dump() for e in log]
