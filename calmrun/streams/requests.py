@@ -103,7 +103,8 @@ def _parse(
         try:
             body = model.model_validate(data)
         except ValidationError as exc:
-            raise DecodeError(f"invalid {model.__name__}: {describe_errors(exc, data)}") from exc
+            why = describe_errors(exc, data, root="record")
+            raise DecodeError(f"invalid {model.__name__}: {why}") from exc
     if isinstance(body, RunCommand) and body.data:
         # a signal's payload becomes a wait step's output: it is held to the outputs' limit
         size = len(to_json(body.data))

@@ -346,8 +346,8 @@ def parse_workflow(data: Any, *, source: str = "<workflow>") -> WorkflowDef:
         raise ConfigError(f"{source}: invalid workflow: {describe_errors(exc, data)}") from exc
 
 
-def describe_errors(exc: ValidationError, data: Any) -> str:
-    """Render validation errors as 'steps[1] (extract).retry.max_attempts: message'."""
+def describe_errors(exc: ValidationError, data: Any, root: str = "workflow") -> str:
+    """Render validation errors as 'steps[1] (extract).retry.max_attempts: message' (``root``: no field)."""
     parts = []
     for err in exc.errors():
         loc = list(err["loc"])
@@ -361,5 +361,5 @@ def describe_errors(exc: ValidationError, data: Any) -> str:
                         where += f" ({steps[p]['name']})"
             else:
                 where += ("." if where else "") + str(p)
-        parts.append(f"{where or 'workflow'}: {err['msg']}")
+        parts.append(f"{where or root}: {err['msg']}")
     return "; ".join(parts)
