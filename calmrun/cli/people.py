@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import getpass
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -37,8 +38,16 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+Check = Callable[[RunState], str | None]
+
+
 def _send(
-    run_id: str, make: Any, check: Any, config: Any, bootstrap: Any, prefix: Any
+    run_id: str,
+    make: Callable[[RunState], RunCommand],
+    check: Check,
+    config: Path | None,
+    bootstrap: str | None,
+    prefix: str | None,
 ) -> tuple[RunState, RunCommand]:
     """Read the run, let ``check`` refuse it (a message), then send ``make(state)``."""
     settings = cli_settings(config, bootstrap, prefix)
@@ -63,7 +72,7 @@ def _send(
     return state, cmd
 
 
-def _waiting_check(step: str) -> Any:
+def _waiting_check(step: str) -> Check:
     def check(state: RunState) -> str | None:
         st = state.steps.get(step)
         if st is None or st.status != "waiting":
@@ -74,13 +83,22 @@ def _waiting_check(step: str) -> Any:
     return check
 
 
-def _answer(command: str, run_id: str, step: str, by: str, comment: str | None, *opts: Any) -> None:
+def _answer(
+    command: Literal["approve", "reject"],
+    run_id: str,
+    step: str,
+    by: str,
+    comment: str | None,
+    config: Path | None,
+    bootstrap: str | None,
+    prefix: str | None,
+) -> None:
     def make(state: RunState) -> RunCommand:
         return RunCommand(
             command=command, run_id=run_id, workflow=state.workflow, step=step, by=by, comment=comment
         )
 
-    _send(run_id, make, _waiting_check(step), *opts)
+    _send(run_id, make, _waiting_check(step), config, bootstrap, prefix)
     out.print(f"sent: {command} {run_id} step {step} by {by} (calmrun status {run_id} shows the decision)")
 
 
