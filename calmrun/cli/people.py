@@ -183,14 +183,17 @@ def cancel(
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
 ) -> None:
-    """Cancel a running run: its active steps stop, its succeeded steps are compensated last first."""
+    """Cancel a run: its active steps stop, its succeeded steps are compensated last first (a quarantined
+    run, compensated already, is closed for good: no redrive)."""
     sender = by or f"cli:{getpass.getuser()}"
 
     def make(state: RunState) -> RunCommand:
         return RunCommand(command="cancel", run_id=run_id, workflow=state.workflow, reason=reason, by=sender)
 
     def check(state: RunState) -> str | None:
-        return None if state.status == "running" else f"run {run_id} is {state.status}: nothing to cancel"
+        if state.status in ("running", "quarantined", "over_budget"):
+            return None
+        return f"run {run_id} is {state.status}: nothing to cancel"
 
     _send(run_id, make, check, config, bootstrap, prefix)
     out.print(f"sent: cancel {run_id} by {sender} (calmrun status {run_id} shows the compensations)")

@@ -19,7 +19,8 @@ that wakes it. No task, no thread, no polling.
   without one the step fails with ``WaitTimeout`` and the run is quarantined.
 - Cancel (``CancelRequested``) of a running run records ``run.cancel_requested``, cancels its active
   steps and compensates its succeeded steps in reverse order (the quarantine's saga, with no dead
-  letter): the run ends ``cancelled`` with ``run.cancelled`` once the last compensation is done.
+  letter): the run ends ``cancelled`` with ``run.cancelled`` once the last compensation is done. A
+  quarantined run (its saga ran at the quarantine) is closed for good the same way: no redrive after.
 
 Pure, as the decider is: no I/O, no clock.
 """
@@ -33,6 +34,7 @@ from calmrun.workflow.definition import StepDef, targets
 from calmrun.workflow.events import Answer, CancelRequested, PersonInput, SignalReceived
 from calmrun.workflow.schedule import Decision, Schedule
 
+CANCELLABLE = ("running", "quarantined", "over_budget")
 MAX_BUFFERED = 10
 """Signals of one name kept for a step that has not started yet; more are ignored (``calmrun.limits``
 counts them in the largest run state)."""
@@ -101,14 +103,20 @@ class People(Schedule):
 
     def on_cancel(self, c: CancelRequested) -> Decision | None:
         s = self.s
-        if s.status != "running":
-            self.why = f"cancel needs a running run; this one is {s.status}"
+        was = s.status
+        if was not in CANCELLABLE:
+            self.why = f"cancel needs a running or quarantined run; this one is {was}"
             return None
-        self.emit("run.cancel_requested", data={"reason": c.reason, "by": c.by})
-        s.status, s.error_type = "cancelled", None
-        s.error = f"cancelled{f' by {c.by}' if c.by else ''}: {c.reason or 'no reason given'}"
-        self._cancel_active("run cancelled")
-        self._saga()  # emits run.cancelled when the last compensation is done (or at once: none)
+        self.emit("run.cancel_requested", data={"reason": c.reason, "by": c.by, "status": was})
+        why = f"cancelled{f' by {c.by}' if c.by else ''}: {c.reason or 'no reason given'}"
+        if was != "running":  # its saga ran (or runs) at the quarantine: the run is closed for good
+            why += f" (it was {was}: {s.error_type}: {s.error})"
+        s.status, s.error_type, s.error = "cancelled", None, why
+        if was == "running":
+            self._cancel_active("run cancelled")
+            self._saga()  # emits run.cancelled when the last compensation is done (or at once: none)
+        elif not s.compensations:
+            self._next_compensation(done=None)  # nothing left to undo: run.cancelled now
         return self.finish()
 
     def on_wait_due(self, name: str) -> None:
