@@ -32,7 +32,7 @@ from calmrun.workflow.state import RunState
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("calmrun.client")
-TERMINAL = frozenset({"completed", "quarantined", "over_budget", "refused"})
+TERMINAL = frozenset({"completed", "quarantined", "over_budget", "refused", "cancelled"})
 
 
 class Client:
@@ -90,6 +90,15 @@ class Client:
         except TopicAuthorizationFailedError as exc:
             raise KafkaAuthorizationError("topic", self.topics.requests, detail="Write refused") from exc
         return ids
+
+    async def command(self, cmd: RunCommand) -> None:
+        """Produce one command (approve, reject, signal, cancel, redrive) keyed by its run ID."""
+        try:
+            await self.producer.send_and_wait(
+                self.topics.requests, self.codec.encode(cmd), key=cmd.run_id.encode()
+            )
+        except TopicAuthorizationFailedError as exc:
+            raise KafkaAuthorizationError("topic", self.topics.requests, detail="Write refused") from exc
 
     async def redrive(
         self, workflow: str, run_ids: set[str] | None = None, *, by: str | None = None

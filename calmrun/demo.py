@@ -2,7 +2,10 @@
 
 ``python -m calmrun.demo [--runs N] [--ui]`` (``make demo``): starts the project's KRaft broker on a free
 port, runs the example triage workflow on scripted models (no network), submits N tickets, waits for every
-run, prints statuses, throughput, latency and one run's event history, then stops everything it started.
+run, prints statuses, throughput, latency and one run's event history; then three refunds above the
+approval amount wait for a person: one is approved, one rejected, one times out (the demo shortens the
+step's timeout to ``APPROVAL_TIMEOUT_S``), and their histories are printed. Then it stops everything it
+started.
 With ``--ui`` the operator page (``calmrun ui``) serves the demo's topics from the start, its address is
 printed, and everything stays up after the batch until Ctrl-C.
 """
@@ -32,17 +35,85 @@ from calmrun.gctune import settle_heap
 from calmrun.localproc import free_port
 from calmrun.settings import load_settings
 from calmrun.streams.worker import Worker
-from calmrun.workflow.definition import load_workflow
-from calmrun.workflow.events import RunRequest
+from calmrun.workflow.definition import WorkflowDef, load_workflow, parse_workflow
+from calmrun.workflow.events import RunCommand, RunRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "triage"
+APPROVAL_STEP = "approve_refund"
+APPROVAL_TIMEOUT_S = 2.0
+"""The demo's approval timeout (the example's is a day), so that one run visibly expires."""
+APPROVALS = {  # run ID -> (refund amount, the answer: a command and who gives it, or None: let it expire)
+    "refund-approved": (240, ("approve", "finance-lead", "order checked: refund it")),
+    "refund-rejected": (310, ("reject", "support-lead", "already refunded by card issuer")),
+    "refund-expired": (420, None),
+}
+
+
+def demo_workflow() -> WorkflowDef:
+    """The triage example with the approval step's timeout cut to ``APPROVAL_TIMEOUT_S``."""
+    data = load_workflow(EXAMPLE / "workflow.yaml").model_dump(exclude_unset=True)
+    for step in data["steps"]:
+        if step["name"] == APPROVAL_STEP:
+            step["timeout_s"] = APPROVAL_TIMEOUT_S
+    return parse_workflow(data, source="the demo's triage workflow")
+
+
+async def people_in_the_loop(client: Client, wf: WorkflowDef) -> None:
+    """Three refunds above the approval amount: approve one, reject one, let one expire; print them."""
+    out.print(f"[bold]people in the loop[/bold]: {len(APPROVALS)} refunds above the approval amount ...")
+    ids = await client.submit_many(
+        RunRequest(
+            workflow=wf.name,
+            run_id=run_id,
+            input={
+                "ticket_id": f"T-9{i:03d}",
+                "customer": "Demo Customer",
+                "subject": "Refund for a cancelled order",
+                "body": f"Please refund ORD-7700{i}: I paid ${amount}.00 for an order the shop cancelled.",
+            },
+        )
+        for i, (run_id, (amount, _)) in enumerate(APPROVALS.items())
+    )
+    deadline = time.monotonic() + 60
+    for run_id, (_, answer) in APPROVALS.items():
+        while True:
+            state = await client.state(run_id)
+            step = state.steps.get(APPROVAL_STEP) if state else None
+            if step is not None and step.status == "waiting":
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{run_id} never waited for its approval: {state}")
+            await asyncio.sleep(0.05)
+        if answer is not None:
+            command, by, comment = answer
+            await client.command(
+                RunCommand(
+                    command=command,
+                    run_id=run_id,
+                    workflow=wf.name,
+                    step=APPROVAL_STEP,
+                    by=by,
+                    comment=comment,
+                )
+            )
+    states = await client.wait_terminal(ids, wait_s=60)
+    for run_id in ids:
+        print_status(states[run_id], await client.events(run_id))
+    outcomes = {run_id: states[run_id].outcome for run_id in ids}
+    if outcomes != {
+        "refund-approved": "refunded",
+        "refund-rejected": "declined",
+        "refund-expired": "expired",
+    }:
+        out.print(f"[red]the approvals did not end as answered: {outcomes}[/red]")
+        raise SystemExit(1)
 
 
 async def run_demo(bootstrap: str, runs: int, ui_port: int | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     settings = load_settings(EXAMPLE / "models.yaml", kafka={"bootstrap": bootstrap, "prefix": "demo"})
-    wf = load_workflow(EXAMPLE / "workflow.yaml")
+    wf = demo_workflow()
     tickets = [
         json.loads(line) for line in (EXAMPLE / "tickets.jsonl").read_text().splitlines() if line.strip()
     ]
@@ -84,6 +155,7 @@ async def run_demo(bootstrap: str, runs: int, ui_port: int | None = None) -> Non
             if summary["by_status"].get("completed") != runs:
                 out.print(f"[red]not every run completed: {summary}[/red]")
                 raise SystemExit(1)
+            await people_in_the_loop(client, wf)
         out.print("waiting for the cost aggregator to cover every event ...")
         table = await batch_costs(settings)
         print_costs(table, "model")

@@ -19,6 +19,7 @@ class ErrorKind(enum.StrEnum):
     TENANT_BUDGET = "TenantBudgetExceeded"  # a new run refused: its tenant spent its window's budget
     STUCK_RUN = "StuckRun"  # nothing active and no outcome (a join waits for a step that never ran)
     DEADLINE_EXCEEDED = "DeadlineExceeded"  # written before 0.2, when a lost task cost an attempt
+    WAIT_TIMEOUT = "WaitTimeout"  # an approval/wait step without on_timeout got no answer in time
 
 
 class CalmrunError(Exception):

@@ -15,6 +15,7 @@ from calmrun.errors import CalmrunError, ConfigError, InvalidOutputError
 from calmrun.settings import LimitsSettings, Settings
 from calmrun.wire.jsonfield import loads
 from calmrun.workflow.definition import WorkflowDef, targets
+from calmrun.workflow.people import MAX_BUFFERED
 
 STEP_OVERHEAD_BYTES = 4_096
 """Room a step takes in the run state beyond its output: status, times, a capped error message."""
@@ -35,7 +36,10 @@ def check_workflow(wf: WorkflowDef, settings: Settings) -> WorkflowDef:
             f"{where} has {len(wf.steps)} steps, over limits.max_steps_per_run ({lim.max_steps_per_run})"
         )
     fans = [targets(wf.first)] + [
-        t for s in wf.steps for t in [targets(s.next), *(targets(b.goto) for b in s.branches)]
+        t
+        for s in wf.steps
+        for t in [targets(s.next), *(targets(b.goto) for b in s.branches)]
+        + [targets(x) for x in (s.on_timeout, s.on_reject) if x is not None]
     ]
     widest = max(len(t) for t in fans)
     if widest > lim.max_fan_out:
@@ -48,11 +52,15 @@ def check_workflow(wf: WorkflowDef, settings: Settings) -> WorkflowDef:
             f"{where} may make {worst} attempts per run (retries x model ladder), over "
             f"limits.max_attempts_per_run ({lim.max_attempts_per_run})"
         )
-    state = lim.max_request_bytes + len(wf.steps) * (lim.max_output_bytes + STEP_OVERHEAD_BYTES)
+    signals = {s.signal for s in wf.steps if s.signal}  # each may keep MAX_BUFFERED payloads in the state
+    state = lim.max_request_bytes + (len(wf.steps) + len(signals) * MAX_BUFFERED) * (
+        lim.max_output_bytes + STEP_OVERHEAD_BYTES
+    )
     if state > settings.kafka.max_request_size:
         raise ConfigError(
-            f"{where}: a run state may reach {state:,} bytes (limits.max_request_bytes + steps x "
-            f"(limits.max_output_bytes + {STEP_OVERHEAD_BYTES})), over kafka.max_request_size "
+            f"{where}: a run state may reach {state:,} bytes (limits.max_request_bytes + (steps + signals "
+            f"x {MAX_BUFFERED} kept) x (limits.max_output_bytes + {STEP_OVERHEAD_BYTES})), over "
+            "kafka.max_request_size "
             f"({settings.kafka.max_request_size:,}); lower the limits or raise max_request_size (and the "
             "broker's message.max.bytes)"
         )

@@ -4,7 +4,8 @@
 
 Runs the ``lin`` workflow of ``tests.runtime_support.linear`` with the agent ``add_one`` (sleeping ``S``
 seconds first), or with ``--workflow fork`` the branching ``tests.runtime_support.branchy`` whose agents
-log every start (``--start-log``), until SIGTERM or SIGINT, then stops the worker cleanly. With
+log every start (``--start-log``), or with ``--workflow people`` the approval/signal workflows of
+``tests.people.flows``, until SIGTERM or SIGINT, then stops the worker cleanly. With
 ``--status-file``, the worker's stats, owned partitions and pid are written there as JSON (atomically)
 every 0.1 s and once more after stop. ``--pooled STEP=POOL`` puts a step in a pool; ``--pool NAME`` runs
 that pool's executor instead of a deciding worker (``--pool none``: a worker that only decides).
@@ -26,6 +27,7 @@ from calmrun.streams.pool import PoolExecutor
 from calmrun.streams.worker import Worker
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef, parse_workflow
 from tests import runtime_support
+from tests.people.flows import people_agents, people_flows
 from tests.runtime_support import branchy, linear, nonce_step, sleepy_add_one
 
 
@@ -57,14 +59,17 @@ async def main(args: argparse.Namespace) -> None:
             "deadline_grace_s": args.deadline_grace,
         },
     )
-    wf = pooled(branchy() if args.workflow == "fork" else linear(), args.pooled)
-    agents = AgentRegistry({"add_one": sleepy_add_one, "nonce": nonce_step})
+    if args.workflow == "people":
+        workflows, agents = people_flows(), people_agents()
+    else:
+        workflows = [pooled(branchy() if args.workflow == "fork" else linear(), args.pooled)]
+        agents = AgentRegistry({"add_one": sleepy_add_one, "nonce": nonce_step})
     status = Path(args.status_file) if args.status_file else None
     if args.pool not in (None, "none"):
-        await run_executor(PoolExecutor(settings, [wf], args.pool, agents, ModelRegistry({})), status)
+        await run_executor(PoolExecutor(settings, workflows, args.pool, agents, ModelRegistry({})), status)
         return
     worker = Worker(
-        settings, [wf], agents, ModelRegistry({}), pool=None if args.pool == "none" else DEFAULT_POOL
+        settings, workflows, agents, ModelRegistry({}), pool=None if args.pool == "none" else DEFAULT_POOL
     )
     runner = asyncio.create_task(worker.run(lambda: _write_status(status, worker, "running")))
     try:
@@ -114,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--commit-interval", type=float, default=0.2)
     p.add_argument("--status-file", default=None)
-    p.add_argument("--workflow", choices=["lin", "fork"], default="lin")
+    p.add_argument("--workflow", choices=["lin", "fork", "people"], default="lin")
     p.add_argument("--start-log", default=None, help="append every agent start here (JSON lines)")
     p.add_argument("--instance-id", default=None, help="static group membership")
     p.add_argument("--session-timeout", type=float, default=6.0)

@@ -4,8 +4,9 @@ Reads the events, state and dead-letter topics of one prefix end to end (``read_
 calmrun reader does) and checks each run against the invariants of effectively-once execution:
 
 - each seq names one event (two different events under one seq is a forked history), seqs run 1..N;
-- at most one terminal event (``run.completed``, ``run.refused``), nothing after it; quarantines and
-  redrives alternate;
+- at most one terminal event (``run.completed``, ``run.refused``, ``run.cancelled``), nothing after it;
+  quarantines and redrives alternate; at most one cancel, and ``run.cancelled`` only after it;
+- an approval step has at most one answer per wait (``step.approved``/``step.rejected``);
 - no step attempt has two results, no step is routed twice;
 - a new attempt of a step follows a result (or a cancellation) of the attempt before it: an attempt
   number is never spent on a task that was lost, queued or moved;
@@ -41,9 +42,10 @@ from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 
-TERMINAL = frozenset({"run.completed", "run.refused"})
+TERMINAL = frozenset({"run.completed", "run.refused", "run.cancelled"})
 RESULTS = frozenset({"step.succeeded", "step.failed"})
 SCHEDULED = frozenset({"step.scheduled", "step.compensation_scheduled"})
+ANSWERS = frozenset({"step.approved", "step.rejected"})
 
 
 class Rule(enum.StrEnum):
@@ -174,6 +176,12 @@ def check_run(
                 bad(Rule.TERMINAL, "quarantined twice without a redrive between", [e])
         elif e.type == "run.redrive_requested":
             redrives += 1
+    cancels = [e for e in history if e.type == "run.cancel_requested"]
+    if len(cancels) > 1:
+        bad(Rule.TERMINAL, f"{len(cancels)} cancels applied", cancels)
+    for e in history:
+        if e.type == "run.cancelled" and not (cancels and cancels[0].seq < e.seq):
+            bad(Rule.TERMINAL, "run.cancelled without a cancel before it", [e])
 
     results: dict[tuple[str, str, int], RunEvent] = {}
     routed: dict[str, RunEvent] = {}
@@ -186,6 +194,11 @@ def check_run(
                 bad(Rule.RESULT_TWICE, f"two results for {step} attempt {attempt}", (results[k], e))
             results[k] = e
             ended.add((step, attempt))
+        elif e.type in ANSWERS:
+            k = (step, "answer", attempt)
+            if k in results:
+                bad(Rule.RESULT_TWICE, f"two answers for {step} wait {attempt}", (results[k], e))
+            results[k] = e
         elif e.type == "step.cancelled":
             ended.add((step, attempt))
         elif e.type == "run.routed":

@@ -181,8 +181,8 @@ def print_status(state: RunState, events: list[RunEvent]) -> None:
         f"[bold]{state.run_id}[/bold]  workflow {state.workflow} v{state.version}  tenant {state.tenant}  "
         f"status [bold]{state.status}[/bold]  outcome {state.outcome or '-'}"
     )
-    if state.error:
-        out.print(f"  error: {state.error_type}: {state.error}")
+    if state.error:  # a cancelled run has no error type: its "error" says who cancelled it and why
+        out.print(f"  error: {state.error_type}: {state.error}" if state.error_type else f"  {state.error}")
     from calmrun.cli.costs import step_costs
 
     costs = step_costs(events)
@@ -199,6 +199,10 @@ def print_status(state: RunState, events: list[RunEvent]) -> None:
             f"{c.cost_usd:.6f}" if c else "0.000000",
         )
     out.print(steps)
+    from calmrun.cli.people import waiting_lines
+
+    for line in waiting_lines(state, events):
+        out.print(line)
     history = Table("seq", "at", "event", "step", "attempt", "detail", title="history")
     for e in events:
         detail = {k: v for k, v in e.data.items() if k not in ("output", "input", "outputs")}

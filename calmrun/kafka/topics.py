@@ -64,9 +64,13 @@ class Topics:
         return f"{self.prefix}.dlq.{workflow}"
 
     def step_topics(self, workflows: Iterable[WorkflowDef], pool: str | None = None) -> list[str]:
-        """The step topics of these workflows; only those of steps in ``pool`` when one is given."""
+        """The step topics of these workflows' agent steps (an approval or a wait has none); only those of
+        steps in ``pool`` when one is given."""
         return [
-            self.step(wf.name, s.name) for wf in workflows for s in wf.steps if pool is None or s.pool == pool
+            self.step(wf.name, s.name)
+            for wf in workflows
+            for s in wf.steps
+            if s.kind == "agent" and (pool is None or s.pool == pool)
         ]
 
     def all(self, workflows: Iterable[WorkflowDef]) -> dict[str, dict[str, str]]:

@@ -17,7 +17,7 @@ from calmrun.errors import ReplayError
 from calmrun.replay.snapshot import Snapshot
 from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import WorkflowDef
-from calmrun.workflow.events import INPUT_TYPES, DeciderInput, RunEvent, StepResult
+from calmrun.workflow.events import INPUT_TYPES, Answer, DeciderInput, RunEvent, SignalReceived, StepResult
 from calmrun.workflow.history import inputs_from_events
 from calmrun.workflow.state import RunState
 
@@ -251,11 +251,11 @@ def path_of(events: Sequence[RunEvent]) -> list[str]:
     steps: list[str] = []
     end: list[str] = []
     for e in events:
-        if e.type == "step.scheduled" and e.step and e.step not in steps:
+        if e.type in ("step.scheduled", "step.waiting") and e.step and e.step not in steps:
             steps.append(e.step)
         elif e.type == "run.completed":
             end = [f"end:{e.data.get('outcome')}"]
-        elif e.type in ("run.quarantined", "run.over_budget", "run.refused"):
+        elif e.type in ("run.quarantined", "run.over_budget", "run.refused", "run.cancelled"):
             end = [e.type.split(".", 1)[1]]
     return steps + end
 
@@ -265,6 +265,10 @@ def describe_input(inp: DeciderInput) -> str:
     if isinstance(inp, StepResult):
         what = "ok" if inp.ok else f"{inp.error_type}"
         return f"{name} {inp.kind} {inp.step!r} attempt {inp.attempt} ({what}) at {inp.at_ms}"
+    if isinstance(inp, Answer):
+        return f"{name} {'approve' if inp.approved else 'reject'} {inp.step!r} by {inp.by!r} at {inp.at_ms}"
+    if isinstance(inp, SignalReceived):
+        return f"{name} {inp.name!r} at {inp.at_ms}"
     return f"{name} at {inp.at_ms}"
 
 

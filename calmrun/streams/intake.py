@@ -44,6 +44,7 @@ from calmrun.workflow.events import (
     RunRequest,
     RunRequested,
     StepTask,
+    command_input,
 )
 
 log = logging.getLogger("calmrun.worker")
@@ -154,7 +155,9 @@ class Intake:
             return
         state = self._parts.runs[p].get(run_id)
         inp: DeciderInput
-        if isinstance(body, RunCommand):
+        if isinstance(body, RunCommand) and body.command != "redrive":
+            inp = command_input(run_id, body, rec.timestamp)  # approve, reject, signal, cancel
+        elif isinstance(body, RunCommand):
             attempts = sum(st.attempt for st in state.steps.values()) if state else 0
             if attempts >= limits.max_attempts_per_run:
                 over = LimitExceededError(  # the next attempt would be one too many

@@ -40,6 +40,7 @@ TERMINAL = {
     "run.quarantined": "quarantined",
     "run.over_budget": "over_budget",
     "run.refused": "refused",
+    "run.cancelled": "cancelled",
 }
 SEEN_RUNS = 100_000
 """Runs whose last observed seq is remembered (LRU) to drop re-decided copies; memory, not labels."""
@@ -162,7 +163,8 @@ class WorkerMetrics:
         self._worker = worker
         for wf in worker.workflows.values():
             for s in wf.steps:
-                self.agents[(wf.name, s.name, "run")] = s.agent
+                if s.agent:  # approval and wait steps run none
+                    self.agents[(wf.name, s.name, "run")] = s.agent
                 if s.compensate:
                     self.agents[(wf.name, s.name, "compensate")] = s.compensate
 
@@ -239,20 +241,31 @@ class WorkerMetrics:
             "Records in the dead-letter topics (this worker's partitions).",
             labels=("topic",),
         )
+        waiting = GaugeMetricFamily(
+            "calmrun_steps_waiting",
+            "Approval and wait steps waiting for a person or a signal (this worker's partitions).",
+            labels=("workflow", "step"),
+        )
         w = self._worker
         if w is not None:
             counts: dict[str, int] = {name: 0 for name in w.workflows}
+            waits: dict[tuple[str, str], int] = {}
             for table in list(w.runs.values()):
                 for _, state in table.live():  # a finished run is not live
                     counts[state.workflow] = counts.get(state.workflow, 0) + 1
+                    for step, st in state.steps.items():
+                        if st.status == "waiting":
+                            waits[(state.workflow, step)] = waits.get((state.workflow, step), 0) + 1
             for name, n in sorted(counts.items()):
                 in_flight.add_metric((name,), n)
+            for key, n in sorted(waits.items()):
+                waiting.add_metric(key, n)
             per_topic = self._lag
             for topic, n in sorted(per_topic.items()):
                 lag.add_metric((topic,), n)
             for wf, n in sorted(self._dlq_depth.items()):
                 dlq.add_metric((wf,), n)
-        return (in_flight, lag, dlq, *_throttle(w))
+        return (in_flight, waiting, lag, dlq, *_throttle(w))
 
 
 def _throttle(w: Worker | None) -> tuple[Metric, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from calmrun.errors import CalmrunError, DecodeError, LimitExceededError
 from calmrun.settings import LimitsSettings
@@ -102,7 +103,15 @@ def _parse(
         try:
             body = model.model_validate(data)
         except ValidationError as exc:
-            raise DecodeError(f"invalid {model.__name__}: {describe_errors(exc, data)}") from exc
+            why = describe_errors(exc, data, root="record")
+            raise DecodeError(f"invalid {model.__name__}: {why}") from exc
+    if isinstance(body, RunCommand) and body.data:
+        # a signal's payload becomes a wait step's output: it is held to the outputs' limit
+        size = len(to_json(body.data))
+        if size > limits.max_output_bytes:
+            raise LimitExceededError(
+                "max_output_bytes", actual=size, maximum=limits.max_output_bytes, what="signal payload"
+            )
     try:
         key_id = key.decode() if key else None
     except UnicodeDecodeError as exc:

@@ -23,7 +23,11 @@ from calmrun.wire.avro import AvroCodec
 from calmrun.wire.jsonfield import AvroJson, loads
 
 NAMESPACE = "io.calmrun"
-EARLIER_FIELDS: dict[str, set[str]] = {"DlqRecord": {"truncated"}}
+EARLIER_FIELDS: dict[str, set[str]] = {
+    "DlqRecord": {"truncated"},
+    "RunCommand": {"step", "comment", "name", "data", "reason"},
+    "RunState": {"signals"},
+}
 """Per model, fields appended since an earlier version whose records must still decode."""
 M = TypeVar("M", bound=BaseModel)
 Convert = Callable[[Any], Any] | None  # None: the value passes unchanged

@@ -13,17 +13,19 @@ from typing import Any, Literal
 from calmrun.errors import ErrorKind
 from calmrun.workflow.definition import StepDef, WorkflowDef, targets
 from calmrun.workflow.events import (
+    Answer,
     DeciderInput,
+    RedriveRequested,
     RunEvent,
     RunRequested,
     StepResult,
     StepTask,
     TimerFired,
 )
+from calmrun.workflow.people import People
 from calmrun.workflow.schedule import (
     Decision,
     Quarantine,
-    Schedule,
     awaits,
     backoff_ms,
     resolve_input,
@@ -49,7 +51,8 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
     Args:
         wf: the run's workflow definition (the same version the run started with).
         state: the run's current state, or None when the run is unknown.
-        event: what happened: a request, a step result, a timer, an operator's redrive.
+        event: what happened: a request, a step result, a timer, an operator's redrive, a person's
+            answer, a signal, a cancel (``calmrun.workflow.people``).
     """
     if isinstance(event, RunRequested):
         if state is not None:
@@ -97,7 +100,9 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
         return b.on_result(event) or _ignored(state, event, b.why)
     if isinstance(event, TimerFired):
         return b.on_timer(event.at_ms) or _ignored(state, event, "nothing is due")
-    return b.on_redrive(event.by) or _ignored(state, event, b.why)
+    if isinstance(event, RedriveRequested):
+        return b.on_redrive(event.by) or _ignored(state, event, b.why)
+    return b.on_person(event) or _ignored(state, event, b.why)
 
 
 def _request_data(event: RunRequested) -> dict[str, Any]:
@@ -171,6 +176,9 @@ def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
         step, attempt = event.step, event.attempt
         data["kind"] = event.kind
         data["ok"] = event.ok
+    elif isinstance(event, Answer):
+        step = event.step
+        data["by"] = event.by
     log = RunEvent(
         run_id=state.run_id,
         seq=-1,
@@ -186,7 +194,7 @@ def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
     return Decision(state=state, events=(log,), ignored=reason)
 
 
-class _Builder(Schedule):
+class _Builder(People):
     """What each kind of input does to a run (the transitions themselves are in ``Schedule``)."""
 
     def on_result(self, r: StepResult) -> Decision | None:
@@ -255,7 +263,9 @@ class _Builder(Schedule):
             st = self._mut(name)  # an earlier iteration may have changed it (a quarantine cancels)
             kind: Literal["run", "compensate"] = "compensate" if st.status == "compensating" else "run"
             if st.due_ms is not None:
-                if kind == "compensate" or st.status == "retry_wait":
+                if st.status == "waiting":
+                    self.on_wait_due(name)
+                elif kind == "compensate" or st.status == "retry_wait":
                     self._issue(name, kind)
             elif st.deadline_ms is not None:
                 # no result by the deadline: the task was lost (or waits behind a backlog), it did not

@@ -121,17 +121,32 @@ class Choose(_Def):
     cheapest_meeting: CheapestMeeting
 
 
+StepKind = Literal["agent", "approval", "wait"]
+WAITING_KINDS: frozenset[str] = frozenset({"approval", "wait"})
+AGENT_TIMEOUT_S = 30.0
+
+
 class StepDef(_Def):
-    """One step: which agent runs it, on which input, how it is retried, and where the run goes next."""
+    """One step: which agent runs it, on which input, how it is retried, and where the run goes next.
+
+    ``kind: approval`` and ``kind: wait`` run no agent: the run waits durably (no task, no thread) for an
+    answer (``calmrun approve``/``reject``) or a named signal (``calmrun signal``), at most ``timeout_s``
+    when it is set, then routes on the answer as on any step's output (see ``calmrun.workflow.people``).
+    """
 
     name: str = Field(pattern=NAME)
-    agent: str = Field(description="registered agent name or 'module:attr'")
+    kind: StepKind = "agent"
+    agent: str | None = Field(None, description="registered agent name or 'module:attr' (kind agent)")
     model: str | None = Field(None, description="model alias from configuration")
     input: dict[str, str] | None = Field(
         None, description="argument -> path: 'input.x' (run input), 'steps.<step>.x' (earlier output)"
     )
     retry: RetryPolicy = RetryPolicy()
-    timeout_s: float = Field(30.0, gt=0)
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="agent: an attempt's timeout (30 s); approval/wait: how long to wait (none: no limit)",
+    )
     compensate: str | None = Field(
         None, description="agent that undoes this step when the run is quarantined"
     )
@@ -167,6 +182,52 @@ class StepDef(_Def):
         if v == "none":
             raise ValueError("'none' is not a pool name: `--pool none` means a worker that executes nothing")
         return v
+
+    approvers: list[str] = Field(default_factory=list, description="approval: who may answer (empty: anyone)")
+    signal: str | None = Field(None, description="wait: the name of the signal the step waits for")
+    on_timeout: Target | None = Field(
+        None,
+        description="approval/wait: where the run goes when timeout_s passes unanswered "
+        "(none: the step fails and the run is quarantined)",
+    )
+    on_reject: Target | None = Field(
+        None, description="approval: where a rejection goes (before branches and next)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _agent_timeout(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind", "agent") == "agent" and data.get("timeout_s") is None:
+            return {**data, "timeout_s": AGENT_TIMEOUT_S}
+        return data
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> StepDef:
+        given = {f for f in type(self).model_fields if getattr(self, f) not in (None, [])}
+        if self.kind == "agent":
+            if not self.agent:
+                raise ValueError(f"step {self.name!r}: an agent step needs `agent`")
+            extra = sorted(given & {"approvers", "signal", "on_timeout", "on_reject"})
+        else:
+            extra = sorted(given & {"agent", "model", "models", "compensate", "choose", "input"})
+            if self.kind == "wait" and not self.signal:
+                raise ValueError(f"step {self.name!r}: a wait step needs `signal` (the name it waits for)")
+            extra += sorted(given & ({"approvers", "on_reject"} if self.kind == "wait" else {"signal"}))
+        if self.kind != "agent" and self.pool != DEFAULT_POOL:
+            extra.append("pool")  # an approval or a wait is decided, never executed
+        if extra:
+            raise ValueError(f"step {self.name!r}: kind {self.kind} takes no {', '.join(extra)}")
+        return self
+
+    @property
+    def attempt_s(self) -> float:
+        """agent: how long one attempt may take."""
+        return self.timeout_s if self.timeout_s is not None else AGENT_TIMEOUT_S
+
+    @property
+    def wait_ms(self) -> int | None:
+        """approval/wait: how long the step waits (None: until answered)."""
+        return None if self.timeout_s is None else round(self.timeout_s * 1000)
 
     @property
     def ladder(self) -> list[str | None]:
@@ -220,6 +281,9 @@ class WorkflowDef(_Def):
             check(f"step {s.name!r} next", s.next)
             for i, b in enumerate(s.branches):
                 check(f"step {s.name!r} branches[{i}].goto", b.goto)
+            for extra in ("on_timeout", "on_reject"):
+                if getattr(s, extra) is not None:
+                    check(f"step {s.name!r} {extra}", getattr(s, extra))
             for n in s.needs:
                 if n not in known:
                     raise ValueError(f"step {s.name!r} needs unknown step {n!r}")
@@ -263,6 +327,9 @@ class WorkflowDef(_Def):
         out = [t for t in targets(step.next) if not t.startswith(END)]
         for b in step.branches:
             out += [t for t in targets(b.goto) if not t.startswith(END)]
+        for extra in (step.on_timeout, step.on_reject):
+            if extra is not None:
+                out += [t for t in targets(extra) if not t.startswith(END)]
         return out
 
     def step(self, name: str) -> StepDef:
@@ -297,8 +364,8 @@ def parse_workflow(data: Any, *, source: str = "<workflow>") -> WorkflowDef:
         raise ConfigError(f"{source}: invalid workflow: {describe_errors(exc, data)}") from exc
 
 
-def describe_errors(exc: ValidationError, data: Any) -> str:
-    """Render validation errors as 'steps[1] (extract).retry.max_attempts: message'."""
+def describe_errors(exc: ValidationError, data: Any, root: str = "workflow") -> str:
+    """Render validation errors as 'steps[1] (extract).retry.max_attempts: message' (``root``: no field)."""
     parts = []
     for err in exc.errors():
         loc = list(err["loc"])
@@ -312,5 +379,5 @@ def describe_errors(exc: ValidationError, data: Any) -> str:
                         where += f" ({steps[p]['name']})"
             else:
                 where += ("." if where else "") + str(p)
-        parts.append(f"{where or 'workflow'}: {err['msg']}")
+        parts.append(f"{where or root}: {err['msg']}")
     return "; ".join(parts)

@@ -2,8 +2,9 @@
 
 ``RunRequest`` and ``RunCommand`` enter on ``<prefix>.runs.requests``; ``StepTask`` goes to a step's
 topic; ``RunEvent`` is the audit log on ``<prefix>.runs.events``. The decider's inputs
-(``RunRequested``, ``StepResult``, ``TimerFired``, ``RedriveRequested``) are recorded there too, as
-the first event of each decision, so a run's history can be re-decided exactly.
+(``RunRequested``, ``StepResult``, ``TimerFired``, ``RedriveRequested``, and a person's ``Answer``,
+``SignalReceived``, ``CancelRequested``) are recorded there too, as the first event of each decision, so a
+run's history can be re-decided exactly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calmrun.wire.jsonfield import JsonDict
 
@@ -31,13 +32,32 @@ class RunRequest(_Record):
     budget_usd: Decimal | None = None
 
 
-class RunCommand(_Record):
-    """An operator's command for an existing run, sent on the requests topic (``calmrun dlq redrive``)."""
+CommandKind = Literal["redrive", "approve", "reject", "signal", "cancel"]
 
-    command: Literal["redrive"]
+
+class RunCommand(_Record):
+    """An operator's command for an existing run, sent on the requests topic.
+
+    ``redrive`` (``calmrun dlq redrive``); ``approve``/``reject`` an approval step (``step``, ``comment``);
+    ``signal`` (``name``, payload ``data``); ``cancel`` (``reason``). Any Kafka client may send one as JSON.
+    """
+
+    command: CommandKind
     run_id: str
     workflow: str
     by: str | None = Field(None, description="who asked (the operator page's user); recorded on the event")
+    step: str | None = Field(None, description="approve/reject: the approval step")
+    comment: str | None = Field(None, description="approve/reject: recorded with the answer")
+    name: str | None = Field(None, description="signal: its name")
+    data: JsonDict | None = Field(None, description="signal: its payload (a JSON object)")
+    reason: str | None = Field(None, description="cancel: why; recorded on the event")
+
+    @model_validator(mode="after")
+    def _fields_fit(self) -> RunCommand:
+        need = {"approve": "step", "reject": "step", "signal": "name"}.get(self.command)
+        if need is not None and not getattr(self, need):
+            raise ValueError(f"{self.command} needs `{need}`")
+        return self
 
 
 class StepCost(_Record):
@@ -62,6 +82,10 @@ EventType = Literal[
     "step.failed",
     "timer.fired",
     "run.redrive_requested",
+    "step.approved",
+    "step.rejected",
+    "signal.received",
+    "run.cancel_requested",
     # decisions
     "step.scheduled",
     "step.retry_scheduled",
@@ -78,11 +102,25 @@ EventType = Literal[
     "step.model_chosen",
     "run.over_budget",
     "run.refused",
+    "step.waiting",
+    "step.signalled",
+    "step.timed_out",
+    "run.cancelled",
     # logged, never applied
     "input.ignored",
 ]
 INPUT_TYPES = frozenset(
-    {"run.requested", "step.succeeded", "step.failed", "timer.fired", "run.redrive_requested"}
+    {
+        "run.requested",
+        "step.succeeded",
+        "step.failed",
+        "timer.fired",
+        "run.redrive_requested",
+        "step.approved",
+        "step.rejected",
+        "signal.received",
+        "run.cancel_requested",
+    }
 )
 
 
@@ -244,4 +282,49 @@ class RedriveRequested:
     by: str | None = None
 
 
-DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested
+@dataclass(frozen=True)
+class Answer:
+    """A person's answer to an approval step (``calmrun approve``/``reject``)."""
+
+    run_id: str
+    step: str
+    approved: bool
+    at_ms: int
+    by: str | None = None
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class SignalReceived:
+    """A named signal with its payload (``calmrun signal``): what a partner's webhook becomes."""
+
+    run_id: str
+    name: str
+    at_ms: int
+    data: dict[str, Any] = field(default_factory=dict)
+    by: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    run_id: str
+    at_ms: int
+    reason: str | None = None
+    by: str | None = None
+
+
+PersonInput = Answer | SignalReceived | CancelRequested
+DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested | PersonInput
+
+
+def command_input(run_id: str, cmd: RunCommand, at_ms: int) -> DeciderInput:
+    """The decider input of a command read from the requests topic."""
+    if cmd.command in ("approve", "reject"):
+        assert cmd.step is not None  # the model's validator
+        return Answer(run_id, cmd.step, cmd.command == "approve", at_ms, cmd.by, cmd.comment)
+    if cmd.command == "signal":
+        assert cmd.name is not None
+        return SignalReceived(run_id, cmd.name, at_ms, dict(cmd.data or {}), cmd.by)
+    if cmd.command == "cancel":
+        return CancelRequested(run_id, at_ms, cmd.reason, cmd.by)
+    return RedriveRequested(run_id, at_ms, cmd.by)

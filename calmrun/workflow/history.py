@@ -1,7 +1,8 @@
 """A run's recorded history as decider inputs, and the fold that re-decides it.
 
 Every decision logs its input first (``run.requested``, ``step.succeeded``, ``step.failed``,
-``timer.fired``, ``run.redrive_requested``), so the inputs of a run can be rebuilt from its events and
+``timer.fired``, ``run.redrive_requested``, ``step.approved``, ``step.rejected``, ``signal.received``,
+``run.cancel_requested``), so the inputs of a run can be rebuilt from its events and
 folded through the decider again: with the same definition this reproduces the recorded events exactly;
 with a changed one, the first difference is where the change would alter runs in flight.
 """
@@ -16,10 +17,13 @@ from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import (
     INPUT_TYPES,
+    Answer,
+    CancelRequested,
     DeciderInput,
     RedriveRequested,
     RunEvent,
     RunRequested,
+    SignalReceived,
     StepCost,
     StepResult,
     TimerFired,
@@ -83,6 +87,14 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
             )
         elif ev.type == "timer.fired":
             out.append(TimerFired(ev.run_id, int(d.get("at_ms", ev.at_ms))))
+        elif ev.type in ("step.approved", "step.rejected"):
+            assert ev.step is not None
+            approved = ev.type == "step.approved"
+            out.append(Answer(ev.run_id, ev.step, approved, ev.at_ms, d.get("by"), d.get("comment")))
+        elif ev.type == "signal.received":
+            out.append(SignalReceived(ev.run_id, d["name"], ev.at_ms, dict(d.get("data") or {}), d.get("by")))
+        elif ev.type == "run.cancel_requested":
+            out.append(CancelRequested(ev.run_id, ev.at_ms, d.get("reason"), d.get("by")))
         else:
             out.append(RedriveRequested(ev.run_id, ev.at_ms, d.get("by")))
     return out

@@ -93,6 +93,9 @@ def _pool(pool: str) -> dict[str, str]:
     return {} if pool == DEFAULT_POOL else {"pool": pool}
 
 
+_UNDONE = ("compensated", "compensation_failed")
+
+
 class Schedule:
     """Mutates a private copy of the state and collects what the decision emits."""
 
@@ -217,9 +220,9 @@ class Schedule:
         st.attempt += 1
         st.status = "scheduled" if kind == "run" else "compensating"
         st.scheduled_ms = s.clock_ms
-        st.deadline_ms = s.clock_ms + round((sd.timeout_s + self.wf.deadline_grace_s) * 1000)
+        st.deadline_ms = s.clock_ms + round((sd.attempt_s + self.wf.deadline_grace_s) * 1000)
         st.due_ms = None
-        agent = sd.agent if kind == "run" else (sd.compensate or "")
+        agent = (sd.agent if kind == "run" else sd.compensate) or ""
         self.tasks.append(self._task(name, kind, agent, task_input))
         self.emit(
             "step.scheduled" if kind == "run" else "step.compensation_scheduled",
@@ -233,8 +236,8 @@ class Schedule:
         s, sd = self.s, self.wf.step(name)
         st = self._mut(name)
         previous = st.deadline_ms
-        st.deadline_ms = s.clock_ms + round((sd.timeout_s + self.wf.deadline_grace_s) * 1000)
-        agent = sd.agent if kind == "run" else (sd.compensate or "")
+        st.deadline_ms = s.clock_ms + round((sd.attempt_s + self.wf.deadline_grace_s) * 1000)
+        agent = (sd.agent if kind == "run" else sd.compensate) or ""
         self.tasks.append(self._task(name, kind, agent, resolve_input(self.wf, s, name)))
         self.emit(
             "step.reissued",
@@ -266,7 +269,7 @@ class Schedule:
             input=task_input,
             tenant=s.tenant,
             issued_ms=s.clock_ms,
-            timeout_s=self.wf.step(name).timeout_s,
+            timeout_s=self.wf.step(name).attempt_s,
         )
 
     def _over_budget(self, name: str) -> bool:
@@ -328,15 +331,24 @@ class Schedule:
     ) -> None:
         s = self.s
         s.status, s.error_type, s.error = status, error_type, error
-        for name in sorted(s.steps):
-            if s.steps[name].status in ("scheduled", "retry_wait"):
-                st = self._mut(name)
-                st.status, st.deadline_ms, st.due_ms = "cancelled", None, None
-                self.emit("step.cancelled", name, st.attempt, {"reason": f"run {status}"})
+        self._cancel_active(f"run {status}")
         self.emit(
             "run.quarantined", step, attempt, {"error_type": error_type, "error": error, "status": status}
         )
         self.quarantine = Quarantine(step, attempt, error_type, error)
+        self._saga()
+
+    def _cancel_active(self, reason: str) -> None:
+        s = self.s
+        for name in sorted(s.steps):
+            if s.steps[name].status in ("scheduled", "retry_wait", "waiting"):
+                st = self._mut(name)
+                st.status, st.deadline_ms, st.due_ms = "cancelled", None, None
+                self.emit("step.cancelled", name, st.attempt, {"reason": reason})
+
+    def _saga(self) -> None:
+        """Compensate the succeeded steps that have a compensation, the last to succeed first."""
+        s = self.s
         done = [
             (st.done_seq or 0, n)
             for n, st in s.steps.items()
@@ -354,6 +366,9 @@ class Schedule:
             st = self._mut(name)
             st.retry_base = st.attempt
             self._issue(name, "compensate")
+        elif s.status == "cancelled":  # a cancel's saga is done (or had nothing to undo): the run ends
+            undone = {k: sorted(n for n, st in s.steps.items() if st.status == k) for k in _UNDONE}
+            self.emit("run.cancelled", data={"reason": s.error, **undone})
 
     def _settle(self) -> None:
         s = self.s

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calmrun.wire.jsonfield import JsonDict
 
-RunStatus = Literal["running", "completed", "quarantined", "over_budget", "refused"]
+RunStatus = Literal["running", "completed", "quarantined", "over_budget", "refused", "cancelled"]
 StepStatus = Literal[
     "scheduled",
     "retry_wait",
@@ -19,8 +19,10 @@ StepStatus = Literal[
     "compensating",
     "compensated",
     "compensation_failed",
+    "waiting",  # approval/wait steps: for an answer or a signal, until due_ms when it is set
+    "timed_out",  # approval/wait steps: no answer by due_ms; the run took on_timeout
 ]
-ACTIVE: frozenset[str] = frozenset({"scheduled", "retry_wait", "compensating"})
+ACTIVE: frozenset[str] = frozenset({"scheduled", "retry_wait", "compensating", "waiting"})
 
 
 class StepState(BaseModel):
@@ -40,7 +42,9 @@ class StepState(BaseModel):
     error: str | None = None
     scheduled_ms: int = 0
     deadline_ms: int | None = Field(None, description="re-issue the attempt if no result by then")
-    due_ms: int | None = Field(None, description="retry_wait: when the next attempt is issued")
+    due_ms: int | None = Field(
+        None, description="retry_wait: when the next attempt is issued; waiting: when the wait times out"
+    )
     finished_ms: int | None = None
     done_seq: int | None = Field(None, description="event seq at success: orders compensation")
 
@@ -68,6 +72,10 @@ class RunState(BaseModel):
     spent_usd: Decimal = Field(Decimal(0), description="money of every recorded attempt of this run")
     start_rungs: dict[str, int] = Field(
         default_factory=dict, description="step -> ladder rung chosen at the request (steps with choose)"
+    )
+    signals: JsonDict = Field(
+        default_factory=dict,
+        description="signal name -> payloads received before a step waited, oldest first",
     )
 
     def next_due_ms(self) -> int | None:

@@ -19,6 +19,8 @@ from pydantic_ai import Agent
 from calmrun.agents import StepContext
 
 REFUND_LIMIT = Decimal("500")
+APPROVAL_ABOVE = Decimal("200")
+"""A refund above this waits for a person's approval (the workflow's ``approve_refund`` step)."""
 """Refunds above this go to a human, whatever the model decided."""
 
 
@@ -58,6 +60,7 @@ class Decision(BaseModel):
     action: Literal["refund", "escalate", "approve"]
     reason: str
     refund_amount: Decimal | None = None
+    needs_approval: bool = False
 
 
 class RefundRequest(BaseModel):
@@ -174,8 +177,13 @@ async def decide(ctx: StepContext, inp: DecideInput) -> Decision:
             )
         if amount > REFUND_LIMIT:
             return Decision(action="escalate", reason=f"refund of {amount} is above {REFUND_LIMIT}")
-        return Decision(action="refund", reason=decision.reason, refund_amount=amount)
-    return decision
+        return Decision(
+            action="refund",
+            reason=decision.reason,
+            refund_amount=amount,
+            needs_approval=amount > APPROVAL_ABOVE,
+        )
+    return decision.model_copy(update={"needs_approval": False})  # policy's call, never the model's
 
 
 def _refund_id(run_id: str, ticket_id: str) -> str:

@@ -184,7 +184,7 @@ def test_step_lookup_and_first() -> None:
         (("steps", 0, "retry"), {"max_attemps": 3}, ["steps[0] (fetch).retry.max_attemps", "Extra inputs"]),
         (("steps", 0, "timeout_s"), 0, ["steps[0] (fetch).timeout_s", "greater than 0"]),
         (("steps", 1, "agnet"), "x", ["steps[1] (extract).agnet", "Extra inputs"]),
-        (("steps", 1, "agent"), _DELETE, ["steps[1] (extract).agent", "Field required"]),
+        (("steps", 1, "agent"), _DELETE, ["steps[1] (extract)", "an agent step needs `agent`"]),
         (("steps", 0, "name"), "Fetch!", ["steps[0] (Fetch!).name", "pattern"]),
         (("steps", 0, "input"), {"q": 3}, ["steps[0] (fetch).input.q"]),
         (("steps", 0, "needs"), "extract", ["steps[0] (fetch).needs"]),
