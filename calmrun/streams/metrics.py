@@ -238,8 +238,15 @@ class WorkerMetrics:
             "Records in the dead-letter topics (this worker's partitions).",
             labels=("topic",),
         )
+        waiting = GaugeMetricFamily(
+            "calmrun_runs_waiting_version",
+            "Runs in this worker's partitions pinned to a workflow version it does not serve (they wait).",
+            labels=("workflow", "version", "digest"),
+        )
         w = self._worker
         if w is not None:
+            for pin, n in sorted(w.pins.counts.waiting.items()):
+                waiting.add_metric((pin.workflow, pin.version, pin.digest), n)
             counts: dict[str, int] = {name: 0 for name in w.workflows}
             for table in list(w.runs.values()):
                 for _, state in table.live():  # a finished run is not live
@@ -251,7 +258,7 @@ class WorkerMetrics:
                 lag.add_metric((topic,), n)
             for wf, n in sorted(self._dlq_depth.items()):
                 dlq.add_metric((wf,), n)
-        return (in_flight, lag, dlq)
+        return (in_flight, lag, dlq, waiting)
 
 
 async def _consumer_lag(worker: Worker) -> dict[str, int]:

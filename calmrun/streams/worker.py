@@ -50,6 +50,7 @@ from calmrun.streams.stats import WorkerStats, snapshot
 from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import Gate, PartitionWriter
+from calmrun.streams.versions import Pinning, VersionAssignor
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import (
@@ -57,6 +58,7 @@ from calmrun.workflow.events import (
     StepTask,
     TimerFired,
 )
+from calmrun.workflow.registry import Definitions
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
@@ -72,7 +74,8 @@ class Worker:
 
     Args:
         settings: Kafka, worker and model configuration.
-        workflows: the definitions this worker runs; every worker of one group must run the same set.
+        workflows: the definitions this worker runs, several versions of a workflow included (each run is
+            decided with the version it is pinned to; see ``streams.versions``).
         agents: resolves the agent references of the steps.
         models: resolves model aliases to pydantic-ai models.
         clock: wall-clock milliseconds; time enters the decider only through the inputs it stamps.
@@ -93,7 +96,8 @@ class Worker:
         stamps: Stamps | None = None,
     ) -> None:
         self.settings = settings
-        self.workflows = {wf.name: check_workflow(wf, settings) for wf in workflows}
+        self.workflows = Definitions(check_workflow(wf, settings) for wf in workflows)
+        self.assignor = VersionAssignor.for_worker(self.workflows.pins())
         self.agents, self.models, self.clock = agents, models, clock
         self.topics = Topics(settings.kafka.prefix)
         self.codec = RecordCodec(wire_models())
@@ -113,7 +117,8 @@ class Worker:
             self._on_result,
             self._fail,
         )
-        self.input_topics = [self.topics.requests, *self.topics.step_topics(self.workflows.values())]
+        steps = dict.fromkeys(self.topics.step_topics(self.workflows.values()))  # every version's steps, once
+        self.input_topics = [self.topics.requests, *steps]
         self.parts = Partitions(
             self.topics,
             self.codec,
@@ -151,6 +156,10 @@ class Worker:
             clock,
             self.redactor.text,
         )
+        self.pins = self.intake.pins = Pinning(
+            self.workflows, self.topics, self.parts, self.decisions, self.assignor, self.intake.command
+        )
+        self.parts.on_assigned = self.pins.after_assignment
         self._loops: list[asyncio.Task[None]] = []
         self._failed: BaseException | None = None
         self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
@@ -202,7 +211,7 @@ class Worker:
         k = self.settings.kafka
         await ensure_topics(k, self.workflows.values())
         restorer = self.parts.restorer = clients.restorer(self.settings)
-        consumer = self.parts.consumer = clients.group_consumer(self.settings)
+        consumer = self.parts.consumer = clients.group_consumer(self.settings, self.assignor)
         try:
             await restorer.start()
             consumer.subscribe(topics=self.input_topics, listener=self.parts.listener())
@@ -331,12 +340,13 @@ class Worker:
 
         def live(p: int, run_id: str) -> RunState | None:
             table = self.parts.runs.get(p)
-            return table.get_live(run_id) if p in self.parts.owned and table is not None else None
+            state = table.get_live(run_id) if p in self.parts.owned and table is not None else None
+            return state if state is not None and self.pins.serves(state) else None  # else: it waits
 
         def fire(p: int, state: RunState) -> None:
-            self.decisions.decide(
-                p, self.workflows[state.workflow], state, TimerFired(state.run_id, now), None, ()
-            )
+            wf = self.workflows.pinned(state.workflow, state.version, state.digest)
+            assert wf is not None  # live() gave only runs served here
+            self.decisions.decide(p, wf, state, TimerFired(state.run_id, now), None, ())
 
         self._timers.fire(now, live, self.tasks, fire)
 
@@ -369,7 +379,10 @@ class Worker:
         self, p: int, task: StepTask, result: StepResult, source: Source, pending: list[Pending]
     ) -> None:
         state = self.parts.state(p, task.run_id)
-        self.decisions.decide(p, self.workflows[task.workflow], state, result, source, pending)
+        wf = self.workflows.pinned(state.workflow, state.version, state.digest) if state else None
+        if wf is None:  # only tasks of runs served here are started: the run was dropped meanwhile
+            return
+        self.decisions.decide(p, wf, state, result, source, pending)
 
     def _start_committed(self, p: int, tasks: list[tuple[Out, StepTask]]) -> None:
         """Start the tasks of a decision just committed (eager execution; see the module docstring)."""

@@ -23,7 +23,12 @@ from calmrun.wire.avro import AvroCodec
 from calmrun.wire.jsonfield import AvroJson, loads
 
 NAMESPACE = "io.calmrun"
-EARLIER_FIELDS: dict[str, set[str]] = {"DlqRecord": {"truncated"}}
+EARLIER_FIELDS: dict[str, set[str]] = {
+    "DlqRecord": {"truncated"},
+    "RunState": {"digest", "held"},  # pinned versions (0.3)
+    "RunRequest": {"version"},
+    "RunCommand": {"to_version", "to_digest"},
+}
 """Per model, fields appended since an earlier version whose records must still decode."""
 M = TypeVar("M", bound=BaseModel)
 Convert = Callable[[Any], Any] | None  # None: the value passes unchanged

@@ -29,15 +29,21 @@ class RunRequest(_Record):
     run_id: str | None = None
     tenant: str = "default"
     budget_usd: Decimal | None = None
+    version: str | None = Field(
+        None, description="start on this version of the workflow (default: the newest a worker serves)"
+    )
 
 
 class RunCommand(_Record):
     """An operator's command for an existing run, sent on the requests topic (``calmrun dlq redrive``)."""
 
-    command: Literal["redrive"]
+    command: Literal["redrive", "migrate"]
     run_id: str
     workflow: str
     by: str | None = Field(None, description="who asked (the operator page's user); recorded on the event")
+    # migrate (calmrun deploy check --migrate): the definition the run moves to
+    to_version: str | None = None
+    to_digest: str | None = None
 
 
 class StepCost(_Record):
@@ -62,6 +68,7 @@ EventType = Literal[
     "step.failed",
     "timer.fired",
     "run.redrive_requested",
+    "run.migrated",
     # decisions
     "step.scheduled",
     "step.retry_scheduled",
@@ -82,7 +89,7 @@ EventType = Literal[
     "input.ignored",
 ]
 INPUT_TYPES = frozenset(
-    {"run.requested", "step.succeeded", "step.failed", "timer.fired", "run.redrive_requested"}
+    {"run.requested", "step.succeeded", "step.failed", "timer.fired", "run.redrive_requested", "run.migrated"}
 )
 
 
@@ -180,4 +187,15 @@ class RedriveRequested:
     by: str | None = None
 
 
-DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested
+@dataclass(frozen=True)
+class MigrateRequested:
+    """Move a run in flight to another definition of its workflow (checked by ``calmrun deploy check``)."""
+
+    run_id: str
+    at_ms: int
+    version: str
+    digest: str
+    by: str | None = None
+
+
+DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested | MigrateRequested

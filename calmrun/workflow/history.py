@@ -1,14 +1,14 @@
 """A run's recorded history as decider inputs, and the fold that re-decides it.
 
 Every decision logs its input first (``run.requested``, ``step.succeeded``, ``step.failed``,
-``timer.fired``, ``run.redrive_requested``), so the inputs of a run can be rebuilt from its events and
-folded through the decider again: with the same definition this reproduces the recorded events exactly;
-with a changed one, the first difference is where the change would alter runs in flight.
+``timer.fired``, ``run.redrive_requested``, ``run.migrated``), so the inputs of a run can be rebuilt from
+its events and folded through the decider again: with the same definition this reproduces the recorded
+events exactly; with a changed one, the first difference is where the change would alter runs in flight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +17,7 @@ from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import (
     INPUT_TYPES,
     DeciderInput,
+    MigrateRequested,
     RedriveRequested,
     RunEvent,
     RunRequested,
@@ -83,16 +84,35 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
             )
         elif ev.type == "timer.fired":
             out.append(TimerFired(ev.run_id, int(d.get("at_ms", ev.at_ms))))
+        elif ev.type == "run.migrated":
+            to = d.get("to") or {}
+            out.append(
+                MigrateRequested(
+                    ev.run_id, ev.at_ms, str(to.get("version")), str(to.get("digest")), d.get("by")
+                )
+            )
         else:
             out.append(RedriveRequested(ev.run_id, ev.at_ms, d.get("by")))
     return out
 
 
-def fold(wf: WorkflowDef, inputs: Iterable[DeciderInput]) -> tuple[RunState | None, list[RunEvent]]:
-    """Decide ``inputs`` in order from no state; returns the final state and the applied events."""
+Resolve = Callable[[MigrateRequested], WorkflowDef | None]
+"""The definition a migration moves a run to (None: go on with the one in use)."""
+
+
+def fold(
+    wf: WorkflowDef, inputs: Iterable[DeciderInput], resolve: Resolve | None = None
+) -> tuple[RunState | None, list[RunEvent]]:
+    """Decide ``inputs`` in order from no state; returns the final state and the applied events.
+
+    ``resolve`` picks the definition after each ``run.migrated`` (its target); without it, ``wf`` decides
+    every input (which is how ``calmrun deploy check`` asks whether a new definition converges).
+    """
     state: RunState | None = None
     events: list[RunEvent] = []
     for inp in inputs:
+        if isinstance(inp, MigrateRequested) and resolve is not None:
+            wf = resolve(inp) or wf
         d = decide(wf, state, inp)
         if d.ignored is None:
             state = d.state

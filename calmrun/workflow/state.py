@@ -53,6 +53,7 @@ class RunState(BaseModel):
     run_id: str
     workflow: str
     version: str
+    digest: str = Field("", description="content hash of the definition the run is pinned to")
     tenant: str = "default"
     status: RunStatus = "running"
     outcome: str | None = None
@@ -68,6 +69,10 @@ class RunState(BaseModel):
     spent_usd: Decimal = Field(Decimal(0), description="money of every recorded attempt of this run")
     start_rungs: dict[str, int] = Field(
         default_factory=dict, description="step -> ladder rung chosen at the request (steps with choose)"
+    )
+    held: list[str] = Field(
+        default_factory=list,
+        description="commands received while no worker here served the run's version (JSON, in order)",
     )
 
     def next_due_ms(self) -> int | None:
