@@ -195,7 +195,7 @@ class Intake:
             return
         inp: DeciderInput
         if body.command == "migrate":
-            inp = MigrateRequested(run_id, at_ms, wf.version, wf.digest, body.by)
+            inp = MigrateRequested(run_id, at_ms, wf.version, wf.digest, body.by, body.checked_seq)
         else:
             attempts = sum(st.attempt for st in state.steps.values()) if state else 0
             if attempts >= limits.max_attempts_per_run:

@@ -27,7 +27,7 @@ EARLIER_FIELDS: dict[str, set[str]] = {
     "DlqRecord": {"truncated"},
     "RunState": {"digest", "held"},  # pinned versions (0.3)
     "RunRequest": {"version"},
-    "RunCommand": {"to_version", "to_digest"},
+    "RunCommand": {"to_version", "to_digest", "checked_seq"},
 }
 """Per model, fields appended since an earlier version whose records must still decode."""
 M = TypeVar("M", bound=BaseModel)

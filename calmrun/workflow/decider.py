@@ -292,6 +292,9 @@ class _Builder(Schedule):
         if s.status != "running":
             self.why = f"migrate needs a running run; this one is {s.status}"
             return None
+        if m.checked_seq is not None and s.seq != m.checked_seq:
+            self.why = f"the run moved on since it was checked (seq {s.seq}, checked at {m.checked_seq})"
+            return None
         if (s.version, s.digest) == (m.version, m.digest):
             self.why = f"the run is on version {m.version} ({m.digest}) already"
             return None
@@ -303,7 +306,8 @@ class _Builder(Schedule):
         before = {"version": s.version, "digest": s.digest}
         s.version, s.digest = m.version, m.digest
         to = {"version": m.version, "digest": m.digest}
-        self.emit("run.migrated", data={"from": before, "to": to, **({"by": m.by} if m.by else {})})
+        data: dict[str, Any] = {"from": before, "to": to, "checked_seq": m.checked_seq}
+        self.emit("run.migrated", data={**data, **({"by": m.by} if m.by else {})})
         return self.finish()
 
     # -- decisions ----------------------------------------------------------------------------------

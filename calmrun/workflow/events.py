@@ -44,6 +44,7 @@ class RunCommand(_Record):
     # migrate (calmrun deploy check --migrate): the definition the run moves to
     to_version: str | None = None
     to_digest: str | None = None
+    checked_seq: int | None = Field(None, description="migrate only if the run is still at this seq")
 
 
 class StepCost(_Record):
@@ -196,6 +197,9 @@ class MigrateRequested:
     version: str
     digest: str
     by: str | None = None
+    checked_seq: int | None = None
+    """The seq up to which the new definition was checked against the run's history: a run that moved on
+    since is not migrated (what it decided since was not checked)."""
 
 
 DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested | MigrateRequested

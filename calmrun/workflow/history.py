@@ -85,12 +85,9 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
         elif ev.type == "timer.fired":
             out.append(TimerFired(ev.run_id, int(d.get("at_ms", ev.at_ms))))
         elif ev.type == "run.migrated":
-            to = d.get("to") or {}
-            out.append(
-                MigrateRequested(
-                    ev.run_id, ev.at_ms, str(to.get("version")), str(to.get("digest")), d.get("by")
-                )
-            )
+            to, seq = d.get("to") or {}, d.get("checked_seq")
+            version, digest = str(to.get("version")), str(to.get("digest"))
+            out.append(MigrateRequested(ev.run_id, ev.at_ms, version, digest, d.get("by"), seq))
         else:
             out.append(RedriveRequested(ev.run_id, ev.at_ms, d.get("by")))
     return out
