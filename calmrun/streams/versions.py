@@ -107,6 +107,17 @@ def place(
         load[ranged] -= 1
         load[chosen] += 1
         owner[part] = chosen
+    # a member that gave partitions up takes as many back, of those it serves as well as their owner does
+    share = {m: each + (1 if i < extra else 0) for i, m in enumerate(ids)}
+    for m in ids:
+        for part in range(n):
+            if load[m] >= share[m]:
+                break
+            held_by = owner[part]
+            if load[held_by] > share[held_by] and covered(m, wanted[part]) >= covered(held_by, wanted[part]):
+                load[held_by] -= 1
+                load[m] += 1
+                owner[part] = m
     return owner
 
 
