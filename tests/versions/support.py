@@ -53,3 +53,17 @@ V3 = pinned("3", last_agent="add_ten")
 def write_yaml(wf: WorkflowDef, path: Path) -> Path:
     path.write_text(yaml.safe_dump(wf.model_dump(mode="json", exclude_defaults=True)))
     return path
+
+
+async def slow_add_one(ctx: StepContext, item: Item) -> Out:
+    """``add_one`` after a quarter second: runs are in flight when a worker process is killed."""
+    await asyncio.sleep(0.25)
+    return Out(n=item.n + 1, label=f"{ctx.step}:{ctx.attempt}")
+
+
+def by_reference(wf: WorkflowDef) -> WorkflowDef:
+    """``wf`` with every agent as a ``module:attr`` reference (what ``calmrun worker`` resolves)."""
+    data = wf.model_dump(mode="json")
+    for step in data["steps"]:
+        step["agent"] = "tests.versions.support:slow_add_one"
+    return parse_workflow(data)
