@@ -30,7 +30,7 @@ from calmrun.settings import Settings
 from calmrun.streams.versions import ASSIGNOR, pin, read_member_data
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import RunCommand
-from calmrun.workflow.registry import Pin, version_order
+from calmrun.workflow.registry import Pin, pin_of, version_order
 from calmrun.workflow.state import RunState
 
 CAN_TAKE_OVER = "can take over"
@@ -130,6 +130,12 @@ def versions_in_flight(states: Iterable[RunState]) -> dict[str, dict[Pin, int]]:
 async def group_serves(settings: Settings) -> list[Pin] | None:
     """What the workers of the group serve, from their membership; None when that cannot be known (no
     answer, or a group on the plain range assignor, whose members publish nothing)."""
+    members = await group_members(settings)
+    return None if members is None else sorted({p for m in members for p in m})
+
+
+async def group_members(settings: Settings) -> list[list[Pin]] | None:
+    """What each worker of the group serves (see ``group_serves``)."""
     try:
         async with admin_client(settings.kafka, "versions") as admin:
             (resp,) = await admin.describe_consumer_groups([settings.group_id])
@@ -138,14 +144,14 @@ async def group_serves(settings: Settings) -> list[Pin] | None:
     group = resp.groups[0]
     if group[4] != ASSIGNOR:
         return [] if group[2] in ("Empty", "Dead") else None
-    serves: set[Pin] = set()
+    members: list[list[Pin]] = []
     for m in group[5]:
         try:
             meta = ConsumerProtocolMemberMetadata.decode(m[-2])
-        except Exception:
-            continue
-        serves |= set(read_member_data(meta.user_data)[0])
-    return sorted(serves)
+        except Exception:  # a member's metadata we cannot read: it serves nothing we know of
+            meta = None
+        members.append(read_member_data(meta.user_data)[0] if meta is not None else [])
+    return members
 
 
 def waiting_for(state: RunState, serves: Sequence[Pin] | None) -> str | None:
@@ -160,6 +166,19 @@ def waiting_for(state: RunState, serves: Sequence[Pin] | None) -> str | None:
         f"waiting for version {state.version}{digest} of workflow {state.workflow}: "
         "no worker of this group serves it"
     )
+
+
+def unready_for(new: WorkflowDef, members: list[list[Pin]] | None) -> str | None:
+    """Why migrating to ``new`` now would fail (a worker that lacks it parks the command), else None."""
+    if not members:
+        return "no worker of the group publishes what it serves (none running?)"
+    lacking = sum(1 for served in members if not any(pin_of(new).served_by(s) for s in served))
+    if lacking:
+        return (
+            f"{lacking} of the group's {len(members)} workers do not serve {pin_of(new)}: a migrate they "
+            "receive would be parked; start every worker with the new version first"
+        )
+    return None
 
 
 async def send_migrations(

@@ -52,9 +52,13 @@ def deploy_check(
     settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> tuple[list[Takeover], list[str]]:
-        from calmrun.check.versions import send_migrations, takeover
+        from calmrun.check.versions import group_members, send_migrations, takeover, unready_for
         from calmrun.replay.snapshot import scan_runs
 
+        why = unready_for(wf, await group_members(settings)) if migrate else None
+        if why is not None:
+            err.print(f"[red]error:[/red] not migrating: {why}")
+            raise typer.Exit(2)
         snaps = await scan_runs(settings)
         verdicts = takeover(wf, snaps.values(), finished=finished)
         sent = await send_migrations(settings, wf, verdicts, by=_who()) if migrate else []

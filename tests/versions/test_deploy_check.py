@@ -15,7 +15,7 @@ from calmrun.client import Client
 from calmrun.kafka.topics import partition_for
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import ready, running, settings_for, until
-from tests.versions.support import AGENTS, V1, V2, V3, write_yaml
+from tests.versions.support import AGENTS, V1, V2, V3, pinned, write_yaml
 from tests.versions.test_versions_in_flight import at_b, cli
 
 
@@ -55,6 +55,11 @@ async def test_deploy_check_flags_a_renamed_step_and_migrates_runs_past_a_later_
             code, shown = await cli("deploy", "check", str(v3_file), *common)
             assert code == 0, shown  # v3 changes only c, which no run has reached
             assert {r["verdict"] for r in json.loads(shown)["runs"]} == {"can take over"}
+
+            # a version no worker serves yet: nothing is sent (a worker without it would park the command)
+            v4_file = write_yaml(pinned("4", last_agent="add_ten"), tmp_path / "v4.yaml")
+            code, shown = await cli("deploy", "check", str(v4_file), "--migrate", *common)
+            assert code == 2 and "do not serve pin v4" in shown, shown
 
             code, shown = await cli("deploy", "check", str(v3_file), "--migrate", *common)
             assert code == 0, shown

@@ -60,6 +60,8 @@ def test_a_migration_is_a_decision_that_repins_the_run() -> None:
     assert [e.type for e in d.events] == ["run.migrated"]
     assert d.events[0].data["from"] == {"version": "1", "digest": V1.digest}
     assert (d.state.version, d.state.digest) == ("3", V3.digest)
+    again = decide(V3, d.state, MigrateRequested("r1", 1300, "3", V3.digest, checked_seq=d.state.seq))
+    assert again.ignored is not None and "already" in again.ignored  # delivered twice: one migration
     moved_on = decide(V3, state, MigrateRequested("r1", 1200, "3", V3.digest, checked_seq=state.seq - 1))
     assert moved_on.ignored is not None and "moved on" in moved_on.ignored
     # a target without a step the run has is refused, whatever the operator sent
