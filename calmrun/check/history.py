@@ -32,7 +32,7 @@ from calmrun.errors import CalmrunError
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics, start_client
-from calmrun.replay.recorded import pick_definition, replay_recorded, resolver
+from calmrun.replay.recorded import replay_given
 from calmrun.replay.snapshot import Snapshot
 from calmrun.settings import KafkaSettings
 from calmrun.wire.codec import RecordCodec, wire_models
@@ -213,12 +213,8 @@ def check_run(
     if not definitions or not history:
         return out, copies, False
     try:
-        # the definition the run started on; a recorded migration switches to its target (resolver)
-        first = history[0]
-        start = (str(first.data.get("version", first.version)), str(first.data.get("digest", "")))
-        wf = pick_definition(definitions, state.workflow, start[0], None, start[1])
-        snap = Snapshot(run_id=run_id, state=state, events=history)
-        verdict = replay_recorded(wf, snap, resolver(definitions, state.workflow))
+        # the definition the run started on, then each recorded migration's target
+        verdict = replay_given(definitions, Snapshot(run_id=run_id, state=state, events=history))
     except CalmrunError as exc:
         bad(Rule.STATE, f"cannot re-decide: {exc}")
         return out, copies, False

@@ -119,6 +119,24 @@ def resolver(definitions: Sequence[WorkflowDef], workflow: str) -> Resolve:
     return resolve
 
 
+def replay_given(
+    definitions: Sequence[WorkflowDef], snap: Snapshot, version: str | None = None
+) -> RecordedReplay:
+    """Recorded replay of ``snap`` with the definitions given: with ``version``, that one decides every
+    input; without, the run's own (the one it started on, then each recorded migration's target).
+
+    Raises:
+        ReplayError: as ``pick_definition`` and ``replay_recorded``.
+    """
+    if version is not None:
+        return replay_recorded(pick_definition(definitions, snap.workflow, snap.version, version), snap)
+    first = snap.events[0] if snap.events else None
+    started = str(first.data.get("version", first.version)) if first else snap.version
+    digest = str(first.data.get("digest", "")) if first else ""
+    wf = pick_definition(definitions, snap.workflow, started, None, digest)
+    return replay_recorded(wf, snap, resolver(definitions, snap.workflow))
+
+
 def replay_recorded(wf: WorkflowDef, snap: Snapshot, resolve: Resolve | None = None) -> RecordedReplay:
     """Re-decide ``snap``'s recorded inputs with ``wf`` and compare every decision with the record.
 
@@ -252,14 +270,7 @@ def replay_recorded_many(
     for i, snap in enumerate(snapshots):
         out.runs += 1
         try:
-            if version is None:  # the run's own history: from the definition it started on
-                first = snap.events[0] if snap.events else None
-                started = str(first.data.get("version", first.version)) if first else snap.version
-                digest = str(first.data.get("digest", "")) if first else ""
-                wf = pick_definition(definitions, snap.workflow, started, None, digest)
-                r = replay_recorded(wf, snap, resolver(definitions, snap.workflow))
-            else:
-                r = replay_recorded(pick_definition(definitions, snap.workflow, snap.version, version), snap)
+            r = replay_given(definitions, snap, version)
         except ReplayError as exc:
             out.errors += 1
             out.failed[snap.run_id] = str(exc)
