@@ -21,8 +21,9 @@ from calmrun.client import Client
 from calmrun.kafka.topics import partition_for
 from calmrun.settings import Settings
 from calmrun.streams.metrics import WorkerMetrics
+from calmrun.streams.records import task_out
 from calmrun.streams.worker import Worker
-from calmrun.workflow.events import RunCommand, RunRequest
+from calmrun.workflow.events import RunCommand, RunRequest, StepTask
 from calmrun.workflow.registry import pin_of
 from calmrun.workflow.state import RunState
 from tests.runtime_support import ready, running, settings_for, until
@@ -110,6 +111,14 @@ async def test_a_v2_only_group_leaves_v1_runs_waiting_until_a_v1_worker_joins(
             assert (done.status, done.version, path(done)) == ("completed", "2", ["a", "b2", "c"])
             p0 = partition_for(old[0], 4)
             await until(lambda: len(getattr(v2_only.parts.state(p0, old[0]), "held", [])) == 1, 30, "held")
+            # a task record of a v1 run on a step v2 shares (a copy re-delivered, say): the v2 worker does
+            # not judge it with v2, it leaves it (a task the run awaits would be re-issued by its deadline)
+            task = StepTask(run_id=old[1], workflow="pin", version="1", step="a", attempt=1, agent="add_one",
+                            input={"n": 100}, issued_ms=0, timeout_s=30)  # fmt: skip
+            out = task_out(c.topics, c.codec, partition_for(old[1], 4), task)
+            unserved = v2_only.intake.counts.tasks_unserved  # the v1 worker's own task records count too
+            await c.producer.send_and_wait(out.topic, out.value, key=out.key, partition=out.partition)
+            await until(lambda: v2_only.intake.counts.tasks_unserved == unserved + 1, 30, "the v1 task left")
             for rid in old:  # not guessed at: still at b, on v1
                 s = v2_only.parts.state(partition_for(rid, 4), rid)
                 assert s is not None and (s.status, s.version, s.steps["b"].status) == (
