@@ -35,7 +35,7 @@ from calmrun.streams.decisions import Decisions
 from calmrun.streams.offsets import Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import StateOut
-from calmrun.workflow.events import RunCommand
+from calmrun.workflow.events import RunCommand, RunEvent
 from calmrun.workflow.registry import Definitions, Pin
 from calmrun.workflow.state import RunState
 
@@ -209,18 +209,31 @@ class Pinning:
     def hold(self, p: int, state: RunState, body: RunCommand, at_ms: int, pending: Pending | None) -> None:
         """Keep ``body`` in the run's state record (with its input, in one transaction) for a later owner."""
         entry = json.dumps({"at_ms": at_ms, "command": body.model_dump(mode="json")}, sort_keys=True)
-        self._write(p, state.model_copy(update={"held": [*state.held, entry]}), pending)
+        why = f"{body.command} held: no worker here serves {pin(state)}"
+        note = RunEvent(
+            run_id=state.run_id,
+            seq=-1,  # logged, not applied: the command is decided when it is released
+            type="input.held",
+            at_ms=at_ms,
+            workflow=state.workflow,
+            version=state.version,
+            tenant=state.tenant,
+            data={"reason": why, "command": body.command, "held": len(state.held) + 1},
+        )
+        self._write(p, state.model_copy(update={"held": [*state.held, entry]}), pending, note)
         self.counts.held += 1
         log.info(
             "run %s: %s command held, version %s is not served here", state.run_id, body.command, pin(state)
         )
 
-    def _write(self, p: int, state: RunState, pending: Pending | None) -> None:
+    def _write(self, p: int, state: RunState, pending: Pending | None, note: RunEvent | None = None) -> None:
         table, codec = self._parts.runs[p], self._decisions.codec
         encoded = table.put(state.run_id, state)
         encode = (lambda: encoded) if encoded is not None else (lambda: codec.encode(state))
         out = StateOut(self.topics.state, p, state.run_id.encode(), encode)
-        self._decisions.submit(p, [], (pending,) if pending is not None else (), (), out)
+        notes = (note,) if note is not None else ()
+        events = [self._decisions.event_out(p, n) for n in notes]
+        self._decisions.submit(p, events, (pending,) if pending is not None else (), notes, out)
 
     def after_assignment(self) -> None:
         """Decide the held commands this worker can, count the waiting runs, publish needs if new."""

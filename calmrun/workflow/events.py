@@ -88,6 +88,7 @@ EventType = Literal[
     "run.refused",
     # logged, never applied
     "input.ignored",
+    "input.held",  # a command kept for a worker that serves the run's version (streams.versions)
 ]
 INPUT_TYPES = frozenset(
     {"run.requested", "step.succeeded", "step.failed", "timer.fired", "run.redrive_requested", "run.migrated"}

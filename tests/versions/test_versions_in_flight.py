@@ -156,3 +156,5 @@ async def test_a_v2_only_group_leaves_v1_runs_waiting_until_a_v1_worker_joins(
         events = await c.events(old[0])
     ignored = [e for e in events if e.type == "input.ignored" and e.data.get("input") == "RedriveRequested"]
     assert len(ignored) == 1  # the held command was decided once, by the worker with the version
+    (held,) = [e for e in events if e.type == "input.held"]  # and its holding is in the run's log
+    assert held.seq == -1 and held.data["command"] == "redrive" and "pin v1" in held.data["reason"]
