@@ -4,9 +4,12 @@ that picks the definition per event, the assignor's placement, and old state rec
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import fastavro
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from calmrun.errors import ConfigError
 from calmrun.replay.recorded import replay_recorded, resolver
@@ -15,10 +18,13 @@ from calmrun.streams.versions import member_data, place, read_member_data
 from calmrun.wire.avro import MARKER, schema_fingerprint
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.decider import decide
-from calmrun.workflow.events import MigrateRequested, RunRequested, StepResult
+from calmrun.workflow.definition import WorkflowDef, parse_workflow
+from calmrun.workflow.events import DeciderInput, MigrateRequested, RunRequested, StepResult
+from calmrun.workflow.history import inputs_from_events
 from calmrun.workflow.registry import Definitions, Pin, pin_of, version_order
 from calmrun.workflow.state import RunState
 from tests.versions.support import V1, V2, V3, pinned, write_yaml
+from tests.workflow.test_decider_properties import histories
 
 
 def test_the_digest_is_the_content_and_spelled_out_defaults_change_nothing(tmp_path) -> None:
@@ -129,3 +135,49 @@ def test_states_written_before_pinning_still_decode() -> None:
     fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), to_avro(old) if to_avro else old)
     back = codec.decode_as(buf.getvalue(), RunState)
     assert (back.version, back.digest, back.held, back.steps["b"].status) == ("1", "", [], "scheduled")
+
+
+def _fold(wfs: dict[str, WorkflowDef], start: WorkflowDef, inputs: list[DeciderInput]) -> tuple[Any, list]:
+    wf, state, events = start, None, []
+    for inp in inputs:
+        if isinstance(inp, MigrateRequested):
+            wf = wfs[inp.version]
+        d = decide(wf, state, inp)
+        if d.ignored is None:
+            state = d.state
+            events.extend(d.events)
+    return state, events
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories(), st.data())
+def test_a_migration_anywhere_in_a_history_changes_only_the_pin_and_replays(history, data) -> None:
+    """A run moved (twice delivered) to a version with the same steps decides as it would have; its
+    recorded history replays exactly, each input with the definition in force."""
+    wf, inputs = history
+    twin = parse_workflow({**wf.model_dump(mode="json"), "version": "2"})
+    k = data.draw(st.integers(1, len(inputs)))
+    move = MigrateRequested(inputs[0].run_id, inputs[k - 1].at_ms, "2", twin.digest)
+    moved = [*inputs[:k], move, move, *inputs[k:]]
+    plain_state, plain = _fold({}, wf, inputs)
+    state, events = _fold({"2": twin}, wf, moved)
+    migrated = [e for e in events if e.type == "run.migrated"]
+    if plain_state is not None and not _running_after(wf, inputs[:k]):
+        event("the run was over before the migration")
+        assert not migrated  # a finished run is not moved
+        return
+    event("migrated")
+    assert len(migrated) == 1 and (state.version, state.digest) == ("2", twin.digest)
+
+    def shape(evs: list) -> list:
+        return [(e.type, e.step, e.attempt, e.data) for e in evs if e.type != "run.migrated"]
+
+    assert shape(events) == shape(plain)
+    snap = Snapshot(run_id=state.run_id, state=state, events=events)
+    assert replay_recorded(wf, snap, resolver([wf, twin], wf.name)).verdict == "converged"
+    assert inputs_from_events(events).count(move) == 1
+
+
+def _running_after(wf: WorkflowDef, inputs: list[DeciderInput]) -> bool:
+    state, _ = _fold({}, wf, inputs)
+    return state is not None and state.status == "running"
