@@ -161,7 +161,9 @@ class Intake:
         )
         if wf is None:
             unknown = f"{body.workflow} v{body.version}" if named else body.workflow
-            self.park(rec, UnknownWorkflowError(unknown, list(self.workflows)), None, pending)
+            self.park(
+                rec, UnknownWorkflowError(unknown, [str(p) for p in self.workflows.pins()]), None, pending
+            )
             return
         inp = self._request_input(run_id, wf, body, rec.timestamp)
         self._decisions.decide(p, wf, state, inp, rec, (pending,))
@@ -190,8 +192,9 @@ class Intake:
         else:
             wf = self.workflows.newest(body.workflow)  # no such run: the decider says so
         if wf is None:
-            what = body.workflow + (f" v{body.to_version} ({body.to_digest})" if body.to_version else "")
-            self.park(rec, UnknownWorkflowError(what, list(self.workflows)), None, pending)
+            target = f" v{body.to_version or '?'} ({body.to_digest or 'any digest'})"
+            what = body.workflow + (target if body.command == "migrate" else "")
+            self.park(rec, UnknownWorkflowError(what, [str(p) for p in self.workflows.pins()]), None, pending)
             return
         inp: DeciderInput
         if body.command == "migrate":
