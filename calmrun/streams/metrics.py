@@ -245,7 +245,7 @@ class WorkerMetrics:
         )
         w = self._worker
         if w is not None:
-            for pin, n in sorted(w.pins.counts.waiting.items()):
+            for pin, n in sorted(w.pins.waiting().items()):
                 waiting.add_metric((pin.workflow, pin.version, pin.digest), n)
             counts: dict[str, int] = {name: 0 for name in w.workflows}
             for table in list(w.runs.values()):

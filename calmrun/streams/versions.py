@@ -22,7 +22,7 @@ import collections
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 from aiokafka import AIOKafkaConsumer
@@ -173,9 +173,7 @@ class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
 class PinningCounts:
     held: int = 0  # commands held for a version not served here
     released: int = 0  # held commands decided by this worker
-    skipped_tasks: int = 0  # step tasks of an unserved version, not executed
     rejoins: int = 0  # rebalances asked for to publish needs
-    waiting: dict[Pin, int] = field(default_factory=dict)  # live runs per version not served here
 
 
 class Pinning:
@@ -194,17 +192,23 @@ class Pinning:
         assignor: type[VersionAssignor],
         command: Callable[[int, str, RunCommand, RunState | None, int], None],
     ) -> None:
-        self.definitions, self.topics, self._parts, self._decisions = (
-            definitions,
-            topics,
-            partitions,
-            decisions,
-        )
+        self.definitions, self.topics = definitions, topics
+        self._parts, self._decisions = partitions, decisions
         self._assignor, self._command = assignor, command
         self.counts = PinningCounts()
 
     def serves(self, state: RunState) -> bool:
         return self.definitions.serves(pin(state))
+
+    def waiting(self) -> dict[Pin, int]:
+        """The live runs of the owned partitions pinned to a version not served here, per version, now."""
+        counts: collections.Counter[Pin] = collections.Counter()
+        for p in sorted(self._parts.owned):
+            table = self._parts.runs.get(p)
+            for _, state in table.live() if table is not None else ():
+                if not self.serves(state):
+                    counts[pin(state)] += 1
+        return dict(counts)
 
     def hold(self, p: int, state: RunState, body: RunCommand, at_ms: int, pending: Pending | None) -> None:
         """Keep ``body`` in the run's state record (with its input, in one transaction) for a later owner."""
@@ -238,20 +242,13 @@ class Pinning:
     def after_assignment(self) -> None:
         """Decide the held commands this worker can, count the waiting runs, publish needs if new."""
         needs: dict[int, set[Pin]] = {}
-        waiting: collections.Counter[Pin] = collections.Counter()
         for p in sorted(self._parts.owned):
             table = self._parts.runs.get(p)
-            if table is None:
-                continue
-            for run_id, state in table.live():
-                if not self.serves(state):
-                    waiting[pin(state)] += 1
-                    needs.setdefault(p, set()).add(pin(state))
-                    continue
+            for run_id, state in table.live() if table is not None else ():
                 needs.setdefault(p, set()).add(pin(state))
-                if state.held:
+                if state.held and self.serves(state):
                     self._release(p, run_id)
-        self.counts.waiting = dict(waiting)
+        waiting = self.waiting()
         published = self._assignor.needs
         self._assignor.needs = needs
         if waiting and needs != published:

@@ -98,7 +98,7 @@ async def test_a_v2_only_group_leaves_v1_runs_waiting_until_a_v1_worker_joins(
     v1_again: Worker | None = None
     try:
         await ready(v2_only)
-        await until(lambda: v2_only.pins.counts.waiting.get(pin_of(V1)) == 3, 30, "three runs waiting for v1")
+        await until(lambda: v2_only.pins.waiting().get(pin_of(V1)) == 3, 30, "three runs waiting for v1")
         labels = {"workflow": "pin", "version": "1", "digest": V1.digest}
         assert metrics.registry.get_sample_value("calmrun_runs_waiting_version", labels) == 3
         support.OPEN.set()  # nothing holds the v1 runs now but the missing version
@@ -141,7 +141,7 @@ async def test_a_v2_only_group_leaves_v1_runs_waiting_until_a_v1_worker_joins(
             s = states[rid]
             assert (s.status, s.version, path(s), s.held) == ("completed", "1", ["a", "b", "c"], [])
         assert v1_again.pins.counts.released == 1  # the held redrive, decided (and ignored) in order
-        await until(lambda: not v2_only.pins.counts.waiting, 30, "no run waiting on the v2 worker")
+        await until(lambda: not v2_only.pins.waiting(), 30, "no run waiting on the v2 worker")
         # a group of two: the v1 runs' partitions went to the v1 worker, the rest stayed
         assert {partition_for(r, 4) for r in old} <= v1_again.owned
         assert v1_again.owned | v2_only.owned == set(range(4)) and not v1_again.owned & v2_only.owned
