@@ -33,7 +33,7 @@ from calmrun.errors import CalmrunError
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics, start_client
-from calmrun.replay.recorded import pick_definition, replay_recorded
+from calmrun.replay.recorded import replay_given
 from calmrun.replay.snapshot import Snapshot
 from calmrun.settings import KafkaSettings
 from calmrun.wire.codec import RecordCodec, wire_models
@@ -226,8 +226,8 @@ def check_run(
     if not definitions or not history:
         return out, copies, False
     try:
-        wf = pick_definition(definitions, state.workflow, state.version, None)
-        verdict = replay_recorded(wf, Snapshot(run_id=run_id, state=state, events=history))
+        # the definition the run started on, then each recorded migration's target
+        verdict = replay_given(definitions, Snapshot(run_id=run_id, state=state, events=history))
     except CalmrunError as exc:
         bad(Rule.STATE, f"cannot re-decide: {exc}")
         return out, copies, False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from calmrun.cli import costs, ops, people, replay, runs
+from calmrun.cli import costs, deploy, ops, people, replay, runs
 
 app = typer.Typer(help="calmrun: a Kafka-native runtime for AI-agent workflows.", no_args_is_help=True)
 dlq_app = typer.Typer(help="The quarantine: dead-letter topics.", no_args_is_help=True)
@@ -20,6 +20,8 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(check_app, name="check")
 app.add_typer(replay.replay_app, name="replay")
 app.add_typer(costs.costs_app, name="costs")
+app.add_typer(deploy.deploy_app, name="deploy")
+app.command("versions")(deploy.versions)
 app.command("snapshot")(replay.snapshot)
 app.command("costs-aggregator")(costs.aggregator)
 for verb in (runs.worker, runs.submit, runs.status, runs.runs, runs.models, ops.ui, ops.acls):

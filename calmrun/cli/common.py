@@ -51,14 +51,25 @@ def run_command(coro: Coroutine[Any, Any, T], *, usage_errors: tuple[type[Except
 out = Console()
 
 WorkflowFiles = Annotated[
-    list[Path], typer.Option("--workflow", "-w", help="Workflow YAML file (repeatable).")
+    list[Path],
+    typer.Option(
+        "--workflow",
+        "-w",
+        help="Workflow YAML file, or a folder of them (repeatable; several versions are fine).",
+    ),
 ]
 
 
 def load_workflows(files: list[Path]) -> list[WorkflowDef]:
-    """The definitions of ``files``; a bad one is one line on stderr and exit code 2."""
+    """The definitions of ``files`` (a folder: its ``*.yaml``/``*.yml``, by name); a bad one, or two
+    different definitions under one name and version, is one line on stderr and exit code 2."""
+    from calmrun.workflow.registry import Definitions
+
+    paths = [q for f in files for q in (sorted([*f.glob("*.yaml"), *f.glob("*.yml")]) if f.is_dir() else [f])]
     try:
-        return [load_workflow(f) for f in files]
+        wfs = [load_workflow(f) for f in paths]
+        Definitions(wfs)  # the same name and version twice with different content: refused here
+        return wfs
     except CalmrunError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

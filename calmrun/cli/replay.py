@@ -227,12 +227,10 @@ def run(
     snap = _snapshot_of(run, settings)
     if mode == "recorded":
         from calmrun.errors import ReplayError
-        from calmrun.replay.recorded import pick_definition, replay_recorded
+        from calmrun.replay.recorded import replay_given
 
         try:
-            result = replay_recorded(
-                pick_definition(defs, snap.workflow, snap.version, workflow_version), snap
-            )
+            result = replay_given(defs, snap, workflow_version)
         except ReplayError as exc:
             raise _fail(str(exc), 1) from None
         if as_json:

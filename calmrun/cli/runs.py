@@ -153,12 +153,17 @@ def status(
     """A run's state, its steps and its event history."""
     settings = cli_settings(config, bootstrap, prefix)
 
-    async def main() -> tuple[RunState | None, list[RunEvent]]:
+    async def main() -> tuple[RunState | None, list[RunEvent], str | None]:
+        from calmrun.check.versions import group_serves, waiting_for
+
         async with Client(settings) as c:
             state = await c.state(run_id)
-            return state, (await c.run_events(state) if state is not None else [])
+            events = await c.run_events(state) if state is not None else []
+        live = state is not None and not state.is_terminal()
+        waiting = waiting_for(state, await group_serves(settings)) if state is not None and live else None
+        return state, events, waiting
 
-    state, events = run_command(main())
+    state, events, waiting = run_command(main())
     if state is None:
         err.print(f"[red]error:[/red] no run {run_id!r} in {settings.kafka.prefix}.runs.state")
         raise typer.Exit(1)
@@ -168,19 +173,24 @@ def status(
                 {
                     "state": state.model_dump(mode="json"),
                     "events": [e.model_dump(mode="json") for e in events],
+                    "waiting": waiting,
                 }
             )
         )
         return
-    print_status(state, events)
+    print_status(state, events, waiting)
 
 
-def print_status(state: RunState, events: list[RunEvent]) -> None:
+def print_status(state: RunState, events: list[RunEvent], waiting: str | None = None) -> None:
     """Render one run for people: header, steps with cost, then the event history."""
+    digest = f" ({state.digest})" if state.digest else ""
     out.print(
-        f"[bold]{state.run_id}[/bold]  workflow {state.workflow} v{state.version}  tenant {state.tenant}  "
-        f"status [bold]{state.status}[/bold]  outcome {state.outcome or '-'}"
+        f"[bold]{state.run_id}[/bold]  workflow {state.workflow} v{state.version}{digest}  "
+        f"tenant {state.tenant}  status [bold]{state.status}[/bold]  outcome {state.outcome or '-'}"
     )
+    if waiting:  # pinned to a version no worker of the group serves (calmrun.streams.versions)
+        held = f"; {len(state.held)} commands held for it" if state.held else ""
+        out.print(f"  [yellow]{waiting}[/yellow]{held}")
     if state.error:  # a cancelled run has no error type: its "error" says who cancelled it and why
         out.print(f"  error: {state.error_type}: {state.error}" if state.error_type else f"  {state.error}")
     from calmrun.cli.costs import step_costs

@@ -9,6 +9,7 @@ from calmrun.replay.recorded import (
     Divergence,
     RecordedReplay,
     pick_definition,
+    replay_given,
     replay_recorded,
     replay_recorded_many,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "fetch_snapshots",
     "load_snapshot",
     "pick_definition",
+    "replay_given",
     "replay_live",
     "replay_offsets",
     "replay_recorded",

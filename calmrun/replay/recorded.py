@@ -17,12 +17,23 @@ from calmrun.errors import ReplayError
 from calmrun.replay.snapshot import Snapshot
 from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import WorkflowDef
-from calmrun.workflow.events import INPUT_TYPES, Answer, DeciderInput, RunEvent, SignalReceived, StepResult
-from calmrun.workflow.history import inputs_from_events
+from calmrun.workflow.events import (
+    INPUT_TYPES,
+    Answer,
+    DeciderInput,
+    MigrateRequested,
+    RunEvent,
+    SignalReceived,
+    StepResult,
+)
+from calmrun.workflow.history import Resolve, inputs_from_events
 from calmrun.workflow.state import RunState
 
 Verdict = Literal["converged", "diverged"]
-_NOT_COMPARED = {"version"}  # a new version of a definition may replay an old run and still converge
+# a new version of a definition may replay an old run and still converge: what pins a run is not compared
+# (nor the commands a worker held for it, which no decision made)
+_NOT_COMPARED = {"version", "digest", "held"}
+_PIN_DATA = {"run.requested": ("version", "digest"), "run.migrated": ("from",)}
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,11 @@ class RecordedReplay:
 
 
 def pick_definition(
-    definitions: Sequence[WorkflowDef], workflow: str, recorded_version: str, version: str | None
+    definitions: Sequence[WorkflowDef],
+    workflow: str,
+    recorded_version: str,
+    version: str | None,
+    digest: str = "",
 ) -> WorkflowDef:
     """The definition to replay a run of ``workflow`` against.
 
@@ -95,14 +110,46 @@ def pick_definition(
             f"no definition of {workflow!r} has version {version!r} "
             f"(given: {sorted(d.version for d in named)})"
         )
-    for d in named:
-        if d.version == recorded_version:
+    same = [d for d in named if d.version == recorded_version]
+    for d in same:
+        if d.digest == digest:
             return d
-    return named[-1]
+    return same[0] if same else named[-1]
 
 
-def replay_recorded(wf: WorkflowDef, snap: Snapshot) -> RecordedReplay:
+def resolver(definitions: Sequence[WorkflowDef], workflow: str) -> Resolve:
+    """Finds the target of a recorded ``run.migrated`` among ``definitions`` (by version and digest)."""
+
+    def resolve(m: MigrateRequested) -> WorkflowDef | None:
+        named = [d for d in definitions if d.name == workflow and d.version == m.version]
+        return next((d for d in named if d.digest == m.digest), named[0] if named else None)
+
+    return resolve
+
+
+def replay_given(
+    definitions: Sequence[WorkflowDef], snap: Snapshot, version: str | None = None
+) -> RecordedReplay:
+    """Recorded replay of ``snap`` with the definitions given: with ``version``, that one decides every
+    input; without, the run's own (the one it started on, then each recorded migration's target).
+
+    Raises:
+        ReplayError: as ``pick_definition`` and ``replay_recorded``.
+    """
+    if version is not None:
+        return replay_recorded(pick_definition(definitions, snap.workflow, snap.version, version), snap)
+    first = snap.events[0] if snap.events else None
+    started = str(first.data.get("version", first.version)) if first else snap.version
+    digest = str(first.data.get("digest", "")) if first else ""
+    wf = pick_definition(definitions, snap.workflow, started, None, digest)
+    return replay_recorded(wf, snap, resolver(definitions, snap.workflow))
+
+
+def replay_recorded(wf: WorkflowDef, snap: Snapshot, resolve: Resolve | None = None) -> RecordedReplay:
     """Re-decide ``snap``'s recorded inputs with ``wf`` and compare every decision with the record.
+
+    ``resolve`` gives the definition a recorded ``run.migrated`` moved the run to, which decides the
+    inputs after it (exact replay); without it ``wf`` decides them all (would ``wf`` take the run over?).
 
     Pure: no Kafka, no clock. The state is compared with the snapshot's state at the seq that state had
     (a run still in flight may have events newer than the state that was read).
@@ -131,6 +178,8 @@ def replay_recorded(wf: WorkflowDef, snap: Snapshot) -> RecordedReplay:
     replayed: list[RunEvent] = []
     divergence: Divergence | None = None
     for i, (inp, group) in enumerate(zip(inputs, groups, strict=True)):
+        if isinstance(inp, MigrateRequested) and resolve is not None:
+            wf = resolve(inp) or wf
         d = decide(wf, state, inp)
         want = [_norm(e) for e in group]
         if d.ignored is not None:
@@ -229,8 +278,7 @@ def replay_recorded_many(
     for i, snap in enumerate(snapshots):
         out.runs += 1
         try:
-            wf = pick_definition(definitions, snap.workflow, snap.version, version)
-            r = replay_recorded(wf, snap)
+            r = replay_given(definitions, snap, version)
         except ReplayError as exc:
             out.errors += 1
             out.failed[snap.run_id] = str(exc)
@@ -303,7 +351,10 @@ def _decisions(events: Sequence[RunEvent]) -> list[list[RunEvent]]:
 
 
 def _norm(e: RunEvent) -> dict[str, Any]:
-    return e.model_dump(mode="json", exclude=_NOT_COMPARED)
+    out = e.model_dump(mode="json", exclude=_NOT_COMPARED)
+    for key in _PIN_DATA.get(e.type, ()):
+        out["data"].pop(key, None)
+    return out
 
 
 def _why(want: list[dict[str, Any]], got: list[dict[str, Any]], j: int) -> str:

@@ -7,6 +7,7 @@ settings (``calmrun.kafka.connect``).
 from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS, client_kwargs
@@ -14,10 +15,16 @@ from calmrun.settings import Settings
 from calmrun.streams.txn import transactional_id
 
 
-def group_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
-    """The consumer of the worker's inputs: one group (``settings.group_id``, or a pool's), the range
-    assignor (co-partitioning), no auto commit (offsets commit in the writers' transactions), heartbeats
-    every second."""
+def group_consumer(
+    settings: Settings,
+    assignor: type[AbstractPartitionAssignor] | None = None,
+    group_id: str | None = None,
+) -> AIOKafkaConsumer:
+    """The consumer of the worker's inputs: one group (``settings.group_id``, or a pool's ``group_id``),
+    co-partitioned (``assignor``, which keeps the range assignor's co-partitioning and moves partitions to
+    the versions their runs need; the range assignor itself is offered too, for a group with workers of
+    an earlier calmrun), no auto commit (offsets commit in the writers' transactions), heartbeats every
+    second."""
     k, w = settings.kafka, settings.worker
     session_ms = round(w.session_timeout_s * 1000)
     return AIOKafkaConsumer(
@@ -28,7 +35,7 @@ def group_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaC
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
-        partition_assignment_strategy=(RangePartitionAssignor,),
+        partition_assignment_strategy=(*([assignor] if assignor else []), RangePartitionAssignor),
         max_poll_interval_ms=600_000,
         rebalance_timeout_ms=max(session_ms, 30_000),
         session_timeout_ms=session_ms,

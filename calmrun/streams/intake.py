@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
 from aiokafka import ConsumerRecord
@@ -33,12 +33,14 @@ from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
 from calmrun.streams.requests import parse_request
 from calmrun.streams.results import parse_result
 from calmrun.streams.tasks import TaskRunner
+from calmrun.streams.versions import Pinning
 from calmrun.wire.codec import RecordCodec
 from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.decider import task_ignored
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import (
     DeciderInput,
+    MigrateRequested,
     RedriveRequested,
     RunCommand,
     RunRequest,
@@ -46,6 +48,8 @@ from calmrun.workflow.events import (
     StepTask,
     command_input,
 )
+from calmrun.workflow.registry import Definitions
+from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
 
@@ -58,6 +62,7 @@ class IntakeCounts:
         self.results = 0
         self.tasks_skipped = 0
         self.poison = 0
+        self.tasks_unserved = 0  # tasks of a version not served here: not run (see streams.versions)
 
 
 class Intake:
@@ -68,7 +73,7 @@ class Intake:
         settings: Settings,
         topics: Topics,
         codec: RecordCodec,
-        workflows: Mapping[str, WorkflowDef],
+        workflows: Definitions,
         partitions: Partitions,
         offsets: OffsetTracker,
         tasks: TaskRunner,
@@ -83,6 +88,7 @@ class Intake:
         self._request_input, self._fail = request_input, fail
         self._clock, self._redact = clock, redact
         self._n = settings.kafka.partitions
+        self.pins: Pinning | None = None  # set by the worker, which makes it after the intake
         self._unexpected_in_row = 0
         self.counts = IntakeCounts()
 
@@ -149,15 +155,60 @@ class Intake:
             out = Out(rec.topic, p, run_id.encode(), rec.value, moved)
             self._decisions.submit(rec.partition, [out], (pending,), ())
             return
-        wf = self.workflows.get(body.workflow)
-        if wf is None:
-            self.park(rec, UnknownWorkflowError(body.workflow, list(self.workflows)), None, pending)
-            return
         state = self._parts.runs[p].get(run_id)
+        if isinstance(body, RunCommand):
+            self.command(p, run_id, body, state, rec.timestamp, rec, pending)
+            return
+        # a new run takes the newest version served here, or the one it names (streams.versions)
+        named = body.version is not None
+        wf = (
+            self.workflows.version(body.workflow, body.version or "")
+            if named
+            else self.workflows.newest(body.workflow)
+        )
+        if wf is None:
+            unknown = f"{body.workflow} v{body.version}" if named else body.workflow
+            self.park(
+                rec, UnknownWorkflowError(unknown, [str(p) for p in self.workflows.pins()]), None, pending
+            )
+            return
+        inp = self._request_input(run_id, wf, body, rec.timestamp)
+        self._decisions.decide(p, wf, state, inp, rec, (pending,))
+
+    def command(
+        self,
+        p: int,
+        run_id: str,
+        body: RunCommand,
+        state: RunState | None,
+        at_ms: int,
+        rec: Record | None = None,
+        pending: Pending | None = None,
+    ) -> None:
+        """Decide an operator's command; one for a run pinned to a version not served here is held."""
+        rec = rec or self._synthetic(p, run_id, body, at_ms)  # a held command, released (no record)
+        done = (pending,) if pending is not None else ()
+        limits = self.settings.limits
+        if body.command == "migrate":
+            wf = self.workflows.pinned(body.workflow, body.to_version or "", body.to_digest or "")
+        elif state is not None:
+            wf = self.workflows.pinned(state.workflow, state.version, state.digest)
+            if wf is None and self.pins is not None:
+                self.pins.hold(p, state, body, at_ms, pending)
+                return
+        else:
+            wf = self.workflows.newest(body.workflow)  # no such run: the decider says so
+        if wf is None:
+            target = f" v{body.to_version or '?'} ({body.to_digest or 'any digest'})"
+            what = body.workflow + (target if body.command == "migrate" else "")
+            self.park(rec, UnknownWorkflowError(what, [str(p) for p in self.workflows.pins()]), None, pending)
+            return
         inp: DeciderInput
-        if isinstance(body, RunCommand) and body.command != "redrive":
-            inp = command_input(run_id, body, rec.timestamp)  # approve, reject, signal, cancel
-        elif isinstance(body, RunCommand):
+        if body.command == "migrate":
+            inp = MigrateRequested(run_id, at_ms, wf.version, wf.digest, body.by, body.checked_seq)
+        elif body.command != "redrive":
+            inp = command_input(run_id, body, at_ms)  # approve, reject, signal, cancel
+        else:
             attempts = sum(st.attempt for st in state.steps.values()) if state else 0
             if attempts >= limits.max_attempts_per_run:
                 over = LimitExceededError(  # the next attempt would be one too many
@@ -168,10 +219,15 @@ class Intake:
                 )
                 self.park(rec, over, wf.name, pending)
                 return
-            inp = RedriveRequested(run_id, rec.timestamp, body.by)
-        else:
-            inp = self._request_input(run_id, wf, body, rec.timestamp)
-        self._decisions.decide(p, wf, state, inp, rec, (pending,))
+            inp = RedriveRequested(run_id, at_ms, body.by)
+        self._decisions.decide(p, wf, state, inp, rec, done)
+
+    def _synthetic(self, p: int, run_id: str, body: RunCommand, at_ms: int) -> Record:
+        value = body.model_dump_json().encode()
+        key = run_id.encode()
+        return ConsumerRecord(
+            self.topics.requests, p, -1, at_ms, 0, key, value, None, len(key), len(value), ()
+        )
 
     def _result(self, rec: Record, pending: Pending) -> None:
         """A pool executor's answer (``streams.results``): decided as a local agent's result would be."""
@@ -189,11 +245,21 @@ class Intake:
             out = Out(rec.topic, p, result.run_id.encode(), rec.value, moved)
             self._decisions.submit(rec.partition, [out], (pending,), ())
             return
-        wf = self.workflows.get(result.workflow)
-        if wf is None:
-            self.park(rec, UnknownWorkflowError(result.workflow, list(self.workflows)), None, pending)
-            return
         state = self._parts.state(p, result.run_id)
+        if state is not None and self.pins is not None and not self.pins.serves(state):
+            # pinned to a version not served here: as for its task, the attempt's deadline re-issues it
+            self.counts.tasks_unserved += 1
+            self._decisions.submit(p, [], (pending,), ())
+            return
+        wf = (
+            self.workflows.pinned(state.workflow, state.version, state.digest)
+            if state is not None
+            else self.workflows.newest(result.workflow)  # no such run: the decider says so
+        )
+        if wf is None:
+            known = [str(pin) for pin in self.workflows.pins()]
+            self.park(rec, UnknownWorkflowError(result.workflow, known), None, pending)
+            return
         self._decisions.decide(p, wf, state, result.to_input(rec.timestamp), rec, (pending,))
 
     def _task(self, rec: Record, pending: Pending) -> None:
@@ -209,7 +275,13 @@ class Intake:
         if task.idempotency_key != idem and self._tasks.echo(task.idempotency_key, rec.partition, pending):
             return
         p = rec.partition
-        ignored = task_ignored(self._parts.state(p, task.run_id), task, self._clock())
+        state = self._parts.state(p, task.run_id)
+        if state is not None and self.pins is not None and not self.pins.serves(state):
+            # pinned to a version not served here: not run; its deadline re-issues it (streams.versions)
+            self.counts.tasks_unserved += 1
+            self._decisions.submit(p, [], (pending,), ())
+            return
+        ignored = task_ignored(state, task, self._clock())
         if ignored is not None:
             self.counts.tasks_skipped += 1
             self._decisions.submit(p, [self._decisions.event_out(p, ignored)], (pending,), (ignored,))

@@ -246,8 +246,15 @@ class WorkerMetrics:
             "Approval and wait steps waiting for a person or a signal (this worker's partitions).",
             labels=("workflow", "step"),
         )
+        unserved = GaugeMetricFamily(
+            "calmrun_runs_waiting_version",
+            "Runs in this worker's partitions pinned to a workflow version it does not serve (they wait).",
+            labels=("workflow", "version", "digest"),
+        )
         w = self._worker
         if w is not None:
+            for pin, n in sorted(w.pins.waiting().items()):
+                unserved.add_metric((pin.workflow, pin.version, pin.digest), n)
             counts: dict[str, int] = {name: 0 for name in w.workflows}
             waits: dict[tuple[str, str], int] = {}
             for table in list(w.runs.values()):
@@ -265,7 +272,7 @@ class WorkerMetrics:
                 lag.add_metric((topic,), n)
             for wf, n in sorted(self._dlq_depth.items()):
                 dlq.add_metric((wf,), n)
-        return (in_flight, waiting, lag, dlq, *_throttle(w))
+        return (in_flight, waiting, unserved, lag, dlq, *_throttle(w))
 
 
 def _throttle(w: Worker | None) -> tuple[Metric, ...]:

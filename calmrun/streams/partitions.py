@@ -90,6 +90,7 @@ class Partitions:
         self._rebalancing = False
         self._lock = asyncio.Lock()
         self.tick = 0.0  # loop time the watchdog last ran: a long gap means this process was paused
+        self.on_assigned: Callable[[], None] = lambda: None  # after each assignment (streams.versions)
 
     def input_tps(self, p: int) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t in self._inputs]
@@ -180,6 +181,7 @@ class Partitions:
             self.tick = asyncio.get_running_loop().time()
         self._rebalancing = False
         self.stable.set()
+        self.on_assigned()
         log.info(
             "partitions assigned: %s (restored %s, kept %s; %d runs restored so far)",
             sorted(parts),

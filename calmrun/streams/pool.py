@@ -32,8 +32,7 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from calmrun.agents import AgentRegistry, ModelRegistry, execute
-from calmrun.costs.pricing import Pricing
+from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.errors import DecodeError, WorkerError
 from calmrun.kafka.connect import AUTHORIZATION_ERRORS, start_error
 from calmrun.kafka.topics import INVALID, Topics, ensure_topics
@@ -41,6 +40,7 @@ from calmrun.limits import check_workflow
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams import clients
+from calmrun.streams.attempts import Attempts
 from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.poolmetrics import PoolCounts, PoolMetrics
@@ -86,12 +86,11 @@ class PoolExecutor:
         self.workflows = [check_workflow(wf, settings) for wf in workflows]
         self.topics = Topics(settings.kafka.prefix)
         self.group_id = self.topics.pool_group(pool)
-        self.inputs = self.topics.step_topics(self.workflows, pool)
+        self.inputs = list(dict.fromkeys(self.topics.step_topics(self.workflows, pool)))  # versions share
         if not self.inputs:
             names = sorted({wf.name for wf in self.workflows})
             raise WorkerError(f"no step of {names} names pool {pool!r}: this executor would read nothing")
         self.codec = RecordCodec(wire_models())
-        self.pricing = Pricing.from_settings(settings)
         self.redactor = Redactor(settings.redact)
         self.owned: set[int] = set()
         self.writers: dict[int, PartitionWriter] = {}
@@ -100,6 +99,7 @@ class PoolExecutor:
         self._gate = Gate(settings.worker.max_unacked)
         self._stable = asyncio.Event()
         self.throttle = Throttle(settings.throttle, self.workflows, models.aliases)  # limits, 429 pauses
+        self.attempts = Attempts(settings, agents, models, self.throttle, clock)
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
             self._execute,
@@ -131,7 +131,7 @@ class PoolExecutor:
         """
         k = self.settings.kafka
         await ensure_topics(k, self.workflows)
-        consumer = self.consumer = clients.group_consumer(self.settings, self.group_id)
+        consumer = self.consumer = clients.group_consumer(self.settings, group_id=self.group_id)
         try:
             consumer.subscribe(topics=self.inputs, listener=_Listener(self))
             await consumer.start()
@@ -329,18 +329,7 @@ class PoolExecutor:
     # -- tasks --------------------------------------------------------------------------------------
 
     async def _execute(self, task: StepTask) -> StepResult:
-        result = await execute(
-            task,
-            self.agents,
-            self.models,
-            now_ms=self.clock,
-            pricing=self.pricing,
-            scrub=functools.partial(self.redactor.text, state=None),
-            limits=self.settings.limits,
-            on_failure=functools.partial(self.throttle.failed, task),
-        )
-        self.throttle.finished(task, result)
-        return result
+        return await self.attempts.run(task, functools.partial(self.redactor.text, state=None))
 
     async def _admit(self, p: int, task: StepTask) -> bool:
         return await self._accept(p)

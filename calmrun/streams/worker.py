@@ -28,8 +28,7 @@ from collections.abc import Callable, Sequence
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 
-from calmrun.agents import AgentRegistry, ModelRegistry, execute
-from calmrun.costs.pricing import Pricing
+from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.errors import WorkerError
 from calmrun.gctune import settle_heap
 from calmrun.kafka.connect import AUTHORIZATION_ERRORS, start_error
@@ -38,6 +37,7 @@ from calmrun.limits import check_workflow
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams import clients
+from calmrun.streams.attempts import Attempts
 from calmrun.streams.decisions import Decisions
 from calmrun.streams.intake import Intake
 from calmrun.streams.metrics import WorkerMetrics
@@ -51,6 +51,7 @@ from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import Gate, PartitionWriter
+from calmrun.streams.versions import Pinning, VersionAssignor
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
 from calmrun.workflow.events import (
@@ -58,6 +59,7 @@ from calmrun.workflow.events import (
     StepTask,
     TimerFired,
 )
+from calmrun.workflow.registry import Definitions
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
@@ -73,7 +75,8 @@ class Worker:
 
     Args:
         settings: Kafka, worker and model configuration.
-        workflows: the definitions this worker runs; every worker of one group must run the same set.
+        workflows: the definitions this worker runs, several versions of a workflow included (each run is
+            decided with the version it is pinned to; see ``streams.versions``).
         agents: resolves the agent references of the steps.
         models: resolves model aliases to pydantic-ai models.
         clock: wall-clock milliseconds; time enters the decider only through the inputs it stamps.
@@ -98,12 +101,12 @@ class Worker:
         pool: str | None = DEFAULT_POOL,
     ) -> None:
         self.settings = settings
-        self.workflows = {wf.name: check_workflow(wf, settings) for wf in workflows}
+        self.workflows = Definitions(check_workflow(wf, settings) for wf in workflows)
+        self.assignor = VersionAssignor.for_worker(self.workflows.pins())
         self.agents, self.models, self.clock = agents, models, clock
         self.topics = Topics(settings.kafka.prefix)
         self.codec = RecordCodec(wire_models())
         self.metrics = metrics
-        self.pricing = Pricing.from_settings(settings)
         self.redactor = Redactor(settings.redact)
         self.stamps = stamps or Stamps(settings, self.workflows.values(), self._known)
         self.n = settings.kafka.partitions
@@ -111,6 +114,7 @@ class Worker:
         self._gate = Gate(settings.worker.max_unacked)
         self._timers = Timers()
         self.throttle = Throttle(settings.throttle, self.workflows.values(), models.aliases)
+        self.attempts = Attempts(settings, agents, models, self.throttle, clock)
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
             self._execute,
@@ -122,7 +126,8 @@ class Worker:
             settings.throttle.max_waiting,
         )
         self.pool = pool
-        local = self.topics.step_topics(self.workflows.values(), pool) if pool is not None else []
+        steps = self.topics.step_topics(self.workflows.values(), pool) if pool is not None else []
+        local = list(dict.fromkeys(steps))  # every version's steps, once
         self._local = set(local)  # step topics whose tasks this worker executes
         self.input_topics = [self.topics.requests, self.topics.results, *local]
         self.parts = Partitions(
@@ -162,6 +167,10 @@ class Worker:
             clock,
             self.redactor.text,
         )
+        self.pins = self.intake.pins = Pinning(
+            self.workflows, self.topics, self.parts, self.decisions, self.assignor, self.intake.command
+        )
+        self.parts.on_assigned = self.pins.after_assignment
         self._loops: list[asyncio.Task[None]] = []
         self._failed: BaseException | None = None
         self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
@@ -213,7 +222,7 @@ class Worker:
         k = self.settings.kafka
         await ensure_topics(k, self.workflows.values())
         restorer = self.parts.restorer = clients.restorer(self.settings)
-        consumer = self.parts.consumer = clients.group_consumer(self.settings)
+        consumer = self.parts.consumer = clients.group_consumer(self.settings, self.assignor)
         try:
             await restorer.start()
             consumer.subscribe(topics=self.input_topics, listener=self.parts.listener())
@@ -342,12 +351,13 @@ class Worker:
 
         def live(p: int, run_id: str) -> RunState | None:
             table = self.parts.runs.get(p)
-            return table.get_live(run_id) if p in self.parts.owned and table is not None else None
+            state = table.get_live(run_id) if p in self.parts.owned and table is not None else None
+            return state if state is not None and self.pins.serves(state) else None  # else: it waits
 
         def fire(p: int, state: RunState) -> None:
-            self.decisions.decide(
-                p, self.workflows[state.workflow], state, TimerFired(state.run_id, now), None, ()
-            )
+            wf = self.workflows.pinned(state.workflow, state.version, state.digest)
+            assert wf is not None  # live() gave only runs served here
+            self.decisions.decide(p, wf, state, TimerFired(state.run_id, now), None, ())
 
         self._timers.fire(now, live, self.tasks, fire)
 
@@ -361,20 +371,8 @@ class Worker:
     # -- tasks --------------------------------------------------------------------------------------
 
     async def _execute(self, task: StepTask) -> StepResult:
-        p = partition_for(task.run_id, self.n)
-        scrub = functools.partial(self.redactor.text, state=self.parts.state(p, task.run_id))
-        result = await execute(
-            task,
-            self.agents,
-            self.models,
-            now_ms=self.clock,
-            pricing=self.pricing,
-            scrub=scrub,
-            limits=self.settings.limits,
-            on_failure=functools.partial(self.throttle.failed, task),
-        )
-        self.throttle.finished(task, result)
-        return result
+        state = self.parts.state(partition_for(task.run_id, self.n), task.run_id)
+        return await self.attempts.run(task, functools.partial(self.redactor.text, state=state))
 
     async def _accept(self, p: int) -> bool:
         return await self.parts.accept(p) and not self._stopped.is_set()
@@ -383,7 +381,10 @@ class Worker:
         self, p: int, task: StepTask, result: StepResult, source: Source, pending: list[Pending]
     ) -> None:
         state = self.parts.state(p, task.run_id)
-        self.decisions.decide(p, self.workflows[task.workflow], state, result, source, pending)
+        wf = self.workflows.pinned(state.workflow, state.version, state.digest) if state else None
+        if wf is None:  # only tasks of runs served here are started: the run was dropped meanwhile
+            return
+        self.decisions.decide(p, wf, state, result, source, pending)
 
     def _start_committed(self, p: int, tasks: list[tuple[Out, StepTask]]) -> None:
         """Start the tasks of a decision just committed (eager execution; see the module docstring)."""

@@ -27,7 +27,7 @@ from calmrun.costs.reader import CompactedTail, CostTable
 from calmrun.costs.spend import TenantSpend
 from calmrun.costs.topics import CostTopics
 from calmrun.errors import CalmrunError, ReplayError
-from calmrun.replay.recorded import pick_definition, replay_recorded
+from calmrun.replay.recorded import replay_given
 from calmrun.replay.snapshot import Snapshot
 from calmrun.settings import Settings
 from calmrun.ui.access import COOKIE, Access, User
@@ -236,8 +236,7 @@ class UiServer:
         snap = Snapshot(run_id=run_id, prefix=self.settings.kafka.prefix, state=state, events=events)
         try:
             version = request.query.get("version") or None
-            wf = pick_definition(self.definitions, snap.workflow, snap.version, version)
-            verdict = replay_recorded(wf, snap)
+            verdict = replay_given(self.definitions, snap, version)
         except ReplayError as exc:
             return web.json_response({"error": str(exc)}, status=422)
         out = verdict.to_dict()

@@ -25,8 +25,9 @@ from calmrun.wire.jsonfield import AvroJson, loads
 NAMESPACE = "io.calmrun"
 EARLIER_FIELDS: dict[str, set[str]] = {
     "DlqRecord": {"truncated"},
-    "RunCommand": {"step", "comment", "name", "data", "reason"},
-    "RunState": {"signals"},
+    "RunCommand": {"step", "comment", "name", "data", "reason", "to_version", "to_digest", "checked_seq"},
+    "RunState": {"signals", "digest", "held"},  # people in the loop; pinned versions (0.3)
+    "RunRequest": {"version"},
 }
 """Per model, fields appended since an earlier version whose records must still decode."""
 M = TypeVar("M", bound=BaseModel)

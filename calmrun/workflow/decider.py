@@ -15,6 +15,7 @@ from calmrun.workflow.definition import StepDef, WorkflowDef, targets
 from calmrun.workflow.events import (
     Answer,
     DeciderInput,
+    MigrateRequested,
     RedriveRequested,
     RunEvent,
     RunRequested,
@@ -61,6 +62,7 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
             run_id=event.run_id,
             workflow=wf.name,
             version=wf.version,
+            digest=wf.digest,
             tenant=event.tenant,
             input=dict(event.input),
             created_ms=event.at_ms,
@@ -68,7 +70,7 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
             budget_usd=event.budget_usd if event.budget_usd is not None else wf.budget_usd,
         )
         b = _Builder(wf, s)
-        b.emit("run.requested", data=_request_data(event))
+        b.emit("run.requested", data={**_request_data(event), "version": wf.version, "digest": wf.digest})
         tb, spent = event.tenant_budget_usd, event.tenant_spent_usd
         if tb is not None and spent is not None and spent >= tb:
             s.status = "refused"
@@ -102,6 +104,8 @@ def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Deci
         return b.on_timer(event.at_ms) or _ignored(state, event, "nothing is due")
     if isinstance(event, RedriveRequested):
         return b.on_redrive(event.by) or _ignored(state, event, b.why)
+    if isinstance(event, MigrateRequested):
+        return b.on_migrate(event) or _ignored(state, event, b.why)
     return b.on_person(event) or _ignored(state, event, b.why)
 
 
@@ -290,6 +294,30 @@ class _Builder(People):
                 st = self._mut(name)
                 st.retry_base = st.attempt
                 self._issue(name, "run")
+        return self.finish()
+
+    def on_migrate(self, m: MigrateRequested) -> Decision | None:
+        """Pin the run to another definition (``wf`` is that one; ``calmrun deploy check`` vouched for it)."""
+        s = self.s
+        if s.status != "running":
+            self.why = f"migrate needs a running run; this one is {s.status}"
+            return None
+        if m.checked_seq is not None and s.seq != m.checked_seq:
+            self.why = f"the run moved on since it was checked (seq {s.seq}, checked at {m.checked_seq})"
+            return None
+        if (s.version, s.digest) == (m.version, m.digest):
+            self.why = f"the run is on version {m.version} ({m.digest}) already"
+            return None
+        names = {sd.name for sd in self.wf.steps}
+        missing = sorted(n for n in s.steps if n not in names)
+        if missing:
+            self.why = f"migrate refused: version {m.version} has no steps {missing}, which this run has"
+            return None
+        before = {"version": s.version, "digest": s.digest}
+        s.version, s.digest = m.version, m.digest
+        to = {"version": m.version, "digest": m.digest}
+        data: dict[str, Any] = {"from": before, "to": to, "checked_seq": m.checked_seq}
+        self.emit("run.migrated", data={**data, **({"by": m.by} if m.by else {})})
         return self.finish()
 
     # -- decisions ----------------------------------------------------------------------------------

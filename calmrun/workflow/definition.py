@@ -6,8 +6,11 @@ errors name the file, the step and the field.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import operator
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -341,6 +344,16 @@ class WorkflowDef(_Def):
     @property
     def first(self) -> Target:
         return self.start or self.steps[0].name
+
+    @cached_property
+    def digest(self) -> str:
+        """The definition's content hash: sha256 of its validated model as canonical JSON, 12 hex digits.
+
+        With the name and the version it is a definition's identity: a run is pinned to all three (see
+        ``calmrun.workflow.registry``). Defaults are part of the model, so spelling one out changes nothing.
+        """
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def load_workflow(path: Path) -> WorkflowDef:

@@ -30,16 +30,21 @@ class RunRequest(_Record):
     run_id: str | None = None
     tenant: str = "default"
     budget_usd: Decimal | None = None
+    version: str | None = Field(
+        None, description="start on this version of the workflow (default: the newest a worker serves)"
+    )
 
 
-CommandKind = Literal["redrive", "approve", "reject", "signal", "cancel"]
+CommandKind = Literal["redrive", "approve", "reject", "signal", "cancel", "migrate"]
 
 
 class RunCommand(_Record):
     """An operator's command for an existing run, sent on the requests topic.
 
     ``redrive`` (``calmrun dlq redrive``); ``approve``/``reject`` an approval step (``step``, ``comment``);
-    ``signal`` (``name``, payload ``data``); ``cancel`` (``reason``). Any Kafka client may send one as JSON.
+    ``signal`` (``name``, payload ``data``); ``cancel`` (``reason``); ``migrate`` (``to_version``,
+    ``to_digest``, ``checked_seq``: sent by ``calmrun deploy check --migrate``). Any Kafka client may send
+    one as JSON.
     """
 
     command: CommandKind
@@ -51,10 +56,16 @@ class RunCommand(_Record):
     name: str | None = Field(None, description="signal: its name")
     data: JsonDict | None = Field(None, description="signal: its payload (a JSON object)")
     reason: str | None = Field(None, description="cancel: why; recorded on the event")
+    # migrate (calmrun deploy check --migrate): the definition the run moves to
+    to_version: str | None = None
+    to_digest: str | None = None
+    checked_seq: int | None = Field(None, description="migrate only if the run is still at this seq")
 
     @model_validator(mode="after")
     def _fields_fit(self) -> RunCommand:
-        need = {"approve": "step", "reject": "step", "signal": "name"}.get(self.command)
+        need = {"approve": "step", "reject": "step", "signal": "name", "migrate": "to_version"}.get(
+            self.command
+        )
         if need is not None and not getattr(self, need):
             raise ValueError(f"{self.command} needs `{need}`")
         return self
@@ -86,6 +97,7 @@ EventType = Literal[
     "step.rejected",
     "signal.received",
     "run.cancel_requested",
+    "run.migrated",
     # decisions
     "step.scheduled",
     "step.retry_scheduled",
@@ -108,6 +120,7 @@ EventType = Literal[
     "run.cancelled",
     # logged, never applied
     "input.ignored",
+    "input.held",  # a command kept for a worker that serves the run's version (streams.versions)
 ]
 INPUT_TYPES = frozenset(
     {
@@ -120,6 +133,7 @@ INPUT_TYPES = frozenset(
         "step.rejected",
         "signal.received",
         "run.cancel_requested",
+        "run.migrated",
     }
 )
 
@@ -283,6 +297,20 @@ class RedriveRequested:
 
 
 @dataclass(frozen=True)
+class MigrateRequested:
+    """Move a run in flight to another definition of its workflow (checked by ``calmrun deploy check``)."""
+
+    run_id: str
+    at_ms: int
+    version: str
+    digest: str
+    by: str | None = None
+    checked_seq: int | None = None
+    """The seq up to which the new definition was checked against the run's history: a run that moved on
+    since is not migrated (what it decided since was not checked)."""
+
+
+@dataclass(frozen=True)
 class Answer:
     """A person's answer to an approval step (``calmrun approve``/``reject``)."""
 
@@ -314,7 +342,7 @@ class CancelRequested:
 
 
 PersonInput = Answer | SignalReceived | CancelRequested
-DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested | PersonInput
+DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested | MigrateRequested | PersonInput
 
 
 def command_input(run_id: str, cmd: RunCommand, at_ms: int) -> DeciderInput:
@@ -327,4 +355,5 @@ def command_input(run_id: str, cmd: RunCommand, at_ms: int) -> DeciderInput:
         return SignalReceived(run_id, cmd.name, at_ms, dict(cmd.data or {}), cmd.by)
     if cmd.command == "cancel":
         return CancelRequested(run_id, at_ms, cmd.reason, cmd.by)
+    assert cmd.command == "redrive", "a migrate names its target definition: the intake decides it"
     return RedriveRequested(run_id, at_ms, cmd.by)

@@ -2,14 +2,14 @@
 
 Every decision logs its input first (``run.requested``, ``step.succeeded``, ``step.failed``,
 ``timer.fired``, ``run.redrive_requested``, ``step.approved``, ``step.rejected``, ``signal.received``,
-``run.cancel_requested``), so the inputs of a run can be rebuilt from its events and
+``run.cancel_requested``, ``run.migrated``), so the inputs of a run can be rebuilt from its events and
 folded through the decider again: with the same definition this reproduces the recorded events exactly;
 with a changed one, the first difference is where the change would alter runs in flight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +20,7 @@ from calmrun.workflow.events import (
     Answer,
     CancelRequested,
     DeciderInput,
+    MigrateRequested,
     RedriveRequested,
     RunEvent,
     RunRequested,
@@ -95,16 +96,32 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
             out.append(SignalReceived(ev.run_id, d["name"], ev.at_ms, dict(d.get("data") or {}), d.get("by")))
         elif ev.type == "run.cancel_requested":
             out.append(CancelRequested(ev.run_id, ev.at_ms, d.get("reason"), d.get("by")))
+        elif ev.type == "run.migrated":
+            to, seq = d.get("to") or {}, d.get("checked_seq")
+            version, digest = str(to.get("version")), str(to.get("digest"))
+            out.append(MigrateRequested(ev.run_id, ev.at_ms, version, digest, d.get("by"), seq))
         else:
             out.append(RedriveRequested(ev.run_id, ev.at_ms, d.get("by")))
     return out
 
 
-def fold(wf: WorkflowDef, inputs: Iterable[DeciderInput]) -> tuple[RunState | None, list[RunEvent]]:
-    """Decide ``inputs`` in order from no state; returns the final state and the applied events."""
+Resolve = Callable[[MigrateRequested], WorkflowDef | None]
+"""The definition a migration moves a run to (None: go on with the one in use)."""
+
+
+def fold(
+    wf: WorkflowDef, inputs: Iterable[DeciderInput], resolve: Resolve | None = None
+) -> tuple[RunState | None, list[RunEvent]]:
+    """Decide ``inputs`` in order from no state; returns the final state and the applied events.
+
+    ``resolve`` picks the definition after each ``run.migrated`` (its target); without it, ``wf`` decides
+    every input (which is how ``calmrun deploy check`` asks whether a new definition converges).
+    """
     state: RunState | None = None
     events: list[RunEvent] = []
     for inp in inputs:
+        if isinstance(inp, MigrateRequested) and resolve is not None:
+            wf = resolve(inp) or wf
         d = decide(wf, state, inp)
         if d.ignored is None:
             state = d.state

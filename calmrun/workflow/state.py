@@ -57,6 +57,7 @@ class RunState(BaseModel):
     run_id: str
     workflow: str
     version: str
+    digest: str = Field("", description="content hash of the definition the run is pinned to")
     tenant: str = "default"
     status: RunStatus = "running"
     outcome: str | None = None
@@ -76,6 +77,10 @@ class RunState(BaseModel):
     signals: JsonDict = Field(
         default_factory=dict,
         description="signal name -> payloads received before a step waited, oldest first",
+    )
+    held: list[str] = Field(
+        default_factory=list,
+        description="commands received while no worker here served the run's version (JSON, in order)",
     )
 
     def next_due_ms(self) -> int | None:

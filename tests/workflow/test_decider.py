@@ -139,7 +139,9 @@ def test_linear_happy_path() -> None:
     run = Run(LINEAR)
     d = run.request(at=1000, input={"url": "u"}, tenant="acme")
     assert types(d) == ["run.requested", "step.scheduled"]
-    assert d.events[0].data == {"input": {"url": "u"}}
+    # the run is pinned to the definition it started on: its version and content hash are recorded
+    assert d.events[0].data == {"input": {"url": "u"}, "version": "1", "digest": LINEAR.digest}
+    assert d.state is not None and (d.state.version, d.state.digest) == ("1", LINEAR.digest)
     assert d.tasks == (
         StepTask(
             run_id=RUN,

@@ -1,0 +1,52 @@
+"""One attempt where it executes (a deciding worker or a pool executor): the agent under its limits.
+
+Both run a task the same way: ``agents.execute`` with the process's pricing and ``settings.limits``,
+behind ``streams.throttle`` (the limits per model alias and step; a 429 pauses the alias here).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from calmrun.agents import AgentRegistry, ModelRegistry, execute
+from calmrun.costs.pricing import Pricing
+from calmrun.settings import Settings
+from calmrun.streams.throttle import Throttle
+from calmrun.workflow.events import StepResult, StepTask
+
+
+class Attempts:
+    """Runs attempts with one process's agents, models, pricing and throttle."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        agents: AgentRegistry,
+        models: ModelRegistry,
+        throttle: Throttle,
+        clock: Callable[[], int],
+    ) -> None:
+        self.settings, self.agents, self.models, self.throttle, self.clock = (
+            settings,
+            agents,
+            models,
+            throttle,
+            clock,
+        )
+        self.pricing = Pricing.from_settings(settings)
+
+    async def run(self, task: StepTask, scrub: Callable[[str], str]) -> StepResult:
+        """Run ``task``'s agent once; ``scrub`` redacts its failure's log line."""
+        result = await execute(
+            task,
+            self.agents,
+            self.models,
+            now_ms=self.clock,
+            pricing=self.pricing,
+            scrub=scrub,
+            limits=self.settings.limits,
+            on_failure=functools.partial(self.throttle.failed, task),
+        )
+        self.throttle.finished(task, result)
+        return result

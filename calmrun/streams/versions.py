@@ -1,0 +1,280 @@
+"""Runs pinned to a version this worker does not serve: they wait, and their partition moves to one that does.
+
+A run is decided only with the definition it is pinned to (``calmrun.workflow.registry``). A worker that
+owns a partition holding a run whose version it lacks does not guess: it decides none of that run's inputs.
+Commands for it (redrive, migrate, ...) are held durably in its state record (``RunState.held``, in order)
+and decided by the first owner that serves the version; its step tasks are not executed (the attempt's
+deadline re-issues them under the same idempotency key later) and its timers do not fire.
+
+The partition moves through the group's assignment: ``VersionAssignor`` keeps the range assignor's
+co-partitioning (partition N of every topic goes to one member) and publishes, in each member's metadata,
+the versions the member serves and the versions the runs of the partitions it owns are pinned to. The
+leader gives a partition to the member serving most of what it needs (the range owner, then the current
+owner, on a tie), else by range as before. A member that finds, after an assignment, runs it cannot decide
+asks the group to rebalance once so that its needs are published; a member that joins later (the old
+worker brought back) causes a rebalance itself. The number of waiting runs is the metric
+``calmrun_runs_waiting_version`` and ``calmrun status RUN`` says which version a run waits for.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.cluster import ClusterMetadata
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+
+from calmrun.kafka.topics import Topics
+from calmrun.streams.decisions import Decisions
+from calmrun.streams.offsets import Pending
+from calmrun.streams.partitions import Partitions
+from calmrun.streams.records import StateOut
+from calmrun.workflow.events import RunCommand, RunEvent
+from calmrun.workflow.registry import Definitions, Pin
+from calmrun.workflow.state import RunState
+
+log = logging.getLogger("calmrun.worker")
+
+ASSIGNOR = "calmrun-versions"
+
+
+def pin(state: RunState) -> Pin:
+    return Pin(state.workflow, state.version, state.digest)
+
+
+def member_data(serves: Iterable[Pin], needs: Mapping[int, Iterable[Pin]]) -> bytes:
+    body = {
+        "serves": [p.key for p in serves],
+        "needs": {str(p): [x.key for x in v] for p, v in needs.items()},
+    }
+    return json.dumps(body, sort_keys=True).encode()
+
+
+def read_member_data(data: bytes) -> tuple[list[Pin], dict[int, set[Pin]]]:
+    """A member's (serves, needs); an unreadable or empty one serves and needs nothing known."""
+    try:
+        body = json.loads(data or b"{}")
+        serves = [Pin.parse(k) for k in body.get("serves", [])]
+        needs = {int(p): {Pin.parse(k) for k in v} for p, v in body.get("needs", {}).items()}
+    except (ValueError, AttributeError, TypeError):
+        return [], {}
+    return serves, needs
+
+
+def place(
+    n: int, serves: Mapping[str, list[Pin]], needs: Mapping[str, Mapping[int, set[Pin]]]
+) -> dict[int, str]:
+    """Partition -> member: by range over the sorted members, moved where the partition's needs are served."""
+    ids = sorted(serves)
+    owner: dict[int, str] = {}
+    if not ids:
+        return owner
+    each, extra = divmod(n, len(ids))
+    p = 0
+    for i, m in enumerate(ids):
+        for _ in range(each + (1 if i < extra else 0)):
+            owner[p] = m
+            p += 1
+    load = collections.Counter(owner.values())
+    wanted: dict[int, set[Pin]] = collections.defaultdict(set)
+    current: dict[int, str] = {}
+    for m, by_part in needs.items():
+        for part, pins in by_part.items():
+            if 0 <= part < n and pins:
+                wanted[part] |= pins
+                current[part] = m
+
+    def covered(m: str, pins: set[Pin]) -> int:
+        return sum(1 for x in pins if any(x.served_by(s) for s in serves[m]))
+
+    for part in sorted(wanted):
+        pins, ranged = wanted[part], owner[part]
+        best = max(covered(m, pins) for m in ids)
+        if covered(ranged, pins) == best:
+            continue
+        here = current.get(part, "")
+        chosen = (
+            here
+            if here in serves and covered(here, pins) == best
+            else min((m for m in ids if covered(m, pins) == best), key=lambda m: (load[m], m))
+        )
+        load[ranged] -= 1
+        load[chosen] += 1
+        owner[part] = chosen
+    # a member that gave partitions up takes as many back, of those it serves as well as their owner does
+    share = {m: each + (1 if i < extra else 0) for i, m in enumerate(ids)}
+    for m in ids:
+        for part in range(n):
+            if load[m] >= share[m]:
+                break
+            held_by = owner[part]
+            if load[held_by] > share[held_by] and covered(m, wanted[part]) >= covered(held_by, wanted[part]):
+                load[held_by] -= 1
+                load[m] += 1
+                owner[part] = m
+    return owner
+
+
+class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
+    """The group's assignor; see the module docstring. ``for_worker`` makes one class per worker (aiokafka
+    asks the class for the member's metadata), which carries what that worker serves and needs."""
+
+    name = ASSIGNOR
+    version = 0
+    serves: ClassVar[tuple[Pin, ...]] = ()
+    needs: ClassVar[dict[int, set[Pin]]] = {}
+
+    @classmethod
+    def for_worker(cls, serves: Iterable[Pin]) -> type[VersionAssignor]:
+        return cast(type[VersionAssignor], type(cls.__name__, (cls,), {"serves": tuple(serves), "needs": {}}))
+
+    @classmethod
+    def metadata(cls, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+        return ConsumerProtocolMemberMetadata(cls.version, sorted(topics), member_data(cls.serves, cls.needs))
+
+    @classmethod
+    def assign(
+        cls, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
+    ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        serves: dict[str, list[Pin]] = {}
+        needs: dict[str, dict[int, set[Pin]]] = {}
+        topics: set[str] = set()
+        for m, md in members.items():
+            serves[m], needs[m] = read_member_data(md.user_data)
+            topics |= set(md.subscription)
+        sizes = {t: sorted(cluster.partitions_for_topic(t) or ()) for t in topics}
+        n = max((len(ps) for ps in sizes.values()), default=0)
+        owner = place(n, serves, needs)
+        out: dict[str, dict[str, list[int]]] = {m: {} for m in members}
+        for t, parts in sorted(sizes.items()):
+            for part in parts:
+                held_by = owner.get(part)
+                # partition N of a topic its owner does not read is left unassigned: its tasks are of a
+                # version that owner lacks, so they would not run anyway (the co-partitioning holds)
+                if held_by is not None and t in members[held_by].subscription:
+                    out[held_by].setdefault(t, []).append(part)
+        return {
+            m: ConsumerProtocolMemberAssignment(cls.version, sorted(by_topic.items()), b"")
+            for m, by_topic in out.items()
+        }
+
+    @classmethod
+    def on_assignment(cls, assignment: ConsumerProtocolMemberAssignment) -> None:
+        pass
+
+
+@dataclass
+class PinningCounts:
+    held: int = 0  # commands held for a version not served here
+    released: int = 0  # held commands decided by this worker
+    rejoins: int = 0  # rebalances asked for to publish needs
+
+
+class Pinning:
+    """Holds what cannot be decided here and releases it when it can; see the module docstring.
+
+    Args:
+        command: decides a command for a run (the intake's path, so held commands take it too).
+    """
+
+    def __init__(
+        self,
+        definitions: Definitions,
+        topics: Topics,
+        partitions: Partitions,
+        decisions: Decisions,
+        assignor: type[VersionAssignor],
+        command: Callable[[int, str, RunCommand, RunState | None, int], None],
+    ) -> None:
+        self.definitions, self.topics = definitions, topics
+        self._parts, self._decisions = partitions, decisions
+        self._assignor, self._command = assignor, command
+        self.counts = PinningCounts()
+
+    def serves(self, state: RunState) -> bool:
+        return self.definitions.serves(pin(state))
+
+    def waiting(self) -> dict[Pin, int]:
+        """The live runs of the owned partitions pinned to a version not served here, per version, now."""
+        counts: collections.Counter[Pin] = collections.Counter()
+        for p in sorted(self._parts.owned):
+            table = self._parts.runs.get(p)
+            for _, state in table.live() if table is not None else ():
+                if not self.serves(state):
+                    counts[pin(state)] += 1
+        return dict(counts)
+
+    def hold(self, p: int, state: RunState, body: RunCommand, at_ms: int, pending: Pending | None) -> None:
+        """Keep ``body`` in the run's state record (with its input, in one transaction) for a later owner."""
+        entry = json.dumps({"at_ms": at_ms, "command": body.model_dump(mode="json")}, sort_keys=True)
+        why = f"{body.command} held: no worker here serves {pin(state)}"
+        note = RunEvent(
+            run_id=state.run_id,
+            seq=-1,  # logged, not applied: the command is decided when it is released
+            type="input.held",
+            at_ms=at_ms,
+            workflow=state.workflow,
+            version=state.version,
+            tenant=state.tenant,
+            data={"reason": why, "command": body.command, "held": len(state.held) + 1},
+        )
+        self._write(p, state.model_copy(update={"held": [*state.held, entry]}), pending, note)
+        self.counts.held += 1
+        log.info(
+            "run %s: %s command held, version %s is not served here", state.run_id, body.command, pin(state)
+        )
+
+    def _write(self, p: int, state: RunState, pending: Pending | None, note: RunEvent | None = None) -> None:
+        table, codec = self._parts.runs[p], self._decisions.codec
+        encoded = table.put(state.run_id, state)
+        encode = (lambda: encoded) if encoded is not None else (lambda: codec.encode(state))
+        out = StateOut(self.topics.state, p, state.run_id.encode(), encode)
+        notes = (note,) if note is not None else ()
+        events = [self._decisions.event_out(p, n) for n in notes]
+        self._decisions.submit(p, events, (pending,) if pending is not None else (), notes, out)
+
+    def after_assignment(self) -> None:
+        """Decide the held commands this worker can, count the waiting runs, publish needs if new."""
+        needs: dict[int, set[Pin]] = {}
+        for p in sorted(self._parts.owned):
+            table = self._parts.runs.get(p)
+            for run_id, state in table.live() if table is not None else ():
+                needs.setdefault(p, set()).add(pin(state))
+                if state.held and self.serves(state):
+                    self._release(p, run_id)
+        waiting = self.waiting()
+        published = self._assignor.needs
+        self._assignor.needs = needs
+        if waiting and needs != published:
+            log.warning(
+                "runs waiting for versions no worker here serves: %s; asking the group to rebalance",
+                {str(k): v for k, v in waiting.items()},
+            )
+            self.counts.rejoins += 1
+            request_rejoin(self._parts.consumer)
+
+    def _release(self, p: int, run_id: str) -> None:
+        table = self._parts.runs[p]
+        while True:
+            state = table.get(run_id)
+            if state is None or not state.held:
+                return
+            entry: dict[str, Any] = json.loads(state.held[0])
+            popped = state.model_copy(update={"held": state.held[1:]})
+            self._write(p, popped, None)  # the pop is recorded even when the command is ignored
+            self.counts.released += 1
+            self._command(p, run_id, RunCommand.model_validate(entry["command"]), popped, int(entry["at_ms"]))
+
+
+def request_rejoin(consumer: AIOKafkaConsumer | None) -> None:
+    """Ask the group to rebalance (aiokafka has no public call for it; its coordinator has one)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    rejoin = getattr(coordinator, "request_rejoin", None)
+    if rejoin is not None:
+        rejoin()
