@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import aggregator, floor, memory, replay, status, ui, workflow
+from bench import aggregator, floor, memory, replay, scaling, status, ui, workflow
 from bench.common import ROOT, Ctx, loadavg
 from bench.peers import compare
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
@@ -32,6 +32,8 @@ WORKLOADS: dict[str, Workload] = {
     "floor": floor.run,
     "throughput": workflow.throughput,
     "latency": workflow.latency,
+    "processes": scaling.processes,
+    "triage": scaling.triage,
     "replay": replay.run_replay,
     "costs": replay.run_costs,
     "memory": memory.run,
@@ -99,6 +101,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
             out[f"calmrun client p50 ms / {engine}'s, light (1 in flight)"] = (
                 lat["client p50 ms, light (1 in flight)"]["median"] / p50["median"]
             )
+    for name in ("processes", "triage"):
+        m = results.get(name, {}).get("metrics", {})
+        one, two = m.get("runs/s (1 process)"), m.get("runs/s (2 processes)")
+        if one and two:
+            out[f"{name}: runs/s with 2 worker processes / with 1"] = two["median"] / one["median"]
     return out
 
 
