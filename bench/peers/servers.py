@@ -56,7 +56,7 @@ async def _until_http(url: str, proc: subprocess.Popen[bytes], log: Path, wait_s
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{tail(log, 30)}")
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{tail(log, 30)}")
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                 async with http.get(url) as resp:
                     if resp.status < 500:
