@@ -60,7 +60,7 @@ bench: kafka
 # installs restate-server from npm, restate-sdk and dbos from PyPI into .calmrun/peers/, PostgreSQL via apt-get)
 bench-peers: kafka
 	$(PY) -m pip install -q -e '.[dev,bench]'
-	$(PY) -m bench --only throughput --only latency --peers
+	$(PY) -m bench --only throughput --only latency --peers --out bench/results/peers
 
 clean:
 	rm -rf $(VENV) .calmrun build dist *.egg-info
