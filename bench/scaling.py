@@ -89,24 +89,41 @@ async def steps_issued(ctx: Ctx, pfx: str, run_ids: Sequence[str]) -> int:
         await consumer.stop()
 
 
+def _counted(procs: Sequence[Proc], stat: str) -> int:
+    return sum(int(p.status().get("stats", {}).get(stat, 0)) for p in procs)
+
+
 async def measure_group(
     ctx: Ctx, name: str, count: int, wl: Workload, *, n: int, concurrency: int, warmup: int, **opts: Any
-) -> list[tuple[Loop, int]]:
+) -> list[tuple[Loop, int, dict[str, int]]]:
     """A warm-up loop, then ``ctx.rounds`` measured loops against ``count`` workers in one group, each
-    with the step attempts its runs issued."""
+    with the step attempts its runs issued and the workers' transactions and partitions restored."""
     procs, pfx = await start_group(ctx, name, count, **opts)
     try:
         await closed_loop(ctx, pfx, "warm", warmup, min(concurrency, warmup), wl=wl)
         out = []
         for r in range(ctx.rounds):
             pids = [p.pid for p in procs]
+            before = {k: _counted(procs, k) for k in ("transactions", "restored_partitions")}
             loop = await closed_loop(ctx, pfx, f"r{r}", n, concurrency, wl=wl, pids=pids)
-            out.append((loop, await steps_issued(ctx, pfx, loop.run_ids)))
+            await asyncio.sleep(0.2)  # the status files follow within 0.1 s
+            counts = {k: _counted(procs, k) - v for k, v in before.items()}
+            out.append((loop, await steps_issued(ctx, pfx, loop.run_ids), counts))
         return out
     finally:
         await asyncio.gather(*(p.stop() for p in procs), return_exceptions=True)
         for p in procs:
             p.kill()
+
+
+def _group(rounds: list[tuple[Loop, int, dict[str, int]]], label: str) -> dict[str, Any]:
+    """Transactions per run and partitions restored while measuring (a rebalance in the middle shows)."""
+    return {
+        f"transactions per run ({label})": summary([c["transactions"] / lp.n for lp, _, c in rounds]),
+        f"partitions restored while measuring ({label})": summary(
+            [c["restored_partitions"] for _, _, c in rounds]
+        ),
+    }
 
 
 def _cores(loops: list[Loop], label: str) -> dict[str, Any]:
@@ -129,11 +146,12 @@ async def processes(ctx: Ctx) -> dict[str, Any]:
     for count in COUNTS:
         label = _label(count)
         rounds = await measure_group(ctx, "procs", count, Workload(), n=n, concurrency=100, warmup=warm)
-        loops = [lp for lp, _ in rounds]
+        loops = [lp for lp, _, _ in rounds]
         metrics[f"runs/s ({label})"] = summary([lp.runs_per_s for lp in loops])
         metrics[f"worker CPU us/run ({label})"] = summary([lp.cpu_us_per_run for lp in loops])
         metrics |= _cores(loops, label)
         metrics[f"client p50 ms ({label})"] = summary([pct(lp.client_ms, 50) for lp in loops])
+        metrics |= _group(rounds, label)
     return {
         "params": {"runs": n, "warmup_runs": warm, "runs_in_flight": 100, "processes": list(COUNTS)},
         "metrics": metrics,
@@ -162,17 +180,18 @@ async def triage(ctx: Ctx) -> dict[str, Any]:
     for count in COUNTS:
         label = _label(count)
         rounds = await measure_group(ctx, "triage", count, wl, n=n, concurrency=100, warmup=warm, triage=True)
-        loops = [lp for lp, _ in rounds]
+        loops = [lp for lp, _, _ in rounds]
         metrics[f"runs/s ({label})"] = summary([lp.runs_per_s for lp in loops])
-        metrics[f"steps/s ({label})"] = summary([k / lp.elapsed_s for lp, k in rounds])
-        metrics[f"steps per run ({label})"] = summary([k / lp.n for lp, k in rounds])
+        metrics[f"steps/s ({label})"] = summary([k / lp.elapsed_s for lp, k, _ in rounds])
+        metrics[f"steps per run ({label})"] = summary([k / lp.n for lp, k, _ in rounds])
         metrics[f"worker CPU ms/step ({label})"] = summary(
-            [lp.worker_cpu_s / max(k, 1) * 1e3 for lp, k in rounds]
+            [lp.worker_cpu_s / max(k, 1) * 1e3 for lp, k, _ in rounds]
         )
         metrics[f"worker CPU ms/run ({label})"] = summary([lp.cpu_us_per_run / 1000 for lp in loops])
         metrics |= _cores(loops, label)
         metrics[f"client p50 ms ({label})"] = summary([pct(lp.client_ms, 50) for lp in loops])
         metrics[f"runs quarantined or refused ({label})"] = summary([lp.not_completed for lp in loops])
+        metrics |= _group(rounds, label)
     return {
         "params": {"runs": n, "warmup_runs": warm, "runs_in_flight": 100, "processes": list(COUNTS)},
         "metrics": metrics,
