@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install kafka tools local-model demo test lint bench clean
+.PHONY: install kafka tools local-model demo test lint bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ lint: install
 bench: kafka
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench
+
+# calmrun's throughput and latency, then Restate and DBOS on the same workload in the same run (bench/peers/:
+# installs restate-server from npm, restate-sdk and dbos from PyPI into .calmrun/peers/, PostgreSQL via apt-get)
+bench-peers: kafka
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m bench --only throughput --only latency --peers --out bench/results/peers
 
 clean:
 	rm -rf $(VENV) .calmrun build dist *.egg-info

@@ -1,7 +1,9 @@
-"""``python -m bench [--quick] [--only NAME ...] [--skip-confluent] [--profile] [--bootstrap B]``.
+"""``python -m bench [--quick] [--only NAME ...] [--peers] [--skip-confluent] [--profile] [--bootstrap B]``.
 
 Starts the project's KRaft broker on a free port (unless ``--bootstrap`` names one), runs the workloads,
 writes ``results.json`` and ``results.md`` to the output directory, prints the table and stops the broker.
+``--peers`` (``make bench-peers``) also installs Restate and DBOS and runs them on the same workload right
+after ``throughput`` (``bench.peers``); the ratios then come from that run.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import aggregator, floor, memory, pools, replay, status, ui, workflow
+from bench import aggregator, floor, memory, pools, replay, scaling, status, ui, workflow
 from bench.common import ROOT, Ctx, loadavg
+from bench.peers import compare
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.localproc import free_port
 
@@ -29,6 +32,8 @@ WORKLOADS: dict[str, Workload] = {
     "floor": floor.run,
     "throughput": workflow.throughput,
     "latency": workflow.latency,
+    "processes": scaling.processes,
+    "triage": scaling.triage,
     "replay": replay.run_replay,
     "costs": replay.run_costs,
     "memory": memory.run,
@@ -38,6 +43,8 @@ WORKLOADS: dict[str, Workload] = {
     "pools-hop": pools.hop,
     "pools-slow": pools.slow,
 }
+OPTIONAL: dict[str, Workload] = {"peers": compare.run}
+"""Not run by default: ``peers`` installs other engines (``--peers``)."""
 
 
 def machine() -> dict[str, Any]:
@@ -84,13 +91,23 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         out["worker CPU us per step hop / aiokafka forwarder CPU us per record"] = (
             th["worker CPU us/run"]["median"] / 3 / fcpu
         )
-    if th:
-        out["workflow runs/s / Restate 280 runs/s"] = th["runs/s"]["median"] / 280
+    peers = results.get("peers", {}).get("metrics", {})
     lat = results.get("latency", {}).get("metrics", {})
-    for what in ("client", "run"):  # client: request sent -> completion seen, as Restate's figure is taken
-        p50 = lat.get(f"{what} p50 ms, light (1 in flight)")
-        if p50:
-            out[f"{what} p50 ms (light) / Restate 8.5 ms"] = p50["median"] / 8.5
+    for engine in ("Restate", "DBOS"):  # measured in this run, right after calmrun's throughput
+        if th and f"{engine} runs/s" in peers:
+            out[f"calmrun runs/s / {engine} runs/s (100 in flight)"] = (
+                th["runs/s"]["median"] / peers[f"{engine} runs/s"]["median"]
+            )
+        p50 = peers.get(f"{engine} client p50 ms, light (1 in flight)")
+        if p50 and "client p50 ms, light (1 in flight)" in lat:
+            out[f"calmrun client p50 ms / {engine}'s, light (1 in flight)"] = (
+                lat["client p50 ms, light (1 in flight)"]["median"] / p50["median"]
+            )
+    for name in ("processes", "triage"):
+        m = results.get(name, {}).get("metrics", {})
+        one, two = m.get("runs/s (1 process)"), m.get("runs/s (2 processes)")
+        if one and two:
+            out[f"{name}: runs/s with 2 worker processes / with 1"] = two["median"] / one["median"]
     return out
 
 
@@ -131,7 +148,7 @@ async def run_all(ctx: Ctx, names: list[str]) -> dict[str, Any]:
     for name in names:
         t0 = time.monotonic()
         print(f"== {name} ...", flush=True)
-        results[name] = await WORKLOADS[name](ctx)
+        results[name] = await {**WORKLOADS, **OPTIONAL}[name](ctx)
         results[name]["seconds"] = round(time.monotonic() - t0, 1)
         for metric, s in results[name]["metrics"].items():
             print(f"   {metric}: {_fmt(s['median'])} ({_fmt(s['min'])} - {_fmt(s['max'])})", flush=True)
@@ -141,7 +158,12 @@ async def run_all(ctx: Ctx, names: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
-    parser.add_argument("--only", action="append", choices=sorted(WORKLOADS), help="run only these")
+    parser.add_argument(
+        "--only", action="append", choices=sorted({*WORKLOADS, *OPTIONAL}), help="run only these"
+    )
+    parser.add_argument(
+        "--peers", action="store_true", help="Restate and DBOS right after throughput (installs them)"
+    )
     parser.add_argument("--rounds", type=int, help="measured rounds (default 3, quick 1)")
     parser.add_argument("--skip-confluent", action="store_true", help="floor without confluent-kafka")
     parser.add_argument("--profile", action="store_true", help="pyinstrument profile of the worker")
@@ -150,6 +172,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     names = args.only or list(WORKLOADS)
+    if args.peers and "peers" not in names:
+        if "throughput" not in names:
+            names.insert(0, "throughput")
+        names.insert(names.index("throughput") + 1, "peers")
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(
         bootstrap=args.bootstrap or "",

@@ -8,7 +8,7 @@ without decoding), until ``n`` runs are done. Latencies come from the recorded e
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,16 +48,29 @@ async def start_worker(ctx: Ctx, name: str, **opts: Any) -> tuple[Proc, str]:
     return worker, pfx
 
 
-def topics_of(pfx: str) -> tuple[list[str], list[str], list[str]]:
+@dataclass(frozen=True)
+class Workload:
+    """The workflow a closed loop drives: its name, steps and the input of run ``i``."""
+
+    workflow: str = WORKFLOW
+    steps: Sequence[str] = STEPS
+    make_input: Callable[[int], dict[str, Any]] = lambda _i: {"n": 0}
+
+
+LIN = Workload()
+
+
+def topics_of(pfx: str, wl: Workload = LIN) -> tuple[list[str], list[str], list[str]]:
     """(consumed-only, consumed and produced, produced-only) topics of the worker under ``pfx``."""
     t = Topics(pfx)
-    steps = [t.step(WORKFLOW, s) for s in STEPS]
-    return [t.requests], steps, [t.state, t.events, t.dlq(WORKFLOW), t.dlq("_invalid")]
+    steps = [t.step(wl.workflow, s) for s in wl.steps]
+    return [t.requests], steps, [t.state, t.events, t.dlq(wl.workflow), t.dlq("_invalid")]
 
 
-async def moved(bootstrap: str, pfx: str) -> tuple[int, int]:
-    """(records consumed, records produced) by the worker so far, from topic end offsets."""
-    cons, both, prod = topics_of(pfx)
+async def moved(bootstrap: str, pfx: str, wl: Workload = LIN) -> tuple[int, int]:
+    """(records consumed, records produced) by the workers so far, from topic end offsets (transaction
+    markers included: each takes an offset)."""
+    cons, both, prod = topics_of(pfx, wl)
     ends = await end_offsets(bootstrap, [*cons, *both, *prod])
     consumed = sum(ends[t] for t in [*cons, *both])
     produced = sum(ends[t] for t in [*both, *prod])
@@ -77,6 +90,8 @@ class Loop:
     driver_cpu_s: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)
     client_ms: list[float] = field(default_factory=list)
+    worker_cpu_each: list[float] = field(default_factory=list)  # one per worker process
+    not_completed: int = 0  # runs that ended otherwise (quarantined, refused)
 
     @property
     def runs_per_s(self) -> float:
@@ -104,8 +119,25 @@ class Loop:
         return (self.consumed + self.produced) / self.elapsed_s
 
 
-async def closed_loop(ctx: Ctx, pfx: str, tag: str, n: int, concurrency: int, pid: int = 0) -> Loop:
-    """Run ``n`` runs keeping ``concurrency`` in flight; counts the records the worker moved meanwhile."""
+TERMINAL = {b"run.completed", b"run.quarantined", b"run.refused"}
+
+
+async def closed_loop(
+    ctx: Ctx,
+    pfx: str,
+    tag: str,
+    n: int,
+    concurrency: int,
+    pid: int = 0,
+    *,
+    wl: Workload = LIN,
+    pids: Sequence[int] = (),
+) -> Loop:
+    """Run ``n`` runs keeping ``concurrency`` in flight; counts the records the workers moved meanwhile.
+
+    The CPU counted is that of ``pid`` or of every process in ``pids`` (one figure each).
+    """
+    pids = list(pids) or ([pid] if pid else [])
     codec = RecordCodec(wire_models())
     topics = Topics(pfx)
     producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", enable_idempotence=True)
@@ -120,22 +152,23 @@ async def closed_loop(ctx: Ctx, pfx: str, tag: str, n: int, concurrency: int, pi
         await consumer.seek_to_end(*tps)
         for tp in tps:
             await consumer.position(tp)
-        c0, p0 = await moved(ctx.bootstrap, pfx)
+        c0, p0 = await moved(ctx.bootstrap, pfx, wl)
         ids = [f"{tag}-{i:07d}" for i in range(n)]
         pending = set(ids)
         sent_at: dict[str, float] = {}
         client_ms: list[float] = []
         submitted = 0
+        other = 0
 
         async def submit(k: int) -> None:
             nonlocal submitted
-            for rid in ids[submitted : submitted + k]:
-                req = RunRequest(workflow=WORKFLOW, run_id=rid, input={"n": 0})
+            for i, rid in enumerate(ids[submitted : submitted + k], start=submitted):
+                req = RunRequest(workflow=wl.workflow, run_id=rid, input=wl.make_input(i))
                 sent_at[rid] = time.perf_counter()
                 await producer.send(topics.requests, codec.encode(req), key=rid.encode())
             submitted = min(n, submitted + k)
 
-        cpu0 = cpu_s(pid) if pid else 0.0
+        cpu0 = [cpu_s(p) for p in pids]
         broker0 = cpu_s(ctx.broker_pid) if ctx.broker_pid else 0.0
         driver0 = time.process_time()
         t0 = time.perf_counter()
@@ -145,21 +178,36 @@ async def closed_loop(ctx: Ctx, pfx: str, tag: str, n: int, concurrency: int, pi
             done = 0
             for records in batch.values():
                 for rec in records:
-                    if ("type", b"run.completed") in rec.headers:
+                    kind = dict(rec.headers).get("type")
+                    if kind in TERMINAL:
                         rid = (rec.key or b"").decode()
                         if rid in pending:
                             pending.discard(rid)
+                            other += kind != b"run.completed"
                             client_ms.append((time.perf_counter() - sent_at[rid]) * 1000)
                             done += 1
             if done:
                 await submit(done)
         elapsed = time.perf_counter() - t0
-        cpu = cpu_s(pid) - cpu0 if pid else 0.0
+        cpu = [cpu_s(p) - c for p, c in zip(pids, cpu0, strict=True)]
         broker = cpu_s(ctx.broker_pid) - broker0 if ctx.broker_pid else 0.0
         driver = time.process_time() - driver0
         await producer.flush()
-        c1, p1 = await moved(ctx.bootstrap, pfx)
-        return Loop(n, concurrency, elapsed, ids, c1 - c0, p1 - p0, cpu, broker, driver, client_ms=client_ms)
+        c1, p1 = await moved(ctx.bootstrap, pfx, wl)
+        return Loop(
+            n,
+            concurrency,
+            elapsed,
+            ids,
+            c1 - c0,
+            p1 - p0,
+            sum(cpu),
+            broker,
+            driver,
+            client_ms=client_ms,
+            worker_cpu_each=cpu,
+            not_completed=other,
+        )
     finally:
         await consumer.stop()
         await producer.stop()

@@ -1,13 +1,17 @@
 """A calmrun worker as its own process for the benchmarks: the three-step no-op workflow, ~200-byte outputs.
 
     python -m bench.worker --bootstrap B --prefix P --status-file F [--max-in-flight N] [--acks all|1]
-        [--no-idempotence] [--linger-ms MS] [--sleep S] [--profile OUT] [--pooled STEP=POOL] [--pool NAME]
+        [--no-idempotence] [--linger-ms MS] [--sleep S] [--profile OUT] [--triage]
+        [--pooled STEP=POOL] [--pool NAME]
 
 Runs ``lin`` (``tests.runtime_support.linear``: s1 -> s2 -> s3) with the agent ``bench_step`` (returns at
-once, or after ``--sleep`` seconds) until SIGTERM. Every 0.1 s and once after stop it writes its stats,
-owned partitions and RSS (current and peak, KiB) to the status file. With ``--profile`` the whole life of
-the worker runs under pyinstrument; the profile is written as text (``OUT``) and as JSON by package.
-``--pooled s2=slow`` puts a step in a pool; ``--pool slow`` runs that pool's executor instead.
+once, or after ``--sleep`` seconds) until SIGTERM; with ``--triage``, the triage example instead
+(``examples/triage``: its pydantic-ai agents on the scripted models of its ``models.yaml``). Several
+workers started on one prefix form one consumer group and share the partitions. Every 0.1 s and once
+after stop it writes its stats, owned partitions and RSS (current and peak, KiB) to the status file. With
+``--profile`` the whole life of the worker runs under pyinstrument; the profile is written as text
+(``OUT``) and as JSON by package. ``--pooled s2=slow`` puts a step in a pool; ``--pool slow`` runs that
+pool's executor instead.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from bench.common import PARTITIONS, rss_kib, write_status
+from bench.common import PARTITIONS, ROOT, rss_kib, write_status
 from bench.profile import summarise
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.settings import load_settings
 from calmrun.streams.pool import PoolExecutor
 from calmrun.streams.worker import Worker
-from calmrun.workflow.definition import WorkflowDef, parse_workflow
+from calmrun.workflow.definition import WorkflowDef, load_workflow, parse_workflow
 from tests.runtime_support import linear
 
 WORKFLOW = "lin"
+TRIAGE = ROOT / "examples" / "triage"
 STEPS = 3
 PAD = "x" * 170
 SLEEP_S = 0.0
@@ -63,13 +68,18 @@ def make_worker(
     idempotence: bool = True,
     linger_ms: int | None = None,
     pooled: dict[str, str] | None = None,
+    triage: bool = False,
 ) -> Worker:
     kafka = {"bootstrap": bootstrap, "prefix": prefix, "partitions": PARTITIONS, "acks": acks}
     kafka |= {"idempotence": idempotence} | ({} if linger_ms is None else {"linger_ms": linger_ms})
     settings = load_settings(
+        TRIAGE / "models.yaml" if triage else None,
         kafka=kafka,
         worker={"max_in_flight": max_in_flight, "commit_interval_s": 1.0, "timer_interval_s": 0.2},
     )
+    if triage:
+        wf = load_workflow(TRIAGE / "workflow.yaml")
+        return Worker(settings, [wf], AgentRegistry(), ModelRegistry(settings.models))
     return Worker(
         settings, [workflow(pooled or {})], AgentRegistry({"bench_step": bench_step}), ModelRegistry({})
     )
@@ -140,6 +150,7 @@ async def main(args: argparse.Namespace) -> None:
         idempotence=not args.no_idempotence,
         linger_ms=args.linger_ms,
         pooled=pooled,
+        triage=args.triage,
     )
     status = Path(args.status_file) if args.status_file else None
     runner = asyncio.create_task(worker.run(lambda: _status(status, worker, "running")))
@@ -164,6 +175,7 @@ def cli() -> None:
     parser.add_argument("--pooled", action="append", default=[], help="STEP=POOL: the step's pool")
     parser.add_argument("--pool", help="run an executor of this pool instead of a deciding worker")
     parser.add_argument("--profile")
+    parser.add_argument("--triage", action="store_true", help="the triage example instead of lin")
     parser.add_argument(
         "--preload", help="a Python file executed before the worker starts (bench-only patch experiments)"
     )
