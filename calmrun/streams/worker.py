@@ -1,8 +1,9 @@
 """The worker: composes the rooms of the shell over Kafka, and runs them from start to stop.
 
-All calmrun topics are co-partitioned by run ID and consumed by one group with the range assignor, so
-partition N of every topic belongs to one worker: it holds the state of those runs, executes their step
-tasks, and is the only writer of their state. The rooms, each one job: ``partitions`` (ownership:
+All calmrun topics are co-partitioned by run ID and consumed by one group whose assignor keeps that
+co-partitioning (``streams.versions``), so partition N of every topic belongs to one worker: it holds the
+state of those runs, executes their default-pool step tasks (a pooled step's result comes back on the
+results topic from its executors, ``streams.pool``), and is the only writer of their state. The rooms, each one job: ``partitions`` (ownership:
 rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``decisions`` (decide, queue
 the records), ``tasks`` (agents running), ``timers`` (deadlines and retries), ``txn`` (one transaction per
 batch of a partition), ``records`` (the records a decision writes), ``clients`` (the Kafka clients).
