@@ -1,12 +1,12 @@
 """The worker: composes the rooms of the shell over Kafka, and runs them from start to stop.
 
-All calmrun topics are co-partitioned by run ID and consumed by one group whose assignor keeps that
-co-partitioning (``streams.versions``), so partition N of every topic belongs to one worker: it holds the
-state of those runs, executes their default-pool step tasks (a pooled step's result comes back on the
-results topic from its executors, ``streams.pool``), and is the only writer of their state. The rooms, each one job: ``partitions`` (ownership:
-rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``decisions`` (decide, queue
-the records), ``tasks`` (agents running), ``timers`` (deadlines and retries), ``txn`` (one transaction per
-batch of a partition), ``records`` (the records a decision writes), ``clients`` (the Kafka clients).
+All calmrun topics are co-partitioned by run ID and consumed by one group whose assignor keeps that co-
+partitioning (``streams.versions``), so partition N of every topic belongs to one worker: it holds the state
+of those runs, executes their default-pool step tasks (a pooled step's result comes back on the results topic
+from its executors, ``streams.pool``), and is the only writer of their state. Rooms: ``partitions``
+(ownership: rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``decisions`` (decide,
+queue the records), ``tasks`` (agents running), ``timers`` (deadlines and retries), ``txn`` (one transaction
+per batch of a partition), ``records`` (the records a decision writes), ``clients`` (the Kafka clients).
 
 Effectively once: everything is read ``read_committed`` and each partition's decisions are written in
 Kafka transactions with the input offsets they finish, so a run's events, tasks and state are one
@@ -130,7 +130,9 @@ class Worker:
         steps = self.topics.step_topics(self.workflows.values(), pool) if pool is not None else []
         local = list(dict.fromkeys(steps))  # every version's steps, once
         self._local = set(local)  # step topics whose tasks this worker executes
-        self.input_topics = [self.topics.requests, self.topics.results, *local]
+        pooled = pool is None or any(s.pool != pool for wf in self.workflows.values() for s in wf.steps)
+        results = [self.topics.results] if pooled else []  # only a group with pools has results to read
+        self.input_topics = [self.topics.requests, *results, *local]
         self.parts = Partitions(
             self.topics,
             self.codec,

@@ -22,8 +22,10 @@ from calmrun.settings import Settings, load_settings
 USERS = ("admin", "alice", "bob")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def secured() -> Iterator[DevKafka]:
+    """The secured broker, for tests/security only: stopped when they are done, so that the tests after
+    them (the fault tests among them) do not share the two cores with a second broker."""
     data = Path(tempfile.mkdtemp(prefix="calmrun-test-secured-"))
     certs = make_certs(data / "certs", USERS)
     passwords = {u: secrets.token_hex(12) for u in USERS}

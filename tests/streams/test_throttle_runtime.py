@@ -104,9 +104,10 @@ async def test_concurrency_and_rate_per_alias_hold_across_steps_and_spare_other_
     assert script.peak["lim"] == 2  # both steps of w_lim share the alias's two permits
     assert script.peak["free"] > 3  # its step a is not limited, and not held up behind lim
     paced = sorted(script.arrived["paced"])
-    # starts 0.1 s apart (unlimited, all 24 would arrive within a few hundred ms); a request arrives after
-    # its agent's set-up, which varies by tens of ms on a busy machine: at most 12 in any second
-    assert len(paced) == 24 and paced[-1] - paced[0] >= 2.25
+    # starts 0.1 s apart, 2.3 s first to last (unlimited, all 24 would arrive within a few hundred ms); a
+    # request arrives after its agent's set-up, which varies by up to ~0.1 s on a busy machine (2.22 s seen
+    # under CI): at most 12 in any second
+    assert len(paced) == 24 and paced[-1] - paced[0] >= 2.0
     assert max(sum(1 for t in paced if t0 <= t < t0 + 1.0) for t0 in paced) <= 12, paced
     counts = worker.throttle.counts
     assert counts.waits[("model", "lim")] > 0 and counts.waits[("rate", "paced")] > 0
