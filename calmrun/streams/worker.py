@@ -1,7 +1,7 @@
 """The worker: composes the rooms of the shell over Kafka, and runs them from start to stop.
 
-All calmrun topics are co-partitioned by run ID and consumed by one group whose assignor keeps that co-
-partitioning (``streams.versions``), so partition N of every topic belongs to one worker: it holds the state
+All calmrun topics are co-partitioned by run ID and consumed by one group whose assignor keeps them
+co-partitioned (``streams.versions``), so partition N of every topic belongs to one worker: it holds the state
 of those runs, executes their default-pool step tasks (a pooled step's result comes back on the results topic
 from its executors, ``streams.pool``), and is the only writer of their state. Rooms: ``partitions``
 (ownership: rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``decisions`` (decide,
