@@ -22,9 +22,8 @@ def group_consumer(
 ) -> AIOKafkaConsumer:
     """The consumer of the worker's inputs: one group (``settings.group_id``, or a pool's ``group_id``),
     co-partitioned (``assignor``, which keeps the range assignor's co-partitioning and moves partitions to
-    the versions their runs need; the range assignor itself is offered too, for a group with workers of
-    an earlier calmrun), no auto commit (offsets commit in the writers' transactions), heartbeats every
-    second."""
+    the versions their runs need; the range assignor when none is given), no auto commit (offsets commit
+    in the writers' transactions), heartbeats every second."""
     k, w = settings.kafka, settings.worker
     session_ms = round(w.session_timeout_s * 1000)
     return AIOKafkaConsumer(
@@ -35,7 +34,9 @@ def group_consumer(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
-        partition_assignment_strategy=(*([assignor] if assignor else []), RangePartitionAssignor),
+        # one assignor only: aiokafka 0.14 sends one JoinGroup per assignor, each with different protocol
+        # metadata, and under load every second one restarts the rebalance, forever (see the README)
+        partition_assignment_strategy=(assignor or RangePartitionAssignor,),
         max_poll_interval_ms=600_000,
         rebalance_timeout_ms=max(session_ms, 30_000),
         session_timeout_ms=session_ms,
