@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from calmrun.check import check_history
 from calmrun.client import Client
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import WorkerProcs, branchy, settings_for, until
-from tests.streams.test_effectively_once import check_starts, raw_events, submit_spread
+from tests.streams.test_effectively_once import check_starts, raw_events, submit_spread, wait_owned
 from tests.worker_proc import pooled
 
 PARTITIONS = 4
@@ -39,19 +38,6 @@ def procs(broker: str, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
         p.kill_all()
 
 
-async def wait_split(procs: WorkerProcs, names: list[str], wait_s: float = 90) -> None:
-    """Until ``names`` own every partition between them, each some."""
-    end = time.monotonic() + wait_s
-    while True:
-        owned = sorted(p for n in names for p in procs.status(n).get("owned", []))
-        if owned == list(range(PARTITIONS)) and all(procs.status(n).get("owned") for n in names):
-            return
-        for n in names:
-            procs.alive(n)
-        assert time.monotonic() < end, f"{names} never split the partitions: {owned}"
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.fault
 async def test_kill_9_of_an_executor_mid_batch_loses_no_run_and_records_no_result_twice(
     broker: str, prefix: str, procs: WorkerProcs, tmp_path: Path
@@ -63,8 +49,8 @@ async def test_kill_9_of_an_executor_mid_batch_loses_no_run_and_records_no_resul
     executor = [*common, "--pool", "slow", "--sleep", "0.5", "--max-in-flight", "50"]
     for n in ("e1", "e2"):
         procs.start(n, *executor, "--instance-id", n)
-    await wait_split(procs, ["w"])
-    await wait_split(procs, ["e1", "e2"])
+    await wait_owned(procs, ["w"])
+    await wait_owned(procs, ["e1", "e2"])
     rng = random.Random(19)
     requests = [RunRequest(workflow="fork", input={"n": i}, run_id=f"x{i}") for i in range(RUNS)]
     killed_running = []
@@ -75,7 +61,7 @@ async def test_kill_9_of_an_executor_mid_batch_loses_no_run_and_records_no_resul
     async with Client(settings) as client:
         submitting = asyncio.create_task(submit_spread(client, requests, 24.0))
         for _ in range(3):
-            await wait_split(procs, ["e1", "e2"])
+            await wait_owned(procs, ["e1", "e2"])
             await asyncio.sleep(rng.uniform(1.0, 2.0))
             with contextlib.suppress(AssertionError):  # mid-batch: while agents run in e1, if soon
                 await until(lambda: running("e1") >= 3, 10, "agents running in e1")
