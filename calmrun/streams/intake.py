@@ -9,7 +9,6 @@ bad input) stop it. Records of a partition not (yet) owned are rewound and read 
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
@@ -294,22 +293,7 @@ class Intake:
         log.warning(
             "poison record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, self._redact(str(exc))
         )
-        dlq = DlqRecord(
-            reason="poison",
-            error_type=type(exc).__name__,
-            error=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
-            workflow=workflow,
-            run_id=None,
-            step=None,
-            source_topic=rec.topic,
-            source_partition=rec.partition,
-            source_offset=rec.offset,
-            key=rec.key,
-            value=rec.value,
-            headers={k: v or b"" for k, v in rec.headers},  # a header's value may be null
-            at_ms=self._clock(),
-        )
+        dlq = DlqRecord.poison(rec, exc, workflow, self._clock())
         out = self._decisions.dlq_out(self.topics.dlq(workflow or INVALID), rec.partition, rec.key, dlq)
         self._decisions.submit(rec.partition, [out], (pending,) if pending is not None else (), ())
 

@@ -23,7 +23,6 @@ import functools
 import logging
 import signal
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -293,22 +292,10 @@ class PoolExecutor:
         log.warning(
             "pool %r: poison task %s[%d]@%d: %s", self.pool, rec.topic, rec.partition, rec.offset, exc
         )
-        dlq = DlqRecord(
-            reason="poison",
-            error_type=type(exc).__name__,
-            error=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
-            workflow=None,
-            run_id=None,
-            step=None,
-            source_topic=rec.topic,
-            source_partition=rec.partition,
-            source_offset=rec.offset,
-            key=rec.key if rec.key is None or len(rec.key) <= MAX_KEY_BYTES else rec.key[:MAX_KEY_BYTES],
-            value=rec.value,
-            headers={k: v or b"" for k, v in rec.headers},
-            at_ms=self.clock(),
-        ).fitted(self.settings.limits.dlq_max_payload_bytes)
+        dlq = DlqRecord.poison(rec, exc, None, self.clock())
+        if dlq.key is not None and len(dlq.key) > MAX_KEY_BYTES:
+            dlq = dlq.model_copy(update={"key": dlq.key[:MAX_KEY_BYTES]})
+        dlq = dlq.fitted(self.settings.limits.dlq_max_payload_bytes)
         out = dlq_out(self.topics.dlq(INVALID), self.codec, rec.partition, dlq.key, dlq)
         self._send(rec.partition, [out], [pending] if pending is not None else [])
 

@@ -8,6 +8,7 @@ SHA-256. Error texts are capped too, so a record of any size, with any bytes, ca
 from __future__ import annotations
 
 import hashlib
+import traceback
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,6 +58,24 @@ class DlqRecord(BaseModel):
     truncated: list[Cut] = Field(
         default_factory=list, description="parts of the original record stored shortened"
     )
+
+    @classmethod
+    def poison(cls, rec: Any, exc: BaseException, workflow: str | None, at_ms: int) -> DlqRecord:
+        """A consumed record (as aiokafka gives it) that cannot be processed at all, with its cause."""
+        return cls(
+            reason="poison",
+            error_type=type(exc).__name__,
+            error=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+            workflow=workflow,
+            source_topic=rec.topic,
+            source_partition=rec.partition,
+            source_offset=rec.offset,
+            key=rec.key,
+            value=rec.value,
+            headers={k: v or b"" for k, v in rec.headers},  # a header's value may be null
+            at_ms=at_ms,
+        )
 
     def fitted(self, budget: int) -> DlqRecord:
         """This record with at most ``budget`` bytes of key + headers + value, and error texts capped.
