@@ -115,14 +115,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name on first use and keep it here, so the next lookup is a plain attribute."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'calmrun' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # hidden from type checkers, so a misspelt name is an error there, never ``Any``
+
+    def __getattr__(name: str) -> Any:
+        """Import a public name on first use and keep it here, so the next lookup is a plain attribute."""
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'calmrun' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

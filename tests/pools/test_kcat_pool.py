@@ -1,5 +1,6 @@
-"""The docs' kcat pipeline (docs/pools.md) answers a pooled step: the block under ``<!-- kcat-pool -->``, run by bash
-with its first line's values set for this test (broker, prefix, a ``lin`` workflow whose ``s2`` is pooled)."""
+"""The docs' kcat pipeline (docs/pools.md) answers a pooled step: the block under ``<!-- kcat-pool -->``, run
+by bash with its first line's values set for this test (broker, prefix, a ``lin`` workflow whose ``s2`` is
+pooled)."""
 
 from __future__ import annotations
 
