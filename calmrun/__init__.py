@@ -39,7 +39,7 @@ from calmrun.errors import (
 if TYPE_CHECKING:
     from calmrun.agents.context import StepContext
     from calmrun.agents.models import ModelRegistry
-    from calmrun.agents.registry import AgentRegistry
+    from calmrun.agents.specs import AgentRegistry
     from calmrun.client import Client
     from calmrun.settings import Settings, load_settings
     from calmrun.streams.pool import PoolExecutor
@@ -61,7 +61,7 @@ _LAZY: dict[str, str] = {
     "parse_workflow": "calmrun.workflow.definition",
     # agents and models
     "StepContext": "calmrun.agents.context",
-    "AgentRegistry": "calmrun.agents.registry",
+    "AgentRegistry": "calmrun.agents.specs",
     "ModelRegistry": "calmrun.agents.models",
     # what a client writes and reads
     "RunRequest": "calmrun.workflow.events",

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from calmrun import AgentRegistry, load_workflow
-from calmrun.agents.registry import AgentSpec
+from calmrun.agents.specs import AgentSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

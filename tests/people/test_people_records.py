@@ -1,4 +1,4 @@
-"""The approve/reject/signal/cancel records as any Kafka client sends them (the README's JSON), and Avro."""
+"""The approve/reject/signal/cancel records as any Kafka client sends them (docs/people.md), and Avro."""
 
 from __future__ import annotations
 
