@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install kafka tools local-model demo test lint bench bench-peers clean
+.PHONY: install kafka tools local-model demo test lint docs bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +22,18 @@ kafka: install
 # kcat: one test starts a run from the real kcat CLI, as operators do.
 # prometheus: one test lets a real Prometheus scrape a worker and checks PromQL answers (it fails without).
 # chromium: tests/ui/ drive the operator page in Debian's Chromium through Playwright (it fails without).
+# apt-get waits up to 10 minutes for the dpkg lock (another apt process, e.g. unattended upgrades), instead
+# of failing at once.
+APT = apt-get -o DPkg::Lock::Timeout=600
 tools:
 	@command -v kcat >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q kcat; \
+	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q kcat; \
 	  else echo "kcat missing: sudo apt-get install kcat" >&2; exit 1; fi; }
 	@command -v prometheus >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; \
+	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q --no-install-recommends prometheus; \
 	  else echo "prometheus missing: sudo apt-get install prometheus" >&2; exit 1; fi; }
 	@command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q chromium; \
 	  else echo "chromium missing: sudo apt-get install chromium" >&2; exit 1; fi; }
 
 # The local model of the end-to-end tests (calmrun.devmodel): the first install compiles llama.cpp (about
@@ -51,7 +54,13 @@ lint: install
 	$(VENV)/bin/ruff format --check calmrun tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
-# bench/: the numbers in the README (python -m bench --help); the bench extra is bench-only
+# The docs site (mkdocs.yml, docs/) into site/; --strict: a warning (a broken link, a nav entry whose page is
+# missing) fails the build.
+docs: install
+	$(PY) -m pip install -q -e '.[dev,docs]'
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# bench/: the numbers in docs/benchmarks.md (python -m bench --help); the bench extra is bench-only
 bench: kafka
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench
@@ -63,4 +72,4 @@ bench-peers: kafka
 	$(PY) -m bench --only throughput --only latency --peers --out bench/results/peers
 
 clean:
-	rm -rf $(VENV) .calmrun build dist *.egg-info
+	rm -rf $(VENV) .calmrun build dist site *.egg-info

@@ -30,9 +30,9 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from bench.common import PARTITIONS, Ctx, cpu_s, summary
+from calmrun.costs.costtopics import CostTopics, ensure_cost_topics
 from calmrun.costs.process import AggregatorProcess
-from calmrun.costs.reader import read_current
-from calmrun.costs.topics import CostTopics, ensure_cost_topics
+from calmrun.costs.totals import read_current
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import partition_for
 from calmrun.settings import Settings, load_settings

@@ -5,7 +5,7 @@ then a faust worker (a subprocess) whose agent takes up to 5,000 events (or 0.2 
 ``calmrun.costs.fold.PartitionFold`` and writes each touched key once per batch to a faust table (one
 changelog record per key per batch). Timed from its first committed offset to the end of the topic, with the
 worker's CPU seconds. A throughput experiment only: it does not restore its folds after a restart, so it is
-not exact, and it is not shipped (the aggregator runs on aiokafka; README, *Cost*).
+not exact, and it is not shipped (the aggregator runs on aiokafka; docs/cost.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.aggregator import _covered, encode, produce, settings_for, workload
 from bench.common import ROOT, cpu_s
-from calmrun.costs.topics import CostTopics, ensure_cost_topics
+from calmrun.costs.costtopics import CostTopics, ensure_cost_topics
 
 
 def worker(bootstrap: str, pfx: str, data_dir: Path) -> None:

@@ -6,12 +6,16 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import uuid4
 
 import pytest
 
 from calmrun.devkafka import DevKafka
 from calmrun.localproc import free_port
+
+if TYPE_CHECKING:
+    from tests.runtime_support import WorkerProcs
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +41,16 @@ def broker() -> Iterator[str]:
 def prefix() -> str:
     """A topic prefix of this test's own, so tests never see each other's records."""
     return f"t{uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def procs(broker: str, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
+    """Worker processes of this test (``tests.worker_proc``); every one still alive is killed when the test
+    ends, however it ends."""
+    from tests.runtime_support import WorkerProcs
+
+    p = WorkerProcs(broker, prefix, tmp_path)
+    try:
+        yield p
+    finally:
+        p.kill_all()

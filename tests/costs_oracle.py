@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from calmrun.costs.fold import ALL, WINDOW_MS, bucket_start
-from calmrun.costs.reader import CostTable, read_totals
+from calmrun.costs.table import CostTable
+from calmrun.costs.totals import read_totals
 from calmrun.errors import DecodeError
 from calmrun.kafka.reader import read_to_end
 from calmrun.settings import Settings

@@ -3,7 +3,7 @@
 from calmrun.agents.context import StepContext
 from calmrun.agents.executor import AGENT_TIMEOUT, execute
 from calmrun.agents.models import ModelRegistry
-from calmrun.agents.registry import AgentFn, AgentRegistry, AgentSpec
+from calmrun.agents.specs import AgentFn, AgentRegistry, AgentSpec
 
 __all__ = [
     "AGENT_TIMEOUT",

@@ -15,7 +15,7 @@ from typing import Any
 
 from calmrun.agents.context import StepContext
 from calmrun.agents.models import ModelRegistry, retry_after_ms
-from calmrun.agents.registry import AgentRegistry
+from calmrun.agents.specs import AgentRegistry
 from calmrun.costs.pricing import Pricing
 from calmrun.errors import CalmrunError, ErrorKind
 from calmrun.limits import check_output

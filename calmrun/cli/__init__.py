@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from calmrun.cli import costs, deploy, ops, people, replay, runs
+from calmrun.cli import costs, deploy, ops, replay, runcommands, runs
 
 app = typer.Typer(help="calmrun: a Kafka-native runtime for AI-agent workflows.", no_args_is_help=True)
 dlq_app = typer.Typer(help="The quarantine: dead-letter topics.", no_args_is_help=True)
@@ -26,7 +26,7 @@ app.command("snapshot")(replay.snapshot)
 app.command("costs-aggregator")(costs.aggregator)
 for verb in (runs.worker, runs.submit, runs.status, runs.runs, runs.models, ops.ui, ops.acls):
     app.command()(verb)
-for person_verb in (people.approve, people.reject, people.signal, people.cancel):
+for person_verb in (runcommands.approve, runcommands.reject, runcommands.signal, runcommands.cancel):
     app.command()(person_verb)
 dlq_app.command("tail")(ops.dlq_tail)
 dlq_app.command("redrive")(ops.dlq_redrive)

@@ -20,9 +20,10 @@ from rich.console import Console
 from rich.table import Table
 
 from calmrun.cli.common import BootstrapOpt, ConfigOpt, PrefixOpt, cli_settings, run_command
+from calmrun.costs.costtopics import CostTopics, ensure_cost_topics
 from calmrun.costs.fold import ALL
-from calmrun.costs.reader import CompactedTail, CostRow, CostTable, Coverage, events_end, read_current
-from calmrun.costs.topics import CostTopics, ensure_cost_topics
+from calmrun.costs.table import CostRow, CostTable, Coverage
+from calmrun.costs.totals import CompactedTail, events_end, read_current
 from calmrun.settings import Settings
 from calmrun.workflow.events import RunEvent
 

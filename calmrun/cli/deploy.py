@@ -22,7 +22,7 @@ from calmrun.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from calmrun.check.versions import Takeover
+    from calmrun.check.takeover import Takeover
     from calmrun.workflow.registry import Pin
 
 deploy_app = typer.Typer(help="Deploying a new workflow version with runs in flight.", no_args_is_help=True)
@@ -52,7 +52,7 @@ def deploy_check(
     settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> tuple[list[Takeover], list[str]]:
-        from calmrun.check.versions import group_members, send_migrations, takeover, unready_for
+        from calmrun.check.takeover import group_members, send_migrations, takeover, unready_for
         from calmrun.replay.snapshot import scan_runs
 
         why = unready_for(wf, await group_members(settings)) if migrate else None
@@ -64,7 +64,7 @@ def deploy_check(
         sent = await send_migrations(settings, wf, verdicts, by=_who()) if migrate else []
         return verdicts, sent
 
-    from calmrun.check.versions import MUST_STAY
+    from calmrun.check.takeover import MUST_STAY
 
     verdicts, sent = run_command(main())
     diverging = [v for v in verdicts if v.verdict == MUST_STAY]
@@ -110,7 +110,7 @@ def versions(
     settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> tuple[dict[str, dict[Pin, int]], list[Pin]]:
-        from calmrun.check.versions import group_serves, versions_in_flight
+        from calmrun.check.takeover import group_serves, versions_in_flight
         from calmrun.client import Client
 
         async with Client(settings) as c:

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from calmrun.cli.common import BootstrapOpt, ConfigOpt, JsonOpt, PrefixOpt, cli_settings, run_command
 from calmrun.errors import CalmrunError, ReplayArgumentError
 from calmrun.replay import report
-from calmrun.replay.offsets import replay_offsets
+from calmrun.replay.reproduce import replay_offsets
 from calmrun.replay.snapshot import Snapshot, fetch_snapshot, fetch_snapshots, load_snapshot
 from calmrun.settings import ModelAlias, Settings, load_settings
 from calmrun.workflow.definition import WorkflowDef, load_workflow

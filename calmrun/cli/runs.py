@@ -154,7 +154,7 @@ def status(
     settings = cli_settings(config, bootstrap, prefix)
 
     async def main() -> tuple[RunState | None, list[RunEvent], str | None]:
-        from calmrun.check.versions import group_serves, waiting_for
+        from calmrun.check.takeover import group_serves, waiting_for
 
         async with Client(settings) as c:
             state = await c.state(run_id)
@@ -209,7 +209,7 @@ def print_status(state: RunState, events: list[RunEvent], waiting: str | None = 
             f"{c.cost_usd:.6f}" if c else "0.000000",
         )
     out.print(steps)
-    from calmrun.cli.people import waiting_lines
+    from calmrun.cli.runcommands import waiting_lines
 
     for line in waiting_lines(state, events):
         out.print(line)

@@ -1,7 +1,7 @@
 """The cost aggregator: ``<prefix>.runs.events`` folded into the compacted ``<prefix>.costs.totals``.
 
-It runs on aiokafka, the runtime's own Kafka shell (the README says why not faust). Per source partition
-it owns, in one consumer group (``costs.app_id``, default ``<prefix>-costs``; more aggregators share the
+It runs on aiokafka, the runtime's own Kafka shell (docs/cost.md says why not faust). Per source partition it
+owns, in one consumer group (``costs.app_id``, default ``<prefix>-costs``; more aggregators share the
 partitions):
 
 * a transactional producer, ``transactional.id = <prefix>.costs.tx.<partition>``: starting it fences any
@@ -39,9 +39,9 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from calmrun.costs.costtopics import CostTopics, ensure_cost_topics
 from calmrun.costs.fold import PartitionFold
 from calmrun.costs.peek import folded_type
-from calmrun.costs.topics import CostTopics, ensure_cost_topics
 from calmrun.errors import DecodeError
 from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS, client_kwargs
 from calmrun.kafka.reader import read_to_end

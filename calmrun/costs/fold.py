@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from calmrun.costs.costtopics import Key, decode_key, encode_key
 from calmrun.costs.peek import COST_EVENTS, ESCALATED, SCHEDULED, agent_of, task_kind
-from calmrun.costs.topics import Key, decode_key, encode_key
 
 WINDOW_MS: dict[str, int] = {"1m": 60_000, "1h": 3_600_000, "1d": 86_400_000}
 ALL = "all"

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from calmrun.costs.costtopics import CostTopics, ensure_cost_topics
 from calmrun.costs.fold import ALL, bucket_start
-from calmrun.costs.reader import CompactedTail, CostTable
-from calmrun.costs.topics import CostTopics, ensure_cost_topics
+from calmrun.costs.table import CostTable
+from calmrun.costs.totals import CompactedTail
 from calmrun.settings import Settings
 from calmrun.workflow.definition import WorkflowDef
 

@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 
+from calmrun.costs.costtopics import CostTopics, ensure_cost_topics
 from calmrun.costs.fold import bucket_start
-from calmrun.costs.reader import CompactedTail
-from calmrun.costs.topics import CostTopics, ensure_cost_topics
+from calmrun.costs.totals import CompactedTail
 from calmrun.settings import Settings
 
 

@@ -142,11 +142,20 @@ def faust_credentials(k: KafkaSettings) -> dict[str, Any]:
     """The same settings as faust ``App`` options: ``broker_credentials`` (faust's SASL, OAuth or SSL
     credential object); empty for PLAINTEXT.
 
+    faust is not a dependency of calmrun (which runs on aiokafka alone): install the ``faust`` extra
+    (``pip install 'calmrun[faust]'``) to use this helper.
+
     Raises:
-        ConfigError: a secret, a file or the token provider cannot be read.
+        ConfigError: faust is not installed, or a secret, a file or the token provider cannot be read.
     """
-    import faust
-    from faust.auth import OAuthCredentials
+    try:
+        import faust
+        from faust.auth import OAuthCredentials
+    except ImportError as exc:
+        raise ConfigError(
+            "faust_credentials needs faust-streaming, which calmrun does not install: "
+            "pip install 'calmrun[faust]'"
+        ) from exc
 
     sec = k.security
     if sec.protocol == "PLAINTEXT":

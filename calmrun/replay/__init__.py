@@ -3,7 +3,6 @@
 from typing import TYPE_CHECKING, Any
 
 from calmrun.errors import ReplayArgumentError, ReplayError, SnapshotError
-from calmrun.replay.offsets import REPLAYED_FROM, OffsetReplay, replay_offsets
 from calmrun.replay.recorded import (
     BatchRecorded,
     Divergence,
@@ -13,6 +12,7 @@ from calmrun.replay.recorded import (
     replay_recorded,
     replay_recorded_many,
 )
+from calmrun.replay.reproduce import REPLAYED_FROM, OffsetReplay, replay_offsets
 from calmrun.replay.snapshot import Snapshot, fetch_snapshot, fetch_snapshots, load_snapshot
 
 if TYPE_CHECKING:

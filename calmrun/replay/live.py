@@ -17,8 +17,8 @@ from typing import Any
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.client import Client
 from calmrun.errors import ReplayError
-from calmrun.replay.offsets import Target
 from calmrun.replay.recorded import path_of, pick_definition
+from calmrun.replay.reproduce import Target
 from calmrun.replay.snapshot import Snapshot, scan_runs
 from calmrun.settings import Settings
 from calmrun.workflow.definition import WorkflowDef

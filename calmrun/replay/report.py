@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from calmrun.replay.offsets import OffsetReplay
 from calmrun.replay.recorded import BatchRecorded, RecordedReplay
+from calmrun.replay.reproduce import OffsetReplay
 
 if TYPE_CHECKING:  # live replay imports the agents: only its types are needed to print it
     from calmrun.replay.live import LiveReplay, Side

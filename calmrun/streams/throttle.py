@@ -116,6 +116,8 @@ class Throttle:
         self._steps = {k: asyncio.Semaphore(v.max_concurrency) for k, v in settings.steps.items()}
         self._aliases = {a: _Alias(lim) for a, lim in settings.models.items()}
         self.counts = ThrottleCounts()
+        self.started: Callable[[StepTask, float], None] | None = None
+        """Called with each limited task and the clock's time when its limits let it start (tests, traces)."""
 
     def paused(self) -> dict[str, float]:
         """Aliases paused now after a rate limit, with the seconds left."""
@@ -144,6 +146,8 @@ class Throttle:
                 if alias.permits is not None:
                     await self._take(held, alias.permits, ("model", task.model or ""))
                 await self._pace(alias, task.model or "")
+            if self.started is not None:
+                self.started(task, self._clock())
             yield
 
     async def _take(

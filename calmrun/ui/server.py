@@ -22,10 +22,11 @@ from pathlib import Path
 from aiohttp import web
 
 from calmrun.client import Client
+from calmrun.costs.costtopics import CostTopics
 from calmrun.costs.fold import ALL
-from calmrun.costs.reader import CompactedTail, CostTable
 from calmrun.costs.spend import TenantSpend
-from calmrun.costs.topics import CostTopics
+from calmrun.costs.table import CostTable
+from calmrun.costs.totals import CompactedTail
 from calmrun.errors import CalmrunError, ReplayError
 from calmrun.replay.recorded import replay_given
 from calmrun.replay.snapshot import Snapshot

@@ -3,7 +3,7 @@
 Any reader can tell the schema from the bytes alone: the fingerprint is the CRC-64-AVRO (Rabin) of the
 schema's Parsing Canonical Form, little-endian, as the Avro specification defines it. fastavro is used
 rather than the deprecated ``avro-python3`` (and its successor ``avro``) because it is several times
-faster on small records; see the README.
+faster on small records; see docs/architecture.md.
 """
 
 from __future__ import annotations

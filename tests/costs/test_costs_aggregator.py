@@ -15,11 +15,12 @@ from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner
 
 from calmrun.cli.costs import costs_app
+from calmrun.costs.costtopics import ensure_cost_topics
 from calmrun.costs.fold import bucket_start
 from calmrun.costs.process import AggregatorProcess
-from calmrun.costs.reader import CostTable, read_totals
 from calmrun.costs.spend import TenantSpend
-from calmrun.costs.topics import ensure_cost_topics
+from calmrun.costs.table import CostTable
+from calmrun.costs.totals import read_totals
 from calmrun.kafka.topics import partition_for
 from calmrun.settings import Settings, load_settings
 from calmrun.wire.codec import RecordCodec, wire_models
@@ -277,7 +278,7 @@ async def test_totals_equal_the_recount_and_say_what_they_cover(
     broker: str, prefix: str, tmp_path: Path
 ) -> None:
     """The independent recount (tests/costs_oracle.py) agrees, and the coverage reaches the topic's end."""
-    from calmrun.costs.reader import events_end, read_current
+    from calmrun.costs.totals import events_end, read_current
     from tests.costs_oracle import counted, recount
 
     settings = settings_for(broker, prefix)

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from calmrun.cli import app
 from calmrun.costs.app import Aggregator, Record
+from calmrun.costs.costtopics import ensure_cost_topics
 from calmrun.costs.process import AggregatorProcess
-from calmrun.costs.reader import read_current
-from calmrun.costs.topics import ensure_cost_topics
+from calmrun.costs.totals import read_current
 from calmrun.localproc import free_port
 from calmrun.settings import Settings
 from tests.costs.test_costs_aggregator import produce, settings_for, workload

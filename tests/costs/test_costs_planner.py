@@ -30,7 +30,7 @@ from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.cli import app
 from calmrun.client import Client
 from calmrun.costs.process import AggregatorProcess
-from calmrun.costs.reader import read_current
+from calmrun.costs.totals import read_current
 from calmrun.settings import load_settings
 from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import parse_workflow

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from calmrun.costs.costtopics import ensure_cost_topics
 from calmrun.costs.process import AggregatorProcess
-from calmrun.costs.reader import read_current
-from calmrun.costs.topics import ensure_cost_topics
+from calmrun.costs.totals import read_current
 from calmrun.kafka.topics import partition_for
 from calmrun.settings import Settings, load_settings
 from calmrun.wire.codec import RecordCodec, wire_models

@@ -270,7 +270,7 @@ async def test_forward_count_and_recover_table(broker: str, prefix: str, workers
 
             n_before = len(out.records)
             await produce(producer, names.in_topic, range(first, first + second), keys)
-            # Two faust 0.15.3 faults seen here after a SIGTERM restart (README, known limits): the new worker
+            # Two faust 0.15.3 faults seen here after a SIGTERM restart (docs/known-limits.md): the new worker
             # can log "Worker ready" and never fetch (then it is replaced, at most twice), and it can skip
             # the first record after a partition's committed offset (that record never reaches the output).
             want = set(range(first + second))

@@ -191,7 +191,7 @@ async def test_restarts_report_what_faust_loses_and_repeats(
     report.write_text(json.dumps(summary, indent=2))
     print_summary(summary, report)
 
-    # faust's own guarantee, measured: records it never processed are a finding (README, Known limits), not
+    # faust's own guarantee, measured: records it never processed are a finding (docs/known-limits.md), not
     # a failure of calmrun, which no longer runs on faust; the harness itself must have worked
     missing = summary["missing"]
     print(

@@ -1,4 +1,4 @@
-"""The approve/reject/signal/cancel records as any Kafka client sends them (the README's JSON), and Avro."""
+"""The approve/reject/signal/cancel records as any Kafka client sends them (docs/people.md), and Avro."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from calmrun.workflow.events import (
 )
 
 CODEC = RecordCodec(wire_models())
-README = {
+DOCUMENTED = {
     "approve": {
         "command": "approve",
         "run_id": "run-42",
@@ -64,9 +64,9 @@ def parse(value: bytes, limits: LimitsSettings = DEFAULTS) -> RunCommand:
     return body
 
 
-@pytest.mark.parametrize("kind", list(README))
+@pytest.mark.parametrize("kind", list(DOCUMENTED))
 def test_the_readme_records_parse_to_their_decider_inputs(kind: str) -> None:
-    cmd = parse(json.dumps(README[kind]).encode())
+    cmd = parse(json.dumps(DOCUMENTED[kind]).encode())
     inp = command_input("run-42", cmd, 7)
     expected = {
         "approve": Answer("run-42", "approve_refund", True, 7, "finance-lead", "ok"),
@@ -112,7 +112,7 @@ def test_a_command_missing_its_field_is_a_clear_decode_error(body: dict[str, obj
 
 
 def test_a_signal_payload_is_held_to_the_output_limit() -> None:
-    big = {**README["signal"], "data": {"blob": "x" * 2000}}
+    big = {**DOCUMENTED["signal"], "data": {"blob": "x" * 2000}}
     with pytest.raises(LimitExceededError, match=r"signal payload is over limits\.max_output_bytes"):
         parse(json.dumps(big).encode(), LimitsSettings(max_output_bytes=1024))
 

@@ -1,5 +1,6 @@
-"""The README's kcat pipeline answers a pooled step: the block under ``<!-- kcat-pool -->``, run by bash
-with its first line's values set for this test (broker, prefix, a ``lin`` workflow whose ``s2`` is pooled)."""
+"""The docs' kcat pipeline (docs/pools.md) answers a pooled step: the block under ``<!-- kcat-pool -->``, run
+by bash with its first line's values set for this test (broker, prefix, a ``lin`` workflow whose ``s2`` is
+pooled)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from calmrun.workflow.events import RunRequest
 from tests.pools.test_pools import pooled
 from tests.runtime_support import add_one, linear, ready, running, settings_for
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "pools.md"
 
 
 def kcat_block() -> list[str]:
-    text = README.read_text()
+    text = PAGE.read_text()
     after = text.split("<!-- kcat-pool -->\n```sh\n", 1)[1]
     return after.split("```", 1)[0].splitlines()
 

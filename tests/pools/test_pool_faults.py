@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from tests.worker_proc import pooled
 PARTITIONS = 4
 RUNS = 600
 POOLED = ["--pooled", "s2a=slow", "--pooled", "s2b=slow"]
-
-
-@pytest.fixture
-def procs(broker: str, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
-    p = WorkerProcs(broker, prefix, tmp_path)
-    try:
-        yield p
-    finally:
-        p.kill_all()
 
 
 @pytest.mark.fault

@@ -39,7 +39,8 @@ def pooled_triage(path: Path) -> Path:
 
 
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+def children(tmp_path: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """Processes this test spawns (any command, unlike the ``procs`` worker fixture); SIGTERM at the end."""
     running: dict[str, subprocess.Popen[bytes]] = {}
     try:
         yield running
@@ -61,15 +62,15 @@ def spawn(tmp_path: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
 
 
 async def test_triage_with_a_model_pool_and_a_calmrun_free_executor(
-    broker: str, prefix: str, tmp_path: Path, procs: dict[str, subprocess.Popen[bytes]]
+    broker: str, prefix: str, tmp_path: Path, children: dict[str, subprocess.Popen[bytes]]
 ) -> None:
     wf_path = pooled_triage(tmp_path / "triage.yaml")
     common = ["-w", str(wf_path), "--config", str(EXAMPLE / "models.yaml"), "--bootstrap", broker]
     common += ["--prefix", prefix]
-    procs["worker"] = spawn(tmp_path, "worker", "-m", "calmrun.cli", "worker", *common)
-    procs["models"] = spawn(tmp_path, "models", "-m", "calmrun.cli", "worker", "--pool", "models", *common)
+    children["worker"] = spawn(tmp_path, "worker", "-m", "calmrun.cli", "worker", *common)
+    children["models"] = spawn(tmp_path, "models", "-m", "calmrun.cli", "worker", "--pool", "models", *common)
     script = str(EXAMPLE / "notify_executor.py")
-    procs["notify"] = spawn(tmp_path, "notify", script, "--bootstrap", broker, "--prefix", prefix)
+    children["notify"] = spawn(tmp_path, "notify", script, "--bootstrap", broker, "--prefix", prefix)
     settings = load_settings(EXAMPLE / "models.yaml", kafka={"bootstrap": broker, "prefix": prefix})
     tickets = [json.loads(line) for line in (EXAMPLE / "tickets.jsonl").read_text().splitlines() if line]
     requests = [RunRequest(workflow="triage", input=t, run_id=f"t{i}") for i, t in enumerate(tickets)]
@@ -78,11 +79,11 @@ async def test_triage_with_a_model_pool_and_a_calmrun_free_executor(
         try:
             states = await client.wait_terminal(ids, wait_s=120)
         except Exception:
-            for name in procs:
+            for name in children:
                 print(name, (tmp_path / f"{name}.log").read_text()[-2000:])
             raise
         events = {rid: await client.events(rid) for rid in ids}
-    for name, p in procs.items():
+    for name, p in children.items():
         assert p.poll() is None, f"{name} exited: {(tmp_path / f'{name}.log').read_text()[-2000:]}"
     assert {s.status for s in states.values()} == {"completed"}
     refunded = [s for s in states.values() if s.outcome == "refunded"]

@@ -22,7 +22,6 @@ import random
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +39,6 @@ from tests.runtime_support import WorkerProcs, branchy, settings_for
 
 PARTITIONS = 4
 RUNS = 2_000
-
-
-@pytest.fixture
-def procs(broker: str, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
-    p = WorkerProcs(broker, prefix, tmp_path)
-    try:
-        yield p
-    finally:
-        p.kill_all()
 
 
 def starts(log: Path) -> list[dict[str, Any]]:
@@ -250,7 +240,10 @@ async def test_a_paused_worker_cannot_make_its_late_decisions_count(
             while procs.status("w2").get("owned") != list(range(PARTITIONS)):
                 assert time.monotonic() < end, "w2 never took over w1's partitions"
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(3)  # w2 decides some of w1's runs meanwhile
+            decided, end = procs.status("w2")["stats"]["decisions"], time.monotonic() + 60
+            while procs.status("w2")["stats"]["decisions"] < decided + 10:  # w2 decides w1's runs meanwhile
+                assert time.monotonic() < end, "w2 decided nothing after taking over"
+                await asyncio.sleep(0.1)
         finally:
             os.kill(zombie, signal.SIGCONT)
         states = await client.wait_terminal(ids, wait_s=180)

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,15 +148,6 @@ def poison_records() -> list[Poison]:
         ),
         Poison("an event on a step topic", CODEC.encode(event), topic="step", cause="expected StepTask"),
     ]
-
-
-@pytest.fixture
-def procs(broker: str, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
-    p = WorkerProcs(broker, prefix, tmp_path)
-    try:
-        yield p
-    finally:
-        p.kill_all()
 
 
 def _kcat_produce(broker: str, topic: str, p: Poison) -> None:

@@ -27,7 +27,7 @@ def test_limits_come_from_the_environment_and_are_bounded(monkeypatch: pytest.Mo
     monkeypatch.setenv("CALMRUN_LIMITS__MAX_JSON_DEPTH", "32")
     s = load_settings()
     assert s.limits.max_json_depth == 32
-    assert s.limits.max_request_bytes == 262_144  # the defaults the README lists
+    assert s.limits.max_request_bytes == 262_144  # the defaults docs/limits.md lists
     monkeypatch.setenv("CALMRUN_LIMITS__MAX_JSON_DEPTH", "1000")  # past what Python can parse and write
     with pytest.raises(ConfigError, match="max_json_depth"):
         load_settings()

@@ -134,18 +134,23 @@ async def test_a_child_failing_before_it_runs_stops_the_supervisor_with_its_code
     assert time.monotonic() - t0 < 10 and sup.restarts == 0 and sup.pids == {}
 
 
-async def test_a_ready_child_that_dies_is_restarted() -> None:
+async def test_a_ready_child_that_dies_is_restarted(tmp_path: Path) -> None:
+    # each child writes its ready line, then leaves a file named by its pid: the test's sign that it is ready
     script = (
-        "import os, sys, time\nos.write(int(os.environ['CALMRUN_READY_FD']), b'ready\\n')\ntime.sleep(60)\n"
+        "import os, sys, time\nos.write(int(os.environ['CALMRUN_READY_FD']), b'ready\\n')\n"
+        "open(os.path.join(os.environ['MARKS'], str(os.getpid())), 'w').close()\ntime.sleep(60)\n"
     )
-    sup = Supervisor([sys.executable, "-c", script], [{}, {}], backoff_s=0.1)
+    marks = {"MARKS": str(tmp_path)}
+    sup = Supervisor([sys.executable, "-c", script], [marks, marks], backoff_s=0.1)
     running = asyncio.create_task(sup.run())
     end = time.monotonic() + 20
     while len(sup.pids) < 2:
         assert time.monotonic() < end
         await asyncio.sleep(0.05)
     first = dict(sup.pids)
-    await asyncio.sleep(0.5)  # it has written its ready line
+    while not (tmp_path / str(first[0])).exists():  # it has written its ready line
+        assert time.monotonic() < end, "the child never wrote its ready line"
+        await asyncio.sleep(0.05)
     os.kill(first[0], signal.SIGKILL)
     while sup.pids.get(0) in (None, first[0]):
         assert time.monotonic() < end, "the killed child was never restarted"
@@ -209,7 +214,10 @@ async def test_processes_2_survives_kill_9_of_a_child_with_one_history_per_run(
     requests = [RunRequest(workflow="fork", input={"n": i}, run_id=f"p{i}") for i in range(1_000)]
     async with Client(settings) as client:
         submitting = asyncio.create_task(submit_spread(client, requests, 20.0))
-        await asyncio.sleep(5)
+        end = time.monotonic() + 60
+        while len(starts(log) if log.exists() else []) < 100:  # the children are mid-stream: kill one now
+            assert time.monotonic() < end, f"the children never started 100 steps:\n{sup.text()[-3000:]}"
+            await asyncio.sleep(0.1)
         before = sup.children()
         assert len(before) == 2
         os.kill(before[0], signal.SIGKILL)

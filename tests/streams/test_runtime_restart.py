@@ -7,8 +7,6 @@ stats and owned partitions to a status file, which is how these tests see progre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,16 +28,6 @@ from tests.runtime_support import (
     successful_seqs,
     until,
 )
-
-
-@pytest.fixture
-def procs(broker: str, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
-    """Worker processes of this test; every one still alive is killed when the test ends, however it ends."""
-    p = WorkerProcs(broker, prefix, tmp_path)
-    try:
-        yield p
-    finally:
-        p.kill_all()
 
 
 def assert_each_step_applied_once(events: list[RunEvent], run_ids: list[str], steps: int = 3) -> None:

@@ -16,7 +16,7 @@ from calmrun.settings import ThrottleSettings
 from calmrun.streams.tasks import LocalSource, TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.workflow.events import StepCost, StepResult, StepTask
-from tests.runtime_support import linear
+from tests.runtime_support import linear, until
 
 WF = linear("lin")
 
@@ -158,15 +158,12 @@ async def test_a_task_waiting_for_its_alias_holds_no_slot_and_blocks_no_other_al
         runner.start(0, t, LocalSource("t", 0, b"", b"", ()), eager=False, pending=[])
 
     start(task(0))
-    await asyncio.sleep(0.05)
+    await until(lambda: ran == ["r0"], 10, "r0 to start")
     start(task(1))  # waits for a's only permit
-    await asyncio.wait_for(runner.room(), 1)  # a waiting task is not counted against max_in_flight
+    await asyncio.wait_for(runner.room(), 10)  # a waiting task is not counted against max_in_flight
     start(task(2, "b"))
-    await asyncio.sleep(0.05)
-    assert ran == ["r0", "r2"] and len(runner) == 2  # r2 done; r0 runs, r1 waits
+    await until(lambda: ran == ["r0", "r2"] and len(runner) == 2, 10, "b's r2 to run while a's r1 waits")
+    assert ran == ["r0", "r2"]  # r2 done; r0 runs, r1 waits: a's limit held up no other alias
     release.set()
-    for _ in range(100):
-        if len(ran) == 3:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: len(ran) == 3, 10, "r1 to start once r0 released a's permit")
     assert ran == ["r0", "r2", "r1"]

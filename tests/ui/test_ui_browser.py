@@ -5,7 +5,7 @@ worker running the triage example and a ``fragile`` workflow whose downstream ca
 and the cost aggregator. The test watches a batch arrive live, finds a quarantined run and its cause,
 checks a viewer cannot redrive, redrives from the page with the keyboard, replays a run, compares the
 cost view with ``calmrun costs --json`` and looks at the workers. Screenshots of every view go to the
-test's temporary directory (and to ``CALMRUN_UI_SHOTS`` when set: ``docs/ui`` for the README).
+test's temporary directory (and to ``CALMRUN_UI_SHOTS`` when set: ``docs/ui`` for docs/ui.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import tests.versions.support as support
-from calmrun.check.history import check_history
+from calmrun.check.invariants import check_history
 from calmrun.client import Client
 from calmrun.kafka.topics import partition_for
 from calmrun.workflow.events import RunRequest

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 import tests.versions.support as support
 from calmrun.agents import ModelRegistry
-from calmrun.check.history import check_history
+from calmrun.check.invariants import check_history
 from calmrun.client import Client
 from calmrun.kafka.topics import partition_for
 from calmrun.settings import Settings

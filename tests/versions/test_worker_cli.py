@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from calmrun.check.history import check_history
+from calmrun.check.invariants import check_history
 from calmrun.client import Client
 from calmrun.workflow.events import RunRequest
 from calmrun.workflow.state import RunState

@@ -2,7 +2,7 @@
 
 Each verb reads the run's state first (an unknown run, a finished one, or a step that is not waiting is
 a clear error here rather than an ``input.ignored`` later), then produces one ``RunCommand`` to the
-requests topic keyed by the run ID, as any Kafka client may (see the README). The worker decides it.
+requests topic keyed by the run ID, as any Kafka client may (see docs/people.md). The worker decides it.
 """
 
 from __future__ import annotations
