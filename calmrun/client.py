@@ -32,7 +32,7 @@ from calmrun.workflow.state import RunState
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("calmrun.client")
-TERMINAL = frozenset({"completed", "quarantined", "over_budget", "refused", "cancelled"})
+TERMINAL = frozenset({"completed", "quarantined", "over_budget", "refused", "cancelled", "rejected"})
 
 
 class Client:
@@ -225,8 +225,8 @@ class Client:
             status = latest[rid].status if rid in latest else "not started"
             counts[status] = counts.get(status, 0) + 1
         hint = (
-            " (a run that never started was parked as poison: see `calmrun dlq tail -w _invalid`, e.g. an "
-            "unknown workflow or invalid input; or no worker runs its workflow)"
+            " (no worker has read its request yet: is one running, on this prefix? A request refused with a"
+            " readable run ID ends as `rejected`; one without is parked: see `calmrun dlq tail -w _invalid`)"
             if "not started" in counts
             else ""
         )

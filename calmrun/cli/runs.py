@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -85,6 +86,7 @@ def worker(
         from prometheus_client import CollectorRegistry
 
         from calmrun.streams.metrics import WorkerMetrics
+        from calmrun.streams.readiness import wait_ready
         from calmrun.streams.worker import Worker
 
         metrics = WorkerMetrics(CollectorRegistry()) if settings.metrics.port else None
@@ -97,10 +99,17 @@ def worker(
             pool=None if pool == "none" else DEFAULT_POOL,
         )
         what = "deciding only" if pool == "none" else "deciding and executing the default pool"
+        announcing: list[asyncio.Task[None]] = []
+
+        async def announce() -> None:
+            now = await wait_ready(w)  # the group assigned its partitions and they are restored
+            if now.ready:
+                err.print(f"worker {now.why}")
 
         def started() -> None:
             err.print(f"worker running {names} ({what}) on {settings.kafka.bootstrap}; Ctrl-C stops it")
             report_ready()
+            announcing.append(asyncio.get_running_loop().create_task(announce()))
 
         await w.run(started)
 

@@ -4,6 +4,15 @@ Every record is handled in isolation: whatever its handling raises parks that re
 topic with the cause and finishes it, so one record never stops the worker. Only
 ``limits.max_consecutive_poison`` records in a row failing with an unexpected error (a bug of ours, not
 bad input) stop it. Records of a partition not (yet) owned are rewound and read again later.
+
+Bad input that names its run is answered under that run, in the transaction of its dead letter, so the
+client that sent it does not wait for nothing:
+
+- a refused run request records ``run.rejected`` under its run ID (``workflow.rejection``), or, for a
+  run ID that exists already, an ``input.ignored`` that leaves the run as it was;
+- a malformed step result fails the attempt it answers at once (``InvalidOutputError`` with the cause),
+  as an output over the limits does, instead of leaving it to its deadline;
+- a result for a run this worker does not know is logged and parked, never dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from aiokafka.structs import TopicPartition
 from calmrun.errors import (
     CalmrunError,
     DecodeError,
+    ErrorKind,
+    InvalidOutputError,
     LimitExceededError,
     PoisonStormError,
     UnknownWorkflowError,
@@ -28,9 +39,9 @@ from calmrun.streams.decisions import Decisions
 from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
-from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
-from calmrun.streams.requests import parse_request
-from calmrun.streams.results import parse_result
+from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, StateOut, header
+from calmrun.streams.requests import Named, named, parse_request
+from calmrun.streams.results import NamedAttempt, named_attempt, parse_result
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.versions import Pinning
 from calmrun.wire.codec import RecordCodec
@@ -44,11 +55,14 @@ from calmrun.workflow.events import (
     RunCommand,
     RunRequest,
     RunRequested,
+    StepResult,
+    StepResultRecord,
     StepTask,
     command_input,
 )
 from calmrun.workflow.registry import Definitions
-from calmrun.workflow.state import RunState
+from calmrun.workflow.rejection import ignored, rejected
+from calmrun.workflow.state import ACTIVE, RunState
 
 log = logging.getLogger("calmrun.worker")
 
@@ -62,6 +76,9 @@ class IntakeCounts:
         self.tasks_skipped = 0
         self.poison = 0
         self.tasks_unserved = 0  # tasks of a version not served here: not run (see streams.versions)
+        self.rejected = 0  # refused run requests recorded under their run ID (run.rejected)
+        self.results_malformed = 0  # malformed results that failed the attempt they name
+        self.results_unknown_run = 0  # results for a run not known here: parked
 
 
 class Intake:
@@ -144,32 +161,29 @@ class Intake:
                 rec.key, rec.value, self.codec, fallback_id=fallback, limits=limits, headers=rec.headers
             )
         except DecodeError as exc:
-            self.park(rec, exc, None, pending)
+            self.reject(rec, exc, named(rec.key, rec.value, limits), pending)
             return
         p = partition_for(run_id, self._n)
         if p != rec.partition:
             # produced by a client with another partitioner (kcat's default, or no key): move it to the
             # partition that owns this run, keyed by the run ID
-            moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
-            out = Out(rec.topic, p, run_id.encode(), rec.value, moved)
-            self._decisions.submit(rec.partition, [out], (pending,), ())
+            self._move(rec, p, run_id, pending)
             return
         state = self._parts.runs[p].get(run_id)
         if isinstance(body, RunCommand):
             self.command(p, run_id, body, state, rec.timestamp, rec, pending)
             return
         # a new run takes the newest version served here, or the one it names (streams.versions)
-        named = body.version is not None
+        pinned = body.version is not None
         wf = (
             self.workflows.version(body.workflow, body.version or "")
-            if named
+            if pinned
             else self.workflows.newest(body.workflow)
         )
         if wf is None:
-            unknown = f"{body.workflow} v{body.version}" if named else body.workflow
-            self.park(
-                rec, UnknownWorkflowError(unknown, [str(p) for p in self.workflows.pins()]), None, pending
-            )
+            unknown = f"{body.workflow} v{body.version}" if pinned else body.workflow
+            why = UnknownWorkflowError(unknown, [str(p) for p in self.workflows.pins()])
+            self.reject(rec, why, Named(run_id, body.workflow, body.tenant), pending)
             return
         inp = self._request_input(run_id, wf, body, rec.timestamp)
         self._decisions.decide(p, wf, state, inp, rec, (pending,))
@@ -188,6 +202,11 @@ class Intake:
         rec = rec or self._synthetic(p, run_id, body, at_ms)  # a held command, released (no record)
         done = (pending,) if pending is not None else ()
         limits = self.settings.limits
+        if state is not None and state.status == "rejected":  # no definition applies: nothing to decide
+            why = f"{body.command} for a run whose request was rejected ({state.error_type})"
+            note = ignored(state, at_ms=at_ms, reason=why, input=body.command)
+            self._decisions.submit(p, [self._decisions.event_out(p, note)], done, (note,))
+            return
         if body.command == "migrate":
             wf = self.workflows.pinned(body.workflow, body.to_version or "", body.to_digest or "")
         elif state is not None:
@@ -233,33 +252,135 @@ class Intake:
         self.counts.results += 1
         try:
             result = parse_result(
-                rec.key, rec.value, self.codec, limits=self.settings.limits, headers=rec.headers
+                rec.key,
+                rec.value,
+                self.codec,
+                limits=self.settings.limits,
+                headers=rec.headers,
+                agent_of=self._agent_of,
             )
         except DecodeError as exc:
-            self.park(rec, exc, None, pending)
+            self._malformed(rec, exc, named_attempt(rec.key, rec.value, self.settings.limits), pending)
             return
         p = partition_for(result.run_id, self._n)
         if p != rec.partition:  # another client's partitioner: move it to the run's partition
-            moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
-            out = Out(rec.topic, p, result.run_id.encode(), rec.value, moved)
-            self._decisions.submit(rec.partition, [out], (pending,), ())
+            self._move(rec, p, result.run_id, pending)
             return
         state = self._parts.state(p, result.run_id)
-        if state is not None and self.pins is not None and not self.pins.serves(state):
+        if state is None or state.status == "rejected":
+            self._unknown_run(rec, result.run_id, state, pending)
+            return
+        if self.pins is not None and not self.pins.serves(state):
             # pinned to a version not served here: as for its task, the attempt's deadline re-issues it
             self.counts.tasks_unserved += 1
             self._decisions.submit(p, [], (pending,), ())
             return
-        wf = (
-            self.workflows.pinned(state.workflow, state.version, state.digest)
-            if state is not None
-            else self.workflows.newest(result.workflow)  # no such run: the decider says so
-        )
+        wf = self.workflows.pinned(state.workflow, state.version, state.digest)
         if wf is None:
             known = [str(pin) for pin in self.workflows.pins()]
             self.park(rec, UnknownWorkflowError(result.workflow, known), None, pending)
             return
         self._decisions.decide(p, wf, state, result.to_input(rec.timestamp), rec, (pending,))
+
+    def _agent_of(self, result: StepResultRecord) -> str | None:
+        """The agent of the step a result answers, from its run's definition (for an error's message)."""
+        state = self._parts.state(partition_for(result.run_id, self._n), result.run_id)
+        wf = self.workflows.pinned(state.workflow, state.version, state.digest) if state else None
+        step = next((s for s in wf.steps if s.name == result.step), None) if wf else None
+        if step is None:
+            return None
+        return step.compensate if result.kind == "compensate" else step.agent
+
+    def _malformed(self, rec: Record, exc: DecodeError, who: NamedAttempt | None, pending: Pending) -> None:
+        """A results record that is not a valid result: fail the attempt it answers at once, if it is told.
+
+        The attempt is the one the record names; a record without ``step`` or ``attempt`` answers the
+        run's only attempt in flight, if it has exactly one (else only the dead letter is written, and the
+        attempt's deadline re-issues it). The dead letter names the run, step and attempt it was for.
+        """
+        if who is None:
+            self.park(rec, exc, None, pending)
+            return
+        p = partition_for(who.run_id, self._n)
+        if p != rec.partition:
+            self._move(rec, p, who.run_id, pending)
+            return
+        state = self._parts.state(p, who.run_id)
+        if state is None or state.status == "rejected":
+            self._unknown_run(rec, who.run_id, state, pending, exc)
+            return
+        wf = self.workflows.pinned(state.workflow, state.version, state.digest)
+        step, attempt = who.step, who.attempt
+        if step is None or attempt is None:
+            flying = [
+                (name, st.attempt)
+                for name, st in state.steps.items()
+                if st.status in ACTIVE and st.status != "waiting" and (step is None or name == step)
+            ]
+            if len(flying) == 1:
+                step, attempt = flying[0][0], attempt or flying[0][1]
+        dlq = DlqRecord.poison(rec, exc, state.workflow, self._clock()).model_copy(
+            update={"run_id": who.run_id, "step": step, "attempt": attempt}
+        )
+        letter = self._decisions.dlq_out(self.topics.dlq(state.workflow), p, rec.key, dlq)
+        self.counts.poison += 1
+        log.warning(
+            "malformed result %s[%d]@%d for run %s step %s attempt %s: %s",
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            who.run_id,
+            step,
+            attempt,
+            self._redact(str(exc)),
+        )
+        if wf is None or step is None or attempt is None or (self.pins and not self.pins.serves(state)):
+            self._decisions.submit(p, [letter], (pending,), ())  # the attempt's deadline re-issues it
+            return
+        self.counts.results_malformed += 1
+        self._decisions.submit(p, [letter], (), ())
+        spec = next((s for s in wf.steps if s.name == step), None)
+        agent = (spec.compensate if who.kind == "compensate" else spec.agent) if spec else None
+        failed = InvalidOutputError(agent or "?", f"malformed result record: {exc}")
+        inp = StepResult(
+            run_id=who.run_id,
+            step=step,
+            attempt=attempt,
+            at_ms=rec.timestamp,
+            kind=who.kind,
+            error_type=ErrorKind.INVALID_OUTPUT.value,
+            error=self._redact(str(failed)),
+            retriable=True,
+        )
+        self._decisions.decide(p, wf, state, inp, rec, (pending,))
+
+    def _unknown_run(
+        self,
+        rec: Record,
+        run_id: str,
+        state: RunState | None,
+        pending: Pending,
+        cause: Exception | None = None,
+    ) -> None:
+        """Park a result for a run not known here (or one rejected: it ran nothing), with the cause."""
+        self.counts.results_unknown_run += 1
+        why = "is not known here" if state is None else "was rejected: it ran no step"
+        exc = DecodeError(
+            f"a step result for run {run_id!r}, which {why}" + (f"; and {cause}" if cause else "")
+        )
+        dlq = DlqRecord.poison(rec, exc, None, self._clock()).model_copy(update={"run_id": run_id})
+        self.counts.poison += 1
+        log.warning(
+            "result for unknown run %s parked (%s[%d]@%d)", run_id, rec.topic, rec.partition, rec.offset
+        )
+        out = self._decisions.dlq_out(self.topics.dlq(INVALID), rec.partition, rec.key, dlq)
+        self._decisions.submit(rec.partition, [out], (pending,), ())
+
+    def _move(self, rec: Record, p: int, run_id: str, pending: Pending) -> None:
+        """Move a record to the partition of the run it names, keyed by the run ID (its own is finished)."""
+        moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
+        out = Out(rec.topic, p, run_id.encode(), rec.value, moved)
+        self._decisions.submit(rec.partition, [out], (pending,), ())
 
     def _task(self, rec: Record, pending: Pending) -> None:
         idem_bytes = header(rec.headers, IDEMPOTENCY_KEY)
@@ -296,6 +417,53 @@ class Intake:
         dlq = DlqRecord.poison(rec, exc, workflow, self._clock())
         out = self._decisions.dlq_out(self.topics.dlq(workflow or INVALID), rec.partition, rec.key, dlq)
         self._decisions.submit(rec.partition, [out], (pending,) if pending is not None else (), ())
+
+    def reject(self, rec: Record, exc: Exception, who: Named | None, pending: Pending) -> None:
+        """Refuse a run request: park it and, when it names a run ID, say why under that ID.
+
+        In the transaction of the dead letter: a new run ID gets its ``run.rejected`` history (a terminal
+        state), an existing run an ``input.ignored`` note and nothing else (``workflow.rejection``).
+        """
+        if who is None:
+            self.park(rec, exc, None, pending)
+            return
+        p = partition_for(who.run_id, self._n)
+        if p != rec.partition:
+            self._move(rec, p, who.run_id, pending)
+            return
+        self.counts.poison += 1
+        error = self._redact(str(exc))
+        log.warning("run request %s[%d]@%d rejected: %s", rec.topic, p, rec.offset, error)
+        stable = type(exc).kind if isinstance(exc, CalmrunError) else None
+        kind = str(stable or type(exc).__name__)
+        dlq = DlqRecord.poison(rec, exc, None, self._clock()).model_copy(update={"run_id": who.run_id})
+        letter = self._decisions.dlq_out(self.topics.dlq(INVALID), p, rec.key, dlq)
+        state = self._parts.state(p, who.run_id)
+        if state is not None:  # a duplicate run ID: the run stays as it was
+            note = ignored(
+                state,
+                at_ms=rec.timestamp,
+                reason=f"a rejected request for a run that exists: {error}",
+                input="RunRequest",
+                error_type=kind,
+                error=error,
+            )
+            self._decisions.submit(p, [letter, self._decisions.event_out(p, note)], (pending,), (note,))
+            return
+        self.counts.rejected += 1
+        new, event = rejected(
+            who.run_id,
+            workflow=who.workflow,
+            tenant=who.tenant,
+            at_ms=rec.timestamp,
+            error_type=kind,
+            error=error,
+        )
+        encoded = self._parts.runs[p].put(who.run_id, new)
+        assert encoded is not None  # a rejected run is finished, so kept encoded
+        state_out = StateOut(self.topics.state, p, who.run_id.encode(), lambda: encoded)
+        outputs = [letter, self._decisions.event_out(p, event)]
+        self._decisions.submit(p, outputs, (pending,), (event,), state_out)
 
     def _unparsable(self, tp: TopicPartition, offset: int, exc: Exception) -> None:
         """Park a record the Kafka client could not even parse (see ``streams.fetch``): no bytes to keep."""

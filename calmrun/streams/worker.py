@@ -201,6 +201,11 @@ class Worker:
         return self._failed
 
     @property
+    def stopping(self) -> bool:
+        """``stop()`` has been called."""
+        return self._closing
+
+    @property
     def uncommitted(self) -> int:
         """Decisions made and not yet committed (on all partitions)."""
         return self._gate.pending
