@@ -1,0 +1,253 @@
+"""The plain-client contract on the real broker: a refused run request answers under its run ID.
+
+A client that sends a bad request (an unknown workflow, an extra field, a key that differs from
+``run_id``, bad JSON, over the size limit) sees ``run.rejected`` with the cause under the run ID it used,
+read with nothing but aiokafka (``read_committed``, the ``type`` header) or with ``calmrun submit
+--wait``; the dead letter stays. A duplicate run ID never changes the run that has it. ``/ready`` on the
+metrics port answers 200 only once the worker's partitions are assigned and restored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from calmrun.agents import AgentRegistry, ModelRegistry
+from calmrun.check import check_history
+from calmrun.client import Client
+from calmrun.kafka.topics import INVALID, Topics
+from calmrun.localproc import free_port
+from calmrun.streams.metrics import WorkerMetrics
+from calmrun.streams.worker import Worker
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.workflow.events import RunEvent, RunRequest
+from tests.runtime_support import add_one, linear, ready, running, settings_for, until
+
+ROOT = Path(__file__).resolve().parents[2]
+CODEC = RecordCodec(wire_models())
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One refused request: the run ID it names, its bytes, and what its rejection must say."""
+
+    run_id: str
+    key: bytes | None
+    value: bytes
+    error_type: str
+    cause: str
+
+
+def bad_requests() -> list[Bad]:
+    def js(body: object) -> bytes:
+        return json.dumps(body).encode()
+
+    return [
+        Bad(
+            "rj-unknown",
+            b"rj-unknown",
+            js({"workflow": "no-such-flow", "input": {"n": 1}}),
+            "UnknownWorkflowError",
+            "no-such-flow",
+        ),
+        Bad(
+            "rj-extra",
+            b"rj-extra",
+            js({"workflow": "lin", "input": {"n": 1}, "colour": "red"}),
+            "DecodeError",
+            "colour",
+        ),
+        Bad("rj-key", b"rj-key", js({"workflow": "lin", "run_id": "rj-other"}), "DecodeError", "differ"),
+        # no key: the producer picks any partition; the worker moves it to its run's, then rejects it
+        Bad(
+            "rj-json",
+            None,
+            b'{"workflow": "lin", "run_id": "rj-json", "input": {"n": ',
+            "DecodeError",
+            "JSON",
+        ),
+        Bad(
+            "rj-big",
+            b"rj-big",
+            js({"workflow": "lin", "input": {"text": "a" * 300_000}}),
+            "LimitExceededError",
+            "max_request_bytes",
+        ),
+    ]
+
+
+async def read_events(
+    broker: str, topic: str, until_types: dict[str, str], wait_s: float = 60.0
+) -> list[tuple[RunEvent, bytes | None]]:
+    """What a plain aiokafka client reads (read_committed) until each run has its awaited event type."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=broker,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    seen: list[tuple[RunEvent, bytes | None]] = []
+    try:
+        end = asyncio.get_running_loop().time() + wait_s
+        while asyncio.get_running_loop().time() < end:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for rec in records:
+                    assert rec.value is not None
+                    seen.append((CODEC.decode_as(rec.value, RunEvent), dict(rec.headers).get("type")))
+            got = {(e.run_id, e.type) for e, _ in seen}
+            if all((run, typ) in got for run, typ in until_types.items()):
+                return seen
+    finally:
+        await consumer.stop()
+    raise AssertionError(f"timed out: read {[(e.run_id, e.type) for e, _ in seen]}")
+
+
+async def test_each_refused_request_is_rejected_under_its_run_id_and_a_duplicate_changes_nothing(
+    broker: str, prefix: str
+) -> None:
+    settings = settings_for(broker, prefix)
+    topics = Topics(prefix)
+    bad = bad_requests()
+    async with (
+        running(settings, [linear()], AgentRegistry({"add_one": add_one})) as w,
+        Client(settings) as client,
+    ):
+        await ready(w)
+        [dup] = await client.submit_many([RunRequest(workflow="lin", input={"n": 1}, run_id="rj-dup")])
+        assert (await client.wait_terminal([dup], wait_s=60))[dup].status == "completed"
+        producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
+        await producer.start()
+        try:
+            for b in bad:
+                await producer.send_and_wait(topics.requests, b.value, key=b.key)
+            # a bad request under a run ID that exists, then a good one under a rejected ID
+            await producer.send_and_wait(topics.requests, bad[0].value, key=b"rj-dup")
+            await producer.send_and_wait(
+                topics.requests,
+                json.dumps({"workflow": "lin", "input": {"n": 2}}).encode(),
+                key=b"rj-unknown",
+            )
+        finally:
+            await producer.stop()
+        # what a plain Kafka client reads: run.rejected under each run ID, the type in a header
+        awaited = {b.run_id: "run.rejected" for b in bad} | {"rj-dup": "input.ignored"}
+        events = await read_events(broker, topics.events, awaited)
+        await until(lambda: w.stats.poison == len(bad) + 1, 60, "every refused request parked")
+        await until(lambda: w.stats.ignored >= 1, 60, "the good request under a rejected ID to be ignored")
+        states = await client.wait_terminal([b.run_id for b in bad] + [dup], wait_s=60)  # as submit --wait
+        parked = await client.read_dlq(INVALID)
+        later = await client.events("rj-unknown")
+    for b in bad:
+        [(ev, type_header)] = [(e, h) for e, h in events if e.run_id == b.run_id and e.seq > 0]
+        assert (ev.type, ev.seq, type_header) == ("run.rejected", 1, b"run.rejected"), b
+        assert ev.data["error_type"] == b.error_type and b.cause in ev.data["error"], ev.data
+        st = states[b.run_id]
+        assert (st.status, st.error_type) == ("rejected", b.error_type) and b.cause in (st.error or "")
+        [letter] = [
+            d for d in parked if d.run_id == b.run_id and d.reason == "poison"
+        ]  # the dead letter stays
+        assert letter.error_type == b.error_type
+    # the duplicate: the completed run is as it was; the refusal is a note (seq -1) with its cause
+    assert states[dup].status == "completed"
+    notes = [e for e, _ in events if e.run_id == dup and e.type == "input.ignored"]
+    assert notes and notes[0].seq == -1 and "no-such-flow" in notes[0].data["error"]
+    assert not [e for e, _ in events if e.run_id == dup and e.type == "run.rejected"]
+    # a rejected run ID is taken: a good request under it is a duplicate, ignored
+    assert [e.type for e in later if e.seq > 0] == ["run.rejected"]
+    assert any(e.type == "input.ignored" and "duplicate" in e.data["reason"] for e in later)
+    report = await check_history(settings.kafka, [linear()])
+    assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations)
+    assert report.runs == len(bad) + 1 and report.replayed == 1
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "calmrun.cli",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CALMRUN_KAFKA__PARTITIONS": "4"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_submit_wait_reports_the_rejection(broker: str, prefix: str, tmp_path: Path) -> None:
+    settings = settings_for(broker, prefix)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"text": "a" * 300_000}))
+    async with running(settings, [linear()], AgentRegistry({"add_one": add_one})) as w:
+        await ready(w)
+        where = ("-b", broker, "--prefix", prefix, "--wait", "--wait-s", "90")
+        code, out, err = await _cli("submit", "no-such-flow", "--run-id", "cli-unknown", *where)
+        assert code == 0, err
+        assert "submitted cli-unknown: rejected" in out and "no-such-flow" in out, out
+        code, out, err = await _cli("submit", "lin", "-i", f"@{big}", "--run-id", "cli-big", "--json", *where)
+        assert code == 0, err
+        state = json.loads(out)["state"]
+        assert (state["status"], state["error_type"]) == ("rejected", "LimitExceededError")
+        assert "max_request_bytes" in state["error"]
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_ready_answers_503_until_the_partitions_are_restored_then_200(broker: str, prefix: str) -> None:
+    port = free_port()
+    settings = settings_for(broker, prefix).model_copy(
+        update={"metrics": settings_for(broker, prefix).metrics.model_copy(update={"port": port})}
+    )
+    w = Worker(
+        settings,
+        [linear()],
+        AgentRegistry({"add_one": add_one}),
+        ModelRegistry({}),
+        metrics=WorkerMetrics(CollectorRegistry()),
+    )
+    restore = w.parts._restore
+    restoring = asyncio.Event()
+    go = asyncio.Event()
+
+    async def held_restore(parts: set[int]) -> None:  # the takeover waits here until the test lets it go
+        restoring.set()
+        await go.wait()
+        await restore(parts)
+
+    w.parts._restore = held_restore  # type: ignore[method-assign]
+    url = f"http://127.0.0.1:{port}/ready"
+    await w.start()
+    try:
+        code, text = await asyncio.to_thread(_get, url)
+        assert code == 503, text  # started, not assigned or not restored yet
+        await asyncio.wait_for(restoring.wait(), 60)
+        code, text = await asyncio.to_thread(_get, url)
+        assert (code, text.strip()) == (503, "taking over partitions [0, 1, 2, 3] (restoring their runs)")
+        go.set()
+        await ready(w)
+        code, text = await asyncio.to_thread(_get, url)
+        assert (code, text.strip()) == (200, "ready: partitions [0, 1, 2, 3]")
+        code, text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+        assert code == 200 and "calmrun_runs" in text  # the metrics are served as before
+    finally:
+        await w.stop()
