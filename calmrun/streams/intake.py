@@ -5,14 +5,9 @@ topic with the cause and finishes it, so one record never stops the worker. Only
 ``limits.max_consecutive_poison`` records in a row failing with an unexpected error (a bug of ours, not
 bad input) stop it. Records of a partition not (yet) owned are rewound and read again later.
 
-Bad input that names its run is answered under that run, in the transaction of its dead letter, so the
-client that sent it does not wait for nothing:
-
-- a refused run request records ``run.rejected`` under its run ID (``workflow.rejection``), or, for a
-  run ID that exists already, an ``input.ignored`` that leaves the run as it was;
-- a malformed step result fails the attempt it answers at once (``InvalidOutputError`` with the cause),
-  as an output over the limits does, instead of leaving it to its deadline;
-- a result for a run this worker does not know is logged and parked, never dropped.
+Bad input that names its run is answered under that run (``streams.refusals``): a refused request ends
+as ``run.rejected``, a malformed result fails the attempt it answers, a result for an unknown run is
+parked.
 """
 
 from __future__ import annotations
@@ -27,8 +22,6 @@ from aiokafka.structs import TopicPartition
 from calmrun.errors import (
     CalmrunError,
     DecodeError,
-    ErrorKind,
-    InvalidOutputError,
     LimitExceededError,
     PoisonStormError,
     UnknownWorkflowError,
@@ -39,9 +32,10 @@ from calmrun.streams.decisions import Decisions
 from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
-from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, StateOut, header
+from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
+from calmrun.streams.refusals import Refusals
 from calmrun.streams.requests import Named, named, parse_request
-from calmrun.streams.results import NamedAttempt, named_attempt, parse_result
+from calmrun.streams.results import named_attempt, parse_result
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.versions import Pinning
 from calmrun.wire.codec import RecordCodec
@@ -55,14 +49,12 @@ from calmrun.workflow.events import (
     RunCommand,
     RunRequest,
     RunRequested,
-    StepResult,
-    StepResultRecord,
     StepTask,
     command_input,
 )
 from calmrun.workflow.registry import Definitions
-from calmrun.workflow.rejection import ignored, rejected
-from calmrun.workflow.state import ACTIVE, RunState
+from calmrun.workflow.rejection import ignored
+from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
 
@@ -107,6 +99,19 @@ class Intake:
         self.pins: Pinning | None = None  # set by the worker, which makes it after the intake
         self._unexpected_in_row = 0
         self.counts = IntakeCounts()
+        self.refusals = Refusals(
+            topics,
+            workflows,
+            partitions,
+            decisions,
+            self.counts,
+            self.park,
+            self.move,
+            lambda state: self.pins is None or self.pins.serves(state),
+            clock,
+            redact,
+            self._n,
+        )
 
     async def run(self, gate: Callable[[], Awaitable[None]]) -> None:
         """Fetch and handle records until cancelled; ``gate`` is awaited before each fetch."""
@@ -161,13 +166,13 @@ class Intake:
                 rec.key, rec.value, self.codec, fallback_id=fallback, limits=limits, headers=rec.headers
             )
         except DecodeError as exc:
-            self.reject(rec, exc, named(rec.key, rec.value, limits), pending)
+            self.refusals.request(rec, exc, named(rec.key, rec.value, limits), pending)
             return
         p = partition_for(run_id, self._n)
         if p != rec.partition:
             # produced by a client with another partitioner (kcat's default, or no key): move it to the
             # partition that owns this run, keyed by the run ID
-            self._move(rec, p, run_id, pending)
+            self.move(rec, p, run_id, pending)
             return
         state = self._parts.runs[p].get(run_id)
         if isinstance(body, RunCommand):
@@ -183,7 +188,7 @@ class Intake:
         if wf is None:
             unknown = f"{body.workflow} v{body.version}" if pinned else body.workflow
             why = UnknownWorkflowError(unknown, [str(p) for p in self.workflows.pins()])
-            self.reject(rec, why, Named(run_id, body.workflow, body.tenant), pending)
+            self.refusals.request(rec, why, Named(run_id, body.workflow, body.tenant), pending)
             return
         inp = self._request_input(run_id, wf, body, rec.timestamp)
         self._decisions.decide(p, wf, state, inp, rec, (pending,))
@@ -257,18 +262,19 @@ class Intake:
                 self.codec,
                 limits=self.settings.limits,
                 headers=rec.headers,
-                agent_of=self._agent_of,
+                agent_of=self.refusals.agent_of,
             )
         except DecodeError as exc:
-            self._malformed(rec, exc, named_attempt(rec.key, rec.value, self.settings.limits), pending)
+            who = named_attempt(rec.key, rec.value, self.settings.limits)
+            self.refusals.result(rec, exc, who, pending)
             return
         p = partition_for(result.run_id, self._n)
         if p != rec.partition:  # another client's partitioner: move it to the run's partition
-            self._move(rec, p, result.run_id, pending)
+            self.move(rec, p, result.run_id, pending)
             return
         state = self._parts.state(p, result.run_id)
         if state is None or state.status == "rejected":
-            self._unknown_run(rec, result.run_id, state, pending)
+            self.refusals.unknown_run(rec, result.run_id, state, pending)
             return
         if self.pins is not None and not self.pins.serves(state):
             # pinned to a version not served here: as for its task, the attempt's deadline re-issues it
@@ -282,101 +288,7 @@ class Intake:
             return
         self._decisions.decide(p, wf, state, result.to_input(rec.timestamp), rec, (pending,))
 
-    def _agent_of(self, result: StepResultRecord) -> str | None:
-        """The agent of the step a result answers, from its run's definition (for an error's message)."""
-        state = self._parts.state(partition_for(result.run_id, self._n), result.run_id)
-        wf = self.workflows.pinned(state.workflow, state.version, state.digest) if state else None
-        step = next((s for s in wf.steps if s.name == result.step), None) if wf else None
-        if step is None:
-            return None
-        return step.compensate if result.kind == "compensate" else step.agent
-
-    def _malformed(self, rec: Record, exc: DecodeError, who: NamedAttempt | None, pending: Pending) -> None:
-        """A results record that is not a valid result: fail the attempt it answers at once, if it is told.
-
-        The attempt is the one the record names; a record without ``step`` or ``attempt`` answers the
-        run's only attempt in flight, if it has exactly one (else only the dead letter is written, and the
-        attempt's deadline re-issues it). The dead letter names the run, step and attempt it was for.
-        """
-        if who is None:
-            self.park(rec, exc, None, pending)
-            return
-        p = partition_for(who.run_id, self._n)
-        if p != rec.partition:
-            self._move(rec, p, who.run_id, pending)
-            return
-        state = self._parts.state(p, who.run_id)
-        if state is None or state.status == "rejected":
-            self._unknown_run(rec, who.run_id, state, pending, exc)
-            return
-        wf = self.workflows.pinned(state.workflow, state.version, state.digest)
-        step, attempt = who.step, who.attempt
-        if step is None or attempt is None:
-            flying = [
-                (name, st.attempt)
-                for name, st in state.steps.items()
-                if st.status in ACTIVE and st.status != "waiting" and (step is None or name == step)
-            ]
-            if len(flying) == 1:
-                step, attempt = flying[0][0], attempt or flying[0][1]
-        dlq = DlqRecord.poison(rec, exc, state.workflow, self._clock()).model_copy(
-            update={"run_id": who.run_id, "step": step, "attempt": attempt}
-        )
-        letter = self._decisions.dlq_out(self.topics.dlq(state.workflow), p, rec.key, dlq)
-        self.counts.poison += 1
-        log.warning(
-            "malformed result %s[%d]@%d for run %s step %s attempt %s: %s",
-            rec.topic,
-            rec.partition,
-            rec.offset,
-            who.run_id,
-            step,
-            attempt,
-            self._redact(str(exc)),
-        )
-        if wf is None or step is None or attempt is None or (self.pins and not self.pins.serves(state)):
-            self._decisions.submit(p, [letter], (pending,), ())  # the attempt's deadline re-issues it
-            return
-        self.counts.results_malformed += 1
-        self._decisions.submit(p, [letter], (), ())
-        spec = next((s for s in wf.steps if s.name == step), None)
-        agent = (spec.compensate if who.kind == "compensate" else spec.agent) if spec else None
-        failed = InvalidOutputError(agent or "?", f"malformed result record: {exc}")
-        inp = StepResult(
-            run_id=who.run_id,
-            step=step,
-            attempt=attempt,
-            at_ms=rec.timestamp,
-            kind=who.kind,
-            error_type=ErrorKind.INVALID_OUTPUT.value,
-            error=self._redact(str(failed)),
-            retriable=True,
-        )
-        self._decisions.decide(p, wf, state, inp, rec, (pending,))
-
-    def _unknown_run(
-        self,
-        rec: Record,
-        run_id: str,
-        state: RunState | None,
-        pending: Pending,
-        cause: Exception | None = None,
-    ) -> None:
-        """Park a result for a run not known here (or one rejected: it ran nothing), with the cause."""
-        self.counts.results_unknown_run += 1
-        why = "is not known here" if state is None else "was rejected: it ran no step"
-        exc = DecodeError(
-            f"a step result for run {run_id!r}, which {why}" + (f"; and {cause}" if cause else "")
-        )
-        dlq = DlqRecord.poison(rec, exc, None, self._clock()).model_copy(update={"run_id": run_id})
-        self.counts.poison += 1
-        log.warning(
-            "result for unknown run %s parked (%s[%d]@%d)", run_id, rec.topic, rec.partition, rec.offset
-        )
-        out = self._decisions.dlq_out(self.topics.dlq(INVALID), rec.partition, rec.key, dlq)
-        self._decisions.submit(rec.partition, [out], (pending,), ())
-
-    def _move(self, rec: Record, p: int, run_id: str, pending: Pending) -> None:
+    def move(self, rec: Record, p: int, run_id: str, pending: Pending) -> None:
         """Move a record to the partition of the run it names, keyed by the run ID (its own is finished)."""
         moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
         out = Out(rec.topic, p, run_id.encode(), rec.value, moved)
@@ -417,53 +329,6 @@ class Intake:
         dlq = DlqRecord.poison(rec, exc, workflow, self._clock())
         out = self._decisions.dlq_out(self.topics.dlq(workflow or INVALID), rec.partition, rec.key, dlq)
         self._decisions.submit(rec.partition, [out], (pending,) if pending is not None else (), ())
-
-    def reject(self, rec: Record, exc: Exception, who: Named | None, pending: Pending) -> None:
-        """Refuse a run request: park it and, when it names a run ID, say why under that ID.
-
-        In the transaction of the dead letter: a new run ID gets its ``run.rejected`` history (a terminal
-        state), an existing run an ``input.ignored`` note and nothing else (``workflow.rejection``).
-        """
-        if who is None:
-            self.park(rec, exc, None, pending)
-            return
-        p = partition_for(who.run_id, self._n)
-        if p != rec.partition:
-            self._move(rec, p, who.run_id, pending)
-            return
-        self.counts.poison += 1
-        error = self._redact(str(exc))
-        log.warning("run request %s[%d]@%d rejected: %s", rec.topic, p, rec.offset, error)
-        stable = type(exc).kind if isinstance(exc, CalmrunError) else None
-        kind = str(stable or type(exc).__name__)
-        dlq = DlqRecord.poison(rec, exc, None, self._clock()).model_copy(update={"run_id": who.run_id})
-        letter = self._decisions.dlq_out(self.topics.dlq(INVALID), p, rec.key, dlq)
-        state = self._parts.state(p, who.run_id)
-        if state is not None:  # a duplicate run ID: the run stays as it was
-            note = ignored(
-                state,
-                at_ms=rec.timestamp,
-                reason=f"a rejected request for a run that exists: {error}",
-                input="RunRequest",
-                error_type=kind,
-                error=error,
-            )
-            self._decisions.submit(p, [letter, self._decisions.event_out(p, note)], (pending,), (note,))
-            return
-        self.counts.rejected += 1
-        new, event = rejected(
-            who.run_id,
-            workflow=who.workflow,
-            tenant=who.tenant,
-            at_ms=rec.timestamp,
-            error_type=kind,
-            error=error,
-        )
-        encoded = self._parts.runs[p].put(who.run_id, new)
-        assert encoded is not None  # a rejected run is finished, so kept encoded
-        state_out = StateOut(self.topics.state, p, who.run_id.encode(), lambda: encoded)
-        outputs = [letter, self._decisions.event_out(p, event)]
-        self._decisions.submit(p, outputs, (pending,), (event,), state_out)
 
     def _unparsable(self, tp: TopicPartition, offset: int, exc: Exception) -> None:
         """Park a record the Kafka client could not even parse (see ``streams.fetch``): no bytes to keep."""

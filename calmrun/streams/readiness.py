@@ -38,7 +38,7 @@ def readiness(worker: Worker) -> Readiness:
     """The worker's readiness now (call it on the worker's event loop)."""
     if worker.failure is not None:
         return Readiness(False, f"failed: {worker.failure!r}")
-    if worker.stopping:
+    if worker.closing:
         return Readiness(False, "stopping")
     parts = worker.parts
     if parts.restoring:
@@ -52,7 +52,7 @@ async def wait_ready(worker: Worker) -> Readiness:
     """Return once the worker is ready for the first time (or has failed or is stopping)."""
     while True:
         now = readiness(worker)
-        if now.ready or worker.failure is not None or worker.stopping:
+        if now.ready or worker.failure is not None or worker.closing:
             return now
         await asyncio.sleep(0.05)
 

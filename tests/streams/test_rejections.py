@@ -12,19 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from prometheus_client import CollectorRegistry
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.check import check_history
 from calmrun.client import Client
-from calmrun.kafka.topics import INVALID, Topics
+from calmrun.kafka.topics import INVALID, Topics, partition_for
 from calmrun.localproc import free_port
 from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.worker import Worker
@@ -33,6 +34,7 @@ from calmrun.workflow.events import RunEvent, RunRequest
 from tests.runtime_support import add_one, linear, ready, running, settings_for, until
 
 ROOT = Path(__file__).resolve().parents[2]
+PLAIN_CLIENTS = ROOT / "docs" / "plain-clients.md"
 CODEC = RecordCodec(wire_models())
 
 
@@ -251,3 +253,42 @@ async def test_ready_answers_503_until_the_partitions_are_restored_then_200(brok
         assert code == 200 and "calmrun_runs" in text  # the metrics are served as before
     finally:
         await w.stop()
+
+
+async def test_the_docs_kcat_request_lands_on_its_runs_partition_and_is_answered(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    """docs/plain-clients.md's kcat block, run by bash as written (its first line's values set here)."""
+    assert shutil.which("kcat"), "kcat missing: `make tools` installs it"
+    block = PLAIN_CLIENTS.read_text().split("<!-- kcat-request -->\n```sh\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    assert lines[0].startswith("B=")
+    lines[0] = f"B={broker} P={prefix} RUN=kcat-run"
+    script = tmp_path / "request.sh"
+    script.write_text("set -e -o pipefail\n" + "\n".join(lines) + "\n")
+    settings = settings_for(broker, prefix)
+    topics = Topics(prefix)
+    async with (
+        running(settings, [linear()], AgentRegistry({"add_one": add_one})) as w,
+        Client(settings) as client,
+    ):
+        await ready(w)
+        proc = await asyncio.create_subprocess_exec("bash", str(script))
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        # the docs' request names the triage workflow, which this worker does not run: it is rejected
+        state = (await client.wait_terminal(["kcat-run"], wait_s=60))["kcat-run"]
+    assert (state.status, state.error_type) == ("rejected", "UnknownWorkflowError"), state
+    consumer = AIOKafkaConsumer(
+        topics.requests, bootstrap_servers=broker, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        end = asyncio.get_running_loop().time() + 60
+        while not records and asyncio.get_running_loop().time() < end:
+            records += [r for rs in (await consumer.getmany(timeout_ms=1000)).values() for r in rs]
+        records += [r for rs in (await consumer.getmany(timeout_ms=1000)).values() for r in rs]
+    finally:
+        await consumer.stop()
+    # produced with murmur2: on the run's own partition at once, never moved by the worker
+    assert [(r.key, r.partition) for r in records] == [(b"kcat-run", partition_for("kcat-run", 4))]
