@@ -23,7 +23,7 @@ from typing import Protocol, TypeAlias
 
 from aiokafka import ConsumerRecord
 
-from calmrun.errors import CalmrunError, DecodeError, ErrorKind, InvalidOutputError
+from calmrun.errors import CalmrunError, DecodeError, ErrorKind, InvalidOutputError, UnknownRunError
 from calmrun.kafka.topics import INVALID, Topics, partition_for
 from calmrun.streams.decisions import Decisions
 from calmrun.streams.offsets import Pending
@@ -212,10 +212,8 @@ class Refusals:
     ) -> None:
         """Park a result for a run not known here (or one rejected: it ran nothing), with the cause."""
         self.counts.results_unknown_run += 1
-        why = "is not known here" if state is None else "was rejected: it ran no step"
-        exc = DecodeError(
-            f"a step result for run {run_id!r}, which {why}" + (f"; and {cause}" if cause else "")
-        )
+        why = "its request was rejected, so it ran no step" if state is not None else ""
+        exc = UnknownRunError(run_id, "; ".join(s for s in (why, str(cause or "")) if s))
         dlq = DlqRecord.poison(rec, exc, None, self._clock()).model_copy(update={"run_id": run_id})
         self.counts.poison += 1
         log.warning(

@@ -107,7 +107,11 @@ async def test_a_malformed_result_fails_its_attempt_at_once_and_is_parked(
         assert (letter.reason, letter.workflow, letter.step, letter.attempt) == ("poison", "lin", "s2", 1)
         assert letter.value == MALFORMED[run_id][0]
     [gone] = [d for d in parked if d.run_id == "nobody"]
-    assert gone.reason == "poison" and "run 'nobody', which is not known here" in gone.error
+    assert (gone.reason, gone.error_type, gone.error) == (
+        "poison",
+        "UnknownRunError",
+        "no run 'nobody' is known here",
+    )
     assert "result for unknown run nobody parked" in caplog.text
     report = await check_history(settings.kafka, [wf])
     assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations)
