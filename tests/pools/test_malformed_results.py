@@ -66,9 +66,8 @@ async def test_a_malformed_result_fails_its_attempt_at_once_and_is_parked(
         Client(settings) as client,
     ):
         await ready(w)
-        ids = await client.submit_many(
-            RunRequest(workflow="lin", input={"n": 1}, run_id=r) for r in MALFORMED
-        )
+        runs = [*MALFORMED, "m-big"]
+        ids = await client.submit_many(RunRequest(workflow="lin", input={"n": 1}, run_id=r) for r in runs)
 
         async def waiting_on_s2() -> bool:
             states = await client.read_states()
@@ -80,6 +79,10 @@ async def test_a_malformed_result_fails_its_attempt_at_once_and_is_parked(
         try:
             for run_id, (value, _) in MALFORMED.items():
                 await producer.send_and_wait(topics.results, value, key=run_id.encode())
+            # a valid result whose output is over limits.max_output_bytes: failed too, naming the agent
+            big = {"run_id": "m-big", "workflow": "lin", "step": "s2", "attempt": 1, "pool": "gpu"}
+            big["output"] = {"text": "x" * 20_000}
+            await producer.send_and_wait(topics.results, json.dumps(big).encode(), key=b"m-big")
             unknown = {"run_id": "nobody", "workflow": "lin", "step": "s2", "attempt": 1, "output": {"n": 1}}
             await producer.send_and_wait(topics.results, json.dumps(unknown).encode(), key=b"nobody")
         finally:
@@ -91,7 +94,7 @@ async def test_a_malformed_result_fails_its_attempt_at_once_and_is_parked(
             for e in await client.events():
                 if e.type == "step.failed" and e.step == "s2":
                     failed[e.run_id] = e
-            return set(failed) == set(MALFORMED)
+            return set(failed) == set(runs)
 
         await poll(read_failed, "each malformed result's attempt to fail")
         parked = await client.read_dlq("lin") + await client.read_dlq(INVALID)
@@ -106,6 +109,8 @@ async def test_a_malformed_result_fails_its_attempt_at_once_and_is_parked(
         [letter] = [d for d in parked if d.run_id == run_id]
         assert (letter.reason, letter.workflow, letter.step, letter.attempt) == ("poison", "lin", "s2", 1)
         assert letter.value == MALFORMED[run_id][0]
+    assert failed["m-big"].data["error"].startswith("agent 'add_one': invalid output: output of 20,")
+    assert not [d for d in parked if d.run_id == "m-big"]  # not parked: a failed attempt, as a local one
     [gone] = [d for d in parked if d.run_id == "nobody"]
     assert (gone.reason, gone.error_type, gone.error) == (
         "poison",
