@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from prometheus_client import CollectorRegistry
 
@@ -292,3 +293,50 @@ async def test_the_docs_kcat_request_lands_on_its_runs_partition_and_is_answered
         await consumer.stop()
     # produced with murmur2: on the run's own partition at once, never moved by the worker
     assert [(r.key, r.partition) for r in records] == [(b"kcat-run", partition_for("kcat-run", 4))]
+
+
+async def test_the_cli_worker_prints_ready_after_running_and_ready_answers_200_then(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    """`calmrun worker` prints `worker running` when started, `worker ready` once it owns its partitions."""
+    wf = linear(agent="tests.runtime_support:add_one")
+    path = tmp_path / "lin.yaml"
+    path.write_text(yaml.safe_dump(wf.model_dump(mode="json", exclude_defaults=True)))
+    port = free_port()
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "calmrun.cli",
+            "worker",
+            "-w",
+            str(path),
+            "-b",
+            broker,
+            "--prefix",
+            prefix,
+            cwd=ROOT,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "CALMRUN_KAFKA__PARTITIONS": "4",
+                "CALMRUN_METRICS__PORT": str(port),
+            },
+        )
+    try:
+        await until(lambda: "worker ready" in log.read_text(), 120, "worker ready", lambda: _alive(proc, log))
+        text = log.read_text()
+        assert text.index("worker running") < text.index("worker ready: partitions [0, 1, 2, 3]"), text
+        code, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/ready")
+        assert (code, body.strip()) == (200, "ready: partitions [0, 1, 2, 3]")
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 60) == 0, log.read_text()
+
+
+def _alive(proc: asyncio.subprocess.Process, log: Path) -> None:
+    assert proc.returncode is None, f"the worker exited with {proc.returncode}: {log.read_text()}"
