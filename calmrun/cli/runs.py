@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -139,8 +140,9 @@ def submit(
 
     async def main() -> tuple[str, RunState | None]:
         async with Client(settings) as c:
+            sent_ms = int(time.time() * 1000)  # the request's timestamp is at least this (CreateTime)
             rid = await c.submit(RunRequest(workflow=workflow, input=data, run_id=run_id, tenant=tenant))
-            state = (await c.wait_terminal([rid], wait_s=wait_s))[rid] if wait else None
+            state = (await c.wait_terminal([rid], wait_s=wait_s, since_ms=sent_ms))[rid] if wait else None
             return rid, state
 
     rid, state = run_command(main())

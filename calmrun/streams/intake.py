@@ -53,7 +53,7 @@ from calmrun.workflow.events import (
     command_input,
 )
 from calmrun.workflow.registry import Definitions
-from calmrun.workflow.rejection import ignored
+from calmrun.workflow.rejection import ignored, is_rejected
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
@@ -175,6 +175,8 @@ class Intake:
             self.move(rec, p, run_id, pending)
             return
         state = self._parts.runs[p].get(run_id)
+        if is_rejected(state) and isinstance(body, RunRequest):
+            state = None  # a rejection takes no run ID: this request is decided anew (workflow.rejection)
         if isinstance(body, RunCommand):
             self.command(p, run_id, body, state, rec.timestamp, rec, pending)
             return
@@ -207,7 +209,7 @@ class Intake:
         rec = rec or self._synthetic(p, run_id, body, at_ms)  # a held command, released (no record)
         done = (pending,) if pending is not None else ()
         limits = self.settings.limits
-        if state is not None and state.status == "rejected":  # no definition applies: nothing to decide
+        if is_rejected(state):  # no run: no definition applies, nothing to decide
             why = f"{body.command} for a run whose request was rejected ({state.error_type})"
             note = ignored(state, at_ms=at_ms, reason=why, input=body.command)
             self._decisions.submit(p, [self._decisions.event_out(p, note)], done, (note,))
@@ -273,7 +275,7 @@ class Intake:
             self.move(rec, p, result.run_id, pending)
             return
         state = self._parts.state(p, result.run_id)
-        if state is None or state.status == "rejected":
+        if state is None or is_rejected(state):
             self.refusals.unknown_run(rec, result.run_id, state, pending)
             return
         if self.pins is not None and not self.pins.serves(state):

@@ -117,6 +117,9 @@ class WorkerMetrics:
 
     def observe(self, ev: RunEvent) -> None:
         """Count one event the worker is writing (call it for every event, in order)."""
+        if ev.type == "run.rejected":  # a note (seq -1); workflow and tenant are any text a client sent
+            self.runs.labels("", "", "rejected").inc()
+            return
         if ev.seq <= 0:
             return
         last = self._seen.get(ev.run_id)
@@ -127,9 +130,6 @@ class WorkerMetrics:
         if len(self._seen) > SEEN_RUNS:
             self._seen.popitem(last=False)
         run_status = TERMINAL.get(ev.type)
-        if run_status == "rejected":  # workflow and tenant were read from a refused request: any text
-            self.runs.labels("", "", run_status).inc()
-            return
         if run_status is not None:
             self.runs.labels(ev.workflow, ev.tenant, run_status).inc()
             return

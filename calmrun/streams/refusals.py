@@ -4,8 +4,9 @@ A client that sent a bad record should not wait for nothing (see ``docs/step-con
 ``docs/plain-clients.md``):
 
 - a refused run request whose run ID can be read (``streams.requests.named``) records ``run.rejected``
-  under it (``workflow.rejection``): a terminal state that ``calmrun submit --wait``, the operator page and
-  any Kafka client see; a run ID that exists already gets an ``input.ignored`` note and stays as it was;
+  under it (``workflow.rejection``), with a terminal state that ``calmrun submit --wait``, the operator
+  page and any Kafka client see; a run that exists already gets an ``input.ignored`` note and stays as
+  it was;
 - a malformed step result that names its run (``streams.results.named_attempt``) fails the attempt it
   answers at once with ``InvalidOutputError`` and the cause, as an output over the limits does, instead
   of leaving the run to wait out the attempt's deadline;
@@ -34,7 +35,7 @@ from calmrun.streams.results import NamedAttempt
 from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.events import StepResult, StepResultRecord
 from calmrun.workflow.registry import Definitions
-from calmrun.workflow.rejection import ignored, rejected
+from calmrun.workflow.rejection import ignored, is_rejected, rejected
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
@@ -84,8 +85,9 @@ class Refusals:
     def request(self, rec: Record, exc: Exception, who: Named | None, pending: Pending) -> None:
         """Refuse a run request: park it and, when it names a run ID, say why under that ID.
 
-        In the transaction of the dead letter: a new run ID gets its ``run.rejected`` history (a terminal
-        state), an existing run an ``input.ignored`` note and nothing else (``workflow.rejection``).
+        In the transaction of the dead letter: a run ID without a run gets ``run.rejected`` and a rejected
+        state (replacing an earlier rejection), a run an ``input.ignored`` note and nothing else
+        (``workflow.rejection``).
         """
         if who is None:
             self._park(rec, exc, None, pending)
@@ -102,7 +104,7 @@ class Refusals:
         dlq = DlqRecord.poison(rec, exc, None, self._clock()).model_copy(update={"run_id": who.run_id})
         letter = self._decisions.dlq_out(self.topics.dlq(INVALID), p, rec.key, dlq)
         state = self._parts.state(p, who.run_id)
-        if state is not None:  # a duplicate run ID: the run stays as it was
+        if state is not None and not is_rejected(state):  # a duplicate run ID: the run stays as it was
             note = ignored(
                 state,
                 at_ms=rec.timestamp,
@@ -152,7 +154,7 @@ class Refusals:
             self._move(rec, p, who.run_id, pending)
             return
         state = self._parts.state(p, who.run_id)
-        if state is None or state.status == "rejected":
+        if state is None or is_rejected(state):
             self.unknown_run(rec, who.run_id, state, pending, exc)
             return
         wf = self.workflows.pinned(state.workflow, state.version, state.digest)

@@ -129,50 +129,51 @@ async def test_each_refused_request_is_rejected_under_its_run_id_and_a_duplicate
     ):
         await ready(w)
         [dup] = await client.submit_many([RunRequest(workflow="lin", input={"n": 1}, run_id="rj-dup")])
-        assert (await client.wait_terminal([dup], wait_s=60))[dup].status == "completed"
+        before = (await client.wait_terminal([dup], wait_s=60))[dup]
+        assert before.status == "completed"
         producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
         await producer.start()
         try:
             for b in bad:
                 await producer.send_and_wait(topics.requests, b.value, key=b.key)
-            # a bad request under a run ID that exists, then a good one under a rejected ID
+            # what a plain Kafka client reads: run.rejected under each run ID, the type in a header
+            events = await read_events(broker, topics.events, {b.run_id: "run.rejected" for b in bad})
+            states = await client.wait_terminal([b.run_id for b in bad], wait_s=60)  # as submit --wait
+            # a bad request under a run ID that has a run; a corrected one under a rejected ID
             await producer.send_and_wait(topics.requests, bad[0].value, key=b"rj-dup")
-            await producer.send_and_wait(
-                topics.requests,
-                json.dumps({"workflow": "lin", "input": {"n": 2}}).encode(),
-                key=b"rj-unknown",
-            )
+            fixed = json.dumps({"workflow": "lin", "input": {"n": 2}}).encode()
+            await producer.send_and_wait(topics.requests, fixed, key=b"rj-unknown")
         finally:
             await producer.stop()
-        # what a plain Kafka client reads: run.rejected under each run ID, the type in a header
-        awaited = {b.run_id: "run.rejected" for b in bad} | {"rj-dup": "input.ignored"}
-        events = await read_events(broker, topics.events, awaited)
+        notes = await read_events(
+            broker, topics.events, {"rj-dup": "input.ignored", "rj-unknown": "run.completed"}
+        )
+        after = await client.wait_terminal([dup, "rj-unknown"], wait_s=60)
         await until(lambda: w.stats.poison == len(bad) + 1, 60, "every refused request parked")
-        await until(lambda: w.stats.ignored >= 1, 60, "the good request under a rejected ID to be ignored")
-        states = await client.wait_terminal([b.run_id for b in bad] + [dup], wait_s=60)  # as submit --wait
         parked = await client.read_dlq(INVALID)
-        later = await client.events("rj-unknown")
     for b in bad:
-        [(ev, type_header)] = [(e, h) for e, h in events if e.run_id == b.run_id and e.seq > 0]
-        assert (ev.type, ev.seq, type_header) == ("run.rejected", 1, b"run.rejected"), b
+        [(ev, type_header)] = [(e, h) for e, h in events if e.run_id == b.run_id]
+        assert (ev.type, ev.seq, type_header) == ("run.rejected", -1, b"run.rejected"), b  # a note
         assert ev.data["error_type"] == b.error_type and b.cause in ev.data["error"], ev.data
         st = states[b.run_id]
-        assert (st.status, st.error_type) == ("rejected", b.error_type) and b.cause in (st.error or "")
+        assert (st.status, st.error_type, st.seq) == ("rejected", b.error_type, 0) and b.cause in (
+            st.error or ""
+        )
         [letter] = [
             d for d in parked if d.run_id == b.run_id and d.reason == "poison"
         ]  # the dead letter stays
         assert letter.error_type == b.error_type
     # the duplicate: the completed run is as it was; the refusal is a note (seq -1) with its cause
-    assert states[dup].status == "completed"
-    notes = [e for e, _ in events if e.run_id == dup and e.type == "input.ignored"]
-    assert notes and notes[0].seq == -1 and "no-such-flow" in notes[0].data["error"]
-    assert not [e for e, _ in events if e.run_id == dup and e.type == "run.rejected"]
-    # a rejected run ID is taken: a good request under it is a duplicate, ignored
-    assert [e.type for e in later if e.seq > 0] == ["run.rejected"]
-    assert any(e.type == "input.ignored" and "duplicate" in e.data["reason"] for e in later)
+    assert after[dup] == before
+    [note] = [e for e, _ in notes if e.run_id == dup and e.seq < 0]
+    assert note.type == "input.ignored" and "no-such-flow" in note.data["error"]
+    assert [d for d in parked if d.run_id == dup]  # parked too
+    # a rejection takes no run ID: the corrected request under it started the run
+    assert after["rj-unknown"].status == "completed"
+    assert next(e.type for e, _ in notes if e.run_id == "rj-unknown" and e.seq > 0) == "run.requested"
     report = await check_history(settings.kafka, [linear()])
     assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations)
-    assert report.runs == len(bad) + 1 and report.replayed == 1
+    assert report.runs == len(bad) + 1 and report.replayed == 2
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:
@@ -201,6 +202,10 @@ async def test_submit_wait_reports_the_rejection(broker: str, prefix: str, tmp_p
         code, out, err = await _cli("submit", "no-such-flow", "--run-id", "cli-unknown", *where)
         assert code == 0, err
         assert "submitted cli-unknown: rejected" in out and "no-such-flow" in out, out
+        # corrected, under the same run ID: the earlier rejection is not this request's answer
+        code, out, err = await _cli("submit", "lin", "-i", '{"n": 1}', "--run-id", "cli-unknown", *where)
+        assert code == 0, err
+        assert "submitted cli-unknown: completed" in out, out
         code, out, err = await _cli("submit", "lin", "-i", f"@{big}", "--run-id", "cli-big", "--json", *where)
         assert code == 0, err
         state = json.loads(out)["state"]
