@@ -148,7 +148,8 @@ async def test_each_refused_request_is_rejected_under_its_run_id_and_a_duplicate
         notes = await read_events(
             broker, topics.events, {"rj-dup": "input.ignored", "rj-unknown": "run.completed"}
         )
-        after = await client.wait_terminal([dup, "rj-unknown"], wait_s=60)
+        since = states["rj-unknown"].created_ms + 1  # its rejection is not the corrected request's answer
+        after = await client.wait_terminal([dup, "rj-unknown"], wait_s=60, since_ms=since)
         await until(lambda: w.stats.poison == len(bad) + 1, 60, "every refused request parked")
         parked = await client.read_dlq(INVALID)
     for b in bad:
@@ -174,6 +175,39 @@ async def test_each_refused_request_is_rejected_under_its_run_id_and_a_duplicate
     report = await check_history(settings.kafka, [linear()])
     assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations)
     assert report.runs == len(bad) + 1 and report.replayed == 2
+
+
+async def test_a_rejected_request_redriven_once_its_workflow_is_deployed_starts_its_run(
+    broker: str, prefix: str
+) -> None:
+    """A rejection takes no run ID: ``calmrun dlq redrive -w _invalid --all`` after the fix starts the run."""
+    settings = settings_for(broker, prefix)
+    topics = Topics(prefix)
+    agents = AgentRegistry({"add_one": add_one})
+    request = json.dumps({"workflow": "later", "input": {"n": 1}}).encode()
+    async with running(settings, [linear()], agents) as w, Client(settings) as client:
+        await ready(w)
+        producer = AIOKafkaProducer(bootstrap_servers=broker, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(topics.requests, request, key=b"rd-1")
+        finally:
+            await producer.stop()
+        first = (await client.wait_terminal(["rd-1"], wait_s=60))["rd-1"]
+        assert (first.status, first.error_type) == ("rejected", "UnknownWorkflowError")
+    # the fix: a worker that runs `later` too; then the operator re-injects the parked request
+    async with running(settings, [linear(), linear("later")], agents) as w, Client(settings) as client:
+        await ready(w)
+        assert await client.redrive(INVALID) == (0, 1)
+        # (since_ms: the first rejection is not the answer to the re-injected request)
+        state = (await client.wait_terminal(["rd-1"], wait_s=60, since_ms=first.created_ms + 1))["rd-1"]
+    assert (state.status, state.workflow, state.steps["s3"].output) == (
+        "completed",
+        "later",
+        {"n": 4, "label": "s3:1"},
+    )
+    report = await check_history(settings.kafka, [linear(), linear("later")])
+    assert report.ok and report.replayed == 1, report.summary()
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:
