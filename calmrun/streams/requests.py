@@ -2,7 +2,8 @@
 
 ``parse_request`` is total: whatever the key, value and headers, it returns a request or raises a
 ``DecodeError`` (``LimitExceededError`` when the record is over ``settings.limits``), so the worker can
-park the record and go on.
+park the record and go on; ``named`` reads whom a refused record was for, so the refusal can be recorded
+under its run ID (``streams.refusals``).
 """
 
 from __future__ import annotations

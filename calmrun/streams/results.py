@@ -2,10 +2,11 @@
 
 A pool executor, calmrun's or anyone's, answers a task record with a ``StepResultRecord``. ``parse_result``
 is total, as ``parse_request`` is: it returns a result or raises ``DecodeError`` (``LimitExceededError``
-for a record over the limits), so the worker parks what it cannot read and goes on. An output that the
-runtime could not store (over ``limits.max_output_bytes``, too deep) is not parked: it becomes a failed
-attempt with ``InvalidOutputError``, as the same output from a local agent would, so the retry policy and
-the model ladder apply.
+for a record over the limits), so the worker parks what it cannot read and goes on; when
+``named_attempt`` can still tell the run (and the attempt) it answers, that attempt fails at once too
+(``streams.refusals``). An output that the runtime could not store (over ``limits.max_output_bytes``, too
+deep) is not parked: it becomes a failed attempt with ``InvalidOutputError``, as the same output from a
+local agent would, so the retry policy and the model ladder apply.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def parse_result(
         raise DecodeError(f"key {key[:100]!r} is not the result's run_id {rec.run_id!r}")
     if rec.output is not None:
         try:
-            agent = agent_of(rec) or rec.cost.agent or f"of step {rec.step!r}"
+            agent = agent_of(rec) or rec.cost.agent or f"(the agent of step {rec.step})"
             check_output(rec.output, limits, agent)
         except InvalidOutputError as exc:
             return rec.model_copy(
