@@ -118,5 +118,6 @@ async def test_a_malformed_result_fails_its_attempt_at_once_and_is_parked(
         "no run 'nobody' is known here",
     )
     assert "result for unknown run nobody parked" in caplog.text
+    assert (w.stats.results_malformed, w.stats.results_unknown_run) == (len(MALFORMED), 1)
     report = await check_history(settings.kafka, [wf])
     assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations)

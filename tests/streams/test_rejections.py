@@ -151,6 +151,7 @@ async def test_each_refused_request_is_rejected_under_its_run_id_and_a_duplicate
         since = states["rj-unknown"].created_ms + 1  # its rejection is not the corrected request's answer
         after = await client.wait_terminal([dup, "rj-unknown"], wait_s=60, since_ms=since)
         await until(lambda: w.stats.poison == len(bad) + 1, 60, "every refused request parked")
+        assert w.stats.rejected == len(bad)  # the one under rj-dup is a duplicate: parked, not rejected
         parked = await client.read_dlq(INVALID)
     for b in bad:
         [(ev, type_header)] = [(e, h) for e, h in events if e.run_id == b.run_id]
