@@ -32,7 +32,7 @@ from calmrun.workflow.state import RunState
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("calmrun.client")
-TERMINAL = frozenset({"completed", "quarantined", "over_budget", "refused", "cancelled"})
+TERMINAL = frozenset({"completed", "quarantined", "over_budget", "refused", "cancelled", "rejected"})
 
 
 class Client:
@@ -203,8 +203,13 @@ class Client:
                 headers = {k: v or b"" for k, v in rec.headers}
                 yield RawEntry(rec.topic, rec.partition, rec.offset, rec.key, rec.value, headers, str(exc))
 
-    async def wait_terminal(self, run_ids: Iterable[str], wait_s: float = 60.0) -> dict[str, RunState]:
+    async def wait_terminal(
+        self, run_ids: Iterable[str], wait_s: float = 60.0, *, since_ms: int | None = None
+    ) -> dict[str, RunState]:
         """Tail the state topic until every run is terminal; returns their last states.
+
+        ``since_ms``: when the requests were sent; a ``rejected`` state of an earlier request under the
+        same run ID is not their answer (a rejection takes no run ID: the next request is decided anew).
 
         Raises:
             RunsNotFinishedError: not all runs finished in time (it counts them by status).
@@ -217,6 +222,8 @@ class Client:
         ) as records:
             async for _, st in records:
                 if st.run_id in wanted:
+                    if st.status == "rejected" and since_ms is not None and st.created_ms < since_ms:
+                        continue
                     latest[st.run_id] = st
                     if len(latest) == len(wanted) and all(s.status in TERMINAL for s in latest.values()):
                         return latest
@@ -225,8 +232,8 @@ class Client:
             status = latest[rid].status if rid in latest else "not started"
             counts[status] = counts.get(status, 0) + 1
         hint = (
-            " (a run that never started was parked as poison: see `calmrun dlq tail -w _invalid`, e.g. an "
-            "unknown workflow or invalid input; or no worker runs its workflow)"
+            " (no worker has read its request yet: is one running, on this prefix? A request refused with a"
+            " readable run ID ends as `rejected`; one without is parked: see `calmrun dlq tail -w _invalid`)"
             if "not started" in counts
             else ""
         )

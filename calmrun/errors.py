@@ -185,6 +185,18 @@ class UnknownWorkflowError(CalmrunError):
         self.known = known
 
 
+class UnknownRunError(CalmrunError):
+    """A record answers a run this worker does not know (a step result for a run never started).
+
+    Attributes:
+        run_id: the run the record names.
+    """
+
+    def __init__(self, run_id: str, detail: str = "") -> None:
+        super().__init__(f"no run {run_id!r} is known here" + (f": {detail}" if detail else ""))
+        self.run_id = run_id
+
+
 class WorkerError(CalmrunError):
     """The worker cannot go on (a produce failed after its retries); uncommitted input is re-delivered."""
 

@@ -5,6 +5,8 @@ calmrun reader does) and checks each run against the invariants of effectively-o
 
 - each seq names one event (two different events under one seq is a forked history), seqs run 1..N;
 - at most one terminal event (``run.completed``, ``run.refused``, ``run.cancelled``), nothing after it;
+  a refused request's ``run.rejected`` is a note (seq -1, ``workflow.rejection``): a run ID whose only
+  record is a rejection has no history, and its state (status ``rejected``) must be at seq 0;
   quarantines and redrives alternate; at most one cancel, and ``run.cancelled`` only after it;
 - an approval step has at most one answer per wait (``step.approved``/``step.rejected``);
 - no step attempt has two results, no step is routed twice;

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -85,6 +87,7 @@ def worker(
         from prometheus_client import CollectorRegistry
 
         from calmrun.streams.metrics import WorkerMetrics
+        from calmrun.streams.readiness import wait_ready
         from calmrun.streams.worker import Worker
 
         metrics = WorkerMetrics(CollectorRegistry()) if settings.metrics.port else None
@@ -97,10 +100,17 @@ def worker(
             pool=None if pool == "none" else DEFAULT_POOL,
         )
         what = "deciding only" if pool == "none" else "deciding and executing the default pool"
+        announcing: list[asyncio.Task[None]] = []
+
+        async def announce() -> None:
+            now = await wait_ready(w)  # the group assigned its partitions and they are restored
+            if now.ready:
+                err.print(f"worker {now.why}")
 
         def started() -> None:
             err.print(f"worker running {names} ({what}) on {settings.kafka.bootstrap}; Ctrl-C stops it")
             report_ready()
+            announcing.append(asyncio.get_running_loop().create_task(announce()))
 
         await w.run(started)
 
@@ -130,8 +140,9 @@ def submit(
 
     async def main() -> tuple[str, RunState | None]:
         async with Client(settings) as c:
+            sent_ms = int(time.time() * 1000)  # the request's timestamp is at least this (CreateTime)
             rid = await c.submit(RunRequest(workflow=workflow, input=data, run_id=run_id, tenant=tenant))
-            state = (await c.wait_terminal([rid], wait_s=wait_s))[rid] if wait else None
+            state = (await c.wait_terminal([rid], wait_s=wait_s, since_ms=sent_ms))[rid] if wait else None
             return rid, state
 
     rid, state = run_command(main())

@@ -303,7 +303,7 @@ def path_of(events: Sequence[RunEvent]) -> list[str]:
             steps.append(e.step)
         elif e.type == "run.completed":
             end = [f"end:{e.data.get('outcome')}"]
-        elif e.type in ("run.quarantined", "run.over_budget", "run.refused", "run.cancelled"):
+        elif e.type in ("run.quarantined", "run.over_budget", "run.refused", "run.cancelled", "run.rejected"):
             end = [e.type.split(".", 1)[1]]
     return steps + end
 

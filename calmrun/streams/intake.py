@@ -4,6 +4,10 @@ Every record is handled in isolation: whatever its handling raises parks that re
 topic with the cause and finishes it, so one record never stops the worker. Only
 ``limits.max_consecutive_poison`` records in a row failing with an unexpected error (a bug of ours, not
 bad input) stop it. Records of a partition not (yet) owned are rewound and read again later.
+
+Bad input that names its run is answered under that run (``streams.refusals``): a refused request ends
+as ``run.rejected``, a malformed result fails the attempt it answers, a result for an unknown run is
+parked.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
-from calmrun.streams.requests import parse_request
-from calmrun.streams.results import parse_result
+from calmrun.streams.refusals import Refusals
+from calmrun.streams.requests import Named, named, parse_request
+from calmrun.streams.results import named_attempt, parse_result
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.versions import Pinning
 from calmrun.wire.codec import RecordCodec
@@ -48,6 +53,7 @@ from calmrun.workflow.events import (
     command_input,
 )
 from calmrun.workflow.registry import Definitions
+from calmrun.workflow.rejection import ignored, is_rejected
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
@@ -62,6 +68,9 @@ class IntakeCounts:
         self.tasks_skipped = 0
         self.poison = 0
         self.tasks_unserved = 0  # tasks of a version not served here: not run (see streams.versions)
+        self.rejected = 0  # refused run requests recorded under their run ID (run.rejected)
+        self.results_malformed = 0  # malformed results that failed the attempt they name
+        self.results_unknown_run = 0  # results for a run not known here: parked
 
 
 class Intake:
@@ -90,6 +99,19 @@ class Intake:
         self.pins: Pinning | None = None  # set by the worker, which makes it after the intake
         self._unexpected_in_row = 0
         self.counts = IntakeCounts()
+        self.refusals = Refusals(
+            topics,
+            workflows,
+            partitions,
+            decisions,
+            self.counts,
+            self.park,
+            self.move,
+            lambda state: self.pins is None or self.pins.serves(state),
+            clock,
+            redact,
+            self._n,
+        )
 
     async def run(self, gate: Callable[[], Awaitable[None]]) -> None:
         """Fetch and handle records until cancelled; ``gate`` is awaited before each fetch."""
@@ -144,32 +166,31 @@ class Intake:
                 rec.key, rec.value, self.codec, fallback_id=fallback, limits=limits, headers=rec.headers
             )
         except DecodeError as exc:
-            self.park(rec, exc, None, pending)
+            self.refusals.request(rec, exc, named(rec.key, rec.value, limits), pending)
             return
         p = partition_for(run_id, self._n)
         if p != rec.partition:
             # produced by a client with another partitioner (kcat's default, or no key): move it to the
             # partition that owns this run, keyed by the run ID
-            moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
-            out = Out(rec.topic, p, run_id.encode(), rec.value, moved)
-            self._decisions.submit(rec.partition, [out], (pending,), ())
+            self.move(rec, p, run_id, pending)
             return
         state = self._parts.runs[p].get(run_id)
+        if is_rejected(state) and isinstance(body, RunRequest):
+            state = None  # a rejection takes no run ID: this request is decided anew (workflow.rejection)
         if isinstance(body, RunCommand):
             self.command(p, run_id, body, state, rec.timestamp, rec, pending)
             return
         # a new run takes the newest version served here, or the one it names (streams.versions)
-        named = body.version is not None
+        pinned = body.version is not None
         wf = (
             self.workflows.version(body.workflow, body.version or "")
-            if named
+            if pinned
             else self.workflows.newest(body.workflow)
         )
         if wf is None:
-            unknown = f"{body.workflow} v{body.version}" if named else body.workflow
-            self.park(
-                rec, UnknownWorkflowError(unknown, [str(p) for p in self.workflows.pins()]), None, pending
-            )
+            unknown = f"{body.workflow} v{body.version}" if pinned else body.workflow
+            why = UnknownWorkflowError(unknown, [str(p) for p in self.workflows.pins()])
+            self.refusals.request(rec, why, Named(run_id, body.workflow, body.tenant), pending)
             return
         inp = self._request_input(run_id, wf, body, rec.timestamp)
         self._decisions.decide(p, wf, state, inp, rec, (pending,))
@@ -188,6 +209,11 @@ class Intake:
         rec = rec or self._synthetic(p, run_id, body, at_ms)  # a held command, released (no record)
         done = (pending,) if pending is not None else ()
         limits = self.settings.limits
+        if is_rejected(state):  # no run: no definition applies, nothing to decide
+            why = f"{body.command} for a run whose request was rejected ({state.error_type})"
+            note = ignored(state, at_ms=at_ms, reason=why, input=body.command)
+            self._decisions.submit(p, [self._decisions.event_out(p, note)], done, (note,))
+            return
         if body.command == "migrate":
             wf = self.workflows.pinned(body.workflow, body.to_version or "", body.to_digest or "")
         elif state is not None:
@@ -233,33 +259,42 @@ class Intake:
         self.counts.results += 1
         try:
             result = parse_result(
-                rec.key, rec.value, self.codec, limits=self.settings.limits, headers=rec.headers
+                rec.key,
+                rec.value,
+                self.codec,
+                limits=self.settings.limits,
+                headers=rec.headers,
+                agent_of=self.refusals.agent_of,
             )
         except DecodeError as exc:
-            self.park(rec, exc, None, pending)
+            who = named_attempt(rec.key, rec.value, self.settings.limits)
+            self.refusals.result(rec, exc, who, pending)
             return
         p = partition_for(result.run_id, self._n)
         if p != rec.partition:  # another client's partitioner: move it to the run's partition
-            moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
-            out = Out(rec.topic, p, result.run_id.encode(), rec.value, moved)
-            self._decisions.submit(rec.partition, [out], (pending,), ())
+            self.move(rec, p, result.run_id, pending)
             return
         state = self._parts.state(p, result.run_id)
-        if state is not None and self.pins is not None and not self.pins.serves(state):
+        if state is None or is_rejected(state):
+            self.refusals.unknown_run(rec, result.run_id, state, pending)
+            return
+        if self.pins is not None and not self.pins.serves(state):
             # pinned to a version not served here: as for its task, the attempt's deadline re-issues it
             self.counts.tasks_unserved += 1
             self._decisions.submit(p, [], (pending,), ())
             return
-        wf = (
-            self.workflows.pinned(state.workflow, state.version, state.digest)
-            if state is not None
-            else self.workflows.newest(result.workflow)  # no such run: the decider says so
-        )
+        wf = self.workflows.pinned(state.workflow, state.version, state.digest)
         if wf is None:
             known = [str(pin) for pin in self.workflows.pins()]
             self.park(rec, UnknownWorkflowError(result.workflow, known), None, pending)
             return
         self._decisions.decide(p, wf, state, result.to_input(rec.timestamp), rec, (pending,))
+
+    def move(self, rec: Record, p: int, run_id: str, pending: Pending) -> None:
+        """Move a record to the partition of the run it names, keyed by the run ID (its own is finished)."""
+        moved = (*rec.headers, (MOVED_FROM, f"{rec.partition}:{rec.offset}".encode()))
+        out = Out(rec.topic, p, run_id.encode(), rec.value, moved)
+        self._decisions.submit(rec.partition, [out], (pending,), ())
 
     def _task(self, rec: Record, pending: Pending) -> None:
         idem_bytes = header(rec.headers, IDEMPOTENCY_KEY)

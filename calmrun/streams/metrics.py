@@ -41,6 +41,7 @@ TERMINAL = {
     "run.over_budget": "over_budget",
     "run.refused": "refused",
     "run.cancelled": "cancelled",
+    "run.rejected": "rejected",
 }
 SEEN_RUNS = 100_000
 """Runs whose last observed seq is remembered (LRU) to drop re-decided copies; memory, not labels."""
@@ -116,6 +117,9 @@ class WorkerMetrics:
 
     def observe(self, ev: RunEvent) -> None:
         """Count one event the worker is writing (call it for every event, in order)."""
+        if ev.type == "run.rejected":  # a note (seq -1); workflow and tenant are any text a client sent
+            self.runs.labels("", "", "rejected").inc()
+            return
         if ev.seq <= 0:
             return
         last = self._seen.get(ev.run_id)
@@ -169,14 +173,15 @@ class WorkerMetrics:
                     self.agents[(wf.name, s.name, "compensate")] = s.compensate
 
     async def start(self, worker: Worker) -> None:
-        """Bind to ``worker``, serve ``/metrics`` (``settings.metrics``; port 0: off), refresh gauges."""
+        """Bind to ``worker``, serve ``/metrics`` and ``/ready`` (``settings.metrics``; port 0: off)."""
         self.bind(worker)
         m = worker.settings.metrics
         if m.port:
-            from prometheus_client import start_http_server
+            from calmrun.streams.readiness import asker, serve
 
-            self._server, self._thread = start_http_server(m.port, addr=m.host, registry=self.registry)
-            log.info("metrics on http://%s:%d/metrics", m.host, m.port)
+            ask = asker(worker, asyncio.get_running_loop())
+            self._server, self._thread = serve(m.host, m.port, self.registry, ask)
+            log.info("metrics on http://%s:%d/metrics, readiness on /ready", m.host, m.port)
         self._refresher = asyncio.create_task(self._refresh_loop(), name="calmrun-metrics")
 
     async def stop(self) -> None:

@@ -91,6 +91,8 @@ class Partitions:
         self._lock = asyncio.Lock()
         self.tick = 0.0  # loop time the watchdog last ran: a long gap means this process was paused
         self.on_assigned: Callable[[], None] = lambda: None  # after each assignment (streams.versions)
+        self.assigned_once = asyncio.Event()  # the group gave this worker its partitions, all restored
+        self.restoring: set[int] = set()  # being taken over now (fenced, restored, positioned)
 
     def input_tps(self, p: int) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t in self._inputs]
@@ -150,7 +152,7 @@ class Partitions:
                 self._held.pop(p)
                 await self._tasks.cancel({p})
                 self.discard(p)
-            new = parts - self.owned
+            new = self.restoring = parts - self.owned
             self.consumer.pause(*[tp for p in new for tp in self.input_tps(p)])
             writers = {p: self._make_writer(p) for p in new}
             await asyncio.gather(*(wr.start() for wr in writers.values()))
@@ -177,6 +179,8 @@ class Partitions:
                     if due is not None:
                         self._timers.push(due, p, run_id)
             self.owned |= new
+            self.restoring = set()
+            self.assigned_once.set()
             self.consumer.resume(*[tp for p in new for tp in self.input_tps(p)])
             self.tick = asyncio.get_running_loop().time()
         self._rebalancing = False

@@ -2,12 +2,16 @@
 
 ``parse_request`` is total: whatever the key, value and headers, it returns a request or raises a
 ``DecodeError`` (``LimitExceededError`` when the record is over ``settings.limits``), so the worker can
-park the record and go on.
+park the record and go on; ``named`` reads whom a refused record was for, so the refusal can be recorded
+under its run ID (``streams.refusals``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import to_json
@@ -21,6 +25,18 @@ from calmrun.workflow.definition import describe_errors
 from calmrun.workflow.events import RunCommand, RunRequest
 
 DEFAULT_LIMITS = LimitsSettings()
+MAX_ID_CHARS = 256
+"""A run ID read from a record that is not a valid request is at most this long (else it is not read)."""
+_FIELD = r'"{name}"\s*:\s*"([^"\\\x00-\x1f]{{1,{n}}})"'
+
+
+@dataclass(frozen=True)
+class Named:
+    """What can still be read of a record that is not a valid request: whom its refusal is for."""
+
+    run_id: str
+    workflow: str = ""
+    tenant: str = "default"
 
 
 def record_size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()) -> int:
@@ -120,3 +136,41 @@ def _parse(
     if key_id and body_id and key_id != body_id:
         raise DecodeError(f"key {key_id!r} and run_id {body_id!r} differ")
     return key_id or body_id or fallback_id, body
+
+
+def named(key: bytes | None, value: bytes | None, limits: LimitsSettings = DEFAULT_LIMITS) -> Named | None:
+    """The run a refused requests-topic record names, if it can be read; None when it cannot.
+
+    The run ID is the record's key when it is UTF-8 text (the key is the run ID, and it chose the
+    partition); else the top-level ``run_id`` of a JSON object; else, for bytes that are not JSON (cut
+    short, say), a ``"run_id": "..."`` found exactly once in them. ``workflow`` and ``tenant`` are read
+    the same way, for the record of the refusal. Never raises.
+    """
+    data: dict[str, Any] = {}
+    text = ""
+    if value is not None and len(value) <= limits.max_request_bytes:
+        text = value.decode("utf-8", errors="replace")
+        try:
+            parsed = loads(value, max_depth=limits.max_json_depth, max_digits=limits.max_number_digits)
+        except CalmrunError:
+            parsed = None
+        if isinstance(parsed, dict):
+            data, text = parsed, ""
+    elif value is not None:  # over the limit: only its head is searched
+        text = value[: limits.max_request_bytes].decode("utf-8", errors="replace")
+
+    def read(name: str) -> str | None:
+        if name in data:
+            got = data[name]
+            return got if isinstance(got, str) and 0 < len(got) <= MAX_ID_CHARS else None
+        found = re.findall(_FIELD.format(name=name, n=MAX_ID_CHARS), text) if text else []
+        return found[0] if len(found) == 1 else None
+
+    try:
+        key_id = key.decode() if key else None
+    except UnicodeDecodeError:
+        key_id = None
+    run_id = key_id if key_id and len(key_id) <= MAX_ID_CHARS else read("run_id")
+    if run_id is None:
+        return None
+    return Named(run_id, read("workflow") or "", read("tenant") or "default")

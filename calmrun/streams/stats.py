@@ -35,6 +35,9 @@ class WorkerStats:
     kept_partitions: int = 0  # partitions given back by a rebalance with their runs still in memory
     fenced: int = 0  # partitions lost because another worker took them over (their writes were refused)
     transactions: int = 0
+    rejected: int = 0  # refused run requests answered under their run ID (streams.refusals)
+    results_malformed: int = 0  # malformed results that failed the attempt they answer
+    results_unknown_run: int = 0  # results for a run not known here: parked
 
 
 def snapshot(
@@ -61,4 +64,7 @@ def snapshot(
         kept_partitions=parts.kept_partitions,
         fenced=parts.fenced,
         transactions=decided.transactions,
+        rejected=intake.rejected,
+        results_malformed=intake.results_malformed,
+        results_unknown_run=intake.results_unknown_run,
     )

@@ -177,7 +177,7 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._failed: BaseException | None = None
         self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
-        self._closing = False  # stop() has run (or is running)
+        self.closing = False  # stop() has run (or is running)
 
     @property
     def owned(self) -> set[int]:
@@ -246,9 +246,9 @@ class Worker:
 
     async def stop(self) -> None:
         """Stop fetching, cancel running agents (their tasks are re-delivered), commit the decided, leave."""
-        if self._closing:
+        if self.closing:
             return
-        self._closing = True
+        self.closing = True
         self._stopped.set()
         for t in self._loops:
             t.cancel()

@@ -118,6 +118,7 @@ EventType = Literal[
     "step.signalled",
     "step.timed_out",
     "run.cancelled",
+    "run.rejected",  # a request that could not start a run, under the run ID it names (workflow.rejection)
     # logged, never applied
     "input.ignored",
     "input.held",  # a command kept for a worker that serves the run's version (streams.versions)

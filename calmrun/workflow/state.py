@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calmrun.wire.jsonfield import JsonDict
 
-RunStatus = Literal["running", "completed", "quarantined", "over_budget", "refused", "cancelled"]
+RunStatus = Literal["running", "completed", "quarantined", "over_budget", "refused", "cancelled", "rejected"]
 StepStatus = Literal[
     "scheduled",
     "retry_wait",

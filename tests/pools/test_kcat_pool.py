@@ -41,7 +41,7 @@ async def test_the_readme_kcat_pipeline_answers_a_pooled_step(
     lines = kcat_block()
     assert lines[0].startswith("B=") and lines[1].startswith("kcat")
     output = shlex.quote('{"n": 99}')
-    lines[0] = f"B={broker} P={prefix} WF=lin STEP=s2 OUTPUT={output}"
+    lines[0] = f"B={broker} P={prefix} WF=lin STEP=s2 POOL=s2 OUTPUT={output}"
     script = tmp_path / "kcat_pool.sh"
     script.write_text("set -e -o pipefail\n" + "\n".join(lines) + "\n")
     settings = settings_for(broker, prefix)

@@ -156,7 +156,7 @@ async def test_poison_requests_are_parked_and_the_worker_goes_on(broker: str, pr
         assert d.error_type == error_type, (value, d.error)
         assert d.error and d.traceback
         assert d.source_topic == topics.requests
-        assert d.run_id is None and d.step is None
+        assert d.run_id == (key.decode() if key is not None else None) and d.step is None  # run.rejected
         if key is not None:
             assert d.key == key
     assert "no-such-flow" in by_value[poison[6][1]].error
