@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from calmrun.check.history import Rule, check_run
+from calmrun.check.invariants import Rule, check_run
 from calmrun.settings import LimitsSettings
 from calmrun.streams.requests import Named, named
 from calmrun.streams.results import NamedAttempt, named_attempt, parse_result
