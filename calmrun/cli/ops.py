@@ -152,8 +152,13 @@ def topics_create(
 ) -> None:
     """Create every topic of these workflows (idempotent)."""
     settings = cli_settings(config, bootstrap, prefix)
-    created = run_command(ensure_topics(settings.kafka, load_workflows(workflow)))
+    workflows = load_workflows(workflow)
+    created = run_command(ensure_topics(settings.kafka, workflows))
     out.print(f"created {len(created)} topics" + (": " + ", ".join(created) if created else " (all existed)"))
+    if settings.wire.registry.url is not None:
+        from calmrun.cli.registry import check_registry
+
+        check_registry(settings, workflows)
 
 
 def acls(

@@ -89,7 +89,7 @@ class RunIndex:
         path: the database file; it is deleted and created anew (``":memory:"`` keeps it in memory).
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, codec: RecordCodec | None = None) -> None:
         if str(path) != ":memory:":
             p = Path(path)
             for suffix in ("", "-wal", "-shm", "-journal"):
@@ -100,7 +100,7 @@ class RunIndex:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.executescript(_SCHEMA)
-        self.codec = RecordCodec(wire_models())
+        self.codec = codec or RecordCodec(wire_models())  # events are stored as read (any framing)
 
     def close(self) -> None:
         self.db.close()
@@ -327,7 +327,7 @@ def event_row(codec: RecordCodec, value: bytes) -> EventRow:
     Raises:
         DecodeError: not an encoded ``RunEvent``.
     """
-    name, raw = codec.avro.decode(value)
+    name, raw = codec.read_avro(value)
     if name != _EVENT:
         raise DecodeError(f"expected {_EVENT}, got {name}")
     return (

@@ -35,7 +35,7 @@ from calmrun.ui.index import RunIndex, RunQuery
 from calmrun.ui.tail import TopicTail
 from calmrun.ui.views import dead_letter, redact_event, run_view, step_inputs
 from calmrun.ui.workers import describe_groups
-from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.codec import wire_codec
 from calmrun.workflow.definition import WorkflowDef
 
 log = logging.getLogger("calmrun.ui")
@@ -66,8 +66,10 @@ class UiServer:
         self.settings, self.access, self.definitions = settings, access, list(definitions)
         path = index_path or (str(settings.ui.index_path) if settings.ui.index_path else None)
         self._tmpdir = tempfile.TemporaryDirectory(prefix="calmrun-ui-") if path is None else None
-        self.index = RunIndex(path or str(Path(self._tmpdir.name if self._tmpdir else ".") / "index.sqlite"))
-        self.codec = RecordCodec(wire_models())
+        self.codec = wire_codec(settings.wire)
+        self.index = RunIndex(
+            path or str(Path(self._tmpdir.name if self._tmpdir else ".") / "index.sqlite"), self.codec
+        )
         self.version = 0
         self.tail = TopicTail(settings, self.index, self._on_change)
         self.costs = CostTable()
