@@ -330,6 +330,11 @@ class UiSettings(_Frozen):
     index_path: Path | None = Field(
         None, description="the SQLite index file (rebuilt at start); default a temporary file"
     )
+    pool_metrics: list[str] = Field(
+        default_factory=list,
+        description="the step pools' executors' /metrics URLs: the Workers view shows their fencing "
+        "count and running agents per pool",
+    )
 
 
 SubjectStrategy = Literal["TopicName", "RecordName", "TopicRecordName"]

@@ -300,6 +300,58 @@ class RunIndex:
                     out[st["status"]] = out.get(st["status"], 0) + 1
         return out
 
+    def waiting(self, approver: str | None = None) -> list[dict[str, Any]]:
+        """Every step waiting for a person (an approval or a signal), oldest first: the Inbox.
+
+        Args:
+            approver: only approvals this name may answer (its ``approvers`` name it, or are empty).
+        """
+        out: list[dict[str, Any]] = []
+        rows = self.db.execute(
+            "SELECT run_id, state FROM runs WHERE status = 'running' AND state LIKE '%\"waiting\"%'"
+        )
+        for run_id, text in rows.fetchall():
+            state = json.loads(text)
+            for step, st in state.get("steps", {}).items():
+                if st["status"] != "waiting":
+                    continue
+                row = self.db.execute(
+                    "SELECT body FROM events WHERE run_id = ? AND type = 'step.waiting' AND step = ? "
+                    "ORDER BY seq DESC LIMIT 1",
+                    (run_id, step),
+                ).fetchone()
+                data = self.codec.decode_as(row[0], RunEvent).data if row else {}
+                kind = str(data.get("kind") or "approval")
+                approvers = [str(a) for a in data.get("approvers") or []]
+                if approver is not None and (kind != "approval" or (approvers and approver not in approvers)):
+                    continue
+                out.append(
+                    {
+                        "run_id": run_id,
+                        "workflow": state["workflow"],
+                        "version": state["version"],
+                        "tenant": state.get("tenant", ""),
+                        "step": step,
+                        "kind": kind,
+                        "approvers": approvers,
+                        "signal": data.get("signal"),
+                        "since_ms": st.get("scheduled_ms") or 0,
+                        "due_ms": st.get("due_ms"),
+                    }
+                )
+        out.sort(key=lambda r: (r["since_ms"], r["run_id"], r["step"]))
+        return out
+
+    def issued(self) -> dict[tuple[str, str], int]:
+        """Attempts issued and not finished (status ``scheduled``), by (workflow, step)."""
+        out: dict[tuple[str, str], int] = {}
+        for (state,) in self.db.execute("SELECT state FROM runs WHERE status = 'running'"):
+            s = json.loads(state)
+            for step, st in s.get("steps", {}).items():
+                if st["status"] == "scheduled":
+                    out[(s["workflow"], step)] = out.get((s["workflow"], step), 0) + 1
+        return out
+
     def sizes(self) -> dict[str, int]:
         """Rows per table and the database's size in bytes."""
         out = {

@@ -31,12 +31,13 @@ from calmrun.replay.recorded import replay_given
 from calmrun.replay.snapshot import Snapshot
 from calmrun.settings import Settings
 from calmrun.ui.access import COOKIE, Access, User
+from calmrun.ui.actions import Refused, command_for
 from calmrun.ui.index import RunIndex, RunQuery
 from calmrun.ui.tail import TopicTail
 from calmrun.ui.views import dead_letter, redact_event, run_view, step_inputs
-from calmrun.ui.workers import describe_groups
+from calmrun.ui.workers import describe_groups, pool_counts
 from calmrun.wire.codec import wire_codec
-from calmrun.workflow.definition import WorkflowDef
+from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
 
 log = logging.getLogger("calmrun.ui")
 audit = logging.getLogger("calmrun.ui.audit")
@@ -104,6 +105,8 @@ class UiServer:
                 web.post("/api/runs/{run_id}/replay", self.replay),
                 web.get("/api/dlq", self.dlq),
                 web.post("/api/redrive", self.redrive),
+                web.post("/api/runs/{run_id}/command", self.command),
+                web.get("/api/inbox", self.inbox),
                 web.get("/api/costs", self.cost_view),
                 web.get("/api/workers", self.workers),
                 web.get("/api/stream", self.stream),
@@ -227,6 +230,7 @@ class UiServer:
         )
         inputs = step_inputs(wf, state) if wf is not None and state is not None else None
         view = run_view(state, events, self.index.dead_letters(run_id=run_id), redact, inputs)
+        view["waiting"] = [w for w in self.index.waiting() if w["run_id"] == run_id]
         view["replayable"] = any(
             d.name == (state.workflow if state else events[0].workflow) for d in self.definitions
         )
@@ -280,6 +284,53 @@ class UiServer:
         audit.warning("redrive by=%s done: %d runs, %d records re-injected", user.name, runs, records)
         return web.json_response({"runs": runs, "records": records, "by": user.name})
 
+    async def command(self, request: web.Request) -> web.StreamResponse:
+        """Body ``{"command": "approve"|"reject"|"signal"|"cancel", ...}`` (see ``actions.command_for``):
+        one ``RunCommand`` on the requests topic, with the user's name, as the CLI sends it."""
+        user = self._operator(request)
+        run_id = request.match_info["run_id"]
+        try:
+            body = await request.json()
+            kind = str(body["command"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise web.HTTPBadRequest(text=f"expected a JSON object with a command: {exc}") from None
+        state = self.index.state(run_id)
+        if state is None:
+            raise web.HTTPNotFound(text=f"no run {run_id!r} in the index")
+        waiting = [w for w in self.index.waiting() if w["run_id"] == run_id]
+        try:
+            cmd = command_for(kind, body, state, user.name, waiting)
+        except Refused as exc:
+            return web.json_response({"error": exc.message}, status=exc.status)
+        detail = {"step": cmd.step, "comment": cmd.comment, "name": cmd.name, "reason": cmd.reason}
+        audit.warning(
+            "%s by=%s role=%s run=%s %s",
+            kind,
+            user.name,
+            user.role,
+            run_id,
+            " ".join(f"{k}={v!r}" for k, v in detail.items() if v is not None),
+        )
+        try:
+            async with Client(self.settings) as c:
+                await c.command(cmd)
+        except CalmrunError as exc:
+            raise web.HTTPBadGateway(text=str(exc)) from None
+        return web.json_response({"sent": kind, "run_id": run_id, "by": cmd.by})
+
+    async def inbox(self, request: web.Request) -> web.StreamResponse:
+        """Every step waiting for a person; ``?approver=NAME``: the approvals NAME may answer."""
+        every = self.index.waiting()
+        approver = request.query.get("approver") or None
+        rows = every if approver is None else self.index.waiting(approver)
+        return web.json_response(
+            {
+                "waiting": rows,
+                "approvers": sorted({a for r in every for a in r["approvers"]}),
+                "caught_up": self.tail.is_caught_up,
+            }
+        )
+
     async def cost_view(self, request: web.Request) -> web.StreamResponse:
         await self._start_cost_tails()
         window = request.query.get("window", "1m")
@@ -326,13 +377,27 @@ class UiServer:
             self._spend = spend
 
     async def workers(self, request: web.Request) -> web.StreamResponse:
+        pool_of = {(d.name, s.name): s.pool for d in self.definitions for s in d.steps if s.kind == "agent"}
         try:
-            groups = await describe_groups(self.settings)
+            groups = await describe_groups(self.settings, {p for p in pool_of.values() if p != DEFAULT_POOL})
         except CalmrunError as exc:
             raise web.HTTPBadGateway(text=str(exc)) from None
+        counts = await pool_counts(self.settings.ui.pool_metrics) if self.settings.ui.pool_metrics else {}
+        issued: dict[str, int] = {}
+        for (wf, step), n in self.index.issued().items():
+            pool = pool_of.get((wf, step))
+            if pool:
+                issued[pool] = issued.get(pool, 0) + n
+        for g in groups:
+            if g["role"].startswith("pool "):
+                pool = g["role"][5:]
+                g["issued"] = issued.get(pool, 0)
+                g["executors"] = counts.get(pool)
+        unreachable = counts.get("_unreachable", {}).get("urls", [])
         return web.json_response(
             {
                 "groups": groups,
+                "metrics": {"configured": bool(self.settings.ui.pool_metrics), "unreachable": unreachable},
                 "in_flight": self.index.in_flight(),
                 "index": {
                     **self.index.sizes(),
