@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from calmrun.errors import ConfigError
 from calmrun.wire.jsonfield import MAX_CONFIGURABLE_DEPTH, NUMBER_DIGITS_CEILING
+from calmrun.wire.settings import WireSettings
 
 
 class _Frozen(BaseModel):
@@ -330,64 +331,6 @@ class UiSettings(_Frozen):
     index_path: Path | None = Field(
         None, description="the SQLite index file (rebuilt at start); default a temporary file"
     )
-    pool_metrics: list[str] = Field(
-        default_factory=list,
-        description="the step pools' executors' /metrics URLs: the Workers view shows their fencing "
-        "count and running agents per pool",
-    )
-
-
-SubjectStrategy = Literal["TopicName", "RecordName", "TopicRecordName"]
-"""How a schema's subject is named: ``<topic>-value``, ``<record full name>``, ``<topic>-<record full name>``
-(Confluent's TopicNameStrategy, RecordNameStrategy and TopicRecordNameStrategy)."""
-
-
-class RegistrySettings(_Frozen):
-    """A Confluent-compatible Schema Registry (Confluent, Apicurio's ``/apis/ccompat/v7``, Karapace)."""
-
-    url: str | None = Field(
-        None, pattern=r"^https?://", description="the registry's base URL (Apicurio: .../apis/ccompat/v7)"
-    )
-    username: str | None = Field(None, description="HTTP basic auth user (Confluent Cloud: the API key)")
-    password: SecretStr | None = Field(
-        None, description="HTTP basic auth password: the value, env:NAME or file:PATH"
-    )
-    tls: TlsSettings = Field(
-        default_factory=TlsSettings, description="whom to trust (ca_file) and, for mTLS, who we are"
-    )
-    subject_strategy: SubjectStrategy = "TopicName"
-    auto_register: bool = Field(
-        True, description="register calmrun's schemas when first written; off: they must be registered"
-    )
-    timeout_s: float = Field(10.0, gt=0, description="one registry request")
-
-    @model_validator(mode="after")
-    def _user_and_password(self) -> RegistrySettings:
-        if (self.username is None) != (self.password is None):
-            raise ValueError("username and password go together (HTTP basic auth)")
-        return self
-
-
-WireFormat = Literal["single-object", "confluent"]
-
-
-class WireSettings(_Frozen):
-    """How calmrun frames the Avro records others read: requests, commands, tasks, results and events.
-
-    ``single-object``: Avro single-object encoding (``C3 01`` and the schema fingerprint); ``confluent``:
-    a zero byte, the registry's 4-byte schema ID, the body (Confluent's serializers). Reading detects
-    either (and JSON) by the first byte; a Confluent record needs ``registry.url``. The run state and the
-    dead letters stay single-object: calmrun alone reads them.
-    """
-
-    format: WireFormat = "single-object"
-    registry: RegistrySettings = Field(default_factory=RegistrySettings)
-
-    @model_validator(mode="after")
-    def _registry_for_confluent(self) -> WireSettings:
-        if self.format == "confluent" and self.registry.url is None:
-            raise ValueError("wire.format confluent needs wire.registry.url")
-        return self
 
 
 class Settings(BaseSettings):

@@ -125,6 +125,10 @@ def ui(
         str | None, typer.Option(envvar="CALMRUN_UI_TOKEN", help="Bearer token of one operator.")
     ] = None,
     ready_file: Annotated[Path | None, typer.Option(hidden=True, help="Write the address here.")] = None,
+    pool_metrics: Annotated[
+        list[str] | None,
+        typer.Option("--pool-metrics", help="A step-pool executor's /metrics URL, for Workers (repeatable)."),
+    ] = None,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
@@ -140,7 +144,8 @@ def ui(
         from calmrun.errors import UiAccessError
 
         run_command(
-            serve(settings, load_workflows(workflow or []), token, ready_file), usage_errors=(UiAccessError,)
+            serve(settings, load_workflows(workflow or []), token, ready_file, pool_metrics or []),
+            usage_errors=(UiAccessError,),
         )
 
 

@@ -1,15 +1,17 @@
 """The operator page's HTTP server (aiohttp): the page, its JSON API, a server-sent events stream.
 
 Reads come from the local index (``index.py``, filled by ``tail.py``), the cost totals from the
-aggregator's compacted topics, the Workers view from the broker's admin API. The one write is a redrive,
-through ``Client.redrive`` (the path of ``calmrun dlq redrive``), with the user's name on the command;
-every action is also logged on the ``calmrun.ui.audit`` logger.
+aggregator's compacted topics, the Workers view from the broker's admin API. The writes are a redrive,
+through ``Client.redrive`` (the path of ``calmrun dlq redrive``), and the people's commands (``people``:
+approve, reject, signal, cancel), each with the user's name on the command; every action is also logged
+on the ``calmrun.ui.audit`` logger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import tempfile
@@ -31,13 +33,13 @@ from calmrun.replay.recorded import replay_given
 from calmrun.replay.snapshot import Snapshot
 from calmrun.settings import Settings
 from calmrun.ui.access import COOKIE, Access, User
-from calmrun.ui.actions import Refused, command_for
 from calmrun.ui.index import RunIndex, RunQuery
+from calmrun.ui.people import list_inbox, send_command
 from calmrun.ui.tail import TopicTail
 from calmrun.ui.views import dead_letter, redact_event, run_view, step_inputs
-from calmrun.ui.workers import describe_groups, pool_counts
+from calmrun.ui.workers import workers_view
 from calmrun.wire.codec import wire_codec
-from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
+from calmrun.workflow.definition import WorkflowDef
 
 log = logging.getLogger("calmrun.ui")
 audit = logging.getLogger("calmrun.ui.audit")
@@ -55,6 +57,7 @@ class UiServer:
         definitions: workflow definitions for "replay this run" (definitions are not stored in Kafka).
         index_path: where the SQLite index lives (rebuilt at start); default ``ui.index_path``, else a
             temporary file removed at stop (a file, not memory: 100,000 runs take about 490 MB).
+        pool_metrics: the step-pool executors' ``/metrics`` URLs (Workers view: fencings, agents running).
     """
 
     def __init__(
@@ -63,8 +66,10 @@ class UiServer:
         access: Access,
         definitions: Sequence[WorkflowDef] = (),
         index_path: str | None = None,
+        pool_metrics: Sequence[str] = (),
     ) -> None:
         self.settings, self.access, self.definitions = settings, access, list(definitions)
+        self.pool_metrics = list(pool_metrics)
         path = index_path or (str(settings.ui.index_path) if settings.ui.index_path else None)
         self._tmpdir = tempfile.TemporaryDirectory(prefix="calmrun-ui-") if path is None else None
         self.codec = wire_codec(settings.wire)
@@ -105,8 +110,8 @@ class UiServer:
                 web.post("/api/runs/{run_id}/replay", self.replay),
                 web.get("/api/dlq", self.dlq),
                 web.post("/api/redrive", self.redrive),
-                web.post("/api/runs/{run_id}/command", self.command),
-                web.get("/api/inbox", self.inbox),
+                web.post("/api/runs/{run_id}/command", functools.partial(send_command, self)),
+                web.get("/api/inbox", functools.partial(list_inbox, self)),
                 web.get("/api/costs", self.cost_view),
                 web.get("/api/workers", self.workers),
                 web.get("/api/stream", self.stream),
@@ -158,7 +163,7 @@ class UiServer:
         response.headers.update(_HEADERS)
         return response
 
-    def _operator(self, request: web.Request) -> User:
+    def require_operator(self, request: web.Request) -> User:
         user = request[USER]
         if not user.can_act:
             raise web.HTTPForbidden(text=f"{user.name} is a viewer: operators only")
@@ -260,7 +265,7 @@ class UiServer:
 
     async def redrive(self, request: web.Request) -> web.StreamResponse:
         """Body ``{"workflow": W, "run_ids": [...]}`` or ``{"workflow": W, "all": true}``."""
-        user = self._operator(request)
+        user = self.require_operator(request)
         try:
             body = await request.json()
             workflow = str(body["workflow"])
@@ -283,53 +288,6 @@ class UiServer:
             raise web.HTTPBadGateway(text=str(exc)) from None
         audit.warning("redrive by=%s done: %d runs, %d records re-injected", user.name, runs, records)
         return web.json_response({"runs": runs, "records": records, "by": user.name})
-
-    async def command(self, request: web.Request) -> web.StreamResponse:
-        """Body ``{"command": "approve"|"reject"|"signal"|"cancel", ...}`` (see ``actions.command_for``):
-        one ``RunCommand`` on the requests topic, with the user's name, as the CLI sends it."""
-        user = self._operator(request)
-        run_id = request.match_info["run_id"]
-        try:
-            body = await request.json()
-            kind = str(body["command"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise web.HTTPBadRequest(text=f"expected a JSON object with a command: {exc}") from None
-        state = self.index.state(run_id)
-        if state is None:
-            raise web.HTTPNotFound(text=f"no run {run_id!r} in the index")
-        waiting = [w for w in self.index.waiting() if w["run_id"] == run_id]
-        try:
-            cmd = command_for(kind, body, state, user.name, waiting)
-        except Refused as exc:
-            return web.json_response({"error": exc.message}, status=exc.status)
-        detail = {"step": cmd.step, "comment": cmd.comment, "name": cmd.name, "reason": cmd.reason}
-        audit.warning(
-            "%s by=%s role=%s run=%s %s",
-            kind,
-            user.name,
-            user.role,
-            run_id,
-            " ".join(f"{k}={v!r}" for k, v in detail.items() if v is not None),
-        )
-        try:
-            async with Client(self.settings) as c:
-                await c.command(cmd)
-        except CalmrunError as exc:
-            raise web.HTTPBadGateway(text=str(exc)) from None
-        return web.json_response({"sent": kind, "run_id": run_id, "by": cmd.by})
-
-    async def inbox(self, request: web.Request) -> web.StreamResponse:
-        """Every step waiting for a person; ``?approver=NAME``: the approvals NAME may answer."""
-        every = self.index.waiting()
-        approver = request.query.get("approver") or None
-        rows = every if approver is None else self.index.waiting(approver)
-        return web.json_response(
-            {
-                "waiting": rows,
-                "approvers": sorted({a for r in every for a in r["approvers"]}),
-                "caught_up": self.tail.is_caught_up,
-            }
-        )
 
     async def cost_view(self, request: web.Request) -> web.StreamResponse:
         await self._start_cost_tails()
@@ -377,35 +335,13 @@ class UiServer:
             self._spend = spend
 
     async def workers(self, request: web.Request) -> web.StreamResponse:
-        pool_of = {(d.name, s.name): s.pool for d in self.definitions for s in d.steps if s.kind == "agent"}
         try:
-            groups = await describe_groups(self.settings, {p for p in pool_of.values() if p != DEFAULT_POOL})
+            view = await workers_view(self.settings, self.definitions, self.index, self.pool_metrics)
         except CalmrunError as exc:
             raise web.HTTPBadGateway(text=str(exc)) from None
-        counts = await pool_counts(self.settings.ui.pool_metrics) if self.settings.ui.pool_metrics else {}
-        issued: dict[str, int] = {}
-        for (wf, step), n in self.index.issued().items():
-            pool = pool_of.get((wf, step))
-            if pool:
-                issued[pool] = issued.get(pool, 0) + n
-        for g in groups:
-            if g["role"].startswith("pool "):
-                pool = g["role"][5:]
-                g["issued"] = issued.get(pool, 0)
-                g["executors"] = counts.get(pool)
-        unreachable = counts.get("_unreachable", {}).get("urls", [])
-        return web.json_response(
-            {
-                "groups": groups,
-                "metrics": {"configured": bool(self.settings.ui.pool_metrics), "unreachable": unreachable},
-                "in_flight": self.index.in_flight(),
-                "index": {
-                    **self.index.sizes(),
-                    "rebuild_s": self.tail.rebuild_s,
-                    "records": self.tail.records,
-                },
-            }
-        )
+        view["in_flight"] = self.index.in_flight()
+        view["index"] = {**self.index.sizes(), "rebuild_s": self.tail.rebuild_s, "records": self.tail.records}
+        return web.json_response(view)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: ``change`` with the index version after the index changed (at most 4/s)."""

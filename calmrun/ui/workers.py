@@ -22,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.topics import Topics, admin_client, start_client
 from calmrun.settings import Settings
+from calmrun.ui.index import RunIndex
+from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
 
 
 async def describe_groups(settings: Settings, pools: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -130,3 +132,28 @@ async def pool_counts(urls: Sequence[str], timeout_s: float = 3.0) -> dict[str, 
     if unreachable:
         out["_unreachable"] = {"urls": unreachable}
     return out
+
+
+async def workers_view(
+    settings: Settings, definitions: Sequence[WorkflowDef], index: RunIndex, pool_metrics: Sequence[str]
+) -> dict[str, Any]:
+    """The Workers view: every group with its members and lag; a step pool's group also with the attempts
+    issued to it (from the run states) and, from its executors' ``/metrics``, agents running and fencings.
+
+    Raises:
+        CalmrunError: the broker's admin API could not be asked.
+    """
+    pool_of = {(d.name, s.name): s.pool for d in definitions for s in d.steps if s.kind == "agent"}
+    groups = await describe_groups(settings, {p for p in pool_of.values() if p != DEFAULT_POOL})
+    counts = await pool_counts(pool_metrics) if pool_metrics else {}
+    issued: dict[str, int] = {}
+    for (wf, step), n in index.issued().items():
+        pool = pool_of.get((wf, step))
+        if pool:
+            issued[pool] = issued.get(pool, 0) + n
+    for g in groups:
+        if g["role"].startswith("pool "):
+            g["issued"] = issued.get(g["role"][5:], 0)
+            g["executors"] = counts.get(g["role"][5:])
+    unreachable = counts.get("_unreachable", {}).get("urls", [])
+    return {"groups": groups, "metrics": {"configured": bool(pool_metrics), "unreachable": unreachable}}

@@ -23,10 +23,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
 from calmrun.errors import CalmrunError, DecodeError, SerializationError
-from calmrun.settings import WireSettings
 from calmrun.wire.avro import AvroCodec, is_single_object
 from calmrun.wire.confluent import FRAMED, ConfluentFraming, is_confluent
 from calmrun.wire.jsonfield import AvroJson, loads
+from calmrun.wire.settings import WireSettings
 
 NAMESPACE = "io.calmrun"
 EARLIER_FIELDS: dict[str, set[str]] = {

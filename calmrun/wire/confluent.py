@@ -18,9 +18,9 @@ from typing import Any
 import fastavro
 
 from calmrun.errors import DecodeError, RegistryError, SchemaIncompatibleError
-from calmrun.settings import SubjectStrategy, WireSettings
 from calmrun.wire.avro import schema_fingerprint
 from calmrun.wire.registry import RegistryClient
+from calmrun.wire.settings import SubjectStrategy, WireSettings
 
 MAGIC = 0
 HEADER_SIZE = 5

@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import quote
 
 from calmrun.errors import RegistryAuthError, RegistryError, SchemaIncompatibleError
-from calmrun.kafka.connect import resolve_secret
-from calmrun.settings import RegistrySettings
+from calmrun.secret import resolve_secret
+from calmrun.wire.settings import RegistrySettings
 
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 SUBJECT_NOT_FOUND = 40401

@@ -96,13 +96,13 @@ async def stack(broker: str, prefix: str, tmp_path: Path) -> AsyncIterator[dict[
                             "alice": {"token": OPERATOR_TOKEN, "role": "operator"},
                             "victor": {"token": VIEWER_TOKEN, "role": "viewer"},
                         },
-                        "pool_metrics": [f"http://127.0.0.1:{metrics_port}/metrics"],
                     },
                 }
             )
         )
         ready_file, log = tmp_path / "ui.url", tmp_path / "ui.log"
-        proc = launch_ui(config, files, ready_file, log)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        proc = launch_ui(config, files, ready_file, log, ["--pool-metrics", metrics])
         try:
             end = time.monotonic() + 60
             while not ready_file.exists():
@@ -119,9 +119,11 @@ async def stack(broker: str, prefix: str, tmp_path: Path) -> AsyncIterator[dict[
             await executor.stop()
 
 
-def launch_ui(config: Path, files: list[Path], ready_file: Path, log: Path) -> subprocess.Popen[bytes]:
+def launch_ui(
+    config: Path, files: list[Path], ready_file: Path, log: Path, extra: list[str]
+) -> subprocess.Popen[bytes]:
     """``calmrun ui`` as its own process, as an operator starts it."""
-    args = [sys.executable, "-m", "calmrun.cli", "ui", "-c", str(config), "--port", "0"]
+    args = [sys.executable, "-m", "calmrun.cli", "ui", "-c", str(config), "--port", "0", *extra]
     args += ["--ready-file", str(ready_file), *[a for f in files for a in ("-w", str(f))]]
     with open(log, "wb") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
