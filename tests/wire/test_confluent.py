@@ -8,6 +8,7 @@ The registry is ``registry_stub`` (no real one installs here: its docstring says
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -26,7 +27,10 @@ from typer.testing import CliRunner
 
 from calmrun.agents import AgentRegistry
 from calmrun.cli import app
+from calmrun.cli.costs import batch_costs
 from calmrun.client import Client
+from calmrun.costs.app import Aggregator
+from calmrun.costs.fold import ALL
 from calmrun.errors import DecodeError, RegistryAuthError
 from calmrun.kafka.topics import Topics, ensure_topics
 from calmrun.settings import Settings, load_settings
@@ -230,6 +234,17 @@ async def test_a_java_style_producer_starts_a_run_and_a_registry_reader_reads_th
     assert {r.value[0] for r in requests} == {0}  # calmrun's own request is framed the same way
     tasks = await read_raw(broker, topics.step("lin", "s1"))
     assert tasks and all(r.value[0] == 0 for r in tasks)
+
+    # the cost aggregator reads the framed events too: two runs of two attempts each
+    stopping = asyncio.Event()
+    aggregator = asyncio.create_task(Aggregator(settings).run(stopping))
+    try:
+        table = await batch_costs(settings, wait_s=120)
+    finally:
+        stopping.set()
+        await aggregator
+    [row] = table.rows("workflow", ALL)
+    assert (row.value, row.attempts, row.succeeded) == ("lin", 4, 4)
 
 
 def test_topics_create_checks_each_subject(
