@@ -303,7 +303,7 @@ class CostSettings(_Frozen):
 
 
 UiRole = Literal["viewer", "operator"]
-"""viewer: read only, payloads redacted; operator: also the actions (redrive)."""
+"""viewer: read only, payloads redacted; operator: also acts (approve, reject, signal, cancel, redrive)."""
 
 
 class UiUser(_Frozen):

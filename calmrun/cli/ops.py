@@ -133,7 +133,7 @@ def ui(
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
 ) -> None:
-    """Serve the operator page: runs, a run's timeline, dead letters (redrive), costs, workers; live."""
+    """Serve the operator page: runs, a run and its actions, the Inbox, dead letters, costs, workers."""
     from calmrun.ui.cli import serve  # here, not at the top: `calmrun --help` stays quick
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

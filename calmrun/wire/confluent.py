@@ -132,8 +132,7 @@ class ConfluentFraming:
                 subject's compatibility rule refuses the schema).
         """
         key = (topic, full_name)
-        with self._lock:
-            found = self._headers.get(key)
+        found = self._headers.get(key)  # a dict read needs no lock; only writes take it
         if found is not None:
             return found
         text = json.dumps(schema)
@@ -178,8 +177,7 @@ class ConfluentFraming:
         return name, record
 
     def _writer(self, schema_id: int, readers: Mapping[str, tuple[Any, bytes]]) -> tuple[str, Any, bool]:
-        with self._lock:
-            found = self._writers.get(schema_id)
+        found = self._writers.get(schema_id)
         if found is not None:
             return found
         try:
