@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -158,8 +160,9 @@ def _missing_defaults(reader: dict[str, Any], writer: dict[str, Any]) -> list[st
 
 
 @contextmanager
-def serving(stub: RegistryStub) -> Iterator[str]:
-    """Serve ``stub`` on 127.0.0.1 in a thread; yields its base URL."""
+def serving(stub: RegistryStub, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """Serve ``stub`` on 127.0.0.1 in a thread; yields its base URL (``https`` with ``tls``: the
+    server's certificate chain and key, PEM)."""
 
     class Handler(BaseHTTPRequestHandler):
         def _do(self) -> None:
@@ -182,10 +185,14 @@ def serving(stub: RegistryStub) -> Iterator[str]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -31,9 +31,11 @@ from calmrun.cli.costs import batch_costs
 from calmrun.client import Client
 from calmrun.costs.app import Aggregator
 from calmrun.costs.fold import ALL
-from calmrun.errors import DecodeError, RegistryAuthError
+from calmrun.devkafka.certs import make_certs
+from calmrun.errors import DecodeError, RegistryAuthError, RegistryError
 from calmrun.kafka.topics import Topics, ensure_topics
 from calmrun.settings import Settings, load_settings
+from calmrun.ui.index import RunIndex, event_row
 from calmrun.wire.codec import RecordCodec, wire_codec, wire_models
 from calmrun.wire.confluent import subject
 from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
@@ -163,6 +165,40 @@ def test_password_from_the_environment(
     codec = wire_codec(Settings(wire=wire(url, password="env:REG_PW")).wire)
     ev = RunEvent(run_id="r", seq=1, type="run.requested", at_ms=1, workflow="w")
     assert codec.decode(codec.encode(ev, "p.runs.events")) == ev
+
+
+def test_tls_to_the_registry(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs", [])
+    ev = RunEvent(run_id="r", seq=1, type="run.requested", at_ms=1, workflow="w")
+    with serving(RegistryStub(users=USERS), tls=(certs.broker.cert, certs.broker.key)) as url:
+        assert url.startswith("https://")
+        trusted = wire(url, tls={"ca_file": str(certs.ca)})
+        codec = wire_codec(Settings(wire=trusted).wire)
+        assert codec.decode(codec.encode(ev, "p.runs.events")) == ev
+        stranger = wire_codec(Settings(wire=wire(url)).wire)  # the system store does not know the CA
+        with pytest.raises(RegistryError, match="CERTIFICATE_VERIFY_FAILED") as info:
+            stranger.encode(ev, "p.runs.events")
+        assert info.value.status is None and info.value.retriable
+
+
+def test_the_pages_index_reads_framed_events(stub: tuple[RegistryStub, str], tmp_path: Path) -> None:
+    _, url = stub
+    codec = wire_codec(Settings(wire=wire(url)).wire)
+    index = RunIndex(tmp_path / "ui.sqlite", codec)
+    waiting = RunEvent(
+        run_id="r-1",
+        seq=2,
+        type="step.waiting",
+        at_ms=2,
+        workflow="hitl",
+        step="gate",
+        attempt=1,
+        data={"kind": "approval", "due_ms": None, "approvers": ["alice"]},
+    )
+    first = RunEvent(run_id="r-1", seq=1, type="run.requested", at_ms=1, workflow="hitl")
+    index.apply([], [event_row(codec, codec.encode(e, "p.runs.events")) for e in (first, waiting)], [])
+    assert index.events("r-1") == [first, waiting]
+    index.close()
 
 
 def test_confluent_needs_a_registry_url() -> None:
