@@ -23,6 +23,9 @@ import fastavro
 import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
 from typer.testing import CliRunner
 
 from calmrun.agents import AgentRegistry
@@ -281,6 +284,43 @@ async def test_a_java_style_producer_starts_a_run_and_a_registry_reader_reads_th
         await aggregator
     [row] = table.rows("workflow", ALL)
     assert (row.value, row.attempts, row.succeeded) == ("lin", 4, 4)
+
+
+async def test_confluents_own_serializer_starts_a_run_and_its_deserializer_reads_the_events(
+    broker: str, prefix: str, stub: tuple[RegistryStub, str]
+) -> None:
+    """Confluent's Python client (``confluent-kafka``: AvroSerializer, AvroDeserializer, its registry
+    client with basic auth) on both ends: its bytes start a run, it reads calmrun's events."""
+    reg, url = stub
+    settings = settings_with(broker, prefix, wire(url))
+    topics = Topics(prefix)
+    wf = linear("lin", steps=2)
+    await ensure_topics(settings.kafka, [wf])
+    client = SchemaRegistryClient({"url": url, "basic.auth.user.info": f"java-svc:{USERS['java-svc']}"})
+    serialize = AvroSerializer(client, json.dumps(shipped("run_request.avsc")))
+    value = serialize(
+        {"workflow": "lin", "input": json.dumps({"n": 1}), "run_id": "ck-1", "tenant": "default"},
+        SerializationContext(topics.requests, MessageField.VALUE),
+    )
+    assert value is not None and value[0] == 0
+    assert f"{topics.requests}-value" in reg.subjects  # registered by Confluent's serializer itself
+    producer = AIOKafkaProducer(bootstrap_servers=broker)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.requests, value, key=b"ck-1")
+    finally:
+        await producer.stop()
+    async with running(settings, [wf], AgentRegistry({"add_one": add_one})) as w:
+        await ready(w)
+        async with Client(settings) as c:
+            state = (await c.wait_terminal(["ck-1"], wait_s=60))["ck-1"]
+    assert state.status == "completed" and state.steps["s2"].output == {"n": 3, "label": "s2:1"}
+    deserialize = AvroDeserializer(client)
+    ctx = SerializationContext(topics.events, MessageField.VALUE)
+    events = [deserialize(r.value, ctx) for r in await read_raw(broker, topics.events) if r.key == b"ck-1"]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["type"] == "run.requested" and events[-1]["type"] == "run.completed"
+    assert json.loads(events[0]["data"])["input"] == {"n": 1}
 
 
 def test_topics_create_checks_each_subject(
