@@ -300,17 +300,17 @@ class RunIndex:
                     out[st["status"]] = out.get(st["status"], 0) + 1
         return out
 
-    def waiting(self, approver: str | None = None) -> list[dict[str, Any]]:
+    def waiting(self, approver: str | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
         """Every step waiting for a person (an approval or a signal), oldest first: the Inbox.
 
         Args:
             approver: only approvals this name may answer (its ``approvers`` name it, or are empty).
+            run_id: only this run's.
         """
         out: list[dict[str, Any]] = []
-        rows = self.db.execute(
-            "SELECT run_id, state FROM runs WHERE status = 'running' AND state LIKE '%\"waiting\"%'"
-        )
-        for run_id, text in rows.fetchall():
+        sql = "SELECT run_id, state FROM runs WHERE status = 'running' AND state LIKE '%\"waiting\"%'"
+        rows = self.db.execute(sql + " AND run_id = ?", (run_id,)) if run_id else self.db.execute(sql)
+        for rid, text in rows.fetchall():
             state = json.loads(text)
             for step, st in state.get("steps", {}).items():
                 if st["status"] != "waiting":
@@ -318,7 +318,7 @@ class RunIndex:
                 row = self.db.execute(
                     "SELECT body FROM events WHERE run_id = ? AND type = 'step.waiting' AND step = ? "
                     "ORDER BY seq DESC LIMIT 1",
-                    (run_id, step),
+                    (rid, step),
                 ).fetchone()
                 data = self.codec.decode_as(row[0], RunEvent).data if row else {}
                 kind = str(data.get("kind") or "approval")
@@ -327,7 +327,7 @@ class RunIndex:
                     continue
                 out.append(
                     {
-                        "run_id": run_id,
+                        "run_id": rid,
                         "workflow": state["workflow"],
                         "version": state["version"],
                         "tenant": state.get("tenant", ""),

@@ -34,7 +34,7 @@ async def send_command(server: UiServer, request: web.Request) -> web.StreamResp
     state = server.index.state(run_id)
     if state is None:
         raise web.HTTPNotFound(text=f"no run {run_id!r} in the index")
-    waiting = [w for w in server.index.waiting() if w["run_id"] == run_id]
+    waiting = server.index.waiting(run_id=run_id)
     try:
         cmd = command_for(kind, body, state, user.name, waiting)
     except Refused as exc:

@@ -235,7 +235,7 @@ class UiServer:
         )
         inputs = step_inputs(wf, state) if wf is not None and state is not None else None
         view = run_view(state, events, self.index.dead_letters(run_id=run_id), redact, inputs)
-        view["waiting"] = [w for w in self.index.waiting() if w["run_id"] == run_id]
+        view["waiting"] = self.index.waiting(run_id=run_id)
         view["replayable"] = any(
             d.name == (state.workflow if state else events[0].workflow) for d in self.definitions
         )
