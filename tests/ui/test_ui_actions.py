@@ -262,6 +262,7 @@ async def test_actions_from_the_run_view_and_the_inbox(stack: dict[str, Any], sh
                 "() => document.querySelector('#run-status')?.textContent.startsWith('cancelled')",
                 timeout=60_000,
             )
+            assert await page.inner_text("#run-cause") == "cancelled by ui:alice: customer withdrew"
             await shoot(page, shots, "run-cancelled")
 
             # -- redrive the quarantined run after the fix ------------------------------------------

@@ -189,7 +189,7 @@ async function viewRun(runId) {
       h("dt", {}, "workflow"), h("dd", {}, `${st.workflow || "-"} v${st.version || "-"}`),
       h("dt", {}, "tenant"), h("dd", {}, st.tenant || "-"),
       h("dt", {}, "status"), h("dd", { id: "run-status" }, statusCell(st.status || "unknown"), st.outcome ? ` (${st.outcome})` : ""),
-      st.error ? [h("dt", {}, "cause"), h("dd", { class: "error", id: "run-cause" }, `${st.error_type}: ${st.error}`)] : null,
+      st.error ? [h("dt", {}, "cause"), h("dd", { class: "error", id: "run-cause" }, st.error_type ? `${st.error_type}: ${st.error}` : st.error)] : null,
       h("dt", {}, "path"), h("dd", { class: "path", id: "run-path" }, data.path.join(" -> ")),
       h("dt", {}, "started"), h("dd", {}, fmtTime(data.start_ms)),
       h("dt", {}, "duration"), h("dd", {}, fmtMs(data.end_ms - data.start_ms)),
