@@ -36,9 +36,8 @@ def main() -> None:
             data = codec.encode(ev, "p.runs.events")
             enc = min(timeit.repeat(lambda c=codec: c.encode(ev, "p.runs.events"), number=N, repeat=3)) / N
             dec = min(timeit.repeat(lambda c=codec, d=data: c.decode(d), number=N, repeat=3)) / N
-            print(
-                f"{name}: {len(data)} bytes, encode {enc * 1e6:.1f} us, decode {dec * 1e6:.1f} us (best of 3 x {N})"
-            )
+            cost = f"encode {enc * 1e6:.1f} us, decode {dec * 1e6:.1f} us (best of 3 x {N})"
+            print(f"{name}: {len(data)} bytes, {cost}")
 
 
 if __name__ == "__main__":
