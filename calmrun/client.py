@@ -24,7 +24,7 @@ from calmrun.kafka import reader
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.topics import Topics, check_readable, partition_for, start_client
 from calmrun.settings import Settings
-from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import DlqRecord
 from calmrun.wire.dlqview import RawEntry
 from calmrun.workflow.events import RunCommand, RunEvent, RunRequest
@@ -41,7 +41,7 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.kafka.prefix)
-        self.codec = RecordCodec(wire_models())
+        self.codec = wire_codec(settings.wire)
         self._producer: AIOKafkaProducer | None = None
 
     async def __aenter__(self) -> Client:
@@ -82,7 +82,9 @@ class Client:
                 req = req.model_copy(update={"run_id": run_id})
                 futures.append(
                     await self.producer.send(
-                        self.topics.requests, self.codec.encode(req), key=run_id.encode()
+                        self.topics.requests,
+                        self.codec.encode(req, self.topics.requests),
+                        key=run_id.encode(),
                     )
                 )
                 ids.append(run_id)
@@ -95,7 +97,7 @@ class Client:
         """Produce one command (approve, reject, signal, cancel, redrive) keyed by its run ID."""
         try:
             await self.producer.send_and_wait(
-                self.topics.requests, self.codec.encode(cmd), key=cmd.run_id.encode()
+                self.topics.requests, self.codec.encode(cmd, self.topics.requests), key=cmd.run_id.encode()
             )
         except TopicAuthorizationFailedError as exc:
             raise KafkaAuthorizationError("topic", self.topics.requests, detail="Write refused") from exc
@@ -120,7 +122,9 @@ class Client:
                 seen.add(rec.run_id)
                 cmd = RunCommand(command="redrive", run_id=rec.run_id, workflow=workflow, by=by)
                 await self.producer.send_and_wait(
-                    self.topics.requests, self.codec.encode(cmd), key=rec.run_id.encode()
+                    self.topics.requests,
+                    self.codec.encode(cmd, self.topics.requests),
+                    key=rec.run_id.encode(),
                 )
                 runs += 1
             elif rec.reason == "poison" and run_ids is None and rec.truncated:

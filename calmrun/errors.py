@@ -356,3 +356,51 @@ class CostsNotCurrentError(CalmrunError):
             "(start one with `calmrun costs-aggregator`)"
         )
         self.prefix, self.lag, self.wait_s = prefix, lag, wait_s
+
+
+class RegistryError(CalmrunError):
+    """The Schema Registry did not answer, or refused a request.
+
+    Attributes:
+        url: the registry's base URL.
+        status: the HTTP status, or None when it did not answer.
+        code: the registry's ``error_code`` (40401: subject not found, 40403: schema not found...), or None.
+        detail: the registry's message (never holds a password).
+    """
+
+    retriable: ClassVar[bool] = True
+
+    def __init__(self, url: str, *, status: int | None, code: int | None = None, detail: str = "") -> None:
+        said = f"HTTP {status}" if status is not None else "no answer"
+        super().__init__(f"Schema Registry {url}: {said}: {detail}")
+        self.url, self.status, self.code, self.detail = url, status, code, detail
+        # a refusal (4xx) repeats the same way; no answer or a 5xx may pass
+        vars(self)["retriable"] = status is None or status >= 500
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused our credentials (401) or this user the operation (403).
+
+    Attributes:
+        user: the basic-auth user sent, or None when none was configured.
+    """
+
+    def __init__(self, url: str, *, status: int, user: str | None, detail: str = "") -> None:
+        who = f"user {user!r}" if user else "no credentials (wire.registry.username/password unset)"
+        what = "refused the credentials of" if status == 401 else "denied the operation to"
+        super().__init__(url, status=status, detail=f"{what} {who}: {detail}")
+        self.user = user
+
+
+class SchemaIncompatibleError(RegistryError):
+    """A calmrun schema is not compatible with the latest one under its subject, by the subject's rule.
+
+    Attributes:
+        subject: the subject checked.
+        messages: the registry's reasons.
+    """
+
+    def __init__(self, url: str, *, subject: str, messages: list[str]) -> None:
+        why = "; ".join(messages) or "no reason given"
+        super().__init__(url, status=409, detail=f"schema incompatible with subject {subject!r}: {why}")
+        self.subject, self.messages = subject, messages

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from calmrun.errors import ConfigError
 from calmrun.wire.jsonfield import MAX_CONFIGURABLE_DEPTH, NUMBER_DIGITS_CEILING
+from calmrun.wire.settings import WireSettings
 
 
 class _Frozen(BaseModel):
@@ -302,7 +303,7 @@ class CostSettings(_Frozen):
 
 
 UiRole = Literal["viewer", "operator"]
-"""viewer: read only, payloads redacted; operator: also the actions (redrive)."""
+"""viewer: read only, payloads redacted; operator: also acts (approve, reject, signal, cancel, redrive)."""
 
 
 class UiUser(_Frozen):
@@ -354,6 +355,7 @@ class Settings(BaseSettings):
     ui: UiSettings = UiSettings()
     limits: LimitsSettings = LimitsSettings()
     throttle: ThrottleSettings = ThrottleSettings()
+    wire: WireSettings = WireSettings()
 
     @property
     def group_id(self) -> str:

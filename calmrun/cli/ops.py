@@ -125,11 +125,15 @@ def ui(
         str | None, typer.Option(envvar="CALMRUN_UI_TOKEN", help="Bearer token of one operator.")
     ] = None,
     ready_file: Annotated[Path | None, typer.Option(hidden=True, help="Write the address here.")] = None,
+    pool_metrics: Annotated[
+        list[str] | None,
+        typer.Option("--pool-metrics", help="A step-pool executor's /metrics URL, for Workers (repeatable)."),
+    ] = None,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
 ) -> None:
-    """Serve the operator page: runs, a run's timeline, dead letters (redrive), costs, workers; live."""
+    """Serve the operator page: runs, a run and its actions, the Inbox, dead letters, costs, workers."""
     from calmrun.ui.cli import serve  # here, not at the top: `calmrun --help` stays quick
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -140,7 +144,8 @@ def ui(
         from calmrun.errors import UiAccessError
 
         run_command(
-            serve(settings, load_workflows(workflow or []), token, ready_file), usage_errors=(UiAccessError,)
+            serve(settings, load_workflows(workflow or []), token, ready_file, pool_metrics or []),
+            usage_errors=(UiAccessError,),
         )
 
 
@@ -152,8 +157,13 @@ def topics_create(
 ) -> None:
     """Create every topic of these workflows (idempotent)."""
     settings = cli_settings(config, bootstrap, prefix)
-    created = run_command(ensure_topics(settings.kafka, load_workflows(workflow)))
+    workflows = load_workflows(workflow)
+    created = run_command(ensure_topics(settings.kafka, workflows))
     out.print(f"created {len(created)} topics" + (": " + ", ".join(created) if created else " (all existed)"))
+    if settings.wire.registry.url is not None:
+        from calmrun.cli.registry import check_registry
+
+        check_registry(settings, workflows)
 
 
 def acls(

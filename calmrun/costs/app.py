@@ -48,7 +48,7 @@ from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import start_client
 from calmrun.settings import Settings
 from calmrun.wire.avro import AvroCodec
-from calmrun.wire.codec import NAMESPACE, RecordCodec, wire_models
+from calmrun.wire.codec import NAMESPACE, wire_codec
 
 log = logging.getLogger("calmrun.costs")
 
@@ -138,7 +138,8 @@ class Aggregator:
         self.metrics = AggregatorMetrics(self.registry, self)
         self.folds: dict[int, PartitionFold] = {}
         self._producers: dict[int, AIOKafkaProducer] = {}
-        self._avro: AvroCodec = RecordCodec(wire_models()).avro
+        self._codec = wire_codec(settings.wire)  # Confluent-framed events decode through the registry
+        self._avro: AvroCodec = self._codec.avro
         self._header = self._avro.header(EVENT_SCHEMA)
         self._lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()  # one re-read (or restore) at a time on the second consumer
@@ -202,7 +203,7 @@ class Aggregator:
             fold.cover(rec.offset)  # an event type the fold does not use: no decoding
             return
         try:
-            name, ev = self._avro.decode(body)
+            name, ev = self._codec.read_avro(body)
             if name != EVENT_SCHEMA:
                 raise DecodeError(f"expected RunEvent, got {name}", topic=rec.topic, offset=rec.offset)
         except DecodeError as exc:

@@ -15,13 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import os
 import ssl
-from pathlib import Path
 from typing import Any
 
 from aiokafka import errors as ke
-from pydantic import SecretStr
 
 from calmrun.errors import (
     BrokerUnavailableError,
@@ -30,34 +27,11 @@ from calmrun.errors import (
     KafkaAuthError,
     KafkaAuthorizationError,
 )
+from calmrun.secret import resolve_secret
 from calmrun.settings import KafkaSettings, SecuritySettings
 
 PROBE_TIMEOUT_S = 5.0
 """How long :func:`diagnose` waits for one broker to answer the handshake before calling it refused."""
-
-
-def resolve_secret(value: SecretStr, what: str) -> str:
-    """The secret itself: as given, or read from ``env:NAME`` or ``file:PATH``.
-
-    Raises:
-        ConfigError: the variable is unset or the file unreadable or empty (the message never holds it).
-    """
-    raw = value.get_secret_value()
-    if raw.startswith("env:"):
-        found = os.environ.get(raw[4:])
-        if not found:
-            raise ConfigError(f"{what} names ${raw[4:]}, which is not set")
-        return found
-    if raw.startswith("file:"):
-        path = Path(raw[5:]).expanduser()
-        try:
-            found = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from None
-        if not found:
-            raise ConfigError(f"the {what} file {path} is empty")
-        return found
-    return raw
 
 
 def ssl_context(sec: SecuritySettings) -> ssl.SSLContext:

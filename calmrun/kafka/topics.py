@@ -73,6 +73,17 @@ class Topics:
             if s.kind == "agent" and (pool is None or s.pool == pool)
         ]
 
+    def framed(self, workflows: Iterable[WorkflowDef]) -> dict[str, tuple[str, ...]]:
+        """The topics whose records others read, with the record types on each (``wire.format``)."""
+        out: dict[str, tuple[str, ...]] = {
+            self.requests: ("RunRequest", "RunCommand"),
+            self.events: ("RunEvent",),
+            self.results: ("StepResultRecord",),
+        }
+        for name in self.step_topics(workflows):
+            out[name] = ("StepTask",)
+        return out
+
     def all(self, workflows: Iterable[WorkflowDef]) -> dict[str, dict[str, str]]:
         """Every topic for these workflows with its topic-level configuration."""
         wfs = list(workflows)

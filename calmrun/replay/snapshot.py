@@ -22,7 +22,7 @@ from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics, check_readable, partition_for, start_client
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
-from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.codec import wire_codec
 from calmrun.workflow.events import RunEvent
 from calmrun.workflow.state import RunState
 
@@ -149,7 +149,7 @@ async def scan_runs(
 ) -> dict[str, Snapshot]:
     k = settings.kafka
     topics = Topics(k.prefix)
-    codec = RecordCodec(wire_models())
+    codec = wire_codec(settings.wire)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=k.bootstrap,
         enable_auto_commit=False,

@@ -47,7 +47,7 @@ from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
-from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
 from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import StepResult, StepResultRecord, StepTask
@@ -89,7 +89,7 @@ class PoolExecutor:
         if not self.inputs:
             names = sorted({wf.name for wf in self.workflows})
             raise WorkerError(f"no step of {names} names pool {pool!r}: this executor would read nothing")
-        self.codec = RecordCodec(wire_models())
+        self.codec = wire_codec(settings.wire)
         self.redactor = Redactor(settings.redact)
         self.owned: set[int] = set()
         self.writers: dict[int, PartitionWriter] = {}
@@ -334,7 +334,7 @@ class PoolExecutor:
             self.topics.results,
             p,
             task.run_id.encode(),
-            self.codec.encode(record),
+            self.codec.encode(record, self.topics.results),
             ((IDEMPOTENCY_KEY, task.idempotency_key.encode()), (POOL_HEADER, self.pool.encode())),
         )
         self._send(p, [out], pending)

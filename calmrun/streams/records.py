@@ -44,7 +44,13 @@ class StateOut:
 
 
 def event_out(topics: Topics, codec: RecordCodec, p: int, ev: RunEvent) -> Out:
-    return Out(topics.events, p, ev.run_id.encode(), codec.encode(ev), ((EVENT_TYPE, ev.type.encode()),))
+    return Out(
+        topics.events,
+        p,
+        ev.run_id.encode(),
+        codec.encode(ev, topics.events),
+        ((EVENT_TYPE, ev.type.encode()),),
+    )
 
 
 def task_out(topics: Topics, codec: RecordCodec, p: int, task: StepTask) -> Out:
@@ -52,7 +58,7 @@ def task_out(topics: Topics, codec: RecordCodec, p: int, task: StepTask) -> Out:
         topics.step(task.workflow, task.step),
         p,
         task.run_id.encode(),
-        codec.encode(task),
+        codec.encode(task, topics.step(task.workflow, task.step)),
         ((IDEMPOTENCY_KEY, task.idempotency_key.encode()),),
     )
 

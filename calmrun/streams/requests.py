@@ -18,8 +18,7 @@ from pydantic_core import to_json
 
 from calmrun.errors import CalmrunError, DecodeError, LimitExceededError
 from calmrun.settings import LimitsSettings
-from calmrun.wire.avro import is_single_object
-from calmrun.wire.codec import RecordCodec
+from calmrun.wire.codec import RecordCodec, is_avro
 from calmrun.wire.jsonfield import check_value, loads
 from calmrun.workflow.definition import describe_errors
 from calmrun.workflow.events import RunCommand, RunRequest
@@ -93,7 +92,7 @@ def _parse(
             "max_request_bytes", actual=size, maximum=limits.max_request_bytes, what="run request"
         )
     body: RunRequest | RunCommand
-    if is_single_object(value):
+    if is_avro(value):
         rec = codec.decode(value)
         if not isinstance(rec, RunRequest | RunCommand):
             raise DecodeError(f"a {type(rec).__name__} is not a run request")

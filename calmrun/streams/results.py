@@ -21,8 +21,7 @@ from calmrun.errors import CalmrunError, DecodeError, ErrorKind, InvalidOutputEr
 from calmrun.limits import check_output
 from calmrun.settings import LimitsSettings
 from calmrun.streams.requests import DEFAULT_LIMITS, MAX_ID_CHARS, record_size
-from calmrun.wire.avro import is_single_object
-from calmrun.wire.codec import RecordCodec
+from calmrun.wire.codec import RecordCodec, is_avro
 from calmrun.wire.jsonfield import loads
 from calmrun.workflow.definition import describe_errors
 from calmrun.workflow.events import StepResultRecord
@@ -81,7 +80,7 @@ def _parse(value: bytes | None, codec: RecordCodec, limits: LimitsSettings, size
         raise LimitExceededError(
             "max_request_bytes + max_output_bytes", actual=size, maximum=maximum, what="step result"
         )
-    if is_single_object(value):
+    if is_avro(value):
         return codec.decode_as(value, StepResultRecord)
     data = loads(
         value,

@@ -53,7 +53,7 @@ from calmrun.streams.throttle import Throttle
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import Gate, PartitionWriter
 from calmrun.streams.versions import Pinning, VersionAssignor
-from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.codec import wire_codec
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
 from calmrun.workflow.events import (
     StepResult,
@@ -106,7 +106,7 @@ class Worker:
         self.assignor = VersionAssignor.for_worker(self.workflows.pins())
         self.agents, self.models, self.clock = agents, models, clock
         self.topics = Topics(settings.kafka.prefix)
-        self.codec = RecordCodec(wire_models())
+        self.codec = wire_codec(settings.wire)
         self.metrics = metrics
         self.redactor = Redactor(settings.redact)
         self.stamps = stamps or Stamps(settings, self.workflows.values(), self._known)

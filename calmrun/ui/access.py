@@ -2,8 +2,9 @@
 
 A user is identified by a bearer token (``ui.users`` in configuration, or ``--token`` for one operator)
 or by a header a trusted reverse proxy sets after authenticating them (``ui.trusted_header``). Roles:
-``viewer`` reads with payloads redacted; ``operator`` also acts (redrive). With no authentication
-configured the page serves loopback only, and whoever reaches it is the local operator.
+``viewer`` reads with payloads redacted; ``operator`` also acts (approve, reject, signal, cancel,
+redrive). With no authentication configured the page serves loopback only, and whoever reaches it is
+the local operator.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +23,7 @@ async def serve(
     definitions: list[WorkflowDef],
     token: str | None = None,
     ready_file: Path | None = None,
+    pool_metrics: Sequence[str] = (),
 ) -> None:
     """Start the page, print its address (and write it to ``ready_file``), serve until a signal.
 
@@ -30,7 +32,7 @@ async def serve(
         BrokerUnavailableError: no broker answers.
     """
     logging.getLogger("calmrun.ui").setLevel(logging.INFO)
-    server = UiServer(settings, Access(settings.ui, token), definitions)
+    server = UiServer(settings, Access(settings.ui, token), definitions, pool_metrics=pool_metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -89,7 +89,7 @@ class RunIndex:
         path: the database file; it is deleted and created anew (``":memory:"`` keeps it in memory).
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, codec: RecordCodec | None = None) -> None:
         if str(path) != ":memory:":
             p = Path(path)
             for suffix in ("", "-wal", "-shm", "-journal"):
@@ -100,7 +100,7 @@ class RunIndex:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.executescript(_SCHEMA)
-        self.codec = RecordCodec(wire_models())
+        self.codec = codec or RecordCodec(wire_models())  # events are stored as read (any framing)
 
     def close(self) -> None:
         self.db.close()
@@ -300,6 +300,58 @@ class RunIndex:
                     out[st["status"]] = out.get(st["status"], 0) + 1
         return out
 
+    def waiting(self, approver: str | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Every step waiting for a person (an approval or a signal), oldest first: the Inbox.
+
+        Args:
+            approver: only approvals this name may answer (its ``approvers`` name it, or are empty).
+            run_id: only this run's.
+        """
+        out: list[dict[str, Any]] = []
+        sql = "SELECT run_id, state FROM runs WHERE status = 'running' AND state LIKE '%\"waiting\"%'"
+        rows = self.db.execute(sql + " AND run_id = ?", (run_id,)) if run_id else self.db.execute(sql)
+        for rid, text in rows.fetchall():
+            state = json.loads(text)
+            for step, st in state.get("steps", {}).items():
+                if st["status"] != "waiting":
+                    continue
+                row = self.db.execute(
+                    "SELECT body FROM events WHERE run_id = ? AND type = 'step.waiting' AND step = ? "
+                    "ORDER BY seq DESC LIMIT 1",
+                    (rid, step),
+                ).fetchone()
+                data = self.codec.decode_as(row[0], RunEvent).data if row else {}
+                kind = str(data.get("kind") or "approval")
+                approvers = [str(a) for a in data.get("approvers") or []]
+                if approver is not None and (kind != "approval" or (approvers and approver not in approvers)):
+                    continue
+                out.append(
+                    {
+                        "run_id": rid,
+                        "workflow": state["workflow"],
+                        "version": state["version"],
+                        "tenant": state.get("tenant", ""),
+                        "step": step,
+                        "kind": kind,
+                        "approvers": approvers,
+                        "signal": data.get("signal"),
+                        "since_ms": st.get("scheduled_ms") or 0,
+                        "due_ms": st.get("due_ms"),
+                    }
+                )
+        out.sort(key=lambda r: (r["since_ms"], r["run_id"], r["step"]))
+        return out
+
+    def issued(self) -> dict[tuple[str, str], int]:
+        """Attempts issued and not finished (status ``scheduled``), by (workflow, step)."""
+        out: dict[tuple[str, str], int] = {}
+        for (state,) in self.db.execute("SELECT state FROM runs WHERE status = 'running'"):
+            s = json.loads(state)
+            for step, st in s.get("steps", {}).items():
+                if st["status"] == "scheduled":
+                    out[(s["workflow"], step)] = out.get((s["workflow"], step), 0) + 1
+        return out
+
     def sizes(self) -> dict[str, int]:
         """Rows per table and the database's size in bytes."""
         out = {
@@ -327,7 +379,7 @@ def event_row(codec: RecordCodec, value: bytes) -> EventRow:
     Raises:
         DecodeError: not an encoded ``RunEvent``.
     """
-    name, raw = codec.avro.decode(value)
+    name, raw = codec.read_avro(value)
     if name != _EVENT:
         raise DecodeError(f"expected {_EVENT}, got {name}")
     return (

@@ -1,15 +1,17 @@
 """The operator page's HTTP server (aiohttp): the page, its JSON API, a server-sent events stream.
 
 Reads come from the local index (``index.py``, filled by ``tail.py``), the cost totals from the
-aggregator's compacted topics, the Workers view from the broker's admin API. The one write is a redrive,
-through ``Client.redrive`` (the path of ``calmrun dlq redrive``), with the user's name on the command;
-every action is also logged on the ``calmrun.ui.audit`` logger.
+aggregator's compacted topics, the Workers view from the broker's admin API. The writes are a redrive,
+through ``Client.redrive`` (the path of ``calmrun dlq redrive``), and the people's commands (``people``:
+approve, reject, signal, cancel), each with the user's name on the command; every action is also logged
+on the ``calmrun.ui.audit`` logger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import tempfile
@@ -33,10 +35,11 @@ from calmrun.replay.snapshot import Snapshot
 from calmrun.settings import Settings
 from calmrun.ui.access import COOKIE, Access, User
 from calmrun.ui.index import RunIndex, RunQuery
+from calmrun.ui.people import list_inbox, send_command
 from calmrun.ui.tail import TopicTail
 from calmrun.ui.views import dead_letter, redact_event, run_view, step_inputs
-from calmrun.ui.workers import describe_groups
-from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.ui.workers import workers_view
+from calmrun.wire.codec import wire_codec
 from calmrun.workflow.definition import WorkflowDef
 
 log = logging.getLogger("calmrun.ui")
@@ -55,6 +58,7 @@ class UiServer:
         definitions: workflow definitions for "replay this run" (definitions are not stored in Kafka).
         index_path: where the SQLite index lives (rebuilt at start); default ``ui.index_path``, else a
             temporary file removed at stop (a file, not memory: 100,000 runs take about 490 MB).
+        pool_metrics: the step-pool executors' ``/metrics`` URLs (Workers view: fencings, agents running).
     """
 
     def __init__(
@@ -63,12 +67,16 @@ class UiServer:
         access: Access,
         definitions: Sequence[WorkflowDef] = (),
         index_path: str | None = None,
+        pool_metrics: Sequence[str] = (),
     ) -> None:
         self.settings, self.access, self.definitions = settings, access, list(definitions)
+        self.pool_metrics = list(pool_metrics)
         path = index_path or (str(settings.ui.index_path) if settings.ui.index_path else None)
         self._tmpdir = tempfile.TemporaryDirectory(prefix="calmrun-ui-") if path is None else None
-        self.index = RunIndex(path or str(Path(self._tmpdir.name if self._tmpdir else ".") / "index.sqlite"))
-        self.codec = RecordCodec(wire_models())
+        self.codec = wire_codec(settings.wire)
+        self.index = RunIndex(
+            path or str(Path(self._tmpdir.name if self._tmpdir else ".") / "index.sqlite"), self.codec
+        )
         self.version = 0
         self.tail = TopicTail(settings, self.index, self._on_change)
         self.costs = CostTable()
@@ -103,6 +111,8 @@ class UiServer:
                 web.post("/api/runs/{run_id}/replay", self.replay),
                 web.get("/api/dlq", self.dlq),
                 web.post("/api/redrive", self.redrive),
+                web.post("/api/runs/{run_id}/command", functools.partial(send_command, self)),
+                web.get("/api/inbox", functools.partial(list_inbox, self)),
                 web.get("/api/costs", self.cost_view),
                 web.get("/api/workers", self.workers),
                 web.get("/api/stream", self.stream),
@@ -154,7 +164,7 @@ class UiServer:
         response.headers.update(_HEADERS)
         return response
 
-    def _operator(self, request: web.Request) -> User:
+    def require_operator(self, request: web.Request) -> User:
         user = request[USER]
         if not user.can_act:
             raise web.HTTPForbidden(text=f"{user.name} is a viewer: operators only")
@@ -226,6 +236,7 @@ class UiServer:
         )
         inputs = step_inputs(wf, state) if wf is not None and state is not None else None
         view = run_view(state, events, self.index.dead_letters(run_id=run_id), redact, inputs)
+        view["waiting"] = self.index.waiting(run_id=run_id)
         view["replayable"] = any(
             d.name == (state.workflow if state else events[0].workflow) for d in self.definitions
         )
@@ -255,7 +266,7 @@ class UiServer:
 
     async def redrive(self, request: web.Request) -> web.StreamResponse:
         """Body ``{"workflow": W, "run_ids": [...]}`` or ``{"workflow": W, "all": true}``."""
-        user = self._operator(request)
+        user = self.require_operator(request)
         try:
             body = await request.json()
             workflow = str(body["workflow"])
@@ -326,20 +337,12 @@ class UiServer:
 
     async def workers(self, request: web.Request) -> web.StreamResponse:
         try:
-            groups = await describe_groups(self.settings)
+            view = await workers_view(self.settings, self.definitions, self.index, self.pool_metrics)
         except CalmrunError as exc:
             raise web.HTTPBadGateway(text=str(exc)) from None
-        return web.json_response(
-            {
-                "groups": groups,
-                "in_flight": self.index.in_flight(),
-                "index": {
-                    **self.index.sizes(),
-                    "rebuild_s": self.tail.rebuild_s,
-                    "records": self.tail.records,
-                },
-            }
-        )
+        view["in_flight"] = self.index.in_flight()
+        view["index"] = {**self.index.sizes(), "rebuild_s": self.tail.rebuild_s, "records": self.tail.records}
+        return web.json_response(view)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: ``change`` with the index version after the index changed (at most 4/s)."""

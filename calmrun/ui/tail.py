@@ -24,7 +24,7 @@ from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.topics import Topics, start_client
 from calmrun.settings import Settings
 from calmrun.ui.index import EventRow, RunIndex, event_row
-from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.state import RunState
 
@@ -50,7 +50,7 @@ class TopicTail:
     ) -> None:
         self.settings, self.index, self.on_change, self.refresh_s = settings, index, on_change, refresh_s
         self.topics = Topics(settings.kafka.prefix)
-        self.codec = RecordCodec(wire_models())
+        self.codec = wire_codec(settings.wire)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._next: dict[TopicPartition, int] = {}

@@ -9,26 +9,35 @@ the cost table is behind.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import aiohttp
 from aiokafka import AIOKafkaConsumer
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from calmrun.kafka.connect import client_kwargs
-from calmrun.kafka.topics import admin_client, start_client
+from calmrun.kafka.topics import Topics, admin_client, start_client
 from calmrun.settings import Settings
+from calmrun.ui.index import RunIndex
+from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
 
 
-async def describe_groups(settings: Settings) -> list[dict[str, Any]]:
-    """Members, their partitions and the lag per topic of the workers' and the aggregator's groups."""
-    groups = [
-        ("workers", settings.group_id),
-        ("cost aggregator", settings.costs.app_id or f"{settings.kafka.prefix}-costs"),
-    ]
+async def describe_groups(settings: Settings, pools: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Members, their partitions and the lag per topic of the workers', the step pools' and the
+    aggregator's groups. A pool's group is listed when the broker knows it or ``pools`` names it."""
+    groups = [("workers", settings.group_id)]
+    topics = Topics(settings.kafka.prefix)
     out: list[dict[str, Any]] = []
     async with admin_client(settings.kafka, "ui") as admin:
+        head = topics.pool_group("")
+        known = {str(g[0]) for g in await admin.list_consumer_groups() if str(g[0]).startswith(head)}
+        for name in sorted(known | {topics.pool_group(p) for p in pools}):
+            groups.append((f"pool {name[len(head) :]}", name))
+        groups.append(("cost aggregator", settings.costs.app_id or f"{settings.kafka.prefix}-costs"))
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka.bootstrap,
             enable_auto_commit=False,
@@ -90,3 +99,61 @@ def _compact(assigned: dict[str, list[int]]) -> str:
     if len(sets) == 1:
         return f"{', '.join(map(str, next(iter(sets))))} (of each of {len(assigned)} topics)"
     return "; ".join(f"{t}: {', '.join(map(str, ps))}" for t, ps in sorted(assigned.items()))
+
+
+POOL_METRICS = {"calmrun_pool_fenced": "fenced", "calmrun_pool_tasks_running": "running"}
+
+
+async def pool_counts(urls: Sequence[str], timeout_s: float = 3.0) -> dict[str, dict[str, Any]]:
+    """Per pool, fencing (partitions lost to another executor's takeover) and agents running, summed
+    over the executors' ``/metrics`` at ``urls``; an executor that does not answer is listed by URL."""
+    out: dict[str, dict[str, Any]] = {}
+    unreachable: list[str] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+        for url in urls:
+            try:
+                async with http.get(url) as resp:
+                    resp.raise_for_status()
+                    text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                unreachable.append(f"{url}: {type(exc).__name__}")
+                continue
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    field = POOL_METRICS.get(sample.name.removesuffix("_total"))
+                    if field is None or sample.name.endswith("_created"):
+                        continue
+                    row = out.setdefault(
+                        sample.labels.get("pool", "?"), {"fenced": 0, "running": 0, "executors": 0}
+                    )
+                    row[field] += int(sample.value)
+                    if field == "fenced":
+                        row["executors"] += 1
+    if unreachable:
+        out["_unreachable"] = {"urls": unreachable}
+    return out
+
+
+async def workers_view(
+    settings: Settings, definitions: Sequence[WorkflowDef], index: RunIndex, pool_metrics: Sequence[str]
+) -> dict[str, Any]:
+    """The Workers view: every group with its members and lag; a step pool's group also with the attempts
+    issued to it (from the run states) and, from its executors' ``/metrics``, agents running and fencings.
+
+    Raises:
+        CalmrunError: the broker's admin API could not be asked.
+    """
+    pool_of = {(d.name, s.name): s.pool for d in definitions for s in d.steps if s.kind == "agent"}
+    groups = await describe_groups(settings, {p for p in pool_of.values() if p != DEFAULT_POOL})
+    counts = await pool_counts(pool_metrics) if pool_metrics else {}
+    issued: dict[str, int] = {}
+    for (wf, step), n in index.issued().items():
+        pool = pool_of.get((wf, step))
+        if pool:
+            issued[pool] = issued.get(pool, 0) + n
+    for g in groups:
+        if g["role"].startswith("pool "):
+            g["issued"] = issued.get(g["role"][5:], 0)
+            g["executors"] = counts.get(g["role"][5:])
+    unreachable = counts.get("_unreachable", {}).get("urls", [])
+    return {"groups": groups, "metrics": {"configured": bool(pool_metrics), "unreachable": unreachable}}

@@ -1,4 +1,8 @@
-"""Wire codec: pydantic records <-> Avro single-object bytes, with the Avro schemas derived from the models.
+"""Wire codec: pydantic records <-> Avro bytes, with the Avro schemas derived from the models.
+
+Records are written as Avro single-object encoding, or in Confluent's wire format (``wire.format:
+confluent``, ``calmrun.wire.confluent``) for the records others read; decoding tells the two apart by the
+first byte (``C3`` or ``00``).
 
 The pydantic models are the one definition of every record; ``schemas/*.avsc`` are the same contracts
 written out for other readers (``python -m calmrun.wire.codec`` rewrites them, a test fails when they drift).
@@ -19,8 +23,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
 from calmrun.errors import CalmrunError, DecodeError, SerializationError
-from calmrun.wire.avro import AvroCodec
+from calmrun.wire.avro import AvroCodec, is_single_object
+from calmrun.wire.confluent import FRAMED, ConfluentFraming, is_confluent
 from calmrun.wire.jsonfield import AvroJson, loads
+from calmrun.wire.settings import WireSettings
 
 NAMESPACE = "io.calmrun"
 EARLIER_FIELDS: dict[str, set[str]] = {
@@ -165,12 +171,19 @@ class RecordCodec:
 
     Args:
         models: the record types this codec knows; each is written with its own schema fingerprint.
+        framing: a Schema Registry: Confluent-framed records decode through it, and with
+            ``framing.write`` the records others read (``confluent.FRAMED``) are written that way when
+            ``encode`` is told their topic.
     """
 
-    def __init__(self, models: Iterable[type[BaseModel]]) -> None:
+    def __init__(self, models: Iterable[type[BaseModel]], framing: ConfluentFraming | None = None) -> None:
         self._derived = {m.__name__: _Derived(m) for m in models}
         self._by_full = {f"{NAMESPACE}.{name}": d for name, d in self._derived.items()}
         self.avro = AvroCodec((d.schema for d in self._derived.values()), readers=self._earlier())
+        self.framing = framing
+        self._readers = {
+            name: (self.avro.schema(name), self.avro.header(name)[2:]) for name in self.avro.names
+        }
 
     def _earlier(self) -> list[dict[str, Any]]:
         """Schemas of records written by earlier calmrun versions that still decode into today's models.
@@ -191,19 +204,30 @@ class RecordCodec:
         """The Avro schema of each model, by model name."""
         return {name: d.schema for name, d in self._derived.items()}
 
-    def encode(self, record: BaseModel) -> bytes:
-        """Encode ``record`` as single-object Avro.
+    def encode(self, record: BaseModel, topic: str | None = None) -> bytes:
+        """Encode ``record`` as single-object Avro, or Confluent-framed for ``topic``.
+
+        Args:
+            record: a wire record.
+            topic: where it is written; with a framing that writes (``wire.format: confluent``), a
+                record others read (``confluent.FRAMED``) gets the schema ID of its subject there.
 
         Raises:
             SerializationError: the record's type is not registered or a value does not fit.
+            RegistryError: the registry refused the schema or did not answer (first record per subject).
         """
-        d = self._derived.get(type(record).__name__)
+        name = type(record).__name__
+        d = self._derived.get(name)
         if d is None:
-            raise SerializationError(f"{type(record).__name__} is not a calmrun wire record")
+            raise SerializationError(f"{name} is not a calmrun wire record")
         data = record.model_dump()  # python mode: bytes stay bytes (json mode would decode them as UTF-8)
         if d.to_avro is not None:
             data = d.to_avro(data)
-        return self.avro.encode(f"{NAMESPACE}.{type(record).__name__}", data)
+        full = f"{NAMESPACE}.{name}"
+        single = self.avro.encode(full, data)
+        if topic is None or self.framing is None or not self.framing.write or name not in FRAMED:
+            return single
+        return self.framing.header(topic, full, d.schema) + single[10:]
 
     def decode(self, data: bytes) -> BaseModel:
         """Decode any registered record; total: whatever the bytes, a record or a ``DecodeError``.
@@ -214,7 +238,7 @@ class RecordCodec:
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise DecodeError(f"expected bytes, got {type(data).__name__}")
-        name, raw = self.avro.decode(bytes(data))
+        name, raw = self.read_avro(bytes(data))
         d = self._by_full[name]
         try:
             if d.from_avro is not None:
@@ -228,6 +252,23 @@ class RecordCodec:
         # decode failure of that record (the caller parks it); nothing here may escape as a crash.
         except Exception as exc:
             raise DecodeError(f"{name} does not decode: {type(exc).__name__}: {exc}") from exc
+
+    def read_avro(self, data: bytes) -> tuple[str, dict[str, Any]]:
+        """(full name, Avro record) of single-object or Confluent-framed bytes, before validation.
+
+        Raises:
+            DecodeError: neither framing, corrupt bytes, or a schema ID or fingerprint not known; a
+                Confluent-framed record without ``wire.registry.url`` says so.
+            RegistryError: the registry did not answer or refused us (not the record's fault).
+        """
+        if data[:1] == b"\x00":
+            if self.framing is None:
+                raise DecodeError(
+                    f"Confluent-framed record (schema ID {int.from_bytes(data[1:5], 'big')}) and no "
+                    "Schema Registry configured (wire.registry.url)"
+                )
+            return self.framing.read(data, self._readers)
+        return self.avro.decode(data)
 
     def decode_as(self, data: bytes, model: type[M]) -> M:
         """Decode and insist on one type."""
@@ -250,6 +291,17 @@ def wire_models() -> list[type[BaseModel]]:
     from calmrun.workflow.state import RunState
 
     return [RunRequest, RunCommand, RunEvent, StepTask, StepResultRecord, RunState, DlqRecord]
+
+
+def wire_codec(wire: WireSettings | None = None) -> RecordCodec:
+    """A codec for every wire record, with the Schema Registry ``wire`` configures (if any)."""
+    framing = ConfluentFraming.from_settings(wire) if wire is not None else None
+    return RecordCodec(wire_models(), framing)
+
+
+def is_avro(data: bytes) -> bool:
+    """True when ``data`` starts as Avro single-object bytes or a Confluent-framed record does."""
+    return is_single_object(data) or is_confluent(data)
 
 
 def write_schemas(folder: Path) -> list[Path]:

@@ -129,6 +129,26 @@ async function viewRun(runId) {
       onclick: () => confirmRedrive(st.workflow, [runId]),
     }, "Redrive this run"));
   }
+  const canAct = me.role === "operator";
+  const opOnly = canAct ? null : "operators only";
+  for (const w of data.waiting || []) {
+    const box = h("div", { class: "waiting", "data-step": w.step },
+      h("b", {}, w.step), " ", w.kind === "approval"
+        ? `waits for an approval by ${w.approvers.length ? w.approvers.join(", ") : "anyone"}`
+        : `waits for the signal ${w.signal}`,
+      w.due_ms ? h("span", { class: "muted" }, ` until ${fmtTime(w.due_ms)} UTC`) : "", " ");
+    if (w.kind === "approval") {
+      box.append(
+        h("button", { class: "primary", "data-action": "approve", disabled: !canAct, title: opOnly, onclick: () => act(runId, "approve", w) }, "Approve"), " ",
+        h("button", { class: "danger", "data-action": "reject", disabled: !canAct, title: opOnly, onclick: () => act(runId, "reject", w) }, "Reject"));
+    } else {
+      box.append(h("button", { class: "primary", "data-action": "signal", disabled: !canAct, title: opOnly, onclick: () => act(runId, "signal", w) }, `Send ${w.signal}`));
+    }
+    actions.append(box);
+  }
+  if (["running", "quarantined", "over_budget"].includes(st.status)) {
+    actions.append(h("button", { class: "danger", id: "cancel-run", disabled: !canAct, title: opOnly, onclick: () => act(runId, "cancel", {}) }, "Cancel this run"));
+  }
   const replayOut = h("div", { id: "replay-result" });
   const versions = (me.definitions || {})[st.workflow] || [];
   const against = h("select", { id: "replay-version", "aria-label": "replay against version", disabled: !versions.length },
@@ -169,7 +189,7 @@ async function viewRun(runId) {
       h("dt", {}, "workflow"), h("dd", {}, `${st.workflow || "-"} v${st.version || "-"}`),
       h("dt", {}, "tenant"), h("dd", {}, st.tenant || "-"),
       h("dt", {}, "status"), h("dd", { id: "run-status" }, statusCell(st.status || "unknown"), st.outcome ? ` (${st.outcome})` : st.status === "rejected" ? ` (${st.error_type}: ${st.error})` : ""),
-      st.error ? [h("dt", {}, "cause"), h("dd", { class: "error", id: "run-cause" }, `${st.error_type}: ${st.error}`)] : null,
+      st.error ? [h("dt", {}, "cause"), h("dd", { class: "error", id: "run-cause" }, st.error_type ? `${st.error_type}: ${st.error}` : st.error)] : null,
       h("dt", {}, "path"), h("dd", { class: "path", id: "run-path" }, data.path.join(" -> ")),
       h("dt", {}, "started"), h("dd", {}, fmtTime(data.start_ms)),
       h("dt", {}, "duration"), h("dd", {}, fmtMs(data.end_ms - data.start_ms)),
@@ -268,8 +288,115 @@ async function viewDlq(_arg, params) {
   ];
 }
 
+// -- Actions: approve, reject, signal, cancel (each confirmed, sent with the user's name) ------------
+
+let validateDialog = null; // () => error text or null, checked before the dialog may close with "ok"
+
+function openDialog(title, text, okText, fields, validate) {
+  const dlg = $("#confirm");
+  $("#confirm-title").textContent = title;
+  $("#confirm-text").textContent = text;
+  $("#confirm-ok").textContent = okText;
+  $("#confirm-fields").replaceChildren(...fields);
+  $("#confirm-error").textContent = "";
+  validateDialog = validate || null;
+  dlg.returnValue = "";
+  dlg.showModal();
+  (fields.length ? fields[0].querySelector("textarea, input") : $("#confirm-cancel")).focus();
+  return new Promise((resolve) => dlg.addEventListener("close", () => resolve(dlg.returnValue === "ok"), { once: true }));
+}
+
+function field(id, label, el) {
+  el.id = id;
+  return h("label", { for: id }, label, el);
+}
+
+async function act(runId, kind, w) {
+  const who = `This is recorded with your name (${me.user}).`;
+  let body, title, text, ok, fields = [], validate = null;
+  if (kind === "approve" || kind === "reject") {
+    const comment = h("textarea", { rows: 3 });
+    fields = [field("action-comment", kind === "reject" ? "comment (required)" : "comment (optional)", comment)];
+    title = `${kind === "approve" ? "Approve" : "Reject"} ${w.step} of ${runId}?`;
+    text = `The run goes on ${kind === "approve" ? "as approved" : "as rejected (its on_reject route, if it has one)"}. ${who}`;
+    ok = kind === "approve" ? "Approve" : "Reject";
+    if (kind === "reject") validate = () => (comment.value.trim() ? null : "a rejection needs a comment");
+    body = () => ({ command: kind, step: w.step, comment: comment.value });
+  } else if (kind === "signal") {
+    const payload = h("textarea", { rows: 6 }, "{}");
+    fields = [field("action-payload", "payload (a JSON object)", payload)];
+    title = `Send the signal ${w.signal} to ${runId}?`;
+    text = `The step ${w.step} resumes with this payload as its output. ${who}`;
+    ok = "Send signal";
+    validate = () => {
+      try {
+        const v = JSON.parse(payload.value);
+        return v && typeof v === "object" && !Array.isArray(v) ? null : "the payload must be a JSON object";
+      } catch (e) { return `not JSON: ${e.message}`; }
+    };
+    body = () => ({ command: "signal", name: w.signal, data: JSON.parse(payload.value) });
+  } else {
+    const reason = h("input", { type: "text" });
+    fields = [field("action-reason", "reason (required)", reason)];
+    title = `Cancel ${runId}?`;
+    text = `Its active steps stop and its succeeded steps are compensated, last first. ${who}`;
+    ok = "Cancel the run";
+    validate = () => (reason.value.trim() ? null : "a cancellation needs a reason");
+    body = () => ({ command: "cancel", reason: reason.value });
+  }
+  if (!(await openDialog(title, text, ok, fields, validate))) return;
+  try {
+    const res = await api(`/api/runs/${encodeURIComponent(runId)}/command`, {
+      method: "POST", headers: { "Content-Type": "application/json", "X-Calmrun-Action": "1" }, body: JSON.stringify(body()),
+    });
+    toast(`${res.sent} sent for ${res.run_id} by ${res.by}`);
+  } catch (e) {
+    toast(`${kind} failed: ${e.message}`);
+  }
+}
+
+$("#confirm-ok").addEventListener("click", (e) => {
+  const why = validateDialog ? validateDialog() : null;
+  if (why) { e.preventDefault(); $("#confirm-error").textContent = why; }
+});
+
+// -- Inbox: everything waiting for a person --------------------------------------------------------
+
+async function viewInbox(_arg, params) {
+  const approver = params.get("approver") || "";
+  const data = await api(`/api/inbox?${new URLSearchParams(approver ? { approver } : {})}`);
+  const canAct = me.role === "operator";
+  const opOnly = canAct ? null : "operators only";
+  const sel = h("select", { id: "inbox-approver", onchange: () => { const p = new URLSearchParams(); if (sel.value) p.set("approver", sel.value); setParams(p); render(); } },
+    h("option", { value: "" }, "everyone"),
+    data.approvers.map((a) => h("option", { value: a, selected: a === approver }, a)));
+  const rows = data.waiting.map((w) => h("tr", { "data-run": w.run_id, "data-step": w.step },
+    h("td", {}, h("a", { href: `#/run/${encodeURIComponent(w.run_id)}` }, w.run_id)),
+    h("td", {}, w.workflow), h("td", {}, w.step), h("td", {}, h("span", { class: "badge" }, w.kind)),
+    h("td", {}, w.kind === "approval" ? (w.approvers.join(", ") || "anyone") : `signal ${w.signal}`),
+    h("td", {}, fmtTime(w.since_ms)), h("td", {}, w.due_ms ? fmtTime(w.due_ms) : "no timeout"),
+    h("td", {}, w.kind === "approval"
+      ? [h("button", { class: "primary", "data-action": "approve", disabled: !canAct, title: opOnly, onclick: () => act(w.run_id, "approve", w) }, "Approve"), " ",
+        h("button", { class: "danger", "data-action": "reject", disabled: !canAct, title: opOnly, onclick: () => act(w.run_id, "reject", w) }, "Reject")]
+      : h("button", { class: "primary", "data-action": "signal", disabled: !canAct, title: opOnly, onclick: () => act(w.run_id, "signal", w) }, "Signal"))));
+  return [
+    h("h1", {}, "Inbox", data.caught_up ? "" : h("span", { class: "muted" }, " (rebuilding the index...)")),
+    h("div", { class: "filters" }, h("label", { for: "inbox-approver" }, "approver", sel)),
+    h("p", { class: "muted" }, `${data.waiting.length} step(s) waiting for a person${approver ? ` that ${approver} may answer` : ""}`),
+    rows.length
+      ? h("table", { id: "inbox" },
+        h("thead", {}, h("tr", {}, ["run", "workflow", "step", "kind", "who", "waiting since (UTC)", "due (UTC)", ""].map((c) => h("th", {}, c)))),
+        h("tbody", {}, rows))
+      : h("p", { class: "muted" }, "nothing is waiting"),
+  ];
+}
+
 async function confirmRedrive(workflow, runIds, records) {
   const dlg = $("#confirm");
+  $("#confirm-ok").textContent = "Redrive";
+  $("#confirm-fields").replaceChildren();
+  $("#confirm-error").textContent = "";
+  validateDialog = null;
   if (runIds === null) {
     $("#confirm-title").textContent = `Redrive everything in ${workflow}'s dead letters?`;
     $("#confirm-text").textContent = `Every quarantined run continues and every poison record is re-injected into its source topic (as calmrun dlq redrive --all). This is recorded with your name (${me.user}).`;
@@ -401,12 +528,20 @@ async function viewWorkers() {
     data.groups.map((g) => [
       h("h2", {}, `${g.role}: `, h("code", {}, g.group), " ", h("span", { class: "badge" }, g.state)),
       g.error ? h("p", { class: "error" }, g.error) : null,
+      g.role.startsWith("pool ") ? h("p", { class: "pool", "data-pool": g.role.slice(5) },
+        "attempts issued (from the run states): ", h("b", { "data-testid": "pool-issued" }, g.issued), "; ",
+        g.executors
+          ? ["agents running: ", h("b", { "data-testid": "pool-running" }, g.executors.running),
+            ", fencings: ", h("b", { "data-testid": "pool-fenced" }, g.executors.fenced),
+            h("span", { class: "muted" }, ` (from ${g.executors.executors} executor(s)' /metrics)`)]
+          : h("span", { class: "muted" }, data.metrics.configured ? "no executor of this pool answered on ui.pool_metrics" : "running agents and fencings: list the executors' /metrics URLs in ui.pool_metrics")) : null,
       h("table", { class: "members" }, h("thead", {}, h("tr", {}, ["member", "client", "host", "instance", "partitions"].map((c) => h("th", {}, c)))),
         h("tbody", {}, g.members.length ? g.members.map((m) => h("tr", {}, h("td", {}, m.member), h("td", {}, m.client), h("td", {}, m.host), h("td", {}, m.instance || "-"), h("td", {}, m.partitions)))
           : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "no members")))),
       h("table", { class: "lag" }, h("thead", {}, h("tr", {}, ["topic", "partitions", "consumer lag"].map((c) => h("th", {}, c)))),
         h("tbody", {}, g.lag.map((l) => h("tr", {}, h("td", {}, l.topic), h("td", {}, l.partitions), h("td", { class: "num", "data-testid": "lag" }, l.lag))))),
     ]),
+    data.metrics.unreachable.length ? h("p", { class: "error" }, `not answering: ${data.metrics.unreachable.join(", ")}`) : null,
     h("h2", {}, "Tasks in flight (from the run states)"),
     h("p", { id: "in-flight" }, Object.keys(data.in_flight).length ? Object.entries(data.in_flight).map(([k, v]) => `${k}: ${v}`).join(", ") : "none"),
     h("h2", {}, "This page's index"),
@@ -416,7 +551,7 @@ async function viewWorkers() {
 
 // -- router ---------------------------------------------------------------------------------------
 
-const VIEWS = { runs: viewRuns, run: viewRun, dlq: viewDlq, costs: viewCosts, workers: viewWorkers };
+const VIEWS = { runs: viewRuns, run: viewRun, inbox: viewInbox, dlq: viewDlq, costs: viewCosts, workers: viewWorkers };
 
 async function render(isRefresh) {
   const { view, arg, params } = parseHash();
