@@ -47,13 +47,16 @@ def event_out(topics: Topics, codec: RecordCodec, p: int, ev: RunEvent) -> Out:
     return Out(topics.events, p, ev.run_id.encode(), codec.encode(ev), ((EVENT_TYPE, ev.type.encode()),))
 
 
-def task_out(topics: Topics, codec: RecordCodec, p: int, task: StepTask) -> Out:
+def task_out(
+    topics: Topics, codec: RecordCodec, p: int, task: StepTask, headers: tuple[tuple[str, bytes], ...] = ()
+) -> Out:
+    """A task record; ``headers`` are added (a ``traceparent`` when tracing is on: ``calmrun.tracing``)."""
     return Out(
         topics.step(task.workflow, task.step),
         p,
         task.run_id.encode(),
         codec.encode(task),
-        ((IDEMPOTENCY_KEY, task.idempotency_key.encode()),),
+        ((IDEMPOTENCY_KEY, task.idempotency_key.encode()), *headers),
     )
 
 
