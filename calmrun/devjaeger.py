@@ -196,14 +196,14 @@ class DevJaeger:
         except urllib.error.HTTPError as exc:
             raise DevJaegerError(f"GET {path}: HTTP {exc.code}") from exc
 
-    def trace(self, trace_id: int) -> list[dict[str, Any]]:
-        """The spans of a trace as Jaeger stores them (empty when it has none yet)."""
+    def trace(self, trace_id: int) -> dict[str, Any] | None:
+        """A trace as Jaeger's query API gives it (``spans``, ``processes``), or None when it has none yet."""
         try:
             data = self.get(f"/api/traces/{trace_id:032x}")
         except DevJaegerError:
-            return []
+            return None
         traces = data.get("data") or []
-        return list(traces[0]["spans"]) if traces else []
+        return dict(traces[0]) if traces else None
 
 
 def main(argv: list[str] | None = None) -> None:
