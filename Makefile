@@ -22,7 +22,9 @@ kafka: install
 # kcat: one test starts a run from the real kcat CLI, as operators do.
 # prometheus: one test lets a real Prometheus scrape a worker and checks PromQL answers (it fails without).
 # chromium: tests/ui/ drive the operator page in Debian's Chromium through Playwright (it fails without).
-tools:
+# jaeger: tests/tracing/ export traces to a real Jaeger, built once from its Go module into
+# ~/.cache/calmrun/jaeger-1.75.0 (calmrun.devjaeger; Go from apt-get when missing).
+tools: install
 	@command -v kcat >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q kcat; \
 	  else echo "kcat missing: sudo apt-get install kcat" >&2; exit 1; fi; }
@@ -32,6 +34,10 @@ tools:
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
 	  else echo "chromium missing: sudo apt-get install chromium" >&2; exit 1; fi; }
+	@command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q golang-go; \
+	  else echo "go missing: sudo apt-get install golang-go" >&2; exit 1; fi; }
+	$(PY) -m calmrun.devjaeger build
 
 # The local model of the end-to-end tests (calmrun.devmodel): the first install compiles llama.cpp (about
 # 5 minutes on 2 cores); pip's wheel cache makes later installs take seconds.
