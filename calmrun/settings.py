@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from calmrun.errors import ConfigError
+from calmrun.traceconfig import TracingSettings
 from calmrun.wire.jsonfield import MAX_CONFIGURABLE_DEPTH, NUMBER_DIGITS_CEILING
 
 
@@ -238,32 +239,6 @@ class MetricsSettings(_Frozen):
 
     port: int = 0
     host: str = "127.0.0.1"
-
-
-class TracingSettings(_Frozen):
-    """OpenTelemetry traces of every run, exported with OTLP over HTTP (``docs/traces.md``).
-
-    Off while ``endpoint`` is unset: no span is made, no header written, nothing imported.
-    """
-
-    endpoint: str | None = Field(
-        None, description="OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces; unset: tracing off"
-    )
-    headers: dict[str, str] = Field(
-        default_factory=dict, description="sent with every export (an API key of a hosted backend)"
-    )
-    sampling: float = Field(
-        1.0,
-        ge=0.0,
-        le=1.0,
-        description="share of runs traced; decided from the run's trace ID, so every "
-        "worker and executor of a run decides alike",
-    )
-    service_name: str = "calmrun"
-    include_content: bool = Field(
-        False,
-        description="put prompts and model responses on pydantic-ai's spans (they may hold personal data)",
-    )
 
 
 class ModelAlias(_Frozen):

@@ -56,11 +56,7 @@ from calmrun.streams.versions import Pinning, VersionAssignor
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
-from calmrun.workflow.events import (
-    StepResult,
-    StepTask,
-    TimerFired,
-)
+from calmrun.workflow.events import StepResult, StepTask, TimerFired
 from calmrun.workflow.registry import Definitions
 from calmrun.workflow.state import RunState
 

@@ -7,10 +7,14 @@ an ``OtelTracing`` exporting with OTLP over HTTP. Install the ``tracing`` extra 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from calmrun.errors import ConfigError
-from calmrun.settings import Settings
 from calmrun.tracing.ids import TRACEPARENT, SpanRef, parse_traceparent, run_ids
 from calmrun.tracing.port import NO_TRACING, Tracing
+
+if TYPE_CHECKING:
+    from calmrun.settings import Settings
 
 __all__ = ["NO_TRACING", "TRACEPARENT", "SpanRef", "Tracing", "parse_traceparent", "run_ids", "tracing_for"]
 
