@@ -52,7 +52,7 @@ extensions:
     http:
       endpoint: 127.0.0.1:{query}
     grpc:
-      endpoint: 127.0.0.1:{query_grpc}
+      endpoint: 127.0.0.1:{query_grpc}{ui}
 receivers:
   otlp:
     protocols:
@@ -120,14 +120,22 @@ class DevJaeger:
     Args:
         data_dir: its configuration and log (a temporary directory by default).
         otlp_port, query_port: the OTLP/HTTP receiver's and the query API's ports (free ones by default).
+        ui_assets: a built Jaeger UI (``packages/jaeger-ui/build`` of jaeger-ui) to serve: the Go module
+            ships none, only a placeholder page.
     """
 
     def __init__(
-        self, data_dir: Path | None = None, *, otlp_port: int | None = None, query_port: int | None = None
+        self,
+        data_dir: Path | None = None,
+        *,
+        otlp_port: int | None = None,
+        query_port: int | None = None,
+        ui_assets: Path | None = None,
     ) -> None:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="calmrun-jaeger-"))
         self.otlp_port = otlp_port or free_port()
         self.query_port = query_port or free_port()
+        self.ui_assets = ui_assets
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -156,7 +164,9 @@ class DevJaeger:
         binary = build()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "jaeger.yaml"
-        config.write_text(_CONFIG.format(otlp=self.otlp_port, query=self.query_port, query_grpc=free_port()))
+        ui = f"\n    ui:\n      assets_path: {self.ui_assets}" if self.ui_assets else ""
+        ports = {"otlp": self.otlp_port, "query": self.query_port, "query_grpc": free_port()}
+        config.write_text(_CONFIG.format(ui=ui, **ports))
         log = self.data_dir / "jaeger.log"
         with open(log, "ab") as out:
             self._proc = subprocess.Popen(
@@ -211,13 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["build", "run"])
     parser.add_argument("--otlp-port", type=int, default=4318)
     parser.add_argument("--query-port", type=int, default=16686)
+    parser.add_argument("--ui-assets", type=Path, help="a built Jaeger UI to serve (the module has none)")
     args = parser.parse_args(argv)
     if args.command == "build":
         started = time.monotonic()
         path = build()
         print(f"jaeger {JAEGER_VERSION}: {path} ({time.monotonic() - started:.0f} s)")
         return
-    with DevJaeger(otlp_port=args.otlp_port, query_port=args.query_port) as jaeger:
+    with DevJaeger(otlp_port=args.otlp_port, query_port=args.query_port, ui_assets=args.ui_assets) as jaeger:
         print(f"jaeger: OTLP {jaeger.otlp_endpoint}, UI {jaeger.query_url}/ (Ctrl-C stops it)")
         try:
             while True:
