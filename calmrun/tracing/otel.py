@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -110,7 +111,7 @@ def provider_for(settings: Settings, service: str) -> TracerProvider:
     assert t.endpoint is not None
     provider = TracerProvider(
         sampler=ParentBased(TraceIdRatioBased(t.sampling)),
-        resource=Resource.create({"service.name": service}),
+        resource=Resource.create({"service.name": service, "service.instance.id": uuid.uuid4().hex}),
         id_generator=_RunIds(),
     )
     exporter = OTLPSpanExporter(endpoint=t.endpoint, headers=dict(t.headers))

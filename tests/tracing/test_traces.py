@@ -2,7 +2,8 @@
 
 A run with a retry, an approval and a pooled step arrives as one trace: the run's root span, a span per
 decision, per attempt (queue, execute with pydantic-ai's model spans inside, commit) and per wait, the
-pooled attempt from the pool executor's process, its result's decision linked to it.
+pooled attempt from the pool executor's process, its result's decision linked to it; the deciding worker is
+replaced mid-run and a traced caller's span is linked from the request's decision.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo
@@ -106,8 +108,11 @@ async def test_a_run_with_a_retry_an_approval_and_a_pooled_step_is_one_trace(
     started.append(executor)
     await executor.start()
 
+    caller = TracerProvider().get_tracer("shop")  # a traced service that starts the run
     async with Client(settings) as client:
-        run_id = await client.submit(RunRequest(workflow="refund", input={"n": 1, "text": "order 1234"}))
+        with caller.start_as_current_span("checkout") as checkout:
+            request = RunRequest(workflow="refund", input={"n": 1, "text": "order 1234"})
+            run_id = await client.submit(request)
 
         await poll_states(
             client,
@@ -116,6 +121,11 @@ async def test_a_run_with_a_retry_an_approval_and_a_pooled_step_is_one_trace(
             90,
             "the run to wait for its approval",
         )
+        await worker.stop()  # the run moves to another worker (another process's tracer) mid-run
+        worker = Worker(settings, [wf], agents, ModelRegistry(settings.models))
+        started.insert(0, worker)
+        await worker.start()
+        await ready(worker)
         await client.command(
             RunCommand(command="approve", run_id=run_id, workflow="refund", step="approve", by="alice")
         )
@@ -206,6 +216,15 @@ async def test_a_run_with_a_retry_an_approval_and_a_pooled_step_is_one_trace(
     ]
     (waited,) = named["wait approval approve"]
     assert tags(waited)["calmrun.wait_outcome"] == "succeeded"
+
+    # before and after the move: two workers' spans, one trace
+    first_worker = named["decide request"][0]["processID"]
+    assert named["decide answer approve"][0]["processID"] not in (first_worker, shipped["processID"])
+    assert service[named["decide answer approve"][0]["processID"]] == "calmrun"
+    # the caller's span is linked from the decision on its request
+    (requested,) = named["decide request"]
+    caller_ref = f"{checkout.get_span_context().span_id:016x}"
+    assert caller_ref in [r["spanID"] for r in requested["references"] if r["refType"] == "FOLLOWS_FROM"]
 
 
 async def test_tracing_off_writes_no_header_and_makes_no_span(
