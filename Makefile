@@ -25,7 +25,9 @@ kafka: install
 # apt-get waits up to 10 minutes for the dpkg lock (another apt process, e.g. unattended upgrades), instead
 # of failing at once.
 APT = apt-get -o DPkg::Lock::Timeout=600
-tools:
+# jaeger: tests/tracing/ export traces to a real Jaeger, built once from its Go module into
+# ~/.cache/calmrun/jaeger-1.75.0 (calmrun.devjaeger; Go from apt-get when missing).
+tools: install
 	@command -v kcat >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q kcat; \
 	  else echo "kcat missing: sudo apt-get install kcat" >&2; exit 1; fi; }
@@ -35,6 +37,10 @@ tools:
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q chromium; \
 	  else echo "chromium missing: sudo apt-get install chromium" >&2; exit 1; fi; }
+	@command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { \
+	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q golang-go; \
+	  else echo "go missing: sudo apt-get install golang-go" >&2; exit 1; fi; }
+	$(PY) -m calmrun.devjaeger build
 
 # The local model of the end-to-end tests (calmrun.devmodel): the first install compiles llama.cpp (about
 # 5 minutes on 2 cores); pip's wheel cache makes later installs take seconds.

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import aggregator, floor, memory, pools, replay, scaling, status, ui, workflow
+from bench import aggregator, floor, memory, pools, replay, scaling, status, tracing, ui, workflow
 from bench.common import ROOT, Ctx, loadavg
 from bench.peers import compare
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
@@ -43,8 +43,9 @@ WORKLOADS: dict[str, Workload] = {
     "pools-hop": pools.hop,
     "pools-slow": pools.slow,
 }
-OPTIONAL: dict[str, Workload] = {"peers": compare.run}
-"""Not run by default: ``peers`` installs other engines (``--peers``)."""
+OPTIONAL: dict[str, Workload] = {"peers": compare.run, "tracing": tracing.run}
+"""Not run by default: ``peers`` installs other engines (``--peers``); ``tracing`` needs Jaeger (``make
+tools``): ``python -m bench --only tracing``."""
 
 
 def machine() -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
     python -m bench.worker --bootstrap B --prefix P --status-file F [--max-in-flight N] [--acks all|1]
         [--no-idempotence] [--linger-ms MS] [--sleep S] [--profile OUT] [--triage]
-        [--pooled STEP=POOL] [--pool NAME]
+        [--pooled STEP=POOL] [--pool NAME] [--tracing OTLP_URL]
 
 Runs ``lin`` (``tests.runtime_support.linear``: s1 -> s2 -> s3) with the agent ``bench_step`` (returns at
 once, or after ``--sleep`` seconds) until SIGTERM; with ``--triage``, the triage example instead
@@ -69,6 +69,7 @@ def make_worker(
     linger_ms: int | None = None,
     pooled: dict[str, str] | None = None,
     triage: bool = False,
+    tracing: str | None = None,
 ) -> Worker:
     kafka = {"bootstrap": bootstrap, "prefix": prefix, "partitions": PARTITIONS, "acks": acks}
     kafka |= {"idempotence": idempotence} | ({} if linger_ms is None else {"linger_ms": linger_ms})
@@ -76,6 +77,7 @@ def make_worker(
         TRIAGE / "models.yaml" if triage else None,
         kafka=kafka,
         worker={"max_in_flight": max_in_flight, "commit_interval_s": 1.0, "timer_interval_s": 0.2},
+        tracing={"endpoint": tracing} if tracing else {},
     )
     if triage:
         wf = load_workflow(TRIAGE / "workflow.yaml")
@@ -151,6 +153,7 @@ async def main(args: argparse.Namespace) -> None:
         linger_ms=args.linger_ms,
         pooled=pooled,
         triage=args.triage,
+        tracing=args.tracing,
     )
     status = Path(args.status_file) if args.status_file else None
     runner = asyncio.create_task(worker.run(lambda: _status(status, worker, "running")))
@@ -176,6 +179,7 @@ def cli() -> None:
     parser.add_argument("--pool", help="run an executor of this pool instead of a deciding worker")
     parser.add_argument("--profile")
     parser.add_argument("--triage", action="store_true", help="the triage example instead of lin")
+    parser.add_argument("--tracing", help="export traces to this OTLP/HTTP endpoint (bench.tracing)")
     parser.add_argument(
         "--preload", help="a Python file executed before the worker starts (bench-only patch experiments)"
     )

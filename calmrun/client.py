@@ -24,6 +24,7 @@ from calmrun.kafka import reader
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.topics import Topics, check_readable, partition_for, start_client
 from calmrun.settings import Settings
+from calmrun.tracing.caller import caller_headers
 from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import DlqRecord
 from calmrun.wire.dlqview import RawEntry
@@ -76,6 +77,7 @@ class Client:
         """Produce many run requests and wait until all are acknowledged."""
         ids: list[str] = []
         futures = []
+        caller = caller_headers()  # the caller's span, linked from the run's trace (calmrun.tracing)
         try:
             for req in requests:
                 run_id = req.run_id or f"run-{time.time_ns():x}-{len(ids)}"
@@ -85,6 +87,7 @@ class Client:
                         self.topics.requests,
                         self.codec.encode(req, self.topics.requests),
                         key=run_id.encode(),
+                        headers=caller,
                     )
                 )
                 ids.append(run_id)
@@ -97,7 +100,10 @@ class Client:
         """Produce one command (approve, reject, signal, cancel, redrive) keyed by its run ID."""
         try:
             await self.producer.send_and_wait(
-                self.topics.requests, self.codec.encode(cmd, self.topics.requests), key=cmd.run_id.encode()
+                self.topics.requests,
+                self.codec.encode(cmd, self.topics.requests),
+                key=cmd.run_id.encode(),
+                headers=caller_headers(),
             )
         except TopicAuthorizationFailedError as exc:
             raise KafkaAuthorizationError("topic", self.topics.requests, detail="Write refused") from exc

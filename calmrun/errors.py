@@ -53,6 +53,10 @@ class DevKafkaError(CalmrunError):
     """The local development broker could not be fetched, formatted, started or stopped."""
 
 
+class DevJaegerError(CalmrunError):
+    """The local trace receiver (Jaeger, ``calmrun.devjaeger``) could not be built or started."""
+
+
 class SerializationError(CalmrunError):
     """A value could not be encoded to or decoded from its wire format."""
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from calmrun.errors import ConfigError
+from calmrun.traceconfig import TracingSettings
 from calmrun.wire.jsonfield import MAX_CONFIGURABLE_DEPTH, NUMBER_DIGITS_CEILING
 from calmrun.wire.settings import WireSettings
 
@@ -356,6 +357,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     throttle: ThrottleSettings = ThrottleSettings()
     wire: WireSettings = WireSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @property
     def group_id(self) -> str:

@@ -13,11 +13,12 @@ from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.costs.pricing import Pricing
 from calmrun.settings import Settings
 from calmrun.streams.throttle import Throttle
+from calmrun.tracing import NO_TRACING, Tracing
 from calmrun.workflow.events import StepResult, StepTask
 
 
 class Attempts:
-    """Runs attempts with one process's agents, models, pricing and throttle."""
+    """Runs attempts with one process's agents, models, pricing and throttle, each in its attempt span."""
 
     def __init__(
         self,
@@ -26,6 +27,7 @@ class Attempts:
         models: ModelRegistry,
         throttle: Throttle,
         clock: Callable[[], int],
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings, self.agents, self.models, self.throttle, self.clock = (
             settings,
@@ -35,10 +37,13 @@ class Attempts:
             clock,
         )
         self.pricing = Pricing.from_settings(settings)
+        self.tracing = tracing
+        self.models = tracing.models(models)  # instrumented when tracing: model requests nest in attempts
 
     async def run(self, task: StepTask, scrub: Callable[[str], str]) -> StepResult:
         """Run ``task``'s agent once; ``scrub`` redacts its failure's log line."""
-        result = await execute(
+        run = functools.partial(
+            execute,
             task,
             self.agents,
             self.models,
@@ -48,5 +53,6 @@ class Attempts:
             limits=self.settings.limits,
             on_failure=functools.partial(self.throttle.failed, task),
         )
+        result = await self.tracing.attempt(task, run)
         self.throttle.finished(task, result)
         return result

@@ -24,6 +24,7 @@ from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import Out, StateOut, dlq_out, event_out, task_out
 from calmrun.streams.tasks import Source
 from calmrun.streams.timers import Timers
+from calmrun.tracing import NO_TRACING, Tracing
 from calmrun.wire.codec import RecordCodec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
 from calmrun.workflow.decider import Decision, decide
@@ -47,6 +48,7 @@ class Decisions:
 
     Args:
         start_tasks: starts the tasks of a committed decision (``None`` when tasks are read back).
+        tracing: told of each decision, which it traces once committed (``calmrun.tracing``).
     """
 
     def __init__(
@@ -60,11 +62,13 @@ class Decisions:
         clock: Callable[[], int],
         metrics: WorkerMetrics | None,
         start_tasks: Callable[[int, list[tuple[Out, StepTask]]], None],
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings, self.topics, self.codec = settings, topics, codec
         self._parts, self._timers, self._redactor = partitions, timers, redactor
         self._clock, self._metrics, self._start_tasks = clock, metrics, start_tasks
         self.counts = DecisionCounts()
+        self.tracing = tracing
 
     def decide(
         self,
@@ -77,17 +81,18 @@ class Decisions:
     ) -> Decision:
         """Decide ``inp`` for a run of partition ``p`` and add its records to ``p``'s next transaction."""
         d = decide(wf, state, inp)
+        traced = self.tracing.decision(wf, state, inp, d, source.headers if source is not None else ())
         self.counts.decisions += 1
         run_id = inp.run_id
         key = run_id.encode()
         outputs = [self.event_out(p, ev) for ev in d.events]
         if d.ignored:
             self.counts.ignored += 1
-            self.submit(p, outputs, pending, d.events)
+            self.submit(p, outputs, pending, d.events, traced=traced)
             return d
         assert d.state is not None
         encoded = self._parts.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
-        tasks = [(task_out(self.topics, self.codec, p, t), t) for t in d.tasks]
+        tasks = [(task_out(self.topics, self.codec, p, t, self.tracing.task_headers(t)), t) for t in d.tasks]
         outputs += [out for out, _ in tasks]
         if d.quarantine is not None:
             q = d.quarantine
@@ -112,7 +117,8 @@ class Decisions:
         encode = functools.partial(self.codec.encode, d.state) if encoded is None else lambda: encoded
         state_out = StateOut(self.topics.state, p, key, encode)
         eager = tasks if self.settings.worker.eager else []
-        self.submit(p, outputs, pending, d.events, state_out, eager, quarantined=d.quarantine is not None)
+        quarantined = d.quarantine is not None
+        self.submit(p, outputs, pending, d.events, state_out, eager, quarantined=quarantined, traced=traced)
         due = d.state.next_due_ms()
         if due is not None:
             self._timers.push(due, p, run_id)
@@ -128,8 +134,12 @@ class Decisions:
         eager: list[tuple[Out, StepTask]] | None = None,
         *,
         quarantined: bool = False,
+        traced: Callable[[], None] | None = None,
     ) -> None:
-        """Add one decision to partition ``p``'s next transaction; its inputs are finished with it."""
+        """Add one decision to partition ``p``'s next transaction; its inputs are finished with it.
+
+        ``traced`` is called once it is committed (the decision's span: ``calmrun.tracing``).
+        """
         writer = self._parts.writers[p]
         for input_record in pending:
             input_record.finish()
@@ -143,6 +153,8 @@ class Decisions:
             self.counts.quarantined += quarantined
             if eager:
                 self._start_tasks(p, eager)
+            if traced is not None:
+                traced()
 
         writer.add(outputs, state, on_commit)
 

@@ -47,6 +47,7 @@ from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
+from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
 from calmrun.workflow.definition import WorkflowDef
@@ -98,7 +99,8 @@ class PoolExecutor:
         self._gate = Gate(settings.worker.max_unacked)
         self._stable = asyncio.Event()
         self.throttle = Throttle(settings.throttle, self.workflows, models.aliases)  # limits, 429 pauses
-        self.attempts = Attempts(settings, agents, models, self.throttle, clock)
+        self.tracing = tracing_for(settings, pool=pool, role="pool")  # off unless settings.tracing.endpoint
+        self.attempts = Attempts(settings, agents, models, self.throttle, clock, self.tracing)
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
             self._execute,
@@ -162,6 +164,7 @@ class PoolExecutor:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
         self.metrics.stop()
+        self.tracing.close()
 
     async def __aenter__(self) -> PoolExecutor:
         await self.start()
@@ -299,17 +302,20 @@ class PoolExecutor:
         out = dlq_out(self.topics.dlq(INVALID), self.codec, rec.partition, dlq.key, dlq)
         self._send(rec.partition, [out], [pending] if pending is not None else [])
 
-    def _send(self, p: int, outputs: list[Out], pending: list[Pending]) -> None:
+    def _send(self, p: int, outputs: list[Out], pending: list[Pending], task: StepTask | None = None) -> None:
         writer = self.writers.get(p)
         if writer is None:
             return  # lost meanwhile: the next owner reads these records again
         for rec in pending:
             rec.finish()
-        writer.add(outputs, None, self._count(len([o for o in outputs if o.topic == self.topics.results])))
+        n = len([o for o in outputs if o.topic == self.topics.results])
+        writer.add(outputs, None, self._count(n, task))
 
-    def _count(self, n: int) -> Callable[[], None]:
+    def _count(self, n: int, task: StepTask | None) -> Callable[[], None]:
         def committed() -> None:
             self.counts.results += n
+            if task is not None:
+                self.tracing.result_committed(task)  # the attempt's span ends with its commit
 
         return committed
 
@@ -335,9 +341,13 @@ class PoolExecutor:
             p,
             task.run_id.encode(),
             self.codec.encode(record, self.topics.results),
-            ((IDEMPOTENCY_KEY, task.idempotency_key.encode()), (POOL_HEADER, self.pool.encode())),
+            (
+                (IDEMPOTENCY_KEY, task.idempotency_key.encode()),
+                (POOL_HEADER, self.pool.encode()),
+                *self.tracing.result_headers(task),  # traceparent: the attempt's span
+            ),
         )
-        self._send(p, [out], pending)
+        self._send(p, [out], pending, task)
 
     def _fail(self, exc: BaseException) -> None:
         log.error("executor failing: %r", exc)

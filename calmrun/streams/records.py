@@ -53,13 +53,16 @@ def event_out(topics: Topics, codec: RecordCodec, p: int, ev: RunEvent) -> Out:
     )
 
 
-def task_out(topics: Topics, codec: RecordCodec, p: int, task: StepTask) -> Out:
+def task_out(
+    topics: Topics, codec: RecordCodec, p: int, task: StepTask, headers: tuple[tuple[str, bytes], ...] = ()
+) -> Out:
+    """A task record; ``headers`` are added (a ``traceparent`` when tracing is on: ``calmrun.tracing``)."""
     return Out(
         topics.step(task.workflow, task.step),
         p,
         task.run_id.encode(),
         codec.encode(task, topics.step(task.workflow, task.step)),
-        ((IDEMPOTENCY_KEY, task.idempotency_key.encode()),),
+        ((IDEMPOTENCY_KEY, task.idempotency_key.encode()), *headers),
     )
 
 

@@ -53,13 +53,10 @@ from calmrun.streams.throttle import Throttle
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import Gate, PartitionWriter
 from calmrun.streams.versions import Pinning, VersionAssignor
+from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
-from calmrun.workflow.events import (
-    StepResult,
-    StepTask,
-    TimerFired,
-)
+from calmrun.workflow.events import StepResult, StepTask, TimerFired
 from calmrun.workflow.registry import Definitions
 from calmrun.workflow.state import RunState
 
@@ -115,7 +112,8 @@ class Worker:
         self._gate = Gate(settings.worker.max_unacked)
         self._timers = Timers()
         self.throttle = Throttle(settings.throttle, self.workflows.values(), models.aliases)
-        self.attempts = Attempts(settings, agents, models, self.throttle, clock)
+        self.tracing = tracing_for(settings, pool=pool)  # off unless settings.tracing.endpoint
+        self.attempts = Attempts(settings, agents, models, self.throttle, clock, self.tracing)
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
             self._execute,
@@ -155,6 +153,7 @@ class Worker:
             clock,
             metrics,
             self._start_committed,
+            self.tracing,
         )
         self.intake = Intake(
             settings,
@@ -267,6 +266,7 @@ class Worker:
             await self.metrics.stop()
         await self.stamps.stop()
         await self._close_clients()
+        self.tracing.close()
 
     async def _close_clients(self) -> None:
         for client in (self.parts.consumer, self.parts.restorer):

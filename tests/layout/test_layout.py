@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "calmrun"
-MAX_LINES = 400
+MAX_LINES = 600
 
 
 def modules() -> dict[str, Path]:
@@ -113,7 +113,7 @@ def test_no_package_import_circle() -> None:
     assert not cycles(pg), f"package circles: {cycles(pg)}"
 
 
-def test_no_module_over_400_lines() -> None:
+def test_no_module_over_600_lines() -> None:
     long = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
     over = {n: k for n, k in long.items() if k > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines: {over}"
