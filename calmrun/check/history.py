@@ -39,7 +39,7 @@ from calmrun.settings import KafkaSettings
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.definition import WorkflowDef
-from calmrun.workflow.events import RunEvent
+from calmrun.workflow.events import HELD_NOTES, RunEvent
 from calmrun.workflow.state import RunState
 
 TERMINAL = frozenset({"run.completed", "run.refused", "run.cancelled"})
@@ -227,7 +227,9 @@ def check_run(
         return out, copies, False
     try:
         # the definition the run started on, then each recorded migration's target
-        verdict = replay_given(definitions, Snapshot(run_id=run_id, state=state, events=history))
+        notes = [e for e in events if e.seq < 0 and e.type in HELD_NOTES]  # held commands change the state
+        snap = Snapshot(run_id=run_id, state=state, events=history, notes=notes)
+        verdict = replay_given(definitions, snap)
     except CalmrunError as exc:
         bad(Rule.STATE, f"cannot re-decide: {exc}")
         return out, copies, False

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from calmrun.wire.jsonfield import JsonDict
+from calmrun.jsontypes import JsonDict
 
 
 class _Record(BaseModel):
@@ -120,8 +120,11 @@ EventType = Literal[
     "run.cancelled",
     # logged, never applied
     "input.ignored",
-    "input.held",  # a command kept for a worker that serves the run's version (streams.versions)
+    "input.held",  # a command kept in the run's state for a worker that serves its version
+    "input.released",  # a held command taken out of the state, to be decided now
 ]
+HELD_NOTES = frozenset({"input.held", "input.released"})
+"""Notes (seq -1) that change a run's state all the same: its ``held`` commands (``workflow.operator``)."""
 INPUT_TYPES = frozenset(
     {
         "run.requested",
@@ -341,8 +344,35 @@ class CancelRequested:
     by: str | None = None
 
 
+@dataclass(frozen=True)
+class CommandHeld:
+    """A command for a run pinned to a version no worker here serves: kept, in order, in the run's state.
+
+    Holding is decided without the run's definition (the worker has none): it changes nothing but
+    ``RunState.held`` and is logged, not applied (``input.held``, seq -1), so the run's seq, which a
+    ``deploy check`` vouches for, does not move.
+    """
+
+    run_id: str
+    at_ms: int
+    command: dict[str, Any]
+    """The command as JSON (``RunCommand.model_dump(mode="json")``)."""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class HeldReleased:
+    """The oldest held command leaves the state, to be decided next (by a worker serving the version)."""
+
+    run_id: str
+    at_ms: int
+
+
 PersonInput = Answer | SignalReceived | CancelRequested
-DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested | MigrateRequested | PersonInput
+HeldInput = CommandHeld | HeldReleased
+DeciderInput = (
+    RunRequested | StepResult | TimerFired | RedriveRequested | MigrateRequested | PersonInput | HeldInput
+)
 
 
 def command_input(run_id: str, cmd: RunCommand, at_ms: int) -> DeciderInput:

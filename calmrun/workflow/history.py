@@ -9,6 +9,7 @@ with a changed one, the first difference is where the change would alter runs in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
@@ -19,7 +20,10 @@ from calmrun.workflow.events import (
     INPUT_TYPES,
     Answer,
     CancelRequested,
+    CommandHeld,
     DeciderInput,
+    HeldInput,
+    HeldReleased,
     MigrateRequested,
     RedriveRequested,
     RunEvent,
@@ -102,6 +106,23 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
             out.append(MigrateRequested(ev.run_id, ev.at_ms, version, digest, d.get("by"), seq))
         else:
             out.append(RedriveRequested(ev.run_id, ev.at_ms, d.get("by")))
+    return out
+
+
+def held_from_notes(notes: Iterable[RunEvent]) -> list[tuple[int, HeldInput]]:
+    """The holding inputs of one run from its ``input.held``/``input.released`` notes, in log order, each
+    with the seq the run was at (notes written before 0.4 carry no command and are left out)."""
+    out: list[tuple[int, HeldInput]] = []
+    for ev in notes:
+        after = ev.data.get("after_seq")
+        if after is None:
+            continue
+        if ev.type == "input.held" and "entry" in ev.data:
+            entry = json.loads(ev.data["entry"])
+            held = CommandHeld(ev.run_id, int(entry["at_ms"]), entry["command"], ev.data.get("reason", ""))
+            out.append((int(after), held))
+        elif ev.type == "input.released":
+            out.append((int(after), HeldReleased(ev.run_id, ev.at_ms)))
     return out
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from calmrun.wire.jsonfield import JsonDict
+from calmrun.jsontypes import JsonDict
 
 RunStatus = Literal["running", "completed", "quarantined", "over_budget", "refused", "cancelled"]
 StepStatus = Literal[
