@@ -15,6 +15,7 @@ from calmrun.errors import CalmrunError, ConfigError, InvalidOutputError
 from calmrun.settings import LimitsSettings, Settings
 from calmrun.wire.jsonfield import loads
 from calmrun.workflow.definition import WorkflowDef, targets
+from calmrun.workflow.kinds.loop import LoopStep
 from calmrun.workflow.kinds.wait import MAX_BUFFERED, WaitStep
 
 STEP_OVERHEAD_BYTES = 4_096
@@ -46,12 +47,14 @@ def check_workflow(wf: WorkflowDef, settings: Settings) -> WorkflowDef:
         raise ConfigError(
             f"{where} starts {widest} steps at once, over limits.max_fan_out ({lim.max_fan_out})"
         )
+    visits = {b: s.max_iterations for s in wf.steps if isinstance(s, LoopStep) for b in s.body(wf)}
     worst = sum(
-        s.retry.max_attempts * max(1, len(s.ladder)) * (2 if s.compensation() else 1) for s in wf.steps
+        s.retry.max_attempts * max(1, len(s.ladder)) * (2 if s.compensation() else 1) * visits.get(s.name, 1)
+        for s in wf.steps
     )
     if worst > lim.max_attempts_per_run:
         raise ConfigError(
-            f"{where} may make {worst} attempts per run (retries x model ladder), over "
+            f"{where} may make {worst} attempts per run (retries x model ladder x loop iterations), over "
             f"limits.max_attempts_per_run ({lim.max_attempts_per_run})"
         )
     # each signal may keep MAX_BUFFERED payloads in the state

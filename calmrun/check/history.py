@@ -184,7 +184,7 @@ def check_run(
             bad(Rule.TERMINAL, "run.cancelled without a cancel before it", [e])
 
     results: dict[tuple[str, str, int], RunEvent] = {}
-    routed: dict[str, RunEvent] = {}
+    routed: dict[tuple[str, int], RunEvent] = {}  # (step, loop iteration)
     ended: set[tuple[str, int]] = set()  # (step, attempt) with a result or a cancellation
     for e in history:
         step, attempt = e.step or "", e.attempt or 0
@@ -202,9 +202,11 @@ def check_run(
         elif e.type == "step.cancelled":
             ended.add((step, attempt))
         elif e.type == "run.routed":
-            if step in routed:
-                bad(Rule.RESULT_TWICE, f"step {step} routed twice", (routed[step], e))
-            routed[step] = e
+            visit = (step, int(e.data.get("iteration", 0)))
+            if visit in routed:
+                again = f" in iteration {visit[1]}" if visit[1] else ""
+                bad(Rule.RESULT_TWICE, f"step {step} routed twice{again}", (routed[visit], e))
+            routed[visit] = e
         elif e.type in SCHEDULED and attempt > 1 and (step, attempt - 1) not in ended:
             bad(
                 Rule.ATTEMPT_UNEXPLAINED,

@@ -31,6 +31,7 @@ from calmrun.workflow.events import (
     StepResult,
     StepTask,
     TimerFired,
+    attempt_key,
 )
 from calmrun.workflow.kinds import AgentStep, approval, wait
 from calmrun.workflow.kinds import agent as agent_kind
@@ -215,7 +216,13 @@ def task_ignored(state: RunState | None, task: StepTask, at_ms: int) -> RunEvent
 def expired(state: RunState, now_ms: int) -> list[str]:
     """Idempotency keys of the attempts whose deadline has passed at ``now_ms`` (what a timer re-issues)."""
     return [
-        f"{state.run_id}/{name}/{'compensate' if st.status == 'compensating' else 'run'}/{st.attempt}"
+        attempt_key(
+            state.run_id,
+            name,
+            "compensate" if st.status == "compensating" else "run",
+            st.attempt,
+            st.iteration,
+        )
         for name, st in sorted(state.steps.items())
         if st.deadline_ms is not None and st.deadline_ms <= now_ms
     ]

@@ -143,13 +143,50 @@ class WorkflowDef(_Def):
                     raise ValueError(f"step {s.name!r} needs unknown step {n!r}")
             s.validate_in(known)
         self._check_acyclic()
+        for s in self.steps:
+            for back in s.back_edges():
+                body = self.between(back, s.name)
+                if not body:
+                    raise ValueError(f"step {s.name!r} goto: {back!r} does not lead back to {s.name!r}")
+                inner = [b for b in body if self.step(b).back_edges()]
+                if inner:
+                    raise ValueError(
+                        f"step {s.name!r}: loops do not nest; its body holds the loop {inner[0]!r}"
+                    )
         return self
 
-    def _check_acyclic(self) -> None:
+    @cached_property
+    def edges(self) -> dict[str, list[str]]:
+        """Forward edges (a loop's way back excluded): where each step leads, a needed step to its join."""
         edges = {s.name: self.successors(s) for s in self.steps}
         for s in self.steps:  # a join depends on what it needs: that is an edge too
             for n in s.needs:
                 edges[n].append(s.name)
+        return edges
+
+    def between(self, first: str, last: str) -> list[str]:
+        """The steps on a forward path from ``first`` to ``last`` (``last`` excluded), in definition order."""
+        edges = self.edges
+        after = self._reach(first, edges)
+        back: dict[str, list[str]] = {n: [] for n in edges}
+        for n, outs in edges.items():
+            for m in outs:
+                back[m].append(n)
+        before = self._reach(last, back)
+        return [s.name for s in self.steps if s.name in after and s.name in before and s.name != last]
+
+    @staticmethod
+    def _reach(start: str, edges: dict[str, list[str]]) -> set[str]:
+        seen, todo = {start}, [start]
+        while todo:
+            for m in edges.get(todo.pop(), []):
+                if m not in seen:
+                    seen.add(m)
+                    todo.append(m)
+        return seen
+
+    def _check_acyclic(self) -> None:
+        edges = {n: list(outs) for n, outs in self.edges.items()}
         state: dict[str, int] = {}
 
         def visit(n: str, path: list[str]) -> None:

@@ -111,6 +111,9 @@ EventType = Literal[
     "step.compensation_failed",
     "step.cancelled",
     "step.escalated",
+    "step.route_refused",  # an agent-chosen route outside route.allowed: the attempt failed
+    "step.looped",  # a loop went back for another iteration
+    "step.loop_exhausted",  # a loop reached max_iterations
     "step.model_chosen",
     "run.over_budget",
     "run.refused",
@@ -172,11 +175,21 @@ class StepTask(_Record):
     tenant: str = "default"
     issued_ms: int
     timeout_s: float
+    iteration: int = Field(
+        0, description="a step in a loop: which visit this attempt belongs to (0: the first)"
+    )
 
     @property
     def idempotency_key(self) -> str:
         """Stable per attempt: agents pass it to downstream APIs so a re-executed attempt is recognised."""
-        return f"{self.run_id}/{self.step}/{self.kind}/{self.attempt}"
+        return attempt_key(self.run_id, self.step, self.kind, self.attempt, self.iteration)
+
+
+def attempt_key(run_id: str, step: str, kind: str, attempt: int, iteration: int = 0) -> str:
+    """An attempt's idempotency key: ``run/step/kind/attempt``, the step as ``step#i`` in iteration i > 0
+    of a loop (attempt numbers go on across iterations, so a key is never reused within a run)."""
+    where = step if iteration == 0 else f"{step}#{iteration}"
+    return f"{run_id}/{where}/{kind}/{attempt}"
 
 
 class StepResultRecord(_Record):

@@ -21,6 +21,7 @@ StepStatus = Literal[
     "compensation_failed",
     "waiting",  # approval/wait steps: for an answer or a signal, until due_ms when it is set
     "timed_out",  # approval/wait steps: no answer by due_ms; the run took on_timeout
+    "looped",  # a step of a loop's body, done in an earlier iteration: it runs again when reached
 ]
 ACTIVE: frozenset[str] = frozenset({"scheduled", "retry_wait", "compensating", "waiting"})
 
@@ -47,6 +48,7 @@ class StepState(BaseModel):
     )
     finished_ms: int | None = None
     done_seq: int | None = Field(None, description="event seq at success: orders compensation")
+    iteration: int = Field(0, description="loops: which visit of the step this is (0: the first)")
 
 
 class RunState(BaseModel):

@@ -188,6 +188,10 @@ class StepDef(_Def):
         limits)."""
         return []
 
+    def back_edges(self) -> list[str]:
+        """Earlier steps the run may go back to from this one (a loop's ``goto``): bounded, so not cycles."""
+        return []
+
     def validate_in(self, steps: set[str]) -> None:
         """Checks that need the workflow (``steps``: its step names); raise ValueError naming the field."""
 

@@ -122,7 +122,7 @@ class Transitions:
             if branch.when.holds(output):
                 chosen, by = targets(branch.goto), f"branches[{i}]"
                 break
-        self.emit("run.routed", name, data={"to": chosen, "by": by})
+        self.emit("run.routed", name, data={"to": chosen, "by": by, **self.iteration_of(name)})
         self.goto(chosen)
 
     def goto(self, chosen: list[str]) -> None:
@@ -134,15 +134,26 @@ class Transitions:
 
     def start(self, name: str) -> None:
         s = self.s
-        if name in s.steps or s.status != "running":
-            return  # each step runs once per run; a join is started by the last branch to arrive
+        before = s.steps.get(name)
+        if (before is not None and before.status != "looped") or s.status != "running":
+            return  # each step runs once per run (per loop iteration); a join is started by the last branch
         sd = self.wf.step(name)
         if any(n not in s.steps or s.steps[n].status != "succeeded" for n in sd.needs):
             return
         rung = s.start_rungs.get(name, 0)
-        s.steps[name] = StepState(status="scheduled", model=sd.ladder[rung], model_index=rung)
+        st = StepState(status="scheduled", model=sd.ladder[rung], model_index=rung)
+        if before is not None:  # another iteration: attempts go on (a key is never reused), retries anew
+            st.attempt = st.retry_base = before.attempt
+            st.iteration = before.iteration
+        s.steps[name] = st
         self._copied.add(name)
         sd.issue(self, name)
+
+    def iteration_of(self, name: str) -> dict[str, int]:
+        """``{"iteration": i}`` for events of a step in iteration i > 0 of a loop (else nothing: histories
+        of steps outside loops read as before)."""
+        st = self.s.steps.get(name)
+        return {"iteration": st.iteration} if st is not None and st.iteration else {}
 
     def succeed(self, name: str, output: dict[str, Any]) -> StepState:
         """Record the step's output (it succeeded now); the caller routes the run on."""

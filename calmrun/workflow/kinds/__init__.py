@@ -15,10 +15,11 @@ from pydantic import Discriminator, Tag
 
 from calmrun.workflow.kinds.agent import AgentStep
 from calmrun.workflow.kinds.approval import ApprovalStep
+from calmrun.workflow.kinds.loop import LoopStep
 from calmrun.workflow.kinds.wait import WaitStep
 from calmrun.workflow.kinds.waiting import WaitingStep
 
-StepKind = Literal["agent", "approval", "wait"]
+StepKind = Literal["agent", "approval", "wait", "loop"]
 
 
 def kind_of(data: Any) -> str:
@@ -31,13 +32,14 @@ def kind_of(data: Any) -> str:
 Step = Annotated[
     Annotated[AgentStep, Tag("agent")]
     | Annotated[ApprovalStep, Tag("approval")]
-    | Annotated[WaitStep, Tag("wait")],
+    | Annotated[WaitStep, Tag("wait")]
+    | Annotated[LoopStep, Tag("loop")],
     Discriminator(
         kind_of,
         custom_error_type="unknown_kind",
-        custom_error_message="unknown step kind; kinds are agent, approval, wait",
+        custom_error_message="unknown step kind; kinds are agent, approval, wait, loop",
     ),
 ]
 """One step of a workflow, of the kind its ``kind`` names."""
 
-__all__ = ["AgentStep", "ApprovalStep", "Step", "StepKind", "WaitStep", "WaitingStep", "kind_of"]
+__all__ = ["AgentStep", "ApprovalStep", "LoopStep", "Step", "StepKind", "WaitStep", "WaitingStep", "kind_of"]

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from calmrun.errors import ErrorKind, InputMappingError
 from calmrun.workflow.events import StepResult, StepTask
 from calmrun.workflow.state import RunState
-from calmrun.workflow.steps import DEFAULT_POOL, StepDef, _Def, lookup
+from calmrun.workflow.steps import DEFAULT_POOL, StepDef, Target, _Def, lookup
 
 if TYPE_CHECKING:
     from calmrun.workflow.definition import WorkflowDef
@@ -50,6 +50,13 @@ class Choose(_Def):
     cheapest_meeting: CheapestMeeting
 
 
+class Route(_Def):
+    """The agent chooses where the run goes: its output's ``field`` names one of ``allowed``."""
+
+    field: str = Field(description="dotted path in the output that names the next step (or end:<outcome>)")
+    allowed: list[str] = Field(min_length=1, description="the steps and end:<outcome>s it may name")
+
+
 class AgentStep(StepDef):
     """A step an agent runs: which agent, on which input, with which models, undone by which agent."""
 
@@ -76,6 +83,9 @@ class AgentStep(StepDef):
     choose: Choose | None = Field(
         None, description="pick the starting rung of `models` from observed success rates (the planner)"
     )
+    route: Route | None = Field(
+        None, description="the output names the next step, from an allowed set (instead of next/branches)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +101,10 @@ class AgentStep(StepDef):
         return self
 
     def validate_in(self, steps: set[str]) -> None:
+        if self.route is not None and (self.next is not None or self.branches):
+            raise ValueError(
+                f"step {self.name!r} route: the output chooses; a step with route takes no next or branches"
+            )
         if self.choose is not None and len(self.models) < 2:
             raise ValueError(f"step {self.name!r}: choose picks a rung of `models`, which needs two or more")
         for arg, path in (self.input or {}).items():
@@ -117,6 +131,10 @@ class AgentStep(StepDef):
 
     def compensation(self) -> str | None:
         return self.compensate
+
+    def exits(self) -> list[tuple[str, Target]]:
+        allowed = self.route.allowed if self.route is not None else []
+        return [(f"route.allowed[{i}]", t) for i, t in enumerate(allowed)]
 
     # -- transitions --------------------------------------------------------------------------------
 
@@ -166,12 +184,25 @@ def result(t: Transitions, r: StepResult) -> None:
             fail_attempt(t, r.step, r.error_type or "Error", r.error or "", r.retriable, r.retry_after_ms)
     elif r.ok:
         low = _low_confidence(t, r.step, r.output or {})
+        refused = _route_refused(t, r.step, r.output or {})
         if low is not None and _can_escalate(t, r.step, "low_confidence"):
             _escalate(t, r.step, "low_confidence", {"confidence": low})
+        elif refused is not None:
+            t.emit("step.route_refused", r.step, r.attempt, refused)
+            if _can_escalate(t, r.step, "invalid_output"):
+                _escalate(t, r.step, "invalid_output", {"error": refused["error"]})
+            else:
+                fail_attempt(t, r.step, ErrorKind.INVALID_ROUTE, refused["error"], retriable=True)
         else:
             done = t.succeed(r.step, dict(r.output or {}))
             done.error_type = done.error = None
-            t.route(r.step)
+            sd = step_of(t.wf, r.step)
+            if sd.route is None:
+                t.route(r.step)
+            else:
+                chosen = str(lookup(r.output or {}, sd.route.field)[1])
+                t.emit("run.routed", r.step, data={"to": [chosen], "by": "route", **t.iteration_of(r.step)})
+                t.goto([chosen])
     elif r.error_type == ErrorKind.INVALID_OUTPUT and _can_escalate(t, r.step, "invalid_output"):
         st.error_type, st.error = r.error_type, r.error
         _escalate(t, r.step, "invalid_output", {"error": (r.error or "")[:500]})
@@ -255,7 +286,13 @@ def _issue(t: Transitions, name: str, kind: TaskKind) -> None:
         "step.scheduled" if kind == "run" else "step.compensation_scheduled",
         name,
         st.attempt,
-        {"agent": agent, "model": st.model, "deadline_ms": st.deadline_ms, **_pool(sd.pool)},
+        {
+            "agent": agent,
+            "model": st.model,
+            "deadline_ms": st.deadline_ms,
+            **_pool(sd.pool),
+            **t.iteration_of(name),
+        },
     )
 
 
@@ -297,6 +334,7 @@ def _task(t: Transitions, name: str, kind: TaskKind, agent: str, task_input: dic
         tenant=s.tenant,
         issued_ms=s.clock_ms,
         timeout_s=step_of(t.wf, name).attempt_s,
+        iteration=st.iteration,
     )
 
 
@@ -363,6 +401,24 @@ def _low_confidence(t: Transitions, name: str, output: dict[str, Any]) -> float 
     if not found or not isinstance(value, int | float) or isinstance(value, bool):
         return None
     return float(value) if value < sd.min_confidence else None
+
+
+def _route_refused(t: Transitions, name: str, output: dict[str, Any]) -> dict[str, Any] | None:
+    """Why the output's chosen route is refused (not found, not a name, not allowed); None when it fits."""
+    route = step_of(t.wf, name).route
+    if route is None:
+        return None
+    found, value = lookup(output, route.field)
+    if found and isinstance(value, str) and value in route.allowed:
+        return None
+    shown = repr(value)[:100] if found else "nothing"
+    error = f"step {name!r} chose {shown} in {route.field!r}; allowed: {route.allowed}"
+    return {
+        "field": route.field,
+        "value": value if found else None,
+        "allowed": list(route.allowed),
+        "error": error,
+    }
 
 
 def _can_escalate(t: Transitions, name: str, reason: Escalation) -> bool:

@@ -47,7 +47,7 @@ class WaitingStep(StepDef):
         st.status, st.scheduled_ms, st.deadline_ms = "waiting", s.clock_ms, None
         wait = self.wait_ms
         st.due_ms = None if wait is None else s.clock_ms + wait
-        data = {"kind": self.kind, "due_ms": st.due_ms, **self.waiting_data()}
+        data = {"kind": self.kind, "due_ms": st.due_ms, **self.waiting_data(), **t.iteration_of(name)}
         t.emit("step.waiting", name, st.attempt, data)
 
     def due(self, t: Transitions, name: str) -> None:
