@@ -188,6 +188,10 @@ def check_run(
     ended: set[tuple[str, int]] = set()  # (step, attempt) with a result or a cancellation
     for e in history:
         step, attempt = e.step or "", e.attempt or 0
+        if (
+            e.data.get("element") is not None and e.type != "run.routed"
+        ):  # a map's element: attempts of its own
+            step = f"{step}[{e.data['element']}]"
         if e.type in RESULTS:
             k = (step, str(e.data.get("kind", "run")), attempt)
             if k in results:

@@ -30,7 +30,12 @@ EARLIER_FIELDS: list[dict[str, set[str]]] = [
         "RunState": {"signals", "digest", "held"},  # people in the loop; pinned versions (0.3)
         "RunRequest": {"version"},
     },
-    {"StepState": {"iteration"}, "StepTask": {"iteration"}},  # loops (0.4)
+    # loops and maps (0.4)
+    {
+        "StepState": {"iteration", "map"},
+        "StepTask": {"iteration", "element"},
+        "StepResultRecord": {"element"},
+    },
 ]
 """Fields appended to the models (a nested record's too), one set per release, oldest first: the
 records each earlier release wrote must still decode."""

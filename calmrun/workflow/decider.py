@@ -35,6 +35,7 @@ from calmrun.workflow.events import (
 )
 from calmrun.workflow.kinds import AgentStep, approval, wait
 from calmrun.workflow.kinds import agent as agent_kind
+from calmrun.workflow.kinds import map as map_kind
 from calmrun.workflow.kinds.agent import backoff_ms, choose_rung, resolve_input
 from calmrun.workflow.operator import cancel, held, migrate, redrive
 from calmrun.workflow.state import RunState
@@ -147,11 +148,15 @@ def _choose_rungs(t: Transitions, stats: dict[str, dict[str, dict[str, Any]]]) -
 
 def _result(t: Transitions, r: StepResult) -> bool:
     st = t.s.steps.get(r.step)
-    if st is None or not awaits(t.s, r.step, r.attempt, r.kind):
+    if st is None or not awaits(t.s, r.step, r.attempt, r.kind, r.element):
         where = f"{st.status} at attempt {st.attempt}" if st else "not started"
-        t.why = f"late or duplicate {r.kind} result for {r.step!r} attempt {r.attempt} (step is {where})"
+        what = r.step if r.element is None else f"{r.step}[{r.element}]"
+        t.why = f"late or duplicate {r.kind} result for {what!r} attempt {r.attempt} (step is {where})"
         return False
-    agent_kind.result(t, r)
+    if r.element is None:
+        agent_kind.result(t, r)
+    else:
+        map_kind.result(t, r)
     return True
 
 
@@ -192,7 +197,7 @@ def task_ignored(state: RunState | None, task: StepTask, at_ms: int) -> RunEvent
     The shell asks this for every task record it reads (a stale copy, a task of a finished run); it
     shares ``awaits`` with the result path, so a task runs exactly when its result would count.
     """
-    if state is not None and awaits(state, task.step, task.attempt, task.kind):
+    if state is not None and awaits(state, task.step, task.attempt, task.kind, task.element):
         return None
     st = state.steps.get(task.step) if state else None
     where = f"{st.status} at attempt {st.attempt}" if st else "unknown"
@@ -215,17 +220,18 @@ def task_ignored(state: RunState | None, task: StepTask, at_ms: int) -> RunEvent
 
 def expired(state: RunState, now_ms: int) -> list[str]:
     """Idempotency keys of the attempts whose deadline has passed at ``now_ms`` (what a timer re-issues)."""
-    return [
-        attempt_key(
-            state.run_id,
-            name,
-            "compensate" if st.status == "compensating" else "run",
-            st.attempt,
-            st.iteration,
-        )
-        for name, st in sorted(state.steps.items())
-        if st.deadline_ms is not None and st.deadline_ms <= now_ms
-    ]
+    keys = []
+    for name, st in sorted(state.steps.items()):
+        if st.deadline_ms is None or st.deadline_ms > now_ms:
+            continue
+        if st.map is not None:  # a map: its elements' attempts
+            for e, el in sorted(st.map.running.items(), key=lambda kv: int(kv[0])):
+                if el.deadline_ms is not None and el.deadline_ms <= now_ms:
+                    keys.append(attempt_key(state.run_id, name, "run", el.attempt, st.iteration, int(e)))
+            continue
+        kind = "compensate" if st.status == "compensating" else "run"
+        keys.append(attempt_key(state.run_id, name, kind, st.attempt, st.iteration))
+    return keys
 
 
 def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
@@ -235,6 +241,8 @@ def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
         step, attempt = event.step, event.attempt
         data["kind"] = event.kind
         data["ok"] = event.ok
+        if event.element is not None:
+            data["element"] = event.element
     elif isinstance(event, Answer):
         step = event.step
         data["by"] = event.by

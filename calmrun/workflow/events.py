@@ -114,6 +114,7 @@ EventType = Literal[
     "step.route_refused",  # an agent-chosen route outside route.allowed: the attempt failed
     "step.looped",  # a loop went back for another iteration
     "step.loop_exhausted",  # a loop reached max_iterations
+    "step.mapped",  # a map step read its list: how many elements
     "step.model_chosen",
     "run.over_budget",
     "run.refused",
@@ -178,17 +179,22 @@ class StepTask(_Record):
     iteration: int = Field(
         0, description="a step in a loop: which visit this attempt belongs to (0: the first)"
     )
+    element: int | None = Field(None, description="a map step: the index of the element this attempt runs on")
 
     @property
     def idempotency_key(self) -> str:
         """Stable per attempt: agents pass it to downstream APIs so a re-executed attempt is recognised."""
-        return attempt_key(self.run_id, self.step, self.kind, self.attempt, self.iteration)
+        return attempt_key(self.run_id, self.step, self.kind, self.attempt, self.iteration, self.element)
 
 
-def attempt_key(run_id: str, step: str, kind: str, attempt: int, iteration: int = 0) -> str:
+def attempt_key(
+    run_id: str, step: str, kind: str, attempt: int, iteration: int = 0, element: int | None = None
+) -> str:
     """An attempt's idempotency key: ``run/step/kind/attempt``, the step as ``step#i`` in iteration i > 0
-    of a loop (attempt numbers go on across iterations, so a key is never reused within a run)."""
+    of a loop (attempt numbers go on across iterations, so a key is never reused within a run) and as
+    ``step[e]`` for element e of a map."""
     where = step if iteration == 0 else f"{step}#{iteration}"
+    where = where if element is None else f"{where}[{element}]"
     return f"{run_id}/{where}/{kind}/{attempt}"
 
 
@@ -214,10 +220,11 @@ class StepResultRecord(_Record):
     traceback: str | None = None
     cost: StepCost = Field(default_factory=StepCost)
     pool: str | None = Field(None, description="the pool that executed it (for the audit log)")
+    element: int | None = Field(None, description="a map step: the element of the task it answers")
 
     @property
     def idempotency_key(self) -> str:
-        return f"{self.run_id}/{self.step}/{self.kind}/{self.attempt}"
+        return attempt_key(self.run_id, self.step, self.kind, self.attempt, element=self.element)
 
     def to_input(self, at_ms: int) -> StepResult:
         """The decider's input; ``at_ms`` is when the record was written (its Kafka timestamp)."""
@@ -234,6 +241,7 @@ class StepResultRecord(_Record):
             cost=self.cost,
             traceback=self.traceback,
             retry_after_ms=self.retry_after_ms,
+            element=self.element,
         )
 
     @classmethod
@@ -253,6 +261,7 @@ class StepResultRecord(_Record):
             traceback=result.traceback,
             cost=result.cost,
             pool=pool,
+            element=task.element,
         )
 
 
@@ -293,6 +302,8 @@ class StepResult:
     cost: StepCost = field(default_factory=StepCost)
     traceback: str | None = None
     retry_after_ms: int | None = None
+    element: int | None = None
+    """A map step's element this result is for (None: a step's own attempt)."""
 
     @property
     def ok(self) -> bool:

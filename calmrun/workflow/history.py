@@ -88,6 +88,7 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
                     retriable=bool(d.get("retriable", True)),
                     cost=ev.cost or StepCost(),
                     retry_after_ms=d.get("retry_after_ms"),
+                    element=d.get("element"),
                 )
             )
         elif ev.type == "timer.fired":

@@ -45,15 +45,28 @@ class Decision:
     ignored: str | None = None
 
 
-def awaits(state: RunState, step: str, attempt: int, kind: Literal["run", "compensate"]) -> bool:
-    """Is this attempt of ``step`` in flight, so that its task should run and its result counts?
+def awaits(
+    state: RunState, step: str, attempt: int, kind: Literal["run", "compensate"], element: int | None = None
+) -> bool:
+    """Is this attempt of ``step`` (of its ``element``, for a map) in flight, so that its task should run
+    and its result counts?
 
     The one test shared by the result path and the shell's "should this task record still run".
     """
     st = state.steps.get(step)
+    if st is None or (st.map is None) != (element is None):
+        return False
+    if st.map is not None:
+        el = st.map.running.get(str(element))
+        return (
+            kind == "run"
+            and st.status == "scheduled"
+            and el is not None
+            and el.attempt == attempt
+            and (el.deadline_ms is not None)
+        )
     return (
-        st is not None
-        and st.attempt == attempt
+        st.attempt == attempt
         and st.deadline_ms is not None
         and st.status == ("scheduled" if kind == "run" else "compensating")
     )
@@ -82,7 +95,7 @@ class Transitions:
     def finish(self) -> Decision:
         self._settle()
         # a step issued and then cancelled within this decision (a sibling stopped the run) sends nothing
-        tasks = tuple(t for t in self.tasks if awaits(self.s, t.step, t.attempt, t.kind))
+        tasks = tuple(t for t in self.tasks if awaits(self.s, t.step, t.attempt, t.kind, t.element))
         return Decision(state=self.s, events=tuple(self.events), tasks=tasks, quarantine=self.quarantine)
 
     def emit(

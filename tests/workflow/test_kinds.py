@@ -68,3 +68,26 @@ def test_definitions_written_before_kinds_keep_their_digest() -> None:
     }
     assert parse_workflow(ladder).digest == "f8220d5f7c0f"
     assert WorkflowDef.model_validate(ladder).digest == "f8220d5f7c0f"
+
+
+# Written by calmrun 0.3 (before loops and maps): a run state with one step, and a step task.
+STATE_03 = (
+    "c30175dc639a5fa52725027202770231000e64656661756c740e72756e6e696e6700047b7d0202611273756363656564656404"
+    "000000020e7b2278223a317d000000000000000000000000000000023000047b7d00"
+)
+TASK_03 = "c30182e30b86be9660b90272027702310261020672756e027800047b7d0e64656661756c74020000000000000840"
+
+
+def test_records_written_before_loops_and_maps_still_decode() -> None:
+    from calmrun.wire.codec import RecordCodec, wire_models
+    from calmrun.workflow.events import StepTask
+    from calmrun.workflow.state import RunState
+
+    codec = RecordCodec(wire_models())
+    state = codec.decode_as(bytes.fromhex(STATE_03), RunState)
+    assert state.steps["a"].output == {"x": 1} and (state.steps["a"].iteration, state.steps["a"].map) == (
+        0,
+        None,
+    )
+    task = codec.decode_as(bytes.fromhex(TASK_03), StepTask)
+    assert task.idempotency_key == "r/a/run/1" and (task.iteration, task.element) == (0, None)

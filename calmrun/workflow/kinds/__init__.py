@@ -16,10 +16,11 @@ from pydantic import Discriminator, Tag
 from calmrun.workflow.kinds.agent import AgentStep
 from calmrun.workflow.kinds.approval import ApprovalStep
 from calmrun.workflow.kinds.loop import LoopStep
+from calmrun.workflow.kinds.map import MapStep
 from calmrun.workflow.kinds.wait import WaitStep
 from calmrun.workflow.kinds.waiting import WaitingStep
 
-StepKind = Literal["agent", "approval", "wait", "loop"]
+StepKind = Literal["agent", "approval", "wait", "loop", "map"]
 
 
 def kind_of(data: Any) -> str:
@@ -33,13 +34,24 @@ Step = Annotated[
     Annotated[AgentStep, Tag("agent")]
     | Annotated[ApprovalStep, Tag("approval")]
     | Annotated[WaitStep, Tag("wait")]
-    | Annotated[LoopStep, Tag("loop")],
+    | Annotated[LoopStep, Tag("loop")]
+    | Annotated[MapStep, Tag("map")],
     Discriminator(
         kind_of,
         custom_error_type="unknown_kind",
-        custom_error_message="unknown step kind; kinds are agent, approval, wait, loop",
+        custom_error_message="unknown step kind; kinds are agent, approval, wait, loop, map",
     ),
 ]
 """One step of a workflow, of the kind its ``kind`` names."""
 
-__all__ = ["AgentStep", "ApprovalStep", "LoopStep", "Step", "StepKind", "WaitStep", "WaitingStep", "kind_of"]
+__all__ = [
+    "AgentStep",
+    "ApprovalStep",
+    "LoopStep",
+    "MapStep",
+    "Step",
+    "StepKind",
+    "WaitStep",
+    "WaitingStep",
+    "kind_of",
+]

@@ -227,8 +227,8 @@ def backoff_ms(wf: WorkflowDef, run_id: str, step: str, attempt: int, retry_base
 
 def resolve_input(wf: WorkflowDef, s: RunState, step: str) -> dict[str, Any]:
     """The agent's input for ``step``: the run input, or the step's mapping over input and outputs."""
-    sd = step_of(wf, step)
-    if sd.input is None:
+    mapping: dict[str, str] | None = getattr(wf.step(step), "input", None)  # the kinds that run agents
+    if mapping is None:
         return dict(s.input)
     scope = {
         "input": s.input,
@@ -236,7 +236,7 @@ def resolve_input(wf: WorkflowDef, s: RunState, step: str) -> dict[str, Any]:
         "steps": s.outputs(),
     }
     out: dict[str, Any] = {}
-    for arg, path in sd.input.items():
+    for arg, path in mapping.items():
         found, value = lookup(scope, path)
         if not found:
             raise InputMappingError(f"step {step!r} input {arg!r}: {path!r} is not in the run")
