@@ -65,7 +65,9 @@ class AgentStep(StepDef):
     agent: str | None = Field(None, description="registered agent name or 'module:attr'")
     model: str | None = Field(None, description="model alias from configuration")
     input: dict[str, str] | None = Field(
-        None, description="argument -> path: 'input.x' (run input), 'steps.<step>.x' (earlier output)"
+        None,
+        description="argument -> path: 'input.x' (run input), 'steps.<step>.x' (earlier output); "
+        "a path ending in '?' gives null while it is absent",
     )
     compensate: str | None = Field(
         None, description="agent that undoes this step when the run is quarantined"
@@ -108,7 +110,7 @@ class AgentStep(StepDef):
         if self.choose is not None and len(self.models) < 2:
             raise ValueError(f"step {self.name!r}: choose picks a rung of `models`, which needs two or more")
         for arg, path in (self.input or {}).items():
-            head, _, rest = path.partition(".")
+            head, _, rest = path.removesuffix("?").partition(".")
             if head == "steps":
                 ref = rest.split(".")[0]
                 if ref not in steps:
@@ -237,8 +239,9 @@ def resolve_input(wf: WorkflowDef, s: RunState, step: str) -> dict[str, Any]:
     }
     out: dict[str, Any] = {}
     for arg, path in mapping.items():
-        found, value = lookup(scope, path)
-        if not found:
+        optional = path.endswith("?")  # 'steps.review?': null while absent (a loop's first iteration)
+        found, value = lookup(scope, path.removesuffix("?"))
+        if not found and not optional:
             raise InputMappingError(f"step {step!r} input {arg!r}: {path!r} is not in the run")
         out[arg] = value
     return out
