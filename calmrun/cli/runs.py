@@ -29,7 +29,7 @@ from calmrun.cli.common import (
 from calmrun.client import Client, summarize
 from calmrun.workflow.definition import DEFAULT_POOL
 from calmrun.workflow.events import RunEvent, RunRequest
-from calmrun.workflow.state import RunState
+from calmrun.workflow.state import RunState, StepState
 
 
 def worker(
@@ -181,6 +181,16 @@ def status(
     print_status(state, events, waiting)
 
 
+def step_status(st: StepState) -> str:
+    """A step's status for people: with its loop iteration and, for a map, its elements done."""
+    text = st.status + (f" (iteration {st.iteration})" if st.iteration else "")
+    if st.map is not None:
+        m = st.map
+        failed = f", {len(m.errors)} failed" if m.errors else ""
+        text += f" ({m.done}/{m.size} elements, {len(m.running)} in flight{failed})"
+    return text
+
+
 def print_status(state: RunState, events: list[RunEvent], waiting: str | None = None) -> None:
     """Render one run for people: header, steps with cost, then the event history."""
     digest = f" ({state.digest})" if state.digest else ""
@@ -201,7 +211,7 @@ def print_status(state: RunState, events: list[RunEvent], waiting: str | None = 
         c = costs.get(name)
         steps.add_row(
             name,
-            st.status,
+            step_status(st),
             str(st.attempt),
             f"{c.latency_ms:.1f}" if c else "0.0",
             str(c.tokens_in + c.tokens_out) if c else "0",

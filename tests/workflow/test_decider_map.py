@@ -232,3 +232,16 @@ def test_map_output_order_equals_input_order_under_any_completion_order(
     ]
     assert fold(wf, inputs_from_events(r.events)) == (r.state, r.events)
     assert check_run(RUN, r.events, r.state, 0, [wf])[0] == []
+
+
+def test_status_shows_the_iteration_and_the_elements_done() -> None:
+    from calmrun.cli.runs import step_status
+
+    r = Run(invoices(max_concurrency=2), vendor="v")
+    r.answer("extract", {"lines": ["a", "b", "c"]})
+    answer_element(r, 0, {"ok": 0})
+    assert step_status(r.s.steps["match"]) == "scheduled (1/3 elements, 2 in flight)"
+    assert (
+        step_status(r.s.steps["match"].model_copy(update={"iteration": 2, "map": None}))
+        == "scheduled (iteration 2)"
+    )
