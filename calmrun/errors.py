@@ -22,6 +22,7 @@ class ErrorKind(enum.StrEnum):
     WAIT_TIMEOUT = "WaitTimeout"  # an approval/wait step without on_timeout got no answer in time
     INVALID_ROUTE = "InvalidRoute"  # an agent chose a route outside its step's `route.allowed`
     LOOP_EXHAUSTED = "LoopExhausted"  # a loop reached max_iterations and has no on_exhausted
+    CHILD_FAILED = "ChildFailed"  # a child run ended other than completed and its step has no on_failure
 
 
 class CalmrunError(Exception):

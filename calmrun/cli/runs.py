@@ -191,6 +191,18 @@ def step_status(st: StepState) -> str:
     return text
 
 
+def family_lines(state: RunState, events: list[RunEvent]) -> list[str]:
+    """The run's parent and children (``kind: workflow``), for ``calmrun status``."""
+    lines = []
+    if state.parent:
+        p = state.parent
+        lines.append(f"child of {p.get('run_id')} ({p.get('workflow')}, step {p.get('step')})")
+    children = [f"{e.data.get('child_run_id')} ({e.step})" for e in events if e.type == "step.child_started"]
+    if children:
+        lines.append(f"children: {', '.join(children)}; spent ${state.spent_usd} with theirs")
+    return lines
+
+
 def print_status(state: RunState, events: list[RunEvent], waiting: str | None = None) -> None:
     """Render one run for people: header, steps with cost, then the event history."""
     digest = f" ({state.digest})" if state.digest else ""
@@ -203,6 +215,8 @@ def print_status(state: RunState, events: list[RunEvent], waiting: str | None = 
         out.print(f"  [yellow]{waiting}[/yellow]{held}")
     if state.error:  # a cancelled run has no error type: its "error" says who cancelled it and why
         out.print(f"  error: {state.error_type}: {state.error}" if state.error_type else f"  {state.error}")
+    for line in family_lines(state, events):
+        out.print(f"  {line}")
     from calmrun.cli.costs import step_costs
 
     costs = step_costs(events)

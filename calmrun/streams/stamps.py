@@ -53,7 +53,14 @@ class Stamps:
         stats = self.step_stats.figures(wf, at_ms) if self.step_stats is not None and not known else None
         if budget is None or self.tenant_spend is None or known:
             return RunRequested(
-                run_id, wf.name, body.input, at_ms, body.tenant, budget_usd=body.budget_usd, model_stats=stats
+                run_id,
+                wf.name,
+                body.input,
+                at_ms,
+                body.tenant,
+                budget_usd=body.budget_usd,
+                model_stats=stats,
+                parent=body.parent,
             )
         return RunRequested(
             run_id,
@@ -66,4 +73,5 @@ class Stamps:
             tenant_spent_usd=self.tenant_spend.spent(body.tenant, budget.window, at_ms),
             tenant_window=budget.window,
             model_stats=stats,
+            parent=body.parent,
         )

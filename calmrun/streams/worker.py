@@ -60,7 +60,7 @@ from calmrun.workflow.events import (
     StepTask,
     TimerFired,
 )
-from calmrun.workflow.registry import Definitions
+from calmrun.workflow.registry import Definitions, check_children
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
@@ -103,6 +103,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.workflows = Definitions(check_workflow(wf, settings) for wf in workflows)
+        check_children(self.workflows.values())  # child workflows served here, and in no circle
         self.assignor = VersionAssignor.for_worker(self.workflows.pins())
         self.agents, self.models, self.clock = agents, models, clock
         self.topics = Topics(settings.kafka.prefix)

@@ -35,6 +35,8 @@ EARLIER_FIELDS: list[dict[str, set[str]]] = [
         "StepState": {"iteration", "map"},
         "StepTask": {"iteration", "element"},
         "StepResultRecord": {"element"},
+        "RunState": {"parent"},
+        "RunRequest": {"parent"},
     },
 ]
 """Fields appended to the models (a nested record's too), one set per release, oldest first: the

@@ -20,6 +20,7 @@ from calmrun.workflow.definition import WorkflowDef, targets
 from calmrun.workflow.events import (
     Answer,
     CancelRequested,
+    ChildFinished,
     CommandHeld,
     DeciderInput,
     HeldReleased,
@@ -33,7 +34,7 @@ from calmrun.workflow.events import (
     TimerFired,
     attempt_key,
 )
-from calmrun.workflow.kinds import AgentStep, approval, wait
+from calmrun.workflow.kinds import AgentStep, approval, child, wait
 from calmrun.workflow.kinds import agent as agent_kind
 from calmrun.workflow.kinds import map as map_kind
 from calmrun.workflow.kinds.agent import backoff_ms, choose_rung, resolve_input
@@ -94,6 +95,8 @@ def decide(wf: WorkflowDef | None, state: RunState | None, event: DeciderInput) 
         done = approval.answer(t, event)
     elif isinstance(event, SignalReceived):
         done = wait.signalled(t, event)
+    elif isinstance(event, ChildFinished):
+        done = child.finished(t, event)
     else:
         assert isinstance(event, CancelRequested)
         done = cancel(t, event)
@@ -111,6 +114,7 @@ def _start(wf: WorkflowDef, event: RunRequested) -> Decision:
         created_ms=event.at_ms,
         clock_ms=event.at_ms,
         budget_usd=event.budget_usd if event.budget_usd is not None else wf.budget_usd,
+        parent=dict(event.parent) if event.parent else None,
     )
     t = Transitions(wf, s)
     t.emit("run.requested", data={**_request_data(event), "version": wf.version, "digest": wf.digest})
@@ -188,6 +192,8 @@ def _request_data(event: RunRequested) -> dict[str, Any]:
         data["tenant_window"] = event.tenant_window
     if event.model_stats is not None:
         data["model_stats"] = event.model_stats
+    if event.parent is not None:
+        data["parent"] = event.parent
     return data
 
 

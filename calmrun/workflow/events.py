@@ -33,9 +33,12 @@ class RunRequest(_Record):
     version: str | None = Field(
         None, description="start on this version of the workflow (default: the newest a worker serves)"
     )
+    parent: JsonDict | None = Field(
+        None, description="a child run: its parent's run_id, workflow and step (kind: workflow)"
+    )
 
 
-CommandKind = Literal["redrive", "approve", "reject", "signal", "cancel", "migrate"]
+CommandKind = Literal["redrive", "approve", "reject", "signal", "cancel", "migrate", "child_done"]
 
 
 class RunCommand(_Record):
@@ -63,9 +66,13 @@ class RunCommand(_Record):
 
     @model_validator(mode="after")
     def _fields_fit(self) -> RunCommand:
-        need = {"approve": "step", "reject": "step", "signal": "name", "migrate": "to_version"}.get(
-            self.command
-        )
+        need = {
+            "approve": "step",
+            "reject": "step",
+            "signal": "name",
+            "migrate": "to_version",
+            "child_done": "data",
+        }.get(self.command)
         if need is not None and not getattr(self, need):
             raise ValueError(f"{self.command} needs `{need}`")
         return self
@@ -98,6 +105,7 @@ EventType = Literal[
     "signal.received",
     "run.cancel_requested",
     "run.migrated",
+    "step.child_finished",
     # decisions
     "step.scheduled",
     "step.retry_scheduled",
@@ -115,6 +123,7 @@ EventType = Literal[
     "step.looped",  # a loop went back for another iteration
     "step.loop_exhausted",  # a loop reached max_iterations
     "step.mapped",  # a map step read its list: how many elements
+    "step.child_started",  # a workflow step started its child run
     "step.model_chosen",
     "run.over_budget",
     "run.refused",
@@ -141,6 +150,7 @@ INPUT_TYPES = frozenset(
         "signal.received",
         "run.cancel_requested",
         "run.migrated",
+        "step.child_finished",
     }
 )
 
@@ -284,6 +294,8 @@ class RunRequested:
     model_stats: dict[str, dict[str, dict[str, Any]]] | None = None
     """Stamped by the worker for steps with ``choose``: step -> alias -> observed figures
     (``attempts``, ``accepted``, ``cost_usd``, ``latency_ms``, ``window_s``) from the cost table."""
+    parent: dict[str, Any] | None = None
+    """A child run's parent: ``run_id``, ``workflow``, ``step``."""
 
 
 @dataclass(frozen=True)
@@ -392,10 +404,42 @@ class HeldReleased:
     at_ms: int
 
 
+@dataclass(frozen=True)
+class ChildFinished:
+    """A child run (``kind: workflow``) ended: sent by the child's decision to its parent's run."""
+
+    run_id: str
+    step: str
+    at_ms: int
+    child_run_id: str
+    status: str
+    outcome: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    spent_usd: Decimal = Decimal(0)
+    error: str | None = None
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "child_run_id": self.child_run_id,
+            "status": self.status,
+            "outcome": self.outcome,
+            "outputs": self.outputs,
+            "spent_usd": str(self.spent_usd),
+            "error": self.error,
+        }
+
+
 PersonInput = Answer | SignalReceived | CancelRequested
 HeldInput = CommandHeld | HeldReleased
 DeciderInput = (
-    RunRequested | StepResult | TimerFired | RedriveRequested | MigrateRequested | PersonInput | HeldInput
+    RunRequested
+    | StepResult
+    | TimerFired
+    | RedriveRequested
+    | MigrateRequested
+    | PersonInput
+    | HeldInput
+    | ChildFinished
 )
 
 
@@ -409,5 +453,23 @@ def command_input(run_id: str, cmd: RunCommand, at_ms: int) -> DeciderInput:
         return SignalReceived(run_id, cmd.name, at_ms, dict(cmd.data or {}), cmd.by)
     if cmd.command == "cancel":
         return CancelRequested(run_id, at_ms, cmd.reason, cmd.by)
+    if cmd.command == "child_done":
+        assert cmd.step is not None and cmd.data is not None
+        return child_finished(run_id, cmd.step, at_ms, cmd.data)
     assert cmd.command == "redrive", "a migrate names its target definition: the intake decides it"
     return RedriveRequested(run_id, at_ms, cmd.by)
+
+
+def child_finished(run_id: str, step: str, at_ms: int, d: dict[str, Any]) -> ChildFinished:
+    """The input a ``child_done`` command (or its recorded ``step.child_finished`` event) carries."""
+    return ChildFinished(
+        run_id,
+        step,
+        at_ms,
+        str(d.get("child_run_id", "")),
+        str(d.get("status", "")),
+        d.get("outcome"),
+        dict(d.get("outputs") or {}),
+        Decimal(str(d.get("spent_usd", "0"))),
+        d.get("error"),
+    )

@@ -32,6 +32,7 @@ from calmrun.workflow.events import (
     StepCost,
     StepResult,
     TimerFired,
+    child_finished,
 )
 from calmrun.workflow.state import RunState
 
@@ -70,6 +71,7 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
                     tenant_spent_usd=_dec(d, "tenant_spent_usd"),
                     tenant_window=d.get("tenant_window"),
                     model_stats=d.get("model_stats"),
+                    parent=d.get("parent"),
                 )
             )
         elif ev.type in ("step.succeeded", "step.failed"):
@@ -101,6 +103,9 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
             out.append(SignalReceived(ev.run_id, d["name"], ev.at_ms, dict(d.get("data") or {}), d.get("by")))
         elif ev.type == "run.cancel_requested":
             out.append(CancelRequested(ev.run_id, ev.at_ms, d.get("reason"), d.get("by")))
+        elif ev.type == "step.child_finished":
+            assert ev.step is not None
+            out.append(child_finished(ev.run_id, ev.step, ev.at_ms, d))
         elif ev.type == "run.migrated":
             to, seq = d.get("to") or {}, d.get("checked_seq")
             version, digest = str(to.get("version")), str(to.get("digest"))

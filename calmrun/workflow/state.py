@@ -110,6 +110,9 @@ class RunState(BaseModel):
         default_factory=dict,
         description="signal name -> payloads received before a step waited, oldest first",
     )
+    parent: JsonDict | None = Field(
+        None, description="a child run: its parent's run_id, workflow and step, told when this run ends"
+    )
     held: list[str] = Field(
         default_factory=list,
         description="commands received while no worker here served the run's version (JSON, in order)",

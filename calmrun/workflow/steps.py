@@ -214,6 +214,9 @@ class StepDef(_Def):
         """A timer found the step due (its ``due_ms`` or its ``deadline_ms`` passed)."""
         raise NotImplementedError(self.kind)
 
+    def stopped(self, t: Transitions, name: str, reason: str) -> None:
+        """The step was cancelled while active (the run stopped): release what it holds elsewhere."""
+
     def undo(self, t: Transitions, name: str) -> None:
         """Start the compensation of a succeeded step (only kinds whose ``compensation()`` is set)."""
         raise NotImplementedError(self.kind)

@@ -14,7 +14,15 @@ from typing import Any, Literal
 
 from calmrun.errors import ErrorKind
 from calmrun.workflow.definition import END, WorkflowDef, targets
-from calmrun.workflow.events import EventType, RunEvent, StepCost, StepTask
+from calmrun.workflow.events import (
+    ChildFinished,
+    EventType,
+    RunCommand,
+    RunEvent,
+    RunRequest,
+    StepCost,
+    StepTask,
+)
 from calmrun.workflow.state import ACTIVE, RunState, RunStatus, StepState
 
 _UNDONE = ("compensated", "compensation_failed")
@@ -43,6 +51,9 @@ class Decision:
     tasks: tuple[StepTask, ...] = ()
     quarantine: Quarantine | None = None
     ignored: str | None = None
+    requests: tuple[RunRequest | RunCommand, ...] = ()
+    """Records for the requests topic, keyed by their ``run_id``: a child run to start, a child to
+    cancel, a parent to tell that its child ended. Derived from the decision, so a replay makes the same."""
 
 
 def awaits(
@@ -79,7 +90,9 @@ class Transitions:
         self.wf, self.s = wf, s
         self.events: list[RunEvent] = []
         self.tasks: list[StepTask] = []
+        self.requests: list[RunRequest | RunCommand] = []
         self.quarantine: Quarantine | None = None
+        self._was_terminal = s.is_terminal()
         self.why = ""
         self._copied: set[str] = set()
 
@@ -96,7 +109,38 @@ class Transitions:
         self._settle()
         # a step issued and then cancelled within this decision (a sibling stopped the run) sends nothing
         tasks = tuple(t for t in self.tasks if awaits(self.s, t.step, t.attempt, t.kind, t.element))
-        return Decision(state=self.s, events=tuple(self.events), tasks=tasks, quarantine=self.quarantine)
+        parent = self.s.parent
+        if parent and not self._was_terminal and self.s.is_terminal():  # a child run ended: tell its parent
+            self.requests.append(self._tell_parent(parent))
+        return Decision(
+            state=self.s,
+            events=tuple(self.events),
+            tasks=tasks,
+            quarantine=self.quarantine,
+            requests=tuple(self.requests),
+        )
+
+    def _tell_parent(self, parent: dict[str, Any]) -> RunCommand:
+        s = self.s
+        done = ChildFinished(
+            str(parent["run_id"]),
+            str(parent["step"]),
+            s.clock_ms,
+            s.run_id,
+            s.status,
+            s.outcome,
+            s.outputs() if s.status == "completed" else {},
+            s.spent_usd,
+            None if s.status == "completed" else f"{s.error_type}: {s.error}",
+        )
+        return RunCommand(
+            command="child_done",
+            run_id=done.run_id,
+            workflow=str(parent["workflow"]),
+            step=done.step,
+            data=done.data(),
+            by=s.run_id,
+        )
 
     def emit(
         self,
@@ -196,6 +240,7 @@ class Transitions:
                 st = self.mut(name)
                 st.status, st.deadline_ms, st.due_ms = "cancelled", None, None
                 self.emit("step.cancelled", name, st.attempt, {"reason": reason})
+                self.wf.step(name).stopped(self, name, reason)
 
     def saga(self) -> None:
         """Compensate the succeeded steps that have a compensation, the last to succeed first."""

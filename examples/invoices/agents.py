@@ -142,6 +142,18 @@ async def pay(ctx: StepContext, s: Settle) -> Receipt:
     return Receipt(invoice_id=s.invoice_id, action=f"paid {s.reconciliation.total}", key=ctx.idempotency_key)
 
 
-async def dispute(ctx: StepContext, s: Settle) -> Receipt:
-    action = f"disputed lines {s.reconciliation.disputed}"
-    return Receipt(invoice_id=s.invoice_id, action=action, key=ctx.idempotency_key)
+class Disputed(BaseModel):
+    invoice_id: str
+    lines: list[int]
+
+
+class VendorAnswer(BaseModel):
+    credited: bool
+    credit_note: str
+
+
+async def ask_vendor(ctx: StepContext, d: Disputed) -> VendorAnswer:
+    """The child workflow's agent: the vendor credits a dispute of up to three lines."""
+    if len(d.lines) <= 3:
+        return VendorAnswer(credited=True, credit_note=f"CN-{d.invoice_id}-{'-'.join(map(str, d.lines))}")
+    return VendorAnswer(credited=False, credit_note="")

@@ -2,7 +2,8 @@
 (``make demo-invoices``).
 
 Starts the project's KRaft broker on a free port (unless ``--bootstrap`` names one), runs the example
-workflow (a map over the lines, a critique loop, an agent-chosen handler) with its scripted agents,
+workflow (a map over the lines, a critique loop, an agent-chosen handler, a child workflow for disputes)
+with its scripted agents,
 submits four invoices (all lines matching, one line mispriced, far too large, 200 lines), prints each
 run's outcome and one run's steps and history, then checks every history. Stops what it started.
 """
@@ -43,14 +44,14 @@ def invoice(n: int, *, qty: int = 1, mispriced: int | None = None) -> list[dict[
 
 async def run(bootstrap: str) -> None:
     settings = load_settings(kafka={"bootstrap": bootstrap, "prefix": "invoices-demo"})
-    wf = load_workflow(HERE / "workflow.yaml")
+    wf, child = load_workflow(HERE / "workflow.yaml"), load_workflow(HERE / "dispute.yaml")
     invoices = {
         "inv-001": invoice(5),
         "inv-002": invoice(7, mispriced=3),
         "inv-003": invoice(3, qty=1000),
         "inv-004": invoice(200),
     }
-    worker = Worker(settings, [wf], AgentRegistry(), ModelRegistry({}))
+    worker = Worker(settings, [wf, child], AgentRegistry(), ModelRegistry({}))
     await worker.start()
     try:
         async with Client(settings) as client:
@@ -65,9 +66,13 @@ async def run(bootstrap: str) -> None:
             out.print(f"{len(states)} invoices reconciled in {time.monotonic() - t0:.1f}s")
             print_runs(sorted(states.values(), key=lambda s: s.run_id), states)
             print_status(states["inv-002"], await client.events("inv-002"))
+            print_status(
+                await client.state("inv-002.dispute") or states["inv-002"],
+                await client.events("inv-002.dispute"),
+            )
     finally:
         await worker.stop()
-    report = await check_history(settings.kafka, [wf])
+    report = await check_history(settings.kafka, [wf, child])
     out.print(
         f"history check: {'ok' if report.ok else 'FAILED'} ({report.runs} runs, {report.replayed} re-decided)"
     )

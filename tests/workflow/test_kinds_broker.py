@@ -1,6 +1,7 @@
 """The new step kinds against a real broker: the invoice reconciliation example end to end (a 200-line
-map, a critique loop, an agent-chosen handler), each run ending as its data says, then the history
-checker (which re-decides every run: iterations and map elements included) passes."""
+map, a critique loop, an agent-chosen handler, a child workflow for disputes), each run ending as its
+data says, then the history checker (which re-decides every run: iterations, map elements and the child
+included) passes."""
 
 from __future__ import annotations
 
@@ -33,9 +34,13 @@ def lines(n: int, *, bad: int | None = None, qty: int = 2) -> list[dict[str, Any
 
 async def test_invoice_reconciliation_end_to_end(broker: str, prefix: str) -> None:
     settings = settings_for(broker, prefix)
-    wf = load_workflow(EXAMPLE)
+    wf, child = load_workflow(EXAMPLE), load_workflow(EXAMPLE.with_name("dispute.yaml"))
     worker = Worker(
-        settings, [wf], AgentRegistry({}), ModelRegistry({}), metrics=WorkerMetrics(CollectorRegistry())
+        settings,
+        [wf, child],
+        AgentRegistry({}),
+        ModelRegistry({}),
+        metrics=WorkerMetrics(CollectorRegistry()),
     )
     plan = {
         "inv-paid": (lines(5), "paid"),
@@ -72,8 +77,14 @@ async def test_invoice_reconciliation_end_to_end(broker: str, prefix: str) -> No
             assert disputed is not None and disputed.steps["reconcile"].output is not None
             assert disputed.steps["reconcile"].output["disputed"] == [3]
             assert "line 3: billed 99.99, agreed 4.50" in disputed.steps["reconcile"].output["summary"]
+            # the child run: its own ID, history and state; its end routed the parent
+            kid = await c.state("inv-disputed.dispute")
+            assert kid is not None and (kid.status, kid.outcome) == ("completed", "credited")
+            assert kid.parent == {"run_id": "inv-disputed", "workflow": "invoices", "step": "dispute"}
+            assert disputed.steps["dispute"].output is not None
+            assert disputed.steps["dispute"].output["outcome"] == "credited"
     finally:
         await worker.stop()
-    report = await check_history(settings.kafka, [wf])
+    report = await check_history(settings.kafka, [wf, child])
     assert report.ok, report.to_dict()
-    assert report.replayed == report.runs == len(plan)
+    assert report.replayed == report.runs == len(plan) + 1  # the child run too

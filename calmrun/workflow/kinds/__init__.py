@@ -15,12 +15,13 @@ from pydantic import Discriminator, Tag
 
 from calmrun.workflow.kinds.agent import AgentStep
 from calmrun.workflow.kinds.approval import ApprovalStep
+from calmrun.workflow.kinds.child import WorkflowStep
 from calmrun.workflow.kinds.loop import LoopStep
 from calmrun.workflow.kinds.map import MapStep
 from calmrun.workflow.kinds.wait import WaitStep
 from calmrun.workflow.kinds.waiting import WaitingStep
 
-StepKind = Literal["agent", "approval", "wait", "loop", "map"]
+StepKind = Literal["agent", "approval", "wait", "loop", "map", "workflow"]
 
 
 def kind_of(data: Any) -> str:
@@ -35,11 +36,12 @@ Step = Annotated[
     | Annotated[ApprovalStep, Tag("approval")]
     | Annotated[WaitStep, Tag("wait")]
     | Annotated[LoopStep, Tag("loop")]
-    | Annotated[MapStep, Tag("map")],
+    | Annotated[MapStep, Tag("map")]
+    | Annotated[WorkflowStep, Tag("workflow")],
     Discriminator(
         kind_of,
         custom_error_type="unknown_kind",
-        custom_error_message="unknown step kind; kinds are agent, approval, wait, loop, map",
+        custom_error_message="unknown step kind; kinds are agent, approval, wait, loop, map, workflow",
     ),
 ]
 """One step of a workflow, of the kind its ``kind`` names."""
@@ -53,5 +55,6 @@ __all__ = [
     "StepKind",
     "WaitStep",
     "WaitingStep",
+    "WorkflowStep",
     "kind_of",
 ]
