@@ -56,7 +56,7 @@ async def test_kill_9_in_a_wide_map_and_while_a_parent_waits_on_its_child(
     broker: str, prefix: str, procs: WorkerProcs
 ) -> None:
     settings = settings_for(broker, prefix)
-    procs.start("w1", "--workflow", "kinds", "--sleep", "0.05")
+    procs.start("w1", "--workflow", "kinds", "--sleep", "0.25")  # a map of 200 takes 6 s or more
     await owned_all(procs, "w1")
     items = [f"line-{i}" for i in range(WIDTH)]
     async with Client(settings) as c:
