@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install kafka tools local-model demo test lint docs bench bench-peers clean
+.PHONY: install kafka tools local-model demo demo-invoices test lint docs bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ local-model: install
 # `make demo UI=1`: the operator page (calmrun ui) on http://127.0.0.1:8765/ too, left open until Ctrl-C
 demo: kafka
 	$(PY) -m calmrun.demo $(if $(UI),--ui)
+
+# loops, maps and agent-chosen routes: the invoice reconciliation example (examples/invoices)
+demo-invoices: kafka
+	$(PY) -m examples.invoices.demo
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: kafka tools local-model

@@ -20,6 +20,9 @@ class ErrorKind(enum.StrEnum):
     STUCK_RUN = "StuckRun"  # nothing active and no outcome (a join waits for a step that never ran)
     DEADLINE_EXCEEDED = "DeadlineExceeded"  # written before 0.2, when a lost task cost an attempt
     WAIT_TIMEOUT = "WaitTimeout"  # an approval/wait step without on_timeout got no answer in time
+    INVALID_ROUTE = "InvalidRoute"  # an agent chose a route outside its step's `route.allowed`
+    LOOP_EXHAUSTED = "LoopExhausted"  # a loop reached max_iterations and has no on_exhausted
+    CHILD_FAILED = "ChildFailed"  # a child run ended other than completed and its step has no on_failure
 
 
 class CalmrunError(Exception):

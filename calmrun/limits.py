@@ -15,7 +15,9 @@ from calmrun.errors import CalmrunError, ConfigError, InvalidOutputError
 from calmrun.settings import LimitsSettings, Settings
 from calmrun.wire.jsonfield import loads
 from calmrun.workflow.definition import WorkflowDef, targets
-from calmrun.workflow.people import MAX_BUFFERED
+from calmrun.workflow.kinds.loop import LoopStep
+from calmrun.workflow.kinds.map import MapStep
+from calmrun.workflow.kinds.wait import MAX_BUFFERED, WaitStep
 
 STEP_OVERHEAD_BYTES = 4_096
 """Room a step takes in the run state beyond its output: status, times, a capped error message."""
@@ -39,27 +41,43 @@ def check_workflow(wf: WorkflowDef, settings: Settings) -> WorkflowDef:
         t
         for s in wf.steps
         for t in [targets(s.next), *(targets(b.goto) for b in s.branches)]
-        + [targets(x) for x in (s.on_timeout, s.on_reject) if x is not None]
+        + [targets(x) for _, x in s.exits()]
     ]
     widest = max(len(t) for t in fans)
     if widest > lim.max_fan_out:
         raise ConfigError(
             f"{where} starts {widest} steps at once, over limits.max_fan_out ({lim.max_fan_out})"
         )
-    worst = sum(s.retry.max_attempts * max(1, len(s.ladder)) * (2 if s.compensate else 1) for s in wf.steps)
+    visits = {b: s.max_iterations for s in wf.steps if isinstance(s, LoopStep) for b in s.body(wf)}
+    maps = [s for s in wf.steps if isinstance(s, MapStep)]
+    for m in maps:
+        if m.max_elements > lim.max_map_elements:
+            raise ConfigError(
+                f"{where} step {m.name!r} takes up to {m.max_elements} elements (max_elements), over "
+                f"limits.max_map_elements ({lim.max_map_elements})"
+            )
+    worst = sum(
+        s.retry.max_attempts * max(1, len(s.ladder)) * (2 if s.compensation() else 1) * visits.get(s.name, 1)
+        for s in wf.steps
+        if not isinstance(s, MapStep)  # a map's elements are bounded by its max_elements instead
+    )
     if worst > lim.max_attempts_per_run:
         raise ConfigError(
-            f"{where} may make {worst} attempts per run (retries x model ladder), over "
+            f"{where} may make {worst} attempts per run (retries x model ladder x loop iterations), over "
             f"limits.max_attempts_per_run ({lim.max_attempts_per_run})"
         )
-    signals = {s.signal for s in wf.steps if s.signal}  # each may keep MAX_BUFFERED payloads in the state
+    # each signal may keep MAX_BUFFERED payloads in the state
+    signals = {s.signal for s in wf.steps if isinstance(s, WaitStep)}
     state = lim.max_request_bytes + (len(wf.steps) + len(signals) * MAX_BUFFERED) * (
         lim.max_output_bytes + STEP_OVERHEAD_BYTES
     )
+    # a map's state: each element's output (max_element_bytes) and a comma, in one JSON list
+    state += sum(m.max_elements * (m.max_element_bytes + 1) for m in maps)
     if state > settings.kafka.max_request_size:
         raise ConfigError(
             f"{where}: a run state may reach {state:,} bytes (limits.max_request_bytes + (steps + signals "
-            f"x {MAX_BUFFERED} kept) x (limits.max_output_bytes + {STEP_OVERHEAD_BYTES})), over "
+            f"x {MAX_BUFFERED} kept) x (limits.max_output_bytes + {STEP_OVERHEAD_BYTES}) + each map's "
+            "max_elements x max_element_bytes), over "
             "kafka.max_request_size "
             f"({settings.kafka.max_request_size:,}); lower the limits or raise max_request_size (and the "
             "broker's message.max.bytes)"

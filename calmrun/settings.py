@@ -175,6 +175,7 @@ class LimitsSettings(_Frozen):
     max_output_bytes: int = Field(16_384, ge=256, description="one step output, as JSON")
     max_steps_per_run: int = Field(32, ge=1, description="steps of one workflow (each runs once per run)")
     max_fan_out: int = Field(16, ge=1, description="steps one step may start at once")
+    max_map_elements: int = Field(10_000, ge=1, description="the widest list a map step may declare")
     max_attempts_per_run: int = Field(
         1_000, ge=1, description="attempts of all steps of one run; a redrive past it is refused"
     )

@@ -29,6 +29,7 @@ from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef, parse_workflo
 from tests import runtime_support
 from tests.people.flows import people_agents, people_flows
 from tests.runtime_support import branchy, linear, nonce_step, sleepy_add_one
+from tests.workflow.flows import kinds_agents, kinds_flows
 
 
 def _write_status(path: Path | None, worker: Worker, state: str) -> None:
@@ -61,6 +62,8 @@ async def main(args: argparse.Namespace) -> None:
     )
     if args.workflow == "people":
         workflows, agents = people_flows(), people_agents()
+    elif args.workflow == "kinds":  # a wide map, then a child run (tests.workflow.flows)
+        workflows, agents = kinds_flows(), kinds_agents()
     else:
         workflows = [pooled(branchy() if args.workflow == "fork" else linear(), args.pooled)]
         agents = AgentRegistry({"add_one": sleepy_add_one, "nonce": nonce_step})
@@ -119,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--commit-interval", type=float, default=0.2)
     p.add_argument("--status-file", default=None)
-    p.add_argument("--workflow", choices=["lin", "fork", "people"], default="lin")
+    p.add_argument("--workflow", choices=["lin", "fork", "people", "kinds"], default="lin")
     p.add_argument("--start-log", default=None, help="append every agent start here (JSON lines)")
     p.add_argument("--instance-id", default=None, help="static group membership")
     p.add_argument("--session-timeout", type=float, default=6.0)

@@ -128,4 +128,5 @@ async def execute(
         cost=cost.model_copy(update={"agent": task.agent}),
         traceback=tb,
         retry_after_ms=retry_after,
+        element=task.element,
     )

@@ -41,7 +41,7 @@ from calmrun.settings import KafkaSettings
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.definition import WorkflowDef
-from calmrun.workflow.events import RunEvent
+from calmrun.workflow.events import HELD_NOTES, RunEvent
 from calmrun.workflow.state import RunState
 
 TERMINAL = frozenset({"run.completed", "run.refused", "run.cancelled"})
@@ -186,10 +186,14 @@ def check_run(
             bad(Rule.TERMINAL, "run.cancelled without a cancel before it", [e])
 
     results: dict[tuple[str, str, int], RunEvent] = {}
-    routed: dict[str, RunEvent] = {}
+    routed: dict[tuple[str, int], RunEvent] = {}  # (step, loop iteration)
     ended: set[tuple[str, int]] = set()  # (step, attempt) with a result or a cancellation
     for e in history:
         step, attempt = e.step or "", e.attempt or 0
+        if (
+            e.data.get("element") is not None and e.type != "run.routed"
+        ):  # a map's element: attempts of its own
+            step = f"{step}[{e.data['element']}]"
         if e.type in RESULTS:
             k = (step, str(e.data.get("kind", "run")), attempt)
             if k in results:
@@ -204,9 +208,11 @@ def check_run(
         elif e.type == "step.cancelled":
             ended.add((step, attempt))
         elif e.type == "run.routed":
-            if step in routed:
-                bad(Rule.RESULT_TWICE, f"step {step} routed twice", (routed[step], e))
-            routed[step] = e
+            visit = (step, int(e.data.get("iteration", 0)))
+            if visit in routed:
+                again = f" in iteration {visit[1]}" if visit[1] else ""
+                bad(Rule.RESULT_TWICE, f"step {step} routed twice{again}", (routed[visit], e))
+            routed[visit] = e
         elif e.type in SCHEDULED and attempt > 1 and (step, attempt - 1) not in ended:
             bad(
                 Rule.ATTEMPT_UNEXPLAINED,
@@ -229,7 +235,9 @@ def check_run(
         return out, copies, False
     try:
         # the definition the run started on, then each recorded migration's target
-        verdict = replay_given(definitions, Snapshot(run_id=run_id, state=state, events=history))
+        notes = [e for e in events if e.seq < 0 and e.type in HELD_NOTES]  # held commands change the state
+        snap = Snapshot(run_id=run_id, state=state, events=history, notes=notes)
+        verdict = replay_given(definitions, snap)
     except CalmrunError as exc:
         bad(Rule.STATE, f"cannot re-decide: {exc}")
         return out, copies, False

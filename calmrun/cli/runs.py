@@ -31,7 +31,7 @@ from calmrun.cli.common import (
 from calmrun.client import Client, summarize
 from calmrun.workflow.definition import DEFAULT_POOL
 from calmrun.workflow.events import RunEvent, RunRequest
-from calmrun.workflow.state import RunState
+from calmrun.workflow.state import RunState, StepState
 
 
 def worker(
@@ -192,6 +192,28 @@ def status(
     print_status(state, events, waiting)
 
 
+def step_status(st: StepState) -> str:
+    """A step's status for people: with its loop iteration and, for a map, its elements done."""
+    text = st.status + (f" (iteration {st.iteration})" if st.iteration else "")
+    if st.map is not None:
+        m = st.map
+        failed = f", {len(m.errors)} failed" if m.errors else ""
+        text += f" ({m.done}/{m.size} elements, {len(m.running)} in flight{failed})"
+    return text
+
+
+def family_lines(state: RunState, events: list[RunEvent]) -> list[str]:
+    """The run's parent and children (``kind: workflow``), for ``calmrun status``."""
+    lines = []
+    if state.parent:
+        p = state.parent
+        lines.append(f"child of {p.get('run_id')} ({p.get('workflow')}, step {p.get('step')})")
+    children = [f"{e.data.get('child_run_id')} ({e.step})" for e in events if e.type == "step.child_started"]
+    if children:
+        lines.append(f"children: {', '.join(children)}; spent ${state.spent_usd} with theirs")
+    return lines
+
+
 def print_status(state: RunState, events: list[RunEvent], waiting: str | None = None) -> None:
     """Render one run for people: header, steps with cost, then the event history."""
     digest = f" ({state.digest})" if state.digest else ""
@@ -204,6 +226,8 @@ def print_status(state: RunState, events: list[RunEvent], waiting: str | None = 
         out.print(f"  [yellow]{waiting}[/yellow]{held}")
     if state.error:  # a cancelled run has no error type: its "error" says who cancelled it and why
         out.print(f"  error: {state.error_type}: {state.error}" if state.error_type else f"  {state.error}")
+    for line in family_lines(state, events):
+        out.print(f"  {line}")
     from calmrun.cli.costs import step_costs
 
     costs = step_costs(events)
@@ -212,7 +236,7 @@ def print_status(state: RunState, events: list[RunEvent], waiting: str | None = 
         c = costs.get(name)
         steps.add_row(
             name,
-            st.status,
+            step_status(st),
             str(st.attempt),
             f"{c.latency_ms:.1f}" if c else "0.0",
             str(c.tokens_in + c.tokens_out) if c else "0",

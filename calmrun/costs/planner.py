@@ -22,7 +22,7 @@ from calmrun.costs.fold import ALL, bucket_start
 from calmrun.costs.table import CostTable
 from calmrun.costs.totals import CompactedTail
 from calmrun.settings import Settings
-from calmrun.workflow.definition import WorkflowDef
+from calmrun.workflow.definition import AgentStep, WorkflowDef
 
 Figures = dict[str, dict[str, Any]]
 
@@ -84,7 +84,7 @@ class StepStats:
         """For each step of ``wf`` with ``choose``: alias -> figures; None when no step chooses."""
         out: dict[str, Figures] = {}
         for sd in wf.steps:
-            if sd.choose is None:
+            if not isinstance(sd, AgentStep) or sd.choose is None:
                 continue
             window = sd.choose.cheapest_meeting.window_s
             out[sd.name] = {a: self.alias_figures(wf.name, sd.name, a, at_ms, window) for a in sd.models}

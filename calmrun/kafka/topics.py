@@ -70,7 +70,7 @@ class Topics:
             self.step(wf.name, s.name)
             for wf in workflows
             for s in wf.steps
-            if s.kind == "agent" and (pool is None or s.pool == pool)
+            if s.executed() and (pool is None or s.pool == pool)
         ]
 
     def framed(self, workflows: Iterable[WorkflowDef]) -> dict[str, tuple[str, ...]]:

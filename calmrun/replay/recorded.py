@@ -26,13 +26,12 @@ from calmrun.workflow.events import (
     SignalReceived,
     StepResult,
 )
-from calmrun.workflow.history import Resolve, inputs_from_events
+from calmrun.workflow.history import Resolve, held_from_notes, inputs_from_events
 from calmrun.workflow.state import RunState
 
 Verdict = Literal["converged", "diverged"]
 # a new version of a definition may replay an old run and still converge: what pins a run is not compared
-# (nor the commands a worker held for it, which no decision made)
-_NOT_COMPARED = {"version", "digest", "held"}
+_NOT_COMPARED = {"version", "digest"}
 _PIN_DATA = {"run.requested": ("version", "digest"), "run.migrated": ("from",)}
 
 
@@ -174,7 +173,8 @@ def replay_recorded(wf: WorkflowDef, snap: Snapshot, resolve: Resolve | None = N
             run_id=snap.run_id,
         )
     state: RunState | None = None
-    at_seq: dict[int, RunState] = {}
+    at_seq: dict[int, list[RunState]] = {}  # every state the replay passed through at each seq
+    notes = held_from_notes(snap.notes)
     replayed: list[RunEvent] = []
     divergence: Divergence | None = None
     for i, (inp, group) in enumerate(zip(inputs, groups, strict=True)):
@@ -204,9 +204,18 @@ def replay_recorded(wf: WorkflowDef, snap: Snapshot, resolve: Resolve | None = N
         replayed.extend(d.events)
         state = d.state
         if state is not None:
-            at_seq[state.seq] = state
+            at_seq[state.seq] = [state]
+            # the commands held (and released) while the run rested at this seq
+            while notes and notes[0][0] <= state.seq:
+                _, note = notes.pop(0)
+                held = decide(wf, state, note)
+                if held.ignored is None and held.state is not None:
+                    state = held.state
+                    at_seq[state.seq].append(state)
     if divergence is None and snap.state is not None:
-        mine = at_seq.get(snap.state.seq)
+        seen = at_seq.get(snap.state.seq)
+        recorded = snap.state
+        mine = None if not seen else next((m for m in seen if not state_diff(recorded, m)), seen[-1])
         if mine is None:
             divergence = Divergence(
                 len(groups),

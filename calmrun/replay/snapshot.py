@@ -23,7 +23,7 @@ from calmrun.kafka.topics import Topics, check_readable, partition_for, start_cl
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.wire.codec import wire_codec
-from calmrun.workflow.events import RunEvent
+from calmrun.workflow.events import HELD_NOTES, RunEvent
 from calmrun.workflow.state import RunState
 
 FORMAT: Literal["calmrun.snapshot/1"] = "calmrun.snapshot/1"
@@ -34,6 +34,8 @@ class Snapshot(BaseModel):
 
     ``events`` are the applied events (``seq >= 0``) in seq order, each once: copies re-sent after a crash
     (same seq) and ``input.ignored`` lines (seq -1, never applied) are dropped when the snapshot is made.
+    ``notes`` are the commands held for the run and released (``input.held``, ``input.released``: seq -1,
+    in the order logged), which change only ``RunState.held``; recorded replay puts them back.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -43,6 +45,7 @@ class Snapshot(BaseModel):
     prefix: str = Field("", description="topic prefix the run was read from")
     state: RunState | None = None
     events: list[RunEvent] = Field(default_factory=list)
+    notes: list[RunEvent] = Field(default_factory=list)
 
     @property
     def workflow(self) -> str:
@@ -167,6 +170,7 @@ async def scan_runs(
                 await check_readable(k, t, missing)
         parts = partitions if partitions is not None else list(range(k.partitions))
         events: dict[str, list[RunEvent]] = {}
+        notes: dict[str, list[RunEvent]] = {}
         states: dict[str, RunState] = {}
         # the state first: its state is never newer than the events read after it
         state_tps = [TopicPartition(topics.state, p) for p in parts]
@@ -190,6 +194,8 @@ async def scan_runs(
             ev = codec.decode_as(rec.value, RunEvent)
             if ev.seq >= 0:
                 events.setdefault(rid, []).append(ev)
+            elif ev.type in HELD_NOTES:
+                notes.setdefault(rid, []).append(ev)
         if on_progress is not None:
             on_progress(n)
         redactor = Redactor(settings.redact)  # the events are redacted on the topic; the state is not
@@ -199,6 +205,7 @@ async def scan_runs(
                 prefix=k.prefix,
                 state=redactor.state(states[rid]) if rid in states else None,
                 events=applied_events(evs),
+                notes=notes.get(rid, []),
             )
             for rid, evs in events.items()
         }

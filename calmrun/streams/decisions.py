@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from aiokafka import ConsumerRecord
 
 from calmrun.errors import CalmrunError
-from calmrun.kafka.topics import Topics
+from calmrun.kafka.topics import Topics, partition_for
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams.metrics import WorkerMetrics
@@ -29,7 +29,7 @@ from calmrun.wire.codec import RecordCodec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
 from calmrun.workflow.decider import Decision, decide
 from calmrun.workflow.definition import WorkflowDef
-from calmrun.workflow.events import DeciderInput, RunEvent, StepResult, StepTask
+from calmrun.workflow.events import DeciderInput, RunCommand, RunEvent, RunRequest, StepResult, StepTask
 from calmrun.workflow.state import RunState
 
 
@@ -94,6 +94,7 @@ class Decisions:
         encoded = self._parts.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
         tasks = [(task_out(self.topics, self.codec, p, t, self.tracing.task_headers(t)), t) for t in d.tasks]
         outputs += [out for out, _ in tasks]
+        outputs += [self.request_out(r) for r in d.requests]  # child runs: start, cancel, tell the parent
         if d.quarantine is not None:
             q = d.quarantine
             dlq = DlqRecord(
@@ -123,6 +124,13 @@ class Decisions:
         if due is not None:
             self._timers.push(due, p, run_id)
         return d
+
+    def request_out(self, record: RunRequest | RunCommand) -> Out:
+        """A record for the requests topic, on the partition of the run it names."""
+        assert record.run_id is not None
+        n = self.settings.kafka.partitions
+        key = record.run_id.encode()
+        return Out(self.topics.requests, partition_for(record.run_id, n), key, self.codec.encode(record))
 
     def submit(
         self,

@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from calmrun.kafka.connect import client_kwargs
+from calmrun.workflow.definition import AgentStep
 from calmrun.workflow.events import RunEvent
 
 if TYPE_CHECKING:
@@ -167,10 +168,11 @@ class WorkerMetrics:
         self._worker = worker
         for wf in worker.workflows.values():
             for s in wf.steps:
-                if s.agent:  # approval and wait steps run none
+                if isinstance(s, AgentStep) and s.agent:  # approval and wait steps run none
                     self.agents[(wf.name, s.name, "run")] = s.agent
-                if s.compensate:
-                    self.agents[(wf.name, s.name, "compensate")] = s.compensate
+                undo = s.compensation()
+                if undo:
+                    self.agents[(wf.name, s.name, "compensate")] = undo
 
     async def start(self, worker: Worker) -> None:
         """Bind to ``worker``, serve ``/metrics`` and ``/ready`` (``settings.metrics``; port 0: off)."""

@@ -107,7 +107,7 @@ class Partitions:
     def awaited(self, p: int, task: StepTask) -> bool:
         """Does the run's state (here) still wait for this attempt?"""
         state = self.state(p, task.run_id)
-        return state is not None and awaits(state, task.step, task.attempt, task.kind)
+        return state is not None and awaits(state, task.step, task.attempt, task.kind, task.element)
 
     async def admit(self, p: int, task: StepTask) -> bool:
         """May ``task`` start now? Asked after it waited for a slot: a pause may have moved ``p``."""

@@ -137,7 +137,7 @@ class Refusals:
         step = next((s for s in wf.steps if s.name == result.step), None) if wf else None
         if step is None:
             return None
-        return step.compensate if result.kind == "compensate" else step.agent
+        return step.compensation() if result.kind == "compensate" else step.runs_agent()
 
     def result(self, rec: Record, exc: DecodeError, who: NamedAttempt | None, pending: Pending) -> None:
         """A results record that is not a valid result: fail the attempt it answers at once, if it is told.
@@ -190,7 +190,7 @@ class Refusals:
         self.counts.results_malformed += 1
         self._decisions.submit(p, [letter], (), ())
         spec = next((s for s in wf.steps if s.name == step), None)
-        agent = (spec.compensate if kind == "compensate" else spec.agent) if spec else None
+        agent = (spec.compensation() if kind == "compensate" else spec.runs_agent()) if spec else None
         failed = InvalidOutputError(agent or "?", f"malformed result record: {exc}")
         inp = StepResult(
             run_id=who.run_id,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from calmrun.costs.planner import StepStats
 from calmrun.costs.spend import TenantSpend
 from calmrun.settings import Settings
-from calmrun.workflow.definition import WorkflowDef
+from calmrun.workflow.definition import AgentStep, WorkflowDef
 from calmrun.workflow.events import RunRequest, RunRequested
 
 
@@ -31,7 +31,7 @@ class Stamps:
         # tenant budgets need each tenant's spend in its window, from the cost aggregator's output
         self.tenant_spend = TenantSpend(settings) if settings.budgets.tenants else None
         # steps with `choose` start on a rung picked from the cost table's figures
-        choosing = any(sd.choose for wf in workflows for sd in wf.steps)
+        choosing = any(isinstance(sd, AgentStep) and sd.choose for wf in workflows for sd in wf.steps)
         self.step_stats = StepStats(settings) if choosing else None
 
     async def start(self) -> None:
@@ -53,7 +53,14 @@ class Stamps:
         stats = self.step_stats.figures(wf, at_ms) if self.step_stats is not None and not known else None
         if budget is None or self.tenant_spend is None or known:
             return RunRequested(
-                run_id, wf.name, body.input, at_ms, body.tenant, budget_usd=body.budget_usd, model_stats=stats
+                run_id,
+                wf.name,
+                body.input,
+                at_ms,
+                body.tenant,
+                budget_usd=body.budget_usd,
+                model_stats=stats,
+                parent=body.parent,
             )
         return RunRequested(
             run_id,
@@ -66,4 +73,5 @@ class Stamps:
             tenant_spent_usd=self.tenant_spend.spent(body.tenant, budget.window, at_ms),
             tenant_window=budget.window,
             model_stats=stats,
+            parent=body.parent,
         )

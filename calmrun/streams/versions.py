@@ -35,7 +35,8 @@ from calmrun.streams.decisions import Decisions
 from calmrun.streams.offsets import Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import StateOut
-from calmrun.workflow.events import RunCommand, RunEvent
+from calmrun.workflow.decider import decide
+from calmrun.workflow.events import CommandHeld, HeldReleased, RunCommand, RunEvent
 from calmrun.workflow.registry import Definitions, Pin
 from calmrun.workflow.state import RunState
 
@@ -212,30 +213,20 @@ class Pinning:
 
     def hold(self, p: int, state: RunState, body: RunCommand, at_ms: int, pending: Pending | None) -> None:
         """Keep ``body`` in the run's state record (with its input, in one transaction) for a later owner."""
-        entry = json.dumps({"at_ms": at_ms, "command": body.model_dump(mode="json")}, sort_keys=True)
         why = f"{body.command} held: no worker here serves {pin(state)}"
-        note = RunEvent(
-            run_id=state.run_id,
-            seq=-1,  # logged, not applied: the command is decided when it is released
-            type="input.held",
-            at_ms=at_ms,
-            workflow=state.workflow,
-            version=state.version,
-            tenant=state.tenant,
-            data={"reason": why, "command": body.command, "held": len(state.held) + 1},
-        )
-        self._write(p, state.model_copy(update={"held": [*state.held, entry]}), pending, note)
+        d = decide(None, state, CommandHeld(state.run_id, at_ms, body.model_dump(mode="json"), why))
+        assert d.state is not None
+        self._write(p, d.state, pending, d.events)
         self.counts.held += 1
         log.info(
             "run %s: %s command held, version %s is not served here", state.run_id, body.command, pin(state)
         )
 
-    def _write(self, p: int, state: RunState, pending: Pending | None, note: RunEvent | None = None) -> None:
+    def _write(self, p: int, state: RunState, pending: Pending | None, notes: tuple[RunEvent, ...]) -> None:
         table, codec = self._parts.runs[p], self._decisions.codec
         encoded = table.put(state.run_id, state)
         encode = (lambda: encoded) if encoded is not None else (lambda: codec.encode(state))
         out = StateOut(self.topics.state, p, state.run_id.encode(), encode)
-        notes = (note,) if note is not None else ()
         events = [self._decisions.event_out(p, n) for n in notes]
         self._decisions.submit(p, events, (pending,) if pending is not None else (), notes, out)
 
@@ -266,8 +257,10 @@ class Pinning:
             if state is None or not state.held:
                 return
             entry: dict[str, Any] = json.loads(state.held[0])
-            popped = state.model_copy(update={"held": state.held[1:]})
-            self._write(p, popped, None)  # the pop is recorded even when the command is ignored
+            d = decide(None, state, HeldReleased(run_id, int(entry["at_ms"])))
+            popped = d.state
+            assert popped is not None and d.ignored is None
+            self._write(p, popped, None, d.events)  # the pop is recorded even when the command is ignored
             self.counts.released += 1
             self._command(p, run_id, RunCommand.model_validate(entry["command"]), popped, int(entry["at_ms"]))
 

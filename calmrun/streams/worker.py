@@ -57,7 +57,7 @@ from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
 from calmrun.workflow.events import StepResult, StepTask, TimerFired
-from calmrun.workflow.registry import Definitions
+from calmrun.workflow.registry import Definitions, check_children
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
@@ -100,6 +100,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.workflows = Definitions(check_workflow(wf, settings) for wf in workflows)
+        check_children(self.workflows.values())  # child workflows served here, and in no circle
         self.assignor = VersionAssignor.for_worker(self.workflows.pins())
         self.agents, self.models, self.clock = agents, models, clock
         self.topics = Topics(settings.kafka.prefix)

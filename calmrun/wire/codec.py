@@ -29,13 +29,24 @@ from calmrun.wire.jsonfield import AvroJson, loads
 from calmrun.wire.settings import WireSettings
 
 NAMESPACE = "io.calmrun"
-EARLIER_FIELDS: dict[str, set[str]] = {
-    "DlqRecord": {"truncated"},
-    "RunCommand": {"step", "comment", "name", "data", "reason", "to_version", "to_digest", "checked_seq"},
-    "RunState": {"signals", "digest", "held"},  # people in the loop; pinned versions (0.3)
-    "RunRequest": {"version"},
-}
-"""Per model, fields appended since an earlier version whose records must still decode."""
+EARLIER_FIELDS: list[dict[str, set[str]]] = [
+    {
+        "DlqRecord": {"truncated"},
+        "RunCommand": {"step", "comment", "name", "data", "reason", "to_version", "to_digest", "checked_seq"},
+        "RunState": {"signals", "digest", "held"},  # people in the loop; pinned versions (0.3)
+        "RunRequest": {"version"},
+    },
+    # loops and maps (0.4)
+    {
+        "StepState": {"iteration", "map"},
+        "StepTask": {"iteration", "element"},
+        "StepResultRecord": {"element"},
+        "RunState": {"parent"},
+        "RunRequest": {"parent"},
+    },
+]
+"""Fields appended to the models (a nested record's too), one set per release, oldest first: the
+records each earlier release wrote must still decode."""
 M = TypeVar("M", bound=BaseModel)
 Convert = Callable[[Any], Any] | None  # None: the value passes unchanged
 
@@ -162,6 +173,19 @@ def _plain_default(v: Any) -> bool:
     return v is not None and isinstance(v, str | int | float | bool | Decimal)
 
 
+def _without(schema: Any, added: dict[str, set[str]]) -> Any:
+    """``schema`` with the fields in ``added`` (by record name) left out, in nested records too."""
+    if isinstance(schema, list):
+        return [_without(s, added) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _without(v, added) for k, v in schema.items() if k != "fields"}
+    if "fields" in schema:
+        drop = added.get(str(schema.get("name", "")).rsplit(".", 1)[-1], set())
+        out["fields"] = [_without(f, added) for f in schema["fields"] if f["name"] not in drop]
+    return out
+
+
 def _json_default(v: Any) -> Any:
     return str(v) if isinstance(v, Decimal) else v
 
@@ -191,13 +215,18 @@ class RecordCodec:
         Each is today's schema without the fields added since (they have defaults): a field appended to
         a model changes its fingerprint, and the records already in a topic must stay readable.
         """
-        out = []
-        for name, added in EARLIER_FIELDS.items():
-            d = self._derived.get(name)
-            if d is not None:
-                schema = dict(d.schema)
-                schema["fields"] = [f for f in schema["fields"] if f["name"] not in added]
-                out.append(schema)
+        out, seen = [], {json.dumps(d.schema, sort_keys=True) for d in self._derived.values()}
+        for since in range(len(EARLIER_FIELDS)):
+            added: dict[str, set[str]] = {}
+            for release in EARLIER_FIELDS[since:]:
+                for name, fields in release.items():
+                    added.setdefault(name, set()).update(fields)
+            for d in self._derived.values():
+                schema = _without(d.schema, added)
+                text = json.dumps(schema, sort_keys=True)
+                if text not in seen:
+                    seen.add(text)
+                    out.append(schema)
         return out
 
     def schemas(self) -> dict[str, dict[str, Any]]:

@@ -15,9 +15,12 @@ import json
 import math
 import re
 from itertools import accumulate
-from typing import Annotated, Any
+from typing import Any
 
 from calmrun.errors import DecodeError, LimitExceededError
+from calmrun.jsontypes import AvroJson, JsonDict, JsonValue
+
+__all__ = ["AvroJson", "JsonDict", "JsonValue", "check_value", "json_depth_of_text", "loads"]
 
 JSON_DEPTH_CEILING = 240
 """Deepest JSON a calmrun record may hold (pydantic's serializer refuses 255 levels); what is read back.
@@ -31,13 +34,6 @@ MAX_CONFIGURABLE_DEPTH = 200
 NUMBER_DIGITS_CEILING = 4000
 """Longest run of digits in a number: CPython refuses to convert integers of more than 4300 digits."""
 
-
-class AvroJson:
-    """Marker: this field is a JSON document, written to Avro as a JSON string."""
-
-
-JsonDict = Annotated[dict[str, Any], AvroJson()]
-JsonValue = Annotated[Any, AvroJson()]
 
 # A JSON string token (escapes included); in valid JSON each match is exactly one string.
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)

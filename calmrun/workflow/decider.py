@@ -4,34 +4,43 @@ No I/O, no clock, no randomness: time arrives on the input (``at_ms``) and only 
 forward; backoff jitter is a hash of (run, step, attempt). Re-deciding a run's recorded inputs therefore
 rebuilds the same state and the same decisions, and a duplicated or late input is ignored, never applied:
 the first result recorded for a step attempt wins.
+
+Each input goes to the room that owns it: a step's result to the agent kind, an answer to the approval
+kind, a signal to the wait kind, a timer to the kind of each step it finds due, an operator's command to
+``calmrun.workflow.operator``. What they share (route, quarantine, compensate, settle) is
+``calmrun.workflow.transitions``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from calmrun.errors import ErrorKind
-from calmrun.workflow.definition import StepDef, WorkflowDef, targets
+from calmrun.workflow.definition import WorkflowDef, targets
 from calmrun.workflow.events import (
     Answer,
+    CancelRequested,
+    ChildFinished,
+    CommandHeld,
     DeciderInput,
+    HeldReleased,
     MigrateRequested,
     RedriveRequested,
     RunEvent,
     RunRequested,
+    SignalReceived,
     StepResult,
     StepTask,
     TimerFired,
+    attempt_key,
 )
-from calmrun.workflow.people import People
-from calmrun.workflow.schedule import (
-    Decision,
-    Quarantine,
-    awaits,
-    backoff_ms,
-    resolve_input,
-)
+from calmrun.workflow.kinds import AgentStep, approval, child, wait
+from calmrun.workflow.kinds import agent as agent_kind
+from calmrun.workflow.kinds import map as map_kind
+from calmrun.workflow.kinds.agent import backoff_ms, choose_rung, resolve_input
+from calmrun.workflow.operator import cancel, held, migrate, redrive
 from calmrun.workflow.state import RunState
+from calmrun.workflow.transitions import Decision, Quarantine, Transitions, awaits
 
 __all__ = [
     "Decision",
@@ -46,67 +55,131 @@ __all__ = [
 ]
 
 
-def decide(wf: WorkflowDef, state: RunState | None, event: DeciderInput) -> Decision:
+def decide(wf: WorkflowDef | None, state: RunState | None, event: DeciderInput) -> Decision:
     """Apply one input to one run.
 
     Args:
-        wf: the run's workflow definition (the same version the run started with).
+        wf: the run's workflow definition (the one the run is pinned to); None only for holding and
+            releasing a command (``CommandHeld``, ``HeldReleased``), which a worker without the run's
+            definition decides.
         state: the run's current state, or None when the run is unknown.
-        event: what happened: a request, a step result, a timer, an operator's redrive, a person's
-            answer, a signal, a cancel (``calmrun.workflow.people``).
+        event: what happened: a request, a step result, a timer, an operator's command, a person's
+            answer, a signal.
     """
     if isinstance(event, RunRequested):
+        assert wf is not None
         if state is not None:
             return _ignored(state, event, "duplicate run request: this run ID already exists")
-        s = RunState(
-            run_id=event.run_id,
-            workflow=wf.name,
-            version=wf.version,
-            digest=wf.digest,
-            tenant=event.tenant,
-            input=dict(event.input),
-            created_ms=event.at_ms,
-            clock_ms=event.at_ms,
-            budget_usd=event.budget_usd if event.budget_usd is not None else wf.budget_usd,
-        )
-        b = _Builder(wf, s)
-        b.emit("run.requested", data={**_request_data(event), "version": wf.version, "digest": wf.digest})
-        tb, spent = event.tenant_budget_usd, event.tenant_spent_usd
-        if tb is not None and spent is not None and spent >= tb:
-            s.status = "refused"
-            s.error_type = ErrorKind.TENANT_BUDGET
-            window = event.tenant_window or "its window"
-            s.error = f"tenant {s.tenant!r} spent ${spent} of its ${tb} budget for {window}"
-            b.emit(
-                "run.refused",
-                data={
-                    "tenant": s.tenant,
-                    "spent_usd": str(spent),
-                    "budget_usd": str(tb),
-                    "window": event.tenant_window,
-                },
-            )
-            return b.finish()
-        b.choose_rungs(event.model_stats or {})
-        b.goto(targets(wf.first))
-        return b.finish()
+        return _start(wf, event)
     if state is None:
         return Decision(state=None, ignored=f"no run {event.run_id!r} is known")
+    if isinstance(event, CommandHeld | HeldReleased):
+        d = held(state, event)
+        return d if d.ignored is None else _ignored(state, event, d.ignored)
+    assert wf is not None, f"{type(event).__name__} is decided with the run's definition"
     # copy on write: the state's containers are copied here, a step's state only when it changes
     s = state.model_copy()
     s.steps = dict(state.steps)
     s.compensations = list(state.compensations)
     s.clock_ms = max(s.clock_ms, event.at_ms)
-    b = _Builder(wf, s)
+    t = Transitions(wf, s)
     if isinstance(event, StepResult):
-        return b.on_result(event) or _ignored(state, event, b.why)
-    if isinstance(event, TimerFired):
-        return b.on_timer(event.at_ms) or _ignored(state, event, "nothing is due")
-    if isinstance(event, RedriveRequested):
-        return b.on_redrive(event.by) or _ignored(state, event, b.why)
-    if isinstance(event, MigrateRequested):
-        return b.on_migrate(event) or _ignored(state, event, b.why)
-    return b.on_person(event) or _ignored(state, event, b.why)
+        done = _result(t, event)
+    elif isinstance(event, TimerFired):
+        done = _timer(t, event.at_ms)
+    elif isinstance(event, RedriveRequested):
+        done = redrive(t, event.by)
+    elif isinstance(event, MigrateRequested):
+        done = migrate(t, event)
+    elif isinstance(event, Answer):
+        done = approval.answer(t, event)
+    elif isinstance(event, SignalReceived):
+        done = wait.signalled(t, event)
+    elif isinstance(event, ChildFinished):
+        done = child.finished(t, event)
+    else:
+        assert isinstance(event, CancelRequested)
+        done = cancel(t, event)
+    return t.finish() if done else _ignored(state, event, t.why)
+
+
+def _start(wf: WorkflowDef, event: RunRequested) -> Decision:
+    s = RunState(
+        run_id=event.run_id,
+        workflow=wf.name,
+        version=wf.version,
+        digest=wf.digest,
+        tenant=event.tenant,
+        input=dict(event.input),
+        created_ms=event.at_ms,
+        clock_ms=event.at_ms,
+        budget_usd=event.budget_usd if event.budget_usd is not None else wf.budget_usd,
+        parent=dict(event.parent) if event.parent else None,
+    )
+    t = Transitions(wf, s)
+    t.emit("run.requested", data={**_request_data(event), "version": wf.version, "digest": wf.digest})
+    tb, spent = event.tenant_budget_usd, event.tenant_spent_usd
+    if tb is not None and spent is not None and spent >= tb:
+        s.status = "refused"
+        s.error_type = ErrorKind.TENANT_BUDGET
+        window = event.tenant_window or "its window"
+        s.error = f"tenant {s.tenant!r} spent ${spent} of its ${tb} budget for {window}"
+        window_ = event.tenant_window
+        t.emit(
+            "run.refused",
+            data={"tenant": s.tenant, "spent_usd": str(spent), "budget_usd": str(tb), "window": window_},
+        )
+        return t.finish()
+    _choose_rungs(t, event.model_stats or {})
+    t.goto(targets(wf.first))
+    return t.finish()
+
+
+def _choose_rungs(t: Transitions, stats: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Pick each ``choose`` step's starting rung now, from the figures on the request (one event each)."""
+    for sd in t.wf.steps:
+        if not isinstance(sd, AgentStep) or sd.choose is None:
+            continue
+        figures = stats.get(sd.name) or {}
+        rung, why = choose_rung(sd, figures)
+        t.s.start_rungs[sd.name] = rung
+        t.emit(
+            "step.model_chosen",
+            sd.name,
+            data={"model": sd.models[rung], "rung": rung, "why": why, "figures": figures},
+        )
+
+
+def _result(t: Transitions, r: StepResult) -> bool:
+    st = t.s.steps.get(r.step)
+    if st is None or not awaits(t.s, r.step, r.attempt, r.kind, r.element):
+        where = f"{st.status} at attempt {st.attempt}" if st else "not started"
+        what = r.step if r.element is None else f"{r.step}[{r.element}]"
+        t.why = f"late or duplicate {r.kind} result for {what!r} attempt {r.attempt} (step is {where})"
+        return False
+    if r.element is None:
+        agent_kind.result(t, r)
+    else:
+        map_kind.result(t, r)
+    return True
+
+
+def _timer(t: Transitions, now: int) -> bool:
+    # what is due is judged by the timer's own time, not the run clock: a re-delivered old timer
+    # finds nothing due and is ignored
+    due = sorted(
+        (name, st)
+        for name, st in t.s.steps.items()
+        if any(at is not None and at <= now for at in (st.due_ms, st.deadline_ms))
+    )
+    if not due:
+        t.why = "nothing is due"
+        return False
+    t.emit("timer.fired", data={"due": [name for name, _ in due], "at_ms": now})
+    # expiries first: one may quarantine the run, and then no retry of a sibling may be issued
+    for name, _ in sorted(due, key=lambda d: (d[1].due_ms is not None, d[0])):
+        t.wf.step(name).due(t, name)
+    return True
 
 
 def _request_data(event: RunRequested) -> dict[str, Any]:
@@ -119,22 +192,9 @@ def _request_data(event: RunRequested) -> dict[str, Any]:
         data["tenant_window"] = event.tenant_window
     if event.model_stats is not None:
         data["model_stats"] = event.model_stats
+    if event.parent is not None:
+        data["parent"] = event.parent
     return data
-
-
-def choose_rung(sd: StepDef, figures: dict[str, dict[str, Any]]) -> tuple[int, str]:
-    """The starting rung of a step with ``choose`` from the figures stamped on the request, and why."""
-    assert sd.choose is not None
-    rule = sd.choose.cheapest_meeting
-    for i, alias in enumerate(sd.models):
-        f = figures.get(alias) or {}
-        attempts, accepted = int(f.get("attempts", 0)), int(f.get("accepted", 0))
-        if attempts < rule.min_attempts:
-            return i, f"{alias}: {attempts} attempts in the window, fewer than {rule.min_attempts}"
-        rate = accepted / attempts
-        if rate >= rule.success_rate:
-            return i, f"{alias}: success rate {rate:.3f} over {attempts} attempts meets {rule.success_rate}"
-    return 0, f"no alias meets success rate {rule.success_rate}: the ladder from its first rung"
 
 
 def task_ignored(state: RunState | None, task: StepTask, at_ms: int) -> RunEvent | None:
@@ -143,7 +203,7 @@ def task_ignored(state: RunState | None, task: StepTask, at_ms: int) -> RunEvent
     The shell asks this for every task record it reads (a stale copy, a task of a finished run); it
     shares ``awaits`` with the result path, so a task runs exactly when its result would count.
     """
-    if state is not None and awaits(state, task.step, task.attempt, task.kind):
+    if state is not None and awaits(state, task.step, task.attempt, task.kind, task.element):
         return None
     st = state.steps.get(task.step) if state else None
     where = f"{st.status} at attempt {st.attempt}" if st else "unknown"
@@ -166,11 +226,18 @@ def task_ignored(state: RunState | None, task: StepTask, at_ms: int) -> RunEvent
 
 def expired(state: RunState, now_ms: int) -> list[str]:
     """Idempotency keys of the attempts whose deadline has passed at ``now_ms`` (what a timer re-issues)."""
-    return [
-        f"{state.run_id}/{name}/{'compensate' if st.status == 'compensating' else 'run'}/{st.attempt}"
-        for name, st in sorted(state.steps.items())
-        if st.deadline_ms is not None and st.deadline_ms <= now_ms
-    ]
+    keys = []
+    for name, st in sorted(state.steps.items()):
+        if st.deadline_ms is None or st.deadline_ms > now_ms:
+            continue
+        if st.map is not None:  # a map: its elements' attempts
+            for e, el in sorted(st.map.running.items(), key=lambda kv: int(kv[0])):
+                if el.deadline_ms is not None and el.deadline_ms <= now_ms:
+                    keys.append(attempt_key(state.run_id, name, "run", el.attempt, st.iteration, int(e)))
+            continue
+        kind = "compensate" if st.status == "compensating" else "run"
+        keys.append(attempt_key(state.run_id, name, kind, st.attempt, st.iteration))
+    return keys
 
 
 def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
@@ -180,6 +247,8 @@ def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
         step, attempt = event.step, event.attempt
         data["kind"] = event.kind
         data["ok"] = event.ok
+        if event.element is not None:
+            data["element"] = event.element
     elif isinstance(event, Answer):
         step = event.step
         data["by"] = event.by
@@ -196,142 +265,3 @@ def _ignored(state: RunState, event: DeciderInput, reason: str) -> Decision:
         data=data,
     )
     return Decision(state=state, events=(log,), ignored=reason)
-
-
-class _Builder(People):
-    """What each kind of input does to a run (the transitions themselves are in ``Schedule``)."""
-
-    def on_result(self, r: StepResult) -> Decision | None:
-        st = self.s.steps.get(r.step)
-        if st is None or not awaits(self.s, r.step, r.attempt, r.kind):
-            where = f"{st.status} at attempt {st.attempt}" if st else "not started"
-            self.why = (
-                f"late or duplicate {r.kind} result for {r.step!r} attempt {r.attempt} (step is {where})"
-            )
-            return None
-        st = self._mut(r.step)
-        if r.ok:
-            self.emit("step.succeeded", r.step, r.attempt, {"kind": r.kind, "output": r.output}, r.cost)
-        else:
-            data: dict[str, Any] = {
-                "kind": r.kind,
-                "error_type": r.error_type,
-                "error": r.error,
-                "retriable": r.retriable,
-            }
-            if r.retry_after_ms is not None:
-                data["retry_after_ms"] = r.retry_after_ms
-            self.emit("step.failed", r.step, r.attempt, data, r.cost)
-        self.s.spent_usd += r.cost.cost_usd
-        st.deadline_ms = None
-        st.finished_ms = self.s.clock_ms
-        if r.kind == "compensate":
-            if r.ok:
-                st.status = "compensated"
-                self.emit("step.compensated", r.step, r.attempt)
-                self._next_compensation(done=r.step)
-            else:
-                self._fail_attempt(
-                    r.step, r.error_type or "Error", r.error or "", r.retriable, r.retry_after_ms
-                )
-        elif r.ok:
-            low = self._low_confidence(r.step, r.output or {})
-            if low is not None and self._can_escalate(r.step, "low_confidence"):
-                self._escalate(r.step, "low_confidence", {"confidence": low})
-            else:
-                st.status, st.output = "succeeded", dict(r.output or {})
-                st.error_type = st.error = None
-                st.done_seq = self.s.seq
-                self._route(r.step)
-        elif r.error_type == ErrorKind.INVALID_OUTPUT and self._can_escalate(r.step, "invalid_output"):
-            st.error_type, st.error = r.error_type, r.error
-            self._escalate(r.step, "invalid_output", {"error": (r.error or "")[:500]})
-        else:
-            self._fail_attempt(r.step, r.error_type or "Error", r.error or "", r.retriable, r.retry_after_ms)
-        return self.finish()
-
-    def on_timer(self, now: int) -> Decision | None:
-        # what is due is judged by the timer's own time, not the run clock: a re-delivered old timer
-        # finds nothing due and is ignored
-        due = sorted(
-            (name, st)
-            for name, st in self.s.steps.items()
-            if (st.due_ms is not None and st.due_ms <= now)
-            or (st.deadline_ms is not None and st.deadline_ms <= now)
-        )
-        if not due:
-            return None
-        self.emit("timer.fired", data={"due": [name for name, _ in due], "at_ms": now})
-        # expiries first: one may quarantine the run, and then no retry of a sibling may be issued
-        for name, _ in sorted(due, key=lambda d: (d[1].due_ms is not None, d[0])):
-            st = self._mut(name)  # an earlier iteration may have changed it (a quarantine cancels)
-            kind: Literal["run", "compensate"] = "compensate" if st.status == "compensating" else "run"
-            if st.due_ms is not None:
-                if st.status == "waiting":
-                    self.on_wait_due(name)
-                elif kind == "compensate" or st.status == "retry_wait":
-                    self._issue(name, kind)
-            elif st.deadline_ms is not None:
-                # no result by the deadline: the task was lost (or waits behind a backlog), it did not
-                # fail. Issue the same attempt again under the same idempotency key; a new attempt is
-                # only ever made for a failure or timeout that the attempt itself reported.
-                self._reissue(name, kind)
-        return self.finish()
-
-    def on_redrive(self, by: str | None = None) -> Decision | None:
-        s = self.s
-        if s.status not in ("quarantined", "over_budget") or s.compensations:
-            self.why = f"redrive needs a quarantined run; this one is {s.status}"
-            return None
-        undone = sorted(n for n, st in s.steps.items() if st.status in ("compensated", "compensation_failed"))
-        if undone:
-            self.why = f"redrive refused: steps {undone} were compensated, so the run cannot continue"
-            return None
-        self.emit("run.redrive_requested", data={"previous_error": s.error, **({"by": by} if by else {})})
-        s.status, s.error_type, s.error = "running", None, None
-        for name in sorted(s.steps):
-            if s.steps[name].status in ("failed", "cancelled"):
-                st = self._mut(name)
-                st.retry_base = st.attempt
-                self._issue(name, "run")
-        return self.finish()
-
-    def on_migrate(self, m: MigrateRequested) -> Decision | None:
-        """Pin the run to another definition (``wf`` is that one; ``calmrun deploy check`` vouched for it)."""
-        s = self.s
-        if s.status != "running":
-            self.why = f"migrate needs a running run; this one is {s.status}"
-            return None
-        if m.checked_seq is not None and s.seq != m.checked_seq:
-            self.why = f"the run moved on since it was checked (seq {s.seq}, checked at {m.checked_seq})"
-            return None
-        if (s.version, s.digest) == (m.version, m.digest):
-            self.why = f"the run is on version {m.version} ({m.digest}) already"
-            return None
-        names = {sd.name for sd in self.wf.steps}
-        missing = sorted(n for n in s.steps if n not in names)
-        if missing:
-            self.why = f"migrate refused: version {m.version} has no steps {missing}, which this run has"
-            return None
-        before = {"version": s.version, "digest": s.digest}
-        s.version, s.digest = m.version, m.digest
-        to = {"version": m.version, "digest": m.digest}
-        data: dict[str, Any] = {"from": before, "to": to, "checked_seq": m.checked_seq}
-        self.emit("run.migrated", data={**data, **({"by": m.by} if m.by else {})})
-        return self.finish()
-
-    # -- decisions ----------------------------------------------------------------------------------
-
-    def choose_rungs(self, stats: dict[str, dict[str, dict[str, Any]]]) -> None:
-        """Pick each ``choose`` step's starting rung now, from the figures on the request (one event each)."""
-        for sd in self.wf.steps:
-            if sd.choose is None:
-                continue
-            figures = stats.get(sd.name) or {}
-            rung, why = choose_rung(sd, figures)
-            self.s.start_rungs[sd.name] = rung
-            self.emit(
-                "step.model_chosen",
-                sd.name,
-                data={"model": sd.models[rung], "rung": rung, "why": why, "figures": figures},
-            )

@@ -8,234 +8,86 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from calmrun.errors import ConfigError
+from calmrun.workflow.kinds import AgentStep, Step, StepKind, WaitingStep
+from calmrun.workflow.kinds.agent import AGENT_TIMEOUT_S, ESCALATIONS, CheapestMeeting, Choose, Escalation
+from calmrun.workflow.steps import (
+    DEFAULT_POOL,
+    END,
+    NAME,
+    Branch,
+    Condition,
+    RetryPolicy,
+    StepDef,
+    Target,
+    _Def,
+    lookup,
+    targets,
+)
 
-NAME = r"^[a-z][a-z0-9_-]{0,62}$"
-END = "end:"
-DEFAULT_POOL = "default"
-"""The pool of a step that names none: executed by the deciding workers themselves (eagerly)."""
+__all__ = [
+    "AGENT_TIMEOUT_S",
+    "DEFAULT_POOL",
+    "END",
+    "ESCALATIONS",
+    "NAME",
+    "WAITING_KINDS",
+    "AgentStep",
+    "Branch",
+    "CheapestMeeting",
+    "Choose",
+    "Condition",
+    "Escalation",
+    "RetryPolicy",
+    "Step",
+    "StepDef",
+    "StepKind",
+    "Target",
+    "WaitingStep",
+    "WorkflowDef",
+    "describe_errors",
+    "load_workflow",
+    "lookup",
+    "parse_workflow",
+    "targets",
+]
 
-
-class _Def(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RetryPolicy(_Def):
-    """Exponential backoff with deterministic jitter between attempts of one step."""
-
-    max_attempts: int = Field(3, ge=1, le=100)
-    initial_backoff_s: float = Field(0.5, ge=0)
-    multiplier: float = Field(2.0, ge=1)
-    max_backoff_s: float = Field(60.0, ge=0)
-    jitter: float = Field(0.2, ge=0, le=1, description="+/- this fraction of the backoff")
-
-
-_OPS: dict[str, Any] = {
-    "eq": operator.eq,
-    "ne": operator.ne,
-    "lt": operator.lt,
-    "le": operator.le,
-    "gt": operator.gt,
-    "ge": operator.ge,
-    "in": lambda a, b: a in b,
-    "not_in": lambda a, b: a not in b,
-}
-
-
-class Condition(_Def):
-    """A test on one field of a step's output (``field`` is a dotted path)."""
-
-    field: str
-    op: Literal["eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "exists"] = "eq"
-    value: Any = None
-
-    def holds(self, output: Any) -> bool:
-        """True when the condition holds for ``output``; a missing field holds only for ``ne``/``not_in``."""
-        found, actual = lookup(output, self.field)
-        if self.op == "exists":
-            return found == bool(self.value if self.value is not None else True)
-        if not found:
-            return self.op in ("ne", "not_in")
-        try:
-            return bool(_OPS[self.op](actual, self.value))
-        except TypeError:
-            return False
-
-
-def lookup(data: Any, path: str) -> tuple[bool, Any]:
-    """Follow a dotted path through dicts (and list indexes); return (found, value)."""
-    cur = data
-    for part in path.split(".") if path else []:
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
-            cur = cur[int(part)]
-        else:
-            return False, None
-    return True, cur
-
-
-Escalation = Literal["invalid_output", "low_confidence", "exhausted"]
-ESCALATIONS: tuple[Escalation, ...] = ("invalid_output", "low_confidence", "exhausted")
-
-Target = str | list[str]
-"""A step name, a list of step names (parallel fan-out), or ``end:<outcome>``."""
-
-
-def targets(target: Target | None) -> list[str]:
-    """A target as a list; no target means the run ends as ``completed``."""
-    if target is None:
-        return [f"{END}completed"]
-    return [target] if isinstance(target, str) else list(target)
-
-
-class Branch(_Def):
-    """Go to ``goto`` when ``when`` holds for the step's output; branches are tried in order."""
-
-    when: Condition
-    goto: Target
-
-
-class CheapestMeeting(_Def):
-    """Start on the first alias of the ladder (cheapest first) whose observed success rate meets a target.
-
-    Walking the ladder: an alias with fewer than ``min_attempts`` attempts in the window is chosen (the
-    ladder learns there); one meeting ``success_rate`` is chosen; one below it is passed over. When every
-    alias was passed over, the step starts on the first rung, as a plain ladder does.
-    """
-
-    success_rate: float = Field(ge=0, le=1, description="accepted attempts / attempts, over the window")
-    min_attempts: int = Field(20, ge=1, description="fewer attempts than this in the window: not known yet")
-    window_s: int = Field(3600, ge=60, le=6 * 3600, description="how far back the figures reach (1m buckets)")
-
-
-class Choose(_Def):
-    """How a step with a model ladder picks its starting rung from the cost table's figures."""
-
-    cheapest_meeting: CheapestMeeting
-
-
-StepKind = Literal["agent", "approval", "wait"]
 WAITING_KINDS: frozenset[str] = frozenset({"approval", "wait"})
-AGENT_TIMEOUT_S = 30.0
+
+_LEGACY_STEP: dict[str, Any] = {
+    "agent": None,
+    "model": None,
+    "input": None,
+    "compensate": None,
+    "models": [],
+    "escalate_on": list(ESCALATIONS),
+    "confidence_field": None,
+    "min_confidence": None,
+    "choose": None,
+    "approvers": [],
+    "signal": None,
+    "on_timeout": None,
+    "on_reject": None,
+}
+"""The fields every step had in the flat definition of 0.3, with their defaults: a step's digest form
+holds them all, so the digest of a definition written then stays the same (runs stay pinned to it)."""
 
 
-class StepDef(_Def):
-    """One step: which agent runs it, on which input, how it is retried, and where the run goes next.
-
-    ``kind: approval`` and ``kind: wait`` run no agent: the run waits durably (no task, no thread) for an
-    answer (``calmrun approve``/``reject``) or a named signal (``calmrun signal``), at most ``timeout_s``
-    when it is set, then routes on the answer as on any step's output (see ``calmrun.workflow.people``).
-    """
-
-    name: str = Field(pattern=NAME)
-    kind: StepKind = "agent"
-    agent: str | None = Field(None, description="registered agent name or 'module:attr' (kind agent)")
-    model: str | None = Field(None, description="model alias from configuration")
-    input: dict[str, str] | None = Field(
-        None, description="argument -> path: 'input.x' (run input), 'steps.<step>.x' (earlier output)"
-    )
-    retry: RetryPolicy = RetryPolicy()
-    timeout_s: float | None = Field(
-        None,
-        gt=0,
-        description="agent: an attempt's timeout (30 s); approval/wait: how long to wait (none: no limit)",
-    )
-    compensate: str | None = Field(
-        None, description="agent that undoes this step when the run is quarantined"
-    )
-    next: Target | None = None
-    branches: list[Branch] = Field(default_factory=list)
-    needs: list[str] = Field(default_factory=list, description="join: start only when all these succeeded")
-    models: list[str] = Field(
-        default_factory=list, description="model aliases, cheapest first: the decider escalates along them"
-    )
-    escalate_on: list[Escalation] = Field(
-        default_factory=lambda: list(ESCALATIONS),
-        description="invalid_output: at once; low_confidence: output field below min_confidence; "
-        "exhausted: after the retry policy gave up on a model",
-    )
-    confidence_field: str | None = Field(None, description="output field holding the agent's confidence")
-    min_confidence: float | None = None
-    estimated_cost_usd: Decimal = Field(
-        Decimal(0), ge=0, description="what an attempt may cost: the budget check stops a run before it"
-    )
-    choose: Choose | None = Field(
-        None, description="pick the starting rung of `models` from observed success rates (the planner)"
-    )
-    pool: str = Field(
-        DEFAULT_POOL,
-        pattern=NAME,
-        description="who executes this step: 'default' (the deciding workers) or the name of a pool of "
-        "executors (`calmrun worker --pool NAME`), which read the step topic and answer on the results topic",
-    )
-
-    @field_validator("pool")
-    @classmethod
-    def _pool_named(cls, v: str) -> str:
-        if v == "none":
-            raise ValueError("'none' is not a pool name: `--pool none` means a worker that executes nothing")
-        return v
-
-    approvers: list[str] = Field(default_factory=list, description="approval: who may answer (empty: anyone)")
-    signal: str | None = Field(None, description="wait: the name of the signal the step waits for")
-    on_timeout: Target | None = Field(
-        None,
-        description="approval/wait: where the run goes when timeout_s passes unanswered "
-        "(none: the step fails and the run is quarantined)",
-    )
-    on_reject: Target | None = Field(
-        None, description="approval: where a rejection goes (before branches and next)"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _agent_timeout(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("kind", "agent") == "agent" and data.get("timeout_s") is None:
-            return {**data, "timeout_s": AGENT_TIMEOUT_S}
-        return data
-
-    @model_validator(mode="after")
-    def _kind_fits(self) -> StepDef:
-        given = {f for f in type(self).model_fields if getattr(self, f) not in (None, [])}
-        if self.kind == "agent":
-            if not self.agent:
-                raise ValueError(f"step {self.name!r}: an agent step needs `agent`")
-            extra = sorted(given & {"approvers", "signal", "on_timeout", "on_reject"})
-        else:
-            extra = sorted(given & {"agent", "model", "models", "compensate", "choose", "input"})
-            if self.kind == "wait" and not self.signal:
-                raise ValueError(f"step {self.name!r}: a wait step needs `signal` (the name it waits for)")
-            extra += sorted(given & ({"approvers", "on_reject"} if self.kind == "wait" else {"signal"}))
-        if self.kind != "agent" and self.pool != DEFAULT_POOL:
-            extra.append("pool")  # an approval or a wait is decided, never executed
-        if extra:
-            raise ValueError(f"step {self.name!r}: kind {self.kind} takes no {', '.join(extra)}")
-        return self
-
-    @property
-    def attempt_s(self) -> float:
-        """agent: how long one attempt may take."""
-        return self.timeout_s if self.timeout_s is not None else AGENT_TIMEOUT_S
-
-    @property
-    def wait_ms(self) -> int | None:
-        """approval/wait: how long the step waits (None: until answered)."""
-        return None if self.timeout_s is None else round(self.timeout_s * 1000)
-
-    @property
-    def ladder(self) -> list[str | None]:
-        """The model aliases attempts escalate along (one entry, possibly None, when there is no ladder)."""
-        return list(self.models) if self.models else [self.model]
+def _digest_form(step: StepDef) -> dict[str, Any]:
+    dumped = step.model_dump(mode="json")
+    base = set(StepDef.model_fields) | set(_LEGACY_STEP)
+    for name, field in type(step).model_fields.items():  # fields of later kinds count only when set
+        if name not in base and dumped.get(name) == field.get_default(call_default_factory=True):
+            dumped.pop(name)
+    return {**_LEGACY_STEP, **dumped}
 
 
 class WorkflowDef(_Def):
@@ -245,7 +97,7 @@ class WorkflowDef(_Def):
     version: str = "1"
     description: str = ""
     start: Target | None = None
-    steps: list[StepDef] = Field(min_length=1)
+    steps: list[Step] = Field(min_length=1)
     outcomes: list[str] = Field(default_factory=lambda: ["completed"])
     budget_usd: Decimal | None = Field(
         None, ge=0, description="default budget of each run (a request may set one)"
@@ -284,30 +136,57 @@ class WorkflowDef(_Def):
             check(f"step {s.name!r} next", s.next)
             for i, b in enumerate(s.branches):
                 check(f"step {s.name!r} branches[{i}].goto", b.goto)
-            for extra in ("on_timeout", "on_reject"):
-                if getattr(s, extra) is not None:
-                    check(f"step {s.name!r} {extra}", getattr(s, extra))
+            for field, target in s.exits():
+                check(f"step {s.name!r} {field}", target)
             for n in s.needs:
                 if n not in known:
                     raise ValueError(f"step {s.name!r} needs unknown step {n!r}")
-            if s.choose is not None and len(s.models) < 2:
-                raise ValueError(f"step {s.name!r}: choose picks a rung of `models`, which needs two or more")
-            for arg, path in (s.input or {}).items():
-                head, _, rest = path.partition(".")
-                if head == "steps":
-                    ref = rest.split(".")[0]
-                    if ref not in known:
-                        raise ValueError(f"step {s.name!r} input {arg!r}: unknown step {ref!r} in {path!r}")
-                elif head not in ("input", "run"):
-                    raise ValueError(f"step {s.name!r} input {arg!r}: path must start with input. or steps.")
+            s.validate_in(known)
         self._check_acyclic()
+        for s in self.steps:
+            for back in s.back_edges():
+                body = self.between(back, s.name)
+                if not body:
+                    raise ValueError(f"step {s.name!r} goto: {back!r} does not lead back to {s.name!r}")
+                inner = [b for b in body if self.step(b).back_edges()]
+                if inner:
+                    raise ValueError(
+                        f"step {s.name!r}: loops do not nest; its body holds the loop {inner[0]!r}"
+                    )
         return self
 
-    def _check_acyclic(self) -> None:
+    @cached_property
+    def edges(self) -> dict[str, list[str]]:
+        """Forward edges (a loop's way back excluded): where each step leads, a needed step to its join."""
         edges = {s.name: self.successors(s) for s in self.steps}
         for s in self.steps:  # a join depends on what it needs: that is an edge too
             for n in s.needs:
                 edges[n].append(s.name)
+        return edges
+
+    def between(self, first: str, last: str) -> list[str]:
+        """The steps on a forward path from ``first`` to ``last`` (``last`` excluded), in definition order."""
+        edges = self.edges
+        after = self._reach(first, edges)
+        back: dict[str, list[str]] = {n: [] for n in edges}
+        for n, outs in edges.items():
+            for m in outs:
+                back[m].append(n)
+        before = self._reach(last, back)
+        return [s.name for s in self.steps if s.name in after and s.name in before and s.name != last]
+
+    @staticmethod
+    def _reach(start: str, edges: dict[str, list[str]]) -> set[str]:
+        seen, todo = {start}, [start]
+        while todo:
+            for m in edges.get(todo.pop(), []):
+                if m not in seen:
+                    seen.add(m)
+                    todo.append(m)
+        return seen
+
+    def _check_acyclic(self) -> None:
+        edges = {n: list(outs) for n, outs in self.edges.items()}
         state: dict[str, int] = {}
 
         def visit(n: str, path: list[str]) -> None:
@@ -326,20 +205,25 @@ class WorkflowDef(_Def):
             visit(n, [])
 
     @staticmethod
-    def successors(step: StepDef) -> list[str]:
+    def successors(step: Step | StepDef) -> list[str]:
         out = [t for t in targets(step.next) if not t.startswith(END)]
         for b in step.branches:
             out += [t for t in targets(b.goto) if not t.startswith(END)]
-        for extra in (step.on_timeout, step.on_reject):
-            if extra is not None:
-                out += [t for t in targets(extra) if not t.startswith(END)]
+        for _, extra in step.exits():
+            out += [t for t in targets(extra) if not t.startswith(END)]
         return out
 
-    def step(self, name: str) -> StepDef:
-        for s in self.steps:
-            if s.name == name:
-                return s
-        raise KeyError(name)
+    @cached_property
+    def steps_by_name(self) -> dict[str, Step]:
+        return {s.name: s for s in self.steps}
+
+    def step(self, name: str) -> Step:
+        """The step called ``name``.
+
+        Raises:
+            KeyError: no such step.
+        """
+        return self.steps_by_name[name]
 
     @property
     def first(self) -> Target:
@@ -352,7 +236,8 @@ class WorkflowDef(_Def):
         With the name and the version it is a definition's identity: a run is pinned to all three (see
         ``calmrun.workflow.registry``). Defaults are part of the model, so spelling one out changes nothing.
         """
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        form = {**self.model_dump(mode="json"), "steps": [_digest_form(s) for s in self.steps]}
+        text = json.dumps(form, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -382,6 +267,8 @@ def describe_errors(exc: ValidationError, data: Any, root: str = "workflow") -> 
     parts = []
     for err in exc.errors():
         loc = list(err["loc"])
+        if len(loc) > 2 and loc[0] == "steps" and isinstance(loc[1], int) and loc[2] in StepDef.kinds():
+            del loc[2]  # the union's tag: the kind is the step's, not a field of it
         where = ""
         for i, p in enumerate(loc):
             if isinstance(p, int):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from calmrun.wire.jsonfield import JsonDict
+from calmrun.jsontypes import JsonDict
 
 
 class _Record(BaseModel):
@@ -33,9 +33,12 @@ class RunRequest(_Record):
     version: str | None = Field(
         None, description="start on this version of the workflow (default: the newest a worker serves)"
     )
+    parent: JsonDict | None = Field(
+        None, description="a child run: its parent's run_id, workflow and step (kind: workflow)"
+    )
 
 
-CommandKind = Literal["redrive", "approve", "reject", "signal", "cancel", "migrate"]
+CommandKind = Literal["redrive", "approve", "reject", "signal", "cancel", "migrate", "child_done"]
 
 
 class RunCommand(_Record):
@@ -63,9 +66,13 @@ class RunCommand(_Record):
 
     @model_validator(mode="after")
     def _fields_fit(self) -> RunCommand:
-        need = {"approve": "step", "reject": "step", "signal": "name", "migrate": "to_version"}.get(
-            self.command
-        )
+        need = {
+            "approve": "step",
+            "reject": "step",
+            "signal": "name",
+            "migrate": "to_version",
+            "child_done": "data",
+        }.get(self.command)
         if need is not None and not getattr(self, need):
             raise ValueError(f"{self.command} needs `{need}`")
         return self
@@ -98,6 +105,7 @@ EventType = Literal[
     "signal.received",
     "run.cancel_requested",
     "run.migrated",
+    "step.child_finished",
     # decisions
     "step.scheduled",
     "step.retry_scheduled",
@@ -111,6 +119,11 @@ EventType = Literal[
     "step.compensation_failed",
     "step.cancelled",
     "step.escalated",
+    "step.route_refused",  # an agent-chosen route outside route.allowed: the attempt failed
+    "step.looped",  # a loop went back for another iteration
+    "step.loop_exhausted",  # a loop reached max_iterations
+    "step.mapped",  # a map step read its list: how many elements
+    "step.child_started",  # a workflow step started its child run
     "step.model_chosen",
     "run.over_budget",
     "run.refused",
@@ -121,8 +134,11 @@ EventType = Literal[
     "run.rejected",  # a request that could not start a run, under the run ID it names (workflow.rejection)
     # logged, never applied
     "input.ignored",
-    "input.held",  # a command kept for a worker that serves the run's version (streams.versions)
+    "input.held",  # a command kept in the run's state for a worker that serves its version
+    "input.released",  # a held command taken out of the state, to be decided now
 ]
+HELD_NOTES = frozenset({"input.held", "input.released"})
+"""Notes (seq -1) that change a run's state all the same: its ``held`` commands (``workflow.operator``)."""
 INPUT_TYPES = frozenset(
     {
         "run.requested",
@@ -135,6 +151,7 @@ INPUT_TYPES = frozenset(
         "signal.received",
         "run.cancel_requested",
         "run.migrated",
+        "step.child_finished",
     }
 )
 
@@ -170,11 +187,26 @@ class StepTask(_Record):
     tenant: str = "default"
     issued_ms: int
     timeout_s: float
+    iteration: int = Field(
+        0, description="a step in a loop: which visit this attempt belongs to (0: the first)"
+    )
+    element: int | None = Field(None, description="a map step: the index of the element this attempt runs on")
 
     @property
     def idempotency_key(self) -> str:
         """Stable per attempt: agents pass it to downstream APIs so a re-executed attempt is recognised."""
-        return f"{self.run_id}/{self.step}/{self.kind}/{self.attempt}"
+        return attempt_key(self.run_id, self.step, self.kind, self.attempt, self.iteration, self.element)
+
+
+def attempt_key(
+    run_id: str, step: str, kind: str, attempt: int, iteration: int = 0, element: int | None = None
+) -> str:
+    """An attempt's idempotency key: ``run/step/kind/attempt``, the step as ``step#i`` in iteration i > 0
+    of a loop (attempt numbers go on across iterations, so a key is never reused within a run) and as
+    ``step[e]`` for element e of a map."""
+    where = step if iteration == 0 else f"{step}#{iteration}"
+    where = where if element is None else f"{where}[{element}]"
+    return f"{run_id}/{where}/{kind}/{attempt}"
 
 
 class StepResultRecord(_Record):
@@ -199,10 +231,11 @@ class StepResultRecord(_Record):
     traceback: str | None = None
     cost: StepCost = Field(default_factory=StepCost)
     pool: str | None = Field(None, description="the pool that executed it (for the audit log)")
+    element: int | None = Field(None, description="a map step: the element of the task it answers")
 
     @property
     def idempotency_key(self) -> str:
-        return f"{self.run_id}/{self.step}/{self.kind}/{self.attempt}"
+        return attempt_key(self.run_id, self.step, self.kind, self.attempt, element=self.element)
 
     def to_input(self, at_ms: int) -> StepResult:
         """The decider's input; ``at_ms`` is when the record was written (its Kafka timestamp)."""
@@ -219,6 +252,7 @@ class StepResultRecord(_Record):
             cost=self.cost,
             traceback=self.traceback,
             retry_after_ms=self.retry_after_ms,
+            element=self.element,
         )
 
     @classmethod
@@ -238,6 +272,7 @@ class StepResultRecord(_Record):
             traceback=result.traceback,
             cost=result.cost,
             pool=pool,
+            element=task.element,
         )
 
 
@@ -260,6 +295,8 @@ class RunRequested:
     model_stats: dict[str, dict[str, dict[str, Any]]] | None = None
     """Stamped by the worker for steps with ``choose``: step -> alias -> observed figures
     (``attempts``, ``accepted``, ``cost_usd``, ``latency_ms``, ``window_s``) from the cost table."""
+    parent: dict[str, Any] | None = None
+    """A child run's parent: ``run_id``, ``workflow``, ``step``."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +315,8 @@ class StepResult:
     cost: StepCost = field(default_factory=StepCost)
     traceback: str | None = None
     retry_after_ms: int | None = None
+    element: int | None = None
+    """A map step's element this result is for (None: a step's own attempt)."""
 
     @property
     def ok(self) -> bool:
@@ -342,8 +381,67 @@ class CancelRequested:
     by: str | None = None
 
 
+@dataclass(frozen=True)
+class CommandHeld:
+    """A command for a run pinned to a version no worker here serves: kept, in order, in the run's state.
+
+    Holding is decided without the run's definition (the worker has none): it changes nothing but
+    ``RunState.held`` and is logged, not applied (``input.held``, seq -1), so the run's seq, which a
+    ``deploy check`` vouches for, does not move.
+    """
+
+    run_id: str
+    at_ms: int
+    command: dict[str, Any]
+    """The command as JSON (``RunCommand.model_dump(mode="json")``)."""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class HeldReleased:
+    """The oldest held command leaves the state, to be decided next (by a worker serving the version)."""
+
+    run_id: str
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class ChildFinished:
+    """A child run (``kind: workflow``) ended: sent by the child's decision to its parent's run."""
+
+    run_id: str
+    step: str
+    at_ms: int
+    child_run_id: str
+    status: str
+    outcome: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    spent_usd: Decimal = Decimal(0)
+    error: str | None = None
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "child_run_id": self.child_run_id,
+            "status": self.status,
+            "outcome": self.outcome,
+            "outputs": self.outputs,
+            "spent_usd": str(self.spent_usd),
+            "error": self.error,
+        }
+
+
 PersonInput = Answer | SignalReceived | CancelRequested
-DeciderInput = RunRequested | StepResult | TimerFired | RedriveRequested | MigrateRequested | PersonInput
+HeldInput = CommandHeld | HeldReleased
+DeciderInput = (
+    RunRequested
+    | StepResult
+    | TimerFired
+    | RedriveRequested
+    | MigrateRequested
+    | PersonInput
+    | HeldInput
+    | ChildFinished
+)
 
 
 def command_input(run_id: str, cmd: RunCommand, at_ms: int) -> DeciderInput:
@@ -356,5 +454,23 @@ def command_input(run_id: str, cmd: RunCommand, at_ms: int) -> DeciderInput:
         return SignalReceived(run_id, cmd.name, at_ms, dict(cmd.data or {}), cmd.by)
     if cmd.command == "cancel":
         return CancelRequested(run_id, at_ms, cmd.reason, cmd.by)
+    if cmd.command == "child_done":
+        assert cmd.step is not None and cmd.data is not None
+        return child_finished(run_id, cmd.step, at_ms, cmd.data)
     assert cmd.command == "redrive", "a migrate names its target definition: the intake decides it"
     return RedriveRequested(run_id, at_ms, cmd.by)
+
+
+def child_finished(run_id: str, step: str, at_ms: int, d: dict[str, Any]) -> ChildFinished:
+    """The input a ``child_done`` command (or its recorded ``step.child_finished`` event) carries."""
+    return ChildFinished(
+        run_id,
+        step,
+        at_ms,
+        str(d.get("child_run_id", "")),
+        str(d.get("status", "")),
+        d.get("outcome"),
+        dict(d.get("outputs") or {}),
+        Decimal(str(d.get("spent_usd", "0"))),
+        d.get("error"),
+    )

@@ -9,6 +9,7 @@ with a changed one, the first difference is where the change would alter runs in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
@@ -19,7 +20,10 @@ from calmrun.workflow.events import (
     INPUT_TYPES,
     Answer,
     CancelRequested,
+    CommandHeld,
     DeciderInput,
+    HeldInput,
+    HeldReleased,
     MigrateRequested,
     RedriveRequested,
     RunEvent,
@@ -28,6 +32,7 @@ from calmrun.workflow.events import (
     StepCost,
     StepResult,
     TimerFired,
+    child_finished,
 )
 from calmrun.workflow.state import RunState
 
@@ -66,6 +71,7 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
                     tenant_spent_usd=_dec(d, "tenant_spent_usd"),
                     tenant_window=d.get("tenant_window"),
                     model_stats=d.get("model_stats"),
+                    parent=d.get("parent"),
                 )
             )
         elif ev.type in ("step.succeeded", "step.failed"):
@@ -84,6 +90,7 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
                     retriable=bool(d.get("retriable", True)),
                     cost=ev.cost or StepCost(),
                     retry_after_ms=d.get("retry_after_ms"),
+                    element=d.get("element"),
                 )
             )
         elif ev.type == "timer.fired":
@@ -96,12 +103,32 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
             out.append(SignalReceived(ev.run_id, d["name"], ev.at_ms, dict(d.get("data") or {}), d.get("by")))
         elif ev.type == "run.cancel_requested":
             out.append(CancelRequested(ev.run_id, ev.at_ms, d.get("reason"), d.get("by")))
+        elif ev.type == "step.child_finished":
+            assert ev.step is not None
+            out.append(child_finished(ev.run_id, ev.step, ev.at_ms, d))
         elif ev.type == "run.migrated":
             to, seq = d.get("to") or {}, d.get("checked_seq")
             version, digest = str(to.get("version")), str(to.get("digest"))
             out.append(MigrateRequested(ev.run_id, ev.at_ms, version, digest, d.get("by"), seq))
         else:
             out.append(RedriveRequested(ev.run_id, ev.at_ms, d.get("by")))
+    return out
+
+
+def held_from_notes(notes: Iterable[RunEvent]) -> list[tuple[int, HeldInput]]:
+    """The holding inputs of one run from its ``input.held``/``input.released`` notes, in log order, each
+    with the seq the run was at (notes written before 0.4 carry no command and are left out)."""
+    out: list[tuple[int, HeldInput]] = []
+    for ev in notes:
+        after = ev.data.get("after_seq")
+        if after is None:
+            continue
+        if ev.type == "input.held" and "entry" in ev.data:
+            entry = json.loads(ev.data["entry"])
+            held = CommandHeld(ev.run_id, int(entry["at_ms"]), entry["command"], ev.data.get("reason", ""))
+            out.append((int(after), held))
+        elif ev.type == "input.released":
+            out.append((int(after), HeldReleased(ev.run_id, ev.at_ms)))
     return out
 
 

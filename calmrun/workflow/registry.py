@@ -112,3 +112,35 @@ class Definitions:
 
     def __len__(self) -> int:
         return len(self._newest)
+
+
+def check_children(workflows: Iterable[WorkflowDef]) -> None:
+    """Refuse child workflows (``kind: workflow``) that are not served here, or that start each other in
+    a circle (a run would start itself, without end).
+
+    Raises:
+        ConfigError: names the workflow, the step and its ``workflow`` field.
+    """
+    from calmrun.workflow.kinds.child import WorkflowStep
+
+    wfs = list(workflows)
+    served = {wf.name for wf in wfs}
+    calls: dict[str, set[str]] = {}
+    for wf in wfs:
+        for s in wf.steps:
+            if isinstance(s, WorkflowStep):
+                if s.workflow not in served:
+                    raise ConfigError(
+                        f"workflow {wf.name!r} step {s.name!r} workflow: {s.workflow!r} is not served "
+                        f"here (served: {sorted(served)})"
+                    )
+                calls.setdefault(wf.name, set()).add(s.workflow)
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise ConfigError(f"child workflows start each other in a circle: {' -> '.join([*path, name])}")
+        for child in sorted(calls.get(name, ())):
+            visit(child, [*path, name])
+
+    for name in sorted(calls):
+        visit(name, [])

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from calmrun.wire.jsonfield import JsonDict
+from calmrun.jsontypes import JsonDict, JsonValue
 
 RunStatus = Literal["running", "completed", "quarantined", "over_budget", "refused", "cancelled", "rejected"]
 StepStatus = Literal[
@@ -21,8 +21,38 @@ StepStatus = Literal[
     "compensation_failed",
     "waiting",  # approval/wait steps: for an answer or a signal, until due_ms when it is set
     "timed_out",  # approval/wait steps: no answer by due_ms; the run took on_timeout
+    "looped",  # a step of a loop's body, done in an earlier iteration: it runs again when reached
 ]
 ACTIVE: frozenset[str] = frozenset({"scheduled", "retry_wait", "compensating", "waiting"})
+
+
+class ElementState(BaseModel):
+    """One element of a map step in flight, or waiting for its retry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempt: int = 0
+    retry_base: int = Field(0, description="attempts made before the last redrive")
+    deadline_ms: int | None = Field(None, description="re-issue the attempt if no result by then")
+    due_ms: int | None = Field(None, description="when the next attempt is issued (a retry)")
+
+
+class MapState(BaseModel):
+    """A map step's progress, compact whatever the width: the elements are issued in index order, so one
+    counter says which were; only those in flight (at most ``max_concurrency``) have an entry; the
+    outputs are one JSON list in element order (None until done, or for a collected failure)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int
+    issued: int = Field(0, description="elements 0..issued-1 were issued at least once")
+    again: dict[str, int] = Field(
+        default_factory=dict, description="failed elements a redrive issues anew: index -> attempts made"
+    )
+    running: dict[str, ElementState] = Field(default_factory=dict, description="by element index")
+    done: int = Field(0, description="elements finished: with an output or, collected, with an error")
+    outputs: JsonValue = None
+    errors: JsonValue = None
 
 
 class StepState(BaseModel):
@@ -47,6 +77,8 @@ class StepState(BaseModel):
     )
     finished_ms: int | None = None
     done_seq: int | None = Field(None, description="event seq at success: orders compensation")
+    iteration: int = Field(0, description="loops: which visit of the step this is (0: the first)")
+    map: MapState | None = Field(None, description="map steps: the elements' progress")
 
 
 class RunState(BaseModel):
@@ -77,6 +109,9 @@ class RunState(BaseModel):
     signals: JsonDict = Field(
         default_factory=dict,
         description="signal name -> payloads received before a step waited, oldest first",
+    )
+    parent: JsonDict | None = Field(
+        None, description="a child run: its parent's run_id, workflow and step, told when this run ends"
     )
     held: list[str] = Field(
         default_factory=list,

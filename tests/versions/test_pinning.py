@@ -16,7 +16,7 @@ from calmrun.replay.recorded import replay_recorded, resolver
 from calmrun.replay.snapshot import Snapshot
 from calmrun.streams.versions import member_data, place, read_member_data
 from calmrun.wire.avro import MARKER, schema_fingerprint
-from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.wire.codec import RecordCodec, _without, wire_models
 from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import WorkflowDef, parse_workflow
 from calmrun.workflow.events import DeciderInput, MigrateRequested, RunRequested, StepResult
@@ -125,8 +125,10 @@ def test_the_assignor_moves_a_partition_to_a_member_serving_what_it_needs() -> N
 
 def test_states_written_before_pinning_still_decode() -> None:
     codec = RecordCodec(wire_models())
-    schema = dict(codec.schemas()["RunState"])
-    schema["fields"] = [f for f in schema["fields"] if f["name"] not in ("digest", "held", "signals")]
+    # today's schema without what was added since: here, and by 0.4 (a child's parent, a step's loop
+    # iteration and map progress)
+    since = {"RunState": {"digest", "held", "signals", "parent"}, "StepState": {"iteration", "map"}}
+    schema = _without(codec.schemas()["RunState"], since)
     assert schema_fingerprint(schema).hex() == "f7ee01406604c161"  # what calmrun wrote until this change
     old = _run().model_dump(mode="python", exclude={"digest", "held", "signals"})
     buf = io.BytesIO()
