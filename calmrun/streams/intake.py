@@ -172,7 +172,7 @@ class Intake:
             )
             return
         inp = self._request_input(run_id, wf, body, rec.timestamp)
-        self._decisions.decide(p, wf, state, inp, rec, (pending,))
+        self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True)
 
     def command(
         self,
@@ -219,7 +219,7 @@ class Intake:
                 self.park(rec, over, wf.name, pending)
                 return
             inp = RedriveRequested(run_id, at_ms, body.by)
-        self._decisions.decide(p, wf, state, inp, rec, done)
+        self._decisions.decide(p, wf, state, inp, rec, done, redelivered=pending is not None)
 
     def _synthetic(self, p: int, run_id: str, body: RunCommand, at_ms: int) -> Record:
         value = body.model_dump_json().encode()
@@ -259,7 +259,8 @@ class Intake:
             known = [str(pin) for pin in self.workflows.pins()]
             self.park(rec, UnknownWorkflowError(result.workflow, known), None, pending)
             return
-        self._decisions.decide(p, wf, state, result.to_input(rec.timestamp), rec, (pending,))
+        inp = result.to_input(rec.timestamp)
+        self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True)
 
     def _task(self, rec: Record, pending: Pending) -> None:
         idem_bytes = header(rec.headers, IDEMPOTENCY_KEY)
