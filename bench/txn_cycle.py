@@ -1,5 +1,5 @@
 """How long one transaction cycle takes, by client and by how soon aiokafka retries the transaction's first
-request: ``python -m bench.txn_cycle --bootstrap B [--busy-retry-ms 20 2] [--confluent] [--rounds 3]``.
+request: ``python -m bench.txn_cycle --bootstrap B [--busy-retry-ms 20 5] [--confluent] [--rounds 3]``.
 
 A cycle is the worker's: begin, three 200-byte records on three partitions, the input offsets, commit. The
 worker begins a partition's next transaction as soon as the last one committed; the broker is then often

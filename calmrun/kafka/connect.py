@@ -341,15 +341,15 @@ TXN_RETRY_BACKOFF_MS = 5
 """The transactional producers' retry backoff (aiokafka's default is 100 ms): how soon a refused request of a
 transaction (the coordinator loading, a produce request answered NOT_ENOUGH_REPLICAS) is sent again."""
 
-TXN_BUSY_RETRY_MS = 2
+TXN_BUSY_RETRY_MS = TXN_RETRY_BACKOFF_MS
 """How soon the first request of a transaction is sent again when the broker answers CONCURRENT_TRANSACTIONS.
 
 The worker begins a partition's next transaction as soon as the last one committed, and the broker is then
 usually still writing that one's markers: the AddPartitionsToTxn that opens the next transaction is refused
 until they are written. aiokafka 0.14 retries it after a fixed 20 ms (``BACKOFF_OVERRIDE``, the Java
 client's KAFKA-5477 figure), whatever ``retry_backoff_ms`` says; librdkafka retries after its
-``retry.backoff.ms``. That fixed wait was most of aiokafka's cycle: ``python -m bench.txn_cycle`` and
-docs/performance.md give the figures."""
+``retry.backoff.ms``, and so does calmrun now: ``TXN_RETRY_BACKOFF_MS``. Not shorter: every refused retry
+costs the broker and the client CPU, which a busy machine lacks (docs/performance.md)."""
 
 
 def retry_busy_transactions_soon() -> None:
