@@ -125,6 +125,8 @@ class WorkerSettings(_Frozen):
         description="run a task this worker just scheduled at once; its record is still written and its "
         "echo recognised (Temporal's eager activity execution)",
     )
+    early: bool = Field(True, description="start a task decided from a re-delivered input before it commits")
+    inline_wait_ms: float = Field(5.0, ge=0, description="how long a commit waits for tasks started early")
     commit_interval_s: float = Field(1.0, gt=0)
     timer_interval_s: float = Field(0.2, gt=0, description="how often due retries and deadlines are checked")
     session_timeout_s: float = Field(

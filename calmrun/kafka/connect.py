@@ -321,7 +321,32 @@ async def start_checked(client: Any, k: KafkaSettings) -> None:
 
 
 TXN_RETRY_BACKOFF_MS = 5
-"""A transaction begun right after a commit meets the broker still writing the last one's markers
-(CONCURRENT_TRANSACTIONS; NOT_ENOUGH_REPLICAS to a client of aiokafka's protocol version) and is retried
-after this. ``python -m bench.txn_cycle`` on the dev broker: the median cycle is 30-35 ms either way, the
-p90 69-84 ms with aiokafka's 100 ms default and 36-40 ms with 5 ms."""
+"""The transactional producers' retry backoff (aiokafka's default is 100 ms): how soon a refused request of a
+transaction (the coordinator loading, a produce request answered NOT_ENOUGH_REPLICAS) is sent again."""
+
+TXN_BUSY_RETRY_MS = TXN_RETRY_BACKOFF_MS
+"""How soon the first request of a transaction is sent again when the broker answers CONCURRENT_TRANSACTIONS.
+
+The worker begins a partition's next transaction as soon as the last one committed, and the broker is then
+usually still writing that one's markers: the AddPartitionsToTxn that opens the next transaction is refused
+until they are written. aiokafka 0.14 retries it after a fixed 20 ms (``BACKOFF_OVERRIDE``, the Java
+client's KAFKA-5477 figure), whatever ``retry_backoff_ms`` says; librdkafka retries after its
+``retry.backoff.ms``, and so does calmrun now: ``TXN_RETRY_BACKOFF_MS``. Not shorter: every refused retry
+costs the broker and the client CPU, which a busy machine lacks (docs/performance.md)."""
+
+
+def retry_busy_transactions_soon() -> None:
+    """Make aiokafka retry a transaction refused with CONCURRENT_TRANSACTIONS after ``TXN_BUSY_RETRY_MS``.
+
+    Process-wide (the value is a constant of aiokafka's sender module), idempotent, and only ever shortens
+    a wait; called where a transactional producer is made (``calmrun.streams.clients``).
+
+    Raises:
+        RuntimeError: the installed aiokafka has no such constant any more (its sender was rewritten):
+            the worker would still be correct, only slower, so this says so at once instead.
+    """
+    from aiokafka.producer import sender
+
+    if not hasattr(sender, "BACKOFF_OVERRIDE"):
+        raise RuntimeError("aiokafka.producer.sender.BACKOFF_OVERRIDE is gone: see TXN_BUSY_RETRY_MS")
+    sender.BACKOFF_OVERRIDE = TXN_BUSY_RETRY_MS / 1000

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
-from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS, client_kwargs
+from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS, client_kwargs, retry_busy_transactions_soon
 from calmrun.settings import Settings
 from calmrun.streams.txn import transactional_id
 
@@ -64,6 +64,7 @@ def restorer(settings: Settings) -> AIOKafkaConsumer:
 
 def transactional_producer(settings: Settings, p: int, group_id: str | None = None) -> AIOKafkaProducer:
     """The producer of partition ``p``'s writer (not started: starting it fences the previous owner)."""
+    retry_busy_transactions_soon()  # the next transaction starts while the broker ends the last one
     k = settings.kafka
     return AIOKafkaProducer(
         bootstrap_servers=k.bootstrap,

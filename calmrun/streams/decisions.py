@@ -4,11 +4,21 @@ The decider is pure; this is where its decision meets Kafka. The events (redacte
 the tasks, a quarantine's dead letter and the run's state go to the run's partition's next transaction
 with the inputs the decision finishes; once it commits, the events are counted and observed by the metrics
 and the tasks start here (eager execution).
+
+A task is started before its decision commits (``worker.early``) when that decision can only ever be made
+again the same way: its input is a committed record (a request, a command, a pool's result) that a crash
+re-delivers, and the run has no other decision waiting for a commit (whose input might come back in another
+order, or never: a local agent's result). A crash then re-decides the same input on the same state, to the
+same attempt and idempotency key, so an agent is started again only under the key it had. The partition's
+next transaction waits a little for such tasks (``worker.inline_wait_ms``): a fast step's result then commits
+with the decision that scheduled it, one commit cycle fewer on the run's path. A task decided from a local
+result still starts only once that decision is committed (a re-run could return another result).
 """
 
 from __future__ import annotations
 
 import functools
+from asyncio import Future
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +49,7 @@ class DecisionCounts:
     ignored: int = 0
     quarantined: int = 0
     completed: int = 0
+    early: int = 0  # decisions whose tasks started before they committed (worker.early)
     transactions: int = 0  # committed, on all partitions
     peak_unacked: int = 0  # decisions queued and not yet committed, at most
 
@@ -47,7 +58,8 @@ class Decisions:
     """Decides inputs and queues their records; see the module docstring.
 
     Args:
-        start_tasks: starts the tasks of a committed decision (``None`` when tasks are read back).
+        start_tasks: starts the given tasks of a decision at once, unless run already; returns what it
+            started (each done once its result is decided).
         tracing: told of each decision, which it traces once committed (``calmrun.tracing``).
     """
 
@@ -61,7 +73,7 @@ class Decisions:
         redactor: Redactor,
         clock: Callable[[], int],
         metrics: WorkerMetrics | None,
-        start_tasks: Callable[[int, list[tuple[Out, StepTask]]], None],
+        start_tasks: Callable[[int, list[tuple[Out, StepTask]]], list[Future[None]]],
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings, self.topics, self.codec = settings, topics, codec
@@ -78,8 +90,15 @@ class Decisions:
         inp: DeciderInput,
         source: Source | ConsumerRecord[bytes, bytes] | None,
         pending: Sequence[Pending],
+        *,
+        redelivered: bool = False,
     ) -> Decision:
-        """Decide ``inp`` for a run of partition ``p`` and add its records to ``p``'s next transaction."""
+        """Decide ``inp`` for a run of partition ``p`` and add its records to ``p``'s next transaction.
+
+        ``redelivered``: ``inp`` comes from a record that a crash before this commit re-delivers (its offset
+        is in ``pending``), so the decision's tasks may start before the commit (see the module docstring).
+        """
+        early = redelivered and self.settings.worker.early and self._parts.writers[p].quiet(inp.run_id)
         d = decide(wf, state, inp)
         traced = self.tracing.decision(wf, state, inp, d, source.headers if source is not None else ())
         self.counts.decisions += 1
@@ -118,8 +137,18 @@ class Decisions:
         encode = functools.partial(self.codec.encode, d.state) if encoded is None else lambda: encoded
         state_out = StateOut(self.topics.state, p, key, encode)
         eager = tasks if self.settings.worker.eager else []
-        quarantined = d.quarantine is not None
-        self.submit(p, outputs, pending, d.events, state_out, eager, quarantined=quarantined, traced=traced)
+        self.submit(
+            p,
+            outputs,
+            pending,
+            d.events,
+            state_out,
+            eager,
+            quarantined=d.quarantine is not None,
+            traced=traced,
+            run_id=run_id,
+            early=early,
+        )
         due = d.state.next_due_ms()
         if due is not None:
             self._timers.push(due, p, run_id)
@@ -143,9 +172,13 @@ class Decisions:
         *,
         quarantined: bool = False,
         traced: Callable[[], None] | None = None,
+        run_id: str | None = None,
+        early: bool = False,
     ) -> None:
         """Add one decision to partition ``p``'s next transaction; its inputs are finished with it.
 
+        ``eager`` tasks start once it commits, or at once if ``early`` (the transaction then waits a little
+        for them); ``run_id`` counts against its run until committed (``PartitionWriter.quiet``);
         ``traced`` is called once it is committed (the decision's span: ``calmrun.tracing``).
         """
         writer = self._parts.writers[p]
@@ -159,12 +192,15 @@ class Decisions:
                 if self._metrics is not None:
                     self._metrics.observe(ev)
             self.counts.quarantined += quarantined
-            if eager:
+            if eager and not early:
                 self._start_tasks(p, eager)
             if traced is not None:
                 traced()
 
-        writer.add(outputs, state, on_commit)
+        writer.add(outputs, state, on_commit, run_id)
+        if eager and early:
+            self.counts.early += 1
+            writer.hold(self._start_tasks(p, eager))
 
     def event_out(self, p: int, ev: RunEvent) -> Out:
         ev = self._redactor.event(ev, self._parts.state(p, ev.run_id))  # settings.redact (calmrun.redact)

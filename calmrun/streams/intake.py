@@ -193,7 +193,7 @@ class Intake:
             self.refusals.request(rec, why, Named(run_id, body.workflow, body.tenant), pending)
             return
         inp = self._request_input(run_id, wf, body, rec.timestamp)
-        self._decisions.decide(p, wf, state, inp, rec, (pending,))
+        self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True)
 
     def command(
         self,
@@ -245,7 +245,7 @@ class Intake:
                 self.park(rec, over, wf.name, pending)
                 return
             inp = RedriveRequested(run_id, at_ms, body.by)
-        self._decisions.decide(p, wf, state, inp, rec, done)
+        self._decisions.decide(p, wf, state, inp, rec, done, redelivered=pending is not None)
 
     def _synthetic(self, p: int, run_id: str, body: RunCommand, at_ms: int) -> Record:
         value = body.model_dump_json().encode()
@@ -288,7 +288,8 @@ class Intake:
             known = [str(pin) for pin in self.workflows.pins()]
             self.park(rec, UnknownWorkflowError(result.workflow, known), None, pending)
             return
-        self._decisions.decide(p, wf, state, result.to_input(rec.timestamp), rec, (pending,))
+        inp = result.to_input(rec.timestamp)
+        self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True)
 
     def move(self, rec: Record, p: int, run_id: str, pending: Pending) -> None:
         """Move a record to the partition of the run it names, keyed by the run ID (its own is finished)."""

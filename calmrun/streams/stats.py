@@ -20,6 +20,7 @@ class WorkerStats:
     results: int = 0  # pooled steps' results read from the results topic
     tasks_started: int = 0
     tasks_eager: int = 0
+    decisions_early: int = 0  # decisions whose tasks started before they committed (worker.early)
     tasks_echoed: int = 0
     tasks_skipped: int = 0
     decisions: int = 0
@@ -49,6 +50,7 @@ def snapshot(
         results=intake.results,
         tasks_started=tasks.started,
         tasks_eager=tasks.eager,
+        decisions_early=decided.early,
         tasks_echoed=tasks.echoed,
         tasks_skipped=intake.tasks_skipped,
         decisions=decided.decisions,

@@ -137,24 +137,31 @@ class TaskRunner:
             return True
         return False
 
-    def start(self, p: int, task: StepTask, source: Source, *, eager: bool, pending: list[Pending]) -> None:
-        """Run ``task`` unless that attempt already runs here."""
+    def start(
+        self, p: int, task: StepTask, source: Source, *, eager: bool, pending: list[Pending]
+    ) -> asyncio.Task[None] | None:
+        """Run ``task`` unless that attempt already runs here; returns what runs it (done once decided)."""
         idem = task.idempotency_key
         if idem in self._running:
-            return
+            return None
         self.counts.started += 1
         self.counts.eager += eager
         running = self._running[idem] = _Running(p, eager=eager, record_seen=not eager, pending=pending)
         running.task = asyncio.create_task(self._run(p, source, task, idem))
+        return running.task
 
-    def start_committed(
+    def start_eager(
         self, p: int, tasks: list[tuple[Out, StepTask]], awaited: Callable[[int, StepTask], bool]
-    ) -> None:
-        """Start the tasks of a decision just committed, unless read back and run already (eager)."""
+    ) -> list[asyncio.Task[None]]:
+        """Start the tasks of a decision this worker made, unless read back and run already (eager)."""
+        started = []
         for out, task in tasks:
             if awaited(p, task):
                 source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
-                self.start(p, task, source, eager=True, pending=[])
+                running = self.start(p, task, source, eager=True, pending=[])
+                if running is not None:
+                    started.append(running)
+        return started
 
     async def cancel(self, parts: set[int]) -> None:
         """Cancel the attempts of ``parts`` and wait until they stopped (their records are re-delivered)."""

@@ -9,8 +9,9 @@ never reach a ``read_committed`` reader, and its late commits fail (``ProducerFe
 Decisions are batched: while one transaction commits, the next batch collects, and it is sent as soon as
 the commit returns, so light load commits each decision alone and heavy load amortises a commit over
 many. Within a batch only the newest state of each run is written (compaction keeps only that one).
-After the commit, each decision's ``on_commit`` runs: an agent is started only for a task that is durably
-recorded, so a crash can never leave an agent's work unexplained by the log.
+After the commit, each decision's ``on_commit`` runs. A task decided from a committed input may have been
+started before (``hold``): the next transaction then waits up to ``hold_s`` for those tasks, so a fast
+step's result commits together with the decision that scheduled it (see ``streams.decisions``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,7 @@ class _Decision:
     outputs: list[Out]
     state: StateOut | None
     on_commit: Callable[[], None] | None
+    run_id: str | None
 
 
 class PartitionWriter:
@@ -83,6 +86,7 @@ class PartitionWriter:
         committed: called with those positions once their transaction committed.
         gate: the worker's count of uncommitted decisions.
         on_failed: called once if a transaction fails; the writer is unusable after that.
+        hold_s: how long a transaction waits, at most, for the tasks given to ``hold``.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class PartitionWriter:
         committed: Callable[[dict[TopicPartition, int]], None],
         gate: Gate,
         on_failed: Callable[[int, BaseException], None],
+        hold_s: float = 0.0,
     ) -> None:
         self.partition = partition
         self._producer = producer
@@ -110,18 +115,42 @@ class PartitionWriter:
         self.commits = 0
         self._last: dict[TopicPartition, int] = {}  # the input offsets last committed, for a probe
         self._probing = False
+        self._open: Counter[str] = Counter()  # run ID -> its decisions not yet committed
+        self._hold_s = hold_s
+        self._held: set[asyncio.Future[None]] = set()
+        self._held_until = 0.0
 
     async def start(self) -> None:
         """Initialise the transactional id: aborts the previous owner's open transaction and fences it."""
         await self._producer.start()
         self._task = asyncio.create_task(self._run(), name=f"calmrun-txn-{self.partition}")
 
-    def add(self, outputs: list[Out], state: StateOut | None, on_commit: Callable[[], None] | None) -> None:
+    def add(
+        self,
+        outputs: list[Out],
+        state: StateOut | None,
+        on_commit: Callable[[], None] | None,
+        run_id: str | None = None,
+    ) -> None:
         """Queue one decision for the next transaction; synchronous, so decisions keep their order."""
-        self._batch.append(_Decision(outputs, state, on_commit))
+        self._batch.append(_Decision(outputs, state, on_commit, run_id))
+        if run_id is not None:
+            self._open[run_id] += 1
         self._gate.add(1)
         self._idle.clear()
         self._wake.set()
+
+    def quiet(self, run_id: str) -> bool:
+        """Has ``run_id`` no decision here that is not committed yet?"""
+        return run_id not in self._open
+
+    def hold(self, tasks: Iterable[asyncio.Future[None]]) -> None:
+        """Let the next transaction wait (``hold_s`` at most) until these tasks have added their decisions."""
+        if self._hold_s <= 0:
+            return
+        if not self._held:
+            self._held_until = asyncio.get_running_loop().time() + self._hold_s
+        self._held.update(tasks)
 
     def kick(self) -> None:
         """Commit input offsets that moved without a decision (a task record finished by its result)."""
@@ -162,6 +191,7 @@ class PartitionWriter:
         try:
             while True:
                 await self._wake.wait()
+                await self._wait_held()
                 self._wake.clear()
                 batch, self._batch = self._batch[:_MAX_BATCH], self._batch[_MAX_BATCH:]
                 if self._batch:
@@ -177,9 +207,36 @@ class PartitionWriter:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self.failed = exc
+            self.failed = cause = self._fenced_meanwhile() or exc
             self._idle.set()
-            self._on_failed(self.partition, exc)
+            self._on_failed(self.partition, cause)
+
+    def _fenced_meanwhile(self) -> BaseException | None:
+        """The fence behind a failure, if the producer was fenced while a transaction was being written.
+
+        aiokafka's sender learns of the fence in the background and marks the transaction failed; our next
+        ``send`` then raises ``IllegalOperation`` ("not in transaction"), not ``ProducerFenced``. The fence
+        is kept as the transaction's fatal error (aiokafka 0.14's transaction manager, a private attribute).
+        """
+        txn = getattr(self._producer, "_txn_manager", None)
+        if txn is None or not txn.is_fatal_error():
+            return None
+        ended = txn.wait_for_transaction_end()
+        if not ended.done() or ended.cancelled():
+            return None
+        cause = ended.exception()
+        return cause if isinstance(cause, FENCED) else None
+
+    async def _wait_held(self) -> None:
+        """Wait for the tasks started early from decisions of this batch, until ``hold_s`` has passed."""
+        loop = asyncio.get_running_loop()
+        while self._held:
+            running = {t for t in self._held if not t.done()}
+            left = self._held_until - loop.time()
+            if not running or left <= 0:
+                break
+            await asyncio.wait(running, timeout=left)
+        self._held.clear()
 
     async def _commit(self, batch: list[_Decision], offsets: dict[TopicPartition, int]) -> None:
         p = self._producer
@@ -206,5 +263,9 @@ class PartitionWriter:
             self._committed(offsets)
         self._gate.done(len(batch))
         for d in batch:
+            if d.run_id is not None:
+                self._open[d.run_id] -= 1
+                if self._open[d.run_id] <= 0:
+                    del self._open[d.run_id]
             if d.on_commit is not None:
                 d.on_commit()

@@ -228,7 +228,8 @@ class Pinning:
         encode = (lambda: encoded) if encoded is not None else (lambda: codec.encode(state))
         out = StateOut(self.topics.state, p, state.run_id.encode(), encode)
         events = [self._decisions.event_out(p, n) for n in notes]
-        self._decisions.submit(p, events, (pending,) if pending is not None else (), notes, out)
+        done = (pending,) if pending is not None else ()
+        self._decisions.submit(p, events, done, notes, out, run_id=state.run_id)  # counted till committed
 
     def after_assignment(self) -> None:
         """Decide the held commands this worker can, count the waiting runs, publish needs if new."""

@@ -11,9 +11,9 @@ per batch of a partition), ``records`` (the records a decision writes), ``client
 Effectively once: everything is read ``read_committed`` and each partition's decisions are written in
 Kafka transactions with the input offsets they finish, so a run's events, tasks and state are one
 history at every moment; a crash loses a whole uncommitted batch, whose inputs are re-delivered and
-decided again. Agents run only for committed tasks: eagerly, once the decision that scheduled them is
-committed here, or from their record read back; a crash before the result is committed runs the same
-attempt again under the same idempotency key.
+decided again. An agent runs eagerly once its decision is committed, or before if that decision can only be
+made again alike (``streams.decisions``), or from its task record read back; a crash before the result is
+committed runs the same attempt again under the same idempotency key.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class Worker:
             self.redactor,
             clock,
             metrics,
-            self._start_committed,
+            self._start_eager,
             self.tracing,
         )
         self.intake = Intake(
@@ -337,9 +337,8 @@ class Worker:
         def positions(part: int) -> dict[TopicPartition, int]:
             return {tp: off for tp, off in self._offsets.to_commit().items() if tp.partition == part}
 
-        return PartitionWriter(
-            p, producer, self.settings.group_id, positions, committed, self._gate, self.parts.lost
-        )
+        hold_s, group = self.settings.worker.inline_wait_ms / 1000, self.settings.group_id
+        return PartitionWriter(p, producer, group, positions, committed, self._gate, self.parts.lost, hold_s)
 
     # -- loops --------------------------------------------------------------------------------------
 
@@ -390,11 +389,12 @@ class Worker:
             return
         self.decisions.decide(p, wf, state, result, source, pending)
 
-    def _start_committed(self, p: int, tasks: list[tuple[Out, StepTask]]) -> None:
-        """Start the tasks of a decision just committed (eager execution; see the module docstring)."""
-        if p in self.parts.owned and not self._stopped.is_set():
-            mine = [(out, task) for out, task in tasks if out.topic in self._local]  # not a pool's
-            self.tasks.start_committed(p, mine, self.parts.awaited)
+    def _start_eager(self, p: int, tasks: list[tuple[Out, StepTask]]) -> list[asyncio.Future[None]]:
+        """Start the tasks of a decision (eager execution; see the module docstring)."""
+        if p not in self.parts.owned or self._stopped.is_set():
+            return []
+        mine = [(out, task) for out, task in tasks if out.topic in self._local]  # not a pool's
+        return list(self.tasks.start_eager(p, mine, self.parts.awaited))
 
     def _known(self, run_id: str) -> bool:
         return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())

@@ -89,6 +89,7 @@ async def test_eager_and_read_back_tasks_record_the_same_runs(broker: str, prefi
         ], mine
     assert (stats.tasks_started, stats.tasks_skipped) == (3 * N, 0)
     assert (stats.tasks_eager, stats.tasks_echoed) == ((3 * N, 3 * N) if eager else (0, 0))
+    assert stats.decisions_early == (N if eager else 0)  # s1 of each run: decided from its request
     # the worker stopped cleanly: every record it read is committed, the echoes included
     t = Topics(prefix)
     assert await committed_lag(broker, settings.group_id, [t.requests, *t.step_topics([wf])]) == 0
