@@ -20,6 +20,7 @@ class ErrorKind(enum.StrEnum):
     STUCK_RUN = "StuckRun"  # nothing active and no outcome (a join waits for a step that never ran)
     DEADLINE_EXCEEDED = "DeadlineExceeded"  # written before 0.2, when a lost task cost an attempt
     WAIT_TIMEOUT = "WaitTimeout"  # an approval/wait step without on_timeout got no answer in time
+    NON_DETERMINISTIC_AGENT = "NonDeterministicAgent"  # a resumed agent made another call than its journal
 
 
 class CalmrunError(Exception):
@@ -344,3 +345,32 @@ class CostsNotCurrentError(CalmrunError):
             "(start one with `calmrun costs-aggregator`)"
         )
         self.prefix, self.lag, self.wait_s = prefix, lag, wait_s
+
+
+class NonDeterministicAgentError(CalmrunError):
+    """A resumed agent made a different call than its journal holds at that position.
+
+    The attempt fails; the step's retry policy decides what follows. A retry is a new attempt, which
+    starts with an empty journal, so it may succeed (retriable); with no retries left the run is quarantined.
+
+    Attributes:
+        run_id: the run.
+        step: the step.
+        attempt: the attempt whose journal disagrees.
+        position: the journal position (0 = the agent's first call).
+        recorded: the call the journal holds there.
+        made: the call the agent made instead.
+    """
+
+    retriable: ClassVar[bool] = True
+    kind: ClassVar[ErrorKind | None] = ErrorKind.NON_DETERMINISTIC_AGENT
+
+    def __init__(
+        self, *, run_id: str, step: str, attempt: int, position: int, recorded: str, made: str
+    ) -> None:
+        super().__init__(
+            f"run {run_id!r} step {step!r} attempt {attempt}: the agent's call at journal position "
+            f"{position} is {made}, but the journal recorded {recorded}"
+        )
+        self.run_id, self.step, self.attempt = run_id, step, attempt
+        self.position, self.recorded, self.made = position, recorded, made

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.costs.pricing import Pricing
 from calmrun.settings import Settings
+from calmrun.streams.journal import KafkaJournal
 from calmrun.streams.throttle import Throttle
 from calmrun.workflow.events import StepResult, StepTask
 
@@ -35,6 +36,7 @@ class Attempts:
             clock,
         )
         self.pricing = Pricing.from_settings(settings)
+        self.journal = KafkaJournal(settings) if settings.journal.enabled else None
 
     async def run(self, task: StepTask, scrub: Callable[[str], str]) -> StepResult:
         """Run ``task``'s agent once; ``scrub`` redacts its failure's log line."""
@@ -47,6 +49,12 @@ class Attempts:
             scrub=scrub,
             limits=self.settings.limits,
             on_failure=functools.partial(self.throttle.failed, task),
+            journal=self.journal,
         )
         self.throttle.finished(task, result)
         return result
+
+    async def close(self) -> None:
+        """Close the journal's clients."""
+        if self.journal is not None:
+            await self.journal.close()

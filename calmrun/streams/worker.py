@@ -266,6 +266,7 @@ class Worker:
         if self.metrics is not None:
             await self.metrics.stop()
         await self.stamps.stop()
+        await self.attempts.close()
         await self._close_clients()
 
     async def _close_clients(self) -> None:

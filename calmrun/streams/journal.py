@@ -1,0 +1,132 @@
+"""The agent journal over Kafka: ``<prefix>.agents.journal``, keyed by run ID, co-partitioned with the runs.
+
+Records are written by an idempotent producer with ``acks=all`` and each write is awaited before the agent
+continues, so an acknowledged entry survives the worker. The journal is its own topic, not the events topic:
+entries are many and large (model responses, tool outputs) and only a resumed or replayed attempt reads
+them, while every events reader (the decider's history, the cost aggregator, the history checker, the
+operator page) would otherwise read them all. It is not written in the partition's transaction either: an
+entry must be durable before the agent's next call, which would commit the partition's whole batch (every
+other run's decisions) once per model request, and a pooled step's executor owns no partition writer. Zombies
+are fenced by the claims of ``agents.journal`` instead.
+
+Reading an attempt's chain seeks its partition to the time the attempt can have started (``since_ms``, from
+``offsets_for_times``) and reads to the end offset taken when the read starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from calmrun.agents.journal import Claim, Entry, Part, chain, decode, encode, split
+from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import Topics, partition_for, start_client
+from calmrun.settings import Settings
+
+
+class KafkaJournal:
+    """The journal store over Kafka (``agents.journal.JournalStore``); clients start on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = Topics(settings.kafka.prefix).journal
+        self.limit = settings.journal.max_record_bytes
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._start = asyncio.Lock()
+        self._read = asyncio.Lock()
+
+    def partition(self, run_id: str) -> int:
+        return partition_for(run_id, self.settings.kafka.partitions)
+
+    async def append(self, run_id: str, record: Entry | Claim) -> int:
+        """Write ``record`` (in parts when over the limit); wait for every part's acknowledgement."""
+        producer = await self._producer_started()
+        blobs = split(record, self.limit) if isinstance(record, Entry) else [encode(record)]
+        for blob in blobs:
+            await producer.send_and_wait(
+                self.topic, blob, key=run_id.encode(), partition=self.partition(run_id)
+            )
+        return sum(len(b) for b in blobs)
+
+    async def load(self, run_id: str, attempt_key: str, since_ms: int) -> list[Entry]:
+        """The chain of ``attempt_key`` from the records written at ``since_ms`` or later."""
+        return chain(await self.records(run_id, since_ms), attempt_key)
+
+    async def records(self, run_id: str, since_ms: int = 0) -> list[Entry | Claim | Part]:
+        """Every journal record of ``run_id`` written at ``since_ms`` or later, in log order."""
+        consumer = await self._consumer_started()
+        tp = TopicPartition(self.topic, self.partition(run_id))
+        key = run_id.encode()
+        out: list[Entry | Claim | Part] = []
+        async with self._read:
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            if since_ms <= 0:
+                start = (await consumer.beginning_offsets([tp]))[tp]
+            else:
+                found = (await consumer.offsets_for_times({tp: since_ms}))[tp]
+                start = found.offset if found is not None else end
+            if start >= end:
+                return out
+            consumer.seek(tp, start)
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                for rec in batch.get(tp, ()):
+                    if rec.offset >= end:
+                        break
+                    if rec.key == key and rec.value is not None:
+                        with contextlib.suppress(ValueError):
+                            out.append(decode(rec.value))
+        return out
+
+    async def close(self) -> None:
+        for client in (self._producer, self._consumer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        self._producer = self._consumer = None
+
+    async def _producer_started(self) -> AIOKafkaProducer:
+        async with self._start:
+            if self._producer is None:
+                k = self.settings.kafka
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=k.bootstrap,
+                    client_id=f"{k.client_id}-journal",
+                    enable_idempotence=True,
+                    acks="all",
+                    linger_ms=0,
+                    max_request_size=max(k.max_request_size, self.limit + 4096),
+                    **client_kwargs(k),
+                )
+                await start_client(producer, k)
+                self._producer = producer
+            return self._producer
+
+    async def _consumer_started(self) -> AIOKafkaConsumer:
+        async with self._start:
+            if self._consumer is None:
+                k = self.settings.kafka
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=k.bootstrap,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    isolation_level="read_committed",
+                    client_id=f"{k.client_id}-journal-read",
+                    **client_kwargs(k),
+                )
+                await start_client(consumer, k)
+                self._consumer = consumer
+            return self._consumer
+
+
+def by_attempt(records: Iterable[Entry | Claim | Part]) -> dict[str, list[Entry]]:
+    """The chain of every attempt found in ``records`` (attempt key -> entries), in first-seen order."""
+    recs = list(records)
+    keys = list(dict.fromkeys(r.attempt_key for r in recs))
+    return {k: chain(recs, k) for k in keys}
