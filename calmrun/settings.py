@@ -301,17 +301,6 @@ class CostSettings(_Frozen):
     session_timeout_s: float = Field(10.0, ge=6, description="consumer group session timeout")
 
 
-class JournalSettings(_Frozen):
-    """The agent journal (``agents.journal``): each model request and tool call of an attempt on Kafka."""
-
-    enabled: bool = Field(True, description="journal the pydantic-ai agents of step attempts")
-    max_record_bytes: int = Field(
-        900_000,
-        ge=4096,
-        description="an entry larger than this is written in parts (keep it under message.max.bytes)",
-    )
-
-
 UiRole = Literal["viewer", "operator"]
 """viewer: read only, payloads redacted; operator: also the actions (redrive)."""
 
@@ -365,7 +354,6 @@ class Settings(BaseSettings):
     ui: UiSettings = UiSettings()
     limits: LimitsSettings = LimitsSettings()
     throttle: ThrottleSettings = ThrottleSettings()
-    journal: JournalSettings = JournalSettings()
 
     @property
     def group_id(self) -> str:

@@ -87,6 +87,7 @@ async def execute(
             attempt=task.attempt,
             attempt_key=task.idempotency_key,
             since_ms=since_ms(task.issued_ms, task.timeout_s),
+            task=task.model_dump(mode="json"),
         )
     output: dict[str, Any] | None = None
     error_type: str | None = None

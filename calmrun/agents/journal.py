@@ -92,6 +92,8 @@ class Claim(BaseModel):
     incarnation: str
     base: int
     at_ms: int = 0
+    task: dict[str, Any] | None = None
+    """The attempt's task (agent, model alias, input): an offline replay re-runs the agent from it."""
 
 
 class Part(BaseModel):
@@ -262,6 +264,7 @@ class AttemptJournal:
         run_id, step, attempt, attempt_key: the attempt (``attempt_key`` is its idempotency key).
         since_ms: the earliest time a record of this attempt can carry (see ``streams.journal``).
         live: False for an offline replay: a unit past the recorded end raises instead of running.
+        task: the attempt's task as JSON, written in the claim (what an offline replay runs again).
     """
 
     store: JournalStore
@@ -271,6 +274,7 @@ class AttemptJournal:
     attempt_key: str
     since_ms: int = 0
     live: bool = True
+    task: dict[str, Any] | None = None
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex)
     recorded: list[Entry] | None = None
     position: int = 0
@@ -349,6 +353,7 @@ class AttemptJournal:
                 incarnation=self.incarnation,
                 base=pos,
                 at_ms=entry.at_ms,
+                task=self.task,
             )
             self.written_bytes += await self.store.append(self.run_id, claim)
             self.claimed = True
@@ -357,6 +362,15 @@ class AttemptJournal:
         self.executed += 1
         self.entries.append(entry)
         return payload, entry, True
+
+
+def tasks(records: Iterable[Entry | Claim | Part]) -> dict[str, dict[str, Any]]:
+    """The task of every attempt with a claim in ``records`` (attempt key -> task), in first-seen order."""
+    found: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        if isinstance(rec, Claim) and rec.task is not None:
+            found.setdefault(rec.attempt_key, rec.task)
+    return found
 
 
 def labels(entries: Sequence[Entry]) -> list[str]:

@@ -36,7 +36,7 @@ class Attempts:
             clock,
         )
         self.pricing = Pricing.from_settings(settings)
-        self.journal = KafkaJournal(settings) if settings.journal.enabled else None
+        self.journal: KafkaJournal | None = KafkaJournal(settings)
 
     async def run(self, task: StepTask, scrub: Callable[[str], str]) -> StepResult:
         """Run ``task``'s agent once; ``scrub`` redacts its failure's log line."""

@@ -27,14 +27,17 @@ from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.topics import Topics, partition_for, start_client
 from calmrun.settings import Settings
 
+RECORD_ROOM = 16_384
+"""Bytes under ``kafka.max_request_size`` left for a record's key, headers and batch overhead."""
+
 
 class KafkaJournal:
     """The journal store over Kafka (``agents.journal.JournalStore``); clients start on first use."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, limit: int | None = None) -> None:
         self.settings = settings
         self.topic = Topics(settings.kafka.prefix).journal
-        self.limit = settings.journal.max_record_bytes
+        self.limit = limit or settings.kafka.max_request_size - RECORD_ROOM
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._start = asyncio.Lock()
@@ -101,7 +104,7 @@ class KafkaJournal:
                     enable_idempotence=True,
                     acks="all",
                     linger_ms=0,
-                    max_request_size=max(k.max_request_size, self.limit + 4096),
+                    max_request_size=max(k.max_request_size, self.limit + RECORD_ROOM),
                     **client_kwargs(k),
                 )
                 await start_client(producer, k)
