@@ -13,6 +13,8 @@ from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.costs.pricing import Pricing
 from calmrun.settings import Settings
 from calmrun.streams.journal import KafkaJournal
+from calmrun.streams.metrics import WorkerMetrics
+from calmrun.streams.requestmetrics import RequestMetrics
 from calmrun.streams.throttle import Throttle
 from calmrun.workflow.events import StepResult, StepTask
 
@@ -27,6 +29,7 @@ class Attempts:
         models: ModelRegistry,
         throttle: Throttle,
         clock: Callable[[], int],
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings, self.agents, self.models, self.throttle, self.clock = (
             settings,
@@ -37,6 +40,8 @@ class Attempts:
         )
         self.pricing = Pricing.from_settings(settings)
         self.journal: KafkaJournal | None = KafkaJournal(settings)
+        # cost per request in the worker's registry (an executor of a pool has none)
+        self.metrics = RequestMetrics(metrics.registry, self.pricing) if metrics is not None else None
 
     async def run(self, task: StepTask, scrub: Callable[[str], str]) -> StepResult:
         """Run ``task``'s agent once; ``scrub`` redacts its failure's log line."""
@@ -50,6 +55,7 @@ class Attempts:
             limits=self.settings.limits,
             on_failure=functools.partial(self.throttle.failed, task),
             journal=self.journal,
+            on_journal=self.metrics.observe if self.metrics is not None else None,
         )
         self.throttle.finished(task, result)
         return result

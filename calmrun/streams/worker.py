@@ -115,7 +115,7 @@ class Worker:
         self._gate = Gate(settings.worker.max_unacked)
         self._timers = Timers()
         self.throttle = Throttle(settings.throttle, self.workflows.values(), models.aliases)
-        self.attempts = Attempts(settings, agents, models, self.throttle, clock)
+        self.attempts = Attempts(settings, agents, models, self.throttle, clock, metrics)
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
             self._execute,
@@ -265,8 +265,7 @@ class Worker:
         await asyncio.gather(*(wr.close() for wr in writers))
         if self.metrics is not None:
             await self.metrics.stop()
-        await self.stamps.stop()
-        await self.attempts.close()
+        await asyncio.gather(self.stamps.stop(), self.attempts.close())
         await self._close_clients()
 
     async def _close_clients(self) -> None:
