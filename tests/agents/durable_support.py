@@ -4,8 +4,9 @@
 process, so it outlives the workers a test kills: every request reaching it is kept, and a test counts them
 there. Its script answers from the conversation so far: tool calls until the agent has called ``charge``
 ``CALLS`` times, then the final text. ``charge`` is the side effect: it appends one line per call to the file
-named by ``DURABLE_CHARGES`` and, while the file ``DURABLE_HOLD`` exists, blocks at call ``HOLD_AT`` after
-announcing itself there (the moment a test kills the worker).
+named by ``DURABLE_CHARGES`` and, while the file ``DURABLE_HOLD`` exists, blocks at call ``DURABLE_HOLD_AT``
+(default ``HOLD_AT``) after announcing itself there (the moment a test kills the worker). Its answer is about
+``DURABLE_OUTPUT_BYTES`` long, ``DURABLE_BIG_BYTES`` at call ``DURABLE_BIG_AT``.
 
     python -m tests.agents.durable_support --bootstrap B --prefix P --base-url URL --status-file F [--calls N]
 """
@@ -26,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from pydantic_ai import Agent
+from pydantic_ai.usage import UsageLimits
 
-from calmrun.agents import AgentRegistry, ModelRegistry
+from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.settings import ModelAlias, Settings, load_settings
+from calmrun.streams.journal import KafkaJournal
 from calmrun.streams.worker import Worker
 from calmrun.workflow.definition import WorkflowDef, parse_workflow
 
@@ -136,25 +139,34 @@ HOLD_AT = 3
 @payer.tool_plain
 def charge(order: int) -> str:
     """Charge one order (a side effect: a line in the charges file)."""
-    hold = os.environ.get("DURABLE_HOLD")
-    if hold and order == HOLD_AT and Path(hold).exists():
+    env = os.environ
+    hold = env.get("DURABLE_HOLD")
+    if hold and order == int(env.get("DURABLE_HOLD_AT", HOLD_AT)) and Path(hold).exists():
         Path(hold).write_text(f"holding {order}\n")
         time.sleep(3600)  # the test kills the worker here
-    charges = os.environ.get("DURABLE_CHARGES")
+    charges = env.get("DURABLE_CHARGES")
     if charges:
         with open(charges, "a") as f:
             f.write(f"{order}\n")
-    return f"order {order} charged: " + "receipt " * 20
+    big = order == int(env.get("DURABLE_BIG_AT", -1))
+    size = int(env.get("DURABLE_BIG_BYTES" if big else "DURABLE_OUTPUT_BYTES", 160))
+    return f"order {order} charged: " + "receipt " * (size // 8)
 
 
-def pay_flow(name: str = "pay", timeout_s: float = 300.0) -> WorkflowDef:
+async def long_payer(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    """``payer`` allowed more than pydantic-ai's default 50 requests (a step function around the agent)."""
+    result = await ctx.run(payer, json.dumps(inp), usage_limits=UsageLimits(request_limit=1000))
+    return {"output": result.output}
+
+
+def pay_flow(name: str = "pay", timeout_s: float = 300.0, agent: str = "payer") -> WorkflowDef:
     return parse_workflow(
         {
             "name": name,
             "steps": [
                 {
                     "name": "pay",
-                    "agent": "tests.agents.durable_support:payer",
+                    "agent": f"tests.agents.durable_support:{agent}",
                     "model": "remote",
                     "input": {"orders": "input.orders"},
                     "timeout_s": timeout_s,
@@ -175,9 +187,16 @@ def durable_settings(broker: str, prefix: str, base_url: str, **worker: Any) -> 
 
 async def _main(args: argparse.Namespace) -> None:
     settings = durable_settings(
-        args.bootstrap, args.prefix, args.base_url, instance_id=args.instance_id, session_timeout_s=6.0
+        args.bootstrap,
+        args.prefix,
+        args.base_url,
+        instance_id=args.instance_id,
+        session_timeout_s=6.0,
     )
-    worker = Worker(settings, [pay_flow()], AgentRegistry(), ModelRegistry(settings.models))
+    flow = pay_flow(agent=args.agent)
+    worker = Worker(settings, [flow], AgentRegistry(), ModelRegistry(settings.models))
+    if args.journal_limit:  # records of at most this many bytes (the default is under kafka.max_request_size)
+        worker.attempts.journal = KafkaJournal(settings, limit=args.journal_limit)
     status = Path(args.status_file)
 
     def write(state: str) -> None:
@@ -200,5 +219,7 @@ if __name__ == "__main__":
     p.add_argument("--base-url", required=True)
     p.add_argument("--status-file", required=True)
     p.add_argument("--instance-id", default="durable-w1")
+    p.add_argument("--journal-limit", type=int, default=0)
+    p.add_argument("--agent", default="payer", help="payer or long_payer")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(message)s")
     asyncio.run(_main(p.parse_args()))

@@ -7,6 +7,7 @@ every request); the worker is its own OS process; the broker is real.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 from calmrun.check import check_history
@@ -34,7 +36,7 @@ CALLS = 6
 
 
 def _start(
-    broker: str, prefix: str, base_url: str, tmp: Path, env: dict[str, str]
+    broker: str, prefix: str, base_url: str, tmp: Path, env: dict[str, str], *args: str
 ) -> subprocess.Popen[bytes]:
     log = open(tmp / "worker.log", "ab")  # noqa: SIM115 - the child holds it; closed with the test's tmp dir
     return subprocess.Popen(
@@ -50,6 +52,7 @@ def _start(
             base_url,
             "--status-file",
             str(tmp / "w.json"),
+            *args,
         ],
         cwd=ROOT,
         stdout=log,
@@ -119,3 +122,92 @@ async def test_kill9_mid_agent_resumes_without_repeating_a_model_request_or_a_to
     assert [e.call.op for e in chain] == ["model", "tool"] * CALLS + ["model"]
     assert len({e.incarnation for e in chain}) == 2
     assert sum(1 for r in records if r.type == "claim") == 2
+
+
+LONG_CALLS, KILL_AT, OUTPUT_BYTES, BIG_AT, BIG_BYTES = 100, 60, 6_000, 30, 120_000
+RECORD_LIMIT = 65_536  # the journal's record limit in this test (by default: under kafka.max_request_size)
+
+
+async def test_a_100_call_agent_with_long_outputs_stays_under_the_record_limit_and_resumes_at_call_60(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    hold, charges = tmp_path / "hold", tmp_path / "charges"
+    hold.write_text("")
+    env = {
+        "DURABLE_HOLD": str(hold),
+        "DURABLE_HOLD_AT": str(KILL_AT),
+        "DURABLE_CHARGES": str(charges),
+        "DURABLE_OUTPUT_BYTES": str(OUTPUT_BYTES),
+        "DURABLE_BIG_AT": str(BIG_AT),
+        "DURABLE_BIG_BYTES": str(BIG_BYTES),
+    }
+    size = ("--journal-limit", str(RECORD_LIMIT), "--agent", "long_payer")
+    run_id = f"long-{uuid4().hex[:8]}"
+    with ScriptedModelServer(charges_script(LONG_CALLS)) as server:
+        settings = durable_settings(broker, prefix, server.base_url)
+        await ensure_topics(settings.kafka, [pay_flow(agent="long_payer")])
+        first = _start(broker, prefix, server.base_url, tmp_path, env, *size)
+        second: subprocess.Popen[bytes] | None = None
+        try:
+            async with Client(settings) as client:
+                await client.submit(RunRequest(workflow="pay", run_id=run_id, input={"orders": LONG_CALLS}))
+                await _until(
+                    lambda: hold.read_text().startswith("holding"), 240, "tool call 60", first, tmp_path
+                )
+                first.send_signal(signal.SIGKILL)
+                first.wait(timeout=30)
+                hold.unlink()
+                second = _start(broker, prefix, server.base_url, tmp_path, env, *size)
+                states = await client.wait_terminal([run_id], wait_s=300)
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+        finally:
+            for proc in (first, second):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=30)
+        request_bytes = sum(len(json.dumps(b)) for b in server.requests)
+
+    assert states[run_id].status == "completed", states[run_id]
+    digests = server.digests()
+    assert len(digests) == LONG_CALLS + 1 and len(set(digests)) == len(digests)
+    assert Counter(charges.read_text().split()) == {str(i): 1 for i in range(LONG_CALLS)}
+    journal = KafkaJournal(settings)
+    try:
+        raw = await _raw_sizes(settings, run_id)
+        records = await journal.records(run_id)
+    finally:
+        await journal.close()
+    (chain,) = by_attempt(records).values()
+    assert len(chain) == 2 * LONG_CALLS + 1
+    assert max(raw) <= RECORD_LIMIT  # every record fits; the large tool output went in parts
+    assert sum(1 for r in records if r.type == "part") >= 2
+    # entries hold what is new: the journal grows with the outputs, the requests with the whole history
+    outputs = (LONG_CALLS - 1) * OUTPUT_BYTES + BIG_BYTES
+    assert sum(raw) < 3 * outputs < request_bytes / 10
+
+
+async def _raw_sizes(settings: Any, run_id: str) -> list[int]:
+    """The byte size of every journal record of ``run_id`` as stored (key and value)."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    from calmrun.kafka.topics import Topics, partition_for
+
+    tp = TopicPartition(
+        Topics(settings.kafka.prefix).journal, partition_for(run_id, settings.kafka.partitions)
+    )
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        sizes: list[int] = []
+        while await consumer.position(tp) < end:
+            for rec in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                if rec.key == run_id.encode() and rec.value is not None:
+                    sizes.append(len(rec.value) + len(rec.key))
+        return sizes
+    finally:
+        await consumer.stop()
