@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import aggregator, floor, memory, pools, replay, scaling, status, ui, workflow
+from bench import aggregator, floor, journal, memory, pools, replay, scaling, status, ui, workflow
 from bench.common import ROOT, Ctx, loadavg
 from bench.peers import compare
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
@@ -42,6 +42,7 @@ WORKLOADS: dict[str, Workload] = {
     "aggregator": aggregator.run,
     "pools-hop": pools.hop,
     "pools-slow": pools.slow,
+    "journal": journal.run,
 }
 OPTIONAL: dict[str, Workload] = {"peers": compare.run}
 """Not run by default: ``peers`` installs other engines (``--peers``)."""
