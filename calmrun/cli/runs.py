@@ -163,7 +163,12 @@ def status(
             events = await c.run_events(state) if state is not None else []
         live = state is not None and not state.is_terminal()
         waiting = waiting_for(state, await group_serves(settings)) if state is not None and live else None
-        return state, events, waiting, await read_request_costs(settings, run_id) if state else []
+        return (
+            state,
+            events,
+            waiting,
+            await read_request_costs(settings, run_id, state.created_ms) if state else [],
+        )
 
     state, events, waiting, requests = run_command(main())
     if state is None:

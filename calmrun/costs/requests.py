@@ -105,13 +105,14 @@ def run_request_costs(records: Sequence[Entry | Claim | Part], pricing: Pricing 
     return rows
 
 
-async def read_request_costs(settings: Settings, run_id: str) -> list[RequestCost]:
-    """:func:`run_request_costs` of ``run_id``, its journal read from ``<prefix>.agents.journal``."""
-    from calmrun.streams.journal import KafkaJournal
+async def read_request_costs(settings: Settings, run_id: str, created_ms: int = 0) -> list[RequestCost]:
+    """:func:`run_request_costs` of ``run_id``, its journal read from ``<prefix>.agents.journal`` (from the
+    run's creation, ``created_ms``, when given)."""
+    from calmrun.streams.journal import KafkaJournal, run_since
 
     journal = KafkaJournal(settings)
     try:
-        records = await journal.records(run_id)
+        records = await journal.records(run_id, run_since(created_ms))
     finally:
         await journal.close()
     return run_request_costs(records, Pricing.from_settings(settings))

@@ -162,11 +162,11 @@ async def _replay_one(
 
 async def replay_run_agents(settings: Settings, snap: Snapshot) -> list[AgentReplay]:
     """:func:`replay_agents` of ``snap``'s run, its journal read from ``<prefix>.agents.journal``."""
-    from calmrun.streams.journal import KafkaJournal
+    from calmrun.streams.journal import KafkaJournal, run_since
 
     journal = KafkaJournal(settings)
     try:
-        records = await journal.records(snap.run_id)
+        records = await journal.records(snap.run_id, run_since(snap.state.created_ms if snap.state else None))
     finally:
         await journal.close()
     return await replay_agents(records, snap.events, AgentRegistry(), settings.models)

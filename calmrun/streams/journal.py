@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from calmrun.agents.journal import Claim, Entry, Part, chain, decode, encode, split
+from calmrun.agents.journal import RESUME_MARGIN_MS, Claim, Entry, Part, chain, decode, encode, split
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.topics import Topics, partition_for, start_client
 from calmrun.settings import Settings
@@ -128,8 +128,23 @@ class KafkaJournal:
             return self._consumer
 
 
+def run_since(created_ms: int | None) -> int:
+    """Where a run's journal records start: its creation, less a margin for the producers' clocks."""
+    return max(0, created_ms - RESUME_MARGIN_MS) if created_ms else 0
+
+
 def by_attempt(records: Iterable[Entry | Claim | Part]) -> dict[str, list[Entry]]:
     """The chain of every attempt found in ``records`` (attempt key -> entries), in first-seen order."""
     recs = list(records)
     keys = list(dict.fromkeys(r.attempt_key for r in recs))
     return {k: chain(recs, k) for k in keys}
+
+
+async def journal_entries(settings: Settings, run_id: str, since_ms: int = 0) -> list[Entry]:
+    """Every counted entry of ``run_id``'s attempts (their chains, attempt after attempt), from the
+    records written at ``since_ms`` or later (the run's creation time: see :func:`run_since`)."""
+    journal = KafkaJournal(settings)
+    try:
+        return [e for chain in by_attempt(await journal.records(run_id, since_ms)).values() for e in chain]
+    finally:
+        await journal.close()

@@ -123,3 +123,19 @@ async def test_another_tool_argument_on_resume_is_a_non_determinism_error() -> N
     assert err.position == 1 and err.kind == ErrorKind.NON_DETERMINISTIC_AGENT and err.retriable
     assert '"region": "eu"' in err.recorded and '"region": "us"' in err.made
     assert "position 1" in str(err)
+
+
+def test_the_run_view_shows_each_journaled_request_and_redacts_tool_arguments_for_viewers() -> None:
+    from calmrun.ui.views import run_view
+
+    entries = [_entry("a", 0), _entry("a", 1)]
+    entries[0].call.op, entries[0].call.label, entries[0].model = "model", "model request to smart", "gpt-x"
+    entries[0].usage.input_tokens, entries[0].latency_ms, entries[0].at_ms = 40, 12.5, 10_000
+    operator = run_view(None, [], [], redact=False, entries=entries)["requests"]
+    assert [(r["position"], r["op"], r["label"]) for r in operator] == [
+        (0, "model", "model request to smart"),
+        (1, "tool", "tool t(1)"),
+    ]
+    assert operator[0]["start_ms"] == 10_000 - 12 and operator[0]["tokens_in"] == 40
+    viewer = run_view(None, [], [], redact=True, entries=entries)["requests"]
+    assert viewer[1]["label"] == "tool t"
