@@ -132,6 +132,8 @@ async def execute(
     latency_ms = (time.monotonic() - t0) * 1000
     if on_journal is not None and ctx.journal is not None and ctx.journal.entries:
         on_journal(ctx)
+    if journal is not None:
+        journal.forget(task.idempotency_key)
     cost = ctx.cost(
         latency_ms=latency_ms, queue_wait_ms=float(max(0, started_ms - task.issued_ms)), pricing=pricing
     )

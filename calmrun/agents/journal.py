@@ -220,6 +220,10 @@ class JournalStore(Protocol):
         """Write ``record`` keyed by ``run_id``, wait for the acknowledgement; returns its bytes."""
         ...
 
+    def forget(self, attempt_key: str) -> None:
+        """The attempt ended here: what the store keeps of it in memory may go."""
+        ...
+
 
 class MemoryJournal:
     """A journal store in memory: for tests, and for an offline replay fed with records read earlier."""
@@ -238,6 +242,9 @@ class MemoryJournal:
         n = sum(len(b) for b in blobs)
         self.appended_bytes += n
         return n
+
+    def forget(self, attempt_key: str) -> None:
+        pass
 
 
 def digest(*parts: object) -> str:

@@ -230,6 +230,20 @@ def request_table(rows: list[Any]) -> Table:
     return table
 
 
+def journal_table(entries: list[Any]) -> Table:
+    """A run's agent journal (``agents.journal.Entry``): one row per model request or tool call."""
+    table = Table(
+        "step", "attempt", "#", "call", "model", "tokens in/out", "ms", "bytes", title="agent journal"
+    )
+    for e in entries:
+        tokens = f"{e.usage.input_tokens}/{e.usage.output_tokens}" if e.call.op == "model" else ""
+        table.add_row(
+            e.step, str(e.attempt), str(e.position), e.call.label[:70], e.model or "", tokens,
+            f"{e.latency_ms:.1f}", str(len(e.model_dump_json())),
+        )  # fmt: skip
+    return table
+
+
 def step_costs(events: list[RunEvent]) -> dict[str, CostRow]:
     """Per step, the cost of a run's attempts from its events (the first copy of each seq; Decimal money)."""
     seen: set[int] = set()

@@ -11,7 +11,7 @@ through the same agent code, every model request and tool call is answered from 
 No model is ever asked: every model alias is replaced by one that fails when called, and the journal runs
 offline (``live=False``), so a unit past the recorded end fails instead of running. Tools whose call is
 recorded do not run either. Attempts still running, or that ended without an output, are compared on their
-calls only.
+calls only: the replay stops, converged, at the first call past their recorded end.
 """
 
 from __future__ import annotations
@@ -135,7 +135,10 @@ async def _replay_one(
     except NonDeterministicAgentError as exc:
         reason, position = str(exc), exc.position
     except LookupError as exc:
-        reason, position = str(exc), journal.position - 1
+        if output is None and journal.position - 1 == len(recorded):
+            pass  # the recorded attempt ended here without an output (failed, timed out, killed): same calls
+        else:
+            reason, position = str(exc), journal.position - 1
     # the agent code failed where the recorded attempt did not: that is a verdict, not a crash of the replay
     except Exception as exc:
         reason = f"the agent raised {type(exc).__name__}: {exc}"[:500]

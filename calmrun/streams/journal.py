@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
@@ -42,6 +43,7 @@ class KafkaJournal:
         self._consumer: AIOKafkaConsumer | None = None
         self._start = asyncio.Lock()
         self._read = asyncio.Lock()
+        self._tails: dict[int, _Tail] = {}
 
     def partition(self, run_id: str) -> int:
         return partition_for(run_id, self.settings.kafka.partitions)
@@ -57,8 +59,43 @@ class KafkaJournal:
         return sum(len(b) for b in blobs)
 
     async def load(self, run_id: str, attempt_key: str, since_ms: int) -> list[Entry]:
-        """The chain of ``attempt_key`` from the records written at ``since_ms`` or later."""
-        return chain(await self.records(run_id, since_ms), attempt_key)
+        """The chain of ``attempt_key`` from the records written at ``since_ms`` or later.
+
+        Each partition is read once, forward: the records read are kept by attempt until the attempt is
+        forgotten, so a load reads only what was written since the previous one (an attempt starting
+        on a busy partition does not read the whole window again). A forgotten attempt that runs again in
+        this process is read from the log.
+        """
+        tp = TopicPartition(self.topic, self.partition(run_id))
+        tail = self._tails.get(tp.partition)
+        if tail is not None and attempt_key in tail.forgotten:
+            return chain(await self.records(run_id, since_ms), attempt_key)
+        consumer = await self._consumer_started()
+        async with self._read:
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            tail = self._tails.get(tp.partition)
+            if tail is None:
+                found = (await consumer.offsets_for_times({tp: since_ms}))[tp] if since_ms > 0 else None
+                start = found.offset if found is not None else (end if since_ms > 0 else 0)
+                tail = self._tails[tp.partition] = _Tail(start)
+            if tail.position < end:
+                consumer.seek(tp, tail.position)
+                while await consumer.position(tp) < end:
+                    for rec in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, ()):
+                        if rec.offset < end and rec.value is not None:
+                            with contextlib.suppress(ValueError):
+                                tail.add(decode(rec.value), rec.timestamp)
+                tail.position = end
+                tail.sweep(since_ms)
+            return chain(list(tail.by_key.get(attempt_key, ())), attempt_key)
+
+    def forget(self, attempt_key: str) -> None:
+        """Drop what :meth:`load` keeps of an attempt that ended."""
+        for tail in self._tails.values():
+            if tail.by_key.pop(attempt_key, None) is not None:
+                tail.last_ms.pop(attempt_key, None)
+                tail.forgotten.add(attempt_key)
 
     async def records(self, run_id: str, since_ms: int = 0) -> list[Entry | Claim | Part]:
         """Every journal record of ``run_id`` written at ``since_ms`` or later, in log order."""
@@ -126,6 +163,31 @@ class KafkaJournal:
                 await start_client(consumer, k)
                 self._consumer = consumer
             return self._consumer
+
+
+@dataclass
+class _Tail:
+    """What :meth:`KafkaJournal.load` read of one partition: up to ``position``, by attempt."""
+
+    position: int
+    by_key: dict[str, list[Entry | Claim | Part]] = field(default_factory=dict)
+    last_ms: dict[str, int] = field(default_factory=dict)
+    forgotten: set[str] = field(default_factory=set)
+
+    def add(self, rec: Entry | Claim | Part, at_ms: int) -> None:
+        self.by_key.setdefault(rec.attempt_key, []).append(rec)
+        self.last_ms[rec.attempt_key] = at_ms
+
+    def sweep(self, since_ms: int, keep: int = 10_000) -> None:
+        """Past ``keep`` attempts, drop those with no record since ``since_ms`` (ended, or long ago)."""
+        if len(self.by_key) <= keep:
+            return
+        for key in [k for k, at in self.last_ms.items() if at < since_ms]:
+            self.by_key.pop(key, None)
+            self.last_ms.pop(key, None)
+            self.forgotten.add(key)
+        if len(self.forgotten) > 10 * keep:
+            self.forgotten.clear()  # only a re-run in this process of a long-ended attempt reads the log less
 
 
 def run_since(created_ms: int | None) -> int:

@@ -48,19 +48,31 @@ async def test_a_local_models_requests_are_journaled_and_replay_asks_no_model(
                 "base_url": local_model.base_url,
                 "temperature": 0,
                 "max_tokens": 40,
-                "timeout_s": 60,
+                "timeout_s": 240,
             }
         },
     )
     wf = parse_workflow(
         {
             "name": "write",
-            "steps": [{"name": "write", "agent": "two_turns", "model": "local", "input": {"q": "input.q"}}],
+            "steps": [
+                {
+                    "name": "write",
+                    "agent": "two_turns",
+                    "model": "local",
+                    "input": {"q": "input.q"},
+                    "timeout_s": 300,  # two requests of a 135M model on a loaded machine
+                    "retry": {"max_attempts": 1},
+                }
+            ],
         }
     )
     agents = AgentRegistry({"two_turns": two_turns})
     run_id = f"write-{uuid4().hex[:8]}"
-    async with running(settings, [wf], agents, ModelRegistry(settings.models)) as worker, Client(settings) as c:
+    async with (
+        running(settings, [wf], agents, ModelRegistry(settings.models)) as worker,
+        Client(settings) as c,
+    ):
         await ready(worker)
         await c.submit(RunRequest(workflow="write", run_id=run_id, input={"q": "What is Kafka?"}))
         states = await c.wait_terminal([run_id], wait_s=240)
