@@ -51,9 +51,11 @@ def _task(run: str) -> StepTask:
     )  # fmt: skip
 
 
-async def _agents(models: ModelRegistry, runs: list[str], journal: KafkaJournal | None) -> tuple[float, int]:
-    """Run the agent once per run ID; (seconds, journal bytes written)."""
-    written = 0
+async def _agents(
+    models: ModelRegistry, runs: list[str], journal: KafkaJournal | None
+) -> tuple[float, int, float]:
+    """Run the agent once per run ID; (seconds, journal bytes written, ms spent waiting for writes)."""
+    written, write_ms = 0, 0.0
     t0 = time.perf_counter()
     for run in runs:
         task = _task(run)
@@ -65,7 +67,8 @@ async def _agents(models: ModelRegistry, runs: list[str], journal: KafkaJournal 
         await ctx.run(agent, "orders 0-9")
         if ctx.journal is not None:
             written += ctx.journal.written_bytes
-    return time.perf_counter() - t0, written
+            write_ms += ctx.journal.write_ms
+    return time.perf_counter() - t0, written, write_ms
 
 
 async def run(ctx: Ctx) -> dict[str, Any]:
@@ -76,6 +79,7 @@ async def run(ctx: Ctx) -> dict[str, Any]:
     models = ModelRegistry({}, overrides={"m": FunctionModel(_script)})
     journal = KafkaJournal(settings)
     added_ms: list[float] = []
+    waited_ms: list[float] = []
     bytes_per_request: list[float] = []
     model_entry_bytes: list[float] = []
     load_ms: list[float] = []
@@ -84,10 +88,11 @@ async def run(ctx: Ctx) -> dict[str, Any]:
         for r in range(ctx.rounds):
             started_ms = time.time_ns() // 1_000_000
             runs = [f"r{r}-{i:04d}" for i in range(agents)]
-            plain_s, _ = await _agents(models, runs, None)
-            journaled_s, written = await _agents(models, runs, journal)
+            plain_s, _, _ = await _agents(models, runs, None)
+            journaled_s, written, write_ms = await _agents(models, runs, journal)
             requests = agents * REQUESTS
             added_ms.append((journaled_s - plain_s) * 1000 / requests)
+            waited_ms.append(write_ms / requests)
             bytes_per_request.append(written / requests)
             t0 = time.perf_counter()
             chain = await journal.load(runs[0], _task(runs[0]).idempotency_key, since_ms(started_ms, 60))
@@ -100,6 +105,7 @@ async def run(ctx: Ctx) -> dict[str, Any]:
         "params": {"agents_per_round": agents, "model_requests_per_agent": REQUESTS},
         "metrics": {
             "added ms per model request": summary(added_ms),
+            "of which waiting for acks=all writes": summary(waited_ms),
             "journal bytes per model request": summary(bytes_per_request),
             "model entry bytes": summary(model_entry_bytes),
             "resume read ms (one attempt's chain)": summary(load_ms),
