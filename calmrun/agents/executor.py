@@ -43,6 +43,7 @@ async def execute(
     limits: LimitsSettings | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
     journal: JournalStore | None = None,
+    fresh: bool = False,
     on_journal: Callable[[StepContext], None] | None = None,
 ) -> StepResult:
     """Run ``task``'s agent once and describe what happened.
@@ -67,6 +68,8 @@ async def execute(
         journal: where the attempt's agent journal lives (``agents.journal``); with it every pydantic-ai
             agent run through the context is durable: a re-run of the same attempt answers its recorded
             model requests and tool calls from the journal. None: agents run as they are.
+        fresh: the attempt has never run anywhere (the worker started it eagerly on its first issue): its
+            journal is empty and is not read.
         on_journal: told the context once the attempt ended, when its agents wrote or read a journal (the
             per-request cost and the journal's figures are on ``ctx.journal``).
 
@@ -88,6 +91,7 @@ async def execute(
             attempt_key=task.idempotency_key,
             since_ms=since_ms(task.issued_ms, task.timeout_s),
             task=task.model_dump(mode="json"),
+            recorded=[] if fresh else None,
         )
     output: dict[str, Any] | None = None
     error_type: str | None = None

@@ -44,6 +44,8 @@ class KafkaJournal:
         self._start = asyncio.Lock()
         self._read = asyncio.Lock()
         self._tails: dict[int, _Tail] = {}
+        self._wanted: dict[int, int] = {}  # partition -> since_ms of its first load, until its tail exists
+        self._asked = self._covered = 0  # loads asked / covered by a finished read (see load)
 
     def partition(self, run_id: str) -> int:
         return partition_for(run_id, self.settings.kafka.partitions)
@@ -61,34 +63,54 @@ class KafkaJournal:
     async def load(self, run_id: str, attempt_key: str, since_ms: int) -> list[Entry]:
         """The chain of ``attempt_key`` from the records written at ``since_ms`` or later.
 
-        Each partition is read once, forward: the records read are kept by attempt until the attempt is
-        forgotten, so a load reads only what was written since the previous one (an attempt starting
-        on a busy partition does not read the whole window again). A forgotten attempt that runs again in
-        this process is read from the log.
+        A worker reads each journal partition once, forward, and keeps the records by attempt until the
+        attempt is forgotten, so a load reads only what was written since the previous read; loads that
+        arrive while a read runs share the next one (attempts starting together wait for one read, not
+        one each). A forgotten attempt that runs again in this process is read from the log.
         """
-        tp = TopicPartition(self.topic, self.partition(run_id))
-        tail = self._tails.get(tp.partition)
+        p = self.partition(run_id)
+        tail = self._tails.get(p)
         if tail is not None and attempt_key in tail.forgotten:
             return chain(await self.records(run_id, since_ms), attempt_key)
-        consumer = await self._consumer_started()
+        self._wanted.setdefault(p, since_ms)
+        self._asked += 1
+        ticket = self._asked
         async with self._read:
-            consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            tail = self._tails.get(tp.partition)
-            if tail is None:
-                found = (await consumer.offsets_for_times({tp: since_ms}))[tp] if since_ms > 0 else None
-                start = found.offset if found is not None else (end if since_ms > 0 else 0)
-                tail = self._tails[tp.partition] = _Tail(start)
-            if tail.position < end:
-                consumer.seek(tp, tail.position)
-                while await consumer.position(tp) < end:
-                    for rec in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, ()):
-                        if rec.offset < end and rec.value is not None:
-                            with contextlib.suppress(ValueError):
-                                tail.add(decode(rec.value), rec.timestamp)
-                tail.position = end
-                tail.sweep(since_ms)
-            return chain(list(tail.by_key.get(attempt_key, ())), attempt_key)
+            if self._covered < ticket:  # no read started after this load arrived has finished
+                upto = self._asked
+                await self._read_forward()
+                self._covered = upto
+        tail = self._tails[p]
+        tail.sweep(since_ms)
+        return chain(list(tail.by_key.get(attempt_key, ())), attempt_key)
+
+    async def _read_forward(self) -> None:
+        """Read every partition loads asked for from where it was left to its end offset now."""
+        consumer = await self._consumer_started()
+        parts = sorted(set(self._tails) | set(self._wanted))
+        tps = [TopicPartition(self.topic, p) for p in parts]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            if tp.partition not in self._tails:
+                since = self._wanted[tp.partition]
+                found = (await consumer.offsets_for_times({tp: since}))[tp] if since > 0 else None
+                self._tails[tp.partition] = _Tail(
+                    found.offset if found is not None else ends[tp] if since else 0
+                )
+        self._wanted.clear()
+        for tp in tps:  # every assigned partition gets a position at once: none is fetched from its start
+            consumer.seek(tp, min(self._tails[tp.partition].position, ends[tp]))
+        for tp in tps:
+            tail, end = self._tails[tp.partition], ends[tp]
+            if tail.position >= end:
+                continue
+            while await consumer.position(tp) < end:
+                for rec in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, ()):
+                    if rec.offset < end and rec.value is not None:
+                        with contextlib.suppress(ValueError):
+                            tail.add(decode(rec.value), rec.timestamp)
+            tail.position = end
 
     def forget(self, attempt_key: str) -> None:
         """Drop what :meth:`load` keeps of an attempt that ended."""

@@ -393,6 +393,7 @@ class Worker:
         """Start the tasks of a decision just committed (eager execution; see the module docstring)."""
         if p in self.parts.owned and not self._stopped.is_set():
             mine = [(out, task) for out, task in tasks if out.topic in self._local]  # not a pool's
+            self.attempts.first_runs((t, self.parts.state(p, t.run_id)) for _, t in mine)
             self.tasks.start_committed(p, mine, self.parts.awaited)
 
     def _known(self, run_id: str) -> bool:

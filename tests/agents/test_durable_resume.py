@@ -202,7 +202,7 @@ async def _raw_sizes(settings: Any, run_id: str) -> list[int]:
     try:
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
-        await consumer.seek_to_beginning(tp)
+        consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
         sizes: list[int] = []
         while await consumer.position(tp) < end:
             for rec in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
