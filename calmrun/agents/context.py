@@ -111,6 +111,7 @@ class StepContext:
         The usage is counted even when the run raises (for example ``UnexpectedModelBehavior`` after the
         output retries are exhausted): pydantic-ai adds to the ``RunUsage`` passed in as it goes.
         """
+        explicit = kw.get("model")  # a model the agent code chose, else the step's alias
         if "model" not in kw:
             kw["model"] = self.model()
         if self.model_alias is not None and self.model_alias in self.models:
@@ -129,7 +130,8 @@ class StepContext:
         before = (usage.input_tokens, usage.output_tokens, usage.requests)
         if self.journal is not None:
             model = kw.pop("model")
-            durable = CalmrunDurability[Any](self.journal, name=agent.name or "agent")
+            label = self.model_alias if explicit is None else str(getattr(explicit, "model_name", explicit))
+            durable = CalmrunDurability[Any](self.journal, name=agent.name or "agent", model_label=label)
             if isinstance(model, Model):
                 agent = _with_model(agent, model)
             else:

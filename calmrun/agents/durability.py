@@ -68,9 +68,16 @@ class _NoConfig:
 class JournalBackend(JournalCallableOperationBackend[_Config]):
     """Runs each durable unit through the attempt's journal (see the module docstring)."""
 
-    def __init__(self, journal: AttemptJournal, *, agent_name: str, default_model_id: str | None) -> None:
+    def __init__(
+        self,
+        journal: AttemptJournal,
+        *,
+        agent_name: str,
+        default_model_id: str | None,
+        model_label: str | None = None,
+    ) -> None:
         super().__init__(agent_name=agent_name, default_model_id=default_model_id, config=_NoConfig())
-        self.journal = journal
+        self.journal, self.model_label = journal, model_label
 
     async def execute(
         self,
@@ -81,7 +88,7 @@ class JournalBackend(JournalCallableOperationBackend[_Config]):
         cache_key: tuple[object, ...],
         config: _Config,
     ) -> object:
-        call, ctx = _call(operation_id, name, cache_key)
+        call, ctx = _call(operation_id, name, cache_key, self.model_label)
         if call is None:
             return await body()
         before = _tokens(ctx.usage) if ctx is not None else None
@@ -113,6 +120,7 @@ class CalmrunDurability(BaseDurabilityCapability[AgentDepsT]):
         models: the model instances the run may use, by alias (a ``Model`` cannot cross a journal, its alias
             does).
         name: the agent's name in operation names (default: the agent's ``name``, else ``agent``).
+        model_label: what identifies the run's model in the journal (the step's alias; see ``_call``).
     """
 
     engine_spec = DurabilityEngineSpec(
@@ -133,10 +141,15 @@ class CalmrunDurability(BaseDurabilityCapability[AgentDepsT]):
     )
 
     def __init__(
-        self, journal: AttemptJournal, *, models: Mapping[str, Model] | None = None, name: str | None = None
+        self,
+        journal: AttemptJournal,
+        *,
+        models: Mapping[str, Model] | None = None,
+        name: str | None = None,
+        model_label: str | None = None,
     ) -> None:
         super().__init__(models=models, name=name)
-        self.journal = journal
+        self.journal, self.model_label = journal, model_label
         self._backend: JournalBackend | None = None
 
     def _check_bindable(self) -> None:
@@ -147,7 +160,10 @@ class CalmrunDurability(BaseDurabilityCapability[AgentDepsT]):
         if not self.name:
             self.name = agent.name or "agent"
         self._backend = JournalBackend(
-            self.journal, agent_name=self.name, default_model_id=self.default_model_id
+            self.journal,
+            agent_name=self.name,
+            default_model_id=self.default_model_id,
+            model_label=self.model_label,
         )
         super()._bind_to_agent(agent)
 
@@ -158,7 +174,10 @@ class CalmrunDurability(BaseDurabilityCapability[AgentDepsT]):
     def get_durable_operation_backend(self) -> DurableOperationBackend[Any]:
         if self._backend is None:  # for_agent binds before any run
             self._backend = JournalBackend(
-                self.journal, agent_name=self.name or "agent", default_model_id=None
+                self.journal,
+                agent_name=self.name or "agent",
+                default_model_id=None,
+                model_label=self.model_label,
             )
         return self._backend
 
@@ -168,13 +187,18 @@ class CalmrunDurability(BaseDurabilityCapability[AgentDepsT]):
 
 
 def _call(
-    operation_id: DurableOperationId, name: str, key: tuple[object, ...]
+    operation_id: DurableOperationId, name: str, key: tuple[object, ...], model_label: str | None
 ) -> tuple[Call | None, RunContext[Any] | None]:
-    """The journal call of a unit and its run context; (None, None) for a unit that runs in place."""
+    """The journal call of a unit and its run context; (None, None) for a unit that runs in place.
+
+    A model request is identified by the model the step asked for (``model_label``: its alias, or the name
+    of a model the agent code passed), never by the instance: a replay answers with a model that refuses.
+    """
     op: Op
     if isinstance(operation_id, ModelRequestId):
-        model = operation_id.model_id or operation_id.model_name
-        return Call(op="model", name=name, label=f"model request to {model}", digest=digest(name)), None
+        model = model_label or operation_id.model_id or operation_id.model_name
+        call = Call(op="model", name=name, label=f"model request to {model}", digest=digest(name, model))
+        return call, None
     if isinstance(operation_id, ToolsetCallToolId):
         tool, args, ctx = str(key[0]), key[1], key[2]
         op = "mcp" if operation_id.toolset_kind == "mcp" else "tool"

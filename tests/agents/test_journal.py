@@ -139,3 +139,16 @@ def test_the_run_view_shows_each_journaled_request_and_redacts_tool_arguments_fo
     assert operator[0]["start_ms"] == 10_000 - 12 and operator[0]["tokens_in"] == 40
     viewer = run_view(None, [], [], redact=True, entries=entries)["requests"]
     assert viewer[1]["label"] == "tool t"
+
+
+async def test_another_model_on_resume_is_a_non_determinism_error() -> None:
+    agent, _, models = _agent()
+    store = MemoryJournal()
+    await _run(agent, models, store)
+    ctx = StepContext.for_task(_task(), models)
+    ctx.journal = AttemptJournal(store, run_id="r", step="s", attempt=1, attempt_key=_task().idempotency_key)
+    other = FunctionModel(lambda m, i: ModelResponse(parts=[TextPart("done")]), model_name="other")
+    with pytest.raises(NonDeterministicAgentError) as info:
+        await ctx.run(agent, "go", model=other)  # the agent code now picks its own model
+    assert info.value.position == 0
+    assert info.value.recorded == "model request to m" and info.value.made == "model request to other"
