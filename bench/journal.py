@@ -4,9 +4,9 @@ One pydantic-ai agent (a scripted FunctionModel, in process: no provider latency
 ``REQUESTS`` model requests with a tool call between each two, ``AGENTS`` times per round, once with no
 journal and once journaled on the broker (``streams.journal.KafkaJournal``: each entry acknowledged by
 ``acks=all`` before the agent continues). Reported per model request: the added wall time (journaled minus
-plain, over the model requests), the journal bytes (all records: the claim, the model entry and the tool
-entry that follows it) and the bytes of the model entry alone; and the time to read an attempt's chain
-back on resume.
+plain, over the model requests), the journal bytes (all records: the model entry and the tool entry that
+follows it; the first entry of an attempt carries its claim and task) and the bytes of the model entry
+alone; and the time to read an attempt's chain back on resume.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ async def run(ctx: Ctx) -> dict[str, Any]:
             "resume read ms (one attempt's chain)": summary(load_ms),
         },
         "notes": [
-            "journal bytes per model request: every record (claim, model entry, the tool entry after it)",
+            "journal bytes per model request: every record (the model entry and the tool entry after it)",
             "an in-process FunctionModel: no provider latency in the plain time the overhead is taken from",
         ],
     }

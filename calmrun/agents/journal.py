@@ -6,10 +6,12 @@ holds is answered from it (the recorded call must match, else ``NonDeterministic
 end runs live, and its entry is appended, and acknowledged by the store, before the agent continues.
 
 Zombies are fenced by claims, not by the store: every execution of an attempt (an *incarnation*: the first
-run, the run after a crash, a rebalance or a deadline re-issue, or a zombie that still runs) writes a
-``claim`` with the number of entries it read before its first entry. Reading in log order, a claim makes its
-incarnation the owner and cuts the chain back to what it read; an entry counts only when its incarnation owns
-the chain and it extends it by one. A fenced worker's late entries are therefore never read as the attempt's.
+run, the run after a crash, a rebalance or a deadline re-issue, or a zombie that still runs) claims the
+chain with its first entry (``claim``: the number of entries it read before; no record of its own, so no
+extra write). Reading in log order, a claim makes its incarnation the owner and cuts the chain back to what
+it read; an entry counts only when its incarnation owns the chain and it extends it by one. A fenced
+worker's late entries are therefore never read as the attempt's. (``Claim`` records, a claim without an
+entry, are read the same way.)
 
 Entries hold only what is new: a model request's entry holds the messages added since the previous request
 and the response, a tool call's entry its arguments and its result, never the whole history. A record that
@@ -24,7 +26,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -80,6 +82,10 @@ class Entry(BaseModel):
     model: str | None = None
     latency_ms: float = 0.0
     at_ms: int = 0
+    claim: int | None = None
+    """Set on an incarnation's first entry: it read this many entries and owns the chain from here."""
+    task: dict[str, Any] | None = None
+    """On a first entry: the attempt's task (agent, model alias, input), what an offline replay runs."""
 
 
 class Claim(BaseModel):
@@ -163,36 +169,38 @@ def split(entry: Entry, limit: int) -> list[bytes]:
     ]
 
 
+def whole(records: Iterable[Entry | Claim | Part]) -> Iterator[Entry | Claim]:
+    """``records`` with the parts of each split entry joined: the entry comes where its last part was."""
+    parts: dict[tuple[str, str, int], dict[int, str]] = {}
+    for rec in records:
+        if not isinstance(rec, Part):
+            yield rec
+            continue
+        got = parts.setdefault((rec.attempt_key, rec.incarnation, rec.position), {})
+        got[rec.index] = rec.data
+        if len(got) == rec.count:
+            del parts[(rec.attempt_key, rec.incarnation, rec.position)]
+            joined = decode("".join(got[k] for k in range(rec.count)).encode())
+            if isinstance(joined, Entry):
+                yield joined
+
+
 def chain(records: Iterable[Entry | Claim | Part], attempt_key: str) -> list[Entry]:
     """The entries of ``attempt_key`` that count, in position order, from its records in log order.
 
-    A claim makes its incarnation the owner and cuts the chain to its ``base``; an entry (or an entry joined
-    from all its parts) counts when its incarnation owns the chain and its position is the chain's length.
+    A claim (an entry's ``claim``, or a ``Claim`` record) makes its incarnation the owner and cuts the chain
+    to what it read; an entry (joined from its parts when split) counts when its incarnation owns the chain
+    and its position is the chain's length.
     """
     entries: list[Entry] = []
     owner: str | None = None
-    parts: dict[tuple[str, int], dict[int, str]] = {}
-    for rec in records:
-        if rec.attempt_key != attempt_key:
-            continue
-        if isinstance(rec, Claim):
+    for rec in whole(r for r in records if r.attempt_key == attempt_key):
+        base = rec.base if isinstance(rec, Claim) else rec.claim
+        if base is not None:
             owner = rec.incarnation
-            del entries[rec.base :]
-            continue
-        if isinstance(rec, Part):
-            got = parts.setdefault((rec.incarnation, rec.position), {})
-            got[rec.index] = rec.data
-            if len(got) < rec.count:
-                continue
-            del parts[(rec.incarnation, rec.position)]
-            joined = decode("".join(got[k] for k in range(rec.count)).encode())
-            if not isinstance(joined, Entry):
-                continue
-            rec_entry = joined
-        else:
-            rec_entry = rec
-        if rec_entry.incarnation == owner and rec_entry.position == len(entries):
-            entries.append(rec_entry)
+            del entries[base:]
+        if isinstance(rec, Entry) and rec.incarnation == owner and rec.position == len(entries):
+            entries.append(rec)
     return entries
 
 
@@ -271,7 +279,7 @@ class AttemptJournal:
         run_id, step, attempt, attempt_key: the attempt (``attempt_key`` is its idempotency key).
         since_ms: the earliest time a record of this attempt can carry (see ``streams.journal``).
         live: False for an offline replay: a unit past the recorded end raises instead of running.
-        task: the attempt's task as JSON, written in the claim (what an offline replay runs again).
+        task: the attempt's task as JSON, written with the claim (what an offline replay runs again).
     """
 
     store: JournalStore
@@ -351,20 +359,12 @@ class AttemptJournal:
             model=extra.model,
             latency_ms=round(latency_ms, 3),
             at_ms=time.time_ns() // 1_000_000,
+            claim=None if self.claimed else pos,
+            task=None if self.claimed else self.task,
         )
         w0 = time.monotonic()
-        if not self.claimed:
-            claim = Claim(
-                run_id=self.run_id,
-                attempt_key=self.attempt_key,
-                incarnation=self.incarnation,
-                base=pos,
-                at_ms=entry.at_ms,
-                task=self.task,
-            )
-            self.written_bytes += await self.store.append(self.run_id, claim)
-            self.claimed = True
         self.written_bytes += await self.store.append(self.run_id, entry)
+        self.claimed = True
         self.write_ms += (time.monotonic() - w0) * 1000
         self.executed += 1
         self.entries.append(entry)
@@ -374,8 +374,8 @@ class AttemptJournal:
 def tasks(records: Iterable[Entry | Claim | Part]) -> dict[str, dict[str, Any]]:
     """The task of every attempt with a claim in ``records`` (attempt key -> task), in first-seen order."""
     found: dict[str, dict[str, Any]] = {}
-    for rec in records:
-        if isinstance(rec, Claim) and rec.task is not None:
+    for rec in whole(records):
+        if rec.task is not None:
             found.setdefault(rec.attempt_key, rec.task)
     return found
 

@@ -106,7 +106,7 @@ async def test_a_resumed_attempt_answers_from_its_journal_and_continues_live() -
     assert calls == {"model": 4, "tool": 3} and again.journal is not None and again.journal.replayed == 7
     assert (again.tokens_in, again.tokens_out, again.requests) == (first.tokens_in, first.tokens_out, 4)
     # a crash after the third unit: the first three are answered, the rest runs
-    partial = MemoryJournal(store.records[:4])  # the claim and three entries
+    partial = MemoryJournal(store.records[:3])  # three entries, the first with the claim
     resumed = await _run(agent, models, partial)
     assert resumed.journal is not None and (resumed.journal.replayed, resumed.journal.executed) == (3, 4)
     assert calls == {"model": 4 + 2, "tool": 3 + 2}
