@@ -21,7 +21,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import aggregator, floor, mapdecide, memory, pools, replay, scaling, status, tracing, ui, workflow
+from bench import (
+    aggregator,
+    floor,
+    journal,
+    mapdecide,
+    memory,
+    pools,
+    replay,
+    scaling,
+    status,
+    tracing,
+    ui,
+    workflow,
+)
 from bench.common import ROOT, Ctx, loadavg
 from bench.peers import compare
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
@@ -43,6 +56,7 @@ WORKLOADS: dict[str, Workload] = {
     "pools-hop": pools.hop,
     "pools-slow": pools.slow,
     "map-decider": mapdecide.run,
+    "journal": journal.run,
 }
 OPTIONAL: dict[str, Workload] = {"peers": compare.run, "tracing": tracing.run}
 """Not run by default: ``peers`` installs other engines (``--peers``); ``tracing`` needs Jaeger (``make

@@ -26,14 +26,16 @@ from pathlib import Path
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.cli.common import out
-from calmrun.cli.costs import batch_costs, print_costs
+from calmrun.cli.costs import batch_costs, journal_table, print_costs
 from calmrun.cli.runs import print_runs, print_status
 from calmrun.client import Client, summarize
 from calmrun.costs.process import AggregatorProcess
+from calmrun.costs.requests import read_request_costs
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.gctune import settle_heap
 from calmrun.localproc import free_port
 from calmrun.settings import load_settings
+from calmrun.streams.journal import journal_entries, run_since
 from calmrun.streams.worker import Worker
 from calmrun.workflow.definition import WorkflowDef, load_workflow, parse_workflow
 from calmrun.workflow.events import RunCommand, RunRequest
@@ -150,7 +152,10 @@ async def run_demo(bootstrap: str, runs: int, ui_port: int | None = None) -> Non
                 f"peak {worker.stats.peak_running} in flight)"
             )
             refunded = next((s for s in recent if s.outcome == "refunded"), recent[0])
-            print_status(refunded, await client.events(refunded.run_id))
+            costs = await read_request_costs(settings, refunded.run_id, refunded.created_ms)
+            print_status(refunded, await client.events(refunded.run_id), None, costs)
+            entries = await journal_entries(settings, refunded.run_id, run_since(refunded.created_ms))
+            out.print(journal_table(entries))  # its agents' journal (docs/durable-agents.md)
             summary = summarize(states)
             if summary["by_status"].get("completed") != runs:
                 out.print(f"[red]not every run completed: {summary}[/red]")

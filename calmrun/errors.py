@@ -23,6 +23,7 @@ class ErrorKind(enum.StrEnum):
     INVALID_ROUTE = "InvalidRoute"  # an agent chose a route outside its step's `route.allowed`
     LOOP_EXHAUSTED = "LoopExhausted"  # a loop reached max_iterations and has no on_exhausted
     CHILD_FAILED = "ChildFailed"  # a child run ended other than completed and its step has no on_failure
+    NON_DETERMINISTIC_AGENT = "NonDeterministicAgent"  # a resumed agent made another call than its journal
 
 
 class CalmrunError(Exception):
@@ -411,3 +412,32 @@ class SchemaIncompatibleError(RegistryError):
         why = "; ".join(messages) or "no reason given"
         super().__init__(url, status=409, detail=f"schema incompatible with subject {subject!r}: {why}")
         self.subject, self.messages = subject, messages
+
+
+class NonDeterministicAgentError(CalmrunError):
+    """A resumed agent made a different call than its journal holds at that position.
+
+    The attempt fails; the step's retry policy decides what follows. A retry is a new attempt, which
+    starts with an empty journal, so it may succeed (retriable); with no retries left the run is quarantined.
+
+    Attributes:
+        run_id: the run.
+        step: the step.
+        attempt: the attempt whose journal disagrees.
+        position: the journal position (0 = the agent's first call).
+        recorded: the call the journal holds there.
+        made: the call the agent made instead.
+    """
+
+    retriable: ClassVar[bool] = True
+    kind: ClassVar[ErrorKind | None] = ErrorKind.NON_DETERMINISTIC_AGENT
+
+    def __init__(
+        self, *, run_id: str, step: str, attempt: int, position: int, recorded: str, made: str
+    ) -> None:
+        super().__init__(
+            f"run {run_id!r} step {step!r} attempt {attempt}: the agent's call at journal position "
+            f"{position} is {made}, but the journal recorded {recorded}"
+        )
+        self.run_id, self.step, self.attempt = run_id, step, attempt
+        self.position, self.recorded, self.made = position, recorded, made

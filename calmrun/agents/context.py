@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -13,6 +14,8 @@ from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.models import Model
 from pydantic_ai.usage import RunUsage
 
+from calmrun.agents.durability import CalmrunDurability
+from calmrun.agents.journal import AttemptJournal
 from calmrun.agents.models import ModelRegistry
 from calmrun.costs.pricing import Pricing
 from calmrun.errors import ConfigError
@@ -47,6 +50,8 @@ class StepContext:
     requests: int = 0
     api_calls: int = 0
     api_calls_by_kind: dict[str, int] = field(default_factory=dict)
+    journal: AttemptJournal | None = field(default=None, repr=False)
+    """The attempt's agent journal: set, every pydantic-ai agent run through :meth:`run` is durable."""
 
     @classmethod
     def for_task(
@@ -106,6 +111,7 @@ class StepContext:
         The usage is counted even when the run raises (for example ``UnexpectedModelBehavior`` after the
         output retries are exhausted): pydantic-ai adds to the ``RunUsage`` passed in as it goes.
         """
+        explicit = kw.get("model")  # a model the agent code chose, else the step's alias
         if "model" not in kw:
             kw["model"] = self.model()
         if self.model_alias is not None and self.model_alias in self.models:
@@ -122,6 +128,15 @@ class StepContext:
                     kw["output_type"] = wrapped
         usage: RunUsage = kw.pop("usage", None) or RunUsage()
         before = (usage.input_tokens, usage.output_tokens, usage.requests)
+        if self.journal is not None:
+            model = kw.pop("model")
+            label = self.model_alias if explicit is None else str(getattr(explicit, "model_name", explicit))
+            durable = CalmrunDurability[Any](self.journal, name=agent.name or "agent", model_label=label)
+            if isinstance(model, Model):
+                agent = _with_model(agent, model)
+            else:
+                kw["model"] = model
+            kw["capabilities"] = [*kw.get("capabilities", ()), durable]
         try:
             result = await agent.run(prompt, usage=usage, **kw)
         finally:
@@ -148,3 +163,23 @@ class StepContext:
             cost_usd=price.usd if price is not None else Decimal(0),
             price_source=price.source if price is not None else None,
         )
+
+
+_copies: dict[tuple[int, int], tuple[Agent[Any, Any], Model, Agent[Any, Any]]] = {}
+"""(id(agent), id(model)) -> (agent, model, the copy); holding both keeps their ids from being reused."""
+
+
+def _with_model(agent: Agent[Any, OutputT], model: Model) -> Agent[Any, OutputT]:
+    """``agent`` with ``model`` as its own model (a durable run's model must be the agent's, not the run's).
+
+    A shallow copy per agent and model, cached: the agent given is shared by concurrent attempts and is
+    never changed.
+    """
+    if agent.model is model:
+        return agent
+    found = _copies.get((id(agent), id(model)))
+    if found is None:
+        durable = copy.copy(agent)
+        durable.model = model
+        found = _copies[(id(agent), id(model))] = (agent, model, durable)
+    return cast("Agent[Any, OutputT]", found[2])

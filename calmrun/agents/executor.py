@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from calmrun.agents.context import StepContext
+from calmrun.agents.journal import AttemptJournal, JournalStore, since_ms
 from calmrun.agents.models import ModelRegistry, retry_after_ms
 from calmrun.agents.specs import AgentRegistry
 from calmrun.costs.pricing import Pricing
@@ -41,6 +42,9 @@ async def execute(
     scrub: Callable[[str], str] | None = None,
     limits: LimitsSettings | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
+    journal: JournalStore | None = None,
+    fresh: bool = False,
+    on_journal: Callable[[StepContext], None] | None = None,
 ) -> StepResult:
     """Run ``task``'s agent once and describe what happened.
 
@@ -61,6 +65,13 @@ async def execute(
             attempt as an ``InvalidOutputError``; default ``LimitsSettings()``.
         on_failure: told the exception an agent raised (a provider's 429 pauses its alias:
             ``streams.throttle``); not told of timeouts.
+        journal: where the attempt's agent journal lives (``agents.journal``); with it every pydantic-ai
+            agent run through the context is durable: a re-run of the same attempt answers its recorded
+            model requests and tool calls from the journal. None: agents run as they are.
+        fresh: the attempt has never run anywhere (the worker started it eagerly on its first issue): its
+            journal is empty and is not read.
+        on_journal: told the context once the attempt ended, when its agents wrote or read a journal (the
+            per-request cost and the journal's figures are on ``ctx.journal``).
 
     Returns:
         The attempt's result, with its cost (tokens used by a failed attempt are reported too).
@@ -71,6 +82,17 @@ async def execute(
     started_ms = now_ms()
     t0 = time.monotonic()
     ctx = StepContext.for_task(task, models, logger)
+    if journal is not None:
+        ctx.journal = AttemptJournal(
+            journal,
+            run_id=task.run_id,
+            step=task.step,
+            attempt=task.attempt,
+            attempt_key=task.idempotency_key,
+            since_ms=since_ms(task.issued_ms, task.timeout_s),
+            task=task.model_dump(mode="json"),
+            recorded=[] if fresh else None,
+        )
     output: dict[str, Any] | None = None
     error_type: str | None = None
     error: str | None = None
@@ -112,6 +134,10 @@ async def execute(
                 "" if isinstance(exc, CalmrunError) else "\n" + clean(tb),
             )
     latency_ms = (time.monotonic() - t0) * 1000
+    if on_journal is not None and ctx.journal is not None and ctx.journal.entries:
+        on_journal(ctx)
+    if journal is not None:
+        journal.forget(task.idempotency_key)
     cost = ctx.cost(
         latency_ms=latency_ms, queue_wait_ms=float(max(0, started_ms - task.issued_ms)), pricing=pricing
     )

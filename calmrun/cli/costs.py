@@ -210,6 +210,41 @@ def aggregator(
     run_aggregator(settings, metrics_port=metrics_port)
 
 
+def request_table(rows: list[Any]) -> Table:
+    """The cost per request of a run (``costs.requests.RequestCost``), with a total per step and attempt."""
+    from calmrun.costs.requests import totals
+
+    table = Table("step", "attempt", "#", "request", "model", "tokens in", "tokens out", "ms", "cost $")
+    table.title = "agent requests"
+    for r in rows:
+        what = "model request" if r.kind == "model" else f"delegated by {r.label}"[:60]
+        table.add_row(
+            r.step, str(r.attempt), str(r.position), what, r.model or "-", str(r.tokens_in),
+            str(r.tokens_out), f"{r.latency_ms:.1f}", f"{r.cost_usd:.6f}",
+        )  # fmt: skip
+    for key, t in totals(rows, "attempt").items():
+        step, attempt = key.rsplit("/", 1)
+        table.add_row(
+            f"[bold]{step}[/bold]", attempt, "", f"total ({t.requests} requests)", "", str(t.tokens_in),
+            str(t.tokens_out), f"{t.latency_ms:.1f}", f"{t.cost_usd:.6f}",
+        )  # fmt: skip
+    return table
+
+
+def journal_table(entries: list[Any]) -> Table:
+    """A run's agent journal (``agents.journal.Entry``): one row per model request or tool call."""
+    table = Table(
+        "step", "attempt", "#", "call", "model", "tokens in/out", "ms", "bytes", title="agent journal"
+    )
+    for e in entries:
+        tokens = f"{e.usage.input_tokens}/{e.usage.output_tokens}" if e.call.op == "model" else ""
+        table.add_row(
+            e.step, str(e.attempt), str(e.position), e.call.label[:70], e.model or "", tokens,
+            f"{e.latency_ms:.1f}", str(len(e.model_dump_json())),
+        )  # fmt: skip
+    return table
+
+
 def step_costs(events: list[RunEvent]) -> dict[str, CostRow]:
     """Per step, the cost of a run's attempts from its events (the first copy of each seq; Decimal money)."""
     seen: set[int] = set()

@@ -59,6 +59,7 @@ ModelsOpt = Annotated[
 ModelOpt = Annotated[
     list[str] | None, typer.Option("--model", help="Live: ALIAS=SPEC, e.g. smart=openai:gpt-4o (repeatable).")
 ]
+AgentsOpt = Annotated[str | None, typer.Option("--agents", help="recorded: re-run agents from their journal")]
 ShadowOpt = Annotated[
     str | None, typer.Option("--shadow", help="Live: shadow prefix (default <prefix>-replay-<random>).")
 ]
@@ -210,6 +211,7 @@ def run(
     workflow: DefinitionOpt = [],  # noqa: B006 - typer reads the default
     workflow_version: VersionOpt = None,
     mode: ModeOpt = "recorded",
+    agents: AgentsOpt = None,
     models_file: ModelsOpt = None,
     model: ModelOpt = None,
     shadow: ShadowOpt = None,
@@ -220,8 +222,8 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Replay one run against its snapshot: re-decide it (recorded) or run its agents again (live)."""
-    if mode not in ("recorded", "live"):
-        raise _fail(f"--mode must be recorded or live, not {mode!r}")
+    if mode not in ("recorded", "live") or agents not in (None, "recorded") or (agents and mode == "live"):
+        raise _fail(f"--mode takes recorded or live; --agents recorded needs --mode recorded ({mode!r})")
     defs = _definitions(workflow)
     settings = cli_settings(config, bootstrap, prefix)
     snap = _snapshot_of(run, settings)
@@ -233,11 +235,22 @@ def run(
             result = replay_given(defs, snap, workflow_version)
         except ReplayError as exc:
             raise _fail(str(exc), 1) from None
+        replays = None
+        if agents == "recorded":
+            from calmrun.replay.agents import replay_run_agents
+
+            sys.path.insert(0, os.getcwd())  # agent references resolve from the current directory
+            replays = _run(replay_run_agents(settings, snap))
         if as_json:
-            print(report.dumps(result.to_dict()))
+            data = result.to_dict()
+            if replays is not None:
+                data["agents"] = [a.to_dict() for a in replays]
+            print(report.dumps(data))
         else:
             report.print_recorded(out, result)
-        if result.verdict != "converged":
+            if replays is not None:
+                report.print_agents(out, replays)
+        if result.verdict != "converged" or any(a.verdict != "converged" for a in replays or ()):
             raise typer.Exit(3)
         return
     lives = _live(settings, [snap], defs, workflow_version, models_file, model, shadow, wait_s)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -164,17 +165,23 @@ def status(
     """A run's state, its steps and its event history."""
     settings = cli_settings(config, bootstrap, prefix)
 
-    async def main() -> tuple[RunState | None, list[RunEvent], str | None]:
+    async def main() -> tuple[RunState | None, list[RunEvent], str | None, list[Any]]:
         from calmrun.check.takeover import group_serves, waiting_for
+        from calmrun.costs.requests import read_request_costs
 
         async with Client(settings) as c:
             state = await c.state(run_id)
             events = await c.run_events(state) if state is not None else []
         live = state is not None and not state.is_terminal()
         waiting = waiting_for(state, await group_serves(settings)) if state is not None and live else None
-        return state, events, waiting
+        return (
+            state,
+            events,
+            waiting,
+            await read_request_costs(settings, run_id, state.created_ms) if state else [],
+        )
 
-    state, events, waiting = run_command(main())
+    state, events, waiting, requests = run_command(main())
     if state is None:
         err.print(f"[red]error:[/red] no run {run_id!r} in {settings.kafka.prefix}.runs.state")
         raise typer.Exit(1)
@@ -185,11 +192,13 @@ def status(
                     "state": state.model_dump(mode="json"),
                     "events": [e.model_dump(mode="json") for e in events],
                     "waiting": waiting,
-                }
+                    "requests": [dataclasses.asdict(r) for r in requests],
+                },
+                default=str,
             )
         )
         return
-    print_status(state, events, waiting)
+    print_status(state, events, waiting, requests)
 
 
 def step_status(st: StepState) -> str:
@@ -214,7 +223,9 @@ def family_lines(state: RunState, events: list[RunEvent]) -> list[str]:
     return lines
 
 
-def print_status(state: RunState, events: list[RunEvent], waiting: str | None = None) -> None:
+def print_status(
+    state: RunState, events: list[RunEvent], waiting: str | None = None, requests: list[Any] | None = None
+) -> None:
     """Render one run for people: header, steps with cost, then the event history."""
     digest = f" ({state.digest})" if state.digest else ""
     out.print(
@@ -244,6 +255,10 @@ def print_status(state: RunState, events: list[RunEvent], waiting: str | None = 
             f"{c.cost_usd:.6f}" if c else "0.000000",
         )
     out.print(steps)
+    if requests:
+        from calmrun.cli.costs import request_table
+
+        out.print(request_table(requests))
     from calmrun.cli.runcommands import waiting_lines
 
     for line in waiting_lines(state, events):

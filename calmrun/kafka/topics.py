@@ -53,6 +53,11 @@ class Topics:
         """Step results from pool executors, keyed by run ID (co-partitioned with the run state)."""
         return f"{self.prefix}.runs.results"
 
+    @property
+    def journal(self) -> str:
+        """The agent journal: each model request and tool call of a step attempt, keyed by run ID."""
+        return f"{self.prefix}.agents.journal"
+
     def step(self, workflow: str, step: str) -> str:
         return f"{self.prefix}.step.{workflow}.{step}"
 
@@ -93,6 +98,7 @@ class Topics:
             self.state: {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": "600000"},
             self.events: {},
             self.results: {},
+            self.journal: {},
             self.dlq(INVALID): forever,
         }
         for wf in wfs:

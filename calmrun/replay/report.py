@@ -58,6 +58,28 @@ def print_recorded(out: Console, r: RecordedReplay) -> None:
         out.print(table)
 
 
+def print_agents(out: Console, agents: Sequence[Any]) -> None:
+    """The agent-level verdicts of ``replay run --agents recorded`` (``replay.agents.AgentReplay``)."""
+    if not agents:
+        out.print("  agents   no journaled agent in this run")
+        return
+    table = Table("step", "attempt", "agent", "calls", "model requests", "verdict", title="agents")
+    for a in agents:
+        colour = "green" if a.verdict == "converged" else "red"
+        table.add_row(
+            a.step,
+            str(a.attempt),
+            a.agent,
+            f"{a.answered}/{a.units}",
+            str(a.model_requests),
+            f"[{colour}]{a.verdict}[/{colour}]",
+        )
+    out.print(table)
+    for a in agents:
+        if a.reason:
+            out.print(f"  [red]{a.step} attempt {a.attempt}: {a.reason}[/red]")
+
+
 def print_batch_recorded(out: Console, b: BatchRecorded) -> None:
     out.print(
         f"recorded replay of {b.runs} runs: [green]{b.converged} converged[/green], "

@@ -7,14 +7,18 @@ behind ``streams.throttle`` (the limits per model alias and step; a 429 pauses t
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from calmrun.agents import AgentRegistry, ModelRegistry, execute
 from calmrun.costs.pricing import Pricing
 from calmrun.settings import Settings
+from calmrun.streams.journal import KafkaJournal
+from calmrun.streams.metrics import WorkerMetrics
+from calmrun.streams.requestmetrics import RequestMetrics
 from calmrun.streams.throttle import Throttle
 from calmrun.tracing import NO_TRACING, Tracing
 from calmrun.workflow.events import StepResult, StepTask
+from calmrun.workflow.state import RunState
 
 
 class Attempts:
@@ -28,6 +32,7 @@ class Attempts:
         throttle: Throttle,
         clock: Callable[[], int],
         tracing: Tracing = NO_TRACING,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings, self.agents, self.models, self.throttle, self.clock = (
             settings,
@@ -39,6 +44,24 @@ class Attempts:
         self.pricing = Pricing.from_settings(settings)
         self.tracing = tracing
         self.models = tracing.models(models)  # instrumented when tracing: model requests nest in attempts
+        self.journal: KafkaJournal | None = KafkaJournal(settings)
+        self._first: set[str] = set()  # idempotency keys of first runs (see first_runs)
+        # cost per request in the worker's registry (an executor of a pool has none)
+        self.metrics = RequestMetrics(metrics.registry, self.pricing) if metrics is not None else None
+
+    def first_runs(self, started: Iterable[tuple[StepTask, RunState | None]]) -> None:
+        """Note the tasks a worker starts eagerly, right after committing the decision that scheduled them.
+
+        The first issue of an attempt (``issued_ms`` is the step's ``scheduled_ms``; a deadline re-issue is
+        later) started that way has never run anywhere: its agent journal is known to be empty and is not
+        read. Any other start (a task read back after a crash or a rebalance, a re-issue) reads it.
+        """
+        for task, state in started:
+            st = state.steps.get(task.step) if state is not None else None
+            if st is not None and st.scheduled_ms == task.issued_ms:
+                self._first.add(task.idempotency_key)
+        if len(self._first) > 100_000:  # tasks noted but never run (their partition moved): forget them
+            self._first.clear()
 
     async def run(self, task: StepTask, scrub: Callable[[str], str]) -> StepResult:
         """Run ``task``'s agent once; ``scrub`` redacts its failure's log line."""
@@ -52,7 +75,21 @@ class Attempts:
             scrub=scrub,
             limits=self.settings.limits,
             on_failure=functools.partial(self.throttle.failed, task),
+            journal=self.journal,
+            fresh=self._pop_first(task.idempotency_key),
+            on_journal=self.metrics.observe if self.metrics is not None else None,
         )
         result = await self.tracing.attempt(task, run)
         self.throttle.finished(task, result)
         return result
+
+    def _pop_first(self, key: str) -> bool:
+        if key in self._first:
+            self._first.discard(key)
+            return True
+        return False
+
+    async def close(self) -> None:
+        """Close the journal's clients."""
+        if self.journal is not None:
+            await self.journal.close()

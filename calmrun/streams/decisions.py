@@ -58,8 +58,8 @@ class Decisions:
     """Decides inputs and queues their records; see the module docstring.
 
     Args:
-        start_tasks: starts the given tasks of a decision at once, unless run already; returns what it
-            started (each done once its result is decided).
+        start_tasks: starts the given tasks of a decision at once, unless run already (the flag: is the
+            decision committed yet); returns what it started (each done once its result is decided).
         tracing: told of each decision, which it traces once committed (``calmrun.tracing``).
     """
 
@@ -73,7 +73,7 @@ class Decisions:
         redactor: Redactor,
         clock: Callable[[], int],
         metrics: WorkerMetrics | None,
-        start_tasks: Callable[[int, list[tuple[Out, StepTask]]], list[Future[None]]],
+        start_tasks: Callable[[int, list[tuple[Out, StepTask]], bool], list[Future[None]]],
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings, self.topics, self.codec = settings, topics, codec
@@ -193,14 +193,14 @@ class Decisions:
                     self._metrics.observe(ev)
             self.counts.quarantined += quarantined
             if eager and not early:
-                self._start_tasks(p, eager)
+                self._start_tasks(p, eager, True)
             if traced is not None:
                 traced()
 
         writer.add(outputs, state, on_commit, run_id)
         if eager and early:
             self.counts.early += 1
-            writer.hold(self._start_tasks(p, eager))
+            writer.hold(self._start_tasks(p, eager, False))
 
     def event_out(self, p: int, ev: RunEvent) -> Out:
         ev = self._redactor.event(ev, self._parts.state(p, ev.run_id))  # settings.redact (calmrun.redact)

@@ -160,6 +160,7 @@ class PoolExecutor:
                 await t
         await self.tasks.cancel(set(self.owned) | set(self.writers))
         await self._close_writers(set(self.writers))
+        await self.attempts.close()
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()

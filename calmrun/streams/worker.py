@@ -114,7 +114,7 @@ class Worker:
         self._timers = Timers()
         self.throttle = Throttle(settings.throttle, self.workflows.values(), models.aliases)
         self.tracing = tracing_for(settings, pool=pool)  # off unless settings.tracing.endpoint
-        self.attempts = Attempts(settings, agents, models, self.throttle, clock, self.tracing)
+        self.attempts = Attempts(settings, agents, models, self.throttle, clock, self.tracing, metrics)
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
             self._execute,
@@ -265,7 +265,7 @@ class Worker:
         await asyncio.gather(*(wr.close() for wr in writers))
         if self.metrics is not None:
             await self.metrics.stop()
-        await self.stamps.stop()
+        await asyncio.gather(self.stamps.stop(), self.attempts.close())
         await self._close_clients()
         self.tracing.close()
 
@@ -389,11 +389,16 @@ class Worker:
             return
         self.decisions.decide(p, wf, state, result, source, pending)
 
-    def _start_eager(self, p: int, tasks: list[tuple[Out, StepTask]]) -> list[asyncio.Future[None]]:
-        """Start the tasks of a decision (eager execution; see the module docstring)."""
+    def _start_eager(
+        self, p: int, tasks: list[tuple[Out, StepTask]], committed: bool
+    ) -> list[asyncio.Future[None]]:
+        """Start the tasks of a decision (eager execution; see the module docstring): once it is committed,
+        or before (``committed`` False) where a crash can only repeat that decision."""
         if p not in self.parts.owned or self._stopped.is_set():
             return []
         mine = [(out, task) for out, task in tasks if out.topic in self._local]  # not a pool's
+        if committed:  # a first run whose decision is committed never ran anywhere: its journal is empty
+            self.attempts.first_runs((t, self.parts.state(p, t.run_id)) for _, t in mine)
         return list(self.tasks.start_eager(p, mine, self.parts.awaited))
 
     def _known(self, run_id: str) -> bool:

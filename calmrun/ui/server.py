@@ -33,6 +33,7 @@ from calmrun.errors import CalmrunError, ReplayError
 from calmrun.replay.recorded import replay_given
 from calmrun.replay.snapshot import Snapshot
 from calmrun.settings import Settings
+from calmrun.streams.journal import journal_entries, run_since
 from calmrun.ui.access import COOKIE, Access, User
 from calmrun.ui.index import RunIndex, RunQuery
 from calmrun.ui.people import list_inbox, send_command
@@ -235,7 +236,9 @@ class UiServer:
             None,
         )
         inputs = step_inputs(wf, state) if wf is not None and state is not None else None
-        view = run_view(state, events, self.index.dead_letters(run_id=run_id), redact, inputs)
+        since = run_since(state.created_ms if state else None)  # the agents' requests, for the timeline
+        entries = await journal_entries(self.settings, run_id, since)
+        view = run_view(state, events, self.index.dead_letters(run_id=run_id), redact, inputs, entries)
         view["waiting"] = self.index.waiting(run_id=run_id)
         view["replayable"] = any(
             d.name == (state.workflow if state else events[0].workflow) for d in self.definitions

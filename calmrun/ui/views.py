@@ -118,14 +118,42 @@ def step_inputs(wf: WorkflowDef, state: RunState) -> dict[str, Any]:
     return out
 
 
+def request_rows(entries: list[Any], redact: bool) -> list[dict[str, Any]]:
+    """One timeline row per journaled model request or tool call (``agents.journal.Entry``), in order.
+
+    A tool call's label names its arguments, which are payload: viewers see the tool's name only.
+    """
+    rows = []
+    for e in entries:
+        label = e.call.label.split("(", 1)[0] if redact else e.call.label
+        rows.append(
+            {
+                "step": e.step,
+                "attempt": e.attempt,
+                "position": e.position,
+                "op": e.call.op,
+                "label": label,
+                "model": e.model,
+                "tokens_in": e.usage.input_tokens,
+                "tokens_out": e.usage.output_tokens,
+                "latency_ms": e.latency_ms,
+                "start_ms": e.at_ms - round(e.latency_ms),
+                "end_ms": e.at_ms,
+            }
+        )
+    return rows
+
+
 def run_view(
     state: RunState | None,
     events: list[RunEvent],
     dead: list[dict[str, Any]],
     redact: bool,
     inputs: dict[str, Any] | None = None,
+    entries: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """The Run view: state, events, the attempts of the waterfall, the path and the run's dead letters."""
+    """The Run view: state, events, the attempts of the waterfall (with each agent's journaled requests and
+    tool calls under their attempt, from ``entries``), the path and the run's dead letters."""
     st = state.model_dump(mode="json") if state is not None else None
     evs = [e.model_dump(mode="json") for e in events]
     rows = attempts(events)
@@ -144,6 +172,7 @@ def run_view(
         "state": st,
         "events": evs,
         "attempts": rows,
+        "requests": request_rows(entries or [], redact),
         "path": path_of(events),
         "start_ms": t0,
         "end_ms": t1,

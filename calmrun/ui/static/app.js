@@ -162,7 +162,15 @@ async function viewRun(runId) {
       replayOut.replaceChildren(...renderReplay(await api(`/api/runs/${encodeURIComponent(runId)}/replay?${q}`, { method: "POST" })));
     },
   }, "Replay this run (recorded)"), against);
-  const bars = data.attempts.map((a) => {
+  // each agent's journaled model requests and tool calls, under their attempt (calmrun.ui.views.request_rows)
+  const requestBars = (a) => (data.requests || []).filter((r) => r.step === a.step && r.attempt === a.attempt && a.kind === "run")
+    .map((r) => h("div", { class: `wf-row wf-request ${r.op}` },
+      h("div", { class: "wf-label muted", title: r.label }, `  ${r.position}. ${r.label}`.slice(0, 48)),
+      h("div", { class: "wf-track", title: `${fmtTime(r.start_ms)} -> ${fmtTime(r.end_ms)}` },
+        h("div", { class: `wf-bar ${r.op}`, style: `left:${pct(r.start_ms)};width:calc(${pct(r.end_ms)} - ${pct(r.start_ms)})` })),
+      h("div", { class: "wf-dur" }, r.op === "model" ? `${fmtMs(r.latency_ms)} ${r.tokens_in}/${r.tokens_out}` : fmtMs(r.latency_ms))));
+  const bars = data.attempts.flatMap((a) => [attemptBar(a), ...requestBars(a)]);
+  function attemptBar(a) {
     const end = a.end_ms || data.end_ms;
     const start = a.start_ms || a.scheduled_ms;
     return h("div", { class: "wf-row" },
@@ -171,7 +179,7 @@ async function viewRun(runId) {
         h("div", { class: "wf-wait", style: `left:${pct(a.scheduled_ms)};width:calc(${pct(start)} - ${pct(a.scheduled_ms)})` }),
         h("div", { class: `wf-bar ${a.status}`, style: `left:${pct(start)};width:calc(${pct(end)} - ${pct(start)})` })),
       h("div", { class: "wf-dur" }, a.status === "running" ? "running" : fmtMs(a.latency_ms)));
-  });
+  }
   const attemptRows = data.attempts.map((a) => h("tr", {},
     h("td", {}, a.step), h("td", {}, a.attempt), h("td", {}, statusCell(a.status)), h("td", {}, a.model || "-"),
     h("td", {}, fmtTime(a.scheduled_ms)), h("td", { class: "num" }, fmtMs(a.wait_ms)), h("td", { class: "num" }, fmtMs(a.latency_ms)),

@@ -1,0 +1,234 @@
+"""The agent journal over Kafka: ``<prefix>.agents.journal``, keyed by run ID, co-partitioned with the runs.
+
+Records are written by an idempotent producer with ``acks=all`` and each write is awaited before the agent
+continues, so an acknowledged entry survives the worker. The journal is its own topic, not the events topic:
+entries are many and large (model responses, tool outputs) and only a resumed or replayed attempt reads
+them, while every events reader (the decider's history, the cost aggregator, the history checker, the
+operator page) would otherwise read them all. It is not written in the partition's transaction either: an
+entry must be durable before the agent's next call, which would commit the partition's whole batch (every
+other run's decisions) once per model request, and a pooled step's executor owns no partition writer. Zombies
+are fenced by the claims of ``agents.journal`` instead.
+
+Reading an attempt's chain seeks its partition to the time the attempt can have started (``since_ms``, from
+``offsets_for_times``) and reads to the end offset taken when the read starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from calmrun.agents.journal import RESUME_MARGIN_MS, Claim, Entry, Part, chain, decode, encode, split
+from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import Topics, partition_for, start_client
+from calmrun.settings import Settings
+
+RECORD_ROOM = 16_384
+"""Bytes under ``kafka.max_request_size`` left for a record's key, headers and batch overhead."""
+
+
+class KafkaJournal:
+    """The journal store over Kafka (``agents.journal.JournalStore``); clients start on first use."""
+
+    def __init__(self, settings: Settings, limit: int | None = None) -> None:
+        self.settings = settings
+        self.topic = Topics(settings.kafka.prefix).journal
+        self.limit = limit or settings.kafka.max_request_size - RECORD_ROOM
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._start = asyncio.Lock()
+        self._read = asyncio.Lock()
+        self._tails: dict[int, _Tail] = {}
+        self._wanted: dict[int, int] = {}  # partition -> since_ms of its first load, until its tail exists
+        self._asked = self._covered = 0  # loads asked / covered by a finished read (see load)
+
+    def partition(self, run_id: str) -> int:
+        return partition_for(run_id, self.settings.kafka.partitions)
+
+    async def append(self, run_id: str, record: Entry | Claim) -> int:
+        """Write ``record`` (in parts when over the limit); wait for every part's acknowledgement."""
+        producer = await self._producer_started()
+        blobs = split(record, self.limit) if isinstance(record, Entry) else [encode(record)]
+        for blob in blobs:
+            await producer.send_and_wait(
+                self.topic, blob, key=run_id.encode(), partition=self.partition(run_id)
+            )
+        return sum(len(b) for b in blobs)
+
+    async def load(self, run_id: str, attempt_key: str, since_ms: int) -> list[Entry]:
+        """The chain of ``attempt_key`` from the records written at ``since_ms`` or later.
+
+        A worker reads each journal partition once, forward, and keeps the records by attempt until the
+        attempt is forgotten, so a load reads only what was written since the previous read; loads that
+        arrive while a read runs share the next one (attempts starting together wait for one read, not
+        one each). A forgotten attempt that runs again in this process is read from the log.
+        """
+        p = self.partition(run_id)
+        tail = self._tails.get(p)
+        if tail is not None and attempt_key in tail.forgotten:
+            return chain(await self.records(run_id, since_ms), attempt_key)
+        self._wanted.setdefault(p, since_ms)
+        self._asked += 1
+        ticket = self._asked
+        async with self._read:
+            if self._covered < ticket:  # no read started after this load arrived has finished
+                upto = self._asked
+                await self._read_forward()
+                self._covered = upto
+        tail = self._tails[p]
+        tail.sweep(since_ms)
+        return chain(list(tail.by_key.get(attempt_key, ())), attempt_key)
+
+    async def _read_forward(self) -> None:
+        """Read every partition loads asked for from where it was left to its end offset now."""
+        consumer = await self._consumer_started()
+        parts = sorted(set(self._tails) | set(self._wanted))
+        tps = [TopicPartition(self.topic, p) for p in parts]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            if tp.partition not in self._tails:
+                since = self._wanted[tp.partition]
+                found = (await consumer.offsets_for_times({tp: since}))[tp] if since > 0 else None
+                self._tails[tp.partition] = _Tail(
+                    found.offset if found is not None else ends[tp] if since else 0
+                )
+        self._wanted.clear()
+        for tp in tps:  # every assigned partition gets a position at once: none is fetched from its start
+            consumer.seek(tp, min(self._tails[tp.partition].position, ends[tp]))
+        for tp in tps:
+            tail, end = self._tails[tp.partition], ends[tp]
+            if tail.position >= end:
+                continue
+            while await consumer.position(tp) < end:
+                for rec in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, ()):
+                    if rec.offset < end and rec.value is not None:
+                        with contextlib.suppress(ValueError):
+                            tail.add(decode(rec.value), rec.timestamp)
+            tail.position = end
+
+    def forget(self, attempt_key: str) -> None:
+        """Drop what :meth:`load` keeps of an attempt that ended."""
+        for tail in self._tails.values():
+            if tail.by_key.pop(attempt_key, None) is not None:
+                tail.last_ms.pop(attempt_key, None)
+                tail.forgotten.add(attempt_key)
+
+    async def records(self, run_id: str, since_ms: int = 0) -> list[Entry | Claim | Part]:
+        """Every journal record of ``run_id`` written at ``since_ms`` or later, in log order."""
+        consumer = await self._consumer_started()
+        tp = TopicPartition(self.topic, self.partition(run_id))
+        key = run_id.encode()
+        out: list[Entry | Claim | Part] = []
+        async with self._read:
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            if since_ms <= 0:
+                start = (await consumer.beginning_offsets([tp]))[tp]
+            else:
+                found = (await consumer.offsets_for_times({tp: since_ms}))[tp]
+                start = found.offset if found is not None else end
+            if start >= end:
+                return out
+            consumer.seek(tp, start)
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                for rec in batch.get(tp, ()):
+                    if rec.offset >= end:
+                        break
+                    if rec.key == key and rec.value is not None:
+                        with contextlib.suppress(ValueError):
+                            out.append(decode(rec.value))
+        return out
+
+    async def close(self) -> None:
+        for client in (self._producer, self._consumer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        self._producer = self._consumer = None
+
+    async def _producer_started(self) -> AIOKafkaProducer:
+        async with self._start:
+            if self._producer is None:
+                k = self.settings.kafka
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=k.bootstrap,
+                    client_id=f"{k.client_id}-journal",
+                    enable_idempotence=True,
+                    acks="all",
+                    linger_ms=0,
+                    max_request_size=max(k.max_request_size, self.limit + RECORD_ROOM),
+                    **client_kwargs(k),
+                )
+                await start_client(producer, k)
+                self._producer = producer
+            return self._producer
+
+    async def _consumer_started(self) -> AIOKafkaConsumer:
+        async with self._start:
+            if self._consumer is None:
+                k = self.settings.kafka
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=k.bootstrap,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    isolation_level="read_committed",
+                    client_id=f"{k.client_id}-journal-read",
+                    **client_kwargs(k),
+                )
+                await start_client(consumer, k)
+                self._consumer = consumer
+            return self._consumer
+
+
+@dataclass
+class _Tail:
+    """What :meth:`KafkaJournal.load` read of one partition: up to ``position``, by attempt."""
+
+    position: int
+    by_key: dict[str, list[Entry | Claim | Part]] = field(default_factory=dict)
+    last_ms: dict[str, int] = field(default_factory=dict)
+    forgotten: set[str] = field(default_factory=set)
+
+    def add(self, rec: Entry | Claim | Part, at_ms: int) -> None:
+        self.by_key.setdefault(rec.attempt_key, []).append(rec)
+        self.last_ms[rec.attempt_key] = at_ms
+
+    def sweep(self, since_ms: int, keep: int = 10_000) -> None:
+        """Past ``keep`` attempts, drop those with no record since ``since_ms`` (ended, or long ago)."""
+        if len(self.by_key) <= keep:
+            return
+        for key in [k for k, at in self.last_ms.items() if at < since_ms]:
+            self.by_key.pop(key, None)
+            self.last_ms.pop(key, None)
+            self.forgotten.add(key)
+        if len(self.forgotten) > 10 * keep:
+            self.forgotten.clear()  # only a re-run in this process of a long-ended attempt reads the log less
+
+
+def run_since(created_ms: int | None) -> int:
+    """Where a run's journal records start: its creation, less a margin for the producers' clocks."""
+    return max(0, created_ms - RESUME_MARGIN_MS) if created_ms else 0
+
+
+def by_attempt(records: Iterable[Entry | Claim | Part]) -> dict[str, list[Entry]]:
+    """The chain of every attempt found in ``records`` (attempt key -> entries), in first-seen order."""
+    recs = list(records)
+    keys = list(dict.fromkeys(r.attempt_key for r in recs))
+    return {k: chain(recs, k) for k in keys}
+
+
+async def journal_entries(settings: Settings, run_id: str, since_ms: int = 0) -> list[Entry]:
+    """Every counted entry of ``run_id``'s attempts (their chains, attempt after attempt), from the
+    records written at ``since_ms`` or later (the run's creation time: see :func:`run_since`)."""
+    journal = KafkaJournal(settings)
+    try:
+        return [e for chain in by_attempt(await journal.records(run_id, since_ms)).values() for e in chain]
+    finally:
+        await journal.close()
