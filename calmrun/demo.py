@@ -30,12 +30,11 @@ from calmrun.cli.costs import batch_costs, journal_table, print_costs
 from calmrun.cli.runs import print_runs, print_status
 from calmrun.client import Client, summarize
 from calmrun.costs.process import AggregatorProcess
-from calmrun.costs.requests import read_request_costs
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.gctune import settle_heap
 from calmrun.localproc import free_port
 from calmrun.settings import load_settings
-from calmrun.streams.journal import journal_entries, run_since
+from calmrun.streams.journal import journal_entries, read_request_costs, run_since
 from calmrun.streams.worker import Worker
 from calmrun.workflow.definition import WorkflowDef, load_workflow, parse_workflow
 from calmrun.workflow.events import RunCommand, RunRequest

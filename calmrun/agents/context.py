@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from pydantic_ai import Agent
 from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.models import Model
+from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.usage import RunUsage
 
 from calmrun.agents.durability import CalmrunDurability
@@ -131,7 +132,12 @@ class StepContext:
         if self.journal is not None:
             model = kw.pop("model")
             label = self.model_alias if explicit is None else str(getattr(explicit, "model_name", explicit))
-            durable = CalmrunDurability[Any](self.journal, name=agent.name or "agent", model_label=label)
+            # the model instance registered, each layer of it: pydantic-ai's instrumentation may re-wrap the
+            # bare model inside a wrapper (tracing's InstrumentedModel), and a request must still be known
+            registered = _layers(label or "step", model) if isinstance(model, Model) else None
+            durable = CalmrunDurability[Any](
+                self.journal, models=registered, name=agent.name or "agent", model_label=label
+            )
             if isinstance(model, Model):
                 agent = _with_model(agent, model)
             else:
@@ -163,6 +169,16 @@ class StepContext:
             cost_usd=price.usd if price is not None else Decimal(0),
             price_source=price.source if price is not None else None,
         )
+
+
+def _layers(key: str, model: Model) -> dict[str, Model]:
+    """``model`` and every model it wraps, by ``key``, ``key/1``, ``key/2``... (durability's ``models=``)."""
+    layers: dict[str, Model] = {key: model}
+    inner: Model | None = model.wrapped if isinstance(model, WrapperModel) else None
+    while inner is not None:
+        layers[f"{key}/{len(layers)}"] = inner
+        inner = inner.wrapped if isinstance(inner, WrapperModel) else None
+    return layers
 
 
 _copies: dict[tuple[int, int], tuple[Agent[Any, Any], Model, Agent[Any, Any]]] = {}

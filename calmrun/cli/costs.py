@@ -211,8 +211,8 @@ def aggregator(
 
 
 def request_table(rows: list[Any]) -> Table:
-    """The cost per request of a run (``costs.requests.RequestCost``), with a total per step and attempt."""
-    from calmrun.costs.requests import totals
+    """The cost per request of a run (``agents.requestcosts.RequestCost``), totals per step and attempt."""
+    from calmrun.agents.requestcosts import totals
 
     table = Table("step", "attempt", "#", "request", "model", "tokens in", "tokens out", "ms", "cost $")
     table.title = "agent requests"

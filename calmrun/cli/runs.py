@@ -167,7 +167,7 @@ def status(
 
     async def main() -> tuple[RunState | None, list[RunEvent], str | None, list[Any]]:
         from calmrun.check.takeover import group_serves, waiting_for
-        from calmrun.costs.requests import read_request_costs
+        from calmrun.streams.journal import read_request_costs
 
         async with Client(settings) as c:
             state = await c.state(run_id)

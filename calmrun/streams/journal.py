@@ -24,6 +24,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from calmrun.agents.journal import RESUME_MARGIN_MS, Claim, Entry, Part, chain, decode, encode, split
+from calmrun.agents.requestcosts import RequestCost, run_request_costs
+from calmrun.costs.pricing import Pricing
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.topics import Topics, partition_for, start_client
 from calmrun.settings import Settings
@@ -232,3 +234,14 @@ async def journal_entries(settings: Settings, run_id: str, since_ms: int = 0) ->
         return [e for chain in by_attempt(await journal.records(run_id, since_ms)).values() for e in chain]
     finally:
         await journal.close()
+
+
+async def read_request_costs(settings: Settings, run_id: str, created_ms: int = 0) -> list[RequestCost]:
+    """:func:`run_request_costs` of ``run_id``, its journal read from ``<prefix>.agents.journal`` (from the
+    run's creation, ``created_ms``, when given)."""
+    journal = KafkaJournal(settings)
+    try:
+        records = await journal.records(run_id, run_since(created_ms))
+    finally:
+        await journal.close()
+    return run_request_costs(records, Pricing.from_settings(settings))

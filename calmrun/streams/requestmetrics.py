@@ -10,8 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from calmrun.agents import StepContext
+from calmrun.agents.requestcosts import request_costs
 from calmrun.costs.pricing import Pricing
-from calmrun.costs.requests import request_costs
 
 
 class RequestMetrics:

@@ -19,10 +19,11 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from rich.console import Console
 
 from calmrun.agents import AgentRegistry, ModelRegistry
+from calmrun.agents.requestcosts import totals
 from calmrun.cli import runs as runs_cli
 from calmrun.client import Client
-from calmrun.costs.requests import read_request_costs, totals
 from calmrun.settings import ModelAlias, load_settings
+from calmrun.streams.journal import read_request_costs
 from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.worker import Worker
 from calmrun.workflow.definition import parse_workflow

@@ -4,7 +4,8 @@ Read from the attempt's journal (``agents.journal``): a model request's entry ho
 model; a tool call's entry holds the usage of the agents the tool ran with the caller's usage (pydantic-ai's
 delegation: ``other.run(..., usage=ctx.usage)``), a row of its own (``delegated``). Money is the step alias's
 price of each row's tokens, so the rows of an attempt add up to the tokens and the token money of its
-``StepCost`` (API calls are priced per attempt and are not in the rows). Pure: no Kafka.
+``StepCost`` (API calls are priced per attempt and are not in the rows). Pure: no Kafka (reading a run's
+journal is ``streams.journal.read_request_costs``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from calmrun.agents.journal import Claim, Entry, Part, chain, tasks
 from calmrun.costs.pricing import Pricing
-from calmrun.settings import Settings
-
-if TYPE_CHECKING:
-    from calmrun.agents.journal import Claim, Entry, Part
 
 
 @dataclass(frozen=True)
@@ -97,22 +95,7 @@ def totals(rows: Sequence[RequestCost], by: Literal["step", "model", "attempt"])
 
 def run_request_costs(records: Sequence[Entry | Claim | Part], pricing: Pricing | None) -> list[RequestCost]:
     """The rows of every attempt journaled in one run's ``records``, each priced at its task's alias."""
-    from calmrun.agents.journal import chain, tasks
-
     rows: list[RequestCost] = []
     for key, task in tasks(records).items():
         rows.extend(request_costs(chain(records, key), task.get("model"), pricing))
     return rows
-
-
-async def read_request_costs(settings: Settings, run_id: str, created_ms: int = 0) -> list[RequestCost]:
-    """:func:`run_request_costs` of ``run_id``, its journal read from ``<prefix>.agents.journal`` (from the
-    run's creation, ``created_ms``, when given)."""
-    from calmrun.streams.journal import KafkaJournal, run_since
-
-    journal = KafkaJournal(settings)
-    try:
-        records = await journal.records(run_id, run_since(created_ms))
-    finally:
-        await journal.close()
-    return run_request_costs(records, Pricing.from_settings(settings))
