@@ -92,23 +92,9 @@ class KafkaSettings(_Frozen):
     partitions: int = Field(
         4, ge=1, description="partitions of every calmrun topic (all equal: co-partitioned)"
     )
-    replication_factor: int | None = Field(
-        None,
-        ge=1,
-        description="copies of each calmrun topic; unset: the cluster's default.replication.factor "
-        "(Kafka's CreateTopics leaves it to the broker)",
-    )
-    min_insync_replicas: int | None = Field(
-        None,
-        ge=1,
-        description="min.insync.replicas set on each calmrun topic; unset: 2 where the replication "
-        "factor is 3 or more (a write is acknowledged on two copies), else the broker's",
-    )
-    replication_check: Literal["refuse", "warn"] = Field(
-        "refuse",
-        description="a topic (calmrun's, __transaction_state, __consumer_offsets) whose replication "
-        "cannot keep an acknowledged write through one broker loss: refuse to start, or log a warning",
-    )
+    replication_factor: int | None = Field(None, ge=1, description="unset: the cluster's (docs/cluster.md)")
+    min_insync_replicas: int | None = Field(None, ge=1, description="unset: 2 where RF >= 3")
+    replication_check: Literal["refuse", "warn"] = Field("refuse", description="on a topic at risk")
     group_id: str | None = Field(
         None, description="consumer group of the workers; default '<prefix>.workers'"
     )

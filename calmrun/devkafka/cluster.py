@@ -219,33 +219,31 @@ class DevCluster:
         live = [n.bootstrap for n in self.nodes.values() if n.running_pid() is not None]
         return ",".join(live) or self.bootstrap
 
-    def leaders(self, topics: Sequence[str]) -> dict[int, list[tuple[str, int]]]:
+    async def leaders(self, topics: Sequence[str]) -> dict[int, list[tuple[str, int]]]:
         """Node ID -> the (topic, partition) pairs it leads, of ``topics``."""
-        return asyncio.run(self._leaders(list(topics)))
-
-    async def _leaders(self, topics: list[str]) -> dict[int, list[tuple[str, int]]]:
         async with self._admin() as admin:
-            found = await admin.describe_topics(topics)
+            found = await admin.describe_topics(list(topics))
         out: dict[int, list[tuple[str, int]]] = {}
         for t in found:
             for p in t["partitions"]:
                 out.setdefault(p["leader"], []).append((t["topic"], p["partition"]))
         return out
 
-    def busiest_leader(self, topics: Sequence[str]) -> int:
+    async def busiest_leader(self, topics: Sequence[str]) -> int:
         """The node leading most partitions of ``topics``."""
-        counts = Counter({node: len(parts) for node, parts in self.leaders(topics).items() if node >= 0})
+        led = await self.leaders(topics)
+        counts = Counter({node: len(parts) for node, parts in led.items() if node >= 0})
         return counts.most_common(1)[0][0]
 
-    def txn_coordinator(self, transactional_id: str) -> int:
+    async def txn_coordinator(self, transactional_id: str) -> int:
         """The node coordinating the transactions of ``transactional_id`` (the leader of its partition of
         ``__transaction_state``)."""
-        return asyncio.run(self._coordinator(transactional_id, 1))
+        return await self._coordinator(transactional_id, 1)
 
-    def group_coordinator(self, group: str) -> int:
+    async def group_coordinator(self, group: str) -> int:
         """The node coordinating consumer group ``group`` (the leader of its ``__consumer_offsets``
         partition)."""
-        return asyncio.run(self._coordinator(group, 0))
+        return await self._coordinator(group, 0)
 
     async def _coordinator(self, key: str, kind: int) -> int:
         async with self._admin() as admin:

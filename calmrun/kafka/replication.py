@@ -165,7 +165,9 @@ async def read_layout(admin: Any, topics: list[str]) -> tuple[int, list[TopicLay
         elif name in INTERNAL:
             rf_key, isr_key = _BROKER_DEFAULTS[name]
             conf = await broker_config(admin, [rf_key, isr_key])
-            rf = int(conf.get(rf_key, "0"))
+            if rf_key not in conf:  # neither the topic nor the brokers' settings may be read here (ACLs)
+                continue
+            rf = int(conf[rf_key])
             out.append(TopicLayout(name, 0, min(rf, brokers), _int(conf.get(isr_key)), exists=False))
     return brokers, out
 
