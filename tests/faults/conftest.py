@@ -7,6 +7,7 @@ A test that kills or stops a node restarts it and waits for the cluster to be wh
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,16 +16,23 @@ import pytest
 
 from calmrun.devkafka.cluster import DevCluster
 
+SMALL_DISK_NODE = 3
+"""The node whose log directory is a filesystem of its own (tmpfs), for the full-disk scenario."""
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[DevCluster]:
     data = Path(tempfile.mkdtemp(prefix="calmrun-test-cluster-"))
-    c = DevCluster(data, brokers=3)
-    c.start()
+    disk = data / f"node-{SMALL_DISK_NODE}-logs"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(disk)], check=True)
+    c = DevCluster(data, brokers=3, log_dirs={SMALL_DISK_NODE: disk})
     try:
+        c.start()
         yield c
     finally:
         c.stop()
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 @pytest.fixture

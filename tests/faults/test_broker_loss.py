@@ -1,5 +1,6 @@
 """kill -9 of a node of the three-node cluster under load, restarted 10 s later: of the node leading most run
-partitions, of the transaction coordinator of most partition writers, of the group coordinator.
+partitions, of the transaction coordinator of most partition writers, of the group coordinator; and a
+rolling restart of all three (SIGTERM, one at a time).
 
 2,000 runs in flight on two worker processes; each test ends with every run completed, both workers still
 running with their PIDs, the history checker passing, and the workers' one stall line and one resume line
@@ -8,6 +9,8 @@ running with their PIDs, the history checker passing, and the workers' one stall
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,3 +74,24 @@ async def test_kill_9_of_a_node_loses_no_run(
     stalls = [line for line in outcome.stall_lines if "wait on it" in line]
     resumes = [line for line in outcome.stall_lines if "resumed after" in line]
     assert stalls and resumes, f"no stall/resume line in the workers' logs: {outcome.stall_lines}"
+
+
+async def rolling_restart(
+    cluster: DevCluster, settings: Settings, procs: WorkerProcs
+) -> tuple[float, set[int], Any]:
+    """SIGTERM one node at a time, start it again, wait for full ISRs before the next (as an upgrade)."""
+    at = time.time()
+    took = {}
+    for node in cluster.ids:
+        began = time.monotonic()
+        await asyncio.to_thread(cluster.terminate, node)
+        await asyncio.to_thread(cluster.restart, node)
+        await asyncio.to_thread(cluster.wait_healthy, 180, run_topics(settings))
+        took[node] = round(time.monotonic() - began, 1)
+    return at, set(range(PARTITIONS)), {"seconds_per_node": took}
+
+
+async def test_a_rolling_restart_of_all_three_nodes_loses_no_run(
+    healed: DevCluster, procs: WorkerProcs, prefix: str
+) -> None:
+    await scenario("rolling-restart", healed, procs, prefix, rolling_restart)
