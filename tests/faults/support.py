@@ -146,12 +146,13 @@ async def scenario(
     args: list[str] | None = None,
     expect: Callable[[str], str] = lambda run_id: "completed",
     wait_s: float = 420,
+    own_args: dict[str, list[str]] | None = None,
 ) -> Outcome:
     """Two workers, ``runs`` runs of ``lin`` submitted at once, ``fault`` a second later; then every
     run ends as ``expect`` says, both workers still run (same PIDs), and the history checker passes."""
     settings = settings_on(cluster, prefix)
     for n in NAMES:
-        procs.start(n, *(args or worker_args()), "--instance-id", n)
+        procs.start(n, *(args or worker_args()), *(own_args or {}).get(n, []), "--instance-id", n)
     await wait_owned(procs)
     pids = {n: procs.procs[n].pid for n in NAMES}
     requests = [RunRequest(workflow="lin", input={"n": i}, run_id=f"{name}-{i}") for i in range(runs)]

@@ -49,7 +49,7 @@ async def fill_disk(
 ) -> tuple[float, set[int], Any]:
     disk = cluster.log_dirs[SMALL_DISK_NODE]
     filler = disk / "filler"
-    await asyncio.to_thread(_fill, filler)
+    filled = await asyncio.to_thread(_fill, filler)
     at = time.time()
     # the node fails its only log directory and stops; a node that has not within 30 s is left running
     await asyncio.to_thread(wait_gone_or, cluster, SMALL_DISK_NODE, 30)
@@ -58,13 +58,25 @@ async def fill_disk(
     filler.unlink()
     if stopped:
         await asyncio.to_thread(cluster.restart, SMALL_DISK_NODE)
-    return at, set(), {"node": SMALL_DISK_NODE, "node_stopped": stopped, "full_for_s": full_s}
+    return (
+        at,
+        set(),
+        {"node": SMALL_DISK_NODE, "filled_mib": filled >> 20, "node_stopped": stopped, "full_for_s": full_s},
+    )
 
 
-def _fill(filler: Path) -> None:
-    st = os.statvfs(filler.parent)
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
-        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
+def _fill(filler: Path) -> int:
+    """Write ``filler`` until the filesystem is full (tmpfs undoes a failed fallocate, so: writes)."""
+    written = 0
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for chunk in (bytes(4 << 20), bytes(4096)):
+            with contextlib.suppress(OSError):  # ENOSPC: on to the smaller chunk, then done
+                while True:
+                    written += os.write(fd, chunk)
+    finally:
+        os.close(fd)
+    return written
 
 
 def wait_gone_or(cluster: DevCluster, node: int, wait_s: float) -> None:

@@ -1,0 +1,56 @@
+"""A clock jump on one worker, forward and back, with 2,000 runs in flight.
+
+Worker w1's wall clock (the clock it stamps inputs with; time enters the decider only so) jumps 10 minutes
+forward for 10 s and back to true time, then 10 minutes back for 10 s and forward to true time again. Its
+running attempts' deadlines pass during the forward jump: an attempt still running is not timed out (its
+own timeout ends it), so no attempt is issued twice; nothing waits for a due time set in the wrong time.
+Every run completes and the history checker passes (no second terminal, no forked seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from calmrun.devkafka.cluster import DevCluster
+from calmrun.settings import Settings
+from tests.faults.support import scenario
+from tests.runtime_support import WorkerProcs
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(900)]
+JUMP_MS = 10 * 60 * 1000
+
+
+@pytest.fixture
+def procs(healed: DevCluster, prefix: str, tmp_path: Path) -> Iterator[WorkerProcs]:
+    p = WorkerProcs(healed.bootstrap, prefix, tmp_path)
+    try:
+        yield p
+    finally:
+        p.kill_all()
+
+
+async def test_a_clock_jump_forward_and_back_fires_nothing_twice_and_stalls_nothing(
+    healed: DevCluster, procs: WorkerProcs, prefix: str, tmp_path: Path
+) -> None:
+    clock = tmp_path / "w1.clock"
+    clock.write_text("0")
+
+    async def jump(
+        cluster: DevCluster, settings: Settings, procs: WorkerProcs
+    ) -> tuple[float, set[int], Any]:
+        at = time.time()
+        for offset in (JUMP_MS, 0, -JUMP_MS, 0):
+            clock.write_text(str(offset))
+            await asyncio.sleep(10)
+        return at, set(procs.status("w1").get("owned", [])), {"jumps_ms": [JUMP_MS, 0, -JUMP_MS, 0]}
+
+    outcome = await scenario(
+        "clock-jump", healed, procs, prefix, jump, own_args={"w1": ["--clock-file", str(clock)]}
+    )
+    assert outcome.statuses == {"completed": outcome.runs}
