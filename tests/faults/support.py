@@ -34,7 +34,7 @@ from calmrun.workflow.events import RunEvent, RunRequest
 from tests.runtime_support import WorkerProcs, linear
 
 PARTITIONS = 4
-RUNS = 2_400
+RUNS = 2_100
 IN_FLIGHT = 2_000
 """At least this many runs not yet terminal when the fault strikes (counted from the events topic)."""
 NAMES = ("w1", "w2")

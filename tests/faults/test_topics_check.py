@@ -64,14 +64,14 @@ async def test_a_single_copy_topic_is_refused_or_warned_with_the_fix(
 
 
 async def test_an_auto_created_topic_with_another_partition_count_names_its_fix(
-    broker: str, prefix: str
+    cluster: DevCluster, prefix: str
 ) -> None:
     """A producer wrote before ``calmrun topics create``: the broker made runs.requests with 1 partition."""
-    topics = Topics(prefix)
+    topics, broker = Topics(prefix), cluster.bootstrap
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topics.requests, 1, 1)])
+        await admin.create_topics([NewTopic(topics.requests, 1, 3)])
     finally:
         await admin.close()
     settings = load_settings(kafka={"bootstrap": broker, "prefix": prefix})
@@ -81,6 +81,6 @@ async def test_an_auto_created_topic_with_another_partition_count_names_its_fix(
     text = str(refused.value)
     assert f"{topics.requests}: 1 partitions but calmrun is configured for 4" in text
     assert (
-        f"kafka-topics.sh --bootstrap-server {broker} --alter --topic {topics.requests} --partitions 4"
-        in text
+        f"kafka-topics.sh --bootstrap-server {broker.split(',')[0]} --alter --topic {topics.requests} "
+        "--partitions 4" in text
     )
