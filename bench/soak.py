@@ -89,6 +89,15 @@ async def worker_main(bootstrap: str, prefix: str) -> None:
     await Worker(s, [workflow()], AgentRegistry(), ModelRegistry(s.models)).run()
 
 
+def ticket(tickets: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """The n-th run's input: the example tickets in turn, and every 20th a refund above the approval
+    amount (it waits for the approver script)."""
+    if n % 20 == 10:
+        body = f"Please refund ORD-88{n:05d}: I paid $240.00 for an order the shop cancelled."
+        return {"ticket_id": f"T-S{n}", "customer": "Soak Customer", "subject": "Refund", "body": body}
+    return tickets[n % len(tickets)]
+
+
 def start_worker(bootstrap: str, prefix: str, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "bench.soak", "worker", "--bootstrap", bootstrap, "--prefix", prefix]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -106,20 +115,13 @@ def rss_and_fds(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
-async def lag(s: Any) -> int:
+async def lag(s: Any, ends_reader: Any) -> int:
     """The workers' group lag: end offsets minus committed offsets, over its input topics."""
-    from aiokafka import AIOKafkaConsumer
-
     from calmrun.kafka.topics import admin_client
 
     async with admin_client(s.kafka, "soak") as admin:
         committed = await admin.list_consumer_group_offsets(s.group_id)
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka.bootstrap)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(list(committed))
-    finally:
-        await consumer.stop()
+    ends = await ends_reader.end_offsets(list(committed))
     return sum(max(0, ends[tp] - meta.offset) for tp, meta in committed.items() if meta.offset >= 0)
 
 
@@ -161,6 +163,10 @@ async def soak(
     samples: list[dict[str, Any]] = []
     ids: list[str] = []
     stop, answered = asyncio.Event(), set[str]()
+    from aiokafka import AIOKafkaConsumer
+
+    reader = AIOKafkaConsumer(bootstrap_servers=s.kafka.bootstrap)  # end offsets, for the lag
+    await reader.start()
     try:
         async with Client(s) as client:
             approving = asyncio.create_task(approver(client, wf, stop, answered))
@@ -171,27 +177,24 @@ async def soak(
                 due = int((time.monotonic() - t0) * rate) - n
                 if due > 0:
                     batch = [
-                        RunRequest(
-                            workflow=wf.name,
-                            run_id=f"{prefix}-{n + i}",
-                            input=tickets[(n + i) % len(tickets)],
-                        )
+                        RunRequest(workflow=wf.name, run_id=f"{prefix}-{n + i}", input=ticket(tickets, n + i))
                         for i in range(due)
                     ]
                     ids += await client.submit_many(batch)
                     n += due
                 if time.monotonic() >= next_sample:
-                    samples.append(await sample(s, workers, broker_pids, time.monotonic() - t0, n))
+                    samples.append(await sample(s, reader, workers, broker_pids, time.monotonic() - t0, n))
                     next_sample += sample_s
                 for w in workers:
                     if w.poll() is not None:
                         raise RuntimeError(f"a soak worker exited with {w.returncode}; see {log_dir}")
                 await asyncio.sleep(0.2)
             states = await client.wait_terminal(ids, wait_s=300)
-            samples.append(await sample(s, workers, broker_pids, time.monotonic() - t0, n))
+            samples.append(await sample(s, reader, workers, broker_pids, time.monotonic() - t0, n))
             stop.set()
             await approving
     finally:
+        await reader.stop()
         for w in workers:
             w.terminate()
         for w in workers:
@@ -214,7 +217,7 @@ async def soak(
 
 
 async def sample(
-    s: Any, workers: list[Any], brokers: list[int], at_s: float, submitted: int
+    s: Any, reader: Any, workers: list[Any], brokers: list[int], at_s: float, submitted: int
 ) -> dict[str, Any]:
     w = [rss_and_fds(p.pid) for p in workers]
     b = [rss_and_fds(pid) for pid in brokers]
@@ -225,7 +228,7 @@ async def sample(
         "worker_fds": [f for _, f in w],
         "broker_rss_mib": [round(r / 1024) for r, _ in b],
         "broker_fds": [f for _, f in b],
-        "lag": await lag(s),
+        "lag": await lag(s, reader),
     }
 
 

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("calmrun.brokers")
 
+EVERY = -2
+"""The outage of every broker at once (this worker cut off from the cluster), as a node ID."""
+
 PROBE_S = 2.0
 """How long one TCP connect to a broker may take before the broker counts as unreachable."""
 
@@ -94,6 +97,10 @@ class Outage:
     roles: set[str] = field(default_factory=set)
     resumed: bool = False
 
+    @property
+    def who(self) -> str:
+        return "every broker" if self.node == EVERY else f"broker {self.node} ({self.address})"
+
 
 class BrokerWatch:
     """Watches the brokers this worker's partitions depend on (see the module docstring).
@@ -149,13 +156,28 @@ class BrokerWatch:
             **client_kwargs(k),
         )
         try:
-            await admin.start()
+            started = False
             while True:
-                with contextlib.suppress(KafkaError, OSError, asyncio.TimeoutError):
+                try:
+                    if not started:
+                        await asyncio.wait_for(admin.start(), 10)
+                        started = True
                     await asyncio.wait_for(self.poll(admin), 10)
+                except (TimeoutError, KafkaError, OSError):  # no broker answered: cut off
+                    self._cut_off()
                 await asyncio.sleep(self.interval_s)
         finally:
             await admin.close()
+
+    def _cut_off(self) -> None:
+        """No broker answered this poll: the owned partitions wait on every broker (outages already
+        reported stay as they are)."""
+        owned = self.owned()
+        waits = {n: (o.partitions, o.roles) for n, o in self.outages.items() if not o.resumed}
+        if owned:
+            waits[EVERY] = (owned, {"no broker answers"})
+        self._report({EVERY, *self.outages}, {}, waits)
+        self.stalled = set(owned)
 
     async def poll(self, admin: Any) -> None:
         """One look: brokers, reachability, leaders, coordinators; logs what changed."""
@@ -218,15 +240,14 @@ class BrokerWatch:
         active = down | set(waits)  # unreachable, or named as a leader it cannot be (-1: none elected)
         for node in active - set(self.outages):
             address = ":".join(map(str, brokers[node])) if node in brokers else "no leader elected"
-            self.outages[node] = Outage(node, address, wall, now)
+            self.outages[node] = Outage(node, "no broker answers" if node == EVERY else address, wall, now)
         for node, outage in list(self.outages.items()):
             parts, roles = waits.get(node, (set(), set()))
             if parts and not outage.partitions:  # the stall line: once per outage
                 outage.partitions, outage.roles = set(parts), set(roles)
                 log.warning(
-                    "broker %d (%s) unreachable since %s: partitions %s wait on it (%s)",
-                    node,
-                    outage.address,
+                    "%s unreachable since %s: partitions %s wait on it (%s)",
+                    outage.who,
                     time.strftime("%H:%M:%S", time.localtime(outage.since_wall)),
                     sorted(parts),
                     ", ".join(sorted(roles)),
@@ -234,9 +255,8 @@ class BrokerWatch:
             elif outage.partitions and not parts and not outage.resumed:  # the resume line
                 outage.resumed = True
                 log.warning(
-                    "broker %d (%s): partitions %s resumed after %.1fs (%s); %d client errors held back",
-                    node,
-                    outage.address,
+                    "%s: partitions %s resumed after %.1fs (%s); %d client errors held back",
+                    outage.who,
                     sorted(outage.partitions),
                     now - outage.since,
                     "leaders and coordinators moved" if node in down else "broker back",

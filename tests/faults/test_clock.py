@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ import pytest
 
 from calmrun.devkafka.cluster import DevCluster
 from calmrun.settings import Settings
-from tests.faults.support import scenario
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.workflow.events import RunEvent
+from tests.faults.support import events_records, scenario, settings_on
 from tests.runtime_support import WorkerProcs
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(900)]
@@ -54,3 +57,12 @@ async def test_a_clock_jump_forward_and_back_fires_nothing_twice_and_stalls_noth
         "clock-jump", healed, procs, prefix, jump, own_args={"w1": ["--clock-file", str(clock)]}
     )
     assert outcome.statuses == {"completed": outcome.runs}
+    codec = RecordCodec(wire_models())
+    events = [codec.decode_as(r.value, RunEvent) for r in await events_records(settings_on(healed, prefix))]
+    early = [e for e in events if e.type in ("step.deadline_expired", "step.timed_out", "step.reissued")]
+    assert not early, f"{len(early)} deadlines fired on the jumped clock: {early[:3]}"
+    scheduled: dict[tuple[str, str | None], set[int]] = defaultdict(set)
+    for e in events:
+        if e.type == "step.scheduled" and e.seq > 0:
+            scheduled[(e.run_id, e.step)].add(e.seq)  # a record written again keeps its seq
+    assert max(len(seqs) for seqs in scheduled.values()) == 1, "a step was scheduled twice"
