@@ -207,7 +207,9 @@ def judge(
                     fix,
                 )
             )
-        isr = t.min_isr if t.min_isr is not None else 1
+        if t.min_isr is None:  # not readable here (an ACL, or a topic this broker has not seen yet)
+            continue
+        isr = t.min_isr
         if t.replication >= 3 and isr < 2:
             findings.append(
                 Finding(

@@ -129,6 +129,7 @@ class BrokerWatch:
         self._coordinators: dict[str, int] = {}
         self._looked_up = float("-inf")
         self._timeouts: dict[int, int] = {}  # node -> connect timeouts in a row
+        self._brokers: dict[int, tuple[str, int]] = {}  # as the last metadata named them
 
     @classmethod
     def of(cls, worker: Worker) -> BrokerWatch:
@@ -163,8 +164,10 @@ class BrokerWatch:
                         await asyncio.wait_for(admin.start(), 10)
                         started = True
                     await asyncio.wait_for(self.poll(admin), 10)
-                except (TimeoutError, KafkaError, OSError):  # no broker answered: cut off
-                    self._cut_off()
+                except (TimeoutError, KafkaError, OSError):  # a request failed: cut off, or one node gone
+                    probes = await asyncio.gather(*(_probe(h, p) for h, p in self._brokers.values()))
+                    if not any(r == "ok" for r in probes):
+                        self._cut_off()
                 await asyncio.sleep(self.interval_s)
         finally:
             await admin.close()
@@ -182,7 +185,7 @@ class BrokerWatch:
     async def poll(self, admin: Any) -> None:
         """One look: brokers, reachability, leaders, coordinators; logs what changed."""
         meta = await admin.describe_cluster()
-        brokers = {b["node_id"]: (b["host"], b["port"]) for b in meta["brokers"]}
+        brokers = self._brokers = {b["node_id"]: (b["host"], b["port"]) for b in meta["brokers"]}
         probes = await asyncio.gather(*(_probe(h, p) for h, p in brokers.values()))
         down = self._judge_probes(dict(zip(brokers, probes, strict=True)))
         owned = self.owned()
