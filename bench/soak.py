@@ -30,6 +30,8 @@ from uuid import uuid4
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "triage"
 FAIL, SLOW, SLOW_S = 0.03, 0.03, 2.0
+APPROVER = "finance-lead"
+"""One of the approval step's ``approvers`` (examples/triage/workflow.yaml): the script answers as them."""
 
 
 def flaky(name: str) -> Any:
@@ -135,7 +137,7 @@ async def approver(client: Any, wf: Any, stop: asyncio.Event, answered: set[str]
             if step is not None and step.status == "waiting" and run_id not in answered:
                 answered.add(run_id)
                 cmd = RunCommand(
-                    command="approve", run_id=run_id, workflow=wf.name, step="approve_refund", by="soak"
+                    command="approve", run_id=run_id, workflow=wf.name, step="approve_refund", by=APPROVER
                 )
                 await client.command(cmd)
         await asyncio.sleep(5)

@@ -26,3 +26,5 @@ async def test_three_minutes_of_steady_load_end_with_every_run_done_and_one_hist
     print(f"SOAK {json.dumps(fig)}")
     assert fig["checker_ok"], fig["checker"]
     assert fig["runs"] > 0 and sum(fig["ends"].values()) == fig["runs"]
+    asked = fig["approved_by_script"]
+    assert asked > 0 and fig["ends"].get("completed:refunded", 0) >= asked, "approvals were not answered"
