@@ -119,10 +119,15 @@ def rss_and_fds(pid: int) -> tuple[int, int]:
 
 async def lag(s: Any, ends_reader: Any) -> int:
     """The workers' group lag: end offsets minus committed offsets, over its input topics."""
+    from aiokafka.errors import KafkaError
+
     from calmrun.kafka.topics import admin_client
 
-    async with admin_client(s.kafka, "soak") as admin:
-        committed = await admin.list_consumer_group_offsets(s.group_id)
+    try:
+        async with admin_client(s.kafka, "soak") as admin:
+            committed = await admin.list_consumer_group_offsets(s.group_id)
+    except KafkaError:  # the group has no coordinator yet (a fresh cluster): no lag to tell
+        return -1
     ends = await ends_reader.end_offsets(list(committed))
     return sum(max(0, ends[tp] - meta.offset) for tp, meta in committed.items() if meta.offset >= 0)
 

@@ -130,6 +130,7 @@ class BrokerWatch:
         self._looked_up = float("-inf")
         self._timeouts: dict[int, int] = {}  # node -> connect timeouts in a row
         self._brokers: dict[int, tuple[str, int]] = {}  # as the last metadata named them
+        self._failed_since: tuple[float, float] | None = None  # (wall, clock) of the first failed poll
 
     @classmethod
     def of(cls, worker: Worker) -> BrokerWatch:
@@ -164,9 +165,15 @@ class BrokerWatch:
                         await asyncio.wait_for(admin.start(), 10)
                         started = True
                     await asyncio.wait_for(self.poll(admin), 10)
+                    self._failed_since = None
                 except (TimeoutError, KafkaError, OSError):  # a request failed: cut off, or one node gone
+                    # one failure is a request sent to a node just lost (the next goes elsewhere); no
+                    # connect answered, or a second failure in a row (behind a proxy a connect answers), is
+                    # this worker cut off from the cluster
+                    first = self._failed_since is None
+                    self._failed_since = self._failed_since or (time.time(), self.clock())
                     probes = await asyncio.gather(*(_probe(h, p) for h, p in self._brokers.values()))
-                    if not any(r == "ok" for r in probes):
+                    if not first or not any(r == "ok" for r in probes):
                         self._cut_off()
                 await asyncio.sleep(self.interval_s)
         finally:
@@ -243,7 +250,11 @@ class BrokerWatch:
         active = down | set(waits)  # unreachable, or named as a leader it cannot be (-1: none elected)
         for node in active - set(self.outages):
             address = ":".join(map(str, brokers[node])) if node in brokers else "no leader elected"
-            self.outages[node] = Outage(node, "no broker answers" if node == EVERY else address, wall, now)
+            if node == EVERY:
+                since_wall, since = self._failed_since or (wall, now)
+                self.outages[node] = Outage(node, "no broker answers", since_wall, since)
+            else:
+                self.outages[node] = Outage(node, address, wall, now)
         for node, outage in list(self.outages.items()):
             parts, roles = waits.get(node, (set(), set()))
             if parts and not outage.partitions:  # the stall line: once per outage
