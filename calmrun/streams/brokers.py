@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ class BrokerWatch:
         self._looked_up = float("-inf")
         self._timeouts: dict[int, int] = {}  # node -> connect timeouts in a row
         self._brokers: dict[int, tuple[str, int]] = {}  # as the last metadata named them
+        self._tls = settings.kafka.security.protocol in ("SSL", "SASL_SSL")
         self._failed_since: tuple[float, float] | None = None  # (wall, clock) of the first failed poll
 
     @classmethod
@@ -167,13 +169,12 @@ class BrokerWatch:
                     await asyncio.wait_for(self.poll(admin), 10)
                     self._failed_since = None
                 except (TimeoutError, KafkaError, OSError):  # a request failed: cut off, or one node gone
-                    # one failure is a request sent to a node just lost (the next goes elsewhere); no
-                    # connect answered, or a second failure in a row (behind a proxy a connect answers), is
-                    # this worker cut off from the cluster
-                    first = self._failed_since is None
+                    # a request sent to a node just lost fails too: cut off only when no broker answers
                     self._failed_since = self._failed_since or (time.time(), self.clock())
-                    probes = await asyncio.gather(*(_probe(h, p) for h, p in self._brokers.values()))
-                    if not first or not any(r == "ok" for r in probes):
+                    probes = await asyncio.gather(
+                        *(_probe(h, p, self._tls) for h, p in self._brokers.values())
+                    )
+                    if not any(r == "ok" for r in probes):
                         self._cut_off()
                 await asyncio.sleep(self.interval_s)
         finally:
@@ -193,7 +194,7 @@ class BrokerWatch:
         """One look: brokers, reachability, leaders, coordinators; logs what changed."""
         meta = await admin.describe_cluster()
         brokers = self._brokers = {b["node_id"]: (b["host"], b["port"]) for b in meta["brokers"]}
-        probes = await asyncio.gather(*(_probe(h, p) for h, p in brokers.values()))
+        probes = await asyncio.gather(*(_probe(h, p, self._tls) for h, p in brokers.values()))
         down = self._judge_probes(dict(zip(brokers, probes, strict=True)))
         owned = self.owned()
         leaders: dict[int, dict[str, int]] = {}
@@ -230,7 +231,7 @@ class BrokerWatch:
         if probes and all(r == "timeout" for r in probes.values()):
             return {n for n in self.outages if n in probes}
         for node, result in probes.items():
-            self._timeouts[node] = self._timeouts.get(node, 0) + 1 if result == "timeout" else 0
+            self._timeouts[node] = self._timeouts.get(node, 0) + 1 if result in ("timeout", "closed") else 0
         return {n for n, r in probes.items() if r == "refused" or self._timeouts[n] >= 2}
 
     async def _lookup_coordinators(self, admin: Any, owned: set[int]) -> None:
@@ -273,7 +274,7 @@ class BrokerWatch:
                     outage.who,
                     sorted(outage.partitions),
                     now - outage.since,
-                    "leaders and coordinators moved" if node in down else "broker back",
+                    _why_resumed(node, outage, down, self.owned()),
                     _FILTER.suppressed,
                 )
             if node not in active:
@@ -284,18 +285,40 @@ class BrokerWatch:
                 del self.outages[node]
 
 
-async def _probe(host: str, port: int) -> str:
-    """``ok``, ``refused`` (nothing listens there) or ``timeout`` (no answer within :data:`PROBE_S`)."""
+def _why_resumed(node: int, outage: Outage, down: set[int], owned: set[int]) -> str:
+    if not outage.partitions & owned:
+        return "this worker no longer owns them"  # the group moved them while this worker was cut off
+    return "leaders and coordinators moved" if node in down else "broker back"
+
+
+async def _probe(host: str, port: int, tls: bool = False) -> str:
+    """``ok`` (a broker reacted), ``refused`` (nothing listens there), ``closed`` (a plaintext listener
+    hung up without an answer: a proxy whose broker is out of reach) or ``timeout`` (no reaction within
+    :data:`PROBE_S`). It sends an ApiVersions request and waits for any reaction (an answer, or a TLS
+    listener closing the connection on it): behind a proxy a bare connect would succeed while the broker
+    is out of reach."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_S)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_S)
     except TimeoutError:
         return "timeout"
     except OSError:
         return "refused"
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return "ok"
+    try:
+        client = b"calmrun-probe"
+        request = struct.pack(">hhih", 18, 0, 1, len(client)) + client  # ApiVersions v0, correlation 1
+        writer.write(struct.pack(">i", len(request)) + request)
+        await asyncio.wait_for(writer.drain(), PROBE_S)
+        answer = await asyncio.wait_for(reader.read(4), PROBE_S)
+        # a TLS listener closes the connection on our plaintext: that is its answer; a plaintext one answers
+        return "ok" if answer or tls else "closed"
+    except TimeoutError:
+        return "timeout"
+    except OSError:
+        return "ok"  # reset on our bytes: something is there and reacted
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 class _Stalled(Collector):
