@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: install kafka tools local-model demo demo-invoices test lint docs bench bench-peers clean
+.PHONY: install kafka tools local-model demo demo-invoices test lint docs bench bench-peers soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,12 @@ bench: kafka
 bench-peers: kafka
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench --only throughput --only latency --peers --out bench/results/peers
+
+# The soak (bench/soak.py): 20 minutes of steady triage load on a local three-node cluster, sampling RSS,
+# open descriptors and lag each minute, the history checker at the end; figures in bench/results/soak/.
+# tests/faults/test_soak.py runs a 3-minute version in `make test`.
+soak: kafka
+	$(PY) -m bench.soak --minutes 20 --out bench/results/soak
 
 clean:
 	rm -rf $(VENV) .calmrun build dist site *.egg-info

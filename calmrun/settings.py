@@ -94,7 +94,9 @@ class KafkaSettings(_Frozen):
     partitions: int = Field(
         4, ge=1, description="partitions of every calmrun topic (all equal: co-partitioned)"
     )
-    replication_factor: int = Field(1, ge=1)
+    replication_factor: int | None = Field(None, ge=1, description="unset: the cluster's (docs/cluster.md)")
+    min_insync_replicas: int | None = Field(None, ge=1, description="unset: 2 where RF >= 3")
+    replication_check: Literal["refuse", "warn"] = Field("refuse", description="on a topic at risk")
     group_id: str | None = Field(
         None, description="consumer group of the workers; default '<prefix>.workers'"
     )

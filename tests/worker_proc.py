@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.settings import load_settings
 from calmrun.streams.pool import PoolExecutor
-from calmrun.streams.worker import Worker
+from calmrun.streams.worker import Worker, wall_ms
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef, parse_workflow
 from tests import runtime_support
 from tests.people.flows import people_agents, people_flows
@@ -72,7 +75,12 @@ async def main(args: argparse.Namespace) -> None:
         await run_executor(PoolExecutor(settings, workflows, args.pool, agents, ModelRegistry({})), status)
         return
     worker = Worker(
-        settings, workflows, agents, ModelRegistry({}), pool=None if args.pool == "none" else DEFAULT_POOL
+        settings,
+        workflows,
+        agents,
+        ModelRegistry({}),
+        pool=None if args.pool == "none" else DEFAULT_POOL,
+        clock=jumping_clock(Path(args.clock_file)) if args.clock_file else wall_ms,
     )
     runner = asyncio.create_task(worker.run(lambda: _write_status(status, worker, "running")))
     try:
@@ -82,6 +90,21 @@ async def main(args: argparse.Namespace) -> None:
         runner.result()
     finally:
         _write_status(status, worker, "stopped")
+
+
+def jumping_clock(path: Path) -> Callable[[], int]:
+    """The wall clock plus the milliseconds written in ``path`` (re-read every 0.1 s): a clock that a test
+    makes jump forward or back while the worker runs."""
+    seen = [0.0, 0]
+
+    def now() -> int:
+        if time.monotonic() - seen[0] > 0.1:
+            seen[0] = time.monotonic()
+            with contextlib.suppress(OSError, ValueError):
+                seen[1] = int(path.read_text().strip() or 0)
+        return wall_ms() + int(seen[1])
+
+    return now
 
 
 def pooled(wf: WorkflowDef, pools: list[str]) -> WorkflowDef:
@@ -128,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--session-timeout", type=float, default=6.0)
     p.add_argument("--deadline-grace", type=float, default=30.0)
     p.add_argument("--pool", default=None, help="run an executor of this pool ('none': decide only)")
+    p.add_argument("--clock-file", default=None, help="milliseconds added to the worker's clock")
     p.add_argument("--pooled", action="append", default=[], help="STEP=POOL: the step's pool")
     return p.parse_args(argv)
 

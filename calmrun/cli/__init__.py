@@ -32,6 +32,7 @@ dlq_app.command("tail")(ops.dlq_tail)
 dlq_app.command("redrive")(ops.dlq_redrive)
 check_app.command("history")(ops.check_history_cmd)
 topics_app.command("create")(ops.topics_create)
+topics_app.command("check")(ops.topics_check)
 
 
 def main() -> None:

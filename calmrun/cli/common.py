@@ -21,7 +21,9 @@ T = TypeVar("T")
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", envvar="CALMRUN_CONFIG", help="YAML settings file.")
 ]
-BootstrapOpt = Annotated[str | None, typer.Option("--bootstrap", "-b", help="Kafka bootstrap (host:port).")]
+BootstrapOpt = Annotated[
+    str | None, typer.Option("--bootstrap", "-b", help="Kafka brokers: host:port[,host:port...].")
+]
 PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="Topic prefix (default calmrun).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 

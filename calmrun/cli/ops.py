@@ -166,6 +166,44 @@ def topics_create(
         check_registry(settings, workflows)
 
 
+def topics_check(
+    workflow: WorkflowFiles,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    prefix: PrefixOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Report every calmrun topic's partitions, replication factor and min ISR, and Kafka's
+    __transaction_state and __consumer_offsets; exit 1 on what cannot keep an acknowledged write
+    (a warning only, with kafka.replication_check: warn)."""
+    import dataclasses
+
+    from calmrun.kafka.topics import check_topics
+
+    settings = cli_settings(config, bootstrap, prefix)
+    report = run_command(check_topics(settings.kafka, load_workflows(workflow)))
+    if as_json:
+        print(json.dumps(dataclasses.asdict(report)))
+    else:
+        out.print(f"{report.brokers} brokers")
+        for t in report.topics:
+            out.print(escape(t.line()))
+        for name in report.missing:
+            out.print(f"{escape(name)}  missing: calmrun topics create")
+        for f in report.findings:
+            colour = "red" if f.level == "error" else "yellow"
+            out.print(f"[{colour}]{f.level}[/{colour}]: {escape(f.topic)}: {escape(f.problem)}")
+            out.print(f"  fix: {escape(f.fix)}", soft_wrap=True)
+        if not report.findings and not report.missing:
+            out.print(
+                "ok: every topic can keep an acknowledged write through the loss of one broker"
+                if report.brokers >= 3
+                else "ok"
+            )
+    if report.errors or report.missing:
+        raise typer.Exit(1)
+
+
 def acls(
     principal: Annotated[str, typer.Option("--principal", help="User name or principal (User:alice).")],
     role: Annotated[

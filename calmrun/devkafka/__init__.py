@@ -81,6 +81,9 @@ class DevKafka:
     extra: dict[str, str] = field(default_factory=dict)
     secured: Secured | None = None
     ssl_port: int = 0
+    cluster_id: str | None = None
+    """The KRaft cluster ID the storage is formatted with (a random one when None); the nodes of one
+    cluster share it (see :mod:`calmrun.devkafka.cluster`)."""
 
     @property
     def bootstrap(self) -> str:
@@ -221,6 +224,16 @@ class DevKafka:
         Raises:
             DevKafkaError: Java or Maven missing and not installable, a port taken, or no answer in time.
         """
+        proc = self.launch(fresh=fresh)
+        self.wait_ready(proc, timeout=timeout)
+
+    def launch(self, *, fresh: bool = False) -> subprocess.Popen[bytes]:
+        """Format storage on first use and start the process, without waiting for it to answer (the nodes
+        of a KRaft quorum answer only once a majority runs).
+
+        Raises:
+            DevKafkaError: Java or Maven missing and not installable, or formatting failed.
+        """
         if self.running_pid():
             raise DevKafkaError(f"a broker from {self.data_dir} already runs (pid {self.running_pid()})")
         if fresh and self.data_dir.exists():
@@ -239,10 +252,10 @@ class DevKafka:
         log4j.write_text(_LOG4J2.format(log=self.log_file, level="INFO"))
         classpath = f"{jars}/*"
         base = [java, f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
-        if not (self.data_dir / "logs" / "meta.properties").exists():
-            cluster_id = "-"
+        if not (Path(self.properties()["log.dirs"]) / "meta.properties").exists():
+            cluster_id = self.cluster_id or "-"
             while cluster_id.startswith("-"):  # a leading '-' would read as an option of StorageTool
-                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+                cluster_id = new_cluster_id()
             scram: list[str] = []
             for user, password in self.secured.passwords.items() if self.secured else ():
                 for mech in SCRAM_MECHANISMS:
@@ -268,6 +281,14 @@ class DevKafka:
                 start_new_session=True,
             )
         self.pid_file.write_text(f"{proc.pid}\n")
+        return proc
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], *, timeout: float = 90.0) -> None:
+        """Wait until the process started by ``launch`` answers a metadata request; stop it if it does not.
+
+        Raises:
+            DevKafkaError: the process exited, or gave no answer within ``timeout``.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -297,6 +318,11 @@ class DevKafka:
         terminate(pid, timeout)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+
+def new_cluster_id() -> str:
+    """A random KRaft cluster ID (a URL-safe base64 UUID, as ``kafka-storage.sh random-uuid`` prints)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
 def answers_metadata(bootstrap: str, timeout: float = 5.0, **security: Any) -> bool:

@@ -1,5 +1,9 @@
 """``python -m calmrun.devkafka {fetch,start,stop,status,certs}``: the local KRaft broker, from a shell.
 
+``start --brokers 3`` starts a three-node cluster instead (client ports ``--port``, ``--port``+1, ...;
+replication factor 3, ``min.insync.replicas`` 2; see :mod:`calmrun.devkafka.cluster`); ``stop`` and
+``status`` take the same ``--brokers``.
+
 ``start --secured`` starts the secured mode (SASL_SSL, mTLS, ACLs) and writes client config files;
 ``certs --out DIR --host NAME`` only makes certificates (for the secured docker compose profile).
 """
@@ -15,6 +19,7 @@ import yaml
 
 from calmrun.devkafka import KAFKA_VERSION, DevKafka, Secured, fetch_jars, java_binary
 from calmrun.devkafka.certs import load_certs, make_certs
+from calmrun.devkafka.cluster import DevCluster
 from calmrun.errors import DevKafkaError
 
 
@@ -72,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="SASL_SSL on --port, mTLS on --ssl-port, ACLs enforced (admin is the super user)",
     )
+    parser.add_argument(
+        "--brokers", type=int, default=1, help="nodes of a local cluster (3: replicated as in production)"
+    )
     parser.add_argument("--ssl-port", type=int, default=9093, help="secured mode: the mTLS port")
     parser.add_argument(
         "--user", action="append", default=[], help="secured mode: a SCRAM/PLAIN user and cert (repeatable)"
@@ -93,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             ssl_port=args.ssl_port,
             secured=secured_mode(data_dir, args.user),
         )
+    if args.brokers > 1:
+        cluster = DevCluster(data_dir, brokers=args.brokers, base_port=args.port)
+        return cluster_main(args.command, cluster, args)
     try:
         if args.command == "certs":
             out = args.out or data_dir / "certs"
@@ -117,6 +128,28 @@ def main(argv: list[str] | None = None) -> int:
             pid = broker.running_pid()
             print(f"running at {broker.bootstrap} (pid {pid})" if pid else "not running")
             return 0 if pid else 1
+    except DevKafkaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cluster_main(command: str, cluster: DevCluster, args: argparse.Namespace) -> int:
+    """``start``/``stop``/``status`` of a local cluster of ``--brokers`` nodes."""
+    try:
+        if command == "start":
+            cluster.start(fresh=args.fresh)
+            pids = ", ".join(f"node {i} pid {cluster.pid(i)}" for i in cluster.ids)
+            print(f"Kafka {KAFKA_VERSION} (KRaft), {cluster.brokers} nodes at {cluster.bootstrap} ({pids})")
+        elif command == "stop":
+            print("stopped" if cluster.stop() else f"no node running from {cluster.data_dir}")
+        elif command == "status":
+            up = [i for i in cluster.ids if cluster.pid(i)]
+            print(f"{len(up)} of {cluster.brokers} nodes running ({cluster.bootstrap})")
+            return 0 if len(up) == cluster.brokers else 1
+        else:
+            print(f"error: {command} is for one broker (drop --brokers)", file=sys.stderr)
+            return 2
     except DevKafkaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

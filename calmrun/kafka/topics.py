@@ -6,7 +6,9 @@ topic (requests, step topics, state, events) belongs to one worker at a time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -17,8 +19,11 @@ from aiokafka.partitioner import murmur2
 
 from calmrun.errors import CalmrunError, ConfigError, KafkaAuthorizationError
 from calmrun.kafka.connect import client_kwargs, diagnose, start_checked
+from calmrun.kafka.replication import LayoutReport, broker_config, judge, read_layout, wanted_min_isr
 from calmrun.settings import KafkaSettings
 from calmrun.workflow.definition import WorkflowDef
+
+log = logging.getLogger("calmrun.topics")
 
 INVALID = "_invalid"
 """DLQ suffix for records that name no known workflow (undecodable, unknown workflow)."""
@@ -141,44 +146,84 @@ async def admin_client(settings: KafkaSettings, role: str = "") -> AsyncIterator
         await admin.close()
 
 
+def new_topic(name: str, partitions: int, replication: int | None, configs: dict[str, str]) -> NewTopic:
+    """A CreateTopics entry; ``replication`` None leaves the replication factor to the broker's
+    ``default.replication.factor`` (-1 on the wire, which aiokafka's ``NewTopic`` does not accept)."""
+    topic = NewTopic(
+        name, num_partitions=partitions, replication_factor=replication or 1, topic_configs=configs
+    )
+    if replication is None:
+        topic.replication_factor = -1
+    return topic
+
+
 async def create_topics(
-    settings: KafkaSettings, wanted: dict[str, dict[str, str]], role: str = ""
+    settings: KafkaSettings,
+    wanted: dict[str, dict[str, str]],
+    role: str = "",
+    *,
+    workflow_files: str = "<workflow.yaml>",
 ) -> list[str]:
     """Create the missing topics of ``wanted`` (name -> topic config), calmrun's partition count; idempotent.
+
+    The replication factor is ``kafka.replication_factor``, or the cluster's default when unset; each new
+    topic gets ``min.insync.replicas`` (:func:`~calmrun.kafka.replication.wanted_min_isr`). Then every topic
+    of ``wanted`` and Kafka's internal topics are checked (:mod:`calmrun.kafka.replication`): the layout is
+    logged, warnings are logged, errors are raised with the commands that fix them.
 
     Returns:
         The names it created.
 
     Raises:
         BrokerUnavailableError: no broker answers at the bootstrap address.
-        ConfigError: an existing topic has a different partition count (co-partitioning would break).
+        ConfigError: a topic has a different partition count (co-partitioning would break), or a
+            replication finding when ``kafka.replication_check`` is ``refuse``.
     """
     async with admin_client(settings, role) as admin:
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t not in existing]
         if missing:
-            new = [
-                NewTopic(
-                    t,
-                    num_partitions=settings.partitions,
-                    replication_factor=settings.replication_factor,
-                    topic_configs=wanted[t],
-                )
-                for t in missing
-            ]
+            rf = settings.replication_factor
+            conf = await broker_config(admin, ["default.replication.factor", "min.insync.replicas"])
+            effective = rf or int(conf.get("default.replication.factor", "1"))
+            default_isr = int(conf["min.insync.replicas"]) if "min.insync.replicas" in conf else None
+            isr = wanted_min_isr(effective, settings, default_isr)
+            extra = {"min.insync.replicas": str(isr)} if isr is not None else {}
+            new = [new_topic(t, settings.partitions, rf, {**extra, **wanted[t]}) for t in missing]
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker created them first
                 response = await admin.create_topics(new)
                 _raise_refusals(response)
-        present = [t for t in wanted if t in existing]
-        if present:
-            for meta in await admin.describe_topics(present):
-                count = len(meta["partitions"])
-                if count != settings.partitions:
-                    raise ConfigError(
-                        f"topic {meta['topic']} has {count} partitions but calmrun is configured for "
-                        f"{settings.partitions}; all calmrun topics must have the same count"
-                    )
-        return missing
+        brokers, layout = await read_layout(admin, list(wanted))
+        for _ in range(50):  # a topic just created may take a moment to show in every broker's metadata
+            mine = [t for t in layout if t.topic in wanted]
+            readable = any(t.min_isr is not None for t in mine)  # else an ACL hides every topic's config
+            if len(mine) == len(wanted) and (not readable or all(t.min_isr is not None for t in mine)):
+                break
+            await asyncio.sleep(0.2)
+            brokers, layout = await read_layout(admin, list(wanted))
+        report = judge(brokers, layout, settings, workflow_files)
+    log.info("%s", report.summary())
+    for finding in report.findings:
+        if finding.level == "warning":
+            log.warning("%s", finding.line())
+    if report.errors:
+        raise ConfigError("; ".join(f.line() for f in report.errors))
+    return missing
+
+
+async def check_topics(settings: KafkaSettings, workflows: Iterable[WorkflowDef]) -> LayoutReport:
+    """The layout of these workflows' topics and of Kafka's internal topics, with findings; creates
+    nothing (``calmrun topics check``).
+
+    Raises:
+        BrokerUnavailableError: no broker answers at the bootstrap address.
+    """
+    wanted = list(Topics(settings.prefix).all(workflows))
+    async with admin_client(settings, "check") as admin:
+        present = set(await admin.list_topics())
+        report = judge(*await read_layout(admin, [t for t in wanted if t in present]), settings)
+    missing = [t for t in wanted if t not in present]
+    return LayoutReport(report.brokers, report.topics, report.findings, missing)
 
 
 async def check_readable(settings: KafkaSettings, topic: str, missing: CalmrunError) -> NoReturn:

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
 from calmrun.errors import ReplayArgumentError
 from calmrun.kafka.connect import client_kwargs
-from calmrun.kafka.topics import admin_client, start_client
+from calmrun.kafka.topics import admin_client, new_topic, start_client
 from calmrun.settings import Settings
 
 REPLAYED_FROM = "calmrun-replayed-from"
@@ -366,15 +366,6 @@ async def _ensure_topic(settings: Settings, topic: str, partitions: int) -> None
             return
         config = {"cleanup.policy": "compact"} if topic.endswith(_COMPACTED) else {}
         with contextlib.suppress(TopicAlreadyExistsError):
-            await admin.create_topics(
-                [
-                    NewTopic(
-                        topic,
-                        num_partitions=partitions,
-                        replication_factor=k.replication_factor,
-                        topic_configs=config,
-                    )
-                ]
-            )
+            await admin.create_topics([new_topic(topic, partitions, k.replication_factor, config)])
     finally:
         await admin.close()

@@ -25,7 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import InvalidProducerEpoch, ProducerFenced, TransactionCoordinatorFenced
+from aiokafka.errors import (
+    IllegalOperation,
+    InvalidProducerEpoch,
+    ProducerFenced,
+    TransactionCoordinatorFenced,
+)
 from aiokafka.structs import TopicPartition
 
 from calmrun.streams.records import Out, StateOut
@@ -239,20 +244,32 @@ class PartitionWriter:
         self._held.clear()
 
     async def _commit(self, batch: list[_Decision], offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await self._write(batch, offsets)
+        except IllegalOperation as exc:
+            # a fencing met by an earlier send of this batch leaves the producer out of its transaction:
+            # the next send says only "not in transaction"; the cause is the transaction's own error
+            raise _transaction_error(self._producer) or exc from exc
+
+    async def _write(self, batch: list[_Decision], offsets: dict[TopicPartition, int]) -> None:
         p = self._producer
         await p.begin_transaction()
         futures: list[asyncio.Future[Any]] = []
         states: dict[tuple[str, bytes], StateOut] = {}
         for d in batch:
             for o in d.outputs:
-                futures.append(
-                    await p.send(o.topic, o.value, key=o.key, partition=o.partition, headers=list(o.headers))
+                fut = await p.send(
+                    o.topic, o.value, key=o.key, partition=o.partition, headers=list(o.headers)
                 )
+                fut.add_done_callback(_retrieved)  # a batch cut short by fencing leaves its futures unawaited
+                futures.append(fut)
             if d.state is not None:
                 states.pop((d.state.topic, d.state.key), None)  # keep the newest, in decision order
                 states[(d.state.topic, d.state.key)] = d.state
         for st in states.values():
-            futures.append(await p.send(st.topic, st.encode(), key=st.key, partition=st.partition))
+            fut = await p.send(st.topic, st.encode(), key=st.key, partition=st.partition)
+            fut.add_done_callback(_retrieved)
+            futures.append(fut)
         if offsets:
             await p.send_offsets_to_transaction(offsets, self._group_id)
         await p.commit_transaction()
@@ -269,3 +286,19 @@ class PartitionWriter:
                     del self._open[d.run_id]
             if d.on_commit is not None:
                 d.on_commit()
+
+
+def _transaction_error(producer: Any) -> BaseException | None:
+    """The error that ended ``producer``'s transaction (aiokafka keeps it on its transaction manager)."""
+    manager = getattr(producer, "_txn_manager", None)
+    waiter = manager.wait_for_transaction_end() if manager is not None else None
+    if waiter is not None and waiter.done() and not waiter.cancelled():
+        exc: BaseException | None = waiter.exception()
+        return exc
+    return None
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark a send's outcome seen (it is raised by the gather after the commit, when there is one)."""
+    if not fut.cancelled():
+        fut.exception()

@@ -37,7 +37,7 @@ from calmrun.kafka.topics import Topics, ensure_topics, partition_for
 from calmrun.limits import check_workflow
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
-from calmrun.streams import clients
+from calmrun.streams import brokers, clients
 from calmrun.streams.attempts import Attempts
 from calmrun.streams.decisions import Decisions
 from calmrun.streams.intake import Intake
@@ -241,6 +241,7 @@ class Worker:
             asyncio.create_task(self._guarded(self._timer_loop()), name="calmrun-timer"),
             asyncio.create_task(self._guarded(self._commit_loop()), name="calmrun-commit"),
             asyncio.create_task(self._guarded(self.parts.watch()), name="calmrun-watch"),
+            asyncio.create_task(self._guarded(brokers.BrokerWatch.of(self).run()), name="calmrun-brokers"),
         ]
         log.info("worker started: workflows %s, group %s", sorted(self.workflows), self.settings.group_id)
 
