@@ -67,6 +67,7 @@ def cost_table(rows: list[CostRow], by: str, window: str) -> Table:
         "tokens out",
         "api calls",
         "cost $",
+        *(["children $", "with children $"] if by == "run" else []),
         "avg ms",
         "avg wait ms",
     ]
@@ -96,6 +97,7 @@ def _cells(r: CostRow, by: str) -> list[str]:
         str(r.tokens_out),
         str(r.api_calls),
         f"{r.cost_usd:.6f}",
+        *([f"{r.children_usd:.6f}", f"{r.cost_usd + r.children_usd:.6f}"] if by == "run" else []),
         f"{avg:.1f}",
         f"{wait:.1f}",
     ]

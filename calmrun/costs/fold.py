@@ -20,7 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from calmrun.costs.costtopics import Key, decode_key, encode_key
-from calmrun.costs.peek import COST_EVENTS, ESCALATED, SCHEDULED, agent_of, task_kind
+from calmrun.costs.peek import CHILD_STARTED, COST_EVENTS, ESCALATED, SCHEDULED, agent_of, task_kind
 
 WINDOW_MS: dict[str, int] = {"1m": 60_000, "1h": 3_600_000, "1d": 86_400_000}
 ALL = "all"
@@ -85,6 +85,8 @@ class RunMark:
     first_ms: int = 0
     paths: dict[str, int] = field(default_factory=dict)
     """``step/alias`` -> attempts of the run on it (what ``calmrun costs forecast`` reads)."""
+    children: list[str] = field(default_factory=list)
+    """The child runs its ``kind: workflow`` steps started (the table adds their spend: ``children_usd``)."""
 
 
 def _mark_fields(mark: RunMark) -> dict[str, Any]:
@@ -94,6 +96,7 @@ def _mark_fields(mark: RunMark) -> dict[str, Any]:
         "workflow": mark.workflow,
         "first_ms": mark.first_ms,
         "paths": mark.paths,
+        "children": mark.children,
     }
 
 
@@ -149,6 +152,8 @@ class PartitionFold:
             self._remember_agent(ev)
         elif kind == ESCALATED:
             self._escalation(ev, seq)
+        elif kind == CHILD_STARTED:
+            self._child(ev)
         return False
 
     def _mark(self, run_id: str) -> RunMark:
@@ -238,6 +243,13 @@ class PartitionFold:
         self._add_windows(
             "step", step_value(ev["workflow"], ev["step"] or "", str(model)), ev["at_ms"], delta
         )
+
+    def _child(self, ev: Mapping[str, Any]) -> None:
+        child = json.loads(ev["data"] or "{}").get("child_run_id")
+        mark = self._mark(ev["run_id"])
+        if child and child not in mark.children:  # a copy of the event adds nothing
+            mark.children.append(str(child))
+            self._dirty_runs.add(ev["run_id"])
 
     def _add_windows(self, dim: str, value: str, at_ms: int, delta: list[Any]) -> None:
         for window in WINDOWS_OF[dim]:
@@ -381,6 +393,7 @@ class PartitionFold:
                 str(v.get("workflow") or ""),
                 int(v.get("first_ms") or 0),
                 dict(v.get("paths") or {}),
+                list(v.get("children") or []),
             )
         if v.get("attempts", 0) or v.get("escalated", 0):
             row = _zero()
