@@ -97,10 +97,18 @@ def _cells(r: CostRow, by: str) -> list[str]:
         str(r.tokens_out),
         str(r.api_calls),
         f"{r.cost_usd:.6f}",
-        *([f"{r.children_usd:.6f}", f"{r.cost_usd + r.children_usd:.6f}"] if by == "run" else []),
+        *(_family_cells(r) if by == "run" else []),
         f"{avg:.1f}",
         f"{wait:.1f}",
     ]
+
+
+def _family_cells(r: CostRow) -> list[str]:
+    """A run's children's spend and its own with theirs; the total row has neither (the child runs are
+    rows of their own, so the total of ``cost $`` already holds their spend once)."""
+    if r.dim == "total":
+        return ["-", "-"]
+    return [f"{r.children_usd:.6f}", f"{r.cost_usd + r.children_usd:.6f}"]
 
 
 async def batch_costs(settings: Settings, wait_s: float = 120.0) -> CostTable:

@@ -341,6 +341,10 @@ async def test_a_parents_row_adds_its_children_and_the_forecast_its_map_width(
             "p.fraud": (Decimal("0.2"), Decimal("0.4")),
             "p.fraud.deep": (Decimal("0.4"), Decimal(0)),
         }
+        res = await asyncio.to_thread(
+            runner.invoke, app, ["costs", "--by", "run", *args], env={"COLUMNS": "220"}
+        )
+        assert "children $" in res.stdout and "0.630000" in res.stdout  # p: 0.03 + 0.6
         res = await asyncio.to_thread(runner.invoke, app, ["costs", "--by", "workflow", "--json", *args])
         by_wf = {r["value"]: Decimal(r["cost_usd"]) for r in json.loads(res.stdout)["rows"]}
         assert by_wf == {"wfa": Decimal("0.03"), "wfb": Decimal("0.6")}  # each attempt once
