@@ -67,6 +67,7 @@ def cost_table(rows: list[CostRow], by: str, window: str) -> Table:
         "tokens out",
         "api calls",
         "cost $",
+        *(["children $", "with children $"] if by == "run" else []),
         "avg ms",
         "avg wait ms",
     ]
@@ -96,9 +97,18 @@ def _cells(r: CostRow, by: str) -> list[str]:
         str(r.tokens_out),
         str(r.api_calls),
         f"{r.cost_usd:.6f}",
+        *(_family_cells(r) if by == "run" else []),
         f"{avg:.1f}",
         f"{wait:.1f}",
     ]
+
+
+def _family_cells(r: CostRow) -> list[str]:
+    """A run's children's spend and its own with theirs; the total row has neither (the child runs are
+    rows of their own, so the total of ``cost $`` already holds their spend once)."""
+    if r.dim == "total":
+        return ["-", "-"]
+    return [f"{r.children_usd:.6f}", f"{r.cost_usd + r.children_usd:.6f}"]
 
 
 async def batch_costs(settings: Settings, wait_s: float = 120.0) -> CostTable:
@@ -280,12 +290,24 @@ def forecast_cmd(
     since: Annotated[
         str | None, typer.Option("--since", help="Only runs that started then or later: 30m, 2h, 1d, ISO.")
     ] = None,
+    visits: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--visits",
+            help="STEP=N: forecast N iterations (a loop body's step) or N elements (a map step) of STEP "
+            "instead of the observed mean (repeatable).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
 ) -> None:
     """Expected cost per run of a workflow, with a range, from its observed runs and their paths.
+
+    Loops and maps: each path line has its visits per run (mean iterations of a loop body's step, mean
+    elements of a map step) and attempts per visit, and the loops and maps table their mean and max;
+    ``--visits STEP=N`` scales STEP's cost to N visits and moves the expected cost by the difference.
 
     Expected: the mean cost of the runs in the table; range: their 10th and 90th percentile (and min, max).
     Below: each step/alias the runs took, the share of runs that took it, attempts per such run and what it
@@ -296,7 +318,18 @@ def forecast_cmd(
     settings = cli_settings(config, bootstrap, prefix)
     since_ms = parse_since(since, time.time_ns() // 1_000_000)
     table, cov = run_command(read_current(settings))
-    f = forecast(table, workflow, since_ms)
+    asked: dict[str, float] = {}
+    for v in visits or []:
+        step, _, n = v.partition("=")
+        try:
+            count = float(n)
+        except ValueError:
+            count = 0.0
+        if not step or not count > 0:
+            err.print(f"[red]error:[/red] --visits {v!r}: expected STEP=N with N > 0")
+            raise typer.Exit(2)
+        asked[step] = count
+    f = forecast(table, workflow, since_ms, asked or None)
     if as_json:
         print(json.dumps({**f.as_json(), "coverage": cov.as_json()}))
         return
@@ -312,10 +345,30 @@ def forecast_cmd(
         f"(p10 ${f.low:.6f}, p90 ${f.high:.6f}; min ${f.cheapest:.6f}, max ${f.dearest:.6f}) "
         f"from {f.runs} runs"
     )
+    if f.assumed:
+        console.print("assuming " + ", ".join(f"{k}: {v:g} visits" for k, v in f.assumed.items()))
     table_out = Table(
-        "step/alias", "share of runs", "attempts per run on it", "adds $ per run", title="paths"
+        "step/alias",
+        "share of runs",
+        "attempts per run on it",
+        "visits per run",
+        "attempts per visit",
+        "adds $ per run",
+        title="paths",
     )
     for p in f.paths:
-        table_out.add_row(p.path, f"{p.share:.1%}", f"{p.attempts_per_run:.2f}", f"{p.cost_per_run:.6f}")
+        table_out.add_row(
+            p.path,
+            f"{p.share:.1%}",
+            f"{p.attempts_per_run:.2f}",
+            f"{p.visits_per_run:.2f}",
+            f"{p.attempts_per_visit:.2f}",
+            f"{p.cost_per_run:.6f}",
+        )
     console.print(table_out)
+    if f.shapes:
+        shapes = Table("step", "kind", "runs", "mean", "max", title="loops (iterations) and maps (elements)")
+        for x in f.shapes:
+            shapes.add_row(x.step, x.kind, str(x.runs), f"{x.mean:.2f}", str(x.most))
+        console.print(shapes)
     console.print(coverage_line(cov))

@@ -20,7 +20,16 @@ from decimal import Decimal
 from typing import Any
 
 from calmrun.costs.costtopics import Key, decode_key, encode_key
-from calmrun.costs.peek import COST_EVENTS, ESCALATED, SCHEDULED, agent_of, task_kind
+from calmrun.costs.peek import (
+    CHILD_STARTED,
+    COST_EVENTS,
+    ESCALATED,
+    LOOPED,
+    MAPPED,
+    SCHEDULED,
+    agent_of,
+    task_kind,
+)
 
 WINDOW_MS: dict[str, int] = {"1m": 60_000, "1h": 3_600_000, "1d": 86_400_000}
 ALL = "all"
@@ -77,7 +86,8 @@ def _zero() -> list[Any]:
 
 @dataclass
 class RunMark:
-    """Per run: the seqs counted, the agent of each scheduled step (``kind:step``), its workflow and path."""
+    """Per run: the seqs counted, the agent of each scheduled step (``kind:step``), its workflow and path,
+    its child runs, its loops' iterations and its maps' widths."""
 
     seqs: set[int] = field(default_factory=set)
     agents: dict[str, str] = field(default_factory=dict)
@@ -85,6 +95,12 @@ class RunMark:
     first_ms: int = 0
     paths: dict[str, int] = field(default_factory=dict)
     """``step/alias`` -> attempts of the run on it (what ``calmrun costs forecast`` reads)."""
+    children: list[str] = field(default_factory=list)
+    """The child runs its ``kind: workflow`` steps started (the table adds their spend: ``children_usd``)."""
+    iterations: dict[str, int] = field(default_factory=dict)
+    """Each step of a loop's body -> iterations the run made of it (only runs that went back have it)."""
+    elements: dict[str, int] = field(default_factory=dict)
+    """Map step -> elements the run mapped over (summed over its visits, in a loop)."""
 
 
 def _mark_fields(mark: RunMark) -> dict[str, Any]:
@@ -94,6 +110,9 @@ def _mark_fields(mark: RunMark) -> dict[str, Any]:
         "workflow": mark.workflow,
         "first_ms": mark.first_ms,
         "paths": mark.paths,
+        "children": mark.children,
+        "iterations": mark.iterations,
+        "elements": mark.elements,
     }
 
 
@@ -149,6 +168,10 @@ class PartitionFold:
             self._remember_agent(ev)
         elif kind == ESCALATED:
             self._escalation(ev, seq)
+        elif kind == CHILD_STARTED:
+            self._child(ev)
+        elif kind in (LOOPED, MAPPED):
+            self._shape(ev, seq)
         return False
 
     def _mark(self, run_id: str) -> RunMark:
@@ -238,6 +261,30 @@ class PartitionFold:
         self._add_windows(
             "step", step_value(ev["workflow"], ev["step"] or "", str(model)), ev["at_ms"], delta
         )
+
+    def _child(self, ev: Mapping[str, Any]) -> None:
+        child = json.loads(ev["data"] or "{}").get("child_run_id")
+        mark = self._mark(ev["run_id"])
+        if child and child not in mark.children:  # a copy of the event adds nothing
+            mark.children.append(str(child))
+            self._dirty_runs.add(ev["run_id"])
+
+    def _shape(self, ev: Mapping[str, Any], seq: int) -> None:
+        """A loop's iteration (its body's steps visited once more) or a map's width, once per seq."""
+        mark = self._mark(ev["run_id"])
+        if seq in mark.seqs:
+            self.duplicates += 1
+            return
+        mark.seqs.add(seq)
+        self._dirty_runs.add(ev["run_id"])
+        data = json.loads(ev["data"] or "{}")
+        step = ev["step"] or ""
+        if ev["type"] == MAPPED:
+            mark.elements[step] = mark.elements.get(step, 0) + int(data.get("size", 0))
+            return
+        done = int(data.get("iteration", 0)) + 1  # iteration i starts: i + 1 iterations in all
+        for s in data.get("body") or []:
+            mark.iterations[s] = max(mark.iterations.get(s, 1), done)
 
     def _add_windows(self, dim: str, value: str, at_ms: int, delta: list[Any]) -> None:
         for window in WINDOWS_OF[dim]:
@@ -381,6 +428,9 @@ class PartitionFold:
                 str(v.get("workflow") or ""),
                 int(v.get("first_ms") or 0),
                 dict(v.get("paths") or {}),
+                list(v.get("children") or []),
+                dict(v.get("iterations") or {}),
+                dict(v.get("elements") or {}),
             )
         if v.get("attempts", 0) or v.get("escalated", 0):
             row = _zero()

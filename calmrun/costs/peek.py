@@ -13,6 +13,10 @@ from typing import Any
 COST_EVENTS = frozenset({"step.succeeded", "step.failed"})
 SCHEDULED = frozenset({"step.scheduled", "step.compensation_scheduled"})
 ESCALATED = "step.escalated"
+CHILD_STARTED = "step.child_started"
+"""A ``kind: workflow`` step started a child run: the parent's run record lists it (``children``)."""
+LOOPED, MAPPED = "step.looped", "step.mapped"
+"""A loop went back (its body steps' ``iterations``); a map read its list (the step's ``elements``)."""
 
 
 def wire_dict(ev: Any) -> dict[str, Any]:
@@ -35,7 +39,9 @@ def task_kind(data: str | None) -> str:
     return str(json.loads(data).get("kind", "run"))
 
 
-FOLDED_TYPES = frozenset(t.encode() for t in (*COST_EVENTS, *SCHEDULED, ESCALATED))
+FOLDED_TYPES = frozenset(
+    t.encode() for t in (*COST_EVENTS, *SCHEDULED, ESCALATED, CHILD_STARTED, LOOPED, MAPPED)
+)
 
 
 def folded_type(body: bytes, header: bytes) -> bool | None:

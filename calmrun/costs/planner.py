@@ -6,7 +6,12 @@
   them on the run request; the decider picks the starting rung from them (``decider.choose_rung``), so a
   replay of the recorded request makes the same choice.
 * ``forecast`` turns the table's run records (each run's cost and the ``step/alias`` it ran on) into the
-  expected cost per run of a workflow, with a range, and the path frequencies behind it.
+  expected cost per run of a workflow, with a range, and the path frequencies behind it. A step in a loop's
+  body or a map step runs more than once per run: the run records say how often (``iterations`` of each
+  body step, from ``step.looped``; ``elements`` of each map step, from ``step.mapped``), so each path line
+  has its visits per run (mean iterations or elements) and attempts per visit, the forecast lists each
+  loop body step's and map step's mean and max, and ``visits`` asks "what if": a step's path cost scaled
+  to a given number of iterations or elements, the expected cost moved by the difference.
 """
 
 from __future__ import annotations
@@ -116,6 +121,24 @@ class PathLine:
     share: float
     attempts_per_run: float
     cost_per_run: Decimal
+    visits_per_run: float = 1.0
+    """Mean iterations (a loop body's step) or elements (a map step) of the runs that took it; else 1."""
+
+    @property
+    def attempts_per_visit(self) -> float:
+        return self.attempts_per_run / self.visits_per_run if self.visits_per_run else 0.0
+
+
+@dataclass
+class ShapeLine:
+    """A loop body's step (``loop``: iterations) or a map step (``map``: elements), over the runs that
+    ran it: their mean and most."""
+
+    step: str
+    kind: str
+    runs: int
+    mean: float
+    most: int
 
 
 @dataclass
@@ -134,6 +157,9 @@ class Forecast:
     cheapest: Decimal = Decimal(0)
     dearest: Decimal = Decimal(0)
     paths: list[PathLine] = field(default_factory=list)
+    shapes: list[ShapeLine] = field(default_factory=list)
+    assumed: dict[str, float] = field(default_factory=dict)
+    """Step -> the iterations or elements asked for (``visits``); ``expected`` is moved to them."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -150,14 +176,31 @@ class Forecast:
                     "share": p.share,
                     "attempts_per_run": p.attempts_per_run,
                     "cost_per_run_usd": str(p.cost_per_run),
+                    "visits_per_run": p.visits_per_run,
+                    "attempts_per_visit": p.attempts_per_visit,
                 }
                 for p in self.paths
             ],
+            "shapes": [
+                {"step": x.step, "kind": x.kind, "runs": x.runs, "mean": x.mean, "max": x.most}
+                for x in self.shapes
+            ],
+            "assumed": self.assumed,
         }
 
 
-def forecast(table: CostTable, workflow: str, since_ms: int | None = None) -> Forecast:
-    """The forecast of ``workflow`` from its runs in ``table`` (first attempt at or after ``since_ms``)."""
+def forecast(
+    table: CostTable,
+    workflow: str,
+    since_ms: int | None = None,
+    visits: dict[str, float] | None = None,
+) -> Forecast:
+    """The forecast of ``workflow`` from its runs in ``table`` (first attempt at or after ``since_ms``).
+
+    ``visits``: step -> iterations (a loop body's step) or elements (a map step) to forecast for instead of
+    the observed mean: that step's path lines are scaled by ``visits[step] / visits_per_run`` and
+    ``expected`` (and the range) move by what that adds or removes.
+    """
     runs = [
         v
         for v in table.records.values()
@@ -177,15 +220,45 @@ def forecast(table: CostTable, workflow: str, since_ms: int | None = None) -> Fo
     out.cheapest, out.dearest = costs[0], costs[-1]
     reached: dict[str, int] = {}
     attempts: dict[str, int] = {}
+    visited: dict[str, int] = {}
+    shapes: dict[str, tuple[str, list[int]]] = {}
+    maps = {s for v in runs for s in v.get("elements") or {}}
+    looped = {s for v in runs for s in v.get("iterations") or {}}
     for v in runs:
         for path, k in (v.get("paths") or {}).items():
             reached[path] = reached.get(path, 0) + 1
             attempts[path] = attempts.get(path, 0) + int(k)
+            visited[path] = visited.get(path, 0) + _visits(v, path.partition("/")[0], maps)
+        steps = {p.partition("/")[0] for p in v.get("paths") or {}} | set(v.get("elements") or {})
+        for step in sorted(steps & (maps | looped)):
+            kind = "map" if step in maps else "loop"
+            shapes.setdefault(step, (kind, []))[1].append(_visits(v, step, maps))
     per_attempt = _cost_per_attempt(table, workflow)
+    delta = Decimal(0)
     for path in sorted(reached):
         cost = per_attempt.get(path, Decimal(0)) * attempts[path] / n
-        out.paths.append(PathLine(path, reached[path] / n, attempts[path] / reached[path], cost))
+        line = PathLine(path, reached[path] / n, attempts[path] / reached[path], cost)
+        line.visits_per_run = visited[path] / reached[path]
+        step = path.partition("/")[0]
+        if visits and step in visits:
+            scaled = cost * Decimal(str(visits[step])) / Decimal(str(line.visits_per_run))
+            delta += scaled - cost
+            line.cost_per_run = scaled
+        out.paths.append(line)
+    for step, (kind, counts) in sorted(shapes.items()):
+        out.shapes.append(ShapeLine(step, kind, len(counts), sum(counts) / len(counts), max(counts)))
+    if visits:
+        out.assumed = dict(visits)
+        out.expected, out.low, out.high = out.expected + delta, out.low + delta, out.high + delta
+        out.cheapest, out.dearest = out.cheapest + delta, out.dearest + delta
     return out
+
+
+def _visits(run: dict[str, Any], step: str, maps: set[str]) -> int:
+    """How often ``run`` visited ``step``: its elements (a map step), its iterations (a loop's body), or 1."""
+    if step in maps:
+        return int((run.get("elements") or {}).get(step, 0)) or 1
+    return int((run.get("iterations") or {}).get(step, 1))
 
 
 def _cost_per_attempt(table: CostTable, workflow: str) -> dict[str, Decimal]:

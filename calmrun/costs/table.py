@@ -13,6 +13,9 @@ from typing import Any
 
 from calmrun.costs.fold import ALL, FIELDS, SOURCE, bucket_start
 
+Family = tuple[dict[str, Decimal], dict[str, list[str]]]
+"""Run -> its spend, run -> its child runs (``CostTable.family``)."""
+
 
 @dataclass
 class CostRow:
@@ -34,6 +37,8 @@ class CostRow:
     cost_usd: Decimal = Decimal(0)
     latency_ms: float = 0.0
     queue_wait_ms: float = 0.0
+    children_usd: Decimal = Decimal(0)
+    """A run's row only: what its child runs (``kind: workflow``, and theirs) spent, not in ``cost_usd``."""
 
     def add(self, v: dict[str, Any]) -> None:
         for f in FIELDS:
@@ -49,6 +54,7 @@ class CostRow:
             "window": self.window,
             "start_ms": self.start_ms,
             **{f: (str(self.cost_usd) if f == "cost_usd" else getattr(self, f)) for f in FIELDS},
+            **({"children_usd": str(self.children_usd)} if self.dim == "run" else {}),
         }
 
 
@@ -78,7 +84,7 @@ class CostTable:
         for v in self.records.values():
             if (by is not None and v["dim"] != by) or v["window"] != window:
                 continue
-            if not (v.get("attempts") or v.get("escalated")):
+            if not (v.get("attempts") or v.get("escalated") or v.get("children")):
                 continue  # a run's record of its agents only
             if since_ms is not None and window != ALL and v["start_ms"] < bucket_start(since_ms, window):
                 continue
@@ -87,7 +93,39 @@ class CostTable:
             if row is None:
                 row = out[k] = CostRow(v["dim"], v["value"], v["window"], v["start_ms"])
             row.add(v)
+        if by in (None, "run") and window == ALL:
+            family = self.family()
+            for r in out.values():
+                if r.dim == "run" and r.value in family[1]:
+                    r.children_usd = self.children_usd(r.value, family)
         return sorted(out.values(), key=lambda r: (r.dim, r.start_ms, -r.cost_usd, r.value))
+
+    def children_usd(self, run_id: str, family: Family | None = None) -> Decimal:
+        """What the child runs of ``run_id`` spent, their children's included (the run records across
+        partitions: a child's ID hashes to its own partition). Each attempt stays counted once in the
+        other dimensions (a child's under its own workflow), so this is only ever added to a run's row."""
+        spent, children = family if family is not None else self.family()
+        total, seen, todo = Decimal(0), {run_id}, list(children.get(run_id, []))
+        while todo:
+            child = todo.pop()
+            if child in seen:
+                continue
+            seen.add(child)
+            total += spent.get(child, Decimal(0))
+            todo.extend(children.get(child, []))
+        return total
+
+    def family(self) -> Family:
+        """Each run's spend and child runs, summed over partitions (one pass over the run records)."""
+        spent: dict[str, Decimal] = {}
+        children: dict[str, list[str]] = {}
+        for v in self.records.values():
+            if v["dim"] != "run":
+                continue
+            spent[v["value"]] = spent.get(v["value"], Decimal(0)) + Decimal(v.get("cost_usd", "0"))
+            if v.get("children"):
+                children.setdefault(v["value"], []).extend(v["children"])
+        return spent, children
 
     def row(self, dim: str, value: str, window: str = ALL, start_ms: int = 0) -> CostRow:
         """One row (zeros when absent)."""

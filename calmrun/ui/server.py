@@ -38,7 +38,7 @@ from calmrun.ui.access import COOKIE, Access, User
 from calmrun.ui.index import RunIndex, RunQuery
 from calmrun.ui.people import list_inbox, send_command
 from calmrun.ui.tail import TopicTail
-from calmrun.ui.views import dead_letter, redact_event, run_view, step_inputs
+from calmrun.ui.views import dead_letter, family, redact_event, run_view, step_inputs
 from calmrun.ui.workers import workers_view
 from calmrun.wire.codec import wire_codec
 from calmrun.workflow.definition import WorkflowDef
@@ -240,6 +240,7 @@ class UiServer:
         entries = await journal_entries(self.settings, run_id, since)
         view = run_view(state, events, self.index.dead_letters(run_id=run_id), redact, inputs, entries)
         view["waiting"] = self.index.waiting(run_id=run_id)
+        view.update(family(state, events, self.index.state))
         view["replayable"] = any(
             d.name == (state.workflow if state else events[0].workflow) for d in self.definitions
         )

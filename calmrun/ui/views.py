@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Callable
 from typing import Any
 
 from calmrun.errors import DecodeError, InputMappingError
@@ -100,6 +101,46 @@ def attempts(events: list[RunEvent]) -> list[dict[str, Any]]:
             if row is not None and row.get("status") == "running":
                 row.update(status="cancelled", end_ms=e.at_ms)
     return [rows[k] for k in order]
+
+
+def family(
+    state: RunState | None, events: list[RunEvent], lookup: Callable[[str], RunState | None]
+) -> dict[str, Any]:
+    """The run's parent and children (``kind: workflow``), as ``calmrun status`` shows them.
+
+    The parent comes from ``RunState.parent``; each child from its ``step.child_started`` event, with its
+    status, outcome and spend from the child's own state when the index has it, else from the parent's
+    ``step.child_finished`` event, else ``started``.
+    """
+    parent: dict[str, Any] | None = None
+    if state is not None and state.parent:
+        p = state.parent
+        ps = lookup(str(p.get("run_id")))
+        parent = {
+            "run_id": p.get("run_id"),
+            "workflow": p.get("workflow"),
+            "step": p.get("step"),
+            "status": ps.status if ps is not None else None,
+        }
+    finished = {str(e.data.get("child_run_id")): e.data for e in events if e.type == "step.child_finished"}
+    children: list[dict[str, Any]] = []
+    for e in events:
+        if e.type != "step.child_started":
+            continue
+        rid = str(e.data.get("child_run_id"))
+        cs = lookup(rid)
+        done = finished.get(rid, {})
+        children.append(
+            {
+                "run_id": rid,
+                "step": e.step,
+                "workflow": e.data.get("workflow"),
+                "status": cs.status if cs is not None else done.get("status", "started"),
+                "outcome": cs.outcome if cs is not None else done.get("outcome"),
+                "spent_usd": str(cs.spent_usd) if cs is not None else None,
+            }
+        )
+    return {"parent": parent, "children": children}
 
 
 def step_inputs(wf: WorkflowDef, state: RunState) -> dict[str, Any]:

@@ -290,3 +290,68 @@ async def test_totals_equal_the_recount_and_say_what_they_cover(
     want = recount(workload(12))
     assert counted(table) == want
     assert as_expected(table) == expected(workload(12))
+
+
+def family_events() -> list[RunEvent]:
+    """A parent run (p, workflow wfa) with a map of 3 elements and a child run (wfb) with a grandchild."""
+
+    def ev(
+        run: str, seq: int, type: str, step: str, data: dict[str, Any], usd: str | None = None
+    ) -> RunEvent:
+        c = StepCost(model="cheap", tokens_in=1, cost_usd=Decimal(usd)) if usd is not None else None
+        wf = "wfa" if run == "p" else "wfb"
+        return RunEvent(
+            run_id=run,
+            seq=seq,
+            type=type,
+            at_ms=T0 + seq,
+            workflow=wf,
+            step=step,
+            attempt=1,
+            data=data,
+            cost=c,
+        )
+
+    return [
+        ev("p", 1, "step.mapped", "match", {"size": 3, "max_concurrency": 2}),
+        *[ev("p", 2 + e, "step.succeeded", "match", {"kind": "run"}, "0.01") for e in range(3)],
+        ev("p", 5, "step.child_started", "fraud", {"child_run_id": "p.fraud", "workflow": "wfb"}),
+        ev("p.fraud", 1, "step.succeeded", "s1", {"kind": "run"}, "0.2"),
+        ev("p.fraud", 2, "step.child_started", "deep", {"child_run_id": "p.fraud.deep", "workflow": "wfb"}),
+        ev("p.fraud.deep", 1, "step.succeeded", "s1", {"kind": "run"}, "0.4"),
+    ]
+
+
+async def test_a_parents_row_adds_its_children_and_the_forecast_its_map_width(
+    broker: str, prefix: str, tmp_path: Path
+) -> None:
+    settings = settings_for(broker, prefix)
+    await ensure_cost_topics(settings)
+    await produce(settings, family_events())
+    app = typer.Typer()
+    app.add_typer(costs_app, name="costs")
+    runner = CliRunner()
+    args = ["--bootstrap", broker, "--prefix", prefix]
+    with AggregatorProcess(settings, log=tmp_path / "agg.log"):
+        res = await asyncio.to_thread(runner.invoke, app, ["costs", "--by", "run", "--wait", "--json", *args])
+        assert res.exit_code == 0, res.output
+        rows = {r["value"]: r for r in json.loads(res.stdout)["rows"]}
+        assert {k: (Decimal(r["cost_usd"]), Decimal(r["children_usd"])) for k, r in rows.items()} == {
+            "p": (Decimal("0.03"), Decimal("0.6")),
+            "p.fraud": (Decimal("0.2"), Decimal("0.4")),
+            "p.fraud.deep": (Decimal("0.4"), Decimal(0)),
+        }
+        res = await asyncio.to_thread(
+            runner.invoke, app, ["costs", "--by", "run", *args], env={"COLUMNS": "220"}
+        )
+        assert "children $" in res.stdout and "0.630000" in res.stdout  # p: 0.03 + 0.6
+        res = await asyncio.to_thread(runner.invoke, app, ["costs", "--by", "workflow", "--json", *args])
+        by_wf = {r["value"]: Decimal(r["cost_usd"]) for r in json.loads(res.stdout)["rows"]}
+        assert by_wf == {"wfa": Decimal("0.03"), "wfb": Decimal("0.6")}  # each attempt once
+        res = await asyncio.to_thread(
+            runner.invoke, app, ["costs", "forecast", "-w", "wfa", "--visits", "match=30", "--json", *args]
+        )
+        assert res.exit_code == 0, res.output
+        f = json.loads(res.stdout)
+        assert f["shapes"] == [{"step": "match", "kind": "map", "runs": 1, "mean": 3.0, "max": 3}]
+        assert f["paths"][0]["visits_per_run"] == 3.0 and Decimal(f["expected_usd"]) == Decimal("0.3")

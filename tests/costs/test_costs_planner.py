@@ -29,12 +29,16 @@ from typer.testing import CliRunner
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.cli import app
 from calmrun.client import Client
+from calmrun.costs.fold import PartitionFold
+from calmrun.costs.peek import wire_dict
+from calmrun.costs.planner import forecast
 from calmrun.costs.process import AggregatorProcess
+from calmrun.costs.table import CostTable
 from calmrun.costs.totals import read_current
 from calmrun.settings import load_settings
 from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import parse_workflow
-from calmrun.workflow.events import RunRequest
+from calmrun.workflow.events import RunEvent, RunRequest, StepCost
 from calmrun.workflow.history import inputs_from_events
 from tests.runtime_support import Item, ready, running, until
 
@@ -193,3 +197,60 @@ def _now() -> int:
     import time
 
     return time.time_ns() // 1_000_000
+
+
+def _ev(run: str, seq: int, type: str, step: str, data: dict[str, Any], usd: str | None = None) -> RunEvent:
+    cost = StepCost(model="fast", tokens_in=10, cost_usd=Decimal(usd)) if usd is not None else None
+    return RunEvent(
+        run_id=run,
+        seq=seq,
+        type=type,
+        at_ms=1_000_000 + seq,
+        workflow="invoices",
+        step=step,
+        attempt=1,
+        data=data,
+        cost=cost,
+    )
+
+
+def _invoice_run(run: str, lines: int, drafts: int) -> list[RunEvent]:
+    """A map over ``lines`` elements at $0.01 each, then a loop of ``drafts`` iterations of draft ($0.1)."""
+    evs = [_ev(run, 1, "step.mapped", "match", {"size": lines, "max_concurrency": 8})]
+    evs += [_ev(run, 2 + e, "step.succeeded", "match", {"kind": "run"}, "0.01") for e in range(lines)]
+    seq = 2 + lines
+    for i in range(drafts):
+        if i:
+            body = {"iteration": i, "to": "draft", "body": ["draft"]}
+            evs.append(_ev(run, seq, "step.looped", "enough", body))
+            seq += 1
+        evs.append(_ev(run, seq, "step.succeeded", "draft", {"kind": "run"}, "0.1"))
+        seq += 1
+    return evs
+
+
+def test_forecast_takes_loop_iterations_and_map_widths_from_the_table() -> None:
+    """Four runs: 2, 4, 6, 8 invoice lines and 1, 1, 2, 4 drafts. The forecast has each path's visits per
+    run (mean elements, mean iterations) and attempts per visit, the loop's and map's mean and max, and
+    ``visits`` moves the expected cost to a width or an iteration count not seen (each event copied twice
+    counts once)."""
+    fold = PartitionFold(0, {})
+    shapes = [(2, 1), (4, 1), (6, 2), (8, 4)]
+    events = [e for i, (lines, drafts) in enumerate(shapes) for e in _invoice_run(f"r{i}", lines, drafts)]
+    for off, e in enumerate(events + events):
+        fold.apply(wire_dict(e), off)
+    table = CostTable()
+    for key, value in fold.drain()[0]:
+        table.apply(key, value)
+    f = forecast(table, "invoices")
+    assert f.runs == 4 and f.expected == Decimal("0.2") + Decimal("0.05")  # 2 drafts, 5 lines on average
+    lines = {p.path: p for p in f.paths}
+    assert (lines["match/fast"].visits_per_run, lines["match/fast"].attempts_per_visit) == (5.0, 1.0)
+    assert (lines["draft/fast"].visits_per_run, lines["draft/fast"].attempts_per_visit) == (2.0, 1.0)
+    assert [(x.step, x.kind, x.runs, x.mean, x.most) for x in f.shapes] == [
+        ("draft", "loop", 4, 2.0, 4),
+        ("match", "map", 4, 5.0, 8),
+    ]
+    what_if = forecast(table, "invoices", visits={"match": 40, "draft": 3})
+    assert what_if.expected == Decimal("0.3") + Decimal("0.4")  # 3 drafts, 40 lines
+    assert what_if.as_json()["assumed"] == {"match": 40, "draft": 3}

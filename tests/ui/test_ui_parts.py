@@ -13,7 +13,7 @@ from calmrun.errors import UiAccessError
 from calmrun.settings import UiSettings, UiUser
 from calmrun.ui.access import LOCAL, Access, User, is_loopback
 from calmrun.ui.index import RunIndex, RunQuery, event_row
-from calmrun.ui.views import REDACTED, attempts, preview, run_view
+from calmrun.ui.views import REDACTED, attempts, family, preview, run_view
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.events import RunEvent, StepCost, StepTask
@@ -160,3 +160,62 @@ def test_calmrun_help_does_not_import_the_page() -> None:
     code = "import sys, calmrun.cli; print(any(m.startswith('calmrun.ui') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def test_a_runs_view_links_its_parent_and_its_children_with_their_status() -> None:
+    parent = _state("p", "running", spent_usd=Decimal("0.7"))
+    child = _state("p.fraud", "completed", workflow="fraud", spent_usd=Decimal("0.2"))
+    child = child.model_copy(update={"parent": {"run_id": "p", "workflow": "triage", "step": "fraud"}})
+    events = [
+        _event("p", 1, "run.requested", 1),
+        _event(
+            "p",
+            2,
+            "step.child_started",
+            2,
+            step="fraud",
+            attempt=1,
+            data={"child_run_id": "p.fraud", "workflow": "fraud"},
+        ),
+        _event(
+            "p",
+            3,
+            "step.child_started",
+            3,
+            step="fraud",
+            attempt=2,
+            data={"child_run_id": "p.fraud.2", "workflow": "fraud"},
+        ),
+        _event(
+            "p",
+            4,
+            "step.child_finished",
+            4,
+            step="fraud",
+            attempt=2,
+            data={"child_run_id": "p.fraud.2", "status": "quarantined"},
+        ),
+        _event(
+            "p",
+            5,
+            "step.child_started",
+            5,
+            step="fraud",
+            attempt=3,
+            data={"child_run_id": "p.fraud.3", "workflow": "fraud"},
+        ),
+    ]
+    known = {"p": parent, "p.fraud": child}
+    fam = family(parent, events, known.get)
+    assert fam["parent"] is None
+    assert [(c["run_id"], c["step"], c["status"], c["spent_usd"]) for c in fam["children"]] == [
+        ("p.fraud", "fraud", "completed", "0.2"),  # the child's own state, from the index
+        ("p.fraud.2", "fraud", "quarantined", None),  # not in the index: the parent's child_finished
+        ("p.fraud.3", "fraud", "started", None),  # neither yet
+    ]
+    up = family(child, [], known.get)
+    assert up == {
+        "parent": {"run_id": "p", "workflow": "triage", "step": "fraud", "status": "running"},
+        "children": [],
+    }
+    assert family(None, [], known.get) == {"parent": None, "children": []}

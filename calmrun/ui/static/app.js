@@ -116,6 +116,8 @@ async function viewRuns(_arg, params) {
 
 // -- Run ------------------------------------------------------------------------------------------
 
+const runHref = (id) => `#/run/${encodeURIComponent(id)}`;
+
 async function viewRun(runId) {
   const data = await api(`/api/runs/${encodeURIComponent(runId)}`);
   const st = data.state || {};
@@ -201,7 +203,14 @@ async function viewRun(runId) {
       h("dt", {}, "path"), h("dd", { class: "path", id: "run-path" }, data.path.join(" -> ")),
       h("dt", {}, "started"), h("dd", {}, fmtTime(data.start_ms)),
       h("dt", {}, "duration"), h("dd", {}, fmtMs(data.end_ms - data.start_ms)),
-      h("dt", {}, "cost"), h("dd", {}, fmtUsd(st.spent_usd))),
+      h("dt", {}, "cost"), h("dd", {}, fmtUsd(st.spent_usd), (data.children || []).length ? h("span", { class: "muted" }, " with its children's") : ""),
+      data.parent ? [h("dt", {}, "parent"), h("dd", { id: "run-parent" },
+        h("a", { href: runHref(data.parent.run_id) }, data.parent.run_id),
+        ` (${data.parent.workflow}, step ${data.parent.step}) `, data.parent.status ? statusCell(data.parent.status) : "")] : null,
+      (data.children || []).length ? [h("dt", {}, "children"), h("dd", {}, h("ul", { id: "run-children" },
+        data.children.map((c) => h("li", { "data-child": c.run_id },
+          h("a", { href: runHref(c.run_id) }, c.run_id), ` (step ${c.step}, ${c.workflow}) `, statusCell(c.status),
+          c.outcome ? ` (${c.outcome})` : "", c.spent_usd !== null ? h("span", { class: "muted" }, ` ${fmtUsd(c.spent_usd)}`) : ""))))] : null),
     actions,
     replayOut,
     dead.length ? [h("h2", {}, "Dead letters"), h("ul", { id: "run-dlq" }, dead)] : null,
