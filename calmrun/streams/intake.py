@@ -28,7 +28,7 @@ from calmrun.errors import (
 )
 from calmrun.kafka.topics import INVALID, Topics, partition_for
 from calmrun.settings import Settings
-from calmrun.streams.decisions import Decisions
+from calmrun.streams.deciding import Deciding
 from calmrun.streams.fetch import getmany
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
@@ -85,7 +85,7 @@ class Intake:
         partitions: Partitions,
         offsets: OffsetTracker,
         tasks: TaskRunner,
-        decisions: Decisions,
+        decisions: Deciding,
         request_input: Callable[[str, WorkflowDef, RunRequest, int], RunRequested],
         fail: Callable[[BaseException], None],
         clock: Callable[[], int],

@@ -26,7 +26,7 @@ from aiokafka import ConsumerRecord
 
 from calmrun.errors import CalmrunError, DecodeError, ErrorKind, InvalidOutputError, UnknownRunError
 from calmrun.kafka.topics import INVALID, Topics, partition_for
-from calmrun.streams.decisions import Decisions
+from calmrun.streams.deciding import Deciding
 from calmrun.streams.offsets import Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import StateOut
@@ -69,7 +69,7 @@ class Refusals:
         topics: Topics,
         workflows: Definitions,
         partitions: Partitions,
-        decisions: Decisions,
+        decisions: Deciding,
         counts: Counts,
         park: Callable[[Record, Exception, str | None, Pending | None], None],
         move: Callable[[Record, int, str, Pending], None],

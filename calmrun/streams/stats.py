@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from calmrun.streams.decisions import DecisionCounts
+    from calmrun.streams.deciding import DecisionCounts
     from calmrun.streams.intake import IntakeCounts
     from calmrun.streams.partitions import PartitionCounts
     from calmrun.streams.tasks import TaskCounts

@@ -72,7 +72,9 @@ class Gate:
 
 
 @dataclass
-class _Decision:
+class _Queued:
+    """What one decision queued for the partition's next transaction."""
+
     outputs: list[Out]
     state: StateOut | None
     on_commit: Callable[[], None] | None
@@ -111,7 +113,7 @@ class PartitionWriter:
         self._positions, self._committed = positions, committed
         self._gate = gate
         self._on_failed = on_failed
-        self._batch: list[_Decision] = []
+        self._batch: list[_Queued] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -138,7 +140,7 @@ class PartitionWriter:
         run_id: str | None = None,
     ) -> None:
         """Queue one decision for the next transaction; synchronous, so decisions keep their order."""
-        self._batch.append(_Decision(outputs, state, on_commit, run_id))
+        self._batch.append(_Queued(outputs, state, on_commit, run_id))
         if run_id is not None:
             self._open[run_id] += 1
         self._gate.add(1)
@@ -243,7 +245,7 @@ class PartitionWriter:
             await asyncio.wait(running, timeout=left)
         self._held.clear()
 
-    async def _commit(self, batch: list[_Decision], offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(self, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
         try:
             await self._write(batch, offsets)
         except IllegalOperation as exc:
@@ -251,7 +253,7 @@ class PartitionWriter:
             # the next send says only "not in transaction"; the cause is the transaction's own error
             raise _transaction_error(self._producer) or exc from exc
 
-    async def _write(self, batch: list[_Decision], offsets: dict[TopicPartition, int]) -> None:
+    async def _write(self, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
         p = self._producer
         await p.begin_transaction()
         futures: list[asyncio.Future[Any]] = []

@@ -31,7 +31,7 @@ from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 
 from calmrun.kafka.topics import Topics
-from calmrun.streams.decisions import Decisions
+from calmrun.streams.deciding import Deciding
 from calmrun.streams.offsets import Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import StateOut
@@ -189,7 +189,7 @@ class Pinning:
         definitions: Definitions,
         topics: Topics,
         partitions: Partitions,
-        decisions: Decisions,
+        decisions: Deciding,
         assignor: type[VersionAssignor],
         command: Callable[[int, str, RunCommand, RunState | None, int], None],
     ) -> None:

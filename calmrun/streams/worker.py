@@ -4,7 +4,7 @@ All calmrun topics are co-partitioned by run ID and consumed by one group whose 
 co-partitioned (``streams.versions``), so partition N of every topic belongs to one worker: it holds the state
 of those runs, executes their default-pool step tasks (a pooled step's result comes back on the results topic
 from its executors, ``streams.pool``), and is the only writer of their state. Rooms: ``partitions``
-(ownership: rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``decisions`` (decide,
+(ownership: rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``deciding`` (decide,
 queue the records), ``tasks`` (agents running), ``timers`` (deadlines and retries), ``txn`` (one transaction
 per batch of a partition), ``records`` (the records a decision writes), ``clients`` (the Kafka clients).
 
@@ -12,7 +12,7 @@ Effectively once: everything is read ``read_committed`` and each partition's dec
 Kafka transactions with the input offsets they finish, so a run's events, tasks and state are one
 history at every moment; a crash loses a whole uncommitted batch, whose inputs are re-delivered and
 decided again. An agent runs eagerly once its decision is committed, or before if that decision can only be
-made again alike (``streams.decisions``), or from its task record read back; a crash before the result is
+made again alike (``streams.deciding``), or from its task record read back; a crash before the result is
 committed runs the same attempt again under the same idempotency key.
 """
 
@@ -39,7 +39,7 @@ from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams import brokers, clients
 from calmrun.streams.attempts import Attempts
-from calmrun.streams.decisions import Decisions
+from calmrun.streams.deciding import Deciding
 from calmrun.streams.intake import Intake
 from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.offsets import OffsetTracker, Pending
@@ -144,7 +144,7 @@ class Worker:
             self._fail,
             settings.worker.session_timeout_s,
         )
-        self.decisions = Decisions(
+        self.decisions = Deciding(
             settings,
             self.topics,
             self.codec,

@@ -54,7 +54,7 @@ class DecisionCounts:
     peak_unacked: int = 0  # decisions queued and not yet committed, at most
 
 
-class Decisions:
+class Deciding:
     """Decides inputs and queues their records; see the module docstring.
 
     Args:
