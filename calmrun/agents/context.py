@@ -172,7 +172,12 @@ class StepContext:
             raise ToolApprovalPendingError(
                 self.step,
                 [
-                    {"tool_call_id": c.tool_call_id, "tool": c.tool_name, "args": c.args_as_dict()}
+                    {
+                        "tool_call_id": c.tool_call_id,
+                        "tool": c.tool_name,
+                        "args": c.args_as_dict(),
+                        "position": self.journal.position if self.journal is not None else 0,
+                    }
                     for c in waiting
                 ],
             )
@@ -186,6 +191,17 @@ class StepContext:
                 approvals[c.tool_call_id] = ToolDenied(f"The tool call was rejected by {a.get('by')}{why}")
         by = {c.tool_call_id: str(self.approvals[c.tool_call_id].get("by")) for c in asked.approvals}
         return DeferredToolResults(approvals=dict(approvals), answered_by=by)
+
+    def unbill_replayed(self, billed: int) -> None:
+        """Take out the usage of the journal's first ``billed`` entries: an earlier result of this same
+        attempt (its pause on a tool call) reported them already."""
+        if self.journal is None or billed <= 0:
+            return
+        for e in self.journal.entries:
+            if e.position < billed:
+                self.tokens_in = max(0, self.tokens_in - e.usage.input_tokens)
+                self.tokens_out = max(0, self.tokens_out - e.usage.output_tokens)
+                self.requests = max(0, self.requests - e.usage.requests)
 
     def cost(self, latency_ms: float, queue_wait_ms: float, pricing: Pricing | None = None) -> StepCost:
         """This attempt's cost so far; without ``pricing``, ``cost_usd`` is 0 and ``price_source`` None."""

@@ -143,6 +143,8 @@ async def execute(
         on_journal(ctx)
     if journal is not None:
         journal.forget(task.idempotency_key)
+    if task.approvals:  # a resumed pause: what the pauses reported is not counted twice
+        ctx.unbill_replayed(max(int(a.get("billed") or 0) for a in task.approvals.values()))
     cost = ctx.cost(
         latency_ms=latency_ms, queue_wait_ms=float(max(0, started_ms - task.issued_ms)), pricing=pricing
     )

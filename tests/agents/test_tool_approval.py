@@ -71,21 +71,22 @@ async def test_an_approval_runs_the_tool_once_and_no_model_request_again() -> No
     store = MemoryJournal()
     paused = await execute(_task(), agents, models, now_ms=lambda: 1, journal=store)
     assert paused.error_type == ErrorKind.TOOL_APPROVAL_PENDING and not paused.retriable
-    assert paused.output == {
-        "tool_approval": [{"tool_call_id": "call-1", "tool": "refund", "args": {"order": 7}}]
-    }
+    call = {"tool_call_id": "call-1", "tool": "refund", "args": {"order": 7}, "position": 1}
+    assert paused.output == {"tool_approval": [call]} and paused.cost.requests == 1
     assert seen == {"model": 1, "refunds": [], "returns": []}
     # a copy of the paused attempt (a re-issue before the answer): it pauses again, from the journal
     again = await execute(_task(), agents, models, now_ms=lambda: 1, journal=store)
     assert again.output == paused.output and seen["model"] == 1
-    answer = {"call-1": {"approved": True, "by": "alice", "comment": None}}
+    answer = {"call-1": {"approved": True, "by": "alice", "comment": None, "billed": 1}}
     done = await execute(_task(answer), agents, models, now_ms=lambda: 2, journal=store)
     assert done.ok, done.error
+    assert done.cost.requests == 1  # the request before the pause was reported by the pause's result
     assert done.output == {"output": "done: refunded 7"}
     assert seen == {"model": 2, "refunds": [7], "returns": ["refunded 7"]}
     # the whole attempt once more (a crash before its result committed): nothing runs again
     once_more = await execute(_task(answer), agents, models, now_ms=lambda: 3, journal=store)
     assert once_more.output == done.output and seen["model"] == 2 and seen["refunds"] == [7]
+    assert once_more.cost.requests == 1
 
 
 async def test_a_rejection_is_the_tools_answer_to_the_agent() -> None:

@@ -108,5 +108,8 @@ async def test_a_tool_approval_answered_after_every_worker_restarted(
         events = await client.events(run_id)
     kinds = [e.type for e in events]
     assert "step.approved" in kinds and "step.reissued" in kinds
+    # the pause reported the first request, the resumed attempt the second: each counted once
+    costs = [e.cost.requests for e in events if e.type in ("step.failed", "step.succeeded") and e.cost]
+    assert costs == [1, 1]
     ignored = [e for e in events if e.type == "input.ignored"]
     assert any("mallory" in str(e.data.get("reason")) for e in ignored)

@@ -48,6 +48,7 @@ WF: WorkflowDef = parse_workflow(
 )
 CALL = {"tool_call_id": "c1", "tool": "refund", "args": {"order": 7}}
 CALL2 = {"tool_call_id": "c2", "tool": "refund", "args": {"order": 8}}
+CALL3 = {"tool_call_id": "c3", "tool": "refund", "args": {"order": 9}, "position": 5}
 
 
 def paused(attempt: int, at: int, *calls: dict[str, Any]) -> StepResult:
@@ -147,6 +148,13 @@ def test_an_answer_names_the_call_it_answers() -> None:
     both = decide(WF, one.state, Answer(RUN, "pay", False, 2001, "alice", None, "c1"))
     (task,) = both.tasks
     assert task.approvals is not None and set(task.approvals) == {"c1", "c2"}
+
+
+def test_an_answer_carries_what_the_pause_reported() -> None:
+    s, _ = run(WF, [RunRequested(RUN, "tools", {}, 1000), paused(1, 1100, CALL3)])
+    assert s is not None
+    (task,) = decide(WF, s, Answer(RUN, "pay", True, 2000, "alice")).tasks
+    assert task.approvals == {"c3": {"approved": True, "by": "alice", "comment": None, "billed": 5}}
 
 
 def test_a_malformed_pause_is_a_failure() -> None:

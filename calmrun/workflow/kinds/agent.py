@@ -284,8 +284,11 @@ def answer_tool(t: Transitions, a: Answer) -> bool:
     named = {} if a.tool_call_id is None else {"tool_call_id": a.tool_call_id}
     t.emit(verb, a.step, st.attempt, {"by": a.by, "comment": a.comment, **named, "tool_call_ids": ids})
     answers = dict((held or {}).get("answers") or {})
-    for i in ids:
-        answers[i] = {"approved": a.approved, "by": a.by, "comment": a.comment}
+    for c in pending:
+        i = str(c["tool_call_id"])
+        if i in ids:  # billed: how many journal entries the pause's result reported (not counted again)
+            billed = {} if c.get("position") is None else {"billed": c["position"]}
+            answers[i] = {"approved": a.approved, "by": a.by, "comment": a.comment, **billed}
     left = [c for c in pending if str(c["tool_call_id"]) not in answers]
     st.tool_approval = {"pending": left, "answers": answers}
     if not left:  # every call the attempt waits on is answered: it runs again, the same attempt
