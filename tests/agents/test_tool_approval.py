@@ -25,7 +25,8 @@ from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.agents.executor import execute
 from calmrun.agents.journal import MemoryJournal
 from calmrun.errors import ErrorKind
-from calmrun.workflow.events import StepTask
+from calmrun.replay.agents import replay_agents
+from calmrun.workflow.events import RunEvent, StepTask
 
 
 def _setup() -> tuple[AgentRegistry, ModelRegistry, dict[str, Any]]:
@@ -99,3 +100,18 @@ async def test_a_rejection_is_the_tools_answer_to_the_agent() -> None:
     assert seen["refunds"] == [] and seen["model"] == 2
     assert seen["returns"] == ["The tool call was rejected by bob: not this order"]
     assert done.output == {"output": "done: The tool call was rejected by bob: not this order"}
+
+
+async def test_replay_without_a_model_converges_on_an_answered_pause() -> None:
+    agents, models, seen = _setup()
+    store = MemoryJournal()
+    await execute(_task(), agents, models, now_ms=lambda: 1, journal=store)
+    answer = {"call-1": {"approved": False, "by": "bob", "comment": "no", "billed": 1}}
+    done = await execute(_task(answer), agents, models, now_ms=lambda: 2, journal=store)
+    succeeded = RunEvent(
+        run_id="r", seq=5, type="step.succeeded", at_ms=2, workflow="w", step="pay", attempt=1,
+        data={"kind": "run", "output": done.output},
+    )  # fmt: skip
+    (verdict,) = await replay_agents(store.records, [succeeded], agents)
+    assert verdict.verdict == "converged", verdict.reason
+    assert verdict.model_requests == 0 and seen["model"] == 2
