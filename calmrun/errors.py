@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class ErrorKind(enum.StrEnum):
@@ -24,6 +24,7 @@ class ErrorKind(enum.StrEnum):
     LOOP_EXHAUSTED = "LoopExhausted"  # a loop reached max_iterations and has no on_exhausted
     CHILD_FAILED = "ChildFailed"  # a child run ended other than completed and its step has no on_failure
     NON_DETERMINISTIC_AGENT = "NonDeterministicAgent"  # a resumed agent made another call than its journal
+    TOOL_APPROVAL_PENDING = "ToolApprovalPending"  # an agent's tool call waits for a person: the step waits
 
 
 class CalmrunError(Exception):
@@ -441,3 +442,19 @@ class NonDeterministicAgentError(CalmrunError):
         )
         self.run_id, self.step, self.attempt = run_id, step, attempt
         self.position, self.recorded, self.made = position, recorded, made
+
+
+class ToolApprovalPendingError(CalmrunError):
+    """An agent called a tool that needs a person's approval: the attempt pauses, the step waits.
+
+    Not a failure: the attempt's result carries the pending calls (``pending``: tool call ID, tool name,
+    arguments), the decider sets the step ``waiting``, and ``calmrun approve``/``reject`` re-issue the same
+    attempt with the answer (``StepTask.approvals``).
+    """
+
+    kind: ClassVar[ErrorKind | None] = ErrorKind.TOOL_APPROVAL_PENDING
+
+    def __init__(self, step: str, pending: list[dict[str, Any]]) -> None:
+        shown = ", ".join(f"{c['tool']} ({c['tool_call_id']})" for c in pending)
+        super().__init__(f"step {step!r}: tool call {shown} waits for approval")
+        self.step, self.pending = step, pending

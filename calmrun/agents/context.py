@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel
-from pydantic_ai import Agent
+from pydantic_ai import Agent, DeferredToolRequests, DeferredToolResults, ToolDenied
 from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.models import Model
 from pydantic_ai.models.wrapper import WrapperModel
@@ -19,7 +19,7 @@ from calmrun.agents.durability import CalmrunDurability
 from calmrun.agents.journal import AttemptJournal
 from calmrun.agents.models import ModelRegistry
 from calmrun.costs.pricing import Pricing
-from calmrun.errors import ConfigError
+from calmrun.errors import ConfigError, ToolApprovalPendingError
 from calmrun.workflow.events import StepCost, StepTask
 
 OutputT = TypeVar("OutputT")
@@ -53,6 +53,8 @@ class StepContext:
     api_calls_by_kind: dict[str, int] = field(default_factory=dict)
     journal: AttemptJournal | None = field(default=None, repr=False)
     """The attempt's agent journal: set, every pydantic-ai agent run through :meth:`run` is durable."""
+    approvals: dict[str, Any] = field(default_factory=dict)
+    """People's answers to tool calls of this attempt that needed approval: tool call ID -> answer."""
 
     @classmethod
     def for_task(
@@ -71,6 +73,7 @@ class StepContext:
             model_alias=task.model,
             logger=logging.LoggerAdapter(logger or _log, extra),
             models=models,
+            approvals=dict(task.approvals or {}),
         )
 
     def model(self) -> Model:
@@ -143,13 +146,68 @@ class StepContext:
             else:
                 kw["model"] = model
             kw["capabilities"] = [*kw.get("capabilities", ()), durable]
+            kw["output_type"] = _deferrable(kw.get("output_type", agent.output_type))
         try:
             result = await agent.run(prompt, usage=usage, **kw)
+            while self.journal is not None and isinstance(result.output, DeferredToolRequests):
+                answers = self._answers(result.output)
+                result = await agent.run(
+                    message_history=result.all_messages(), deferred_tool_results=answers, usage=usage, **kw
+                )
         finally:
             self.tokens_in += usage.input_tokens - before[0]
             self.tokens_out += usage.output_tokens - before[1]
             self.requests += usage.requests - before[2]
         return cast("AgentRunResult[OutputT]", result)
+
+    def _answers(self, asked: DeferredToolRequests) -> DeferredToolResults:
+        """The people's answers to the tool calls ``asked`` waits on.
+
+        Raises:
+            ToolApprovalPendingError: a call has no answer yet (the attempt pauses, the step waits).
+            ConfigError: the agent deferred a call to be run outside it (only approvals are supported).
+        """
+        if asked.calls:
+            names = ", ".join(c.tool_name for c in asked.calls)
+            raise ConfigError(
+                f"step {self.step!r}: the agent deferred tool calls to run outside it ({names}); calmrun "
+                f"answers only tool calls that need approval (requires_approval)"
+            )
+        waiting = [c for c in asked.approvals if c.tool_call_id not in self.approvals]
+        if waiting:
+            raise ToolApprovalPendingError(
+                self.step,
+                [
+                    {
+                        "tool_call_id": c.tool_call_id,
+                        "tool": c.tool_name,
+                        "args": c.args_as_dict(),
+                        "position": self.journal.position if self.journal is not None else 0,
+                    }
+                    for c in waiting
+                ],
+            )
+        approvals: dict[str, bool | ToolDenied] = {}
+        for c in asked.approvals:
+            a = self.approvals[c.tool_call_id]
+            if a.get("approved"):
+                approvals[c.tool_call_id] = True
+            else:
+                why = f": {a['comment']}" if a.get("comment") else ""
+                approvals[c.tool_call_id] = ToolDenied(f"The tool call was rejected by {a.get('by')}{why}")
+        by = {c.tool_call_id: str(self.approvals[c.tool_call_id].get("by")) for c in asked.approvals}
+        return DeferredToolResults(approvals=dict(approvals), answered_by=by)
+
+    def unbill_replayed(self, billed: int) -> None:
+        """Take out the usage of the journal's first ``billed`` entries: an earlier result of this same
+        attempt (its pause on a tool call) reported them already."""
+        if self.journal is None or billed <= 0:
+            return
+        for e in self.journal.entries:
+            if e.position < billed:
+                self.tokens_in = max(0, self.tokens_in - e.usage.input_tokens)
+                self.tokens_out = max(0, self.tokens_out - e.usage.output_tokens)
+                self.requests = max(0, self.requests - e.usage.requests)
 
     def cost(self, latency_ms: float, queue_wait_ms: float, pricing: Pricing | None = None) -> StepCost:
         """This attempt's cost so far; without ``pricing``, ``cost_usd`` is 0 and ``price_source`` None."""
@@ -179,6 +237,12 @@ def _layers(key: str, model: Model) -> dict[str, Model]:
         layers[f"{key}/{len(layers)}"] = inner
         inner = inner.wrapped if isinstance(inner, WrapperModel) else None
     return layers
+
+
+def _deferrable(out: Any) -> Any:
+    """An output type that may also end the run with ``DeferredToolRequests`` (a tool waits for approval)."""
+    outs = list(out) if isinstance(out, list | tuple) else [out]
+    return outs if DeferredToolRequests in outs else [*outs, DeferredToolRequests]
 
 
 _copies: dict[tuple[int, int], tuple[Agent[Any, Any], Model, Agent[Any, Any]]] = {}

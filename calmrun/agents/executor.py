@@ -18,7 +18,7 @@ from calmrun.agents.journal import AttemptJournal, JournalStore, since_ms
 from calmrun.agents.models import ModelRegistry, retry_after_ms
 from calmrun.agents.specs import AgentRegistry
 from calmrun.costs.pricing import Pricing
-from calmrun.errors import CalmrunError, ErrorKind
+from calmrun.errors import CalmrunError, ErrorKind, ToolApprovalPendingError
 from calmrun.limits import check_output
 from calmrun.settings import LimitsSettings
 from calmrun.workflow.events import StepResult, StepTask
@@ -89,7 +89,7 @@ async def execute(
             step=task.step,
             attempt=task.attempt,
             attempt_key=task.idempotency_key,
-            since_ms=since_ms(task.issued_ms, task.timeout_s),
+            since_ms=since_ms(min(task.issued_ms, task.first_issued_ms or task.issued_ms), task.timeout_s),
             task=task.model_dump(mode="json"),
             recorded=[] if fresh else None,
         )
@@ -109,7 +109,12 @@ async def execute(
     # Broad on purpose: the failure is not swallowed, it becomes the attempt's recorded result, which the
     # decider retries or quarantines. CancelledError is a BaseException and propagates.
     except Exception as exc:
-        if isinstance(exc, TimeoutError) and deadline.expired():
+        if isinstance(exc, ToolApprovalPendingError):
+            # not a failure: the attempt pauses; the decider sets the step waiting for a person's answer
+            error_type, error, retriable = ErrorKind.TOOL_APPROVAL_PENDING.value, str(exc), False
+            output = {"tool_approval": exc.pending}
+            ctx.logger.info("%s", error)
+        elif isinstance(exc, TimeoutError) and deadline.expired():
             error_type = AGENT_TIMEOUT
             error = f"agent {task.agent!r} did not finish within {task.timeout_s:g}s and was cancelled"
             retriable = True
@@ -138,6 +143,8 @@ async def execute(
         on_journal(ctx)
     if journal is not None:
         journal.forget(task.idempotency_key)
+    if task.approvals:  # a resumed pause: what the pauses reported is not counted twice
+        ctx.unbill_replayed(max(int(a.get("billed") or 0) for a in task.approvals.values()))
     cost = ctx.cost(
         latency_ms=latency_ms, queue_wait_ms=float(max(0, started_ms - task.issued_ms)), pricing=pricing
     )

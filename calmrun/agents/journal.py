@@ -372,11 +372,12 @@ class AttemptJournal:
 
 
 def tasks(records: Iterable[Entry | Claim | Part]) -> dict[str, dict[str, Any]]:
-    """The task of every attempt with a claim in ``records`` (attempt key -> task), in first-seen order."""
+    """The task of every attempt with a claim in ``records`` (attempt key -> the task of its latest claim:
+    an attempt resumed after a pause on a tool call carries the answers), in first-seen order."""
     found: dict[str, dict[str, Any]] = {}
     for rec in whole(records):
         if rec.task is not None:
-            found.setdefault(rec.attempt_key, rec.task)
+            found[rec.attempt_key] = rec.task
     return found
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from calmrun.errors import CalmrunError
+from calmrun.errors import CalmrunError, ErrorKind
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics, start_client
@@ -194,6 +194,8 @@ def check_run(
             e.data.get("element") is not None and e.type != "run.routed"
         ):  # a map's element: attempts of its own
             step = f"{step}[{e.data['element']}]"
+        if e.type == "step.failed" and e.data.get("error_type") == ErrorKind.TOOL_APPROVAL_PENDING:
+            continue  # a pause on a tool call, not the attempt's result: the answer re-issues the attempt
         if e.type in RESULTS:
             k = (step, str(e.data.get("kind", "run")), attempt)
             if k in results:
@@ -201,7 +203,9 @@ def check_run(
             results[k] = e
             ended.add((step, attempt))
         elif e.type in ANSWERS:
-            k = (step, "answer", attempt)
+            # an agent step's tool calls: one answer per call (an attempt may pause on several)
+            calls = e.data.get("tool_call_ids")
+            k = (step, "answer" if calls is None else f"answer {sorted(calls)}", attempt)
             if k in results:
                 bad(Rule.RESULT_TWICE, f"two answers for {step} wait {attempt}", (results[k], e))
             results[k] = e

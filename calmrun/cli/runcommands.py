@@ -31,6 +31,13 @@ from calmrun.workflow.state import RunState
 StepOpt = Annotated[str, typer.Option("--step", "-s", help="The approval step.")]
 ByOpt = Annotated[str, typer.Option("--by", help="Who answers (checked against the step's approvers).")]
 CommentOpt = Annotated[str | None, typer.Option("--comment", help="Recorded with the answer.")]
+ToolCallOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tool-call",
+        help="An agent step's tool call to answer (default: the one it waits on; all when several).",
+    ),
+]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -92,10 +99,22 @@ def _answer(
     config: Path | None,
     bootstrap: str | None,
     prefix: str | None,
+    tool_call: str | None = None,
 ) -> None:
     def make(state: RunState) -> RunCommand:
+        call = tool_call
+        st = state.steps.get(step)
+        pending = ((st.tool_approval or {}).get("pending") or []) if st is not None else []
+        if call is None and len(pending) == 1:  # name it: a copy of this command answers nothing else
+            call = str(pending[0]["tool_call_id"])
         return RunCommand(
-            command=command, run_id=run_id, workflow=state.workflow, step=step, by=by, comment=comment
+            command=command,
+            run_id=run_id,
+            workflow=state.workflow,
+            step=step,
+            by=by,
+            comment=comment,
+            tool_call_id=call,
         )
 
     _send(run_id, make, _waiting_check(step), config, bootstrap, prefix)
@@ -110,9 +129,10 @@ def approve(
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
+    tool_call: ToolCallOpt = None,
 ) -> None:
-    """Approve a waiting approval step: the run goes on (it routes on {"approved": true, ...})."""
-    _answer("approve", run_id, step, by, comment, config, bootstrap, prefix)
+    """Approve a waiting approval step (the run goes on), or an agent step's tool call (it runs)."""
+    _answer("approve", run_id, step, by, comment, config, bootstrap, prefix, tool_call)
 
 
 def reject(
@@ -123,9 +143,11 @@ def reject(
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
     prefix: PrefixOpt = None,
+    tool_call: ToolCallOpt = None,
 ) -> None:
-    """Reject a waiting approval step: the run takes on_reject, or routes on {"approved": false, ...}."""
-    _answer("reject", run_id, step, by, comment, config, bootstrap, prefix)
+    """Reject a waiting approval step (on_reject, or routes on approved=false), or an agent step's tool call
+    (the rejection is the tool's answer to the agent)."""
+    _answer("reject", run_id, step, by, comment, config, bootstrap, prefix, tool_call)
 
 
 def load_data(text: str | None) -> dict[str, Any]:
@@ -211,7 +233,19 @@ def waiting_lines(state: RunState, events: list[RunEvent]) -> list[str]:
             continue
         seen = last.get(name)
         d = seen.data if seen is not None else {}
-        if d.get("kind") == "wait":
+        calls = ((st.tool_approval or {}).get("pending") or []) if d.get("kind") == "tool_approval" else []
+        if calls:
+            who = ", ".join(d.get("approvers") or []) or "anyone"
+            shown = "; ".join(
+                f"{c.get('tool')}({json.dumps(c.get('args'), sort_keys=True)[:200]}) "
+                f"(id {c.get('tool_call_id')})"
+                for c in calls
+            )
+            what = (
+                f"approval of tool call {shown} by {who} "
+                f"(calmrun approve|reject {state.run_id} --step {name} --by NAME)"
+            )
+        elif d.get("kind") == "wait":
             what = f"signal {d.get('signal')!r} (calmrun signal {state.run_id} {d.get('signal')} --data ...)"
         else:
             who = ", ".join(d.get("approvers") or []) or "anyone"

@@ -53,12 +53,13 @@ class Attempts:
         """Note the tasks a worker starts eagerly, right after committing the decision that scheduled them.
 
         The first issue of an attempt (``issued_ms`` is the step's ``scheduled_ms``; a deadline re-issue is
-        later) started that way has never run anywhere: its agent journal is known to be empty and is not
-        read. Any other start (a task read back after a crash or a rebalance, a re-issue) reads it.
+        later; a task carrying answers to tool calls ran before it paused) started that way has never run
+        anywhere: its agent journal is known to be empty and is not read. Any other start (a task read back
+        after a crash or a rebalance, a re-issue) reads it.
         """
         for task, state in started:
             st = state.steps.get(task.step) if state is not None else None
-            if st is not None and st.scheduled_ms == task.issued_ms:
+            if st is not None and st.scheduled_ms == task.issued_ms and task.approvals is None:
                 self._first.add(task.idempotency_key)
         if len(self._first) > 100_000:  # tasks noted but never run (their partition moved): forget them
             self._first.clear()

@@ -44,6 +44,12 @@ EARLIER_FIELDS: list[dict[str, set[str]]] = [
         "RunState": {"parent"},
         "RunRequest": {"parent"},
     },
+    # tool calls that wait for approval inside an agent step
+    {
+        "StepState": {"tool_approval"},
+        "StepTask": {"approvals", "first_issued_ms"},
+        "RunCommand": {"tool_call_id"},
+    },
 ]
 """Fields appended to the models (a nested record's too), one set per release, oldest first: the
 records each earlier release wrote must still decode."""

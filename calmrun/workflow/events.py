@@ -56,6 +56,11 @@ class RunCommand(_Record):
     by: str | None = Field(None, description="who asked (the operator page's user); recorded on the event")
     step: str | None = Field(None, description="approve/reject: the approval step")
     comment: str | None = Field(None, description="approve/reject: recorded with the answer")
+    tool_call_id: str | None = Field(
+        None,
+        description="approve/reject of an agent step's tool call: the call answered (absent: every "
+        "call it waits on); an answer naming another call is ignored",
+    )
     name: str | None = Field(None, description="signal: its name")
     data: JsonDict | None = Field(None, description="signal: its payload (a JSON object)")
     reason: str | None = Field(None, description="cancel: why; recorded on the event")
@@ -191,6 +196,16 @@ class StepTask(_Record):
         0, description="a step in a loop: which visit this attempt belongs to (0: the first)"
     )
     element: int | None = Field(None, description="a map step: the index of the element this attempt runs on")
+    approvals: JsonDict | None = Field(
+        None,
+        description="tool calls of this attempt that waited for a person: tool call ID -> "
+        "{approved, by, comment} (the resumed agent continues with these answers)",
+    )
+    first_issued_ms: int | None = Field(
+        None,
+        description="with approvals: when the attempt was first issued (its journal is read from there, "
+        "however long the answer took)",
+    )
 
     @property
     def idempotency_key(self) -> str:
@@ -360,6 +375,8 @@ class Answer:
     at_ms: int
     by: str | None = None
     comment: str | None = None
+    tool_call_id: str | None = None
+    """An agent step's tool call this answers (None: every call the step waits on)."""
 
 
 @dataclass(frozen=True)
@@ -448,7 +465,9 @@ def command_input(run_id: str, cmd: RunCommand, at_ms: int) -> DeciderInput:
     """The decider input of a command read from the requests topic."""
     if cmd.command in ("approve", "reject"):
         assert cmd.step is not None  # the model's validator
-        return Answer(run_id, cmd.step, cmd.command == "approve", at_ms, cmd.by, cmd.comment)
+        return Answer(
+            run_id, cmd.step, cmd.command == "approve", at_ms, cmd.by, cmd.comment, cmd.tool_call_id
+        )
     if cmd.command == "signal":
         assert cmd.name is not None
         return SignalReceived(run_id, cmd.name, at_ms, dict(cmd.data or {}), cmd.by)

@@ -84,7 +84,7 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
                     attempt=ev.attempt,
                     at_ms=ev.at_ms,
                     kind=d.get("kind", "run"),
-                    output=d.get("output") if ok else None,
+                    output=d.get("output"),  # a failure's: the tool calls a paused attempt waits on
                     error_type=None if ok else (d.get("error_type") or "Error"),
                     error=None if ok else d.get("error"),
                     retriable=bool(d.get("retriable", True)),
@@ -98,7 +98,8 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
         elif ev.type in ("step.approved", "step.rejected"):
             assert ev.step is not None
             approved = ev.type == "step.approved"
-            out.append(Answer(ev.run_id, ev.step, approved, ev.at_ms, d.get("by"), d.get("comment")))
+            call = d.get("tool_call_id")
+            out.append(Answer(ev.run_id, ev.step, approved, ev.at_ms, d.get("by"), d.get("comment"), call))
         elif ev.type == "signal.received":
             out.append(SignalReceived(ev.run_id, d["name"], ev.at_ms, dict(d.get("data") or {}), d.get("by")))
         elif ev.type == "run.cancel_requested":

@@ -79,6 +79,11 @@ class StepState(BaseModel):
     done_seq: int | None = Field(None, description="event seq at success: orders compensation")
     iteration: int = Field(0, description="loops: which visit of the step this is (0: the first)")
     map: MapState | None = Field(None, description="map steps: the elements' progress")
+    tool_approval: JsonDict | None = Field(
+        None,
+        description="agent steps: tool calls that waited for a person ({pending: [calls], answers: "
+        "{tool_call_id: {approved, by, comment}}})",
+    )
 
 
 class RunState(BaseModel):

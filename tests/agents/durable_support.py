@@ -153,13 +153,28 @@ def charge(order: int) -> str:
     return f"order {order} charged: " + "receipt " * (size // 8)
 
 
+refunder = Agent(name="refunder", instructions="Refund the order; a person approves each refund.")
+
+
+@refunder.tool_plain(requires_approval=True)
+def refund(order: int) -> str:
+    """Refund one order (a side effect that needs a person's approval: a line in the charges file)."""
+    charges = os.environ.get("DURABLE_CHARGES")
+    if charges:
+        with open(charges, "a") as f:
+            f.write(f"refund {order}\n")
+    return f"order {order} refunded"
+
+
 async def long_payer(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
     """``payer`` allowed more than pydantic-ai's default 50 requests (a step function around the agent)."""
     result = await ctx.run(payer, json.dumps(inp), usage_limits=UsageLimits(request_limit=1000))
     return {"output": result.output}
 
 
-def pay_flow(name: str = "pay", timeout_s: float = 300.0, agent: str = "payer") -> WorkflowDef:
+def pay_flow(
+    name: str = "pay", timeout_s: float = 300.0, agent: str = "payer", tool_approvers: list[str] | None = None
+) -> WorkflowDef:
     return parse_workflow(
         {
             "name": name,
@@ -171,6 +186,7 @@ def pay_flow(name: str = "pay", timeout_s: float = 300.0, agent: str = "payer") 
                     "input": {"orders": "input.orders"},
                     "timeout_s": timeout_s,
                     "retry": {"max_attempts": 1},
+                    "tool_approvers": tool_approvers or [],
                 }
             ],
         }
@@ -193,7 +209,7 @@ async def _main(args: argparse.Namespace) -> None:
         instance_id=args.instance_id,
         session_timeout_s=6.0,
     )
-    flow = pay_flow(agent=args.agent)
+    flow = pay_flow(agent=args.agent, tool_approvers=["alice"] if args.agent == "refunder" else None)
     worker = Worker(settings, [flow], AgentRegistry(), ModelRegistry(settings.models))
     if args.journal_limit:  # records of at most this many bytes (the default is under kafka.max_request_size)
         worker.attempts.journal = KafkaJournal(settings, limit=args.journal_limit)
@@ -220,6 +236,6 @@ if __name__ == "__main__":
     p.add_argument("--status-file", required=True)
     p.add_argument("--instance-id", default="durable-w1")
     p.add_argument("--journal-limit", type=int, default=0)
-    p.add_argument("--agent", default="payer", help="payer or long_payer")
+    p.add_argument("--agent", default="payer", help="payer, long_payer or refunder")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(message)s")
     asyncio.run(_main(p.parse_args()))

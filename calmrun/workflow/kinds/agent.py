@@ -6,7 +6,10 @@ routes the run on (or escalates to the next model when its confidence is low), a
 retry policy with backoff, escalated along the model ladder, or quarantines the run. Due: a retry whose
 backoff passed is issued; an attempt whose deadline passed with no result is issued again, same attempt
 and same idempotency key (the task was lost, it did not fail). A succeeded step with ``compensate`` is
-undone by that agent when the run is quarantined or cancelled.
+undone by that agent when the run is quarantined or cancelled. An attempt whose agent called a tool that
+needs approval reports ``ToolApprovalPending`` with the calls: the step waits (``tool_approval`` in its
+state, no deadline); an answer (``answer_tool``, from ``tool_approvers``) re-issues the same attempt with
+the answers on its task.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from calmrun.errors import ErrorKind, InputMappingError
-from calmrun.workflow.events import StepResult, StepTask
+from calmrun.workflow.events import Answer, StepResult, StepTask
 from calmrun.workflow.state import RunState
 from calmrun.workflow.steps import DEFAULT_POOL, StepDef, Target, _Def, lookup
 
@@ -87,6 +90,10 @@ class AgentStep(StepDef):
     )
     route: Route | None = Field(
         None, description="the output names the next step, from an allowed set (instead of next/branches)"
+    )
+    tool_approvers: list[str] = Field(
+        default_factory=list,
+        description="who may answer a tool call of the agent that needs approval (empty: anyone)",
     )
 
     @model_validator(mode="before")
@@ -176,6 +183,8 @@ def result(t: Transitions, r: StepResult) -> None:
         }
         if r.retry_after_ms is not None:
             data["retry_after_ms"] = r.retry_after_ms
+        if r.output is not None:  # a paused attempt: the tool calls it waits on
+            data["output"] = r.output
         t.emit("step.failed", r.step, r.attempt, data, r.cost)
     t.s.spent_usd += r.cost.cost_usd
     st.deadline_ms = None
@@ -208,11 +217,84 @@ def result(t: Transitions, r: StepResult) -> None:
                 chosen = str(lookup(r.output or {}, sd.route.field)[1])
                 t.emit("run.routed", r.step, data={"to": [chosen], "by": "route", **t.iteration_of(r.step)})
                 t.goto([chosen])
+    elif r.error_type == ErrorKind.TOOL_APPROVAL_PENDING and _pending_calls(r):
+        _pause(t, r)
     elif r.error_type == ErrorKind.INVALID_OUTPUT and _can_escalate(t, r.step, "invalid_output"):
         st.error_type, st.error = r.error_type, r.error
         _escalate(t, r.step, "invalid_output", {"error": (r.error or "")[:500]})
     else:
         fail_attempt(t, r.step, r.error_type or "Error", r.error or "", r.retriable, r.retry_after_ms)
+
+
+def _pending_calls(r: StepResult) -> list[dict[str, Any]]:
+    """The tool calls a paused run attempt waits on (none: not a pause, the result is a failure)."""
+    calls = (r.output or {}).get("tool_approval") if r.kind == "run" else None
+    ok = isinstance(calls, list) and calls and all(isinstance(c, dict) and "tool_call_id" in c for c in calls)
+    return list(calls) if ok else []  # type: ignore[arg-type]
+
+
+def _pause(t: Transitions, r: StepResult) -> None:
+    """The attempt's agent called tools that need a person: the step waits, the attempt stays the same."""
+    st, sd = t.mut(r.step), step_of(t.wf, r.step)
+    pending = _pending_calls(r)
+    held = dict(st.tool_approval or {})
+    held["pending"] = pending
+    held.setdefault("answers", {})
+    st.tool_approval = held
+    st.status, st.deadline_ms, st.due_ms, st.finished_ms = "waiting", None, None, None
+    t.emit(
+        "step.waiting",
+        r.step,
+        r.attempt,
+        {
+            "kind": "tool_approval",
+            "due_ms": None,
+            "approvers": list(sd.tool_approvers),
+            "tool_calls": pending,
+            **t.iteration_of(r.step),
+        },
+    )
+
+
+def answer_tool(t: Transitions, a: Answer) -> bool:
+    """A person's answer to the tool calls an agent step waits on: the same attempt runs again with it.
+
+    False (with ``t.why``) when the step does not wait for one, or the person may not answer it.
+    """
+    sd, st = step_of(t.wf, a.step), t.s.steps.get(a.step)
+    held = st.tool_approval if st is not None else None
+    pending = (held or {}).get("pending") or []
+    if st is None or st.status != "waiting" or not pending:
+        answered = (held or {}).get("answers") or {}
+        if st is not None and answered and st.status != "waiting":
+            t.why = f"a second answer: the tool calls of {a.step!r} were answered (it is {st.status})"
+        else:
+            where = st.status if st is not None else "not started"
+            t.why = f"step {a.step!r} is not waiting for a tool call's approval (it is {where})"
+        return False
+    if a.tool_call_id is not None and all(c["tool_call_id"] != a.tool_call_id for c in pending):
+        t.why = f"{a.step!r} does not wait on tool call {a.tool_call_id!r} (an answer to an earlier one?)"
+        return False
+    if sd.tool_approvers and a.by not in sd.tool_approvers:
+        t.why = f"{a.by!r} may not answer {a.step!r}: its tool_approvers are {sd.tool_approvers}"
+        return False
+    st = t.mut(a.step)
+    verb: Literal["step.approved", "step.rejected"] = "step.approved" if a.approved else "step.rejected"
+    ids = [str(c["tool_call_id"]) for c in pending if a.tool_call_id in (None, c["tool_call_id"])]
+    named = {} if a.tool_call_id is None else {"tool_call_id": a.tool_call_id}
+    t.emit(verb, a.step, st.attempt, {"by": a.by, "comment": a.comment, **named, "tool_call_ids": ids})
+    answers = dict((held or {}).get("answers") or {})
+    for c in pending:
+        i = str(c["tool_call_id"])
+        if i in ids:  # billed: how many journal entries the pause's result reported (not counted again)
+            billed = {} if c.get("position") is None else {"billed": c["position"]}
+            answers[i] = {"approved": a.approved, "by": a.by, "comment": a.comment, **billed}
+    left = [c for c in pending if str(c["tool_call_id"]) not in answers]
+    st.tool_approval = {"pending": left, "answers": answers}
+    if not left:  # every call the attempt waits on is answered: it runs again, the same attempt
+        st.status = "scheduled"
+        _reissue(t, a.step, "run")
+    return True
 
 
 def step_of(wf: WorkflowDef, name: str) -> AgentStep:
@@ -327,6 +409,7 @@ def _reissue(t: Transitions, name: str, kind: TaskKind) -> None:
 
 def _task(t: Transitions, name: str, kind: TaskKind, agent: str, task_input: dict[str, Any]) -> StepTask:
     s, st = t.s, t.s.steps[name]
+    answers = (st.tool_approval or {}).get("answers") if kind == "run" else None
     return StepTask(
         run_id=s.run_id,
         workflow=s.workflow,
@@ -341,6 +424,8 @@ def _task(t: Transitions, name: str, kind: TaskKind, agent: str, task_input: dic
         issued_ms=s.clock_ms,
         timeout_s=step_of(t.wf, name).attempt_s,
         iteration=st.iteration,
+        approvals=dict(answers) if answers else None,
+        first_issued_ms=st.scheduled_ms if answers else None,
     )
 
 

@@ -5,7 +5,8 @@ empty), records ``step.approved``/``step.rejected`` with who and the comment. Th
 ``{"approved": bool, "by": ..., "comment": ...}``; a rejection goes to ``on_reject`` when the step has one,
 else the run routes on the output (``branches``, ``next``) as after any step. An answer from someone else,
 for a step that is not waiting, or a second answer is ignored (``input.ignored`` says why). Waiting and
-timing out: ``calmrun.workflow.kinds.waiting``.
+timing out: ``calmrun.workflow.kinds.waiting``. An answer to an agent step whose tool call waits goes to
+``calmrun.workflow.kinds.agent.answer_tool``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from calmrun.workflow.events import Answer
+from calmrun.workflow.kinds.agent import AgentStep, answer_tool
 from calmrun.workflow.kinds.waiting import WaitingStep
 from calmrun.workflow.steps import Target, targets
 
@@ -40,6 +42,9 @@ class ApprovalStep(WaitingStep):
 def answer(t: Transitions, a: Answer) -> bool:
     """Apply a person's answer; False (with ``t.why``) when it is not one this run takes."""
     sd = t.wf.steps_by_name.get(a.step)
+    held = t.s.steps[a.step].tool_approval if a.step in t.s.steps else None
+    if isinstance(sd, AgentStep) and held is not None:  # a tool call of its agent waits (or waited)
+        return answer_tool(t, a)
     if not isinstance(sd, ApprovalStep):
         t.why = f"{a.step!r} is not an approval step of workflow {t.wf.name!r}"
         return False
