@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from bench.common import Ctx
+from bench.common import Ctx, summary
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.decider import decide
 from calmrun.workflow.definition import parse_workflow
@@ -82,7 +82,18 @@ def measure(width: int, concurrency: int) -> dict[str, Any]:
 
 
 async def run(ctx: Ctx) -> dict[str, Any]:
-    return measure(50 if ctx.quick else 1000, 8)
+    """One round for ``python -m bench --only map-decider`` (the figures above in the bench's shape)."""
+    m = measure(50 if ctx.quick else 1000, 8)
+    return {
+        "params": {"width": m["width"], "max_concurrency": m["max_concurrency"]},
+        "metrics": {
+            "decisions": summary([m["decisions"]]),
+            "mean us per decision": summary([m["mean_us"]]),
+            "p99 us per decision": summary([m["p99_us"]]),
+            "widest state JSON bytes": summary([m["state_json_bytes"]]),
+            "widest state Avro bytes": summary([m["state_avro_bytes"]]),
+        },
+    }
 
 
 def main() -> None:

@@ -127,6 +127,8 @@ class KafkaJournal:
         tp = TopicPartition(self.topic, self.partition(run_id))
         key = run_id.encode()
         out: list[Entry | Claim | Part] = []
+        if self.topic not in await consumer.topics():  # no agent journaled yet under this prefix
+            return out
         async with self._read:
             consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
