@@ -100,7 +100,8 @@ class KafkaJournal:
                 self._tails[tp.partition] = _Tail(
                     found.offset if found is not None else ends[tp] if since else 0
                 )
-        self._wanted.clear()
+        for tp in tps:  # only those read now: a load that asked meanwhile is read by the next read
+            self._wanted.pop(tp.partition, None)
         for tp in tps:  # every assigned partition gets a position at once: none is fetched from its start
             consumer.seek(tp, min(self._tails[tp.partition].position, ends[tp]))
         for tp in tps:

@@ -45,8 +45,9 @@ def settings_on(cluster: DevCluster, prefix: str) -> Settings:
     return load_settings(kafka={"bootstrap": cluster.bootstrap, "prefix": prefix, "partitions": PARTITIONS})
 
 
-def worker_args(sleep: float = 0.2, in_flight: int = 600, *extra: str) -> list[str]:
-    """Fast agents, many at once: the point is runs in flight, not runtime."""
+def worker_args(sleep: float = 2.0, in_flight: int = 600, *extra: str) -> list[str]:
+    """Many agents at once, each a 2 s wait: a run takes at least 6 s, so the batch is still in flight when
+    the fault strikes however fast the machine (the point is runs in flight, not runtime)."""
     return ["--sleep", str(sleep), "--max-in-flight", str(in_flight), "--partitions", str(PARTITIONS), *extra]
 
 
@@ -147,19 +148,28 @@ async def scenario(
     expect: Callable[[str], str] = lambda run_id: "completed",
     wait_s: float = 420,
     own_args: dict[str, list[str]] | None = None,
+    among: bool = False,
 ) -> Outcome:
-    """Two workers, ``runs`` runs of ``lin`` submitted at once, ``fault`` a second later; then every
-    run ends as ``expect`` says, both workers still run (same PIDs), and the history checker passes."""
+    """Two workers, ``runs`` runs of ``lin`` submitted at once, ``fault`` a second later (``among``: while
+    they are sent); then every run ends as ``expect`` says, both workers still run (same PIDs), and the
+    history checker passes."""
     settings = settings_on(cluster, prefix)
     for n in NAMES:
         procs.start(n, *(args or worker_args()), *(own_args or {}).get(n, []), "--instance-id", n)
     await wait_owned(procs)
     pids = {n: procs.procs[n].pid for n in NAMES}
+    made = time.time()  # records and events are stamped from here on
     requests = [RunRequest(workflow="lin", input={"n": i}, run_id=f"{name}-{i}") for i in range(runs)]
     async with Client(settings) as client:
-        ids = await client.submit_many(requests)
-        await asyncio.sleep(1.0)  # the batch is under way
-        at, affected, extra = await fault(cluster, settings, procs)
+        if among:  # the fault arrives among the batch's requests (poison), not after them: it strikes
+            at = made  # as the batch starts, every run of which is then in flight
+            ids, (_, affected, extra) = await asyncio.gather(
+                client.submit_many(requests), fault(cluster, settings, procs)
+            )
+        else:
+            ids = await client.submit_many(requests)
+            await asyncio.sleep(1.0)  # the batch is under way
+            at, affected, extra = await fault(cluster, settings, procs)
         states = await client.wait_terminal(ids, wait_s=wait_s)
     for n in NAMES:
         procs.alive(n)
@@ -170,7 +180,9 @@ async def scenario(
         assert s.status == expect(rid), (rid, s.status, s.error)
     report = await check_history(settings.kafka, [linear()])
     assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations[:10])
-    assert report.runs == runs
+    async with Client(settings) as client:  # besides ours: refused requests' IDs, each ended run.rejected
+        rejected = {rid for rid, s in (await client.read_states()).items() if s.status == "rejected"}
+    assert report.runs == runs + len(rejected - set(ids)), (report.runs, runs, sorted(rejected))
     records = await events_records(settings)
     waited, gap = recovery(records, at, affected)
     codec = RecordCodec(wire_models())
@@ -182,7 +194,10 @@ async def scenario(
         and e.type in TERMINAL
     }
     if runs >= IN_FLIGHT:
-        assert len(ended_after) >= IN_FLIGHT, f"only {len(ended_after)} runs were in flight at the fault"
+        assert len(ended_after) >= IN_FLIGHT, (
+            f"only {len(ended_after)} runs were in flight at the fault ({at}; {len(records)} events, "
+            f"the last at {max((r.timestamp for r in records), default=None)} ms)"
+        )
     extra["affected"] = sorted(affected)
     extra["events_after_fault"] = {
         p: sum(1 for r in records if r.partition == p and r.timestamp > at * 1000) for p in range(PARTITIONS)

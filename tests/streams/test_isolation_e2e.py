@@ -111,7 +111,8 @@ def poison_records() -> list[Poison]:
         ),
         Poison("empty value", b"", cause="JSON"),
         Poison("null value", None, key=b"tombstone", cause="tombstone"),
-        Poison("null key", b"\x00\x01 keyless garbage", key=None, cause="JSON"),
+        # a leading zero byte is Confluent framing (wire.format): read as such, and refused without a registry
+        Poison("null key", b"\x00\x01 keyless garbage", key=None, cause="Confluent-framed"),
         Poison("non-UTF-8 key", req('{"n":1}').encode(), key=b"\xff\xfe", cause="key is not UTF-8"),
         Poison(
             "Avro marker, unknown fingerprint",

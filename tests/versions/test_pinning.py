@@ -127,7 +127,10 @@ def test_states_written_before_pinning_still_decode() -> None:
     codec = RecordCodec(wire_models())
     # today's schema without what was added since: here, and by 0.4 (a child's parent, a step's loop
     # iteration and map progress)
-    since = {"RunState": {"digest", "held", "signals", "parent"}, "StepState": {"iteration", "map"}}
+    since = {
+        "RunState": {"digest", "held", "signals", "parent"},
+        "StepState": {"iteration", "map", "tool_approval"},  # and a tool call waiting for a person
+    }
     schema = _without(codec.schemas()["RunState"], since)
     assert schema_fingerprint(schema).hex() == "f7ee01406604c161"  # what calmrun wrote until this change
     old = _run().model_dump(mode="python", exclude={"digest", "held", "signals"})
