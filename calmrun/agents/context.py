@@ -146,7 +146,8 @@ class StepContext:
             else:
                 kw["model"] = model
             kw["capabilities"] = [*kw.get("capabilities", ()), durable]
-            kw["output_type"] = _deferrable(kw.get("output_type", agent.output_type))
+            if _asks_approval(agent):  # only then: a custom output type is refused beside output validators
+                kw["output_type"] = _deferrable(kw.get("output_type", agent.output_type))
         try:
             result = await agent.run(prompt, usage=usage, **kw)
             while self.journal is not None and isinstance(result.output, DeferredToolRequests):
@@ -237,6 +238,15 @@ def _layers(key: str, model: Model) -> dict[str, Model]:
         layers[f"{key}/{len(layers)}"] = inner
         inner = inner.wrapped if isinstance(inner, WrapperModel) else None
     return layers
+
+
+def _asks_approval(agent: Agent[Any, Any]) -> bool:
+    """Does one of ``agent``'s tools need a person's approval (pydantic-ai's ``requires_approval``)?"""
+    for toolset in agent.toolsets:
+        tools = getattr(toolset, "tools", None)
+        if isinstance(tools, dict) and any(getattr(t, "requires_approval", False) for t in tools.values()):
+            return True
+    return False
 
 
 def _deferrable(out: Any) -> Any:

@@ -12,7 +12,15 @@ import operator
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from calmrun.workflow.transitions import Transitions
@@ -170,6 +178,15 @@ class StepDef(_Def):
             what = ", ".join(sorted(given))
             raise ValueError(f"step {data.get('name')!r}: kind {cls.KIND} takes no {what}")
         return {k: v for k, v in data.items() if k not in others}
+
+    @model_serializer(mode="wrap")
+    def _keep_kind(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """A kind other than ``agent`` is written even where defaults are left out (``exclude_defaults``):
+        without it the step would read back as an agent step."""
+        data = handler(self)
+        if isinstance(data, dict) and "kind" not in data and self.kind != "agent":
+            data = {"kind": self.kind, **data}
+        return data
 
     @staticmethod
     def kinds() -> list[str]:
