@@ -179,6 +179,7 @@ async def test_actions_from_the_run_view_and_the_inbox(stack: dict[str, Any], sh
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             ctx = await browser.new_context(viewport={"width": 1400, "height": 900})
+            ctx.set_default_timeout(60_000)  # a busy machine's worker may stall for seconds
             page = await ctx.new_page()
             page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
             page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
@@ -244,7 +245,8 @@ async def test_actions_from_the_run_view_and_the_inbox(stack: dict[str, Any], sh
             await page.goto(f"{url}#/run/h3")
             await page.click('.waiting[data-step="gate"] [data-action=approve]')
             await confirm(page)
-            await page.wait_for_selector('.waiting[data-step="pay"] [data-action=signal]', timeout=30_000)
+            await until_state(client, "h3", waits("pay"), "pay waiting")
+            await page.wait_for_selector('.waiting[data-step="pay"] [data-action=signal]', timeout=60_000)
             await page.click('.waiting[data-step="pay"] [data-action=signal]')
             await confirm(page, {"#action-payload": '{"amount": 9}'})
             await page.wait_for_function(

@@ -570,7 +570,10 @@ async function viewWorkers() {
 
 const VIEWS = { runs: viewRuns, run: viewRun, inbox: viewInbox, dlq: viewDlq, costs: viewCosts, workers: viewWorkers };
 
+let renders = 0; // only the latest render may draw: an older one's answer can arrive after a newer one's
+
 async function render(isRefresh) {
+  const seq = ++renders;
   const { view, arg, params } = parseHash();
   changed = false;
   const fn = VIEWS[view] || viewRuns;
@@ -578,6 +581,7 @@ async function render(isRefresh) {
   const key = location.hash;
   try {
     const nodes = await fn(arg, params);
+    if (seq !== renders) { changed = true; lastText.clear(); return; } // a newer render draws what this one read
     if (key !== location.hash) return; // navigated away meanwhile
     if (isRefresh && !changed) return;
     const focused = document.activeElement && document.activeElement.id;
@@ -585,17 +589,26 @@ async function render(isRefresh) {
     if (focused) { const el = document.getElementById(focused); if (el && el !== document.body) el.focus(); }
     current = { view };
   } catch (e) {
+    if (seq !== renders) return;
     main.replaceChildren(h("h1", {}, "Error"), h("p", { class: "error" }, e.message));
   }
 }
 
+let missed = false; // a change came while the dialog was open: refresh when it closes
+
 function scheduleRefresh() {
   if (refreshTimer) return;
   const view = parseHash().view;
-  if ($("#confirm").open) return;
+  if ($("#confirm").open) { missed = true; return; }
   const wait = view === "costs" || view === "workers" ? 2000 : 150;
-  refreshTimer = setTimeout(() => { refreshTimer = null; if (!$("#confirm").open) render(true); }, wait);
+  refreshTimer = setTimeout(() => {
+    refreshTimer = null;
+    if ($("#confirm").open) missed = true;
+    else render(true);
+  }, wait);
 }
+
+$("#confirm").addEventListener("close", () => { if (missed) { missed = false; scheduleRefresh(); } });
 
 function connect() {
   const es = new EventSource("/api/stream");
