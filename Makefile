@@ -27,6 +27,8 @@ kafka: install
 APT = apt-get -o DPkg::Lock::Timeout=600
 # jaeger: tests/tracing/ export traces to a real Jaeger, built once from its Go module into
 # ~/.cache/calmrun/jaeger-1.75.0 (calmrun.devjaeger; Go from apt-get when missing).
+# registry: tests/wire/ use a real Schema Registry, Apicurio Registry 2.4.2 built once with Maven into
+# ~/.cache/calmrun/apicurio-2.4.2.Final (calmrun.devregistry; Maven from apt-get when missing).
 tools: install
 	@command -v kcat >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q kcat; \
@@ -41,6 +43,10 @@ tools: install
 	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q golang-go; \
 	  else echo "go missing: sudo apt-get install golang-go" >&2; exit 1; fi; }
 	$(PY) -m calmrun.devjaeger build
+	@command -v mvn >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q maven; \
+	  else echo "maven missing: sudo apt-get install maven" >&2; exit 1; fi; }
+	$(PY) -m calmrun.devregistry build
 
 # The local model of the end-to-end tests (calmrun.devmodel): the first install compiles llama.cpp (about
 # 5 minutes on 2 cores); pip's wheel cache makes later installs take seconds.

@@ -62,6 +62,10 @@ class DevJaegerError(CalmrunError):
     """The local trace receiver (Jaeger, ``calmrun.devjaeger``) could not be built or started."""
 
 
+class DevRegistryError(CalmrunError):
+    """The local Schema Registry (Apicurio, ``calmrun.devregistry``) could not be built or started."""
+
+
 class SerializationError(CalmrunError):
     """A value could not be encoded to or decoded from its wire format."""
 
