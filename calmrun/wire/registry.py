@@ -114,6 +114,8 @@ class RegistryClient:
         if answer.get("is_compatible", False):
             return []
         messages = answer.get("messages") or []
+        if not messages and answer.get("reason"):  # Apicurio's Confluent API: one text, not a list
+            messages = [answer["reason"]]
         return [str(m) for m in messages] or ["the registry answered is_compatible: false"]
 
     def compatibility(self, subject: str) -> str:
