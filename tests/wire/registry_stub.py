@@ -1,15 +1,14 @@
 """A Schema Registry stand-in for the tests: Confluent's REST API (v1) as its documentation states it.
 
-No real registry installs here: Apicurio Registry 2.6's application on Maven Central needs modules the
-Maven mirror does not serve (``apicurio-registry-schema-util-provider``, ``apicurio-common-app-*``),
-Apicurio 3.x needs Java 21 (Debian here has 17), Karapace is not on PyPI, and AxonOps' Go registry is not
-on the Go module proxy. This server answers the calls calmrun makes with the status codes, error codes
-and message texts of Confluent's API reference (40401 subject not found, 40403 schema not found, 409 on
-an incompatible schema, 401 without valid basic auth), assigns one global ID per distinct schema (as
-Confluent does: the same schema under two subjects has one ID) and applies BACKWARD/FORWARD/FULL/NONE
-with a simple rule (same record name; a field without a default must be on the other side). It runs in
-its own thread, because calmrun's registry client blocks: a server on the test's event loop would never
-answer it.
+Most tests use a real registry (``conftest.py``: Apicurio Registry, built by ``calmrun.devregistry``).
+This stand-in serves the two things that one cannot: basic auth (Apicurio authenticates through an
+OpenID Connect server, which does not run here), and a log of the calls it answers (the cache tests count
+them). It answers the calls calmrun makes with the status codes, error codes and message texts of
+Confluent's API reference (40401 subject not found, 40403 schema not found, 409 on an incompatible schema,
+401 without valid basic auth), assigns one global ID per distinct schema (as Confluent does: the same
+schema under two subjects has one ID) and applies BACKWARD/FORWARD/FULL/NONE with a simple rule (same
+record name; a field without a default must be on the other side). It runs in its own thread, because
+calmrun's registry client blocks: a server on the test's event loop would never answer it.
 """
 
 from __future__ import annotations

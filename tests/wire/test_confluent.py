@@ -1,9 +1,13 @@
 """Confluent's wire format through a Schema Registry: framing, subjects, schema IDs cached, clear errors.
 
 A client that is not calmrun (plain aiokafka, fastavro and the registry's REST API, framing as Java's
-``KafkaAvroSerializer`` does) starts a run; a registry-aware reader decodes calmrun's events; a refused
-password, a schema ID the registry lacks and an incompatible subject each say what is wrong.
-The registry is ``registry_stub`` (no real one installs here: its docstring says what was tried).
+``KafkaAvroSerializer`` does; and Confluent's own Python serializer) starts a run; a registry-aware reader
+decodes calmrun's events; a schema ID the registry lacks and an incompatible subject each say what is wrong.
+
+The registry is a real one (``registry_url``: Apicurio Registry's Confluent API, see ``conftest.py``),
+except where a test needs what it cannot give: counting the calls a registry receives (the cache), and
+basic auth (Apicurio authenticates through an OpenID Connect server, which does not run here). Those use
+``registry_stub``, Confluent's API as its documentation states it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import fastavro
 import pytest
@@ -35,6 +40,7 @@ from calmrun.client import Client
 from calmrun.costs.app import Aggregator
 from calmrun.costs.fold import ALL
 from calmrun.devkafka.certs import make_certs
+from calmrun.devregistry import DevRegistry
 from calmrun.errors import DecodeError, RegistryAuthError, RegistryError
 from calmrun.kafka.topics import Topics, ensure_topics
 from calmrun.settings import Settings, load_settings
@@ -56,7 +62,13 @@ def stub() -> Iterator[tuple[RegistryStub, str]]:
 
 
 def wire(url: str, *, fmt: str = "confluent", password: str = "s3cret", **registry: Any) -> dict[str, Any]:
+    """The wire settings for the stub (with basic auth)."""
     return {"format": fmt, "registry": {"url": url, "username": "calmrun", "password": password, **registry}}
+
+
+def open_wire(url: str, *, fmt: str = "confluent", **registry: Any) -> dict[str, Any]:
+    """The wire settings for the real registry (no authentication)."""
+    return {"format": fmt, "registry": {"url": url, **registry}}
 
 
 def settings_with(broker: str, prefix: str, wire_cfg: dict[str, Any]) -> Settings:
@@ -67,16 +79,21 @@ def settings_with(broker: str, prefix: str, wire_cfg: dict[str, Any]) -> Setting
     )
 
 
-def rest(url: str, method: str, path: str, body: Any = None, user: str = "java-svc") -> Any:
-    """The registry's REST API as any client calls it."""
+def rest(url: str, method: str, path: str, body: Any = None, user: str | None = None) -> Any:
+    """The registry's REST API as any client calls it (as ``user`` of the stub: basic auth)."""
     req = urllib.request.Request(
         url + path, method=method, data=None if body is None else json.dumps(body).encode()
     )
     req.add_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-    token = base64.b64encode(f"{user}:{USERS[user]}".encode()).decode()
-    req.add_header("Authorization", f"Basic {token}")
+    if user is not None:
+        token = base64.b64encode(f"{user}:{USERS[user]}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
+
+
+def subjects(url: str) -> set[str]:
+    return set(rest(url, "GET", "/subjects"))
 
 
 def shipped(name: str) -> dict[str, Any]:
@@ -97,19 +114,30 @@ def test_subject_naming_strategies() -> None:
 
 
 @pytest.mark.parametrize("strategy", ["TopicName", "RecordName", "TopicRecordName"])
-def test_round_trip_registers_under_the_strategy_and_caches_ids(
-    stub: tuple[RegistryStub, str], strategy: str
-) -> None:
+def test_round_trip_registers_under_the_strategy(registry_url: str, prefix: str, strategy: str) -> None:
+    codec = wire_codec(Settings(wire=open_wire(registry_url, subject_strategy=strategy)).wire)
+    topic = f"{prefix}.runs.events"
+    ev = RunEvent(run_id="r-1", seq=3, type="run.requested", at_ms=5, workflow="lin", data={"a": [1, 2]})
+    data = codec.encode(ev, topic)
+    want = {"TopicName": f"{topic}-value", "RecordName": "io.calmrun.RunEvent"}.get(
+        strategy, f"{topic}-io.calmrun.RunEvent"
+    )
+    latest = rest(registry_url, "GET", f"/subjects/{quote(want, safe='')}/versions/latest")
+    assert data[0] == 0 and int.from_bytes(data[1:5], "big") == latest["id"]
+    assert json.loads(latest["schema"])["name"] == "RunEvent"
+    assert codec.decode(data) == ev
+    fresh = wire_codec(Settings(wire=open_wire(registry_url)).wire)  # another process: fetches the ID
+    assert fresh.decode(data) == ev
+
+
+def test_schema_ids_are_cached(stub: tuple[RegistryStub, str]) -> None:
+    """On the stub, which counts the calls it answers."""
     reg, url = stub
-    codec = wire_codec(Settings(wire=wire(url, subject_strategy=strategy)).wire)
+    codec = wire_codec(Settings(wire=wire(url)).wire)
     ev = RunEvent(run_id="r-1", seq=3, type="run.requested", at_ms=5, workflow="lin", data={"a": [1, 2]})
     data = codec.encode(ev, "p.runs.events")
     assert data[0] == 0 and int.from_bytes(data[1:5], "big") == 1
-    assert codec.decode(data) == ev
-    want = {"TopicName": "p.runs.events-value", "RecordName": "io.calmrun.RunEvent"}.get(
-        strategy, "p.runs.events-io.calmrun.RunEvent"
-    )
-    assert list(reg.subjects) == [want]
+    assert list(reg.subjects) == ["p.runs.events-value"]
     for _ in range(50):  # cached: no registry call after the first of each
         assert codec.decode(codec.encode(ev, "p.runs.events")) == ev
     assert len(reg.calls) == 1  # one registration; the schema it registered is known for reading too
@@ -119,29 +147,34 @@ def test_round_trip_registers_under_the_strategy_and_caches_ids(
     assert [c[:2] for c in reg.calls[1:]] == [("GET", "/schemas/ids/1")]
 
 
-def test_state_and_records_without_topic_stay_single_object(stub: tuple[RegistryStub, str]) -> None:
-    _, url = stub
-    codec = wire_codec(Settings(wire=wire(url)).wire)
+def test_state_and_records_without_topic_stay_single_object(registry_url: str, prefix: str) -> None:
+    codec = wire_codec(Settings(wire=open_wire(registry_url)).wire)
     ev = RunEvent(run_id="r", seq=1, type="run.requested", at_ms=1, workflow="w")
     assert codec.encode(ev)[:2] == b"\xc3\x01"  # no topic: internal (state, snapshots)
-    single = wire_codec(Settings(wire=wire(url, fmt="single-object")).wire)
-    assert single.encode(ev, "p.runs.events")[:2] == b"\xc3\x01"
-    assert single.decode(codec.encode(ev, "p.runs.events")) == ev  # reading detects either
+    single = wire_codec(Settings(wire=open_wire(registry_url, fmt="single-object")).wire)
+    topic = f"{prefix}.runs.events"
+    assert single.encode(ev, topic)[:2] == b"\xc3\x01"
+    assert single.decode(codec.encode(ev, topic)) == ev  # reading detects either
 
 
-def test_decode_errors_say_what_is_wrong(stub: tuple[RegistryStub, str]) -> None:
-    _, url = stub
+def test_decode_errors_say_what_is_wrong(registry_url: str, prefix: str) -> None:
     plain = RecordCodec(wire_models())
     with pytest.raises(DecodeError, match=r"Confluent-framed record \(schema ID 7\) and no Schema Registry"):
         plain.decode(b"\x00\x00\x00\x00\x07\x02")
-    codec = wire_codec(Settings(wire=wire(url)).wire)
-    with pytest.raises(DecodeError, match="schema ID 99 is not in the registry"):
-        codec.decode(b"\x00\x00\x00\x00\x63\x02")
-    rest(url, "POST", "/subjects/other-value/versions", {"schema": json.dumps({"type": "string"})})
+    codec = wire_codec(Settings(wire=open_wire(registry_url)).wire)
+    missing = 0x7FFFFFF0
+    with pytest.raises(DecodeError, match=f"schema ID {missing} is not in the registry"):
+        codec.decode(b"\x00" + missing.to_bytes(4, "big") + b"\x02")
+    other = rest(
+        registry_url,
+        "POST",
+        f"/subjects/{prefix}.other-value/versions",
+        {"schema": json.dumps({"type": "string"})},
+    )["id"]
     with pytest.raises(DecodeError, match="not a calmrun record"):
-        codec.decode(b"\x00\x00\x00\x00\x01\x02a")
+        codec.decode(b"\x00" + int(other).to_bytes(4, "big") + b"\x02a")
     ev = RunEvent(run_id="r", seq=1, type="run.requested", at_ms=1, workflow="w", data={"k": "v" * 20})
-    good = codec.encode(ev, "p.runs.events")
+    good = codec.encode(ev, f"{prefix}.runs.events")
     with pytest.raises(DecodeError, match="corrupt or truncated"):
         codec.decode(good[:-3])
 
@@ -171,22 +204,23 @@ def test_password_from_the_environment(
 
 
 def test_tls_to_the_registry(tmp_path: Path) -> None:
+    """A registry of its own, serving only HTTPS, with a certificate of a test CA."""
     certs = make_certs(tmp_path / "certs", [])
     ev = RunEvent(run_id="r", seq=1, type="run.requested", at_ms=1, workflow="w")
-    with serving(RegistryStub(users=USERS), tls=(certs.broker.cert, certs.broker.key)) as url:
+    with DevRegistry(tmp_path / "registry", tls=(certs.broker.cert, certs.broker.key)) as registry:
+        url = registry.url
         assert url.startswith("https://")
-        trusted = wire(url, tls={"ca_file": str(certs.ca)})
+        trusted = open_wire(url, tls={"ca_file": str(certs.ca)})
         codec = wire_codec(Settings(wire=trusted).wire)
         assert codec.decode(codec.encode(ev, "p.runs.events")) == ev
-        stranger = wire_codec(Settings(wire=wire(url)).wire)  # the system store does not know the CA
+        stranger = wire_codec(Settings(wire=open_wire(url)).wire)  # the system store does not know the CA
         with pytest.raises(RegistryError, match="CERTIFICATE_VERIFY_FAILED") as info:
             stranger.encode(ev, "p.runs.events")
         assert info.value.status is None and info.value.retriable
 
 
-def test_the_pages_index_reads_framed_events(stub: tuple[RegistryStub, str], tmp_path: Path) -> None:
-    _, url = stub
-    codec = wire_codec(Settings(wire=wire(url)).wire)
+def test_the_pages_index_reads_framed_events(registry_url: str, prefix: str, tmp_path: Path) -> None:
+    codec = wire_codec(Settings(wire=open_wire(registry_url)).wire)
     index = RunIndex(tmp_path / "ui.sqlite", codec)
     waiting = RunEvent(
         run_id="r-1",
@@ -199,7 +233,8 @@ def test_the_pages_index_reads_framed_events(stub: tuple[RegistryStub, str], tmp
         data={"kind": "approval", "due_ms": None, "approvers": ["alice"]},
     )
     first = RunEvent(run_id="r-1", seq=1, type="run.requested", at_ms=1, workflow="hitl")
-    index.apply([], [event_row(codec, codec.encode(e, "p.runs.events")) for e in (first, waiting)], [])
+    topic = f"{prefix}.runs.events"
+    index.apply([], [event_row(codec, codec.encode(e, topic)) for e in (first, waiting)], [])
     assert index.events("r-1") == [first, waiting]
     index.close()
 
@@ -215,10 +250,10 @@ def test_confluent_needs_a_registry_url() -> None:
 
 
 async def test_a_java_style_producer_starts_a_run_and_a_registry_reader_reads_the_events(
-    broker: str, prefix: str, stub: tuple[RegistryStub, str]
+    broker: str, prefix: str, registry_url: str
 ) -> None:
-    reg, url = stub
-    settings = settings_with(broker, prefix, wire(url))
+    url = registry_url
+    settings = settings_with(broker, prefix, open_wire(url))
     topics = Topics(prefix)
     wf = linear("lin", steps=2)
     await ensure_topics(settings.kafka, [wf])
@@ -268,7 +303,7 @@ async def test_a_java_style_producer_starts_a_run_and_a_registry_reader_reads_th
         assert ev["run_id"] == "java-1"
         types.append(ev["type"])
     assert types[0] == "run.requested" and types[-1] == "run.completed"
-    assert f"{topics.events}-value" in reg.subjects and f"{topics.step('lin', 's1')}-value" in reg.subjects
+    assert {f"{topics.events}-value", f"{topics.step('lin', 's1')}-value"} <= subjects(url)
     requests = await read_raw(broker, topics.requests)
     assert {r.value[0] for r in requests} == {0}  # calmrun's own request is framed the same way
     tasks = await read_raw(broker, topics.step("lin", "s1"))
@@ -287,23 +322,23 @@ async def test_a_java_style_producer_starts_a_run_and_a_registry_reader_reads_th
 
 
 async def test_confluents_own_serializer_starts_a_run_and_its_deserializer_reads_the_events(
-    broker: str, prefix: str, stub: tuple[RegistryStub, str]
+    broker: str, prefix: str, registry_url: str
 ) -> None:
     """Confluent's Python client (``confluent-kafka``: AvroSerializer, AvroDeserializer, its registry
-    client with basic auth) on both ends: its bytes start a run, it reads calmrun's events."""
-    reg, url = stub
-    settings = settings_with(broker, prefix, wire(url))
+    client) on both ends: its bytes start a run, it reads calmrun's events."""
+    url = registry_url
+    settings = settings_with(broker, prefix, open_wire(url))
     topics = Topics(prefix)
     wf = linear("lin", steps=2)
     await ensure_topics(settings.kafka, [wf])
-    client = SchemaRegistryClient({"url": url, "basic.auth.user.info": f"java-svc:{USERS['java-svc']}"})
+    client = SchemaRegistryClient({"url": url})
     serialize = AvroSerializer(client, json.dumps(shipped("run_request.avsc")))
     value = serialize(
         {"workflow": "lin", "input": json.dumps({"n": 1}), "run_id": "ck-1", "tenant": "default"},
         SerializationContext(topics.requests, MessageField.VALUE),
     )
     assert value is not None and value[0] == 0
-    assert f"{topics.requests}-value" in reg.subjects  # registered by Confluent's serializer itself
+    assert f"{topics.requests}-value" in subjects(url)  # registered by Confluent's serializer itself
     producer = AIOKafkaProducer(bootstrap_servers=broker)
     await producer.start()
     try:
@@ -324,9 +359,9 @@ async def test_confluents_own_serializer_starts_a_run_and_its_deserializer_reads
 
 
 def test_topics_create_checks_each_subject(
-    broker: str, prefix: str, stub: tuple[RegistryStub, str], tmp_path: Path
+    broker: str, prefix: str, registry_url: str, tmp_path: Path
 ) -> None:
-    reg, url = stub
+    url = registry_url
     wf = tmp_path / "wf.yaml"
     wf.write_text(yaml.safe_dump({"name": "lin", "steps": [{"name": "s1", "agent": "add_one"}]}))
     topics = Topics(prefix)
@@ -335,36 +370,49 @@ def test_topics_create_checks_each_subject(
     def create(**registry: Any) -> Any:
         cfg = {
             "kafka": {"bootstrap": broker, "prefix": prefix, "partitions": 4},
-            "wire": wire(url, **registry),
+            "wire": open_wire(url, **registry),
         }
         config.write_text(yaml.safe_dump(cfg))
         return CliRunner().invoke(app, ["topics", "create", "-w", str(wf), "-c", str(config)])
 
-    # an earlier, incompatible RunEvent (a required field calmrun's lacks) under BACKWARD
+    # an earlier, incompatible RunEvent (a required field calmrun's lacks) under FORWARD; the requests
+    # subject holds RunRequest (registered by another producer) under BACKWARD. Each rule is set on its
+    # subject: a registry's default differs (Confluent: BACKWARD, Apicurio: none)
     old = shipped("run_event.avsc")
     old["fields"] = [*old["fields"], {"name": "legacy_id", "type": "string"}]
     rest(url, "POST", f"/subjects/{topics.events}-value/versions", {"schema": json.dumps(old)})
     rest(url, "PUT", f"/config/{topics.events}-value", {"compatibility": "FORWARD"})
+    request = json.dumps(shipped("run_request.avsc"))
+    rest(url, "POST", f"/subjects/{topics.requests}-value/versions", {"schema": request})
+    rest(url, "PUT", f"/config/{topics.requests}-value", {"compatibility": "BACKWARD"})
     res = create(subject_strategy="TopicRecordName")  # a subject per record type: nothing shared
     assert res.exit_code == 0, res.output
     out = " ".join(res.output.split())
-    assert f"subject {topics.events}-io.calmrun.RunEvent (RunEvent, BACKWARD): compatible" in out
-    assert f"subject {topics.step('lin', 's1')}-io.calmrun.StepTask (StepTask, BACKWARD): compatible" in out
+    for subj, record in [
+        (f"{topics.events}-io.calmrun.RunEvent", "RunEvent"),
+        (f"{topics.step('lin', 's1')}-io.calmrun.StepTask", "StepTask"),
+        (f"{topics.requests}-io.calmrun.RunCommand", "RunCommand"),
+    ]:
+        assert re.search(rf"subject {re.escape(subj)} \({record}, [A-Z_]+\): compatible, schema ID \d+", out)
+        assert subj in subjects(url)
 
-    # TopicName (the default): the events subject has the old schema under FORWARD, the requests
-    # subject would hold two record types under BACKWARD: both refused, each said
+    # TopicName (the default): the events subject's old schema refuses calmrun's under FORWARD, and the
+    # requests subject would hold two record types under BACKWARD: both refused, each with the
+    # registry's reasons
     res = create()
     assert res.exit_code == 1
     out = " ".join(res.output.split())
     assert f"subject {topics.events}-value (RunEvent, FORWARD): incompatible:" in out and "legacy_id" in out
     assert f"subject {topics.requests}-value (RunCommand, BACKWARD): incompatible:" in out
-    assert "NAME_MISMATCH" in out and "TopicRecordName" in out
+    assert "RunRequest" in out.split(f"{topics.requests}-value (RunCommand, BACKWARD)")[1]
+    assert "TopicRecordName" in out and "is_compatible: false" not in out
 
     rest(url, "PUT", f"/config/{topics.requests}-value", {"compatibility": "NONE"})
     rest(url, "PUT", f"/config/{topics.events}-value", {"compatibility": "NONE"})
     res = create()
     assert res.exit_code == 0, res.output
-    assert f"{topics.requests}-value" in reg.subjects and len(reg.subjects[f"{topics.requests}-value"]) == 2
+    versions = rest(url, "GET", f"/subjects/{topics.requests}-value/versions")
+    assert len(versions) == 2  # RunRequest, then RunCommand
 
 
 async def test_commands_go_framed_and_a_refused_registry_stops_the_client(
