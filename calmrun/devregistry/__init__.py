@@ -177,8 +177,13 @@ class DevRegistry:
         cmd = self.command()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
-            self._proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            self._proc = subprocess.Popen(  # cwd: CI finds one left behind by its data dir
+                cmd,
+                cwd=self.data_dir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.pid_file.write_text(f"{self._proc.pid}\n")
         deadline = time.monotonic() + timeout
