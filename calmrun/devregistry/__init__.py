@@ -92,13 +92,14 @@ def build(cache_dir: Path | None = None) -> Path:
 
 
 class DevRegistry:
-    """One Apicurio Registry process with in-memory storage on a free local port; ``start()``/``stop()`` or
-    ``with``. Each start is empty: the storage lives and dies with the process.
+    """One Apicurio Registry process on a free local port; ``start()``/``stop()`` or ``with``. Each start
+    is empty unless ``storage`` names a directory: by default the storage lives and dies with the process.
 
     Args:
         data_dir: its log and pid file (a temporary directory by default).
         port: the HTTP port (a free one by default).
         tls: a server certificate chain and its key (PEM files): serve HTTPS only, on ``port``.
+        storage: a directory for its H2 database, kept across restarts (by default it is in memory).
         heap_mb: the JVM's maximum heap.
     """
 
@@ -108,11 +109,13 @@ class DevRegistry:
         *,
         port: int | None = None,
         tls: tuple[Path, Path] | None = None,
+        storage: Path | None = None,
         heap_mb: int = 384,
     ) -> None:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="calmrun-registry-"))
         self.port = port or free_port()
         self.tls = tls
+        self.storage = storage
         self.heap_mb = heap_mb
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -176,10 +179,15 @@ class DevRegistry:
         """
         cmd = self.command()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if self.storage is not None:  # the release's prod profile reads the URL from this variable
+            self.storage.mkdir(parents=True, exist_ok=True)
+            env["REGISTRY_DATASOURCE_URL"] = f"jdbc:h2:file:{self.storage.resolve() / 'registry'}"
         with open(self.log, "ab") as out:
             self._proc = subprocess.Popen(  # cwd: CI finds one left behind by its data dir
                 cmd,
                 cwd=self.data_dir,
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
