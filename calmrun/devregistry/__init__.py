@@ -12,6 +12,7 @@ It has no authentication (Apicurio's needs an OpenID Connect server): it ignores
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import ssl
@@ -57,11 +58,20 @@ def build(cache_dir: Path | None = None) -> Path:
         DevRegistryError: Maven is missing or the build failed (the message ends with Maven's output).
     """
     cache = cache_dir or default_cache_dir()
-    src = cache / "src"
-    runner = src / "target" / _RUNNER
+    runner = cache / "src" / "target" / _RUNNER
     stamp = cache / ".complete"
     if stamp.exists() and runner.exists():
         return runner
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:  # test sessions started at once build it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stamp.exists() and runner.exists()):
+            _maven_package(cache / "src", runner)
+            stamp.write_text(APICURIO_VERSION + "\n")
+    return runner
+
+
+def _maven_package(src: Path, runner: Path) -> None:
     if shutil.which("mvn") is None:
         raise DevRegistryError("Maven is missing: install it (apt-get install maven) and retry")
     java = java_binary()
@@ -87,8 +97,6 @@ def build(cache_dir: Path | None = None) -> Path:
     if proc.returncode != 0 or not runner.exists():
         out = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
         raise DevRegistryError(f"building Apicurio Registry {APICURIO_VERSION} failed in {src}:\n{out}")
-    stamp.write_text(APICURIO_VERSION + "\n")
-    return runner
 
 
 class DevRegistry:
