@@ -1,15 +1,19 @@
-"""A network partition of one worker from the cluster, then added latency on its link.
+"""A network partition of one worker from the cluster, then added latency on its link; packet loss on it.
 
 Worker w2 runs in a network namespace of the test's own (``tests/faults/netns.py``), reaching the brokers
 through one veth link and two relays. With 2,000 runs in flight its link is cut (a blackhole route: packets
 dropped, nothing reset): the group drops w2 after its session timeout and w1 takes its partitions, fencing
 w2's transactional IDs; the link returns, w2 rejoins and gets partitions again. Then 50 ms are added to every
 chunk either way for 15 s. Every run completes, w2 keeps its PID, the history checker passes.
+
+In the second scenario, with 2,000 runs in flight, w2's link loses packets at random (nft inside the
+namespace, both directions): 5 % for 10 s, then 20 % for 5 s, then none. The same outcome is checked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -22,7 +26,7 @@ import pytest
 from calmrun.devkafka.cluster import DevCluster
 from calmrun.settings import Settings
 from tests.faults.netns import HostRelay, Namespace
-from tests.faults.support import PARTITIONS, scenario
+from tests.faults.support import PARTITIONS, events_records, scenario, settings_on
 from tests.runtime_support import WorkerProcs
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(900)]
@@ -67,11 +71,11 @@ class NsProcs(WorkerProcs):
 @pytest.fixture
 async def isolated(healed: DevCluster, prefix: str, tmp_path: Path) -> Any:
     ns = Namespace()
-    ns.create()
     relay = HostRelay(ns, [n.port for n in healed.nodes.values()])
-    await relay.start(tmp_path / "relay.log")
     procs = NsProcs(healed.bootstrap, prefix, tmp_path, ns)
-    try:
+    try:  # a namespace created in part is deleted too
+        ns.create()
+        await relay.start(tmp_path / "relay.log")
         yield procs, relay
     finally:
         procs.kill_all()
@@ -120,3 +124,60 @@ async def test_an_isolated_worker_is_fenced_and_rejoins_and_latency_stops_nothin
     assert outcome.statuses == {"completed": outcome.runs}
     assert outcome.extra["w2_fenced"] >= 1, "the isolated worker's late writes were never refused"
     assert any("every broker unreachable" in line for line in outcome.stall_lines), outcome.stall_lines
+
+
+LOSS = ((5, 10.0), (20, 5.0))
+"""(percent, seconds) on w2's link, in turn. 5 %: a bad link that still works; TCP resends what is lost,
+and a request whose last segment is lost waits a retransmission timeout (at least 200 ms). 20 %: a failing
+link; timeouts back off and one round trip can take seconds (3.3 s seen on this veth), near the 6 s session
+timeout, so w2 may or may not be dropped from the group. Kept short: the fault marker's time is bounded."""
+
+
+def longest_gap(timestamps: list[int], start_ms: float, end_ms: float) -> float:
+    """The longest time (s) from ``start_ms`` to a partition's first record, or between two of its records,
+    before ``end_ms`` (a partition whose work is done by then has no gap counted to the end)."""
+    ts = [start_ms, *sorted(t for t in timestamps if start_ms < t < end_ms)]
+    return round(max([(b - a) / 1000 for a, b in itertools.pairwise(ts)] or [0.0]), 1)
+
+
+async def test_packet_loss_on_a_workers_link_loses_no_run(
+    healed: DevCluster, isolated: Any, prefix: str
+) -> None:
+    procs, _ = isolated
+
+    async def lose(cluster: DevCluster, _: Settings, procs: WorkerProcs) -> tuple[float, set[int], Any]:
+        ns: Namespace = procs.ns  # type: ignore[attr-defined]
+        affected = set(procs.status(ISOLATED).get("owned", []))
+        at = time.time()
+        counts = {}
+        try:
+            for percent, seconds in LOSS:
+                ns.set_loss(percent)
+                await asyncio.sleep(seconds)
+                counts[f"{percent}%"] = ns.loss_counts()  # (seen, dropped) per direction
+        finally:
+            ns.clear_loss()
+        cleared = time.time()
+        stats = procs.status(ISOLATED).get("stats", {})
+        return (
+            at,
+            affected,
+            {
+                "loss_window": [at, cleared],
+                "packets": counts,
+                "w2_fenced": stats.get("fenced", 0),
+                "w2_owned_after": procs.status(ISOLATED).get("owned"),
+            },
+        )
+
+    outcome = await scenario("packet-loss", healed, procs, prefix, lose)
+    assert outcome.statuses == {"completed": outcome.runs}
+    for level, directions in outcome.extra["packets"].items():  # the loss was real, both ways
+        assert all(dropped > 0 for _, dropped in directions.values()), (level, directions)
+    # how long the partitions waited during the loss and 5 s after it, from the events' timestamps
+    start, end = outcome.extra["loss_window"]
+    stamps: dict[int, list[int]] = {p: [] for p in range(PARTITIONS)}
+    for r in await events_records(settings_on(healed, prefix)):
+        stamps[r.partition].append(r.timestamp)
+    gaps = {p: longest_gap(ts, start * 1000, (end + 5) * 1000) for p, ts in stamps.items()}
+    print(f"FAULT packet-loss gaps during the loss (s): {gaps}, affected {outcome.extra['affected']}")
