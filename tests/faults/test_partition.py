@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,8 @@ import pytest
 
 from calmrun.devkafka.cluster import DevCluster
 from calmrun.settings import Settings
+from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.workflow.events import RunEvent
 from tests.faults.netns import HostRelay, Namespace
 from tests.faults.support import PARTITIONS, events_records, scenario, settings_on
 from tests.runtime_support import WorkerProcs
@@ -174,10 +177,26 @@ async def test_packet_loss_on_a_workers_link_loses_no_run(
     assert outcome.statuses == {"completed": outcome.runs}
     for level, directions in outcome.extra["packets"].items():  # the loss was real, both ways
         assert all(dropped > 0 for _, dropped in directions.values()), (level, directions)
-    # how long the partitions waited during the loss and 5 s after it, from the events' timestamps
+    # measured from the events' timestamps: gaps during the loss (and 5 s after), when each partition's share
+    # of the batch was done, the longest run (first event to terminal) of the affected partitions and others'
     start, end = outcome.extra["loss_window"]
+    codec = RecordCodec(wire_models())
     stamps: dict[int, list[int]] = {p: [] for p in range(PARTITIONS)}
+    span: dict[str, list[int]] = {}
+    part: dict[str, int] = {}
     for r in await events_records(settings_on(healed, prefix)):
         stamps[r.partition].append(r.timestamp)
-    gaps = {p: longest_gap(ts, start * 1000, (end + 5) * 1000) for p, ts in stamps.items()}
-    print(f"FAULT packet-loss gaps during the loss (s): {gaps}, affected {outcome.extra['affected']}")
+        rid = codec.decode_as(r.value, RunEvent).run_id
+        span.setdefault(rid, [r.timestamp, r.timestamp])[1] = r.timestamp
+        part[rid] = r.partition
+    affected = set(outcome.extra["affected"])
+    longest = {True: 0.0, False: 0.0}
+    for rid, (first, last) in span.items():
+        longest[part[rid] in affected] = max(longest[part[rid] in affected], (last - first) / 1000)
+    figures = {
+        "gaps_s": {p: longest_gap(ts, start * 1000, (end + 5) * 1000) for p, ts in stamps.items()},
+        "done_after_fault_s": {p: round(max(ts) / 1000 - start, 1) for p, ts in stamps.items()},
+        "longest_run_s": {"affected": round(longest[True], 1), "others": round(longest[False], 1)},
+        "affected": sorted(affected),
+    }
+    print(f"FAULT packet-loss figures {json.dumps(figures)}")
