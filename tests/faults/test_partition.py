@@ -98,6 +98,17 @@ async def until_owned(procs: WorkerProcs, name: str, pred: Any, wait_s: float) -
     return round(time.monotonic() - began, 1)
 
 
+async def until_logged(procs: WorkerProcs, name: str, text: str, wait_s: float) -> float:
+    """Until ``name``'s log has a line with ``text``; returns when it was seen (epoch seconds)."""
+    end = time.monotonic() + wait_s
+    while text not in (procs.dir / f"{name}.log").read_text(errors="replace"):
+        procs.alive(name)
+        if time.monotonic() > end:
+            raise AssertionError(f"{name} never logged {text!r} in {wait_s} s")
+        await asyncio.sleep(0.2)
+    return time.time()
+
+
 async def test_an_isolated_worker_is_fenced_and_rejoins_and_latency_stops_nothing(
     healed: DevCluster, isolated: Any, prefix: str
 ) -> None:
@@ -109,6 +120,9 @@ async def test_an_isolated_worker_is_fenced_and_rejoins_and_latency_stops_nothin
         at = time.time()
         taken = await until_owned(procs, "w1", lambda o: o == set(range(PARTITIONS)), 120)
         await asyncio.sleep(5)
+        # the cut lasts until w2 said so: its watch needs a failed poll (up to 10 s) and a probe (2 s), which
+        # on a busy machine came after the heal and the line never did
+        said = await until_logged(procs, ISOLATED, "every broker unreachable", 60)
         procs.ns.heal()  # type: ignore[attr-defined]
         # rejoined: w1 gave partitions back, and w2 holds some (its own stale view does not count)
         rejoined = await until_owned(procs, "w1", lambda o: bool(o) and o != set(range(PARTITIONS)), 180)
@@ -120,7 +134,12 @@ async def test_an_isolated_worker_is_fenced_and_rejoins_and_latency_stops_nothin
         return (
             at,
             affected,
-            {"w1_took_all_after_s": taken, "w2_rejoined_after_heal_s": rejoined, "w2_fenced": fenced},
+            {
+                "w1_took_all_after_s": taken,
+                "w2_said_cut_off_after_s": round(said - at, 1),
+                "w2_rejoined_after_heal_s": rejoined,
+                "w2_fenced": fenced,
+            },
         )
 
     outcome = await scenario("partition-then-latency", healed, procs, prefix, cut)
