@@ -22,6 +22,7 @@ kafka: install
 # kcat: one test starts a run from the real kcat CLI, as operators do.
 # prometheus: one test lets a real Prometheus scrape a worker and checks PromQL answers (it fails without).
 # chromium: tests/ui/ drive the operator page in Debian's Chromium through Playwright (it fails without).
+# nftables: tests/faults/ drop packets on a worker's link with nft (packet loss; it fails without).
 # apt-get waits up to 10 minutes for the dpkg lock (another apt process, e.g. unattended upgrades), instead
 # of failing at once.
 APT = apt-get -o DPkg::Lock::Timeout=600
@@ -39,6 +40,9 @@ tools: install
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q chromium; \
 	  else echo "chromium missing: sudo apt-get install chromium" >&2; exit 1; fi; }
+	@command -v nft >/dev/null || [ -x /usr/sbin/nft ] || { \
+	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q nftables; \
+	  else echo "nft missing: sudo apt-get install nftables" >&2; exit 1; fi; }
 	@command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || { \
 	  if [ "$$(id -u)" = 0 ]; then $(APT) update -q && $(APT) install -y -q golang-go; \
 	  else echo "go missing: sudo apt-get install golang-go" >&2; exit 1; fi; }

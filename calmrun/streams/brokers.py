@@ -132,7 +132,7 @@ class BrokerWatch:
         self._timeouts: dict[int, int] = {}  # node -> connect timeouts in a row
         self._brokers: dict[int, tuple[str, int]] = {}  # as the last metadata named them
         self._tls = settings.kafka.security.protocol in ("SSL", "SASL_SSL")
-        self._failed_since: tuple[float, float] | None = None  # (wall, clock) of the first failed poll
+        self._failed_since: tuple[float, float] | None = None  # (wall, clock) the first failed poll began
 
     @classmethod
     def of(cls, worker: Worker) -> BrokerWatch:
@@ -162,6 +162,7 @@ class BrokerWatch:
         try:
             started = False
             while True:
+                began = (time.time(), self.clock())  # a failed poll dates a cut-off from here, not its end
                 try:
                     if not started:
                         await asyncio.wait_for(admin.start(), 10)
@@ -170,7 +171,7 @@ class BrokerWatch:
                     self._failed_since = None
                 except (TimeoutError, KafkaError, OSError):  # a request failed: cut off, or one node gone
                     # a request sent to a node just lost fails too: cut off only when no broker answers
-                    self._failed_since = self._failed_since or (time.time(), self.clock())
+                    self._failed_since = self._failed_since or began
                     probes = await asyncio.gather(
                         *(_probe(h, p, self._tls) for h, p in self._brokers.values())
                     )

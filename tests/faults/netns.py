@@ -7,9 +7,12 @@ process, :class:`HostRelay`, which can also delay every chunk: added latency). T
 and the relays are the test's own; no other traffic is touched.
 
 A partition is a blackhole route to the host end inside the namespace: packets are dropped, connections hang
-as they do when a switch fails (no reset). This kernel has no ``netem`` qdisc (``tc qdisc add ... netem``:
-"Specified qdisc kind is unknown") and no nft/iptables here, so latency is added in the relay and packet
-loss is not simulated.
+as they do when a switch fails (no reset). Packet loss is an nftables table inside the namespace
+(:meth:`Namespace.set_loss`): on the output and input hooks, a packet leaving or arriving on the namespace's
+veth end is dropped at random (``numgen random mod 100 < N drop``), both directions; the host's own rules
+are never touched (``nft`` runs only under ``ip netns exec``), and the namespace's loopback, where the worker
+meets the in-namespace relay, loses nothing. This kernel has no ``netem`` qdisc (``tc qdisc add ... netem``:
+"Specified qdisc kind is unknown"), so latency is added in the relay instead.
 
     python -m tests.faults.netns relay --to HOST --port P [--port P...]   # the in-namespace relay
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
 import uuid
@@ -26,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+LOSS_TABLE = "calmrun_loss"
+"""The namespace's nftables table that drops packets (``inet`` family: IPv4 and IPv6)."""
 
 
 def _ip(*args: str) -> None:
@@ -94,6 +102,48 @@ class Namespace:
 
     def heal(self) -> None:
         _ip("netns", "exec", self.name, "ip", "route", "del", "blackhole", f"{self.host_ip}/32")
+
+    def _nft(self, *args: str, script: str | None = None) -> str:
+        """``nft`` inside the namespace, never on the host (``script``: read from stdin, one transaction)."""
+        cmd = [*self.exec_prefix(), "nft", *args, *(["-f", "-"] if script is not None else [])]
+        return subprocess.run(cmd, input=script, text=True, check=True, capture_output=True).stdout
+
+    def set_loss(self, percent: int) -> None:
+        """Drop ``percent`` % of the packets on the namespace's veth link, each direction on its own.
+
+        Replaces any earlier loss at once (one nft transaction); ``0`` clears it. Every packet seen and every
+        packet dropped is counted (:meth:`loss_counts`) from the first call on; a new percentage keeps no
+        counts of the earlier one.
+        """
+        if not 0 <= percent <= 100:
+            raise ValueError(f"loss is a percentage, got {percent}")
+        script = f"table inet {LOSS_TABLE}\ndelete table inet {LOSS_TABLE}\n"  # gone, whether there or not
+        if percent:
+            chains = []
+            for chain, hook, match in (("out", "output", "oifname"), ("in", "input", "iifname")):
+                chains.append(
+                    f"  chain {chain} {{ type filter hook {hook} priority 0; policy accept;\n"
+                    f'    {match} "{self.ns_if}" counter\n'
+                    f'    {match} "{self.ns_if}" numgen random mod 100 < {percent} counter drop\n  }}'
+                )
+            script += f"table inet {LOSS_TABLE} {{\n" + "\n".join(chains) + "\n}\n"
+        self._nft(script=script)
+
+    def clear_loss(self) -> None:
+        """No packet is dropped on the link any more (the counts go with the table)."""
+        self.set_loss(0)
+
+    def loss_counts(self) -> dict[str, tuple[int, int]]:
+        """Per direction (``out``, ``in``): (packets seen, packets dropped) since the percentage was set."""
+        listing = json.loads(self._nft("-j", "list", "table", "inet", LOSS_TABLE))
+        counts: dict[str, list[int]] = {}
+        for item in listing.get("nftables", []):
+            rule = item.get("rule")
+            if rule is None:
+                continue
+            packets = next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+            counts.setdefault(rule["chain"], []).append(packets)
+        return {chain: (seen, dropped) for chain, (seen, dropped) in counts.items()}
 
 
 def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
