@@ -65,7 +65,7 @@ def types_now() -> Counter[str]:
 
 
 async def finish(worker: Any, client: Any, wf: str, start: int, n: int, deadline_s: float) -> None:
-    """Submit runs ``start`` .. ``start + n`` of the example's tickets and wait until the worker finished them."""
+    """Submit runs ``start`` .. ``start + n`` of the example's tickets; wait until the worker ends them."""
     from calmrun.workflow.events import RunRequest
 
     tickets = [json.loads(x) for x in (EXAMPLE / "tickets.jsonl").read_text().splitlines() if x.strip()]
@@ -77,8 +77,8 @@ async def finish(worker: Any, client: Any, wf: str, start: int, n: int, deadline
         ]
         await client.submit_many(reqs)
         submitted += len(reqs)
-        while worker.stats.completed - base < submitted - 300:  # a few hundred runs in flight at most
-            await asyncio.sleep(0.05)
+        while worker.stats.completed - base < submitted - 300:  # noqa: ASYNC110 (a counter, polled)
+            await asyncio.sleep(0.05)  # a few hundred runs in flight at most
     end = time.monotonic() + deadline_s
     while worker.stats.completed < target:
         if time.monotonic() > end:
@@ -142,7 +142,8 @@ async def measure(bootstrap: str, warm: int, runs: int, trace: bool) -> dict[str
 
 def markdown(fig: dict[str, Any]) -> str:
     lines = [
-        f"Finished runs of examples/triage in one worker: {fig['warm']} to warm up, then {fig['runs']} measured.",
+        f"Finished runs of examples/triage in one worker: {fig['warm']} to warm up, "
+        f"then {fig['runs']} measured.",
         "",
         f"- RSS growth per finished run: {fig['rss_kib_per_run']} KiB",
         f"- live objects per finished run: {fig['objects_per_run']}",

@@ -72,7 +72,7 @@ class KafkaJournal:
         self._wanted: dict[int, int] = {}  # partition -> since_ms of its first load, until its tail exists
         self._asked = self._covered = 0  # loads asked / covered by a finished read (see load)
         self._reads = 0  # forward reads done
-        self._ended: dict[str, int] = {}  # attempt key -> when it ended here, oldest first (at most ``ended``)
+        self._ended: dict[str, int] = {}  # attempt key -> when it ended here, oldest first
         self._horizon_ms = 0  # a load from before this may miss records dropped for a forgotten ended attempt
         self._max_ended, self._idle_reads, self._clock = ended, idle_reads, clock
 
@@ -124,7 +124,7 @@ class KafkaJournal:
         return tail is None or since_ms >= tail.from_ms
 
     def held(self) -> dict[str, int]:
-        """What this reader holds now: partitions read, attempts and records held, ended attempts remembered."""
+        """What this reader holds: partitions read, attempts and records held, ended attempts remembered."""
         return {
             "partitions": len(self._tails),
             "attempts": sum(len(t.by_key) for t in self._tails.values()),
@@ -261,7 +261,7 @@ class KafkaJournal:
 
 @dataclass
 class _Tail:
-    """What :meth:`KafkaJournal.load` read of one partition: from ``from_ms``, up to ``position``, by attempt."""
+    """What :meth:`KafkaJournal.load` read of a partition (``from_ms`` to ``position``), by attempt."""
 
     position: int
     from_ms: int = 0  # records written before this were not read (the first load's since_ms)

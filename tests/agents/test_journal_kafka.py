@@ -119,7 +119,8 @@ async def test_a_load_the_reader_cannot_vouch_for_reads_the_whole_chain_from_the
     store = KafkaJournal(settings, ended=2)
     try:
         early = await _attempt(store, "early", 2, fresh=True, since_ms=_tick())
-        live = await _attempt(store, "live", 2, fresh=False, since_ms=_tick())  # the first load: read from here
+        # the partition's first load: its reading starts here, after "early" started
+        live = await _attempt(store, "live", 2, fresh=False, since_ms=_tick())
         early_chain = await store.load("early", early.attempt_key, early.since_ms)  # it started before
         first = await _attempt(store, "e0", 2, fresh=True, since_ms=_tick())
         store.forget(first.attempt_key)
