@@ -1,6 +1,7 @@
 """What a worker keeps per finished run: the soak's workflow (triage, scripted models) in one worker process.
 
-    python -m bench.retained [--runs 2000] [--warm 300] [--bootstrap B] [--trace] [--out DIR]
+    python -m bench.retained [--runs 2000] [--warm 300] [--in-flight 300] [--bootstrap B] [--trace]
+                             [--out DIR]
 
 One worker runs ``examples/triage/workflow.yaml`` with its scripted models (as ``bench.soak`` runs it, without
 its injected failures and approvals) in this process. ``--warm`` runs finish first (first-time allocations:
@@ -54,7 +55,11 @@ def structures(worker: Any) -> dict[str, int]:
     out["runtable.done_bytes"] = sum(len(b) for t in tables for b in t._done.values())
     j = worker.attempts.journal
     if j is not None:
-        out.update({f"journal.{k}": v for k, v in j.held().items()})
+        if hasattr(j, "held"):
+            out.update({f"journal.{k}": v for k, v in j.held().items()})
+        else:  # before the reader dropped ended attempts (to measure the code before the fix)
+            out["journal.attempts"] = sum(len(t.by_key) for t in j._tails.values())
+            out["journal.records"] = sum(len(v) for t in j._tails.values() for v in t.by_key.values())
     out["attempts.first"] = len(worker.attempts._first)
     return out
 
@@ -64,21 +69,24 @@ def types_now() -> Counter[str]:
     return Counter(type(o).__name__ for o in gc.get_objects())
 
 
-async def finish(worker: Any, client: Any, wf: str, start: int, n: int, deadline_s: float) -> None:
+async def finish(
+    worker: Any, client: Any, wf: str, start: int, n: int, deadline_s: float, in_flight: int
+) -> None:
     """Submit runs ``start`` .. ``start + n`` of the example's tickets; wait until the worker ends them."""
     from calmrun.workflow.events import RunRequest
 
     tickets = [json.loads(x) for x in (EXAMPLE / "tickets.jsonl").read_text().splitlines() if x.strip()]
     base, target, submitted = worker.stats.completed, worker.stats.completed + n, 0
-    for i in range(start, start + n, 100):
+    step = min(100, in_flight)
+    for i in range(start, start + n, step):
         reqs = [
             RunRequest(workflow=wf, run_id=f"r-{j:07d}", input=tickets[j % len(tickets)])
-            for j in range(i, min(i + 100, start + n))
+            for j in range(i, min(i + step, start + n))
         ]
         await client.submit_many(reqs)
         submitted += len(reqs)
-        while worker.stats.completed - base < submitted - 300:  # noqa: ASYNC110 (a counter, polled)
-            await asyncio.sleep(0.05)  # a few hundred runs in flight at most
+        while worker.stats.completed - base < submitted - in_flight:  # noqa: ASYNC110 (a counter, polled)
+            await asyncio.sleep(0.05)
     end = time.monotonic() + deadline_s
     while worker.stats.completed < target:
         if time.monotonic() > end:
@@ -89,7 +97,7 @@ async def finish(worker: Any, client: Any, wf: str, start: int, n: int, deadline
     await asyncio.sleep(1.0)  # let the last transactions commit (a measurement pause, not synchronisation)
 
 
-async def measure(bootstrap: str, warm: int, runs: int, trace: bool) -> dict[str, Any]:
+async def measure(bootstrap: str, warm: int, runs: int, trace: bool, in_flight: int) -> dict[str, Any]:
     from calmrun.agents import AgentRegistry, ModelRegistry
     from calmrun.client import Client
     from calmrun.gctune import settle_heap
@@ -103,13 +111,13 @@ async def measure(bootstrap: str, warm: int, runs: int, trace: bool) -> dict[str
     settle_heap(s.worker.gc_threshold)
     try:
         async with Client(s) as client:
-            await finish(worker, client, wf.name, 0, warm, 600)
+            await finish(worker, client, wf.name, 0, warm, 600, in_flight)
             if trace:
                 tracemalloc.start(8)
             t0, r0, k0 = types_now(), rss_kib(), structures(worker)
             s0 = tracemalloc.take_snapshot() if trace else None
             done0 = worker.stats.completed
-            await finish(worker, client, wf.name, warm, runs, 1200)
+            await finish(worker, client, wf.name, warm, runs, 1200, in_flight)
             done = worker.stats.completed - done0
             t1, r1, k1 = types_now(), rss_kib(), structures(worker)
             s1 = tracemalloc.take_snapshot() if trace else None
@@ -118,6 +126,7 @@ async def measure(bootstrap: str, warm: int, runs: int, trace: bool) -> dict[str
     per_type = {k: v / done for k, v in (t1 - t0).most_common(25)}
     fig: dict[str, Any] = {
         "warm": warm,
+        "in_flight": in_flight,
         "runs": done,
         "rss_kib_per_run": round((r1 - r0) / done, 2),
         "objects_per_run": round(sum((t1 - t0).values()) / done, 1),
@@ -143,7 +152,7 @@ async def measure(bootstrap: str, warm: int, runs: int, trace: bool) -> dict[str
 def markdown(fig: dict[str, Any]) -> str:
     lines = [
         f"Finished runs of examples/triage in one worker: {fig['warm']} to warm up, "
-        f"then {fig['runs']} measured.",
+        f"then {fig['runs']} measured, at most {fig['in_flight']} in flight.",
         "",
         f"- RSS growth per finished run: {fig['rss_kib_per_run']} KiB",
         f"- live objects per finished run: {fig['objects_per_run']}",
@@ -167,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm", type=int, default=300)
     p.add_argument("--bootstrap", default=None)
     p.add_argument("--trace", action="store_true", help="tracemalloc by source line (slower)")
+    p.add_argument("--in-flight", type=int, default=300, help="runs submitted and not finished, at most")
     p.add_argument("--out", type=Path, default=None, help="write retained.json and retained.md here")
     args = p.parse_args(argv)
     from calmrun.devkafka import DevKafka
@@ -178,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         broker.start()
     try:
         bootstrap = args.bootstrap or (broker.bootstrap if broker else "")
-        fig = asyncio.run(measure(bootstrap, args.warm, args.runs, args.trace))
+        fig = asyncio.run(measure(bootstrap, args.warm, args.runs, args.trace, args.in_flight))
     finally:
         if broker is not None:
             broker.stop()
