@@ -95,7 +95,8 @@ class KafkaJournal:
         A worker reads each journal partition once, forward, and keeps the records by attempt until the
         attempt is forgotten, so a load reads only what was written since the previous read; loads that
         arrive while a read runs share the next one (attempts starting together wait for one read, not
-        one each). A forgotten attempt that runs again in this process is read from the log.
+        one each). An attempt that ended here and runs again, or one that can have started before the
+        partition's reading began, is read from the log (see the module docstring).
         """
         p = self.partition(run_id)
         if not self._vouched(self._tails.get(p), attempt_key, since_ms):
