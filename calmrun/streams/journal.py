@@ -11,13 +11,21 @@ are fenced by the claims of ``agents.journal`` instead.
 
 Reading an attempt's chain seeks its partition to the time the attempt can have started (``since_ms``, from
 ``offsets_for_times``) and reads to the end offset taken when the read starts.
+
+What a reader keeps: a worker reads each partition forward once and holds the records of the attempts that
+have not ended here (one may still load its chain), never those of an attempt that ended here, whose records
+often arrive after it ended (read for another attempt's load). It remembers the last ``ENDED`` attempts that
+ended, and a load it can no longer vouch for (an ended attempt, or one that may have started before what the
+reader holds) reads its chain from the log instead. In the soak's triage workflow the held records were
+about 50 KiB per finished run, never released (``bench/retained.py``; ``docs/performance.md``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -33,11 +41,26 @@ from calmrun.settings import Settings
 RECORD_ROOM = 16_384
 """Bytes under ``kafka.max_request_size`` left for a record's key, headers and batch overhead."""
 
+ENDED = 10_000
+"""Attempts that ended here a reader remembers (their records, read later, are dropped); past that, the
+oldest is forgotten and a load of an attempt that may have started before it ended reads the log."""
+
+IDLE_READS = 200
+"""A partition no load asked for in this many reads is no longer read (its records are dropped)."""
+
 
 class KafkaJournal:
     """The journal store over Kafka (``agents.journal.JournalStore``); clients start on first use."""
 
-    def __init__(self, settings: Settings, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        limit: int | None = None,
+        *,
+        ended: int = ENDED,
+        idle_reads: int = IDLE_READS,
+        clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
         self.settings = settings
         self.topic = Topics(settings.kafka.prefix).journal
         self.limit = limit or settings.kafka.max_request_size - RECORD_ROOM
@@ -48,6 +71,10 @@ class KafkaJournal:
         self._tails: dict[int, _Tail] = {}
         self._wanted: dict[int, int] = {}  # partition -> since_ms of its first load, until its tail exists
         self._asked = self._covered = 0  # loads asked / covered by a finished read (see load)
+        self._reads = 0  # forward reads done
+        self._ended: dict[str, int] = {}  # attempt key -> when it ended here, oldest first
+        self._horizon_ms = 0  # a load from before this may miss records dropped for a forgotten ended attempt
+        self._max_ended, self._idle_reads, self._clock = ended, idle_reads, clock
 
     def partition(self, run_id: str) -> int:
         return partition_for(run_id, self.settings.kafka.partitions)
@@ -68,11 +95,11 @@ class KafkaJournal:
         A worker reads each journal partition once, forward, and keeps the records by attempt until the
         attempt is forgotten, so a load reads only what was written since the previous read; loads that
         arrive while a read runs share the next one (attempts starting together wait for one read, not
-        one each). A forgotten attempt that runs again in this process is read from the log.
+        one each). An attempt that ended here and runs again, or one that can have started before the
+        partition's reading began, is read from the log (see the module docstring).
         """
         p = self.partition(run_id)
-        tail = self._tails.get(p)
-        if tail is not None and attempt_key in tail.forgotten:
+        if not self._vouched(self._tails.get(p), attempt_key, since_ms):
             return chain(await self.records(run_id, since_ms), attempt_key)
         self._wanted.setdefault(p, since_ms)
         self._asked += 1
@@ -82,9 +109,29 @@ class KafkaJournal:
                 upto = self._asked
                 await self._read_forward()
                 self._covered = upto
-        tail = self._tails[p]
-        tail.sweep(since_ms)
+        tail = self._tails.get(p)
+        if tail is not None:
+            self._sweep(tail, since_ms)
+        if tail is None or not self._vouched(tail, attempt_key, since_ms):  # it started before the tail
+            return chain(await self.records(run_id, since_ms), attempt_key)
         return chain(list(tail.by_key.get(attempt_key, ())), attempt_key)
+
+    def _vouched(self, tail: _Tail | None, attempt_key: str, since_ms: int) -> bool:
+        """Whether the records held (or to be read, for a partition not read yet) are the whole chain of an
+        attempt that can have started at ``since_ms``: not one that ended here, nor one that started before
+        the partition's reading began or before an ended attempt whose records were dropped was forgotten."""
+        if attempt_key in self._ended or since_ms < self._horizon_ms:
+            return False
+        return tail is None or since_ms >= tail.from_ms
+
+    def held(self) -> dict[str, int]:
+        """What this reader holds: partitions read, attempts and records held, ended attempts remembered."""
+        return {
+            "partitions": len(self._tails),
+            "attempts": sum(len(t.by_key) for t in self._tails.values()),
+            "records": sum(len(v) for t in self._tails.values() for v in t.by_key.values()),
+            "ended": len(self._ended),
+        }
 
     async def _read_forward(self) -> None:
         """Read every partition loads asked for from where it was left to its end offset now."""
@@ -97,11 +144,11 @@ class KafkaJournal:
             if tp.partition not in self._tails:
                 since = self._wanted[tp.partition]
                 found = (await consumer.offsets_for_times({tp: since}))[tp] if since > 0 else None
-                self._tails[tp.partition] = _Tail(
-                    found.offset if found is not None else ends[tp] if since else 0
-                )
+                start = found.offset if found is not None else ends[tp] if since else 0
+                self._tails[tp.partition] = _Tail(start, from_ms=since, asked=self._reads)
         for tp in tps:  # only those read now: a load that asked meanwhile is read by the next read
-            self._wanted.pop(tp.partition, None)
+            if self._wanted.pop(tp.partition, None) is not None:
+                self._tails[tp.partition].asked = self._reads
         for tp in tps:  # every assigned partition gets a position at once: none is fetched from its start
             consumer.seek(tp, min(self._tails[tp.partition].position, ends[tp]))
         for tp in tps:
@@ -112,15 +159,36 @@ class KafkaJournal:
                 for rec in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, ()):
                     if rec.offset < end and rec.value is not None:
                         with contextlib.suppress(ValueError):
-                            tail.add(decode(rec.value), rec.timestamp)
+                            record = decode(rec.value)
+                            if record.attempt_key not in self._ended:  # ended here: no load will ask
+                                tail.add(record, rec.timestamp)
             tail.position = end
+        self._reads += 1
+        for p in [p for p, t in self._tails.items() if self._reads - t.asked > self._idle_reads]:
+            del self._tails[p]  # no attempt here loads from it (it moved): a later load starts a new tail
 
     def forget(self, attempt_key: str) -> None:
-        """Drop what :meth:`load` keeps of an attempt that ended."""
+        """Drop what :meth:`load` keeps of an attempt that ended, and what is read of it later."""
         for tail in self._tails.values():
-            if tail.by_key.pop(attempt_key, None) is not None:
-                tail.last_ms.pop(attempt_key, None)
-                tail.forgotten.add(attempt_key)
+            tail.by_key.pop(attempt_key, None)
+            tail.last_ms.pop(attempt_key, None)
+        self._end(attempt_key, self._clock())
+
+    def _end(self, attempt_key: str, at_ms: int) -> None:
+        self._ended.pop(attempt_key, None)
+        self._ended[attempt_key] = at_ms
+        while len(self._ended) > self._max_ended:  # the oldest: a load that may precede it reads the log
+            oldest = next(iter(self._ended))
+            self._horizon_ms = max(self._horizon_ms, self._ended.pop(oldest) + 1)
+
+    def _sweep(self, tail: _Tail, since_ms: int, keep: int = 10_000) -> None:
+        """Past ``keep`` attempts held, drop those with no record since ``since_ms`` (ended elsewhere, or long
+        ago): they count as ended here (a load of one reads the log)."""
+        if len(tail.by_key) <= keep:
+            return
+        for key in [k for k, at in tail.last_ms.items() if at < since_ms]:
+            tail.by_key.pop(key, None)
+            self._end(key, tail.last_ms.pop(key))
 
     async def records(self, run_id: str, since_ms: int = 0) -> list[Entry | Claim | Part]:
         """Every journal record of ``run_id`` written at ``since_ms`` or later, in log order."""
@@ -194,27 +262,17 @@ class KafkaJournal:
 
 @dataclass
 class _Tail:
-    """What :meth:`KafkaJournal.load` read of one partition: up to ``position``, by attempt."""
+    """What :meth:`KafkaJournal.load` read of a partition (``from_ms`` to ``position``), by attempt."""
 
     position: int
+    from_ms: int = 0  # records written before this were not read (the first load's since_ms)
+    asked: int = 0  # the reader's read count when a load last asked for this partition
     by_key: dict[str, list[Entry | Claim | Part]] = field(default_factory=dict)
     last_ms: dict[str, int] = field(default_factory=dict)
-    forgotten: set[str] = field(default_factory=set)
 
     def add(self, rec: Entry | Claim | Part, at_ms: int) -> None:
         self.by_key.setdefault(rec.attempt_key, []).append(rec)
         self.last_ms[rec.attempt_key] = at_ms
-
-    def sweep(self, since_ms: int, keep: int = 10_000) -> None:
-        """Past ``keep`` attempts, drop those with no record since ``since_ms`` (ended, or long ago)."""
-        if len(self.by_key) <= keep:
-            return
-        for key in [k for k, at in self.last_ms.items() if at < since_ms]:
-            self.by_key.pop(key, None)
-            self.last_ms.pop(key, None)
-            self.forgotten.add(key)
-        if len(self.forgotten) > 10 * keep:
-            self.forgotten.clear()  # only a re-run in this process of a long-ended attempt reads the log less
 
 
 def run_since(created_ms: int | None) -> int:
