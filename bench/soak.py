@@ -209,7 +209,9 @@ async def soak(
     report = await check_history(s.kafka, [wf])
     ends: dict[str, int] = {}
     for st in states.values():
-        key = f"{st.status}:{st.outcome}" if st.outcome else st.status
+        # a quarantined run says why (an injected failure that outlived its attempts is expected, rarely)
+        detail = st.outcome or st.error_type
+        key = f"{st.status}:{detail}" if detail else st.status
         ends[key] = ends.get(key, 0) + 1
     return {
         "minutes": minutes,
