@@ -160,6 +160,15 @@ async def confirm(page: Any, fields: dict[str, str] | None = None) -> None:
     await page.wait_for_selector("#confirm", state="hidden")
 
 
+async def open_run(page: Any, url: str, run_id: str) -> None:
+    """Go to a run's view and wait until it shows that run: the view before stays in the DOM until the new
+    one is drawn, and a click meant for this run must not land on its buttons."""
+    await page.goto(f"{url}#/run/{run_id}")
+    await page.wait_for_function(
+        "(id) => document.querySelector('#main h1 .path')?.textContent === id", arg=run_id
+    )
+
+
 @pytest.mark.timeout(600)
 async def test_actions_from_the_run_view_and_the_inbox(stack: dict[str, Any], shots: list[Path]) -> None:
     settings: Settings = stack["settings"]
@@ -230,7 +239,7 @@ async def test_actions_from_the_run_view_and_the_inbox(stack: dict[str, Any], sh
             }
 
             # -- the run view: reject h2 (a comment is required), approve h3 then signal it, cancel h4 -
-            await page.goto(f"{url}#/run/h2")
+            await open_run(page, url, "h2")
             await page.wait_for_selector('.waiting[data-step="gate"] [data-action=reject]')
             await shoot(page, shots, "run-waiting")
             await page.click('.waiting[data-step="gate"] [data-action=reject]')
@@ -242,7 +251,7 @@ async def test_actions_from_the_run_view_and_the_inbox(stack: dict[str, Any], sh
             h2 = await until_state(client, "h2", lambda s: s.status == "completed", "h2 rejected")
             assert h2.outcome == "rejected"
 
-            await page.goto(f"{url}#/run/h3")
+            await open_run(page, url, "h3")
             await page.click('.waiting[data-step="gate"] [data-action=approve]')
             await confirm(page)
             await until_state(client, "h3", waits("pay"), "pay waiting")
@@ -254,7 +263,7 @@ async def test_actions_from_the_run_view_and_the_inbox(stack: dict[str, Any], sh
                 timeout=60_000,
             )
 
-            await page.goto(f"{url}#/run/h4")
+            await open_run(page, url, "h4")
             await page.click("#cancel-run")
             await page.wait_for_selector("#confirm[open]")
             await page.click("#confirm-ok")
@@ -269,7 +278,7 @@ async def test_actions_from_the_run_view_and_the_inbox(stack: dict[str, Any], sh
 
             # -- redrive the quarantined run after the fix ------------------------------------------
             FIXED["value"] = True
-            await page.goto(f"{url}#/run/f1")
+            await open_run(page, url, "f1")
             await page.click("#redrive-run")
             await confirm(page)
             await page.wait_for_function(
