@@ -298,6 +298,9 @@ async def test_operator_page_in_chromium(stack: dict[str, Any], shots: list[Path
             assert (await anon.get(f"{url}api/runs")).status == 401
             await anon.dispose()
             await vpage.goto(f"{url}#/run/frag-1")
+            await vpage.wait_for_function(  # the view before stays until this one is drawn
+                "(id) => document.querySelector('#main h1 .path')?.textContent === id", arg="frag-1"
+            )
             await vpage.wait_for_selector("#run-status")
             assert await vpage.is_disabled("#redrive-run")
             await shoot(vpage, shots, "viewer-run")
@@ -306,6 +309,9 @@ async def test_operator_page_in_chromium(stack: dict[str, Any], shots: list[Path
             # -- redrive from the page, by keyboard, after the fix ------------------------------------
             FIXED["value"] = True
             await page.goto(f"{url}#/run/frag-0")
+            await page.wait_for_function(  # the view before stays until this one is drawn
+                "(id) => document.querySelector('#main h1 .path')?.textContent === id", arg="frag-0"
+            )
             await page.wait_for_selector("#redrive-run")
             await page.reload()  # a fresh load: Tab starts at the top of the page
             await page.wait_for_selector("#redrive-run")
@@ -344,6 +350,9 @@ async def test_operator_page_in_chromium(stack: dict[str, Any], shots: list[Path
 
             # -- replay this run --------------------------------------------------------------------
             await page.goto(f"{url}#/run/batch-000")
+            await page.wait_for_function(  # the view before stays until this one is drawn
+                "(id) => document.querySelector('#main h1 .path')?.textContent === id", arg="batch-000"
+            )
             await page.wait_for_selector("#waterfall .wf-row")
             rows = await page.locator("#waterfall .wf-row").count()
             assert rows >= 5  # classify, extract + sentiment (in parallel), decide, and the branch taken
