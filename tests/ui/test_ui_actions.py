@@ -34,7 +34,7 @@ from calmrun.workflow.events import RunRequest
 from calmrun.workflow.state import RunState
 from tests.people.flows import people, undo
 from tests.runtime_support import Item, Out, add_one, linear, ready, running
-from tests.ui.test_ui_browser import CHROMIUM, OPERATOR_TOKEN, ROOT, VIEWER_TOKEN, shoot
+from tests.ui.test_ui_browser import CHROMIUM, OPERATOR_TOKEN, ROOT, VIEWER_TOKEN, open_run, shoot
 
 FIXED = {"value": False}
 
@@ -158,15 +158,6 @@ async def confirm(page: Any, fields: dict[str, str] | None = None) -> None:
         await page.fill(sel, text)
     await page.click("#confirm-ok")
     await page.wait_for_selector("#confirm", state="hidden")
-
-
-async def open_run(page: Any, url: str, run_id: str) -> None:
-    """Go to a run's view and wait until it shows that run: the view before stays in the DOM until the new
-    one is drawn, and a click meant for this run must not land on its buttons."""
-    await page.goto(f"{url}#/run/{run_id}")
-    await page.wait_for_function(
-        "(id) => document.querySelector('#main h1 .path')?.textContent === id", arg=run_id
-    )
 
 
 @pytest.mark.timeout(600)

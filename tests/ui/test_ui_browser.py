@@ -73,6 +73,15 @@ def shots(tmp_path: Path) -> list[Path]:
     return folders
 
 
+async def open_run(page: Any, url: str, run_id: str) -> None:
+    """Go to a run's view and wait until it shows that run: the view before stays in the DOM until the new
+    one is drawn, and a click or a read meant for this run must not land on it."""
+    await page.goto(f"{url}#/run/{run_id}")
+    await page.wait_for_function(
+        "(id) => document.querySelector('#main h1 .path')?.textContent === id", arg=run_id
+    )
+
+
 async def shoot(page: Any, folders: list[Path], name: str) -> None:
     for f in folders:
         await page.screenshot(path=str(f / f"{name}.png"), full_page=True)
@@ -297,10 +306,7 @@ async def test_operator_page_in_chromium(stack: dict[str, Any], shots: list[Path
             anon = await pw.request.new_context()
             assert (await anon.get(f"{url}api/runs")).status == 401
             await anon.dispose()
-            await vpage.goto(f"{url}#/run/frag-1")
-            await vpage.wait_for_function(  # the view before stays until this one is drawn
-                "(id) => document.querySelector('#main h1 .path')?.textContent === id", arg="frag-1"
-            )
+            await open_run(vpage, url, "frag-1")
             await vpage.wait_for_selector("#run-status")
             assert await vpage.is_disabled("#redrive-run")
             await shoot(vpage, shots, "viewer-run")
@@ -308,10 +314,7 @@ async def test_operator_page_in_chromium(stack: dict[str, Any], shots: list[Path
 
             # -- redrive from the page, by keyboard, after the fix ------------------------------------
             FIXED["value"] = True
-            await page.goto(f"{url}#/run/frag-0")
-            await page.wait_for_function(  # the view before stays until this one is drawn
-                "(id) => document.querySelector('#main h1 .path')?.textContent === id", arg="frag-0"
-            )
+            await open_run(page, url, "frag-0")
             await page.wait_for_selector("#redrive-run")
             await page.reload()  # a fresh load: Tab starts at the top of the page
             await page.wait_for_selector("#redrive-run")
@@ -349,10 +352,7 @@ async def test_operator_page_in_chromium(stack: dict[str, Any], shots: list[Path
             )
 
             # -- replay this run --------------------------------------------------------------------
-            await page.goto(f"{url}#/run/batch-000")
-            await page.wait_for_function(  # the view before stays until this one is drawn
-                "(id) => document.querySelector('#main h1 .path')?.textContent === id", arg="batch-000"
-            )
+            await open_run(page, url, "batch-000")
             await page.wait_for_selector("#waterfall .wf-row")
             rows = await page.locator("#waterfall .wf-row").count()
             assert rows >= 5  # classify, extract + sentiment (in parallel), decide, and the branch taken
