@@ -66,8 +66,10 @@ async def test_eager_and_read_back_tasks_record_the_same_runs(broker: str, prefi
                 RunRequest(workflow="lin", input={"n": i}, run_id=f"r{i}") for i in range(N)
             )
             states = await client.wait_terminal(ids, wait_s=60)
-            if eager:  # each task record is still read back, and recognised
-                await until(lambda: w.stats.tasks_echoed >= 3 * N, 30, "the echoes of the eager tasks")
+            if eager:  # each eager task's record is still read back, and recognised
+                await until(
+                    lambda: w.stats.tasks_echoed == w.stats.tasks_eager, 30, "the echoes of the eager tasks"
+                )
             events = await client.events()
         stats = w.stats
     for i in range(N):
@@ -88,7 +90,10 @@ async def test_eager_and_read_back_tasks_record_the_same_runs(broker: str, prefi
             (11, "run.completed", None),
         ], mine
     assert (stats.tasks_started, stats.tasks_skipped) == (3 * N, 0)
-    assert (stats.tasks_eager, stats.tasks_echoed) == ((3 * N, 3 * N) if eager else (0, 0))
+    # Eager: a task starts once its decision commits, unless the reader is quicker than the commit's callback
+    # on a busy machine and starts it from its record (then it is no echo); each attempt runs once either way.
+    assert stats.tasks_echoed == stats.tasks_eager
+    assert stats.tasks_eager >= N if eager else stats.tasks_eager == 0
     assert stats.decisions_early == (N if eager else 0)  # s1 of each run: decided from its request
     # the worker stopped cleanly: every record it read is committed, the echoes included
     t = Topics(prefix)

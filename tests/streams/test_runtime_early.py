@@ -51,8 +51,12 @@ async def test_only_a_request_starts_its_task_before_the_commit(broker: str, pre
             states = await client.wait_terminal(ids, wait_s=60)
         stats = w.stats
     assert {s.status for s in states.values()} == {"completed"}
-    # s1 of each run started early (decided from its request); s2 and s3 from s1's and s2's results: never
-    assert (stats.decisions_early, stats.tasks_eager) == (N, 3 * N)
+    # s1 of each run started early (decided from its request); s2 and s3 from s1's and s2's results: never.
+    # A task started after its commit may start from its own record read back instead (eager=False) when
+    # the reader is quicker than the commit's callback on a busy machine; either way each attempt runs once.
+    assert stats.decisions_early == N
+    assert stats.tasks_started == 3 * N
+    assert stats.tasks_eager >= N  # the early ones at least: their records cannot be read before the commit
 
 
 async def test_a_fast_first_step_commits_in_the_request_s_transaction(broker: str, prefix: str) -> None:
