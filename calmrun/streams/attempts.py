@@ -64,6 +64,11 @@ class Attempts:
         if len(self._first) > 100_000:  # tasks noted but never run (their partition moved): forget them
             self._first.clear()
 
+    @property
+    def noted_first(self) -> int:
+        """First runs noted and not yet run here (0 once a quiet worker's attempts have all run)."""
+        return len(self._first)
+
     async def run(self, task: StepTask, scrub: Callable[[str], str]) -> StepResult:
         """Run ``task``'s agent once; ``scrub`` redacts its failure's log line."""
         run = functools.partial(

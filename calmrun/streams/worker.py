@@ -397,7 +397,14 @@ class Worker:
         or before (``committed`` False) where a crash can only repeat that decision."""
         if p not in self.parts.owned or self._stopped.is_set():
             return []
-        mine = [(out, task) for out, task in tasks if out.topic in self._local]  # not a pool's
+        # not a pool's, not already running here (read back before this callback), still awaited
+        mine = [
+            (out, task)
+            for out, task in tasks
+            if out.topic in self._local
+            and task.idempotency_key not in self.tasks
+            and self.parts.awaited(p, task)
+        ]
         if committed:  # a first run whose decision is committed never ran anywhere: its journal is empty
             self.attempts.first_runs((t, self.parts.state(p, t.run_id)) for _, t in mine)
         return list(self.tasks.start_eager(p, mine, self.parts.awaited))
