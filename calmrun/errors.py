@@ -214,6 +214,17 @@ class WorkerError(CalmrunError):
     """The worker cannot go on (a produce failed after its retries); uncommitted input is re-delivered."""
 
 
+class WriterBrokenError(WorkerError):
+    """A partition writer's producer stopped sending (aiokafka's sender routine ended, e.g. on a connection
+    closed by a dying broker mid-lookup): the worker takes the partition over again with a new producer."""
+
+    retriable: ClassVar[bool] = True
+
+    def __init__(self, partition: int, cause: BaseException | None) -> None:
+        super().__init__(f"partition {partition}: its transactional producer stopped sending ({cause!r})")
+        self.partition = partition
+
+
 class KafkaAuthError(CalmrunError):
     """The broker refused this client's connection: TLS, SASL or the protocol itself does not match.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
-from calmrun.errors import DecodeError
+from calmrun.errors import DecodeError, WriterBrokenError
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics
 from calmrun.streams.offsets import OffsetTracker
@@ -36,6 +37,9 @@ from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
 
+RETAKES, RETAKE_WINDOW_S = 3, 60.0
+"""A partition whose producer broke is taken over again at most this often in this window, then we stop."""
+
 
 @dataclass
 class _Held:
@@ -49,6 +53,7 @@ class PartitionCounts:
     restored_partitions: int = 0
     kept_partitions: int = 0  # given back by a rebalance with their runs still in memory
     fenced: int = 0  # lost because another worker took them over (its writes were refused)
+    retaken: int = 0  # taken over again by this worker because their producer broke (WriterBrokenError)
 
 
 class Partitions:
@@ -89,6 +94,7 @@ class Partitions:
         self.stable.set()
         self._rebalancing = False
         self._lock = asyncio.Lock()
+        self._retakes: dict[int, list[float]] = {}  # partition -> monotonic times it was taken over again
         self.tick = 0.0  # loop time the watchdog last ran: a long gap means this process was paused
         self.on_assigned: Callable[[], None] = lambda: None  # after each assignment (streams.versions)
         self.assigned_once = asyncio.Event()  # the group gave this worker its partitions, all restored
@@ -142,12 +148,17 @@ class Partitions:
             self._offsets.forget(parts)
             self._timers.drop(parts)
 
-    async def assigned(self, parts: set[int]) -> None:
-        """Take ``parts`` over: fence their previous owner, restore the runs not held, resume fetching."""
+    async def assigned(self, parts: set[int], *, retake: bool = False) -> None:
+        """Take ``parts`` over: fence their previous owner, restore the runs not held, resume fetching.
+
+        ``retake``: not a rebalance but a partition this worker owns whose producer broke (``lost``); it
+        is skipped when a rebalance began meanwhile or the group no longer gives us ``parts``."""
         # aiokafka applies the assignment before it awaits this callback, so fetching may already run:
         # records of a partition not yet owned are rewound by the intake
         async with self._lock:
             assert self.consumer is not None and self.restorer is not None
+            if retake and (self._rebalancing or not self._assigned_to_us(parts)):
+                return
             for p in set(self._held) - parts:
                 self._held.pop(p)
                 await self._tasks.cancel({p})
@@ -237,12 +248,24 @@ class Partitions:
         self._timers.drop({p})
 
     def lost(self, p: int, exc: BaseException) -> None:
-        """A transaction of ``p`` failed: fenced means another worker owns it now; anything else stops us."""
+        """A transaction of ``p`` failed: fenced means another worker owns it now; a broken producer is
+        replaced (``p`` is taken over again, as on an assignment); anything else stops us."""
+        if isinstance(exc, WriterBrokenError) and self._may_retake(p):
+            log.warning("%s: taking partition %d over again with a new producer", exc, p)
+            writer = self._drop(p)
+            asyncio.get_running_loop().create_task(self._retake(p, writer))
+            return
         if not isinstance(exc, FENCED):
             self._on_failed(exc)
             return
         self.counts.fenced += 1
         log.warning("partition %d was taken over by another worker (%r): dropping its runs", p, exc)
+        writer = self._drop(p)
+        if writer is not None:
+            asyncio.get_running_loop().create_task(writer.close())
+
+    def _drop(self, p: int) -> PartitionWriter | None:
+        """Stop deciding ``p`` and forget its runs; returns its writer, to close."""
         self.owned.discard(p)
         writer = self.writers.pop(p, None)
         if self.consumer is not None:
@@ -250,8 +273,33 @@ class Partitions:
                 self.consumer.pause(*self.input_tps(p))
         self._tasks.cancel_now(p)
         self.discard(p)
+        return writer
+
+    def _may_retake(self, p: int) -> bool:
+        """At most ``RETAKES`` per partition in ``RETAKE_WINDOW_S``; past that the worker stops instead."""
+        now = time.monotonic()
+        recent = self._retakes[p] = [t for t in self._retakes.get(p, []) if now - t < RETAKE_WINDOW_S]
+        if len(recent) >= RETAKES:
+            return False
+        recent.append(now)
+        return True
+
+    async def _retake(self, p: int, writer: PartitionWriter | None) -> None:
+        """Take ``p`` over again, as an assignment does: a new producer under the same transactional id
+        settles the broken one's open transaction; the runs are restored; the inputs re-read from the
+        committed offsets."""
         if writer is not None:
-            asyncio.get_running_loop().create_task(writer.close())
+            await writer.close()
+        self.counts.retaken += 1
+        try:
+            await self.assigned({p}, retake=True)
+        except Exception as exc:  # the broker is not back yet, or worse: the worker cannot go on
+            self._on_failed(exc)
+
+    def _assigned_to_us(self, parts: set[int]) -> bool:
+        assert self.consumer is not None
+        assignment: set[TopicPartition] = self.consumer.assignment()
+        return {tp for p in parts for tp in self.input_tps(p)} <= assignment
 
     # -- stalls -------------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ class WorkerStats:
     restored_partitions: int = 0
     kept_partitions: int = 0  # partitions given back by a rebalance with their runs still in memory
     fenced: int = 0  # partitions lost because another worker took them over (their writes were refused)
+    retaken: int = 0  # partitions this worker took over again because their producer broke
     transactions: int = 0
     rejected: int = 0  # refused run requests answered under their run ID (streams.refusals)
     results_malformed: int = 0  # malformed results that failed the attempt they answer
@@ -65,6 +66,7 @@ def snapshot(
         restored_partitions=parts.restored_partitions,
         kept_partitions=parts.kept_partitions,
         fenced=parts.fenced,
+        retaken=parts.retaken,
         transactions=decided.transactions,
         rejected=intake.rejected,
         results_malformed=intake.results_malformed,

@@ -33,6 +33,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import TopicPartition
 
+from calmrun.errors import WriterBrokenError
 from calmrun.streams.records import Out, StateOut
 
 log = logging.getLogger("calmrun.worker")
@@ -126,11 +127,26 @@ class PartitionWriter:
         self._hold_s = hold_s
         self._held: set[asyncio.Future[None]] = set()
         self._held_until = 0.0
+        self._closing = False
+        self._broken: BaseException | None = None  # why the producer's sender ended, if it did
 
     async def start(self) -> None:
         """Initialise the transactional id: aborts the previous owner's open transaction and fences it."""
         await self._producer.start()
         self._task = asyncio.create_task(self._run(), name=f"calmrun-txn-{self.partition}")
+        sender = getattr(getattr(self._producer, "_sender", None), "sender_task", None)  # aiokafka 0.14
+        if isinstance(sender, asyncio.Task):
+            sender.add_done_callback(self._sender_ended)
+
+    def _sender_ended(self, sender: asyncio.Task[Any]) -> None:
+        """aiokafka's sender routine ended while the writer is open: no transaction can finish any more (an
+        operation waiting on it may never return), so the writer fails now, with the sender's error."""
+        if self._closing:
+            return
+        exc = None if sender.cancelled() else sender.exception()
+        self._broken = exc if isinstance(exc, FENCED) else WriterBrokenError(self.partition, exc)
+        if self._task is not None:
+            self._task.cancel()
 
     def add(
         self,
@@ -184,6 +200,7 @@ class PartitionWriter:
 
     async def close(self) -> None:
         """Stop the writer; a transaction not committed by now is aborted by the broker or the next owner."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -212,11 +229,16 @@ class PartitionWriter:
                 if not self._batch:
                     self._idle.set()
         except asyncio.CancelledError:
-            raise
+            if self._broken is None or self._closing:
+                raise
+            self._fail(self._broken)
         except BaseException as exc:
-            self.failed = cause = self._fenced_meanwhile() or exc
-            self._idle.set()
-            self._on_failed(self.partition, cause)
+            self._fail(self._fenced_meanwhile() or exc)
+
+    def _fail(self, cause: BaseException) -> None:
+        self.failed = cause
+        self._idle.set()
+        self._on_failed(self.partition, cause)
 
     def _fenced_meanwhile(self) -> BaseException | None:
         """The fence behind a failure, if the producer was fenced while a transaction was being written.
