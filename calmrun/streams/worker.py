@@ -41,6 +41,7 @@ from calmrun.streams import brokers, clients
 from calmrun.streams.attempts import Attempts
 from calmrun.streams.deciding import Deciding
 from calmrun.streams.intake import Intake
+from calmrun.streams.liveness import Liveness
 from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
@@ -178,6 +179,7 @@ class Worker:
         self._failed: BaseException | None = None
         self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
         self.closing = False  # stop() has run (or is running)
+        self.liveness: Liveness | None = None
 
     @property
     def owned(self) -> set[int]:
@@ -233,6 +235,9 @@ class Worker:
         except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:  # an ACL, TLS/SASL, or no broker
             await self._close_clients()
             raise (await start_error(k, exc)) from exc
+        if self.settings.worker.liveness.enabled:  # a killed peer leaves the group in about a second
+            self.liveness = Liveness(self.settings, self._member_id, self._rejoin)
+            await self.liveness.start()
         if self.metrics is not None:
             await self.metrics.start(self)
         await self.stamps.start()
@@ -257,6 +262,8 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.tasks.cancel(set(range(self.n)))
+        if self.liveness is not None:
+            await self.liveness.stop()
         # what is decided is committed even after a failure: a failed writer's own flush returns at once
         writers = list(self.parts.writers.values())
         with contextlib.suppress(asyncio.TimeoutError):
@@ -401,6 +408,15 @@ class Worker:
         if committed:  # a first run whose decision is committed never ran anywhere: its journal is empty
             self.attempts.first_runs((t, self.parts.state(p, t.run_id)) for _, t in mine)
         return list(self.tasks.start_eager(p, mine, self.parts.awaited))
+
+    def _member_id(self) -> str:
+        coordinator = getattr(self.parts.consumer, "_coordinator", None)  # aiokafka: no public member id
+        return str(getattr(coordinator, "member_id", "") or "")
+
+    def _rejoin(self) -> None:
+        coordinator = getattr(self.parts.consumer, "_coordinator", None)
+        if coordinator is not None and not self.closing:
+            coordinator.request_rejoin()
 
     def _known(self, run_id: str) -> bool:
         return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())
