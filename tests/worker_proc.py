@@ -61,8 +61,8 @@ async def main(args: argparse.Namespace) -> None:
             "session_timeout_s": args.session_timeout,
             "instance_id": args.instance_id,
             "deadline_grace_s": args.deadline_grace,
-            "liveness": {"enabled": args.liveness is not None, "dead_after_s": args.liveness or 1.0},
-        },
+        }
+        | ({"liveness": {"enabled": True, "dead_after_s": args.liveness}} if args.liveness else {}),
     )
     if args.workflow == "people":
         workflows, agents = people_flows(), people_agents()

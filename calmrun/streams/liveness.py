@@ -211,6 +211,14 @@ class Liveness:
             log.warning("liveness stopped: %r; a dead peer now waits for its session timeout", exc)
         finally:
             await asyncio.gather(producer.stop(), reader.stop(), return_exceptions=True)
+            c = self.counts
+            log.info(
+                "liveness stopped: %d beats written, peers' longest silence %.3f s, %d removed, %d refused",
+                c.beats,
+                c.longest_peer_gap_s,
+                c.removed,
+                c.refused,
+            )
 
     async def _send(self, producer: AIOKafkaProducer, *, leaving: bool = False) -> None:
         value = {"group": self.group, "member": self.member(), "instance": self.instance, "leaving": leaving}
@@ -256,10 +264,9 @@ class Liveness:
             else:
                 gap = now - peer.seen
                 peer.longest_gap_s = max(peer.longest_gap_s, gap)
-                if gap > self.counts.longest_peer_gap_s:
-                    self.counts.longest_peer_gap_s = gap
-                    if gap > self.conf.dead_after_s / 2:
-                        log.info("liveness: peer %s beat again after %.2f s", peer.member or who, gap)
+                self.counts.longest_peer_gap_s = max(self.counts.longest_peer_gap_s, gap)
+                if gap > 2 * self.conf.interval_s:  # a late beat: the margin to dead_after_s, measured
+                    log.info("liveness: peer %s beat again after %.2f s", peer.member or who, gap)
             peer.member, peer.instance, peer.seen, peer.echoes = (
                 beat.get("member") or "",
                 beat.get("instance"),
