@@ -15,11 +15,11 @@ Beats are written and read by a thread with an event loop of its own, so a worke
 frozen host) or a cut link falls silent. A live worker removed this way anyway is a zombie like any other:
 its writers are fenced, its consumer rejoins; the cost is a rebalance.
 
-A static member that stops cleanly (SIGTERM) writes a last beat that says so, and is left to its session
-timeout: a planned restart under the same ``group.instance.id`` keeps its partitions without a rebalance
-(KIP-345). A LeaveGroup naming a static member's old member id, after a restart has replaced it, is
-refused by the broker (``FENCED_INSTANCE_ID``): the restarted worker is never removed by its predecessor's
-silence.
+A worker that stops cleanly (SIGTERM) writes a last beat that says so: a dynamic member leaves the group
+itself, a static one is left to its session timeout: a planned restart under the same
+``group.instance.id`` keeps its partitions without a rebalance (KIP-345). A LeaveGroup naming a static
+member's old member id, after a restart has replaced it, is refused by the broker
+(``FENCED_INSTANCE_ID``): the restarted worker is never removed by its predecessor's silence.
 """
 
 from __future__ import annotations
@@ -204,9 +204,10 @@ class Liveness:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
-            if self.instance is not None:  # a static member: leave it to its session timeout (a restart)
-                with contextlib.suppress(KafkaError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self._send(producer, leaving=True), 2)
+            # a clean stop: a dynamic member leaves the group itself; a static one is left to its session
+            # timeout (a restart under the same name keeps its partitions)
+            with contextlib.suppress(KafkaError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._send(producer, leaving=True), 2)
         except KafkaError as exc:  # liveness only hastens a rebalance; the session timeout still applies
             log.warning("liveness stopped: %r; a dead peer now waits for its session timeout", exc)
         finally:
@@ -238,7 +239,12 @@ class Liveness:
 
     async def _watch(self, reader: AIOKafkaConsumer, tp: TopicPartition) -> None:
         while True:
-            batches = await reader.getmany(tp, timeout_ms=round(self.conf.interval_s * 400))
+            try:
+                batches = await reader.getmany(tp, timeout_ms=round(self.conf.interval_s * 400))
+            except KafkaError as exc:  # judges nobody meanwhile: its own beats are not read either
+                log.warning("liveness: reading beats failed: %r", exc)
+                await asyncio.sleep(self.conf.interval_s)
+                continue
             now = time.monotonic()
             for rec in batches.get(tp, []):
                 self._read(rec.key, rec.value, now)

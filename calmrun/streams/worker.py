@@ -262,8 +262,6 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.tasks.cancel(set(range(self.n)))
-        if self.liveness is not None:
-            await self.liveness.stop()
         # what is decided is committed even after a failure: a failed writer's own flush returns at once
         writers = list(self.parts.writers.values())
         with contextlib.suppress(asyncio.TimeoutError):
@@ -274,6 +272,8 @@ class Worker:
         if self.metrics is not None:
             await self.metrics.stop()
         await asyncio.gather(self.stamps.stop(), self.attempts.close())
+        if self.liveness is not None:  # beats until the writers are flushed: peers wait for the leave
+            await self.liveness.stop()
         await self._close_clients()
         self.tracing.close()
 

@@ -18,9 +18,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.client import CoordinationType
 
 from calmrun.check import check_history
 from calmrun.client import Client
+from calmrun.kafka.topics import create_topics
+from calmrun.streams.liveness import LeaveMembers
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import WorkerProcs, branchy, settings_for
 from tests.streams.test_effectively_once import (
@@ -151,3 +155,44 @@ async def test_a_worker_stopped_for_less_than_dead_after_is_not_removed(
     assert {s.status for s in states.values()} == {"completed"}
     report = await check_history(settings.kafka, [branchy()])
     assert report.ok, report.summary()
+
+
+async def test_a_leave_naming_a_replaced_static_member_is_refused(broker: str, prefix: str) -> None:
+    """The safety of removing by member id: once a restart under the same ``group.instance.id`` replaced a
+    member, a LeaveGroup naming the old member id is refused (82, FENCED_INSTANCE_ID) and the new one
+    stays; a member id the group does not know is refused too (25, UNKNOWN_MEMBER_ID)."""
+    settings = settings_for(broker, prefix)
+    topic, group = f"{prefix}.leave", f"{prefix}.leave-group"
+    await create_topics(settings.kafka, {topic: {}})
+
+    def member() -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=broker,
+            group_id=group,
+            group_instance_id="pod-a",
+            session_timeout_ms=30_000,
+        )
+
+    first = member()
+    await first.start()
+    await first.getmany(timeout_ms=2_000)
+    old = first._coordinator.member_id
+    await first.stop()  # a static member sends no LeaveGroup: as if killed
+    second = member()
+    await second.start()
+    try:
+        end = time.monotonic() + 30
+        while not second.assignment():
+            assert time.monotonic() < end, "the restarted member was never assigned"
+            await second.getmany(timeout_ms=200)
+        new = second._coordinator.member_id
+        assert new != old
+        node = await second._client.coordinator_lookup(CoordinationType.GROUP, group)
+        resp = await second._client.send(node, LeaveMembers(group, [(old, "pod-a"), ("nobody", None)]))
+        assert resp.error_code == 0
+        assert [(m[0], m[2]) for m in resp.members] == [(old, 82), ("nobody", 25)]
+        await second.getmany(timeout_ms=1_500)  # a heartbeat at least: still the member, still assigned
+        assert second._coordinator.member_id == new and second.assignment()
+    finally:
+        await second.stop()
