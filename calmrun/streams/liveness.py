@@ -198,12 +198,13 @@ class Liveness:
             await reader.seek_to_end(tp)
             self._started.set()
             tasks = [asyncio.create_task(self._beat(producer)), asyncio.create_task(self._watch(reader, tp))]
-            await self._stop.wait()
-            for t in tasks:
+            stopping = asyncio.create_task(self._stop.wait())
+            await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
+            for t in [*tasks, stopping]:
                 t.cancel()
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await t
+                    await t  # a loop that failed raises here: the worker goes on, its peers' session applies
             # a clean stop: a dynamic member leaves the group itself; a static one is left to its session
             # timeout (a restart under the same name keeps its partitions)
             with contextlib.suppress(KafkaError, asyncio.TimeoutError):
