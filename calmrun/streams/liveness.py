@@ -147,6 +147,21 @@ class Liveness:
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
 
+    @classmethod
+    def of(cls, settings: Settings, consumer: AIOKafkaConsumer) -> Liveness:
+        """The liveness of the worker whose group consumer (started) is ``consumer``."""
+
+        def member() -> str:  # read from the liveness thread: one attribute
+            coordinator = getattr(consumer, "_coordinator", None)  # aiokafka: no public member id
+            return str(getattr(coordinator, "member_id", "") or "")
+
+        def rejoin() -> None:
+            coordinator = getattr(consumer, "_coordinator", None)
+            if coordinator is not None:
+                coordinator.request_rejoin()
+
+        return cls(settings, member, rejoin)
+
     async def start(self) -> None:
         """Create the liveness topic if missing, then start beating and watching in the thread."""
         await create_topics(self.settings.kafka, {self.topic: RETENTION}, "liveness")

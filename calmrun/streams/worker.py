@@ -236,7 +236,7 @@ class Worker:
             await self._close_clients()
             raise (await start_error(k, exc)) from exc
         if self.settings.worker.liveness.enabled:  # a killed peer leaves the group in about a second
-            self.liveness = Liveness(self.settings, self._member_id, self._rejoin)
+            self.liveness = Liveness.of(self.settings, consumer)
             await self.liveness.start()
         if self.metrics is not None:
             await self.metrics.start(self)
@@ -408,15 +408,6 @@ class Worker:
         if committed:  # a first run whose decision is committed never ran anywhere: its journal is empty
             self.attempts.first_runs((t, self.parts.state(p, t.run_id)) for _, t in mine)
         return list(self.tasks.start_eager(p, mine, self.parts.awaited))
-
-    def _member_id(self) -> str:
-        coordinator = getattr(self.parts.consumer, "_coordinator", None)  # aiokafka: no public member id
-        return str(getattr(coordinator, "member_id", "") or "")
-
-    def _rejoin(self) -> None:
-        coordinator = getattr(self.parts.consumer, "_coordinator", None)
-        if coordinator is not None and not self.closing:
-            coordinator.request_rejoin()
 
     def _known(self, run_id: str) -> bool:
         return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())
