@@ -113,6 +113,30 @@ class KafkaSettings(_Frozen):
     )
 
 
+class LivenessSettings(_Frozen):
+    """Failover faster than the session timeout: workers beat on a topic and remove a silent peer from the
+    group (``calmrun.streams.liveness``; docs/performance.md#recovery)."""
+
+    enabled: bool = Field(
+        False,
+        description="beat every interval_s and remove a peer silent for dead_after_s from the group; off: a "
+        "killed worker's partitions move after its session timeout",
+    )
+    interval_s: float = Field(0.25, gt=0, le=5, description="how often a worker writes its liveness beat")
+    dead_after_s: float = Field(
+        1.0,
+        gt=0,
+        description="a peer that wrote no beat for this long, while this worker's own beats kept arriving, "
+        "is removed from the group (a live one so removed is fenced and rejoins: a rebalance)",
+    )
+
+    @model_validator(mode="after")
+    def _beats_per_window(self) -> LivenessSettings:
+        if self.dead_after_s < 3 * self.interval_s:
+            raise ValueError("dead_after_s must be at least 3 interval_s (several beats per window)")
+        return self
+
+
 class WorkerSettings(_Frozen):
     """How a worker runs steps: concurrency, commit cadence, durable deadlines."""
 
@@ -143,6 +167,7 @@ class WorkerSettings(_Frozen):
         "restarted under the same name within the session timeout gets its partitions back without a "
         "rebalance of the group",
     )
+    liveness: LivenessSettings = LivenessSettings()
     gc_threshold: int = Field(
         10_000,
         ge=0,

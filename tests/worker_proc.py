@@ -61,7 +61,8 @@ async def main(args: argparse.Namespace) -> None:
             "session_timeout_s": args.session_timeout,
             "instance_id": args.instance_id,
             "deadline_grace_s": args.deadline_grace,
-        },
+        }
+        | ({"liveness": {"enabled": True, "dead_after_s": args.liveness}} if args.liveness else {}),
     )
     if args.workflow == "people":
         workflows, agents = people_flows(), people_agents()
@@ -150,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instance-id", default=None, help="static group membership")
     p.add_argument("--session-timeout", type=float, default=6.0)
     p.add_argument("--deadline-grace", type=float, default=30.0)
+    p.add_argument("--liveness", type=float, default=None, help="liveness on, a peer dead after this many s")
     p.add_argument("--pool", default=None, help="run an executor of this pool ('none': decide only)")
     p.add_argument("--clock-file", default=None, help="milliseconds added to the worker's clock")
     p.add_argument("--pooled", action="append", default=[], help="STEP=POOL: the step's pool")
@@ -160,4 +162,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(message)s")
     logging.getLogger("calmrun.worker").setLevel(logging.INFO)
     logging.getLogger("calmrun.pool").setLevel(logging.INFO)
+    logging.getLogger("calmrun.liveness").setLevel(logging.INFO)
     asyncio.run(main(parse_args()))

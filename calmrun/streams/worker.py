@@ -41,6 +41,7 @@ from calmrun.streams import brokers, clients
 from calmrun.streams.attempts import Attempts
 from calmrun.streams.deciding import Deciding
 from calmrun.streams.intake import Intake
+from calmrun.streams.liveness import Liveness
 from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
@@ -178,6 +179,7 @@ class Worker:
         self._failed: BaseException | None = None
         self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
         self.closing = False  # stop() has run (or is running)
+        self.liveness: Liveness | None = None
 
     @property
     def owned(self) -> set[int]:
@@ -233,6 +235,9 @@ class Worker:
         except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:  # an ACL, TLS/SASL, or no broker
             await self._close_clients()
             raise (await start_error(k, exc)) from exc
+        if self.settings.worker.liveness.enabled:  # a killed peer leaves the group in about a second
+            self.liveness = Liveness.of(self.settings, consumer)
+            await self.liveness.start()
         if self.metrics is not None:
             await self.metrics.start(self)
         await self.stamps.start()
@@ -267,6 +272,8 @@ class Worker:
         if self.metrics is not None:
             await self.metrics.stop()
         await asyncio.gather(self.stamps.stop(), self.attempts.close())
+        if self.liveness is not None:  # beats until the writers are flushed: peers wait for the leave
+            await self.liveness.stop()
         await self._close_clients()
         self.tracing.close()
 
