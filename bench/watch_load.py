@@ -120,7 +120,8 @@ async def measure(args: argparse.Namespace) -> None:
     if times:
         times.sort()
         print(
-            f"  ApiVersions answer times (last {len(times)}): median {statistics.median(times) * 1000:.1f} ms, "
+            f"  ApiVersions answer times (last {len(times)}): "
+            f"median {statistics.median(times) * 1000:.1f} ms, "
             f"p99 {times[int(len(times) * 0.99)] * 1000:.1f} ms, max {times[-1] * 1000:.1f} ms"
         )
     if fault_at:
