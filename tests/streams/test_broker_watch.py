@@ -1,5 +1,6 @@
 """The broker watch's judgment: a gone broker at once, a silent one past its own deadline while another
-answers, every one silent as a cut-off, no verdict while this process runs late; one stall line and one resume line.
+answers, every one silent as a cut-off, no verdict while this process runs late; one stall line and one
+resume line.
 
 :class:`Liveness` is tried against a real broker, a port where nothing listens and a listener that never
 answers (a broker out of reach behind a proxy, or hung); the judgment and the lines from set states.
