@@ -13,7 +13,8 @@ tells them apart, and the broker watch (``calmrun.streams.brokers``) judges with
 
 The watch adds what one connection cannot know: another broker answering a request sent *after* the silent
 one's (so this process and its network work, and the silence is that broker's), and the lateness of its own
-judging (a process that was not scheduled could not read the answers waiting for it: no verdict then).
+judging (a busy process may not have read an answer waiting for it yet: the silence must be longer by as
+much).
 
 One request is in flight at a time, so a slow broker is asked less often, never more. ApiVersions is the
 cheapest request a broker serves and needs no authentication (SASL allows it before the handshake); on a
@@ -96,9 +97,9 @@ class Liveness:
     def silent_for(self, now: float) -> float:
         return 0.0 if self.waiting_since is None else now - self.waiting_since
 
-    def lost(self, now: float) -> bool:
-        """Gone, or silent past its deadline."""
-        return self.gone or self.silent_for(now) >= self.deadline()
+    def lost(self, now: float, slack: float = 0.0) -> bool:
+        """Gone, or silent past its deadline (and ``slack`` more: this process was late to look)."""
+        return self.gone or self.silent_for(now) - slack >= self.deadline()
 
     def _answered(self, sent: float) -> None:
         self._times.append(self.clock() - sent)

@@ -51,8 +51,6 @@ EVERY = -2
 
 TICK_S = 0.25
 """How often the watch judges the brokers' answers (local work only: no request is sent for it)."""
-LATE_S = 0.5
-"""A judging tick this late means this process was not scheduled: no verdict (answers may wait unread)."""
 METADATA_S = 10.0
 """How often the brokers, leaders and coordinators are read while every broker answers (every interval
 while one is lost or an outage is open, and at once when the lost brokers change)."""
@@ -148,7 +146,7 @@ class BrokerWatch:
         self._leaders: dict[int, dict[str, int]] = {}  # partition -> topic -> leader, as last read
         self._brokers: dict[int, tuple[str, int]] = {}  # as the last metadata named them
         self._looked_up: set[int] | None = None  # the owned partitions whose coordinators were looked up
-        self._hold_until = float("-inf")
+        self._late = 0.0  # how late the last judgment ran
         k = settings.kafka
         self._ssl: Any = client_kwargs(k).get("ssl_context")
         self._fresh_each = k.security.protocol.startswith("SASL_")
@@ -195,7 +193,7 @@ class BrokerWatch:
                 before = self.clock()
                 await asyncio.sleep(TICK_S)
                 lost = self.judge(self.clock(), late=self.clock() - before - TICK_S)
-                if lost is None:
+                if lost is None:  # no broker known yet
                     continue
                 if lost != self.lost:
                     self.lost = lost
@@ -229,19 +227,19 @@ class BrokerWatch:
                 tasks[node] = asyncio.create_task(self.probes[node].run(), name=f"calmrun-liveness-{node}")
 
     def judge(self, now: float, late: float = 0.0) -> set[int] | None:
-        """The lost brokers (``{EVERY}``: none answers), or None: no verdict this time.
+        """The lost brokers (``{EVERY}``: none answers), or None before any broker is known.
 
-        No verdict while this process runs late (a tick more than :data:`LATE_S` late, and one tick after
-        it: answers may be waiting unread). A broker silent past its deadline is lost once another broker
-        answered a request sent after the silent one's (this side works); when every broker is silent or
-        gone, this worker is cut off. A gone broker (nothing listens) is lost at once.
+        A broker silent past its deadline is lost once another broker answered a request sent after the
+        silent one's (this side works); when every broker is silent or gone, this worker is cut off. A gone
+        broker (nothing listens) is lost at once. ``late``: how late this judgment runs (this process was
+        busy, and an answer may be waiting unread for as long): the silence must be longer by as much (the
+        most of this judgment's and the last one's lateness).
         """
-        if late > LATE_S:
-            self._hold_until = now + 2 * TICK_S
-        if now < self._hold_until or not self.probes:
+        slack, self._late = max(late, self._late, 0.0), late
+        if not self.probes:
             return None
         probes = self.probes
-        lost_each = {n for n, p in probes.items() if p.lost(now)}
+        lost_each = {n for n, p in probes.items() if p.lost(now, slack)}
         if lost_each and lost_each == set(probes):
             return {EVERY}
         lost = set()
