@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import logging
 import os
 import re
 import statistics
@@ -54,7 +55,9 @@ def fenced_at(cluster: Any, node: int, after: float) -> float | None:
     return min(found, default=None)
 
 
-async def trial(cluster: Any, settings: Any, topic: str, role: str, hint: bool) -> dict[str, Any]:
+async def trial(
+    cluster: Any, settings: Any, topic: str, role: str, hint: bool, trace: list[tuple[float, str]] | None
+) -> dict[str, Any]:
     from aiokafka.admin import AIOKafkaAdminClient
 
     from calmrun.streams import clients
@@ -116,6 +119,12 @@ async def trial(cluster: Any, settings: Any, topic: str, role: str, hint: bool) 
     def since(at: float | None) -> float | None:
         return None if at is None else round(at - killed, 2)
 
+    if trace is not None:
+        kinds: dict[str, list[float]] = {}
+        for at, msg in trace:
+            kinds.setdefault(re.sub(r"\d+", "N", msg)[:110], []).append(round(at - killed, 2))
+        for msg, ats in sorted(kinds.items(), key=lambda kv: kv[1][0]):
+            print(f"  {ats[0]:7.2f} .. {ats[-1]:7.2f} x{len(ats)} {msg}")
     return {
         "role": role,
         "node": node,
@@ -142,7 +151,13 @@ async def measure(args: argparse.Namespace) -> None:
     settings = load_settings(kafka={"bootstrap": cluster.bootstrap, "prefix": prefix})
     results = []
     for _ in range(args.trials):
-        r = await trial(cluster, settings, topic, args.role, args.hint)
+        trace: list[tuple[float, str]] | None = [] if args.trace else None
+        if trace is not None:
+            handler = logging.Handler(logging.DEBUG)
+            handler.emit = lambda rec, t=trace: t.append((rec.created, rec.getMessage()))  # type: ignore[method-assign]
+            logging.getLogger("aiokafka").addHandler(handler)
+            logging.getLogger("aiokafka").setLevel(logging.DEBUG)
+        r = await trial(cluster, settings, topic, args.role, args.hint, trace)
         print(json.dumps(r), flush=True)
         results.append(r)
     for key in ("fenced", "elected", "written", "client_share"):
@@ -157,6 +172,7 @@ def main() -> None:
     ap.add_argument("--cluster", required=True, help="the data directory of a running DevCluster")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--role", choices=["leader", "txn"], default="leader")
+    ap.add_argument("--trace", action="store_true", help="print aiokafka's log messages around the kill")
     ap.add_argument("--hint", action="store_true", help="force the producer's metadata update when elected")
     args = ap.parse_args()
     asyncio.run(measure(args))
