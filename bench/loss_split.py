@@ -13,9 +13,11 @@ waits for full ISRs. It reports, from the kill:
   ``server.log``, broker time);
 - **elected**: when the metadata (asked of a live node every 50 ms) first names another leader, or the
   coordinator lookup another coordinator;
-- **written**: the end of the producer's longest pause between two commits around the kill (its first
-  commit after it);
-- the client's share: written - elected.
+- **produced**: the producer's first acknowledged record after the last commit before its longest pause
+  between two commits around the kill;
+- **written**: the end of that pause (its first commit after the kill);
+- the client's share: produced - elected (finding the new leader: metadata, retries); and the commit after
+  it: written - produced (the transaction's end: replication to the in-sync follower, the markers).
 
 ``--hint``: when ``elected`` is seen, the producer's client is told at once to read the metadata again
 (``client.force_metadata_update()``), as a watch that sees the leaders move could do.
@@ -67,6 +69,7 @@ async def trial(
     producer = clients.transactional_producer(settings, 0)
     await producer.start()
     commits: list[float] = []
+    sends: list[float] = []
     stop = asyncio.Event()
 
     async def write() -> None:
@@ -74,6 +77,7 @@ async def trial(
             with contextlib.suppress(Exception):  # a failed transaction is retried: the pause is measured
                 async with producer.transaction():
                     await (await producer.send(topic, b"x", partition=0))
+                    sends.append(time.time())
                 commits.append(time.time())
 
     writer = asyncio.create_task(write())
@@ -111,7 +115,8 @@ async def trial(
         await producer.stop()
     around = [t for t in commits if killed - 2 < t]
     gaps = list(itertools.pairwise(around))
-    written = max(gaps, key=lambda ab: ab[1] - ab[0])[1] if gaps else None
+    paused, written = max(gaps, key=lambda ab: ab[1] - ab[0]) if gaps else (None, None)
+    produced = min((t for t in sends if paused is not None and t > paused), default=None)
     fenced = fenced_at(cluster, node, killed)
     await asyncio.to_thread(cluster.restart, node)
     await asyncio.to_thread(cluster.wait_healthy, 180)
@@ -130,8 +135,10 @@ async def trial(
         "node": node,
         "fenced": since(fenced),
         "elected": since(elected),
+        "produced": since(produced),
         "written": since(written),
-        "client_share": None if written is None or elected is None else round(written - elected, 2),
+        "client_share": None if produced is None or elected is None else round(produced - elected, 2),
+        "commit_after_produce": None if written is None or produced is None else round(written - produced, 2),
     }
 
 
@@ -160,7 +167,7 @@ async def measure(args: argparse.Namespace) -> None:
         r = await trial(cluster, settings, topic, args.role, args.hint, trace)
         print(json.dumps(r), flush=True)
         results.append(r)
-    for key in ("fenced", "elected", "written", "client_share"):
+    for key in ("fenced", "elected", "produced", "written", "client_share", "commit_after_produce"):
         values = [r[key] for r in results if r[key] is not None]
         if values:
             print(f"{key}: median {statistics.median(values):.2f} s, {min(values):.2f}-{max(values):.2f} s")
