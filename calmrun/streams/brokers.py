@@ -147,9 +147,8 @@ class BrokerWatch:
         self._brokers: dict[int, tuple[str, int]] = {}  # as the last metadata named them
         self._looked_up: set[int] | None = None  # the owned partitions whose coordinators were looked up
         self._late = 0.0  # how late the last judgment ran
-        k = settings.kafka
-        self._ssl: Any = client_kwargs(k).get("ssl_context")
-        self._fresh_each = k.security.protocol.startswith("SASL_")
+        self._ssl: Any = None  # the TLS context of the clients (set by run)
+        self._fresh_each = settings.kafka.security.protocol.startswith("SASL_")
 
     @classmethod
     def of(cls, worker: Worker) -> BrokerWatch:
@@ -172,11 +171,10 @@ class BrokerWatch:
         open. Runs until cancelled; nothing the cluster does makes it raise."""
         limit_client_logs()
         k = self.settings.kafka
+        auth = client_kwargs(k)
+        self._ssl = auth.get("ssl_context")
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=k.bootstrap,
-            client_id=f"{k.client_id}-watch",
-            request_timeout_ms=5_000,
-            **client_kwargs(k),
+            bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-watch", request_timeout_ms=5_000, **auth
         )
         tasks: dict[int, asyncio.Task[None]] = {}
         try:
@@ -290,6 +288,8 @@ class BrokerWatch:
             async with asyncio.timeout(READ_S):
                 await admin.start()
                 node = live[0] if live else admin._client.get_random_node()
+                if node is None:  # no broker known to the client yet
+                    return
                 meta = (await admin._client.send(node, MetadataRequest(self.topics))).to_object()
                 self._brokers = {b["node_id"]: (b["host"], b["port"]) for b in meta["brokers"]}
                 self._leaders = {}
