@@ -182,7 +182,8 @@ class BrokerWatch:
             while True:
                 now = self.clock()
                 owned_moved = self.owned() != self._looked_up
-                if now >= next_read or (owned_moved and now - read_at >= self.interval_s):
+                due = now >= next_read or (owned_moved and now - read_at >= self.interval_s)
+                if due and self.lost != {EVERY}:  # cut off: no broker to read from (it would only wait)
                     read_at = now
                     await self._read(admin)
                     self._sync(tasks)
