@@ -273,8 +273,7 @@ class BrokerWatch:
                 if what == "group":
                     entry[0].update(owned)
                     entry[1].add("group coordinator")
-                elif int(what.rsplit(".", 1)[-1]) in owned:
-                    p = int(what.rsplit(".", 1)[-1])
+                elif (p := int(what.rsplit(".", 1)[-1])) in owned:  # looked up while it was owned
                     entry[0].add(p)
                     entry[1].add(f"transaction coordinator of partition {p}")
         self._report(lost, waits)
