@@ -13,9 +13,14 @@ import pytest
 
 from calmrun.devkafka import DevKafka
 from calmrun.localproc import free_port
+from tests.fault_bound import FaultBound
 
 if TYPE_CHECKING:
     from tests.runtime_support import WorkerProcs
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(FaultBound(), "calmrun-fault-bound")  # the fault marker's bound
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,16 @@ timeout, 9 s by default), and a coordinator on it (the group's, a partition writ
 nobody. aiokafka retries all of that on its own and logs a connection error per attempt (thousands per
 outage) while calmrun's own loggers are silent: a waiting worker looks like a broken one.
 
-:class:`BrokerWatch` polls once a second: the cluster's metadata (brokers, the leaders of this worker's
-topics) through its own admin client, one TCP connect per broker, and the group and transaction
-coordinators. It logs one line when owned partitions stall on a missing broker (which node, which
-partitions and why, since when) and one when they resume, and exports ``calmrun_stalled_partitions``.
+:class:`BrokerWatch` asks each broker once a second whether it answers (an ApiVersions request on a
+connection of its own, :class:`~calmrun.kafka.liveness.Liveness`) and judges the answers four times a
+second; it reads the cluster's metadata (brokers, the leaders of this worker's topics) and the group and
+transaction coordinators every 10 s, at once when a broker is lost or back, and every second while one is.
+A broker is lost when nothing listens at its address (a refused or closed connection: at once) or when it
+is silent past its own deadline (2 s, longer for a broker that has been answering slowly) while another
+broker answers; every broker silent or gone is a cut-off. It logs one line when owned partitions stall on a
+lost broker (which node, which partitions and why, since when) and one when they resume, and exports
+``calmrun_stalled_partitions``.
+
 :class:`RateLimit` lets one of aiokafka's repeated warnings and errors through per message per window and
 counts the rest (the resume line says how many).
 """
@@ -18,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,10 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.coordination import FindCoordinatorRequest
+from aiokafka.protocol.metadata import MetadataRequest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.liveness import Liveness
 from calmrun.settings import Settings
 from calmrun.streams.txn import transactional_id
 
@@ -41,8 +49,13 @@ log = logging.getLogger("calmrun.brokers")
 EVERY = -2
 """The outage of every broker at once (this worker cut off from the cluster), as a node ID."""
 
-PROBE_S = 2.0
-"""How long one TCP connect to a broker may take before the broker counts as unreachable."""
+TICK_S = 0.25
+"""How often the watch judges the brokers' answers (local work only: no request is sent for it)."""
+METADATA_S = 10.0
+"""How often the brokers, leaders and coordinators are read while every broker answers (every interval
+while one is lost or an outage is open, and at once when the lost brokers change)."""
+READ_S = 5.0
+"""How long one read of the metadata and coordinators may take."""
 
 
 class RateLimit(logging.Filter):
@@ -111,7 +124,7 @@ class BrokerWatch:
         topics: the topics whose partition leaders matter (inputs, events, state).
         owned: the partitions this worker owns now.
         group: the consumer group (its coordinator) and the prefix of the writers' transactional IDs.
-        interval_s: how often to look.
+        interval_s: how often each broker is asked whether it answers (one ApiVersions request).
     """
 
     def __init__(
@@ -127,12 +140,15 @@ class BrokerWatch:
         self.interval_s, self.clock = interval_s, clock
         self.outages: dict[int, Outage] = {}
         self.stalled: set[int] = set()
+        self.probes: dict[int, Liveness] = {}
+        self.lost: set[int] = set()
         self._coordinators: dict[str, int] = {}
-        self._looked_up = float("-inf")
-        self._timeouts: dict[int, int] = {}  # node -> connect timeouts in a row
+        self._leaders: dict[int, dict[str, int]] = {}  # partition -> topic -> leader, as last read
         self._brokers: dict[int, tuple[str, int]] = {}  # as the last metadata named them
-        self._tls = settings.kafka.security.protocol in ("SSL", "SASL_SSL")
-        self._failed_since: tuple[float, float] | None = None  # (wall, clock) the first failed poll began
+        self._looked_up: set[int] | None = None  # the owned partitions whose coordinators were looked up
+        self._late = 0.0  # how late the last judgment ran
+        self._ssl: Any = None  # the TLS context of the clients (set by run)
+        self._fresh_each = settings.kafka.security.protocol.startswith("SASL_")
 
     @classmethod
     def of(cls, worker: Worker) -> BrokerWatch:
@@ -150,113 +166,163 @@ class BrokerWatch:
         return watch
 
     async def run(self) -> None:
-        """Poll until cancelled; a poll that fails (the cluster is away) is tried again next time."""
+        """Judge every :data:`TICK_S` from the brokers' answers; read the metadata (brokers, leaders,
+        coordinators) every :data:`METADATA_S`, and every interval while a broker is lost or an outage is
+        open. Runs until cancelled; nothing the cluster does makes it raise."""
         limit_client_logs()
         k = self.settings.kafka
+        auth = client_kwargs(k)
+        self._ssl = auth.get("ssl_context")
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=k.bootstrap,
-            client_id=f"{k.client_id}-watch",
-            request_timeout_ms=5_000,
-            **client_kwargs(k),
+            bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-watch", request_timeout_ms=5_000, **auth
         )
+        tasks: dict[int, asyncio.Task[None]] = {}
         try:
-            started = False
+            read_at = next_read = float("-inf")
             while True:
-                began = (time.time(), self.clock())  # a failed poll dates a cut-off from here, not its end
-                try:
-                    if not started:
-                        await asyncio.wait_for(admin.start(), 10)
-                        started = True
-                    await asyncio.wait_for(self.poll(admin), 10)
-                    self._failed_since = None
-                except (TimeoutError, KafkaError, OSError):  # a request failed: cut off, or one node gone
-                    # a request sent to a node just lost fails too: cut off only when no broker answers
-                    self._failed_since = self._failed_since or began
-                    probes = await asyncio.gather(
-                        *(_probe(h, p, self._tls) for h, p in self._brokers.values())
-                    )
-                    if not any(r == "ok" for r in probes):
-                        self._cut_off()
-                await asyncio.sleep(self.interval_s)
+                now = self.clock()
+                owned_moved = self.owned() != self._looked_up
+                due = now >= next_read or (owned_moved and now - read_at >= self.interval_s)
+                if due and self.lost != {EVERY}:  # cut off: no broker to read from (it would only wait)
+                    read_at = now
+                    await self._read(admin)
+                    self._sync(tasks)
+                    busy = self.lost or any(not o.resumed for o in self.outages.values())
+                    next_read = read_at + (self.interval_s if busy or not self._brokers else METADATA_S)
+                before = self.clock()
+                await asyncio.sleep(TICK_S)
+                lost = self.judge(self.clock(), late=self.clock() - before - TICK_S)
+                if lost is None:  # no broker known yet
+                    continue
+                if lost != self.lost:
+                    self.lost = lost
+                    if lost != {EVERY}:  # the leaders and coordinators as of now, from a broker that answers
+                        read_at = self.clock()
+                        await self._read(admin)
+                    next_read = read_at + self.interval_s
+                self._judged(lost)
         finally:
-            await admin.close()
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await admin.close()
 
-    def _cut_off(self) -> None:
-        """No broker answered this poll: the owned partitions wait on every broker (outages already
-        reported stay as they are)."""
-        owned = self.owned()
-        waits = {n: (o.partitions, o.roles) for n, o in self.outages.items() if not o.resumed}
-        if owned:
-            waits[EVERY] = (owned, {"no broker answers"})
-        self._report({EVERY, *self.outages}, {}, waits)
-        self.stalled = set(owned)
+    def _sync(self, tasks: dict[int, asyncio.Task[None]]) -> None:
+        """One :class:`Liveness` per broker the metadata names (a moved address gets a new one)."""
+        for node, (host, port) in self._brokers.items():
+            p = self.probes.get(node)
+            if p is None or (p.host, p.port) != (host, port):
+                if node in tasks:
+                    tasks.pop(node).cancel()
+                self.probes[node] = Liveness(
+                    host,
+                    port,
+                    ssl_context=self._ssl,
+                    fresh_each=self._fresh_each,
+                    interval_s=self.interval_s,
+                    clock=self.clock,
+                )
+                tasks[node] = asyncio.create_task(self.probes[node].run(), name=f"calmrun-liveness-{node}")
 
-    async def poll(self, admin: Any) -> None:
-        """One look: brokers, reachability, leaders, coordinators; logs what changed."""
-        meta = await admin.describe_cluster()
-        brokers = self._brokers = {b["node_id"]: (b["host"], b["port"]) for b in meta["brokers"]}
-        probes = await asyncio.gather(*(_probe(h, p, self._tls) for h, p in brokers.values()))
-        down = self._judge_probes(dict(zip(brokers, probes, strict=True)))
+    def judge(self, now: float, late: float = 0.0) -> set[int] | None:
+        """The lost brokers (``{EVERY}``: none answers), or None before any broker is known.
+
+        A broker silent past its deadline is lost once another broker answered a request sent after the
+        silent one's (this side works); when every broker is silent or gone, this worker is cut off. A gone
+        broker (nothing listens) is lost at once. ``late``: how late this judgment runs (this process was
+        busy, and an answer may be waiting unread for as long): the silence must be longer by as much (the
+        most of this judgment's and the last one's lateness).
+        """
+        slack, self._late = max(late, self._late, 0.0), late
+        if not self.probes:
+            return None
+        probes = self.probes
+        lost_each = {n for n, p in probes.items() if p.lost(now, slack)}
+        if lost_each and lost_each == set(probes):
+            return {EVERY}
+        lost = set()
+        for n in lost_each:
+            p = probes[n]
+            since = p.waiting_since if p.waiting_since is not None else now
+            if p.gone or any(m.answered_sent >= since for k, m in probes.items() if k != n):
+                lost.add(n)
+        return lost
+
+    def _judged(self, lost: set[int]) -> None:
+        """Report what ``lost`` means for the owned partitions (the stall and resume lines)."""
         owned = self.owned()
-        leaders: dict[int, dict[str, int]] = {}
-        for t in await admin.describe_topics(self.topics):
-            for part in t.get("partitions", ()):
-                if part["partition"] in owned:
-                    leaders.setdefault(part["partition"], {})[t["topic"]] = part["leader"]
-        if down or self.clock() - self._looked_up > 10:
-            await self._lookup_coordinators(admin, owned)
         waits: dict[int, tuple[set[int], set[str]]] = {}  # node -> (partitions, roles)
-        for p, by_topic in leaders.items():
+        if lost == {EVERY}:
+            waits = {n: (o.partitions, o.roles) for n, o in self.outages.items() if not o.resumed}
+            if owned:
+                waits[EVERY] = (owned, {"no broker answers"})
+            self._report({EVERY, *self.outages}, waits)
+            self.stalled = set(owned)
+            return
+        for p, by_topic in self._leaders.items():
+            if p not in owned:
+                continue
             for topic, node in by_topic.items():
-                if node in down or node < 0:
+                if node in lost or node < 0:
                     waits.setdefault(node, (set(), set()))[0].add(p)
                     waits[node][1].add(f"leader of {topic.rsplit('.', 1)[-1]}")
         for what, node in self._coordinators.items():
-            if node in down:
+            if node in lost:
                 entry = waits.setdefault(node, (set(), set()))
                 if what == "group":
                     entry[0].update(owned)
                     entry[1].add("group coordinator")
-                else:
-                    p = int(what.rsplit(".", 1)[-1])
+                elif (p := int(what.rsplit(".", 1)[-1])) in owned:  # looked up while it was owned
                     entry[0].add(p)
                     entry[1].add(f"transaction coordinator of partition {p}")
-        self._report(down, brokers, waits)
+        self._report(lost, waits)
         self.stalled = {p for parts, _ in waits.values() for p in parts} & owned
 
-    def _judge_probes(self, probes: dict[int, str]) -> set[int]:
-        """The nodes to count as down: a refused connection at once (nothing listens: the process is gone);
-        a connect that timed out twice in a row (a partition, or this process too busy to tell). When every
-        probe timed out, this process was stalled (the metadata it just read came from a broker): no
-        verdict."""
-        if probes and all(r == "timeout" for r in probes.values()):
-            return {n for n in self.outages if n in probes}
-        for node, result in probes.items():
-            self._timeouts[node] = self._timeouts.get(node, 0) + 1 if result in ("timeout", "closed") else 0
-        return {n for n, r in probes.items() if r == "refused" or self._timeouts[n] >= 2}
+    async def _read(self, admin: Any) -> None:
+        """The brokers and the leaders of the watched topics (one Metadata request), then the group's and
+        the owned partitions' transaction coordinators, from a broker that answers; nothing changes when
+        none does."""
+        live = [n for n, p in self.probes.items() if not p.lost(self.clock())]
+        try:
+            async with asyncio.timeout(READ_S):
+                await admin.start()
+                node = live[0] if live else admin._client.get_random_node()
+                if node is None:  # no broker known to the client yet
+                    return
+                meta = (await admin._client.send(node, MetadataRequest(self.topics))).to_object()
+                self._brokers = {b["node_id"]: (b["host"], b["port"]) for b in meta["brokers"]}
+                self._leaders = {}
+                for t in meta["topics"]:
+                    for part in t.get("partitions", ()):
+                        self._leaders.setdefault(part["partition"], {})[t["topic"]] = part["leader"]
+                owned = self.owned()
+                keys = {"group": (self.group, 0)}
+                keys |= {f"tx.{p}": (transactional_id(self.group, p), 1) for p in owned}
+                found: dict[str, int] = {}
+                for what, (key, kind) in keys.items():
+                    answer = await admin._client.send(node, FindCoordinatorRequest(key, kind))
+                    if not answer.error_code:
+                        found[what] = int(answer.coordinator_id)
+                self._coordinators, self._looked_up = found, owned
+        except (TimeoutError, KafkaError, OSError) as exc:  # tried again at the next read
+            log.debug("broker watch: metadata not read (%r)", exc)
 
-    async def _lookup_coordinators(self, admin: Any, owned: set[int]) -> None:
-        self._looked_up = self.clock()
-        keys = {"group": (self.group, 0)}
-        keys |= {f"tx.{p}": (transactional_id(self.group, p), 1) for p in owned}
-        found: dict[str, int] = {}
-        for what, (key, kind) in keys.items():
-            with contextlib.suppress(KafkaError):
-                found[what] = int(await admin.find_coordinator(key, kind))
-        self._coordinators = found
-
-    def _report(
-        self, down: set[int], brokers: dict[int, tuple[str, int]], waits: dict[int, tuple[set[int], set[str]]]
-    ) -> None:
+    def _report(self, down: set[int], waits: dict[int, tuple[set[int], set[str]]]) -> None:
         now, wall = self.clock(), time.time()
         active = down | set(waits)  # unreachable, or named as a leader it cannot be (-1: none elected)
         for node in active - set(self.outages):
-            address = ":".join(map(str, brokers[node])) if node in brokers else "no leader elected"
-            if node == EVERY:
-                since_wall, since = self._failed_since or (wall, now)
-                self.outages[node] = Outage(node, "no broker answers", since_wall, since)
+            if node == EVERY:  # dated from when the first broker fell silent
+                began = [p.waiting_since for p in self.probes.values() if p.waiting_since is not None]
+                since = min(began, default=now)
+                self.outages[node] = Outage(node, "no broker answers", wall - (now - since), since)
             else:
-                self.outages[node] = Outage(node, address, wall, now)
+                p = self.probes.get(node)
+                since = p.waiting_since if p is not None and p.waiting_since is not None else now
+                address = (
+                    ":".join(map(str, self._brokers[node])) if node in self._brokers else "no leader elected"
+                )
+                self.outages[node] = Outage(node, address, wall - (now - since), since)
         for node, outage in list(self.outages.items()):
             parts, roles = waits.get(node, (set(), set()))
             if parts and not outage.partitions:  # the stall line: once per outage
@@ -290,36 +356,6 @@ def _why_resumed(node: int, outage: Outage, down: set[int], owned: set[int]) -> 
     if not outage.partitions & owned:
         return "this worker no longer owns them"  # the group moved them while this worker was cut off
     return "leaders and coordinators moved" if node in down else "broker back"
-
-
-async def _probe(host: str, port: int, tls: bool = False) -> str:
-    """``ok`` (a broker reacted), ``refused`` (nothing listens there), ``closed`` (a plaintext listener
-    hung up without an answer: a proxy whose broker is out of reach) or ``timeout`` (no reaction within
-    :data:`PROBE_S`). It sends an ApiVersions request and waits for any reaction (an answer, or a TLS
-    listener closing the connection on it): behind a proxy a bare connect would succeed while the broker
-    is out of reach."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_S)
-    except TimeoutError:
-        return "timeout"
-    except OSError:
-        return "refused"
-    try:
-        client = b"calmrun-probe"
-        request = struct.pack(">hhih", 18, 0, 1, len(client)) + client  # ApiVersions v0, correlation 1
-        writer.write(struct.pack(">i", len(request)) + request)
-        await asyncio.wait_for(writer.drain(), PROBE_S)
-        answer = await asyncio.wait_for(reader.read(4), PROBE_S)
-        # a TLS listener closes the connection on our plaintext: that is its answer; a plaintext one answers
-        return "ok" if answer or tls else "closed"
-    except TimeoutError:
-        return "timeout"
-    except OSError:
-        return "ok"  # reset on our bytes: something is there and reacted
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 class _Stalled(Collector):

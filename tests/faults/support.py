@@ -123,9 +123,24 @@ def recovery(records: list[Any], at_s: float, affected: set[int]) -> tuple[float
     return waited, gap
 
 
-def log_lines(procs: WorkerProcs, pattern: str) -> list[str]:
-    found = []
+def said_after(procs: WorkerProcs, pattern: str, at_s: float) -> dict[str, float]:
+    """Per worker, how long after ``at_s`` (epoch seconds) its log's first line matching ``pattern`` came
+    (from the line's own time stamp, ``%(asctime)s``); measured, never asserted."""
+    out = {}
     for n in NAMES:
+        for line in log_lines(procs, pattern, (n,)):
+            stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+            if stamp:
+                when = time.mktime(time.strptime(stamp[1], "%Y-%m-%d %H:%M:%S")) + int(stamp[2]) / 1000
+                if when >= at_s:
+                    out[n] = round(when - at_s, 1)
+                    break
+    return out
+
+
+def log_lines(procs: WorkerProcs, pattern: str, names: tuple[str, ...] = NAMES) -> list[str]:
+    found = []
+    for n in names:
         path: Path = procs.dir / f"{n}.log"
         text = path.read_text(errors="replace") if path.exists() else ""
         found += [line for line in text.splitlines() if re.search(pattern, line)]
@@ -199,6 +214,7 @@ async def scenario(
             f"the last at {max((r.timestamp for r in records), default=None)} ms)"
         )
     extra["affected"] = sorted(affected)
+    extra["stall_line_after_s"] = said_after(procs, r"calmrun\.brokers .* wait on it", at)
     extra["events_after_fault"] = {
         p: sum(1 for r in records if r.partition == p and r.timestamp > at * 1000) for p in range(PARTITIONS)
     }
