@@ -419,6 +419,7 @@ class Worker:
         """
         if not self._unrecorded or self._stopped.is_set():
             return
+        resumed = 0
         for p in sorted(parts & self.parts.owned):
             table = self.parts.runs.get(p)
             for _, state in table.live() if table is not None else ():
@@ -426,7 +427,8 @@ class Worker:
                 if wf is None or not self.pins.serves(state):
                     continue
                 tasks = [(task_out(self.topics, self.codec, p, t), t) for t in awaited_tasks(wf, state)]
-                self.tasks.resume(p, [(out, t) for out, t in tasks if out.topic in self._unrecorded])
+                resumed += self.tasks.resume(p, [(o, t) for o, t in tasks if o.topic in self._unrecorded])
+        log.info("partitions %s taken over: %d attempts resumed from states", sorted(parts), resumed)
 
     def _known(self, run_id: str) -> bool:
         return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())
