@@ -124,8 +124,8 @@ class WorkerSettings(_Frozen):
     )
     eager: bool = Field(
         True,
-        description="run a task this worker just scheduled at once; its record is still written and its "
-        "echo recognised (Temporal's eager activity execution)",
+        description="run a task this worker just scheduled at once (Temporal's eager activity execution); "
+        "off, every task is written and read back",
     )
     early: bool = Field(True, description="start a task decided from a re-delivered input before it commits")
     task_records: bool = Field(
