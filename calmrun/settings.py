@@ -148,10 +148,16 @@ class WorkerSettings(_Frozen):
     )
     eager: bool = Field(
         True,
-        description="run a task this worker just scheduled at once; its record is still written and its "
-        "echo recognised (Temporal's eager activity execution)",
+        description="run a task this worker just scheduled at once (Temporal's eager activity execution); "
+        "off, every task is written and read back",
     )
     early: bool = Field(True, description="start a task decided from a re-delivered input before it commits")
+    task_records: bool = Field(
+        False,
+        description="write a task record for the steps this worker runs itself (eagerly) too; off: none is "
+        "written, and a new owner re-issues the attempts a restored state awaits (a pool's tasks are "
+        "always written)",
+    )
     inline_wait_ms: float = Field(5.0, ge=0, description="how long a commit waits for tasks started early")
     commit_interval_s: float = Field(1.0, gt=0)
     timer_interval_s: float = Field(0.2, gt=0, description="how often due retries and deadlines are checked")

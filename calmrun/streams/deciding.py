@@ -13,6 +13,12 @@ same attempt and idempotency key, so an agent is started again only under the ke
 next transaction waits a little for such tasks (``worker.inline_wait_ms``): a fast step's result then commits
 with the decision that scheduled it, one commit cycle fewer on the run's path. A task decided from a local
 result still starts only once that decision is committed (a re-run could return another result).
+
+The tasks of the steps this worker runs itself are not written to their step topic (``worker.task_records``
+off, the default): the transaction holds the events and the state, and the state says which attempts the
+run awaits. A crash after the commit loses nothing: the new owner restores the state and starts those
+attempts again (``awaited_tasks``, ``Worker.resume``) under the same attempt and idempotency key. A pool's
+tasks are always written: its executors read them.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class Deciding:
         start_tasks: starts the given tasks of a decision at once, unless run already (the flag: is the
             decision committed yet); returns what it started (each done once its result is decided).
         tracing: told of each decision, which it traces once committed (``calmrun.tracing``).
+        unrecorded: the step topics whose tasks are not written: this worker starts them itself (eagerly),
+            and a new owner from the restored state (``worker.task_records``).
     """
 
     def __init__(
@@ -75,8 +83,10 @@ class Deciding:
         metrics: WorkerMetrics | None,
         start_tasks: Callable[[int, list[tuple[Out, StepTask]], bool], list[Future[None]]],
         tracing: Tracing = NO_TRACING,
+        unrecorded: frozenset[str] = frozenset(),
     ) -> None:
         self.settings, self.topics, self.codec = settings, topics, codec
+        self._unrecorded = unrecorded
         self._parts, self._timers, self._redactor = partitions, timers, redactor
         self._clock, self._metrics, self._start_tasks = clock, metrics, start_tasks
         self.counts = DecisionCounts()
@@ -112,7 +122,7 @@ class Deciding:
         assert d.state is not None
         encoded = self._parts.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
         tasks = [(task_out(self.topics, self.codec, p, t, self.tracing.task_headers(t)), t) for t in d.tasks]
-        outputs += [out for out, _ in tasks]
+        outputs += [out for out, _ in tasks if out.topic not in self._unrecorded]  # see the module docstring
         outputs += [self.request_out(r) for r in d.requests]  # child runs: start, cancel, tell the parent
         if d.quarantine is not None:
             q = d.quarantine

@@ -97,6 +97,7 @@ class Partitions:
         self._retakes: dict[int, list[float]] = {}  # partition -> monotonic times it was taken over again
         self.tick = 0.0  # loop time the watchdog last ran: a long gap means this process was paused
         self.on_assigned: Callable[[], None] = lambda: None  # after each assignment (streams.versions)
+        self.on_taken: Callable[[set[int]], None] = lambda parts: None  # partitions newly owned (resume)
         self.assigned_once = asyncio.Event()  # the group gave this worker its partitions, all restored
         self.restoring: set[int] = set()  # being taken over now (fenced, restored, positioned)
 
@@ -197,6 +198,7 @@ class Partitions:
         self._rebalancing = False
         self.stable.set()
         self.on_assigned()
+        self.on_taken(new)
         log.info(
             "partitions assigned: %s (restored %s, kept %s; %d runs restored so far)",
             sorted(parts),

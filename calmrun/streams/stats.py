@@ -22,6 +22,7 @@ class WorkerStats:
     tasks_eager: int = 0
     decisions_early: int = 0  # decisions whose tasks started before they committed (worker.early)
     tasks_echoed: int = 0
+    tasks_resumed: int = 0  # attempts a restored state awaited, started with no task record
     tasks_skipped: int = 0
     decisions: int = 0
     ignored: int = 0
@@ -53,6 +54,7 @@ def snapshot(
         tasks_eager=tasks.eager,
         decisions_early=decided.early,
         tasks_echoed=tasks.echoed,
+        tasks_resumed=tasks.resumed,
         tasks_skipped=intake.tasks_skipped,
         decisions=decided.decisions,
         ignored=decided.ignored,

@@ -1,11 +1,12 @@
 """The task runner: step attempts executing in one worker, at most ``max_in_flight`` at once.
 
-A task starts from a task record read back from its step topic, or at once when the decision that
-scheduled it is committed here (eager). Either way every record of a running attempt (its own, a copy
-re-issued after a deadline) finishes with the decision on the attempt's result, and an eager task's record
-that arrives after that decision finishes on arrival (``settled``). Nothing here decides: the runner asks
-``admit`` before an agent starts (after a pause the partition may have moved) and hands each result to
-``on_result``.
+A task starts from a task record read back from its step topic, at once when the decision that scheduled
+it is committed here (eager), or when a restored state awaits it (resumed: its step writes no task record,
+``worker.task_records``). Every record of a running attempt (its own, a copy re-issued after a deadline)
+finishes with the decision on the attempt's result, and an eager task's record that arrives after that
+decision finishes on arrival (``settled``); a task with no record waits for none. Nothing here decides: the
+runner asks ``admit`` before an agent starts (after a pause the partition may have moved) and hands each
+result to ``on_result``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class TaskCounts:
     started: int = 0
     eager: int = 0
     echoed: int = 0
+    resumed: int = 0  # attempts a restored state awaited, started with no task record
     running: int = 0
     peak_running: int = 0
 
@@ -138,30 +140,58 @@ class TaskRunner:
         return False
 
     def start(
-        self, p: int, task: StepTask, source: Source, *, eager: bool, pending: list[Pending]
+        self,
+        p: int,
+        task: StepTask,
+        source: Source,
+        *,
+        eager: bool,
+        pending: list[Pending],
+        recorded: bool = True,
     ) -> asyncio.Task[None] | None:
-        """Run ``task`` unless that attempt already runs here; returns what runs it (done once decided)."""
+        """Run ``task`` unless that attempt already runs here; returns what runs it (done once decided).
+
+        ``recorded``: a task record of this attempt was written (an eager task's is echoed, see ``echo``).
+        """
         idem = task.idempotency_key
         if idem in self._running:
             return None
         self.counts.started += 1
         self.counts.eager += eager
-        running = self._running[idem] = _Running(p, eager=eager, record_seen=not eager, pending=pending)
+        seen = not (eager and recorded)  # no record to wait for: nothing is settled after the decision
+        running = self._running[idem] = _Running(p, eager=eager, record_seen=seen, pending=pending)
         running.task = asyncio.create_task(self._run(p, source, task, idem))
         return running.task
 
     def start_eager(
-        self, p: int, tasks: list[tuple[Out, StepTask]], awaited: Callable[[int, StepTask], bool]
+        self,
+        p: int,
+        tasks: list[tuple[Out, StepTask]],
+        awaited: Callable[[int, StepTask], bool],
+        unrecorded: frozenset[str] = frozenset(),
     ) -> list[asyncio.Task[None]]:
-        """Start the tasks of a decision this worker made, unless read back and run already (eager)."""
+        """Start the tasks of a decision this worker made, unless read back and run already (eager);
+        those on an ``unrecorded`` step topic were not written there."""
         started = []
         for out, task in tasks:
             if awaited(p, task):
                 source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
-                running = self.start(p, task, source, eager=True, pending=[])
+                recorded = out.topic not in unrecorded
+                running = self.start(p, task, source, eager=True, pending=[], recorded=recorded)
                 if running is not None:
                     started.append(running)
         return started
+
+    def resume(self, p: int, tasks: list[tuple[Out, StepTask]]) -> int:
+        """Start the attempts a restored state of ``p`` awaits that have no task record and do not run here
+        yet (``Worker.resume``); returns how many started."""
+        n = 0
+        for out, task in tasks:
+            source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
+            if self.start(p, task, source, eager=False, pending=[]) is not None:
+                n += 1
+        self.counts.resumed += n
+        return n
 
     async def cancel(self, parts: set[int]) -> None:
         """Cancel the attempts of ``parts`` and wait until they stopped (their records are re-delivered)."""

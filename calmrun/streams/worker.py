@@ -12,8 +12,10 @@ Effectively once: everything is read ``read_committed`` and each partition's dec
 Kafka transactions with the input offsets they finish, so a run's events, tasks and state are one
 history at every moment; a crash loses a whole uncommitted batch, whose inputs are re-delivered and
 decided again. An agent runs eagerly once its decision is committed, or before if that decision can only be
-made again alike (``streams.deciding``), or from its task record read back; a crash before the result is
-committed runs the same attempt again under the same idempotency key.
+made again alike (``streams.deciding``), or from its task record read back. The steps run here write no
+task record by default (``worker.task_records``): after a crash or a rebalance, the new owner starts the
+attempts the restored states await (``resume``). Either way a crash before the result is committed runs
+the same attempt again under the same idempotency key.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from calmrun.streams.liveness import Liveness
 from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
-from calmrun.streams.records import Out
+from calmrun.streams.records import Out, task_out
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.stamps import Stamps
 from calmrun.streams.stats import WorkerStats, snapshot
@@ -56,6 +58,7 @@ from calmrun.streams.txn import Gate, PartitionWriter
 from calmrun.streams.versions import Pinning, VersionAssignor
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
+from calmrun.workflow.decider import awaited_tasks
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
 from calmrun.workflow.events import StepResult, StepTask, TimerFired
 from calmrun.workflow.registry import Definitions, check_children
@@ -130,6 +133,8 @@ class Worker:
         steps = self.topics.step_topics(self.workflows.values(), pool) if pool is not None else []
         local = list(dict.fromkeys(steps))  # every version's steps, once
         self._local = set(local)  # step topics whose tasks this worker executes
+        w = settings.worker  # with eager starts, its own steps' tasks need no record (streams.deciding)
+        self._unrecorded = frozenset(local if w.eager and not w.task_records else ())
         pooled = pool is None or any(s.pool != pool for wf in self.workflows.values() for s in wf.steps)
         results = [self.topics.results] if pooled else []  # only a group with pools has results to read
         self.input_topics = [self.topics.requests, *results, *local]
@@ -156,6 +161,7 @@ class Worker:
             metrics,
             self._start_eager,
             self.tracing,
+            self._unrecorded,
         )
         self.intake = Intake(
             settings,
@@ -175,6 +181,7 @@ class Worker:
             self.workflows, self.topics, self.parts, self.decisions, self.assignor, self.intake.command
         )
         self.parts.on_assigned = self.pins.after_assignment
+        self.parts.on_taken = self.resume
         self._loops: list[asyncio.Task[None]] = []
         self._failed: BaseException | None = None
         self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
@@ -414,7 +421,28 @@ class Worker:
         ]
         if committed:  # a first run whose decision is committed never ran anywhere: its journal is empty
             self.attempts.first_runs((t, self.parts.state(p, t.run_id)) for _, t in mine)
-        return list(self.tasks.start_eager(p, mine, self.parts.awaited))
+        return list(self.tasks.start_eager(p, mine, self.parts.awaited, self._unrecorded))
+
+    def resume(self, parts: set[int]) -> None:
+        """Start the attempts that the runs of ``parts``, just taken over, await and that have no task record
+        (steps run here, ``worker.task_records`` off), unless they run here already.
+
+        Each is rebuilt from the state (``awaited_tasks``: same attempt, key and input) and is not a first
+        run (its journal is read). An attempt waiting for its retry is not in flight: its timer issues it.
+        A run pinned to a version not served here waits, as its inputs do (``streams.versions``).
+        """
+        if not self._unrecorded or self._stopped.is_set():
+            return
+        resumed = 0
+        for p in sorted(parts & self.parts.owned):
+            table = self.parts.runs.get(p)
+            for _, state in table.live() if table is not None else ():
+                wf = self.workflows.pinned(state.workflow, state.version, state.digest)
+                if wf is None or not self.pins.serves(state):
+                    continue
+                tasks = [(task_out(self.topics, self.codec, p, t), t) for t in awaited_tasks(wf, state)]
+                resumed += self.tasks.resume(p, [(o, t) for o, t in tasks if o.topic in self._unrecorded])
+        log.info("partitions %s taken over: %d attempts resumed from states", sorted(parts), resumed)
 
     def _known(self, run_id: str) -> bool:
         return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())

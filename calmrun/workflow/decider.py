@@ -45,6 +45,7 @@ from calmrun.workflow.transitions import Decision, Quarantine, Transitions, awai
 __all__ = [
     "Decision",
     "Quarantine",
+    "awaited_tasks",
     "awaits",
     "backoff_ms",
     "choose_rung",
@@ -222,6 +223,28 @@ def task_ignored(state: RunState | None, task: StepTask, at_ms: int) -> RunEvent
             "input": "StepTask",
         },
     )
+
+
+def awaited_tasks(wf: WorkflowDef, state: RunState) -> tuple[StepTask, ...]:
+    """The tasks of every attempt ``state`` awaits (``awaits``), rebuilt as the decisions that last issued
+    them made them: same run, step, attempt, idempotency key, input and issue time.
+
+    What a new owner of the run starts when it restores the state, for steps whose tasks are not written
+    to a step topic (``streams.deciding``). An attempt waiting for its retry is not in flight (its timer
+    issues it), nor is a wait, an approval or a child run; an attempt whose input no longer maps is left
+    out (its deadline re-issues it, and the decider then quarantines the run as it would have).
+    """
+    found: list[StepTask] = []
+    for sd in wf.steps:  # a stopped run may still compensate: what it awaits says so, whatever its status
+        name = sd.name
+        if name not in state.steps:
+            continue
+        if isinstance(sd, AgentStep):
+            task = agent_kind.awaited_task(wf, state, name)
+            found += [task] if task is not None else []
+        elif isinstance(sd, map_kind.MapStep):
+            found += map_kind.awaited_tasks(wf, state, name)
+    return tuple(t for t in found if awaits(state, t.step, t.attempt, t.kind, t.element))
 
 
 def expired(state: RunState, now_ms: int) -> list[str]:

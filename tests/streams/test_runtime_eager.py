@@ -55,9 +55,17 @@ async def committed_lag(broker: str, group: str, topics: list[str], partitions: 
         await consumer.stop()
 
 
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "read-back"])
-async def test_eager_and_read_back_tasks_record_the_same_runs(broker: str, prefix: str, eager: bool) -> None:
-    settings = settings_for(broker, prefix, eager=eager)
+MODES = {  # worker settings: eager without task records (the default), eager with them, read back
+    "eager": {},
+    "eager-records": {"task_records": True},
+    "read-back": {"eager": False},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+async def test_eager_and_read_back_tasks_record_the_same_runs(broker: str, prefix: str, mode: str) -> None:
+    settings = settings_for(broker, prefix, **MODES[mode])
+    eager, records = settings.worker.eager, settings.worker.task_records or not settings.worker.eager
     wf = linear()
     async with running(settings, [wf], AgentRegistry({"add_one": add_one})) as w:
         await ready(w)
@@ -66,7 +74,7 @@ async def test_eager_and_read_back_tasks_record_the_same_runs(broker: str, prefi
                 RunRequest(workflow="lin", input={"n": i}, run_id=f"r{i}") for i in range(N)
             )
             states = await client.wait_terminal(ids, wait_s=60)
-            if eager:  # each eager task's record is still read back, and recognised
+            if eager and records:  # each eager task's record is still read back, and recognised
                 await until(
                     lambda: w.stats.tasks_echoed == w.stats.tasks_eager, 30, "the echoes of the eager tasks"
                 )
@@ -91,15 +99,35 @@ async def test_eager_and_read_back_tasks_record_the_same_runs(broker: str, prefi
             (10, "run.routed", "s3"),
             (11, "run.completed", None),
         ], mine
-    assert (stats.tasks_started, stats.tasks_skipped) == (3 * N, 0)
+    assert (stats.tasks_started, stats.tasks_skipped, stats.tasks_resumed) == (3 * N, 0, 0)
     # Eager: a task starts once its decision commits, unless the reader is quicker than the commit's callback
     # on a busy machine and starts it from its record (then it is no echo); each attempt runs once either way.
-    assert stats.tasks_echoed == stats.tasks_eager
-    assert stats.tasks_eager >= N if eager else stats.tasks_eager == 0
+    assert stats.tasks_echoed == (stats.tasks_eager if records else 0)
+    if not eager:
+        assert stats.tasks_eager == 0
+    elif records:
+        assert stats.tasks_eager >= N
+    else:  # no record to be read back: every attempt starts eagerly
+        assert stats.tasks_eager == 3 * N
     assert stats.decisions_early == (N if eager else 0)  # s1 of each run: decided from its request
     # the worker stopped cleanly: every record it read is committed, the echoes included
     t = Topics(prefix)
     assert await committed_lag(broker, settings.group_id, [t.requests, *t.step_topics([wf])]) == 0
+    # a task record for each attempt, or none at all (the steps run here: worker.task_records)
+    assert await task_records(broker, t.step_topics([wf])) == (3 * N if records else 0)
+
+
+async def task_records(broker: str, topics: list[str], partitions: int = 4) -> int:
+    """Committed records on ``topics`` (read_committed, from the beginning)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for topic in topics for p in range(partitions)]
+        return sum([1 async for _ in read_to_end(consumer, tps)])
+    finally:
+        await consumer.stop()
 
 
 async def _writer(

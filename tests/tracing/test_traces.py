@@ -66,10 +66,10 @@ def refund_flow() -> WorkflowDef:
     )
 
 
-def traced(broker: str, prefix: str, endpoint: str | None) -> Settings:
+def traced(broker: str, prefix: str, endpoint: str | None, **worker: Any) -> Settings:
     return load_settings(
         kafka={"bootstrap": broker, "prefix": prefix, "partitions": 4},
-        worker={"commit_interval_s": 0.2, "timer_interval_s": 0.1},
+        worker={"commit_interval_s": 0.2, "timer_interval_s": 0.1, **worker},
         models={"fast": {"model": "function:tests.tracing.test_traces:scripted"}},
         tracing={"endpoint": endpoint} if endpoint else {},
     )
@@ -230,7 +230,7 @@ async def test_a_run_with_a_retry_an_approval_and_a_pooled_step_is_one_trace(
 async def test_tracing_off_writes_no_header_and_makes_no_span(
     broker: str, prefix: str, started: list[Worker | PoolExecutor]
 ) -> None:
-    settings = traced(broker, prefix, None)
+    settings = traced(broker, prefix, None, task_records=True)  # classify runs here: its record, checked
     wf = refund_flow()
     agents = AgentRegistry({"classify": classify, "ship": ship})
     worker = Worker(settings, [wf], agents, ModelRegistry(settings.models))

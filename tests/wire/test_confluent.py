@@ -71,10 +71,10 @@ def open_wire(url: str, *, fmt: str = "confluent", **registry: Any) -> dict[str,
     return {"format": fmt, "registry": {"url": url, **registry}}
 
 
-def settings_with(broker: str, prefix: str, wire_cfg: dict[str, Any]) -> Settings:
+def settings_with(broker: str, prefix: str, wire_cfg: dict[str, Any], **worker: Any) -> Settings:
     return load_settings(
         kafka={"bootstrap": broker, "prefix": prefix, "partitions": 4},
-        worker={"commit_interval_s": 0.2, "timer_interval_s": 0.1},
+        worker={"commit_interval_s": 0.2, "timer_interval_s": 0.1, **worker},
         wire=wire_cfg,
     )
 
@@ -253,7 +253,7 @@ async def test_a_java_style_producer_starts_a_run_and_a_registry_reader_reads_th
     broker: str, prefix: str, registry_url: str
 ) -> None:
     url = registry_url
-    settings = settings_with(broker, prefix, open_wire(url))
+    settings = settings_with(broker, prefix, open_wire(url), task_records=True)  # the tasks are framed too
     topics = Topics(prefix)
     wf = linear("lin", steps=2)
     await ensure_topics(settings.kafka, [wf])
@@ -327,7 +327,7 @@ async def test_confluents_own_serializer_starts_a_run_and_its_deserializer_reads
     """Confluent's Python client (``confluent-kafka``: AvroSerializer, AvroDeserializer, its registry
     client) on both ends: its bytes start a run, it reads calmrun's events."""
     url = registry_url
-    settings = settings_with(broker, prefix, open_wire(url))
+    settings = settings_with(broker, prefix, open_wire(url), task_records=True)  # the tasks are framed too
     topics = Topics(prefix)
     wf = linear("lin", steps=2)
     await ensure_topics(settings.kafka, [wf])

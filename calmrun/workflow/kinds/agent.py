@@ -408,7 +408,35 @@ def _reissue(t: Transitions, name: str, kind: TaskKind) -> None:
 
 
 def _task(t: Transitions, name: str, kind: TaskKind, agent: str, task_input: dict[str, Any]) -> StepTask:
-    s, st = t.s, t.s.steps[name]
+    return _attempt_task(t.wf, t.s, name, kind, agent, task_input, t.s.clock_ms)
+
+
+def awaited_task(wf: WorkflowDef, s: RunState, name: str) -> StepTask | None:
+    """The task of the attempt of ``name`` that ``s`` awaits, as the decision that last issued it made it
+    (same attempt, key, input and issue time), or None when it awaits none or its input no longer maps."""
+    st, sd = s.steps.get(name), step_of(wf, name)
+    if st is None or st.deadline_ms is None or st.status not in ("scheduled", "compensating"):
+        return None
+    kind: TaskKind = "run" if st.status == "scheduled" else "compensate"
+    try:
+        task_input = resolve_input(wf, s, name)
+    except InputMappingError:
+        return None
+    issued = st.deadline_ms - round((sd.attempt_s + wf.deadline_grace_s) * 1000)  # as _issue, _reissue
+    agent = (sd.agent if kind == "run" else sd.compensate) or ""
+    return _attempt_task(wf, s, name, kind, agent, task_input, issued)
+
+
+def _attempt_task(
+    wf: WorkflowDef,
+    s: RunState,
+    name: str,
+    kind: TaskKind,
+    agent: str,
+    task_input: dict[str, Any],
+    issued_ms: int,
+) -> StepTask:
+    st = s.steps[name]
     answers = (st.tool_approval or {}).get("answers") if kind == "run" else None
     return StepTask(
         run_id=s.run_id,
@@ -421,8 +449,8 @@ def _task(t: Transitions, name: str, kind: TaskKind, agent: str, task_input: dic
         model=st.model,
         input=task_input,
         tenant=s.tenant,
-        issued_ms=s.clock_ms,
-        timeout_s=step_of(t.wf, name).attempt_s,
+        issued_ms=issued_ms,
+        timeout_s=step_of(wf, name).attempt_s,
         iteration=st.iteration,
         approvals=dict(answers) if answers else None,
         first_issued_ms=st.scheduled_ms if answers else None,

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from calmrun.errors import ErrorKind
+from calmrun.errors import ErrorKind, InputMappingError
 from calmrun.workflow.events import StepResult, StepTask
 from calmrun.workflow.kinds.agent import AGENT_TIMEOUT_S, backoff_ms
-from calmrun.workflow.state import ElementState, MapState
+from calmrun.workflow.state import ElementState, MapState, RunState
 from calmrun.workflow.steps import StepDef, lookup
 
 if TYPE_CHECKING:
+    from calmrun.workflow.definition import WorkflowDef
     from calmrun.workflow.transitions import Transitions
 
 MAX_ELEMENTS = 100_000
@@ -242,7 +243,7 @@ def _fill(t: Transitions, sd: MapStep, name: str) -> None:
 
 
 def _issue(t: Transitions, sd: MapStep, name: str, i: int, *, again: bool = False) -> None:
-    from calmrun.workflow.kinds.agent import _over_budget, resolve_input  # the agent kind's own rules
+    from calmrun.workflow.kinds.agent import _over_budget  # the agent kind's own rules
 
     s, st = t.s, t.mut(name)
     assert st.map is not None
@@ -253,9 +254,41 @@ def _issue(t: Transitions, sd: MapStep, name: str, i: int, *, again: bool = Fals
     attempt = el.attempt if again else el.attempt + 1
     deadline = s.clock_ms + round((sd.attempt_s + t.wf.deadline_grace_s) * 1000)
     st.map.running[str(i)] = ElementState(attempt=attempt, retry_base=el.retry_base, deadline_ms=deadline)
-    scope_input = resolve_input(t.wf, s, name) if sd.input else {}
-    items = _items_now(t, sd)
-    task = StepTask(
+    t.tasks.append(_element_task(t.wf, s, sd, name, i, attempt, s.clock_ms))
+    data: dict[str, Any] = {"agent": sd.agent, "model": sd.model, "deadline_ms": deadline, "element": i}
+    if again:
+        t.emit("step.reissued", name, attempt, {**data, "kind": "run", "expired_ms": previous})
+    else:
+        t.emit("step.scheduled", name, attempt, {**data, **t.iteration_of(name)})
+
+
+def awaited_tasks(wf: WorkflowDef, s: RunState, name: str) -> list[StepTask]:
+    """The tasks of the element attempts of map step ``name`` that ``s`` awaits, as the decisions that last
+    issued them made them (same attempt, key, input and issue time); none whose input no longer maps."""
+
+    st, sd = s.steps.get(name), wf.step(name)
+    if st is None or st.map is None or st.status != "scheduled" or not isinstance(sd, MapStep):
+        return []
+    out = []
+    for key, el in sorted(st.map.running.items(), key=lambda kv: int(kv[0])):
+        if el.deadline_ms is None:  # waiting for its retry: its timer issues it
+            continue
+        issued = el.deadline_ms - round((sd.attempt_s + wf.deadline_grace_s) * 1000)  # as _issue
+        try:
+            out.append(_element_task(wf, s, sd, name, int(key), el.attempt, issued))
+        except InputMappingError:
+            continue
+    return out
+
+
+def _element_task(
+    wf: WorkflowDef, s: RunState, sd: MapStep, name: str, i: int, attempt: int, issued_ms: int
+) -> StepTask:
+    from calmrun.workflow.kinds.agent import resolve_input  # the agent kind's own rules
+
+    scope_input = resolve_input(wf, s, name) if sd.input else {}
+    items = _items_of(s, sd)
+    return StepTask(
         run_id=s.run_id,
         workflow=s.workflow,
         version=s.version,
@@ -265,21 +298,14 @@ def _issue(t: Transitions, sd: MapStep, name: str, i: int, *, again: bool = Fals
         model=sd.model,
         input={**scope_input, "item": items[i] if i < len(items) else None, "index": i},
         tenant=s.tenant,
-        issued_ms=s.clock_ms,
+        issued_ms=issued_ms,
         timeout_s=sd.attempt_s,
-        iteration=st.iteration,
+        iteration=s.steps[name].iteration,
         element=i,
     )
-    t.tasks.append(task)
-    data: dict[str, Any] = {"agent": sd.agent, "model": sd.model, "deadline_ms": deadline, "element": i}
-    if again:
-        t.emit("step.reissued", name, attempt, {**data, "kind": "run", "expired_ms": previous})
-    else:
-        t.emit("step.scheduled", name, attempt, {**data, **t.iteration_of(name)})
 
 
-def _items_now(t: Transitions, sd: MapStep) -> list[Any]:
-    s = t.s
+def _items_of(s: RunState, sd: MapStep) -> list[Any]:
     found, items = lookup({"input": s.input, "steps": s.outputs()}, sd.for_each)
     return items if found and isinstance(items, list) else []
 
