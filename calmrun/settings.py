@@ -153,10 +153,10 @@ class WorkerSettings(_Frozen):
     )
     early: bool = Field(True, description="start a task decided from a re-delivered input before it commits")
     task_records: bool = Field(
-        False,
+        True,
         description="write a task record for the steps this worker runs itself (eagerly) too; off: none is "
-        "written, and a new owner re-issues the attempts a restored state awaits (a pool's tasks are "
-        "always written)",
+        "written, a new owner starts the attempts a restored state awaits, and a run moves 7 records fewer "
+        "(not yet the default: docs/performance.md, section 4); a pool's tasks are always written",
     )
     inline_wait_ms: float = Field(5.0, ge=0, description="how long a commit waits for tasks started early")
     commit_interval_s: float = Field(1.0, gt=0)

@@ -61,6 +61,7 @@ async def main(args: argparse.Namespace) -> None:
             "session_timeout_s": args.session_timeout,
             "instance_id": args.instance_id,
             "deadline_grace_s": args.deadline_grace,
+            "task_records": not args.no_task_records,
         }
         | ({"liveness": {"enabled": True, "dead_after_s": args.liveness}} if args.liveness else {}),
     )
@@ -152,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--session-timeout", type=float, default=6.0)
     p.add_argument("--deadline-grace", type=float, default=30.0)
     p.add_argument("--liveness", type=float, default=None, help="liveness on, a peer dead after this many s")
+    p.add_argument("--no-task-records", action="store_true", help="worker.task_records off")
     p.add_argument("--pool", default=None, help="run an executor of this pool ('none': decide only)")
     p.add_argument("--clock-file", default=None, help="milliseconds added to the worker's clock")
     p.add_argument("--pooled", action="append", default=[], help="STEP=POOL: the step's pool")

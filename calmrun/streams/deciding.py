@@ -14,8 +14,8 @@ next transaction waits a little for such tasks (``worker.inline_wait_ms``): a fa
 with the decision that scheduled it, one commit cycle fewer on the run's path. A task decided from a local
 result still starts only once that decision is committed (a re-run could return another result).
 
-The tasks of the steps this worker runs itself are not written to their step topic (``worker.task_records``
-off, the default): the transaction holds the events and the state, and the state says which attempts the
+With ``worker.task_records`` off, the tasks of the steps this worker runs itself are not written to their
+step topic: the transaction holds the events and the state, and the state says which attempts the
 run awaits. A crash after the commit loses nothing: the new owner restores the state and starts those
 attempts again (``awaited_tasks``, ``Worker.resume``) under the same attempt and idempotency key. A pool's
 tasks are always written: its executors read them.

@@ -1,6 +1,6 @@
 """Attempts with no task record survive a kill -9: the new owner starts them from the restored state.
 
-The steps a deciding worker runs itself write no task record (``worker.task_records`` off, the default).
+With ``worker.task_records`` off, the steps a deciding worker runs itself write no task record.
 A worker killed while such attempts run leaves only its committed states; the next owner restores them and
 starts every attempt they await (``Worker.resume``), under the same attempt and idempotency key, and every
 run completes with one history (the checker, and the agents' start log against the history).
@@ -28,7 +28,7 @@ async def test_kill_9_while_local_attempts_run_then_the_new_owner_resumes_them_u
 ) -> None:
     settings = settings_for(broker, prefix)
     log = tmp_path / "starts.jsonl"
-    args = worker_args(log, 2.0, 100)  # each attempt takes 2 s: many are running at the kill
+    args = [*worker_args(log, 2.0, 100), "--no-task-records"]  # each attempt 2 s: many run at the kill
     procs.start("w1", *args)
     await until(lambda: procs.status("w1").get("owned") == [0, 1, 2, 3], 90, "w1 ready", procs.watch("w1"))
     requests = [RunRequest(workflow="fork", input={"n": i}, run_id=f"r{i}") for i in range(RUNS)]

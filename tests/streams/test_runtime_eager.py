@@ -55,9 +55,9 @@ async def committed_lag(broker: str, group: str, topics: list[str], partitions: 
         await consumer.stop()
 
 
-MODES = {  # worker settings: eager without task records (the default), eager with them, read back
-    "eager": {},
-    "eager-records": {"task_records": True},
+MODES = {  # worker settings: eager without task records, eager with them (the default), read back
+    "eager": {"task_records": False},
+    "eager-records": {},
     "read-back": {"eager": False},
 }
 
