@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -161,7 +162,16 @@ class TaskRunner:
         seen = not (eager and recorded)  # no record to wait for: nothing is settled after the decision
         running = self._running[idem] = _Running(p, eager=eager, record_seen=seen, pending=pending)
         running.task = asyncio.create_task(self._run(p, source, task, idem))
+        running.task.add_done_callback(functools.partial(self._ended, idem, running))
         return running.task
+
+    def _ended(self, idem: str, running: _Running, _: asyncio.Task[None]) -> None:
+        """Forget an attempt whose task ended without ``_run``'s own cleanup: one cancelled before its
+        first step (``cancel`` in the same loop iteration as ``start``) never enters ``_run``, and left
+        behind it would make every later ``start`` of that attempt here a no-op."""
+        if self._running.get(idem) is running:
+            del self._running[idem]
+            self._room.set()
 
     def start_eager(
         self,
@@ -230,6 +240,7 @@ class TaskRunner:
             hold = self._hold(task) if self._hold is not None else None
             async with self._waited(hold) if hold is not None else _FREE, self._slots:
                 if not await self._admit(p, task):
+                    log.info("attempt %s not started: partition %d is not ours, or the run awaits it no more", idem, p)
                     running = self._running.pop(idem)
                     if await self._accept(p):  # decided meanwhile (a copy ran): its records are done
                         for pending in running.pending:
