@@ -238,4 +238,6 @@ if __name__ == "__main__":
     p.add_argument("--journal-limit", type=int, default=0)
     p.add_argument("--agent", default="payer", help="payer, long_payer or refunder")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s %(message)s")
+    # DURABLE_LOG_LEVEL=INFO: the worker's rebalances, resumes and attempts not started, in worker.log
+    logging.getLogger("calmrun").setLevel(os.environ.get("DURABLE_LOG_LEVEL", "WARNING"))
     asyncio.run(_main(p.parse_args()))
