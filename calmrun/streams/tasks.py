@@ -240,7 +240,7 @@ class TaskRunner:
             hold = self._hold(task) if self._hold is not None else None
             async with self._waited(hold) if hold is not None else _FREE, self._slots:
                 if not await self._admit(p, task):
-                    log.info("attempt %s not started: partition %d is not ours, or the run awaits it no more", idem, p)
+                    log.info("attempt %s not started: partition %d not ours, or not awaited there", idem, p)
                     running = self._running.pop(idem)
                     if await self._accept(p):  # decided meanwhile (a copy ran): its records are done
                         for pending in running.pending:
