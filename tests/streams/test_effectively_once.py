@@ -33,7 +33,9 @@ from calmrun.check import check_history
 from calmrun.client import Client
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics
+from calmrun.settings import Settings
 from calmrun.wire.codec import RecordCodec, wire_models
+from calmrun.workflow.definition import WorkflowDef
 from calmrun.workflow.events import RunEvent, RunRequest
 from tests.runtime_support import WorkerProcs, branchy, settings_for
 
@@ -58,6 +60,26 @@ async def raw_events(broker: str, prefix: str) -> tuple[list[RunEvent], list[Any
     finally:
         await consumer.stop()
     return [codec.decode_as(r.value, RunEvent) for r in records], records
+
+
+async def checked_history(
+    broker: str,
+    prefix: str,
+    settings: Settings,
+    wf: WorkflowDef,
+    runs: int | None = None,
+    *,
+    replayed: bool = True,
+    note: str = "",
+) -> tuple[list[RunEvent], list[Any]]:
+    """The checker passed on the history of ``wf`` (``runs`` runs when given, each replayed unless
+    ``replayed`` is False); returns the events with their records (``raw_events``). Prints the summary."""
+    report = await check_history(settings.kafka, [wf])
+    print(report.summary(), note)
+    assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations[:10])
+    if runs is not None:
+        assert report.runs == runs and (report.replayed == runs or not replayed), report.summary()
+    return await raw_events(broker, prefix)
 
 
 def check_starts(log: Path, events: list[RunEvent], records: list[Any]) -> dict[str, int]:
@@ -203,11 +225,7 @@ async def test_kill_9_five_times_leaves_one_history_per_run(
         states = await client.wait_terminal(ids, wait_s=240)
         for n in names:
             procs.alive(n)
-    events, records = await raw_events(broker, prefix)
-    report = await check_history(settings.kafka, [branchy()])
-    print(report.summary())
-    assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations[:10])
-    assert report.runs == RUNS and report.replayed == RUNS
+    events, records = await checked_history(broker, prefix, settings, branchy(), RUNS)
     assert {s.status for s in states.values()} == {"completed"}
     counts = check_starts(log, events, records)
     times = recovery(records, kills)
@@ -254,10 +272,9 @@ async def test_a_paused_worker_cannot_make_its_late_decisions_count(
     procs.alive("w1")
     procs.alive("w2")
     fenced = procs.status("w1")["stats"]["fenced"]
-    events, records = await raw_events(broker, prefix)
-    report = await check_history(settings.kafka, [branchy()])
-    print(report.summary(), f"w1 fenced on {fenced} partitions")
-    assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations[:10])
+    events, records = await checked_history(
+        broker, prefix, settings, branchy(), note=f"w1 fenced on {fenced} partitions"
+    )
     assert {s.status for s in states.values()} == {"completed"}
     assert fenced >= 1, "the resumed worker was never refused: its late writes were not fenced"
     print(f"agent starts: {check_starts(log, events, records)}")

@@ -30,7 +30,7 @@ from tests.runtime_support import WorkerProcs, branchy, settings_for
 from tests.streams.test_effectively_once import (
     PARTITIONS,
     check_starts,
-    raw_events,
+    checked_history,
     recovery,
     submit_spread,
     wait_owned,
@@ -89,11 +89,7 @@ async def test_a_killed_worker_s_partitions_move_before_its_session_could_expire
         states = await client.wait_terminal(ids, wait_s=240)
     for n in NAMES:
         procs.alive(n)
-    events, records = await raw_events(broker, prefix)
-    report = await check_history(settings.kafka, [branchy()])
-    print(report.summary())
-    assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations[:10])
-    assert report.runs == RUNS and report.replayed == RUNS
+    events, records = await checked_history(broker, prefix, settings, branchy(), RUNS)
     assert {s.status for s in states.values()} == {"completed"}
     recorded = Counter(
         (e.run_id, e.step, str(e.data.get("kind", "run")), e.attempt)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from calmrun.check import check_history
 from calmrun.client import Client
 from calmrun.localproc import free_port
 from calmrun.settings import load_settings
@@ -26,7 +25,7 @@ from calmrun.supervisor import Supervisor, child_argv, child_env
 from calmrun.workflow.definition import load_workflow
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import settings_for
-from tests.streams.test_effectively_once import check_starts, raw_events, starts, submit_spread
+from tests.streams.test_effectively_once import check_starts, checked_history, starts, submit_spread
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "calmrun.cli"]
@@ -231,11 +230,7 @@ async def test_processes_2_survives_kill_9_of_a_child_with_one_history_per_run(
     assert "died (signal SIGKILL" in sup.text()
     assert {s.status for s in states.values()} == {"completed"}
     wf = load_workflow(sup.wf)
-    events, records = await raw_events(broker, prefix)
-    report = await check_history(settings.kafka, [wf])
-    print(report.summary())
-    assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations[:10])
-    assert report.runs == len(requests)
+    events, records = await checked_history(broker, prefix, settings, wf, len(requests), replayed=False)
     counts = check_starts(log, events, records)
     pids = {s["pid"] for s in starts(log)}
     assert before[0] in pids and before[1] in pids and set(after) - set(before) <= pids, (pids, after)

@@ -12,12 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from calmrun.check import check_history
 from calmrun.client import Client
 from calmrun.kafka.topics import Topics
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import WorkerProcs, branchy, read_raw, settings_for, until
-from tests.streams.test_effectively_once import PARTITIONS, check_starts, raw_events, starts, worker_args
+from tests.streams.test_effectively_once import (
+    PARTITIONS,
+    check_starts,
+    checked_history,
+    starts,
+    worker_args,
+)
 
 RUNS = 200
 
@@ -50,10 +55,7 @@ async def test_kill_9_while_local_attempts_run_then_the_new_owner_resumes_them_u
         states = await client.wait_terminal(ids, wait_s=240)
         procs.alive("w2")
     assert {s.status for s in states.values()} == {"completed"}
-    events, records = await raw_events(broker, prefix)
-    report = await check_history(settings.kafka, [branchy()])
-    assert report.ok, report.summary() + "\n" + "\n".join(str(v) for v in report.violations[:10])
-    assert report.runs == RUNS and report.replayed == RUNS
+    events, records = await checked_history(broker, prefix, settings, branchy(), RUNS)
     counts = check_starts(log, events, records)  # every start: an attempt scheduled, under its own key
     again = [s for s in starts(log) if s["pid"] != w1]
     resumed = {(s["run_id"], s["step"], s["attempt"]) for s in again} & killed
