@@ -34,8 +34,8 @@ from calmrun.errors import CalmrunError
 from calmrun.kafka.topics import Topics, partition_for
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
+from calmrun.streams.checkpoint import Pending
 from calmrun.streams.metrics import WorkerMetrics
-from calmrun.streams.offsets import Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import Out, StateOut, dlq_out, event_out, task_out
 from calmrun.streams.tasks import Source
@@ -185,15 +185,14 @@ class Deciding:
         run_id: str | None = None,
         early: bool = False,
     ) -> None:
-        """Add one decision to partition ``p``'s next transaction; its inputs are finished with it.
+        """Add one decision to partition ``p``'s next transaction with the inputs it answers (``pending``:
+        the checkpoint finishes them as that transaction takes them, ``streams.checkpoint``).
 
         ``eager`` tasks start once it commits, or at once if ``early`` (the transaction then waits a little
         for them); ``run_id`` counts against its run until committed (``PartitionWriter.quiet``);
         ``traced`` is called once it is committed (the decision's span: ``calmrun.tracing``).
         """
         writer = self._parts.writers[p]
-        for input_record in pending:
-            input_record.finish()
 
         def on_commit() -> None:
             for ev in events:
@@ -207,7 +206,7 @@ class Deciding:
             if traced is not None:
                 traced()
 
-        writer.add(outputs, state, on_commit, run_id)
+        writer.add(outputs, state, on_commit, run_id, inputs=pending)
         if eager and early:
             self.counts.early += 1
             writer.hold(self._start_tasks(p, eager, False))

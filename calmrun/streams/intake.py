@@ -28,9 +28,9 @@ from calmrun.errors import (
 )
 from calmrun.kafka.topics import INVALID, Topics, partition_for
 from calmrun.settings import Settings
+from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.deciding import Deciding
 from calmrun.streams.fetch import getmany
-from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
 from calmrun.streams.refusals import Refusals
@@ -83,7 +83,7 @@ class Intake:
         codec: RecordCodec,
         workflows: Definitions,
         partitions: Partitions,
-        offsets: OffsetTracker,
+        checkpoint: Checkpoint,
         tasks: TaskRunner,
         decisions: Deciding,
         request_input: Callable[[str, WorkflowDef, RunRequest, int], RunRequested],
@@ -92,7 +92,7 @@ class Intake:
         redact: Callable[[str], str],
     ) -> None:
         self.settings, self.topics, self.codec, self.workflows = settings, topics, codec, workflows
-        self._parts, self._offsets, self._tasks, self._decisions = partitions, offsets, tasks, decisions
+        self._parts, self._checkpoint, self._tasks, self._decisions = partitions, checkpoint, tasks, decisions
         self._request_input, self._fail = request_input, fail
         self._clock, self._redact = clock, redact
         self._n = settings.kafka.partitions
@@ -122,7 +122,10 @@ class Intake:
             await self._tasks.room()
             await gate()  # decisions outrun the commits when agents return at once: fetch no more
             fetched = await getmany(
-                consumer, timeout_ms=200, max_records=max(limit, 500), consumed_to=self._offsets.consumed_to
+                consumer,
+                timeout_ms=200,
+                max_records=max(limit, 500),
+                consumed_to=self._checkpoint.consumed_to,
             )
             await self._parts.revalidate_if_stalled()  # before a paused worker starts any task it read
             for tp, records in fetched.records.items():
@@ -133,7 +136,7 @@ class Intake:
                 for rec in records:
                     if tp.partition not in self._parts.owned:  # lost to a fence meanwhile
                         break
-                    pending = self._offsets.consumed(tp, rec.offset)
+                    pending = self._checkpoint.consumed(tp, rec.offset)
                     self.isolated(self._handler(rec.topic), rec, pending)
             for tp, offset, exc in fetched.unreadable:
                 self._unparsable(tp, offset, exc)
@@ -340,6 +343,6 @@ class Intake:
             self._parts.consumer.seek(tp, offset)  # as for a record fetched before its partition was ours
             return
         rec: Record = ConsumerRecord(tp.topic, tp.partition, offset, -1, 0, None, None, None, -1, -1, ())
-        pending = self._offsets.consumed(tp, offset)
+        pending = self._checkpoint.consumed(tp, offset)
         why = DecodeError(f"the Kafka client cannot parse this record (a header name not UTF-8?): {exc!r}")
         self.park(rec, why, None, pending)

@@ -25,7 +25,7 @@ from aiokafka.structs import TopicPartition
 from calmrun.errors import DecodeError, WriterBrokenError
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics
-from calmrun.streams.offsets import OffsetTracker
+from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.timers import Timers
@@ -71,7 +71,7 @@ class Partitions:
         topics: Topics,
         codec: RecordCodec,
         input_topics: list[str],
-        offsets: OffsetTracker,
+        checkpoint: Checkpoint,
         timers: Timers,
         tasks: TaskRunner,
         writer: Callable[[int], PartitionWriter],
@@ -80,7 +80,7 @@ class Partitions:
         session_timeout_s: float,
     ) -> None:
         self.topics, self.codec, self._inputs = topics, codec, input_topics
-        self._offsets, self._timers, self._tasks = offsets, timers, tasks
+        self._checkpoint, self._timers, self._tasks = checkpoint, timers, tasks
         self._make_writer, self._park, self._on_failed = writer, park, on_failed
         self._stall_s = session_timeout_s / 2
         self.owned: set[int] = set()
@@ -146,7 +146,7 @@ class Partitions:
             for p in parts - set(healthy):
                 self.discard(p)
             await asyncio.gather(*(wr.close() for wr in writers.values()))
-            self._offsets.forget(parts)
+            self._checkpoint.forget(parts)
             self._timers.drop(parts)
 
     async def assigned(self, parts: set[int], *, retake: bool = False) -> None:
@@ -185,7 +185,7 @@ class Partitions:
             if restore:
                 await self._restore(restore)
             for p in new:
-                await self._seek_committed(p, writers[p])
+                await self._seek_committed(p)
                 for run_id, state in self.runs[p].live():
                     due = state.next_due_ms()
                     if due is not None:
@@ -207,8 +207,9 @@ class Partitions:
             self.counts.restored_runs,
         )
 
-    async def _seek_committed(self, p: int, writer: PartitionWriter) -> None:
-        """Position ``p``'s inputs at the committed offsets as of now (the last owner's are settled)."""
+    async def _seek_committed(self, p: int) -> None:
+        """Position ``p``'s inputs at the committed offsets as of now (the last owner's are settled), and
+        tell the checkpoint (a probe transaction commits them again)."""
         assert self.consumer is not None
         found: dict[TopicPartition, int] = {}
         for tp in self.input_tps(p):
@@ -218,7 +219,7 @@ class Partitions:
             else:
                 await self.consumer.seek_to_beginning(tp)
             found[tp] = committed or 0  # 0: nothing committed, the beginning skips nothing
-        writer.remember(found)
+        self._checkpoint.positioned(found)
 
     async def _restore(self, parts: set[int]) -> None:
         """Rebuild the run table of ``parts`` from the compacted state topic, up to its end offset."""
@@ -245,7 +246,7 @@ class Partitions:
         """Forget everything about partition ``p`` (its tasks are cancelled already)."""
         self.runs.pop(p, None)
         self._held.pop(p, None)
-        self._offsets.forget({p})
+        self._checkpoint.forget({p})
         self._tasks.forget(p)
         self._timers.drop({p})
 

@@ -28,7 +28,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaConnectionError
-from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from calmrun.agents import AgentRegistry, ModelRegistry
@@ -40,8 +39,8 @@ from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams import clients
 from calmrun.streams.attempts import Attempts
+from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.fetch import getmany
-from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.poolmetrics import PoolCounts, PoolMetrics
 from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.tasks import Source, TaskRunner
@@ -95,7 +94,7 @@ class PoolExecutor:
         self.owned: set[int] = set()
         self.writers: dict[int, PartitionWriter] = {}
         self.counts = PoolCounts()
-        self._offsets = OffsetTracker()
+        self._checkpoint = Checkpoint()  # the one owner of "this input is finished"
         self._gate = Gate(settings.worker.max_unacked)
         self._stable = asyncio.Event()
         self.throttle = Throttle(settings.throttle, self.workflows, models.aliases)  # limits, 429 pauses
@@ -107,6 +106,7 @@ class PoolExecutor:
             self._admit,
             self._accept,
             self._on_result,
+            self._checkpoint,
             self._fail,
             self.throttle.hold,
             settings.throttle.max_waiting,
@@ -213,7 +213,7 @@ class PoolExecutor:
         self.owned -= parts
         await self.tasks.cancel(parts)
         await self._close_writers(parts)
-        self._offsets.forget(parts)
+        self._checkpoint.forget(parts)
 
     async def _close_writers(self, parts: set[int]) -> None:
         writers = [self.writers.pop(p) for p in parts if p in self.writers]
@@ -223,13 +223,7 @@ class PoolExecutor:
 
     def _writer(self, p: int) -> PartitionWriter:
         producer = clients.transactional_producer(self.settings, p, self.group_id)
-
-        def positions(part: int) -> dict[TopicPartition, int]:
-            return {tp: off for tp, off in self._offsets.to_commit().items() if tp.partition == part}
-
-        return PartitionWriter(
-            p, producer, self.group_id, positions, self._offsets.committed, self._gate, self._lost
-        )
+        return PartitionWriter(p, producer, self.group_id, self._checkpoint, self._gate, self._lost)
 
     def _lost(self, p: int, exc: BaseException) -> None:
         if not isinstance(exc, FENCED):
@@ -239,7 +233,7 @@ class PoolExecutor:
         log.warning("pool %r: partition %d taken over by another executor (%r)", self.pool, p, exc)
         self.owned.discard(p)
         self.tasks.cancel_now(p)
-        self._offsets.forget({p})
+        self._checkpoint.forget({p})
         writer = self.writers.pop(p, None)
         if writer is not None:
             asyncio.get_running_loop().create_task(writer.close())
@@ -254,14 +248,14 @@ class PoolExecutor:
             await self.tasks.room()
             await self._gate.room()
             fetched = await getmany(
-                consumer, timeout_ms=200, max_records=limit, consumed_to=self._offsets.consumed_to
+                consumer, timeout_ms=200, max_records=limit, consumed_to=self._checkpoint.consumed_to
             )
             for tp, records in fetched.records.items():
                 if tp.partition not in self.owned:
                     consumer.seek(tp, records[0].offset)
                     continue
                 for rec in records:
-                    self._task(rec, self._offsets.consumed(tp, rec.offset))
+                    self._task(rec, self._checkpoint.consumed(tp, rec.offset))
             for tp, offset, exc in fetched.unreadable:
                 empty: ConsumerRecord[bytes, bytes] = ConsumerRecord(
                     tp.topic, tp.partition, offset, -1, 0, None, None, None, -1, -1, ()
@@ -307,10 +301,8 @@ class PoolExecutor:
         writer = self.writers.get(p)
         if writer is None:
             return  # lost meanwhile: the next owner reads these records again
-        for rec in pending:
-            rec.finish()
         n = len([o for o in outputs if o.topic == self.topics.results])
-        writer.add(outputs, None, self._count(n, task))
+        writer.add(outputs, None, self._count(n, task), inputs=pending)  # finished as it is committed
 
     def _count(self, n: int, task: StepTask | None) -> Callable[[], None]:
         def committed() -> None:

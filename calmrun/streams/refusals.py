@@ -26,8 +26,8 @@ from aiokafka import ConsumerRecord
 
 from calmrun.errors import CalmrunError, DecodeError, ErrorKind, InvalidOutputError, UnknownRunError
 from calmrun.kafka.topics import INVALID, Topics, partition_for
+from calmrun.streams.checkpoint import Pending
 from calmrun.streams.deciding import Deciding
-from calmrun.streams.offsets import Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import StateOut
 from calmrun.streams.requests import Named

@@ -4,9 +4,9 @@ A task starts from a task record read back from its step topic, at once when the
 it is committed here (eager), or when a restored state awaits it (resumed: its step writes no task record,
 ``worker.task_records``). Every record of a running attempt (its own, a copy re-issued after a deadline)
 finishes with the decision on the attempt's result, and an eager task's record that arrives after that
-decision finishes on arrival (``settled``); a task with no record waits for none. Nothing here decides: the
-runner asks ``admit`` before an agent starts (after a pause the partition may have moved) and hands each
-result to ``on_result``.
+decision is settled on arrival (``Checkpoint.settled``); a task with no record waits for none. Nothing
+here decides: the runner asks ``admit`` before an agent starts (after a pause the partition may have
+moved) and hands each result to ``on_result``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from calmrun.streams.offsets import Pending
+from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.records import Out
 from calmrun.workflow.events import StepResult, StepTask
 
@@ -85,6 +85,8 @@ class TaskRunner:
         admit: asked after a task got its slot and before its agent starts: may it still run here?
         accept: asked when a result is in: is the partition still ours to decide it?
         on_result: the decision on a result, with the task's source and its pending records.
+        checkpoint: settles the records answered with no decision of their own (see ``echo``, and an
+            attempt not started because it was decided meanwhile).
         on_error: a bug in the runner itself (never an agent's failure, which is a result).
         hold: what a task waits for before it takes its slot and holds until it finishes (the step and
             model limits of ``streams.throttle``; None: nothing); a task waiting for it does not count
@@ -98,6 +100,7 @@ class TaskRunner:
         admit: Callable[[int, StepTask], Awaitable[bool]],
         accept: Callable[[int], Awaitable[bool]],
         on_result: Callable[[int, StepTask, StepResult, Source, list[Pending]], None],
+        checkpoint: Checkpoint,
         on_error: Callable[[BaseException], None],
         hold: Callable[[StepTask], AbstractAsyncContextManager[None] | None] | None = None,
         max_waiting: int = 0,
@@ -106,7 +109,7 @@ class TaskRunner:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._limit = max_in_flight
         self._execute, self._admit, self._accept = execute, admit, accept
-        self._on_result, self._on_error = on_result, on_error
+        self._on_result, self._checkpoint, self._on_error = on_result, checkpoint, on_error
         self._running: dict[str, _Running] = {}  # idempotency key -> an attempt executing here
         self._settled: dict[str, int] = {}  # idempotency key -> partition: eager, decided, record unread
         self._room = asyncio.Event()
@@ -126,7 +129,8 @@ class TaskRunner:
             await self._room.wait()
 
     def echo(self, idem: str, p: int, pending: Pending) -> bool:
-        """Is this task record an attempt running or decided here? Then it finishes with that attempt."""
+        """Is this task record an attempt running or decided here? Then it finishes with that attempt's
+        decision (settled at once, if that decision is made already)."""
         running = self._running.get(idem)
         if running is not None and running.partition == p:
             self.counts.echoed += running.eager and not running.record_seen
@@ -136,7 +140,7 @@ class TaskRunner:
         if self._settled.get(idem) == p:  # an eager task whose result is committed already
             del self._settled[idem]
             self.counts.echoed += 1
-            pending.finish()
+            self._checkpoint.settled([pending])
             return True
         return False
 
@@ -242,9 +246,8 @@ class TaskRunner:
                 if not await self._admit(p, task):
                     log.info("attempt %s not started: partition %d not ours, or not awaited there", idem, p)
                     running = self._running.pop(idem)
-                    if await self._accept(p):  # decided meanwhile (a copy ran): its records are done
-                        for pending in running.pending:
-                            pending.finish()
+                    if await self._accept(p):  # decided meanwhile (a copy ran): its records are answered
+                        self._checkpoint.settled(running.pending)
                     return
                 c = self.counts
                 c.running += 1

@@ -9,7 +9,9 @@ never reach a ``read_committed`` reader, and its late commits fail (``ProducerFe
 Decisions are batched: while one transaction commits, the next batch collects, and it is sent as soon as
 the commit returns, so light load commits each decision alone and heavy load amortises a commit over
 many. Within a batch only the newest state of each run is written (compaction keeps only that one).
-After the commit, each decision's ``on_commit`` runs. A task decided from a committed input may have been
+Each decision comes with the inputs it answers; as a batch is taken, the checkpoint (``streams.checkpoint``)
+finishes them and gives the input offsets to commit in the same transaction. After the commit, each
+decision's ``on_commit`` runs. A task decided from a committed input may have been
 started before (``hold``): the next transaction then waits up to ``hold_s`` for those tasks, so a fast
 step's result commits together with the decision that scheduled it (see ``streams.decisions``).
 """
@@ -20,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ from aiokafka.errors import (
 from aiokafka.structs import TopicPartition
 
 from calmrun.errors import WriterBrokenError
+from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.records import Out, StateOut
 
 log = logging.getLogger("calmrun.worker")
@@ -80,6 +83,7 @@ class _Queued:
     state: StateOut | None
     on_commit: Callable[[], None] | None
     run_id: str | None
+    inputs: Sequence[Pending]
 
 
 class PartitionWriter:
@@ -89,9 +93,8 @@ class PartitionWriter:
         partition: the partition number this writer owns in every calmrun topic.
         producer: a producer configured with this partition's ``transactional_id`` (not started).
         group_id: the consumer group whose offsets are committed in the transactions.
-        positions: called right after a batch is taken; the input offsets to commit with it (all inputs
-            finished so far are in this batch or an earlier one).
-        committed: called with those positions once their transaction committed.
+        checkpoint: finishes the inputs of each batch taken and gives the input offsets to commit with it;
+            told of them once their transaction committed.
         gate: the worker's count of uncommitted decisions.
         on_failed: called once if a transaction fails; the writer is unusable after that.
         hold_s: how long a transaction waits, at most, for the tasks given to ``hold``.
@@ -102,8 +105,7 @@ class PartitionWriter:
         partition: int,
         producer: AIOKafkaProducer,
         group_id: str,
-        positions: Callable[[int], dict[TopicPartition, int]],
-        committed: Callable[[dict[TopicPartition, int]], None],
+        checkpoint: Checkpoint,
         gate: Gate,
         on_failed: Callable[[int, BaseException], None],
         hold_s: float = 0.0,
@@ -111,7 +113,7 @@ class PartitionWriter:
         self.partition = partition
         self._producer = producer
         self._group_id = group_id
-        self._positions, self._committed = positions, committed
+        self._checkpoint = checkpoint
         self._gate = gate
         self._on_failed = on_failed
         self._batch: list[_Queued] = []
@@ -121,7 +123,6 @@ class PartitionWriter:
         self._task: asyncio.Task[None] | None = None
         self.failed: BaseException | None = None
         self.commits = 0
-        self._last: dict[TopicPartition, int] = {}  # the input offsets last committed, for a probe
         self._probing = False
         self._open: Counter[str] = Counter()  # run ID -> its decisions not yet committed
         self._hold_s = hold_s
@@ -154,9 +155,14 @@ class PartitionWriter:
         state: StateOut | None,
         on_commit: Callable[[], None] | None,
         run_id: str | None = None,
+        *,
+        inputs: Sequence[Pending],
     ) -> None:
-        """Queue one decision for the next transaction; synchronous, so decisions keep their order."""
-        self._batch.append(_Queued(outputs, state, on_commit, run_id))
+        """Queue one decision for the next transaction; synchronous, so decisions keep their order.
+
+        ``inputs``: the consumed records it answers, finished as it is taken into a transaction.
+        """
+        self._batch.append(_Queued(outputs, state, on_commit, run_id, inputs))
         if run_id is not None:
             self._open[run_id] += 1
         self._gate.add(1)
@@ -176,13 +182,9 @@ class PartitionWriter:
         self._held.update(tasks)
 
     def kick(self) -> None:
-        """Commit input offsets that moved without a decision (a task record finished by its result)."""
+        """Commit input offsets that moved without a decision (``Checkpoint.settled`` inputs)."""
         self._idle.clear()
         self._wake.set()
-
-    def remember(self, offsets: dict[TopicPartition, int]) -> None:
-        """The committed input offsets as found on assignment (what a probe commits again)."""
-        self._last.update(offsets)
 
     async def probe(self) -> None:
         """Commit a transaction even with nothing new: it fails (fenced) if another worker took over."""
@@ -220,9 +222,10 @@ class PartitionWriter:
                 batch, self._batch = self._batch[:_MAX_BATCH], self._batch[_MAX_BATCH:]
                 if self._batch:
                     self._wake.set()
-                offsets = self._positions(self.partition)  # no await since the batch was taken
+                answered = [inp for d in batch for inp in d.inputs]  # no await since the batch was taken
+                offsets = self._checkpoint.take(self.partition, answered, whole=not self._batch)
                 if self._probing and not (batch or offsets):
-                    offsets = dict(self._last)
+                    offsets = self._checkpoint.last(self.partition)
                 self._probing = False
                 if batch or offsets:
                     await self._commit(batch, offsets)
@@ -300,8 +303,7 @@ class PartitionWriter:
         await asyncio.gather(*futures)  # resolved by the commit; raises if a record was refused
         self.commits += 1
         if offsets:
-            self._last.update(offsets)
-            self._committed(offsets)
+            self._checkpoint.committed(offsets)
         self._gate.done(len(batch))
         for d in batch:
             if d.run_id is not None:

@@ -31,8 +31,8 @@ from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 
 from calmrun.kafka.topics import Topics
+from calmrun.streams.checkpoint import Pending
 from calmrun.streams.deciding import Deciding
-from calmrun.streams.offsets import Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import StateOut
 from calmrun.workflow.decider import decide

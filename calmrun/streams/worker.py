@@ -5,8 +5,9 @@ co-partitioned (``streams.versions``), so partition N of every topic belongs to 
 of those runs, executes their default-pool step tasks (a pooled step's result comes back on the results topic
 from its executors, ``streams.pool``), and is the only writer of their state. Rooms: ``partitions``
 (ownership: rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``deciding`` (decide,
-queue the records), ``tasks`` (agents running), ``timers`` (deadlines and retries), ``txn`` (one transaction
-per batch of a partition), ``records`` (the records a decision writes), ``clients`` (the Kafka clients).
+queue the records), ``tasks`` (agents running), ``timers`` (deadlines and retries), ``checkpoint`` (which
+inputs are finished: the offsets each transaction commits), ``txn`` (one transaction per batch of a
+partition), ``records`` (the records a decision writes), ``clients`` (the Kafka clients).
 
 Effectively once: everything is read ``read_committed`` and each partition's decisions are written in
 Kafka transactions with the input offsets they finish, so a run's events, tasks and state are one
@@ -29,7 +30,6 @@ import time
 from collections.abc import Callable, Sequence
 
 from aiokafka.errors import KafkaConnectionError
-from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.errors import WorkerError
@@ -41,11 +41,11 @@ from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams import brokers, clients
 from calmrun.streams.attempts import Attempts
+from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.deciding import Deciding
 from calmrun.streams.intake import Intake
 from calmrun.streams.liveness import Liveness
 from calmrun.streams.metrics import WorkerMetrics
-from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.records import Out, task_out
 from calmrun.streams.runtable import RunTable
@@ -113,7 +113,7 @@ class Worker:
         self.redactor = Redactor(settings.redact)
         self.stamps = stamps or Stamps(settings, self.workflows.values(), self._known)
         self.n = settings.kafka.partitions
-        self._offsets = OffsetTracker()
+        self._checkpoint = Checkpoint()  # the one owner of "this input is finished"
         self._gate = Gate(settings.worker.max_unacked)
         self._timers = Timers()
         self.throttle = Throttle(settings.throttle, self.workflows.values(), models.aliases)
@@ -125,6 +125,7 @@ class Worker:
             lambda p, task: self.parts.admit(p, task),  # the partitions are made next, with the runner
             self._accept,
             self._on_result,
+            self._checkpoint,
             self._fail,
             self.throttle.hold,
             settings.throttle.max_waiting,
@@ -142,7 +143,7 @@ class Worker:
             self.topics,
             self.codec,
             self.input_topics,
-            self._offsets,
+            self._checkpoint,
             self._timers,
             self.tasks,
             self._writer,
@@ -169,7 +170,7 @@ class Worker:
             self.codec,
             self.workflows,
             self.parts,
-            self._offsets,
+            self._checkpoint,
             self.tasks,
             self.decisions,
             self.stamps.request,
@@ -202,6 +203,7 @@ class Worker:
     def stats(self) -> WorkerStats:
         """The rooms' counters, now."""
         self.decisions.counts.peak_unacked = self._gate.peak
+        self.decisions.counts.transactions = self._checkpoint.transactions
         return snapshot(self.intake.counts, self.tasks.counts, self.parts.counts, self.decisions.counts)
 
     @property
@@ -344,16 +346,8 @@ class Worker:
 
     def _writer(self, p: int) -> PartitionWriter:
         producer = clients.transactional_producer(self.settings, p)
-
-        def committed(positions: dict[TopicPartition, int]) -> None:
-            self._offsets.committed(positions)
-            self.decisions.counts.transactions += 1
-
-        def positions(part: int) -> dict[TopicPartition, int]:
-            return {tp: off for tp, off in self._offsets.to_commit().items() if tp.partition == part}
-
         hold_s, group = self.settings.worker.inline_wait_ms / 1000, self.settings.group_id
-        return PartitionWriter(p, producer, group, positions, committed, self._gate, self.parts.lost, hold_s)
+        return PartitionWriter(p, producer, group, self._checkpoint, self._gate, self.parts.lost, hold_s)
 
     # -- loops --------------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from calmrun.client import Client
 from calmrun.errors import PoisonStormError
 from calmrun.kafka.topics import INVALID, Topics
 from calmrun.settings import Settings
+from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.fetch import getmany
-from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.workflow.events import RunCommand, RunRequest
 from tests.runtime_support import (
     Item,
@@ -67,7 +67,7 @@ async def test_unexpected_errors_park_the_record_and_only_a_storm_stops_the_work
             await producer.stop()
         recs = await read_raw(broker, topics.events)
         tp = TopicPartition(topics.events, 0)
-        inputs = OffsetTracker()  # the records are this test's, not the worker's inputs
+        inputs = Checkpoint()  # the records are this test's, not the worker's inputs
         w.intake.isolated(_failing(KeyError("a bug")), recs[0], inputs.consumed(tp, 0))
         w.intake.isolated(_failing(RecursionError("deep")), recs[1], inputs.consumed(tp, 1))
         w.intake.isolated(
@@ -93,7 +93,7 @@ async def test_unexpected_errors_park_the_record_and_only_a_storm_stops_the_work
 
 
 def _ok(rec: ConsumerRecord[bytes, bytes], pending: Pending) -> None:
-    pending.finish()
+    pass  # handled: no decision, nothing parked
 
 
 async def test_a_redrive_past_max_attempts_per_run_is_refused(broker: str, prefix: str) -> None:

@@ -20,6 +20,7 @@ from calmrun.agents import AgentRegistry
 from calmrun.client import Client
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics
+from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.records import Out, StateOut
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
 from calmrun.workflow.events import RunRequest
@@ -130,9 +131,7 @@ async def task_records(broker: str, topics: list[str], partitions: int = 4) -> i
         await consumer.stop()
 
 
-async def _writer(
-    broker: str, tid: str, failures: list[BaseException], *topics: str
-) -> tuple[PartitionWriter, list[dict[TopicPartition, int]]]:
+async def _writer(broker: str, tid: str, failures: list[BaseException], *topics: str) -> PartitionWriter:
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
     try:
@@ -141,18 +140,16 @@ async def _writer(
     finally:
         await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=broker, transactional_id=tid, enable_idempotence=True)
-    committed: list[dict[TopicPartition, int]] = []
     writer = PartitionWriter(
         0,
         producer,
         f"{tid}-group",
-        lambda p: {},
-        committed.append,
+        Checkpoint(),  # no inputs here: nothing to commit but the records
         Gate(100),
         lambda p, e: failures.append(e),
     )
     await writer.start()
-    return writer, committed
+    return writer
 
 
 async def read_committed(broker: str, topic: str) -> list[bytes]:
@@ -172,7 +169,7 @@ async def test_a_burst_of_decisions_is_one_transaction_with_the_run_state_once(
     """Ten decisions of one run added together: their events in order, one state (the last), ten commits."""
     topic_ev, topic_st = f"{prefix}.ev", f"{prefix}.st"
     failures: list[BaseException] = []
-    writer, _ = await _writer(broker, f"{prefix}.tx", failures, topic_ev, topic_st)
+    writer = await _writer(broker, f"{prefix}.tx", failures, topic_ev, topic_st)
     done: list[int] = []
     encoded: list[int] = []
 
@@ -186,7 +183,10 @@ async def test_a_burst_of_decisions_is_one_transaction_with_the_run_state_once(
     try:
         for i in range(10):
             writer.add(
-                [Out(topic_ev, 0, b"run", f"event{i}".encode())], state(i), functools.partial(done.append, i)
+                [Out(topic_ev, 0, b"run", f"event{i}".encode())],
+                state(i),
+                functools.partial(done.append, i),
+                inputs=(),
             )
         await asyncio.wait_for(writer.flush(), 30)
     finally:
@@ -204,16 +204,16 @@ async def test_a_fenced_writer_commits_nothing_and_says_so(broker: str, prefix: 
     topic_ev = f"{prefix}.ev"
     first_failures: list[BaseException] = []
     second_failures: list[BaseException] = []
-    first, _ = await _writer(broker, f"{prefix}.tx", first_failures, topic_ev)
+    first = await _writer(broker, f"{prefix}.tx", first_failures, topic_ev)
     second: PartitionWriter | None = None
     try:
-        first.add([Out(topic_ev, 0, b"run", b"before")], None, None)
+        first.add([Out(topic_ev, 0, b"run", b"before")], None, None, inputs=())
         await asyncio.wait_for(first.flush(), 30)
-        second, _ = await _writer(broker, f"{prefix}.tx", second_failures, topic_ev)  # the next owner
+        second = await _writer(broker, f"{prefix}.tx", second_failures, topic_ev)  # the next owner
         committed_late: list[bool] = []
-        first.add([Out(topic_ev, 0, b"run", b"zombie")], None, lambda: committed_late.append(True))
+        first.add([Out(topic_ev, 0, b"run", b"zombie")], None, lambda: committed_late.append(True), inputs=())
         await asyncio.wait_for(first.flush(), 30)
-        second.add([Out(topic_ev, 0, b"run", b"after")], None, None)
+        second.add([Out(topic_ev, 0, b"run", b"after")], None, None, inputs=())
         await asyncio.wait_for(second.flush(), 30)
     finally:
         await first.close()

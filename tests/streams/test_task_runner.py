@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.records import Out
 from calmrun.streams.tasks import TaskRunner
 from calmrun.workflow.events import StepResult, StepTask
@@ -41,7 +42,7 @@ async def test_an_attempt_cancelled_before_its_first_step_is_started_again_by_th
     def on_error(exc: BaseException) -> None:
         raise AssertionError(f"runner failed: {exc!r}")
 
-    runner = TaskRunner(4, execute, yes, yes, on_result, on_error)
+    runner = TaskRunner(4, execute, yes, yes, on_result, Checkpoint(), on_error)
     task = _task()
     assert runner.resume(0, [(_out(), task)]) == 1
     await runner.cancel({0})  # same iteration: the attempt's task never took its first step

@@ -13,6 +13,7 @@ from pydantic_ai.exceptions import ModelHTTPError
 
 from calmrun.errors import ConfigError, ProviderError
 from calmrun.settings import ThrottleSettings
+from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.tasks import LocalSource, TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.workflow.events import StepCost, StepResult, StepTask
@@ -152,7 +153,7 @@ async def test_a_task_waiting_for_its_alias_holds_no_slot_and_blocks_no_other_al
     async def yes(*_: Any) -> bool:
         return True
 
-    runner = TaskRunner(2, execute, yes, yes, lambda *a: None, lambda e: None, th.hold, 10)
+    runner = TaskRunner(2, execute, yes, yes, lambda *a: None, Checkpoint(), lambda e: None, th.hold, 10)
 
     def start(t: StepTask) -> None:
         runner.start(0, t, LocalSource("t", 0, b"", b"", ()), eager=False, pending=[])
