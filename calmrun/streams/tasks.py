@@ -137,7 +137,7 @@ class TaskRunner:
             running.record_seen = True
             running.pending.append(pending)
             return True
-        if self._settled.get(idem) == p:  # an eager task whose result is committed already
+        if self._settled.get(idem) == p:  # an eager task whose result is decided already
             del self._settled[idem]
             self.counts.echoed += 1
             self._checkpoint.settled([pending])
@@ -170,12 +170,13 @@ class TaskRunner:
         return running.task
 
     def _ended(self, idem: str, running: _Running, _: asyncio.Task[None]) -> None:
-        """Forget an attempt whose task ended without ``_run``'s own cleanup: one cancelled before its
-        first step (``cancel`` in the same loop iteration as ``start``) never enters ``_run``, and left
-        behind it would make every later ``start`` of that attempt here a no-op."""
+        """Forget an attempt once its task ended, however it ended: decided (``_run`` took it already),
+        dropped, failed, cancelled, even before its first step (``cancel`` in the same loop iteration as
+        ``start``, which never enters ``_run``); left behind, it would make every later ``start`` of that
+        attempt here a no-op. The one place an attempt is forgotten; a later start of it is kept."""
         if self._running.get(idem) is running:
             del self._running[idem]
-            self._room.set()
+        self._room.set()
 
     def start_eager(
         self,
@@ -267,6 +268,3 @@ class TaskRunner:
             raise
         except BaseException as exc:
             self._on_error(exc)
-        finally:
-            self._running.pop(idem, None)
-            self._room.set()
