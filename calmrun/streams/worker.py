@@ -434,8 +434,9 @@ class Worker:
                 wf = self.workflows.pinned(state.workflow, state.version, state.digest)
                 if wf is None or not self.pins.serves(state):
                     continue
-                tasks = [(task_out(self.topics, self.codec, p, t), t) for t in awaited_tasks(wf, state)]
-                resumed += self.tasks.resume(p, [(o, t) for o, t in tasks if o.topic in self._unrecorded])
+                awaited = awaited_tasks(wf, state)
+                mine = [t for t in awaited if self.topics.step(t.workflow, t.step) in self._unrecorded]
+                resumed += self.tasks.resume(p, [(task_out(self.topics, self.codec, p, t), t) for t in mine])
         log.info("partitions %s taken over: %d attempts resumed from states", sorted(parts), resumed)
 
     def _known(self, run_id: str) -> bool:
