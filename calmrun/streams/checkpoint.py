@@ -45,7 +45,8 @@ class Checkpoint:
         self._open: dict[TopicPartition, deque[int]] = {}
         self._done: dict[TopicPartition, set[int]] = {}
         self._next: dict[TopicPartition, int] = {}
-        self._committed: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}  # what ``take`` last returned and was committed
+        self._last: dict[TopicPartition, int] = {}  # committed as known: found on assignment, or committed
         self._settled: dict[int, list[Pending]] = {}  # partition -> answered inputs, waiting for a whole take
         self._generation: dict[TopicPartition, int] = {}  # tp -> times forgotten (kept: a few per input)
         self.transactions = 0
@@ -93,20 +94,21 @@ class Checkpoint:
     def committed(self, positions: dict[TopicPartition, int]) -> None:
         """The positions ``take`` returned are committed (their transaction is)."""
         self._committed.update(positions)
+        self._last.update(positions)
         self.transactions += 1
 
     def positioned(self, positions: dict[TopicPartition, int]) -> None:
         """The committed positions found when a partition was assigned (its inputs are read from there)."""
-        self._committed.update(positions)
+        self._last.update(positions)
 
     def last(self, partition: int) -> dict[TopicPartition, int]:
         """The last committed positions of ``partition``'s inputs: what a probe transaction commits again."""
-        return {tp: off for tp, off in self._committed.items() if tp.partition == partition}
+        return {tp: off for tp, off in self._last.items() if tp.partition == partition}
 
     def forget(self, partitions: set[int]) -> None:
         """Drop the partitions a rebalance took away (their open inputs are read again by the next owner)."""
-        for tp in [tp for tp in {*self._open, *self._committed} if tp.partition in partitions]:
-            for d in (self._open, self._done, self._next, self._committed):
+        for tp in [tp for tp in {*self._open, *self._last} if tp.partition in partitions]:
+            for d in (self._open, self._done, self._next, self._committed, self._last):
                 d.pop(tp, None)
             self._generation[tp] = self._generation.get(tp, 0) + 1
         for p in partitions:
