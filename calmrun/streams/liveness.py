@@ -12,11 +12,10 @@ partitions to the survivors, whose new writers fence its transactions as after a
 
 A peer whose beats come late (a lossy link, a starved host) is given more time, as a phi-accrual detector
 would: after a gap over half of ``dead_after_s`` it is judged dead only after three times its longest
-recent gap.
-A removed process that beats again was alive (a killed one never beats again under its key): each such false
-removal doubles its threshold. Both are forgotten after ``FORGET_S`` and never exceed the session timeout,
-which removes a silent member anyway. A killed worker whose beats were regular is still removed after
-``dead_after_s``.
+recent gap. A removed process that beats again was alive (a killed one never beats again under its key):
+each such removal, false or of a link cut and healed, doubles its threshold. Both are forgotten after
+``FORGET_S`` and never exceed the session timeout, which removes a silent member anyway. A killed worker
+whose beats were regular is still removed after ``dead_after_s``.
 
 Beats are written and read by a thread with an event loop of its own, so a worker whose event loop is busy
 (a large batch of decisions, a long commit) still beats; only a stopped process (kill -9, SIGSTOP, a
@@ -142,7 +141,7 @@ class LivenessCounts:
     beats: int = 0
     removed: int = 0
     refused: int = 0  # LeaveGroups the broker refused (the member was gone or replaced)
-    survived: int = 0  # removed peers that beat again: false removals
+    survived: int = 0  # removed peers that beat again: false removals, or links cut and healed
     late: int = 0  # peer beats that came late (LATE_FRACTION of dead_after_s)
     longest_peer_gap_s: float = 0.0  # the longest silence of a peer that beat again
 
@@ -348,7 +347,8 @@ class Liveness:
             peer.leaving = bool(beat.get("leaving"))
 
     def _survived(self, key: str, gone: Peer, now: float) -> Peer:
-        """A removed process beat again: it was alive, the removal false; its threshold doubles."""
+        """A removed process beat again: it was alive (the removal false, or its link cut and healed); its
+        threshold doubles."""
         fresh = now - gone.survived_at < FORGET_S
         gone.survived = (gone.survived if fresh else 0) + 1
         gone.survived_at = now
@@ -357,8 +357,8 @@ class Liveness:
         gone.late_at = now
         self.counts.survived += 1
         log.warning(
-            "liveness: removed member %s beat again after %.2f s (a false removal, %d within %.0f s): "
-            "it is judged dead after %.2f s of silence now",
+            "liveness: removed member %s beat again after %.2f s (it was alive: slow, or cut off and back; "
+            "%d within %.0f s): it is judged dead after %.2f s of silence now",
             gone.member or key,
             gap,
             gone.survived,
