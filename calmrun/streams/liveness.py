@@ -333,7 +333,10 @@ class Liveness:
                 self.counts.longest_peer_gap_s = max(self.counts.longest_peer_gap_s, gap)
                 if gap > 2 * self.conf.interval_s:  # a late beat: the margin to dead_after_s, measured
                     log.info("liveness: peer %s beat again after %.2f s", peer.member or who, gap)
-                if gap > LATE_FRACTION * self.conf.dead_after_s:  # its link or host is slow: more margin
+                # its link or host is slow: more margin. Not while it has no member id (starting, or
+                # rejoining): a worker joining its group and restoring is busy, its link may be fine
+                member = beat.get("member") or ""
+                if gap > LATE_FRACTION * self.conf.dead_after_s and peer.member and member:
                     fresh = now - peer.late_at < FORGET_S
                     peer.late_gap_s = max(peer.late_gap_s, gap) if fresh else gap
                     peer.late_at = now

@@ -102,3 +102,15 @@ def test_a_worker_whose_own_beats_stall_judges_nobody() -> None:
         beat(lv, lv.key, i * INTERVAL)
     assert [k for k, _ in lv._dead(1.75)] == ["p"]
     assert lv._dead(1.75 + 2 * INTERVAL + 0.2) == []  # its own last beat is too old now
+
+
+def test_gaps_while_a_peer_has_no_member_id_do_not() -> None:
+    """A worker joining its group (or rejoining) beats with no member id; it is busy then, so its gaps are
+    not taken for a slow link."""
+    lv = judge()
+    beat(lv, "p", 0.0, member="-")
+    lv.peers["p"].member = ""  # its first beats: no member id yet
+    lv._read(b"p", json.dumps({"group": lv.group, "member": "", "instance": "p"}).encode(), 0.9)
+    beat(lv, "p", 1.0)
+    assert lv.counts.late == 0
+    assert lv.peers["p"].dead_after(DEAD_AFTER, lv._cap_s, 1.0) == DEAD_AFTER
