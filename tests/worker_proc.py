@@ -63,7 +63,7 @@ async def main(args: argparse.Namespace) -> None:
             "deadline_grace_s": args.deadline_grace,
             "task_records": not args.no_task_records,
         }
-        | ({"liveness": {"enabled": True, "dead_after_s": args.liveness}} if args.liveness else {}),
+        | ({} if args.liveness is None else {"liveness": liveness(args.liveness)}),
     )
     if args.workflow == "people":
         workflows, agents = people_flows(), people_agents()
@@ -92,6 +92,11 @@ async def main(args: argparse.Namespace) -> None:
         runner.result()
     finally:
         _write_status(status, worker, "stopped")
+
+
+def liveness(dead_after_s: float) -> dict[str, object]:
+    """``worker.liveness`` for ``--liveness S``: on with a peer dead after ``S`` s; 0: off."""
+    return {"enabled": True, "dead_after_s": dead_after_s} if dead_after_s > 0 else {"enabled": False}
 
 
 def jumping_clock(path: Path) -> Callable[[], int]:
@@ -152,7 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instance-id", default=None, help="static group membership")
     p.add_argument("--session-timeout", type=float, default=6.0)
     p.add_argument("--deadline-grace", type=float, default=30.0)
-    p.add_argument("--liveness", type=float, default=None, help="liveness on, a peer dead after this many s")
+    p.add_argument(
+        "--liveness", type=float, default=None, help="peers dead after S s; 0: off; unset: the default"
+    )
     p.add_argument("--no-task-records", action="store_true", help="worker.task_records off")
     p.add_argument("--pool", default=None, help="run an executor of this pool ('none': decide only)")
     p.add_argument("--clock-file", default=None, help="milliseconds added to the worker's clock")

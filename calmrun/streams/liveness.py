@@ -10,6 +10,13 @@ peer's member from the group with a LeaveGroup (v3: member id and ``group.instan
 LeaveGroup to the connection that joined), and rejoins at once: the rebalance gives the dead member's
 partitions to the survivors, whose new writers fence its transactions as after a session timeout.
 
+A peer whose beats come late (a lossy link, a starved host) is given more time, as a phi-accrual detector
+would: after a gap over half of ``dead_after_s`` it is judged dead only after three times its longest
+recent gap. A removed process that beats again was alive (a killed one never beats again under its key):
+each such removal, false or of a link cut and healed, doubles its threshold. Both are forgotten after
+``FORGET_S`` and never exceed the session timeout, which removes a silent member anyway. A killed worker
+whose beats were regular is still removed after ``dead_after_s``.
+
 Beats are written and read by a thread with an event loop of its own, so a worker whose event loop is busy
 (a large batch of decisions, a long commit) still beats; only a stopped process (kill -9, SIGSTOP, a
 frozen host) or a cut link falls silent. A live worker removed this way anyway is a zombie like any other:
@@ -89,6 +96,20 @@ class LeaveMembers(Request[LeaveGroupRequest_v3]):  # type: ignore[misc]
         return request_struct_class(self._group, self._members)
 
 
+LATE_FRACTION = 0.5
+"""A peer's beat is *late* when it comes more than this part of ``dead_after_s`` after its last: 0.5 s at
+1 s. Under CPU load alone the longest gaps measured were 0.49-0.69 s (load 8.5-9.6 on 2 cores,
+``python -m bench.liveness_gaps``); on a lossy link they came at 0.5-7 s (TCP retransmissions back off)."""
+LATE_FACTOR = 3.0
+"""After a late beat of ``g`` s, the peer is judged dead only after ``LATE_FACTOR * g`` s of silence (never
+less than ``dead_after_s``): a peer whose beats come late is given the margin its own gaps ask for. Three,
+not two: on a lossy link TCP's retransmission timeouts double, and a packet-loss run with liveness on
+removed a live peer 1.11 s after its last beat, whose gaps had been 0.51 and 0.52 s."""
+FORGET_S = 30.0
+"""How long a late beat, or a removal its peer survived, keeps its threshold raised (a bad link's late
+beats come every few seconds, each one keeping it raised)."""
+
+
 @dataclass
 class Peer:
     """What this worker knows of one peer process, from its beats (times on this worker's monotonic clock)."""
@@ -99,6 +120,20 @@ class Peer:
     echoes: int = 0  # this worker's own beats read back since the peer's last
     leaving: bool = False
     longest_gap_s: float = 0.0
+    late_gap_s: float = 0.0  # its longest late gap within FORGET_S of the last late one
+    late_at: float = 0.0
+    survived: int = 0  # removals this process beat again after (false ones), within FORGET_S of the last
+    survived_at: float = 0.0
+
+    def dead_after(self, base_s: float, cap_s: float, now: float) -> float:
+        """The silence after which this peer is judged dead: ``base_s``, doubled for each removal it
+        survived and at least ``LATE_FACTOR`` times a recent late gap, never over ``cap_s``."""
+        limit = base_s
+        if self.survived and now - self.survived_at < FORGET_S:
+            limit *= 2.0**self.survived
+        if self.late_gap_s and now - self.late_at < FORGET_S:
+            limit = max(limit, LATE_FACTOR * self.late_gap_s)
+        return min(limit, cap_s)
 
 
 @dataclass
@@ -106,6 +141,8 @@ class LivenessCounts:
     beats: int = 0
     removed: int = 0
     refused: int = 0  # LeaveGroups the broker refused (the member was gone or replaced)
+    survived: int = 0  # removed peers that beat again: false removals, or links cut and healed
+    late: int = 0  # peer beats that came late (LATE_FRACTION of dead_after_s)
     longest_peer_gap_s: float = 0.0  # the longest silence of a peer that beat again
 
 
@@ -140,6 +177,7 @@ class Liveness:
         self.counts = LivenessCounts()
         self.peers: dict[str, Peer] = {}
         self._removed: set[tuple[str, str]] = set()  # (process, member) already removed or refused
+        self._gone: dict[str, Peer] = {}  # processes removed, by key: one that beats again was alive
         self._own_seen = 0.0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -230,11 +268,14 @@ class Liveness:
             await asyncio.gather(producer.stop(), reader.stop(), return_exceptions=True)
             c = self.counts
             log.info(
-                "liveness stopped: %d beats written, peers' longest silence %.3f s, %d removed, %d refused",
+                "liveness stopped: %d beats written, peers' longest silence %.3f s, %d late beats, "
+                "%d removed, %d refused, %d beat again after their removal",
                 c.beats,
                 c.longest_peer_gap_s,
+                c.late,
                 c.removed,
                 c.refused,
+                c.survived,
             )
 
     async def _send(self, producer: AIOKafkaProducer, *, leaving: bool = False) -> None:
@@ -266,6 +307,7 @@ class Liveness:
                 self._read(rec.key, rec.value, now)
             for key, peer in self._dead(now):
                 await self._remove(reader, key, peer, now)
+            self._forget(now)
 
     def _read(self, key: bytes | None, value: bytes | None, now: float) -> None:
         if key is None or value is None:
@@ -281,6 +323,8 @@ class Liveness:
                     other.echoes += 1
                 return
             peer = self.peers.get(who)
+            if peer is None and (gone := self._gone.pop(who, None)) is not None:
+                peer = self.peers[who] = self._survived(who, gone, now)
             if peer is None:
                 peer = self.peers[who] = Peer(beat.get("member") or "", beat.get("instance"), now)
             else:
@@ -289,6 +333,14 @@ class Liveness:
                 self.counts.longest_peer_gap_s = max(self.counts.longest_peer_gap_s, gap)
                 if gap > 2 * self.conf.interval_s:  # a late beat: the margin to dead_after_s, measured
                     log.info("liveness: peer %s beat again after %.2f s", peer.member or who, gap)
+                # its link or host is slow: more margin. Not while it has no member id (starting, or
+                # rejoining): a worker joining its group and restoring is busy, its link may be fine
+                member = beat.get("member") or ""
+                if gap > LATE_FRACTION * self.conf.dead_after_s and peer.member and member:
+                    fresh = now - peer.late_at < FORGET_S
+                    peer.late_gap_s = max(peer.late_gap_s, gap) if fresh else gap
+                    peer.late_at = now
+                    self.counts.late += 1
             peer.member, peer.instance, peer.seen, peer.echoes = (
                 beat.get("member") or "",
                 beat.get("instance"),
@@ -297,21 +349,60 @@ class Liveness:
             )
             peer.leaving = bool(beat.get("leaving"))
 
+    def _survived(self, key: str, gone: Peer, now: float) -> Peer:
+        """A removed process beat again: it was alive (the removal false, or its link cut and healed); its
+        threshold doubles."""
+        fresh = now - gone.survived_at < FORGET_S
+        gone.survived = (gone.survived if fresh else 0) + 1
+        gone.survived_at = now
+        gap = now - gone.seen
+        gone.late_gap_s = max(gone.late_gap_s, gap) if now - gone.late_at < FORGET_S else gap
+        gone.late_at = now
+        self.counts.survived += 1
+        log.warning(
+            "liveness: removed member %s beat again after %.2f s (it was alive: slow, or cut off and back; "
+            "%d within %.0f s): it is judged dead after %.2f s of silence now",
+            gone.member or key,
+            gap,
+            gone.survived,
+            FORGET_S,
+            gone.dead_after(self.conf.dead_after_s, self._cap_s, now),
+        )
+        return gone
+
+    def _forget(self, now: float) -> None:
+        """Drop what can no longer matter: a removed process silent past its session timeout and
+        ``FORGET_S`` (dead, or a member no more), a peer that left as long ago."""
+        horizon = self._cap_s + FORGET_S
+        for key in [k for k, p in self._gone.items() if now - p.seen > horizon]:
+            del self._gone[key]
+        for key in [k for k, p in self.peers.items() if p.leaving and now - p.seen > horizon]:
+            del self.peers[key]
+
+    @property
+    def _cap_s(self) -> float:
+        """No threshold goes past the session timeout: the broker removes a silent member then anyway."""
+        return max(self.conf.dead_after_s, self.settings.worker.session_timeout_s)
+
     def _dead(self, now: float) -> list[tuple[str, Peer]]:
-        """Peers silent for ``dead_after_s`` while this worker's own beats kept arriving."""
+        """Peers silent for their threshold (``Peer.dead_after``) while this worker's own beats kept
+        arriving: at least ``threshold / interval_s - 1`` of them since the peer's last, the last within
+        two intervals."""
         conf = self.conf
         if now - self._own_seen > 2 * conf.interval_s + 0.1:  # this side's beats are late too: judge nobody
             return []
-        echoes = max(2, int(conf.dead_after_s / conf.interval_s) - 1)
-        return [
-            (key, p)
-            for key, p in self.peers.items()
-            if now - p.seen >= conf.dead_after_s
-            and p.echoes >= echoes
-            and p.member
-            and not p.leaving
-            and (key, p.member) not in self._removed
-        ]
+        dead = []
+        for key, p in self.peers.items():
+            limit = p.dead_after(conf.dead_after_s, self._cap_s, now)
+            if (
+                now - p.seen >= limit
+                and p.echoes >= max(2, int(limit / conf.interval_s) - 1)
+                and p.member
+                and not p.leaving
+                and (key, p.member) not in self._removed
+            ):
+                dead.append((key, p))
+        return dead
 
     async def _remove(self, reader: AIOKafkaConsumer, key: str, peer: Peer, now: float) -> None:
         client = reader._client  # the reader's connections; aiokafka has no public LeaveGroup for others
@@ -339,6 +430,6 @@ class Liveness:
             self.group,
             silent,
         )
-        del self.peers[key]
+        self._gone[key] = self.peers.pop(key)
         if self._main_loop is not None:
             self._main_loop.call_soon_threadsafe(self.rejoin)

@@ -239,14 +239,15 @@ class Worker:
         consumer = self.parts.consumer = clients.group_consumer(self.settings, self.assignor)
         try:
             await restorer.start()
+            if self.settings.worker.liveness.enabled:  # a killed peer leaves the group in about a second
+                # before joining: its topic is created and its clients connect outside the first rebalance
+                self.liveness = Liveness.of(self.settings, consumer)
+                await self.liveness.start()
             consumer.subscribe(topics=self.input_topics, listener=self.parts.listener())
             await consumer.start()
         except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:  # an ACL, TLS/SASL, or no broker
             await self._close_clients()
             raise (await start_error(k, exc)) from exc
-        if self.settings.worker.liveness.enabled:  # a killed peer leaves the group in about a second
-            self.liveness = Liveness.of(self.settings, consumer)
-            await self.liveness.start()
         if self.metrics is not None:
             await self.metrics.start(self)
         await self.stamps.start()

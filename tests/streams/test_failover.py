@@ -64,8 +64,7 @@ async def test_a_killed_worker_s_partitions_move_before_its_session_could_expire
     log = tmp_path / "starts.jsonl"
     session = SESSION_S if liveness else 6.0
     args = [*worker_args(log, 0.2, 100), "--session-timeout", str(session)]
-    if liveness:
-        args += ["--liveness", str(DEAD_AFTER_S)]
+    args += ["--liveness", str(DEAD_AFTER_S if liveness else 0)]  # 0: off (it is on by default)
     for n in NAMES:
         procs.start(n, *args, "--instance-id", n)
     await wait_owned(procs, NAMES)
