@@ -352,8 +352,13 @@ class Worker:
         def positions(part: int) -> dict[TopicPartition, int]:
             return {tp: off for tp, off in self._offsets.to_commit().items() if tp.partition == part}
 
+        def lazy(tp: TopicPartition) -> bool:  # a task record: read again after a crash, it is stale
+            return tp.topic in self._local
+
         hold_s, group = self.settings.worker.inline_wait_ms / 1000, self.settings.group_id
-        return PartitionWriter(p, producer, group, positions, committed, self._gate, self.parts.lost, hold_s)
+        return PartitionWriter(
+            p, producer, group, positions, committed, self._gate, self.parts.lost, hold_s, lazy
+        )
 
     # -- loops --------------------------------------------------------------------------------------
 

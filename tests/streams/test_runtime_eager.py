@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -131,7 +132,12 @@ async def task_records(broker: str, topics: list[str], partitions: int = 4) -> i
 
 
 async def _writer(
-    broker: str, tid: str, failures: list[BaseException], *topics: str
+    broker: str,
+    tid: str,
+    failures: list[BaseException],
+    *topics: str,
+    moved: dict[TopicPartition, int] | None = None,
+    lazy: Callable[[TopicPartition], bool] | None = None,
 ) -> tuple[PartitionWriter, list[dict[TopicPartition, int]]]:
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
@@ -142,14 +148,25 @@ async def _writer(
         await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=broker, transactional_id=tid, enable_idempotence=True)
     committed: list[dict[TopicPartition, int]] = []
+    last: dict[TopicPartition, int] = {}
+    finished = moved if moved is not None else {}
+
+    def positions(p: int) -> dict[TopicPartition, int]:  # as OffsetTracker.to_commit: what moved since
+        return {tp: off for tp, off in finished.items() if last.get(tp) != off}
+
+    def done(offsets: dict[TopicPartition, int]) -> None:
+        last.update(offsets)
+        committed.append(dict(offsets))
+
     writer = PartitionWriter(
         0,
         producer,
         f"{tid}-group",
-        lambda p: {},
-        committed.append,
+        positions,
+        done,
         Gate(100),
         lambda p, e: failures.append(e),
+        lazy=lazy,
     )
     await writer.start()
     return writer, committed
@@ -197,6 +214,44 @@ async def test_a_burst_of_decisions_is_one_transaction_with_the_run_state_once(
     assert await read_committed(broker, topic_st) == [b"state9"]
     assert encoded == [9]  # superseded states are never even encoded
     assert done == list(range(10))  # after the commit, in decision order
+
+
+async def test_task_record_offsets_wait_for_the_next_transaction_and_every_flush(
+    broker: str, prefix: str
+) -> None:
+    """A batch whose moved input offsets are all task records' commits without them (two requests fewer);
+    they go with the next batch that has another input's offset, and a flush never leaves them behind."""
+    topic_ev, steps, requests = f"{prefix}.ev", f"{prefix}.step", f"{prefix}.req"
+    failures: list[BaseException] = []
+    moved: dict[TopicPartition, int] = {}
+    step_tp, request_tp = TopicPartition(steps, 0), TopicPartition(requests, 0)
+    tid = f"{prefix}.tx"
+    writer, committed = await _writer(
+        broker, tid, failures, topic_ev, steps, requests, moved=moved, lazy=lambda tp: tp == step_tp
+    )
+
+    async def decide(name: str) -> None:
+        decided = asyncio.Event()
+        writer.add([Out(topic_ev, 0, b"run", name.encode())], None, decided.set)
+        await asyncio.wait_for(decided.wait(), 30)
+
+    try:
+        moved[step_tp] = 5
+        await decide("a local result")  # only a task record's offset moved: it waits
+        assert committed == []
+        moved[request_tp] = 3
+        await decide("a request")  # a request's offset must go with its decision: the task record's too
+        assert committed == [{step_tp: 5, request_tp: 3}]
+        moved[step_tp] = 9
+        await decide("another local result")
+        assert committed == [{step_tp: 5, request_tp: 3}]
+        await asyncio.wait_for(writer.flush(), 30)  # a flush (revoked, stopping) commits it
+        assert committed == [{step_tp: 5, request_tp: 3}, {step_tp: 9}]
+    finally:
+        await writer.close()
+    assert failures == []
+    events = [b"a local result", b"a request", b"another local result"]
+    assert await read_committed(broker, topic_ev) == events
 
 
 async def test_a_fenced_writer_commits_nothing_and_says_so(broker: str, prefix: str) -> None:
