@@ -4,10 +4,12 @@
 Starts a broker (unless ``--bootstrap``) and one ``bench.worker`` with ``bench.timeline_hooks`` preloaded,
 sends the bench workflow's runs one at a time as ``bench.driver`` does (the terminal event read
 ``read_committed``), and prints per stage the median ms from the client's send, and the median ms from
-the stage before (per run): the worker fetching the request, each decision, each step attempt, each of
-the run's transactions (begin, every request of its producer answered, committed), the client reading
-``run.completed``. ``offset-only txns`` counts the transactions of the run's partition that carried no
-decision of it while it ran (they hold its next transaction back).
+the stage before (per run): the request acknowledged to the client (acks=all), the worker fetching it,
+each decision, each step attempt, the inline wait, each of the run's transactions (begin, every request of
+its producer sent and answered, committed), the client reading ``run.completed``. A request sent again (a
+refused AddPartitionsToTxn: CONCURRENT_TRANSACTIONS, "busy") is timed at its last sending. The last line
+counts the transactions of the run's partition that carried no decision of it while it ran (offsets
+only: they hold its next transaction back). ``--worker-opt`` passes ``bench.worker`` options.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from calmrun.workflow.events import RunRequest
 HOOKS = Path(__file__).resolve().parent / "timeline_hooks.py"
 
 
-async def one_at_a_time(ctx: Ctx, pfx: str, tag: str, n: int) -> list[tuple[str, int, int]]:
-    """``n`` runs, each sent once the last one's end was read: (run ID, sent ns, read ns)."""
+async def one_at_a_time(ctx: Ctx, pfx: str, tag: str, n: int) -> list[tuple[str, int, int, int]]:
+    """``n`` runs, each sent once the last one's end was read: (run ID, sent, acknowledged, read ns)."""
     codec = RecordCodec(wire_models())
     topics = Topics(pfx)
     producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", enable_idempotence=True)
@@ -59,7 +61,9 @@ async def one_at_a_time(ctx: Ctx, pfx: str, tag: str, n: int) -> list[tuple[str,
             rid = f"{tag}-{i:07d}"
             req = RunRequest(workflow=LIN.workflow, run_id=rid, input=LIN.make_input(i))
             sent = time.monotonic_ns()
-            await producer.send(topics.requests, codec.encode(req), key=rid.encode())
+            ack = await producer.send(topics.requests, codec.encode(req), key=rid.encode())
+            await ack
+            acked = time.monotonic_ns()
             done = False
             while not done:
                 batch = await consumer.getmany(timeout_ms=1000)
@@ -67,14 +71,14 @@ async def one_at_a_time(ctx: Ctx, pfx: str, tag: str, n: int) -> list[tuple[str,
                     for rec in records:
                         if dict(rec.headers).get("type") in TERMINAL and rec.key == rid.encode():
                             done = True
-            out.append((rid, sent, time.monotonic_ns()))
+            out.append((rid, sent, acked, time.monotonic_ns()))
     finally:
         await consumer.stop()
         await producer.stop()
     return out
 
 
-def stages(runs: list[tuple[str, int, int]], marks: list[list[Any]]) -> dict[str, Any]:
+def stages(runs: list[tuple[str, int, int, int]], marks: list[list[Any]]) -> dict[str, Any]:
     """Per run, the labelled moments of its path (ms after its send); see the module docstring."""
     by_run: dict[str, list[list[Any]]] = defaultdict(list)
     offset_only: list[tuple[int, int]] = []  # (ns, partition) of transactions with no decision
@@ -89,7 +93,7 @@ def stages(runs: list[tuple[str, int, int]], marks: list[list[Any]]) -> dict[str
     steps: dict[str, list[float]] = defaultdict(list)
     counts: Counter[str] = Counter()
     extra: list[int] = []
-    for rid, sent, read in runs:
+    for rid, sent, acked, read in runs:
         seen: dict[str, float] = {}
         txn = 0
         for t, what, _ids, detail in sorted(by_run.get(rid, [])):
@@ -110,6 +114,7 @@ def stages(runs: list[tuple[str, int, int]], marks: list[list[Any]]) -> dict[str
             else:
                 label = f"{what} {detail}"
             seen.setdefault(label, (t - sent) / 1e6)
+        seen["client: request acknowledged"] = (acked - sent) / 1e6
         seen["client read the end"] = (read - sent) / 1e6
         p = partition_for(rid, PARTITIONS)
         extra.append(sum(1 for t, q in offset_only if q == p and sent <= t <= read))
