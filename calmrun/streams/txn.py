@@ -1,5 +1,5 @@
 """One partition's output as Kafka transactions: a decision's records, the states and the input offsets it
-finished become visible together, or not at all.
+finished become visible together, or not at all (a task record's offset may follow in a later one: ``lazy``).
 
 A worker holds one transactional producer per owned partition, ``transactional.id`` =
 ``<group>.tx.<partition>``. Initialising that id when the partition is assigned aborts any transaction the
