@@ -97,9 +97,9 @@ class PartitionWriter:
         hold_s: how long a transaction waits, at most, for the tasks given to ``hold``.
         lazy: input partitions whose offsets need not commit with the decisions that finished them (task
             records: read again after a crash, one whose attempt is decided is recognised as stale). A
-            batch whose moved offsets are all lazy commits without them, two requests fewer
-            (AddOffsetsToTxn, TxnOffsetCommit); they commit with the next batch that has other offsets,
-            or alone on a kick, and always before ``flush`` returns.
+            batch whose moved offsets are all lazy commits without them: two requests fewer
+            (AddOffsetsToTxn, TxnOffsetCommit), one round trip fewer in a row; they commit with the next
+            batch that has other offsets, or alone on a kick, and always before ``flush`` returns.
     """
 
     def __init__(
