@@ -8,12 +8,16 @@ and the commit cycles on a run's path (the transactions its events were committe
 commit marker takes an offset, so each gap in a run's event offsets is one more transaction). Alternating
 in the same minutes is the only fair comparison when other processes compete for the cores; the load
 average is printed beside each line. A tree is a checkout (``git worktree add`` or ``git archive``).
+
+Every tree's client reads the events ``read_committed`` (a run is over when its end is committed), the
+older trees' ``bench.driver`` too, whose client read them uncommitted before: the same client for all.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -56,6 +60,10 @@ async def commits_per_run(bootstrap: str, pfx: str, run_ids: list[str]) -> list[
 async def one(args: argparse.Namespace, label: str) -> dict[str, Any]:
     """Both loops for the tree this process runs in (its bench.worker is started from the cwd)."""
     ctx = Ctx(bootstrap=args.bootstrap, rounds=1, out=Path(args.out), broker_pid=args.broker_pid)
+    # the same client for every tree: an older driver read the terminal events uncommitted
+    driver.AIOKafkaConsumer = functools.partial(  # type: ignore[misc]
+        AIOKafkaConsumer, isolation_level="read_committed"
+    )
     res: dict[str, Any] = {"tree": label, "load": loadavg()}
     if args.runs:
         loops, st = await driver.measure(

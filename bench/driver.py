@@ -1,8 +1,9 @@
 """Drive the benchmark workflow: start a worker process, run closed loops of requests, read the timings.
 
 A closed loop keeps ``concurrency`` runs in flight: it submits that many, and one more each time a run
-completes (seen as a ``run.completed`` record on the events topic, recognised by its ``type`` header
-without decoding), until ``n`` runs are done. Latencies come from the recorded event timestamps afterwards.
+completes (seen as a committed ``run.completed`` record on the events topic, read ``read_committed`` as
+any client must, recognised by its ``type`` header without decoding), until ``n`` runs are done.
+Latencies come from the recorded event timestamps afterwards.
 """
 
 from __future__ import annotations
@@ -141,8 +142,12 @@ async def closed_loop(
     codec = RecordCodec(wire_models())
     topics = Topics(pfx)
     producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", enable_idempotence=True)
+    # read_committed, as any client of calmrun reads: a run is over for it when its end is committed
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=ctx.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50
+        bootstrap_servers=ctx.bootstrap,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+        isolation_level="read_committed",
     )
     await producer.start()
     await consumer.start()
@@ -226,7 +231,9 @@ async def timings(ctx: Ctx, pfx: str, run_ids: Sequence[str]) -> dict[str, list[
     topic = Topics(pfx).events
     wanted = set(run_ids)
     at: dict[str, dict[str, int]] = {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=ctx.bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=ctx.bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]

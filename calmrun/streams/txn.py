@@ -1,5 +1,5 @@
 """One partition's output as Kafka transactions: a decision's records, the states and the input offsets it
-finished become visible together, or not at all.
+finished become visible together, or not at all (a task record's offset may follow in a later one: ``lazy``).
 
 A worker holds one transactional producer per owned partition, ``transactional.id`` =
 ``<group>.tx.<partition>``. Initialising that id when the partition is assigned aborts any transaction the
@@ -98,6 +98,11 @@ class PartitionWriter:
         gate: the worker's count of uncommitted decisions.
         on_failed: called once if a transaction fails; the writer is unusable after that.
         hold_s: how long a transaction waits, at most, for the tasks given to ``hold``.
+        lazy: input partitions whose offsets need not commit with the decisions that finished them (task
+            records: read again after a crash, one whose attempt is decided is recognised as stale). A
+            batch whose moved offsets are all lazy commits without them: two requests fewer
+            (AddOffsetsToTxn, TxnOffsetCommit), one round trip fewer in a row; they commit with the next
+            batch that has other offsets, or alone on a kick, and always before ``flush`` returns.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class PartitionWriter:
         gate: Gate,
         on_failed: Callable[[int, BaseException], None],
         hold_s: float = 0.0,
+        lazy: Callable[[TopicPartition], bool] | None = None,
     ) -> None:
         self.partition = partition
         self._producer = producer
@@ -130,6 +136,9 @@ class PartitionWriter:
         self._held_until = 0.0
         self._closing = False
         self._broken: BaseException | None = None  # why the producer's sender ended, if it did
+        self._lazy = lazy
+        self._taken = 0  # decisions of the transaction being written: still counted by the gate
+        self._flushing = False  # a flush waits: commit every moved offset, lazy ones included
 
     async def start(self) -> None:
         """Initialise the transactional id: aborts the previous owner's open transaction and fences it."""
@@ -196,7 +205,9 @@ class PartitionWriter:
         return len(self._batch)
 
     async def flush(self) -> None:
-        """Wait until every decision added so far is committed (or the writer failed)."""
+        """Wait until every decision added so far, and every input offset finished, is committed (or the
+        writer failed)."""
+        self._flushing = True
         self.kick()
         await self._idle.wait()
 
@@ -209,8 +220,10 @@ class PartitionWriter:
                 await self._task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._producer.stop(), 10)
-        self._gate.done(len(self._batch))
+        # the queued decisions and a transaction cut short (fenced, closed) never commit: let them go
+        self._gate.done(len(self._batch) + self._taken)
         self._batch.clear()
+        self._taken = 0
         self._idle.set()
 
     async def _run(self) -> None:
@@ -227,9 +240,16 @@ class PartitionWriter:
                 if self._probing and not (batch or offsets):
                     offsets = self._checkpoint.last(self.partition)
                 self._probing = False
+                deferred = bool(batch and offsets and not self._flushing and self._all_lazy(offsets))
+                if deferred:
+                    offsets = {}  # committed by a later transaction (see ``lazy``)
                 if batch or offsets:
+                    self._taken = len(batch)
                     await self._commit(batch, offsets)
-                if not self._batch:
+                if deferred and self._flushing:  # a flush began meanwhile: commit them now
+                    self._wake.set()
+                elif not self._batch:
+                    self._flushing = False
                     self._idle.set()
         except asyncio.CancelledError:
             if self._broken is None or self._closing:
@@ -237,6 +257,9 @@ class PartitionWriter:
             self._fail(self._broken)
         except BaseException as exc:
             self._fail(self._fenced_meanwhile() or exc)
+
+    def _all_lazy(self, offsets: dict[TopicPartition, int]) -> bool:
+        return self._lazy is not None and all(self._lazy(tp) for tp in offsets)
 
     def _fail(self, cause: BaseException) -> None:
         self.failed = cause
@@ -305,6 +328,7 @@ class PartitionWriter:
         if offsets:
             self._checkpoint.committed(offsets)
         self._gate.done(len(batch))
+        self._taken = 0
         for d in batch:
             if d.run_id is not None:
                 self._open[d.run_id] -= 1

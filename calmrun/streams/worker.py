@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.errors import WorkerError
@@ -348,7 +349,14 @@ class Worker:
     def _writer(self, p: int) -> PartitionWriter:
         producer = clients.transactional_producer(self.settings, p)
         hold_s, group = self.settings.worker.inline_wait_ms / 1000, self.settings.group_id
-        return PartitionWriter(p, producer, group, self._checkpoint, self._gate, self.parts.lost, hold_s)
+        return PartitionWriter(
+            p, producer, group, self._checkpoint, self._gate, self.parts.lost, hold_s, self._task_record
+        )
+
+    def _task_record(self, tp: TopicPartition) -> bool:
+        """Is ``tp`` a task-record input? Read again after a crash, one whose attempt is decided is stale,
+        so its offset need not commit with the decision that finished it (``PartitionWriter``'s ``lazy``)."""
+        return tp.topic in self._local
 
     # -- loops --------------------------------------------------------------------------------------
 

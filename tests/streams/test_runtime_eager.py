@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -131,7 +132,27 @@ async def task_records(broker: str, topics: list[str], partitions: int = 4) -> i
         await consumer.stop()
 
 
-async def _writer(broker: str, tid: str, failures: list[BaseException], *topics: str) -> PartitionWriter:
+class _Recorded(Checkpoint):
+    """A checkpoint that keeps every commit of input positions, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[dict[TopicPartition, int]] = []
+
+    def committed(self, positions: dict[TopicPartition, int]) -> None:
+        super().committed(positions)
+        self.log.append(dict(positions))
+
+
+async def _writer(
+    broker: str,
+    tid: str,
+    failures: list[BaseException],
+    *topics: str,
+    checkpoint: Checkpoint | None = None,
+    lazy: Callable[[TopicPartition], bool] | None = None,
+    gate: Gate | None = None,
+) -> PartitionWriter:
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
     try:
@@ -144,9 +165,10 @@ async def _writer(broker: str, tid: str, failures: list[BaseException], *topics:
         0,
         producer,
         f"{tid}-group",
-        Checkpoint(),  # no inputs here: nothing to commit but the records
-        Gate(100),
+        checkpoint or Checkpoint(),  # no inputs unless given: nothing to commit but the records
+        gate or Gate(100),
         lambda p, e: failures.append(e),
+        lazy=lazy,
     )
     await writer.start()
     return writer
@@ -199,12 +221,56 @@ async def test_a_burst_of_decisions_is_one_transaction_with_the_run_state_once(
     assert done == list(range(10))  # after the commit, in decision order
 
 
+async def test_task_record_offsets_wait_for_the_next_transaction_and_every_flush(
+    broker: str, prefix: str
+) -> None:
+    """A batch whose moved input offsets are all task records' commits without them (two requests fewer);
+    they go with the next batch that has another input's offset, and a flush never leaves them behind."""
+    topic_ev, steps, requests = f"{prefix}.ev", f"{prefix}.step", f"{prefix}.req"
+    failures: list[BaseException] = []
+    step_tp, request_tp = TopicPartition(steps, 0), TopicPartition(requests, 0)
+    checkpoint = _Recorded()
+    writer = await _writer(
+        broker,
+        f"{prefix}.tx",
+        failures,
+        topic_ev,
+        steps,
+        requests,
+        checkpoint=checkpoint,
+        lazy=lambda tp: tp == step_tp,
+    )
+
+    async def decide(name: str, tp: TopicPartition, offset: int) -> None:
+        decided = asyncio.Event()
+        answered = [checkpoint.consumed(tp, offset)]
+        writer.add([Out(topic_ev, 0, b"run", name.encode())], None, decided.set, inputs=answered)
+        await asyncio.wait_for(decided.wait(), 30)
+
+    try:
+        await decide("a local result", step_tp, 4)  # only a task record's offset moved: it waits
+        assert checkpoint.log == []
+        await decide("a request", request_tp, 2)  # a request's offset goes with its decision: the other too
+        assert checkpoint.log == [{step_tp: 5, request_tp: 3}]
+        await decide("another local result", step_tp, 8)
+        assert checkpoint.log == [{step_tp: 5, request_tp: 3}]
+        await asyncio.wait_for(writer.flush(), 30)  # a flush (revoked, stopping) commits it
+        assert checkpoint.log == [{step_tp: 5, request_tp: 3}, {step_tp: 9}]
+    finally:
+        await writer.close()
+    assert failures == []
+    events = [b"a local result", b"a request", b"another local result"]
+    assert await read_committed(broker, topic_ev) == events
+
+
 async def test_a_fenced_writer_commits_nothing_and_says_so(broker: str, prefix: str) -> None:
-    """A second writer of the same partition fences the first: the first one's later decisions never show."""
+    """A second writer of the same partition fences the first: the first one's later decisions never show,
+    and once it is closed they no longer count against the worker's room for uncommitted decisions."""
     topic_ev = f"{prefix}.ev"
     first_failures: list[BaseException] = []
     second_failures: list[BaseException] = []
-    first = await _writer(broker, f"{prefix}.tx", first_failures, topic_ev)
+    gate = Gate(100)
+    first = await _writer(broker, f"{prefix}.tx", first_failures, topic_ev, gate=gate)
     second: PartitionWriter | None = None
     try:
         first.add([Out(topic_ev, 0, b"run", b"before")], None, None, inputs=())
@@ -221,6 +287,7 @@ async def test_a_fenced_writer_commits_nothing_and_says_so(broker: str, prefix: 
             await second.close()
     assert len(first_failures) == 1 and isinstance(first_failures[0], FENCED), first_failures
     assert committed_late == []
+    assert gate.pending == 0  # the zombie's decision was taken into its fenced transaction, then let go
     assert second_failures == []
     assert await read_committed(broker, topic_ev) == [b"before", b"after"]
 

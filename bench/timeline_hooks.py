@@ -1,0 +1,123 @@
+"""Timestamps inside a bench worker for ``bench.timeline``: loaded with ``python -m bench.worker --preload``.
+
+Wraps, in the worker process only, the points a run passes: the intake's fetch, each decision, each step
+attempt, each partition transaction and every request its producer sends (answered when). Each mark is
+(monotonic ns, what, run IDs, detail); the marks are written as JSON lines to ``$CALMRUN_TIMELINE`` when
+the worker exits. ``time.monotonic_ns`` is the system's CLOCK_MONOTONIC, the same in the client's process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiokafka.client
+
+from calmrun.streams import deciding, intake, txn, worker
+from calmrun.workflow.events import StepResult
+
+Mark = tuple[int, str, list[str], str]
+MARKS: list[Mark] = []
+_BATCH: dict[int, list[str]] = {}  # partition -> run IDs of the transaction its writer is writing
+
+
+def mark(what: str, run_ids: list[str], detail: str = "") -> None:
+    MARKS.append((time.monotonic_ns(), what, run_ids, detail))
+
+
+def _dump() -> None:
+    path = os.environ.get("CALMRUN_TIMELINE")
+    if path:
+        with open(path, "w") as f:
+            for m in MARKS:
+                f.write(json.dumps(m) + "\n")
+
+
+def install() -> None:
+    """Wrap the points a run passes (see the module docstring); idempotent enough for one process."""
+    getmany = intake.getmany
+
+    async def fetched(consumer: Any, **kw: Any) -> Any:
+        out = await getmany(consumer, **kw)
+        for tp, records in out.records.items():
+            for rec in records:
+                kind = "request" if tp.topic.endswith(".requests") else tp.topic.rsplit(".", 1)[-1]
+                mark("fetched", [(rec.key or b"").decode()], kind)
+        return out
+
+    intake.getmany = fetched  # type: ignore[assignment]
+
+    decide = deciding.Deciding.decide
+
+    @functools.wraps(decide)
+    def decided(self: Any, p: int, wf: Any, state: Any, inp: Any, *a: Any, **k: Any) -> Any:
+        out = decide(self, p, wf, state, inp, *a, **k)
+        what = f"{inp.step} result" if isinstance(inp, StepResult) else type(inp).__name__
+        mark("decided", [inp.run_id], what)
+        return out
+
+    deciding.Deciding.decide = decided  # type: ignore[method-assign]
+
+    execute = worker.Worker._execute
+
+    async def executed(self: Any, task: Any) -> Any:
+        mark("step start", [task.run_id], task.step)
+        try:
+            return await execute(self, task)
+        finally:
+            mark("step end", [task.run_id], task.step)
+
+    worker.Worker._execute = executed  # type: ignore[method-assign]
+
+    write = txn.PartitionWriter._write
+
+    async def written(self: Any, batch: list[Any], offsets: Any) -> None:
+        ids = [d.run_id for d in batch if d.run_id is not None]
+        _BATCH[self.partition] = ids
+        mark("txn begin", ids, f"{self.partition} offsets {len(offsets)}")
+        try:
+            await write(self, batch, offsets)
+        finally:
+            _BATCH.pop(self.partition, None)
+        mark("txn committed", ids, str(self.partition))
+
+    txn.PartitionWriter._write = written  # type: ignore[method-assign]
+
+    wait_held = txn.PartitionWriter._wait_held
+
+    async def held(self: Any) -> None:
+        ids = [d.run_id for d in self._batch if d.run_id is not None]
+        if self._held:
+            mark("inline wait", ids, f"{len(self._held)} tasks")
+        await wait_held(self)
+        if ids:
+            mark("inline wait over", ids, "")
+
+    txn.PartitionWriter._wait_held = held  # type: ignore[method-assign]
+
+    send: Callable[..., Awaitable[Any]] = aiokafka.client.AIOKafkaClient.send
+    tx_client = re.compile(r"-tx-(\d+)$")
+
+    async def sent(self: Any, node_id: Any, request: Any, *a: Any, **k: Any) -> Any:
+        m = tx_client.search(str(self._client_id))
+        if m is None:
+            return await send(self, node_id, request, *a, **k)
+        ids = list(_BATCH.get(int(m.group(1)), []))
+        name = re.sub(r"(Request)?(_v\d+)?$", "", type(request).__name__)
+        mark("req sent", ids, name)
+        resp = await send(self, node_id, request, *a, **k)
+        busy = "busy" if re.search(r"\b51\b", str(getattr(resp, "errors", ""))) else ""
+        mark("req answered", ids, f"{name} {busy}".strip())
+        return resp
+
+    aiokafka.client.AIOKafkaClient.send = sent  # type: ignore[method-assign]
+    atexit.register(_dump)
+
+
+install()
