@@ -5,7 +5,7 @@ co-partitioned (``streams.versions``), so partition N of every topic belongs to 
 of those runs, executes their default-pool step tasks (a pooled step's result comes back on the results topic
 from its executors, ``streams.pool``), and is the only writer of their state. Rooms: ``partitions``
 (ownership: rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``deciding`` (decide,
-queue the records), ``tasks`` (agents running), ``resume`` (attempts with no task record, on a takeover),
+queue the records), ``tasks`` (agents running), ``local`` (its own steps: eager starts, and on a takeover),
 ``timers`` and ``due`` (deadlines and retries), ``txn`` (one transaction per batch of a partition),
 ``records`` (the records a decision writes), ``clients`` (the Kafka clients); ``runtime`` runs them from
 start to stop, as it runs a pool's executor, and ``metrics`` reads them through a port (``Measured``).
@@ -16,7 +16,7 @@ history at every moment; a crash loses a whole uncommitted batch, whose inputs a
 decided again. An agent runs eagerly once its decision is committed, or before if that decision can only be
 made again alike (``streams.deciding``), or from its task record read back. With ``worker.task_records``
 off the steps run here write no task record: after a crash or a rebalance, the new owner starts the
-attempts the restored states await (``streams.resume``). Either way a crash before the result is
+attempts the restored states await (``streams.local``). Either way a crash before the result is
 committed runs the same attempt again under the same idempotency key.
 """
 
@@ -44,12 +44,11 @@ from calmrun.streams.deciding import Deciding
 from calmrun.streams.due import DueTimers
 from calmrun.streams.intake import Intake
 from calmrun.streams.liveness import Liveness
+from calmrun.streams.local import EagerStarts, Resumption
 from calmrun.streams.metrics import Gauges, WorkerMetrics
 from calmrun.streams.offsets import OffsetTracker, Pending
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.readiness import Readiness, readiness
-from calmrun.streams.records import Out
-from calmrun.streams.resume import Resumption
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.runtime import Loop, Runtime, wall_ms
 from calmrun.streams.stamps import Stamps
@@ -150,6 +149,9 @@ class Worker(Runtime):
             self._fail,
             settings.worker.session_timeout_s,
         )
+        eager = EagerStarts(
+            self.parts, self.tasks, self.attempts, self._local, self._unrecorded, self._stopped
+        )
         self.decisions = Deciding(
             settings,
             self.topics,
@@ -159,7 +161,7 @@ class Worker(Runtime):
             self.redactor,
             clock,
             metrics,
-            self._start_eager,
+            eager.start,
             self.tracing,
             self._unrecorded,
         )
@@ -190,7 +192,7 @@ class Worker(Runtime):
             self.codec,
             self._unrecorded,
             self._stopped,
-        ).resume  # attempts with no task record, started again on a takeover (streams.resume)
+        ).resume  # attempts with no task record, started again on a takeover (streams.local)
         self.parts.on_taken = self.resume
         interval = settings.worker.timer_interval_s
         self.due = DueTimers(
@@ -325,25 +327,6 @@ class Worker(Runtime):
         if wf is None:  # only tasks of runs served here are started: the run was dropped meanwhile
             return
         self.decisions.decide(p, wf, state, result, source, pending)
-
-    def _start_eager(
-        self, p: int, tasks: list[tuple[Out, StepTask]], committed: bool
-    ) -> list[asyncio.Future[None]]:
-        """Start the tasks of a decision (eager execution; see the module docstring): once it is committed,
-        or before (``committed`` False) where a crash can only repeat that decision."""
-        if p not in self.parts.owned or self._stopped.is_set():
-            return []
-        # not a pool's, not already running here (read back before this callback), still awaited
-        mine = [
-            (out, task)
-            for out, task in tasks
-            if out.topic in self._local
-            and task.idempotency_key not in self.tasks
-            and self.parts.awaited(p, task)
-        ]
-        if committed:  # a first run whose decision is committed never ran anywhere: its journal is empty
-            self.attempts.first_runs((t, self.parts.state(p, t.run_id)) for _, t in mine)
-        return list(self.tasks.start_eager(p, mine, self.parts.awaited, self._unrecorded))
 
     def _known(self, run_id: str) -> bool:
         return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())
