@@ -3,9 +3,11 @@
 Counters and histograms are fed from the run events the worker writes (``observe``), so they say what the
 audit log says: an event with ``seq <= 0`` is logged only and not counted, and a copy of an event already
 observed here (same run and seq, re-decided after a rebalance) is not counted twice. Gauges are read when
-Prometheus scrapes: runs in flight from the worker's run table, consumer lag from its consumer, DLQ depth
-from the dead-letter topics' offsets (refreshed every ``refresh_s``), model aliases paused after a 429 and
-tasks that waited for a limit from the worker's throttle (``calmrun.streams.throttle``).
+Prometheus scrapes, from a snapshot the worker answers (``Measured.gauges``: runs in flight and steps
+waiting from its run tables, runs waiting for a version, model aliases paused after a 429 and tasks that
+waited for a limit from its throttle, ``calmrun.streams.throttle``); consumer lag from its consumer and DLQ
+depth from the dead-letter topics' offsets are refreshed every ``refresh_s``. The metrics read the worker
+only through the ``Measured`` port it passes to ``start``: this module does not import the worker.
 
 Labels are bounded by the configuration (workflow, step, agent, model alias, tenant, status, direction,
 topic); run IDs never become labels. Metrics live in the ``CollectorRegistry`` passed in, never in the
@@ -18,19 +20,26 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
+from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from calmrun.kafka.connect import client_kwargs
+from calmrun.kafka.topics import Topics
+from calmrun.settings import Settings
+from calmrun.streams.runtable import RunTable
+from calmrun.streams.throttle import Throttle
 from calmrun.workflow.definition import AgentStep
 from calmrun.workflow.events import RunEvent
+from calmrun.workflow.registry import Definitions, Pin
 
 if TYPE_CHECKING:
-    from calmrun.streams.worker import Worker
+    from calmrun.streams.readiness import Readiness
 
 log = logging.getLogger("calmrun.metrics")
 
@@ -46,6 +55,74 @@ TERMINAL = {
 }
 SEEN_RUNS = 100_000
 """Runs whose last observed seq is remembered (LRU) to drop re-decided copies; memory, not labels."""
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """What the gauges show, read from a worker at one moment (``Measured.gauges``)."""
+
+    in_flight: Mapping[str, int]  # workflow -> runs not yet terminal (every workflow served, 0 included)
+    waiting: Mapping[tuple[str, str], int]  # (workflow, step) -> approval and wait steps waiting
+    unserved: Mapping[Pin, int]  # runs pinned to a version not served here
+    paused: Mapping[str, float]  # model alias -> seconds left of its pause after a 429
+    pauses: Mapping[str, int]  # model alias -> 429s that paused it
+    waits: Mapping[tuple[str, str], int]  # (limit, name) -> tasks that waited for it
+    waited_s: Mapping[tuple[str, str], float]  # (limit, name) -> seconds waited
+
+    @classmethod
+    def read(
+        cls,
+        workflows: Iterable[str],
+        runs: Iterable[RunTable],
+        unserved: Mapping[Pin, int],
+        throttle: Throttle,
+    ) -> Gauges:
+        """Count the live runs of ``runs`` and copy the throttle's figures."""
+        in_flight: dict[str, int] = {name: 0 for name in workflows}
+        waiting: dict[tuple[str, str], int] = {}
+        for table in list(runs):
+            for _, state in table.live():  # a finished run is not live
+                in_flight[state.workflow] = in_flight.get(state.workflow, 0) + 1
+                for step, st in state.steps.items():
+                    if st.status == "waiting":
+                        waiting[(state.workflow, step)] = waiting.get((state.workflow, step), 0) + 1
+        c = throttle.counts
+        return cls(
+            in_flight,
+            waiting,
+            dict(unserved),
+            throttle.paused(),
+            dict(c.pauses),
+            dict(c.waits),
+            dict(c.waited_s),
+        )
+
+
+class Measured(Protocol):
+    """The port the metrics read a worker through (the worker passes itself to ``start``)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def topics(self) -> Topics: ...
+
+    @property
+    def workflows(self) -> Definitions: ...
+
+    @property
+    def owned(self) -> set[int]:
+        """The partitions owned now (DLQ depth is counted over them)."""
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The group consumer, for its lag (None before start)."""
+
+    def gauges(self) -> Gauges:
+        """The snapshot the gauges show, now (called from the metrics server's thread)."""
+
+    def readiness(self) -> Readiness:
+        """Is it ready to decide (``/ready``; called on the worker's event loop)."""
 
 
 class WorkerMetrics:
@@ -68,7 +145,7 @@ class WorkerMetrics:
         self.agents = dict(agents or {})
         self.refresh_s = refresh_s
         self._seen: OrderedDict[str, int] = OrderedDict()
-        self._worker: Worker | None = None
+        self._source: Measured | None = None
         self._dlq_depth: dict[str, int] = {}
         self._lag: dict[str, int] = {}
         self._server: Any = None
@@ -163,9 +240,9 @@ class WorkerMetrics:
 
     # -- the worker -------------------------------------------------------------------------------
 
-    def bind(self, worker: Worker) -> None:
+    def bind(self, worker: Measured) -> None:
         """Read gauges from ``worker`` and learn its agents (for the ``agent`` label)."""
-        self._worker = worker
+        self._source = worker
         for wf in worker.workflows.values():
             for s in wf.steps:
                 if isinstance(s, AgentStep) and s.agent:  # approval and wait steps run none
@@ -174,14 +251,14 @@ class WorkerMetrics:
                 if undo:
                     self.agents[(wf.name, s.name, "compensate")] = undo
 
-    async def start(self, worker: Worker) -> None:
+    async def start(self, worker: Measured) -> None:
         """Bind to ``worker``, serve ``/metrics`` and ``/ready`` (``settings.metrics``; port 0: off)."""
         self.bind(worker)
         m = worker.settings.metrics
         if m.port:
             from calmrun.streams.readiness import asker, serve
 
-            ask = asker(worker, asyncio.get_running_loop())
+            ask = asker(worker.readiness, asyncio.get_running_loop())
             self._server, self._thread = serve(m.host, m.port, self.registry, ask)
             log.info("metrics on http://%s:%d/metrics, readiness on /ready", m.host, m.port)
         self._refresher = asyncio.create_task(self._refresh_loop(), name="calmrun-metrics")
@@ -198,10 +275,9 @@ class WorkerMetrics:
             self._server = None
 
     async def _refresh_loop(self) -> None:
-        from aiokafka import AIOKafkaConsumer
         from aiokafka.structs import TopicPartition
 
-        worker = self._worker
+        worker = self._source
         assert worker is not None
         k = worker.settings.kafka
         consumer = AIOKafkaConsumer(
@@ -229,7 +305,7 @@ class WorkerMetrics:
                         log.warning("DLQ depth not refreshed: %r", exc)
                 else:
                     self._dlq_depth = {}
-                self._lag = await _consumer_lag(worker)
+                self._lag = await _consumer_lag(worker.consumer)
                 await asyncio.sleep(self.refresh_s)
         finally:
             await consumer.stop()
@@ -258,31 +334,22 @@ class WorkerMetrics:
             "Runs in this worker's partitions pinned to a workflow version it does not serve (they wait).",
             labels=("workflow", "version", "digest"),
         )
-        w = self._worker
-        if w is not None:
-            for pin, n in sorted(w.pins.waiting().items()):
+        g = self._source.gauges() if self._source is not None else None
+        if g is not None:
+            for pin, n in sorted(g.unserved.items()):
                 unserved.add_metric((pin.workflow, pin.version, pin.digest), n)
-            counts: dict[str, int] = {name: 0 for name in w.workflows}
-            waits: dict[tuple[str, str], int] = {}
-            for table in list(w.runs.values()):
-                for _, state in table.live():  # a finished run is not live
-                    counts[state.workflow] = counts.get(state.workflow, 0) + 1
-                    for step, st in state.steps.items():
-                        if st.status == "waiting":
-                            waits[(state.workflow, step)] = waits.get((state.workflow, step), 0) + 1
-            for name, n in sorted(counts.items()):
+            for name, n in sorted(g.in_flight.items()):
                 in_flight.add_metric((name,), n)
-            for key, n in sorted(waits.items()):
+            for key, n in sorted(g.waiting.items()):
                 waiting.add_metric(key, n)
-            per_topic = self._lag
-            for topic, n in sorted(per_topic.items()):
+            for topic, n in sorted(self._lag.items()):
                 lag.add_metric((topic,), n)
             for wf, n in sorted(self._dlq_depth.items()):
                 dlq.add_metric((wf,), n)
-        return (in_flight, waiting, unserved, lag, dlq, *_throttle(w))
+        return (in_flight, waiting, unserved, lag, dlq, *_throttle(g))
 
 
-def _throttle(w: Worker | None) -> tuple[Metric, ...]:
+def _throttle(g: Gauges | None) -> tuple[Metric, ...]:
     paused = GaugeMetricFamily(
         "calmrun_model_paused_seconds",
         "Seconds left of a model alias's pause on this worker after the provider's rate limit (429).",
@@ -299,21 +366,19 @@ def _throttle(w: Worker | None) -> tuple[Metric, ...]:
     waited = CounterMetricFamily(
         "calmrun_throttle_wait_seconds", "Seconds tasks waited for a limit.", labels=("limit", "name")
     )
-    if w is not None:
-        c = w.throttle.counts
-        for alias, left in sorted(w.throttle.paused().items()):
+    if g is not None:
+        for alias, left in sorted(g.paused.items()):
             paused.add_metric((alias,), left)
-        for alias, n in sorted(c.pauses.items()):
+        for alias, n in sorted(g.pauses.items()):
             pauses.add_metric((alias,), n)
-        for key, n in sorted(c.waits.items()):
+        for key, n in sorted(g.waits.items()):
             waits.add_metric(key, n)
-            waited.add_metric(key, c.waited_s.get(key, 0.0))
+            waited.add_metric(key, g.waited_s.get(key, 0.0))
     return (paused, pauses, waits, waited)
 
 
-async def _consumer_lag(worker: Worker) -> dict[str, int]:
-    """Per topic: the worker consumer's high watermark minus its position, over its assignment."""
-    consumer = worker.parts.consumer
+async def _consumer_lag(consumer: AIOKafkaConsumer | None) -> dict[str, int]:
+    """Per topic: the group consumer's high watermark minus its position, over its assignment."""
     lag: dict[str, int] = {}
     if consumer is None:
         return lag

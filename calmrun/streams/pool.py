@@ -21,12 +21,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-import signal
-import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import KafkaConnectionError
 from prometheus_client import CollectorRegistry
 
@@ -43,6 +40,7 @@ from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.fetch import getmany
 from calmrun.streams.poolmetrics import PoolCounts, PoolMetrics
 from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
+from calmrun.streams.runtime import Listener, Loop, Runtime, wall_ms
 from calmrun.streams.tasks import Source, TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
@@ -58,11 +56,7 @@ POOL_HEADER = "calmrun-pool"
 """Header of a result record: the pool that executed the attempt."""
 
 
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-class PoolExecutor:
+class PoolExecutor(Runtime):
     """Executes the steps of ``pool`` for the given workflows; see the module docstring.
 
     Args:
@@ -81,6 +75,7 @@ class PoolExecutor:
         *,
         clock: Callable[[], int] = wall_ms,
     ) -> None:
+        super().__init__("executor", log)
         self.settings, self.pool, self.agents, self.models, self.clock = settings, pool, agents, models, clock
         self.workflows = [check_workflow(wf, settings) for wf in workflows]
         self.topics = Topics(settings.kafka.prefix)
@@ -112,52 +107,33 @@ class PoolExecutor:
             settings.throttle.max_waiting,
         )
         self.consumer: AIOKafkaConsumer | None = None
-        self._loops: list[asyncio.Task[None]] = []
-        self._stopped = asyncio.Event()
-        self._failed: BaseException | None = None
-        self._closing = False
-        self.metrics = PoolMetrics(
-            CollectorRegistry(), pool, self.counts, lambda: self.tasks.counts.running, lambda: len(self.owned)
-        )
+        self.metrics = PoolMetrics(CollectorRegistry(), pool, self)
 
     @property
-    def failure(self) -> BaseException | None:
-        return self._failed
+    def running(self) -> int:
+        """Agents running here now."""
+        return self.tasks.counts.running
 
-    async def start(self) -> None:
-        """Create the topics, join the pool's group and start executing.
+    # -- lifecycle: streams.runtime runs it ---------------------------------------------------------
 
-        Raises:
-            BrokerUnavailableError, KafkaAuthError, KafkaAuthorizationError: as ``Worker.start``.
-        """
+    async def _open(self) -> list[tuple[str, Loop]]:
+        """Create the topics, join the pool's group; the loops that execute."""
         k = self.settings.kafka
         await ensure_topics(k, self.workflows)
         consumer = self.consumer = clients.group_consumer(self.settings, group_id=self.group_id)
         try:
-            consumer.subscribe(topics=self.inputs, listener=_Listener(self))
+            consumer.subscribe(topics=self.inputs, listener=Listener(self))
             await consumer.start()
         except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:
             with contextlib.suppress(Exception):
                 await consumer.stop()
             raise (await start_error(k, exc)) from exc
         self.metrics.start(self.settings.metrics)
-        self._loops = [
-            asyncio.create_task(self._guarded(self._poll_loop()), name="calmrun-pool-poll"),
-            asyncio.create_task(self._guarded(self._commit_loop()), name="calmrun-pool-commit"),
-        ]
         log.info("executor of pool %r started: %s, group %s", self.pool, self.inputs, self.group_id)
+        return [("calmrun-pool-poll", self._poll_loop()), ("calmrun-pool-commit", self._commit_loop())]
 
-    async def stop(self) -> None:
-        """Stop fetching, cancel running agents (their tasks are read again), commit the results, leave."""
-        if self._closing:
-            return
-        self._closing = True
-        self._stopped.set()
-        for t in self._loops:
-            t.cancel()
-        for t in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+    async def _close(self) -> None:
+        """Cancel running agents (their tasks are read again), commit the results, leave."""
         await self.tasks.cancel(set(self.owned) | set(self.writers))
         await self._close_writers(set(self.writers))
         await self.attempts.close()
@@ -166,34 +142,6 @@ class PoolExecutor:
                 await self.consumer.stop()
         self.metrics.stop()
         self.tracing.close()
-
-    async def __aenter__(self) -> PoolExecutor:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def run(self, on_started: Callable[[], None] | None = None) -> None:
-        """A process's main job: start, run until SIGINT/SIGTERM or a failure, stop.
-
-        Raises:
-            WorkerError: a transaction failed for a reason other than fencing.
-        """
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stopped.set)
-        try:
-            await self.start()
-            if on_started is not None:
-                on_started()
-            await self._stopped.wait()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            await self.stop()
-        if self._failed is not None:
-            raise WorkerError(f"executor stopped: {self._failed!r}") from self._failed
 
     # -- ownership ----------------------------------------------------------------------------------
 
@@ -341,28 +289,3 @@ class PoolExecutor:
             ),
         )
         self._send(p, [out], pending, task)
-
-    def _fail(self, exc: BaseException) -> None:
-        log.error("executor failing: %r", exc)
-        if self._failed is None:
-            self._failed = exc
-        self._stopped.set()
-
-    async def _guarded(self, loop: Any) -> None:
-        try:
-            await loop
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self._fail(exc)
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, executor: PoolExecutor) -> None:
-        self.executor = executor
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.executor.revoked({tp.partition for tp in revoked})
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.executor.assigned({tp.partition for tp in assigned})

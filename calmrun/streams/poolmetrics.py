@@ -9,9 +9,9 @@ Labels: ``pool`` only. The metrics live in the registry passed in, never the pro
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -30,6 +30,21 @@ class PoolCounts:
     fenced: int = 0  # partitions lost to another executor's takeover
 
 
+class Executing(Protocol):
+    """The port the metrics read an executor through (it passes itself); read when Prometheus scrapes."""
+
+    @property
+    def counts(self) -> PoolCounts: ...
+
+    @property
+    def running(self) -> int:
+        """Agents running now."""
+
+    @property
+    def owned(self) -> set[int]:
+        """Step-topic partitions owned now."""
+
+
 class PoolMetrics(Collector):
     """Serves ``/metrics`` of one executor (``settings.metrics``; port 0: registered, not served)."""
 
@@ -37,17 +52,16 @@ class PoolMetrics(Collector):
         self,
         registry: CollectorRegistry,
         pool: str,
-        counts: PoolCounts,
-        running: Callable[[], int],
-        owned: Callable[[], int],
+        executor: Executing,
     ) -> None:
-        self.pool, self.counts, self._running, self._owned = pool, counts, running, owned
+        self.pool, self._executor = pool, executor
         self.registry = registry
         self._server: Any = None
         registry.register(self)
 
     def collect(self) -> Iterable[Metric]:
-        c, labels = self.counts, [self.pool]
+        ex, labels = self._executor, [self.pool]
+        c = ex.counts
         for name, doc, value in (
             ("calmrun_pool_tasks_read", "Task records read by this executor", c.tasks),
             ("calmrun_pool_results", "Results committed to the results topic", c.results),
@@ -58,8 +72,8 @@ class PoolMetrics(Collector):
             counter.add_metric(labels, value)
             yield counter
         for name, doc, gauge_value in (
-            ("calmrun_pool_tasks_running", "Agents running in this executor now", self._running()),
-            ("calmrun_pool_partitions_owned", "Step-topic partitions this executor owns", self._owned()),
+            ("calmrun_pool_tasks_running", "Agents running in this executor now", ex.running),
+            ("calmrun_pool_partitions_owned", "Step-topic partitions this executor owns", len(ex.owned)),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["pool"])
             gauge.add_metric(labels, gauge_value)

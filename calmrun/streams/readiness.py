@@ -89,15 +89,15 @@ def serve(
     return httpd, thread
 
 
-def asker(worker: Worker, loop: asyncio.AbstractEventLoop) -> Callable[[], Readiness]:
-    """``readiness(worker)`` computed on ``loop`` for a caller in another thread."""
+def asker(now: Callable[[], Readiness], loop: asyncio.AbstractEventLoop) -> Callable[[], Readiness]:
+    """``now()`` (a worker's readiness) computed on ``loop`` for a caller in another thread."""
 
-    async def now() -> Readiness:
-        return readiness(worker)
+    async def on_loop() -> Readiness:
+        return now()
 
     def ask() -> Readiness:
         try:
-            return asyncio.run_coroutine_threadsafe(now(), loop).result(ASK_TIMEOUT_S)
+            return asyncio.run_coroutine_threadsafe(on_loop(), loop).result(ASK_TIMEOUT_S)
         except TimeoutError:
             return Readiness(False, f"the worker's event loop did not answer within {ASK_TIMEOUT_S:g}s")
         except RuntimeError as exc:  # the loop is closed

@@ -5,9 +5,11 @@ co-partitioned (``streams.versions``), so partition N of every topic belongs to 
 of those runs, executes their default-pool step tasks (a pooled step's result comes back on the results topic
 from its executors, ``streams.pool``), and is the only writer of their state. Rooms: ``partitions``
 (ownership: rebalances, restore, fencing, stalls), ``intake`` (fetch, isolate, park), ``deciding`` (decide,
-queue the records), ``tasks`` (agents running), ``timers`` (deadlines and retries), ``checkpoint`` (which
-inputs are finished: the offsets each transaction commits), ``txn`` (one transaction per batch of a
-partition), ``records`` (the records a decision writes), ``clients`` (the Kafka clients).
+queue the records), ``tasks`` (agents running), ``local`` (its own steps: eager starts, and on a takeover),
+``timers`` and ``due`` (deadlines and retries), ``checkpoint`` (which inputs are finished: the offsets
+each transaction commits), ``txn`` (one transaction per batch of a partition), ``records`` (the records a
+decision writes), ``clients`` (the Kafka clients); ``runtime`` runs them from start to stop, as it runs a
+pool's executor, and ``metrics`` reads them through a port (``Measured``).
 
 Effectively once: everything is read ``read_committed`` and each partition's decisions are written in
 Kafka transactions with the input offsets they finish, so a run's events, tasks and state are one
@@ -15,8 +17,8 @@ history at every moment; a crash loses a whole uncommitted batch, whose inputs a
 decided again. An agent runs eagerly once its decision is committed, or before if that decision can only be
 made again alike (``streams.deciding``), or from its task record read back. With ``worker.task_records``
 off the steps run here write no task record: after a crash or a rebalance, the new owner starts the
-attempts the restored states await (``resume``). Either way a crash before the result is committed runs
-the same attempt again under the same idempotency key.
+attempts the restored states await (``streams.local``). Either way a crash before the result is
+committed runs the same attempt again under the same idempotency key.
 """
 
 from __future__ import annotations
@@ -25,16 +27,13 @@ import asyncio
 import contextlib
 import functools
 import logging
-import signal
-import time
 from collections.abc import Callable, Sequence
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry
-from calmrun.errors import WorkerError
-from calmrun.gctune import settle_heap
 from calmrun.kafka.connect import AUTHORIZATION_ERRORS, start_error
 from calmrun.kafka.topics import Topics, ensure_topics, partition_for
 from calmrun.limits import check_workflow
@@ -44,12 +43,15 @@ from calmrun.streams import brokers, clients
 from calmrun.streams.attempts import Attempts
 from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.deciding import Deciding
+from calmrun.streams.due import DueTimers
 from calmrun.streams.intake import Intake
 from calmrun.streams.liveness import Liveness
-from calmrun.streams.metrics import WorkerMetrics
+from calmrun.streams.local import EagerStarts, Resumption
+from calmrun.streams.metrics import Gauges, WorkerMetrics
 from calmrun.streams.partitions import Partitions
-from calmrun.streams.records import Out, task_out
+from calmrun.streams.readiness import Readiness, readiness
 from calmrun.streams.runtable import RunTable
+from calmrun.streams.runtime import Loop, Runtime, wall_ms
 from calmrun.streams.stamps import Stamps
 from calmrun.streams.stats import WorkerStats, snapshot
 from calmrun.streams.tasks import Source, TaskRunner
@@ -59,20 +61,16 @@ from calmrun.streams.txn import Gate, PartitionWriter
 from calmrun.streams.versions import Pinning, VersionAssignor
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
-from calmrun.workflow.decider import awaited_tasks
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
-from calmrun.workflow.events import StepResult, StepTask, TimerFired
+from calmrun.workflow.events import StepResult, StepTask
 from calmrun.workflow.registry import Definitions, check_children
-from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
 
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
+__all__ = ["Worker", "wall_ms"]
 
 
-class Worker:
+class Worker(Runtime):
     """Runs the given workflows until stopped; use ``async with Worker(...)``, ``start()``/``stop()`` or
     ``run()`` as a process's main job.
 
@@ -103,6 +101,7 @@ class Worker:
         stamps: Stamps | None = None,
         pool: str | None = DEFAULT_POOL,
     ) -> None:
+        super().__init__("worker", log, settings.worker.gc_threshold)
         self.settings = settings
         self.workflows = Definitions(check_workflow(wf, settings) for wf in workflows)
         check_children(self.workflows.values())  # child workflows served here, and in no circle
@@ -152,6 +151,9 @@ class Worker:
             self._fail,
             settings.worker.session_timeout_s,
         )
+        eager = EagerStarts(
+            self.parts, self.tasks, self.attempts, self._local, self._unrecorded, self._stopped
+        )
         self.decisions = Deciding(
             settings,
             self.topics,
@@ -161,7 +163,7 @@ class Worker:
             self.redactor,
             clock,
             metrics,
-            self._start_eager,
+            eager.start,
             self.tracing,
             self._unrecorded,
         )
@@ -183,11 +185,21 @@ class Worker:
             self.workflows, self.topics, self.parts, self.decisions, self.assignor, self.intake.command
         )
         self.parts.on_assigned = self.pins.after_assignment
+        self.resume = Resumption(
+            self.parts,
+            self.workflows,
+            self.pins,
+            self.tasks,
+            self.topics,
+            self.codec,
+            self._unrecorded,
+            self._stopped,
+        ).resume  # attempts with no task record, started again on a takeover (streams.local)
         self.parts.on_taken = self.resume
-        self._loops: list[asyncio.Task[None]] = []
-        self._failed: BaseException | None = None
-        self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
-        self.closing = False  # stop() has run (or is running)
+        interval = settings.worker.timer_interval_s
+        self.due = DueTimers(
+            self._timers, self.parts, self.pins, self.workflows, self.decisions, self.tasks, clock, interval
+        )
         self.liveness: Liveness | None = None
 
     @property
@@ -208,32 +220,27 @@ class Worker:
         return snapshot(self.intake.counts, self.tasks.counts, self.parts.counts, self.decisions.counts)
 
     @property
-    def failure(self) -> BaseException | None:
-        """Why the worker stopped on its own, if it did."""
-        return self._failed
-
-    @property
     def uncommitted(self) -> int:
         """Decisions made and not yet committed (on all partitions)."""
         return self._gate.pending
 
-    # -- lifecycle ----------------------------------------------------------------------------------
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The group consumer (None before ``start``)."""
+        return self.parts.consumer
 
-    async def __aenter__(self) -> Worker:
-        await self.start()
-        return self
+    def gauges(self) -> Gauges:
+        """What this worker's metrics show, now (``streams.metrics.Measured``)."""
+        return Gauges.read(self.workflows, self.runs.values(), self.pins.waiting(), self.throttle)
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+    def readiness(self) -> Readiness:
+        """Is this worker deciding yet (``streams.readiness``)."""
+        return readiness(self)
 
-    async def start(self) -> None:
-        """Create topics, join the group, restore state for the assigned partitions and start processing.
+    # -- lifecycle: streams.runtime runs it ---------------------------------------------------------
 
-        Raises:
-            BrokerUnavailableError: the broker does not answer.
-            KafkaAuthError: TLS, SASL or the protocol does not match the broker's.
-            KafkaAuthorizationError: an ACL refuses a topic, the group or the transactional IDs.
-        """
+    async def _open(self) -> list[tuple[str, Loop]]:
+        """Create topics, join the group (restoring the assigned partitions' runs); the loops to run."""
         k = self.settings.kafka
         await ensure_topics(k, self.workflows.values())
         restorer = self.parts.restorer = clients.restorer(self.settings)
@@ -247,31 +254,25 @@ class Worker:
             consumer.subscribe(topics=self.input_topics, listener=self.parts.listener())
             await consumer.start()
         except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:  # an ACL, TLS/SASL, or no broker
+            if self.liveness is not None:  # started before the join: it must not beat for a worker that failed
+                await self.liveness.stop()
+                self.liveness = None
             await self._close_clients()
             raise (await start_error(k, exc)) from exc
         if self.metrics is not None:
             await self.metrics.start(self)
         await self.stamps.start()
-        self._loops = [
-            asyncio.create_task(self._guarded(self.intake.run(self._gate.room)), name="calmrun-poll"),
-            asyncio.create_task(self._guarded(self._timer_loop()), name="calmrun-timer"),
-            asyncio.create_task(self._guarded(self._commit_loop()), name="calmrun-commit"),
-            asyncio.create_task(self._guarded(self.parts.watch()), name="calmrun-watch"),
-            asyncio.create_task(self._guarded(brokers.BrokerWatch.of(self).run()), name="calmrun-brokers"),
-        ]
         log.info("worker started: workflows %s, group %s", sorted(self.workflows), self.settings.group_id)
+        return [
+            ("calmrun-poll", self.intake.run(self._gate.room)),
+            ("calmrun-timer", self.due.run()),
+            ("calmrun-commit", self._commit_loop()),
+            ("calmrun-watch", self.parts.watch()),
+            ("calmrun-brokers", brokers.BrokerWatch.of(self).run()),
+        ]
 
-    async def stop(self) -> None:
-        """Stop fetching, cancel running agents (their tasks are re-delivered), commit the decided, leave."""
-        if self.closing:
-            return
-        self.closing = True
-        self._stopped.set()
-        for t in self._loops:
-            t.cancel()
-        for t in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+    async def _close(self) -> None:
+        """Cancel running agents (their tasks are re-delivered), commit the decided, leave."""
         await self.tasks.cancel(set(range(self.n)))
         # what is decided is committed even after a failure: a failed writer's own flush returns at once
         writers = list(self.parts.writers.values())
@@ -294,58 +295,6 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await client.stop()
 
-    async def run(self, on_started: Callable[[], None] | None = None) -> None:
-        """A process's main job: start, settle the heap, run until SIGINT/SIGTERM or a failure, stop.
-
-        Raises:
-            WorkerError: as ``run_until_stopped``.
-        """
-        loop = asyncio.get_running_loop()
-        stopping: list[asyncio.Task[None]] = []
-        signals = (signal.SIGINT, signal.SIGTERM)
-        for sig in signals:
-            loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(self.stop())))
-        try:
-            await self.start()
-            settle_heap(self.settings.worker.gc_threshold)
-            if on_started is not None:
-                on_started()
-            await self.run_until_stopped()
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-            for t in stopping:
-                await t
-            await self.stop()
-
-    async def run_until_stopped(self) -> None:
-        """Block until ``stop()`` is called or the worker fails.
-
-        Raises:
-            WorkerError: a transaction failed for a reason other than fencing, or a storm of records
-                failed unexpectedly; nothing after the last commit is lost, it is re-delivered.
-        """
-        await self._stopped.wait()
-        if self._failed is not None:
-            raise WorkerError(f"worker stopped: {self._failed!r}") from self._failed
-
-    def _fail(self, exc: BaseException) -> None:
-        log.error("worker failing: %r", exc)
-        if self._failed is None:
-            self._failed = exc
-        self._stopped.set()
-        for t in self._loops:
-            t.cancel()
-
-    async def _guarded(self, loop: object) -> None:
-        """Run one of the worker's loops; anything it raises stops the worker."""
-        try:
-            await loop  # type: ignore[misc]
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self._fail(exc)
-
     def _writer(self, p: int) -> PartitionWriter:
         producer = clients.transactional_producer(self.settings, p)
         hold_s, group = self.settings.worker.inline_wait_ms / 1000, self.settings.group_id
@@ -359,28 +308,6 @@ class Worker:
         return tp.topic in self._local
 
     # -- loops --------------------------------------------------------------------------------------
-
-    async def _timer_loop(self) -> None:
-        interval = self.settings.worker.timer_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            if self.parts.stable.is_set():
-                self.fire_due_timers(self.clock())
-
-    def fire_due_timers(self, now: int) -> None:
-        """Give the decider a TimerFired for every owned run whose deadline or retry time has come."""
-
-        def live(p: int, run_id: str) -> RunState | None:
-            table = self.parts.runs.get(p)
-            state = table.get_live(run_id) if p in self.parts.owned and table is not None else None
-            return state if state is not None and self.pins.serves(state) else None  # else: it waits
-
-        def fire(p: int, state: RunState) -> None:
-            wf = self.workflows.pinned(state.workflow, state.version, state.digest)
-            assert wf is not None  # live() gave only runs served here
-            self.decisions.decide(p, wf, state, TimerFired(state.run_id, now), None, ())
-
-        self._timers.fire(now, live, self.tasks, fire)
 
     async def _commit_loop(self) -> None:
         """Commit input offsets that moved without a decision (task records finished by an earlier one)."""
@@ -406,47 +333,6 @@ class Worker:
         if wf is None:  # only tasks of runs served here are started: the run was dropped meanwhile
             return
         self.decisions.decide(p, wf, state, result, source, pending)
-
-    def _start_eager(
-        self, p: int, tasks: list[tuple[Out, StepTask]], committed: bool
-    ) -> list[asyncio.Future[None]]:
-        """Start the tasks of a decision (eager execution; see the module docstring): once it is committed,
-        or before (``committed`` False) where a crash can only repeat that decision."""
-        if p not in self.parts.owned or self._stopped.is_set():
-            return []
-        # not a pool's, not already running here (read back before this callback), still awaited
-        mine = [
-            (out, task)
-            for out, task in tasks
-            if out.topic in self._local
-            and task.idempotency_key not in self.tasks
-            and self.parts.awaited(p, task)
-        ]
-        if committed:  # a first run whose decision is committed never ran anywhere: its journal is empty
-            self.attempts.first_runs((t, self.parts.state(p, t.run_id)) for _, t in mine)
-        return list(self.tasks.start_eager(p, mine, self.parts.awaited, self._unrecorded))
-
-    def resume(self, parts: set[int]) -> None:
-        """Start the attempts that the runs of ``parts``, just taken over, await and that have no task record
-        (steps run here, ``worker.task_records`` off), unless they run here already.
-
-        Each is rebuilt from the state (``awaited_tasks``: same attempt, key and input) and is not a first
-        run (its journal is read). An attempt waiting for its retry is not in flight: its timer issues it.
-        A run pinned to a version not served here waits, as its inputs do (``streams.versions``).
-        """
-        if not self._unrecorded or self._stopped.is_set():
-            return
-        resumed = 0
-        for p in sorted(parts & self.parts.owned):
-            table = self.parts.runs.get(p)
-            for _, state in table.live() if table is not None else ():
-                wf = self.workflows.pinned(state.workflow, state.version, state.digest)
-                if wf is None or not self.pins.serves(state):
-                    continue
-                awaited = awaited_tasks(wf, state)
-                mine = [t for t in awaited if self.topics.step(t.workflow, t.step) in self._unrecorded]
-                resumed += self.tasks.resume(p, [(task_out(self.topics, self.codec, p, t), t) for t in mine])
-        log.info("partitions %s taken over: %d attempts resumed from states", sorted(parts), resumed)
 
     def _known(self, run_id: str) -> bool:
         return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())
