@@ -254,7 +254,7 @@ class Worker(Runtime):
             consumer.subscribe(topics=self.input_topics, listener=self.parts.listener())
             await consumer.start()
         except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:  # an ACL, TLS/SASL, or no broker
-            if self.liveness is not None:  # started before the join: it must not beat for a worker that failed
+            if self.liveness is not None:  # started before the join: no beats for a worker that failed
                 await self.liveness.stop()
                 self.liveness = None
             await self._close_clients()
