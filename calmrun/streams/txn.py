@@ -107,6 +107,8 @@ class PartitionWriter:
         gate: Gate,
         on_failed: Callable[[int, BaseException], None],
         hold_s: float = 0.0,
+        linger_s: float = 0.0,
+        linger_from: int = 1,
     ) -> None:
         self.partition = partition
         self._producer = producer
@@ -125,6 +127,7 @@ class PartitionWriter:
         self._probing = False
         self._open: Counter[str] = Counter()  # run ID -> its decisions not yet committed
         self._hold_s = hold_s
+        self._linger_s, self._linger_from = linger_s, linger_from
         self._held: set[asyncio.Future[None]] = set()
         self._held_until = 0.0
         self._closing = False
@@ -226,6 +229,8 @@ class PartitionWriter:
                 self._probing = False
                 if batch or offsets:
                     await self._commit(batch, offsets)
+                if self._linger_s > 0 and len(batch) >= self._linger_from and not self._closing:
+                    await asyncio.sleep(self._linger_s)  # busy: let the next batch grow (busy_linger_ms)
                 if not self._batch:
                     self._idle.set()
         except asyncio.CancelledError:

@@ -352,8 +352,19 @@ class Worker:
         def positions(part: int) -> dict[TopicPartition, int]:
             return {tp: off for tp, off in self._offsets.to_commit().items() if tp.partition == part}
 
-        hold_s, group = self.settings.worker.inline_wait_ms / 1000, self.settings.group_id
-        return PartitionWriter(p, producer, group, positions, committed, self._gate, self.parts.lost, hold_s)
+        w, group = self.settings.worker, self.settings.group_id
+        return PartitionWriter(
+            p,
+            producer,
+            group,
+            positions,
+            committed,
+            self._gate,
+            self.parts.lost,
+            w.inline_wait_ms / 1000,
+            w.busy_linger_ms / 1000,
+            w.busy_linger_from,
+        )
 
     # -- loops --------------------------------------------------------------------------------------
 
