@@ -160,7 +160,7 @@ class WorkerSettings(_Frozen):
     )
     inline_wait_ms: float = Field(5.0, ge=0, description="how long a commit waits for tasks started early")
     busy_linger_ms: float = Field(
-        0.0,
+        10.0,
         ge=0,
         description="after a transaction of at least busy_linger_from decisions, how long a partition writer "
         "waits before it begins the next one, so that more decisions share it (0: no wait)",

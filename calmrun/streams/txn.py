@@ -12,6 +12,9 @@ many. Within a batch only the newest state of each run is written (compaction ke
 After the commit, each decision's ``on_commit`` runs. A task decided from a committed input may have been
 started before (``hold``): the next transaction then waits up to ``hold_s`` for those tasks, so a fast
 step's result commits together with the decision that scheduled it (see ``streams.decisions``).
+A writer that just committed a large batch (``linger_from`` decisions or more) waits ``linger_s`` before
+it takes the next one, so that under load more decisions share a transaction (``worker.busy_linger_ms``);
+a small batch, as one run at a time makes, never waits.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ async def task_records(broker: str, topics: list[str], partitions: int = 4) -> i
 
 
 async def _writer(
-    broker: str, tid: str, failures: list[BaseException], *topics: str
+    broker: str, tid: str, failures: list[BaseException], *topics: str, linger_s: float = 0.0
 ) -> tuple[PartitionWriter, list[dict[TopicPartition, int]]]:
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
@@ -150,6 +150,8 @@ async def _writer(
         committed.append,
         Gate(100),
         lambda p, e: failures.append(e),
+        linger_s=linger_s,
+        linger_from=8,
     )
     await writer.start()
     return writer, committed
@@ -197,6 +199,31 @@ async def test_a_burst_of_decisions_is_one_transaction_with_the_run_state_once(
     assert await read_committed(broker, topic_st) == [b"state9"]
     assert encoded == [9]  # superseded states are never even encoded
     assert done == list(range(10))  # after the commit, in decision order
+
+
+async def test_after_a_large_batch_the_writer_lingers_and_the_next_decisions_share_one_transaction(
+    broker: str, prefix: str
+) -> None:
+    """worker.busy_linger_ms: decisions added one by one while the writer lingers after a batch of 8 or more
+    commit together, in order, each once."""
+    topic_ev = f"{prefix}.ev"
+    failures: list[BaseException] = []
+    writer, _ = await _writer(broker, f"{prefix}.tx", failures, topic_ev, linger_s=3.0)
+    done: list[int] = []
+    try:
+        for i in range(8):
+            writer.add([Out(topic_ev, 0, b"run", f"e{i}".encode())], None, functools.partial(done.append, i))
+        await until(lambda: writer.commits == 1, 30)
+        for i in range(8, 13):  # the writer lingers: without it, each could be a transaction of its own
+            writer.add([Out(topic_ev, 0, b"run", f"e{i}".encode())], None, functools.partial(done.append, i))
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(writer.flush(), 60)
+    finally:
+        await writer.close()
+    assert failures == []
+    assert writer.commits == 2
+    assert await read_committed(broker, topic_ev) == [f"e{i}".encode() for i in range(13)]
+    assert done == list(range(13))
 
 
 async def test_a_fenced_writer_commits_nothing_and_says_so(broker: str, prefix: str) -> None:
