@@ -159,6 +159,15 @@ class WorkerSettings(_Frozen):
         "(not yet the default: docs/performance.md, section 4); a pool's tasks are always written",
     )
     inline_wait_ms: float = Field(5.0, ge=0, description="how long a commit waits for tasks started early")
+    busy_linger_ms: float = Field(
+        10.0,
+        ge=0,
+        description="after a transaction of at least busy_linger_from decisions, how long a partition writer "
+        "waits before it begins the next one, so that more decisions share it (0: no wait)",
+    )
+    busy_linger_from: int = Field(
+        8, ge=1, description="decisions in a transaction from which the writer lingers (busy_linger_ms)"
+    )
     commit_interval_s: float = Field(1.0, gt=0)
     timer_interval_s: float = Field(0.2, gt=0, description="how often due retries and deadlines are checked")
     session_timeout_s: float = Field(

@@ -14,6 +14,9 @@ finishes them and gives the input offsets to commit in the same transaction. Aft
 decision's ``on_commit`` runs. A task decided from a committed input may have been
 started before (``hold``): the next transaction then waits up to ``hold_s`` for those tasks, so a fast
 step's result commits together with the decision that scheduled it (see ``streams.decisions``).
+A writer that just committed a large batch (``linger_from`` decisions or more) waits ``linger_s`` before
+it takes the next one, so that under load more decisions share a transaction (``worker.busy_linger_ms``);
+a small batch, as one run at a time makes, never waits.
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ class PartitionWriter:
         on_failed: Callable[[int, BaseException], None],
         hold_s: float = 0.0,
         lazy: Callable[[TopicPartition], bool] | None = None,
+        linger_s: float = 0.0,
+        linger_from: int = 1,
     ) -> None:
         self.partition = partition
         self._producer = producer
@@ -132,6 +137,7 @@ class PartitionWriter:
         self._probing = False
         self._open: Counter[str] = Counter()  # run ID -> its decisions not yet committed
         self._hold_s = hold_s
+        self._linger_s, self._linger_from = linger_s, linger_from
         self._held: set[asyncio.Future[None]] = set()
         self._held_until = 0.0
         self._closing = False
@@ -246,6 +252,12 @@ class PartitionWriter:
                 if batch or offsets:
                     self._taken = len(batch)
                     await self._commit(batch, offsets)
+                if (
+                    self._linger_s > 0
+                    and len(batch) >= self._linger_from
+                    and not (self._closing or self._flushing)
+                ):
+                    await asyncio.sleep(self._linger_s)  # busy: let the next batch grow (busy_linger_ms)
                 if deferred and self._flushing:  # a flush began meanwhile: commit them now
                     self._wake.set()
                 elif not self._batch:

@@ -297,9 +297,18 @@ class Worker(Runtime):
 
     def _writer(self, p: int) -> PartitionWriter:
         producer = clients.transactional_producer(self.settings, p)
-        hold_s, group = self.settings.worker.inline_wait_ms / 1000, self.settings.group_id
+        w, group = self.settings.worker, self.settings.group_id
         return PartitionWriter(
-            p, producer, group, self._checkpoint, self._gate, self.parts.lost, hold_s, self._task_record
+            p,
+            producer,
+            group,
+            self._checkpoint,
+            self._gate,
+            self.parts.lost,
+            w.inline_wait_ms / 1000,
+            lazy=self._task_record,
+            linger_s=w.busy_linger_ms / 1000,
+            linger_from=w.busy_linger_from,
         )
 
     def _task_record(self, tp: TopicPartition) -> bool:

@@ -18,6 +18,7 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from calmrun.errors import DecodeError, SerializationError, UnknownSchemaError
+from calmrun.wire.avrowrite import Unsure, Write, compile_writer
 
 MARKER = b"\xc3\x01"
 HEADER_SIZE = 10
@@ -47,12 +48,16 @@ class AvroCodec:
         self, schemas: Iterable[Mapping[str, Any]], readers: Iterable[Mapping[str, Any]] = ()
     ) -> None:
         self._by_name: dict[str, tuple[Any, bytes]] = {}
+        self._writers: dict[str, Write] = {}  # compiled (calmrun.wire.avrowrite), where the schema allows
         self._by_fingerprint: dict[bytes, tuple[str, Any]] = {}
         for schema in schemas:
             parsed: Any = fastavro.parse_schema(dict(schema))
             name = str(parsed["name"])
             fp = schema_fingerprint(schema)
             self._by_name[name] = (parsed, MARKER + fp)
+            writer = compile_writer(dict(schema))
+            if writer is not None:
+                self._writers[name] = writer
             self._by_fingerprint[fp] = (name, parsed)
         for schema in readers:
             parsed = fastavro.parse_schema(dict(schema))
@@ -87,9 +92,22 @@ class AvroCodec:
             SerializationError: unknown schema name, or the record does not match the schema.
         """
         try:
-            parsed, header = self._by_name[name]
+            header = self._by_name[name][1]
         except KeyError:
             raise SerializationError(f"no Avro schema named {name!r}; known: {self.names}") from None
+        writer = self._writers.get(name)
+        if writer is not None:
+            out = bytearray(header)
+            try:
+                writer(record, out)
+                return bytes(out)
+            except Unsure:  # a value the compiled writer does not take: fastavro writes or refuses it
+                pass
+        return self.encode_slow(name, record)
+
+    def encode_slow(self, name: str, record: Mapping[str, Any]) -> bytes:
+        """``encode`` with fastavro alone (the reference the compiled writers are checked against)."""
+        parsed, header = self._by_name[name]
         buf = io.BytesIO()
         buf.write(header)
         try:

@@ -152,6 +152,7 @@ async def _writer(
     checkpoint: Checkpoint | None = None,
     lazy: Callable[[TopicPartition], bool] | None = None,
     gate: Gate | None = None,
+    linger_s: float = 0.0,
 ) -> PartitionWriter:
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
@@ -169,6 +170,8 @@ async def _writer(
         gate or Gate(100),
         lambda p, e: failures.append(e),
         lazy=lazy,
+        linger_s=linger_s,
+        linger_from=8,
     )
     await writer.start()
     return writer
@@ -261,6 +264,41 @@ async def test_task_record_offsets_wait_for_the_next_transaction_and_every_flush
     assert failures == []
     events = [b"a local result", b"a request", b"another local result"]
     assert await read_committed(broker, topic_ev) == events
+
+
+async def test_after_a_large_batch_the_writer_lingers_and_the_next_decisions_share_one_transaction(
+    broker: str, prefix: str
+) -> None:
+    """worker.busy_linger_ms: decisions added one by one while the writer lingers after a batch of 8 or more
+    commit together, in order, each once."""
+    topic_ev = f"{prefix}.ev"
+    failures: list[BaseException] = []
+    writer = await _writer(broker, f"{prefix}.tx", failures, topic_ev, linger_s=3.0)
+    done: list[int] = []
+    try:
+        for i in range(8):
+            writer.add(
+                [Out(topic_ev, 0, b"run", f"e{i}".encode())],
+                None,
+                functools.partial(done.append, i),
+                inputs=(),
+            )
+        await until(lambda: writer.commits == 1, 30)
+        for i in range(8, 13):  # the writer lingers: without it, each could be a transaction of its own
+            writer.add(
+                [Out(topic_ev, 0, b"run", f"e{i}".encode())],
+                None,
+                functools.partial(done.append, i),
+                inputs=(),
+            )
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(writer.flush(), 60)
+    finally:
+        await writer.close()
+    assert failures == []
+    assert writer.commits == 2
+    assert await read_committed(broker, topic_ev) == [f"e{i}".encode() for i in range(13)]
+    assert done == list(range(13))
 
 
 async def test_a_fenced_writer_commits_nothing_and_says_so(broker: str, prefix: str) -> None:
