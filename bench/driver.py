@@ -8,8 +8,9 @@ Latencies come from the recorded event timestamps afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,31 @@ class Loop:
 TERMINAL = {b"run.completed", b"run.quarantined", b"run.refused"}
 
 
+@contextlib.asynccontextmanager
+async def run_client(ctx: Ctx, topics: Topics) -> AsyncIterator[tuple[AIOKafkaProducer, AIOKafkaConsumer]]:
+    """A client as a user runs one: a producer of requests, and a reader of the events from their end,
+    read_committed as any client of calmrun reads (a run is over for it when its end is committed)."""
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", enable_idempotence=True)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=ctx.bootstrap,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+        isolation_level="read_committed",
+    )
+    await producer.start()
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topics.events, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        yield producer, consumer
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
 async def closed_loop(
     ctx: Ctx,
     pfx: str,
@@ -141,22 +167,7 @@ async def closed_loop(
     pids = list(pids) or ([pid] if pid else [])
     codec = RecordCodec(wire_models())
     topics = Topics(pfx)
-    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", enable_idempotence=True)
-    # read_committed, as any client of calmrun reads: a run is over for it when its end is committed
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=ctx.bootstrap,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=50,
-        isolation_level="read_committed",
-    )
-    await producer.start()
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topics.events, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+    async with run_client(ctx, topics) as (producer, consumer):
         c0, p0 = await moved(ctx.bootstrap, pfx, wl)
         ids = [f"{tag}-{i:07d}" for i in range(n)]
         pending = set(ids)
@@ -213,9 +224,6 @@ async def closed_loop(
             worker_cpu_each=cpu,
             not_completed=other,
         )
-    finally:
-        await consumer.stop()
-        await producer.stop()
 
 
 WANTED = {b"run.requested", b"step.succeeded", b"run.completed"}

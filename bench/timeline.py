@@ -25,11 +25,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import TopicPartition
-
 from bench.common import PARTITIONS, Ctx, loadavg
-from bench.driver import LIN, TERMINAL, start_worker
+from bench.driver import LIN, TERMINAL, run_client, start_worker
 from calmrun.kafka.topics import Topics, partition_for
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunRequest
@@ -41,22 +38,8 @@ async def one_at_a_time(ctx: Ctx, pfx: str, tag: str, n: int) -> list[tuple[str,
     """``n`` runs, each sent once the last one's end was read: (run ID, sent, acknowledged, read ns)."""
     codec = RecordCodec(wire_models())
     topics = Topics(pfx)
-    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", enable_idempotence=True)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=ctx.bootstrap,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=50,
-        isolation_level="read_committed",
-    )
-    await producer.start()
-    await consumer.start()
     out = []
-    try:
-        tps = [TopicPartition(topics.events, p) for p in range(PARTITIONS)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+    async with run_client(ctx, topics) as (producer, consumer):
         for i in range(n):
             rid = f"{tag}-{i:07d}"
             req = RunRequest(workflow=LIN.workflow, run_id=rid, input=LIN.make_input(i))
@@ -72,9 +55,6 @@ async def one_at_a_time(ctx: Ctx, pfx: str, tag: str, n: int) -> list[tuple[str,
                         if dict(rec.headers).get("type") in TERMINAL and rec.key == rid.encode():
                             done = True
             out.append((rid, sent, acked, time.monotonic_ns()))
-    finally:
-        await consumer.stop()
-        await producer.stop()
     return out
 
 
