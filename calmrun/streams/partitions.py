@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.abc import ConsumerRebalanceListener
@@ -27,6 +26,7 @@ from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.runtable import RunTable
+from calmrun.streams.runtime import Listener
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import FENCED, PartitionWriter
@@ -109,7 +109,7 @@ class Partitions:
         return table.get(run_id) if table is not None else None
 
     def listener(self) -> ConsumerRebalanceListener:
-        return _Listener(self)
+        return Listener(self)
 
     def awaited(self, p: int, task: StepTask) -> bool:
         """Does the run's state (here) still wait for this attempt?"""
@@ -340,14 +340,3 @@ class Partitions:
             await asyncio.sleep(0.1)
             await self.revalidate_if_stalled()
             self.tick = loop.time()
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, partitions: Partitions) -> None:
-        self.partitions = partitions
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.partitions.revoked({tp.partition for tp in revoked})
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.partitions.assigned({tp.partition for tp in assigned})
