@@ -339,7 +339,7 @@ async def test_a_flood_of_requests_is_held_back_by_unacknowledged_decisions(brok
             ids = await client.submit_many(
                 RunRequest(workflow="lin", input={"n": i}, run_id=f"f{i}") for i in range(3000)
             )
-            states = await client.wait_terminal(ids, wait_s=120)
+            states = await client.wait_terminal(ids, wait_s=240)
         peak = w.stats.peak_unacked
     assert {s.status for s in states.values()} == {"completed"}
     # past the last check of room: one fetch (up to 500 requests, 4 decisions each) and the tasks already
