@@ -102,11 +102,14 @@ class Deciding:
         pending: Sequence[Pending],
         *,
         redelivered: bool = False,
+        lazy: bool = False,
     ) -> Decision:
         """Decide ``inp`` for a run of partition ``p`` and add its records to ``p``'s next transaction.
 
         ``redelivered``: ``inp`` comes from a record that a crash before this commit re-delivers (its offset
         is in ``pending``), so the decision's tasks may start before the commit (see the module docstring).
+        ``lazy``: ``pending`` re-read after this decision is committed would be recognised and ignored, so
+        their offsets may commit later (``PartitionWriter.add``).
         """
         early = redelivered and self.settings.worker.early and self._parts.writers[p].quiet(inp.run_id)
         d = decide(wf, state, inp)
@@ -117,7 +120,7 @@ class Deciding:
         outputs = [self.event_out(p, ev) for ev in d.events]
         if d.ignored:
             self.counts.ignored += 1
-            self.submit(p, outputs, pending, d.events, traced=traced)
+            self.submit(p, outputs, pending, d.events, traced=traced, lazy=lazy)
             return d
         assert d.state is not None
         encoded = self._parts.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
@@ -158,6 +161,7 @@ class Deciding:
             traced=traced,
             run_id=run_id,
             early=early,
+            lazy=lazy,
         )
         due = d.state.next_due_ms()
         if due is not None:
@@ -184,13 +188,15 @@ class Deciding:
         traced: Callable[[], None] | None = None,
         run_id: str | None = None,
         early: bool = False,
+        lazy: bool = False,
     ) -> None:
         """Add one decision to partition ``p``'s next transaction with the inputs it answers (``pending``:
         the checkpoint finishes them as that transaction takes them, ``streams.checkpoint``).
 
         ``eager`` tasks start once it commits, or at once if ``early`` (the transaction then waits a little
         for them); ``run_id`` counts against its run until committed (``PartitionWriter.quiet``);
-        ``traced`` is called once it is committed (the decision's span: ``calmrun.tracing``).
+        ``traced`` is called once it is committed (the decision's span: ``calmrun.tracing``); ``lazy``:
+        ``pending``'s offsets may commit in a later transaction (``PartitionWriter.add``).
         """
         writer = self._parts.writers[p]
 
@@ -206,7 +212,7 @@ class Deciding:
             if traced is not None:
                 traced()
 
-        writer.add(outputs, state, on_commit, run_id, inputs=pending)
+        writer.add(outputs, state, on_commit, run_id, inputs=pending, lazy=lazy)
         if eager and early:
             self.counts.early += 1
             writer.hold(self._start_tasks(p, eager, False))

@@ -196,7 +196,8 @@ class Intake:
             self.refusals.request(rec, why, Named(run_id, body.workflow, body.tenant), pending)
             return
         inp = self._request_input(run_id, wf, body, rec.timestamp)
-        self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True)
+        # lazy: re-read once this is committed, the request finds its run and is ignored as a duplicate
+        self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True, lazy=True)
 
     def command(
         self,
@@ -284,7 +285,7 @@ class Intake:
         if self.pins is not None and not self.pins.serves(state):
             # pinned to a version not served here: as for its task, the attempt's deadline re-issues it
             self.counts.tasks_unserved += 1
-            self._decisions.submit(p, [], (pending,), ())
+            self._decisions.submit(p, [], (pending,), (), lazy=True)  # nothing written: nothing to repeat
             return
         wf = self.workflows.pinned(state.workflow, state.version, state.digest)
         if wf is None:
@@ -292,7 +293,8 @@ class Intake:
             self.park(rec, UnknownWorkflowError(result.workflow, known), None, pending)
             return
         inp = result.to_input(rec.timestamp)
-        self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True)
+        # lazy: re-read once this is committed, the result finds its attempt decided and is ignored
+        self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True, lazy=True)
 
     def move(self, rec: Record, p: int, run_id: str, pending: Pending) -> None:
         """Move a record to the partition of the run it names, keyed by the run ID (its own is finished)."""
@@ -317,12 +319,13 @@ class Intake:
         if state is not None and self.pins is not None and not self.pins.serves(state):
             # pinned to a version not served here: not run; its deadline re-issues it (streams.versions)
             self.counts.tasks_unserved += 1
-            self._decisions.submit(p, [], (pending,), ())
+            self._decisions.submit(p, [], (pending,), (), lazy=True)
             return
         ignored = task_ignored(state, task, self._clock())
-        if ignored is not None:
+        if ignored is not None:  # lazy: re-read, it is as stale as now
             self.counts.tasks_skipped += 1
-            self._decisions.submit(p, [self._decisions.event_out(p, ignored)], (pending,), (ignored,))
+            note = [self._decisions.event_out(p, ignored)]
+            self._decisions.submit(p, note, (pending,), (ignored,), lazy=True)
             return
         self._tasks.start(p, task, rec, eager=False, pending=[pending])
 

@@ -1,5 +1,5 @@
 """One partition's output as Kafka transactions: a decision's records, the states and the input offsets it
-finished become visible together, or not at all (a task record's offset may follow in a later one: ``lazy``).
+finished become visible together, or not at all (a lazy input's offset may follow in a later one: ``add``).
 
 A worker holds one transactional producer per owned partition, ``transactional.id`` =
 ``<group>.tx.<partition>``. Initialising that id when the partition is assigned aborts any transaction the
@@ -87,6 +87,7 @@ class _Queued:
     on_commit: Callable[[], None] | None
     run_id: str | None
     inputs: Sequence[Pending]
+    lazy: bool
 
 
 class PartitionWriter:
@@ -101,11 +102,11 @@ class PartitionWriter:
         gate: the worker's count of uncommitted decisions.
         on_failed: called once if a transaction fails; the writer is unusable after that.
         hold_s: how long a transaction waits, at most, for the tasks given to ``hold``.
-        lazy: input partitions whose offsets need not commit with the decisions that finished them (task
-            records: read again after a crash, one whose attempt is decided is recognised as stale). A
-            batch whose moved offsets are all lazy commits without them: two requests fewer
-            (AddOffsetsToTxn, TxnOffsetCommit), one round trip fewer in a row; they commit with the next
-            batch that has other offsets, or alone on a kick, and always before ``flush`` returns.
+
+    A batch whose moved offsets may all wait (the checkpoint says so: they pass only lazy inputs, see
+    ``add``) commits without them: two requests fewer (AddOffsetsToTxn, TxnOffsetCommit), one round trip
+    fewer in a row; they commit with the next batch that finishes a strict input, or alone on a kick, and
+    always before ``flush`` returns.
     """
 
     def __init__(
@@ -117,7 +118,6 @@ class PartitionWriter:
         gate: Gate,
         on_failed: Callable[[int, BaseException], None],
         hold_s: float = 0.0,
-        lazy: Callable[[TopicPartition], bool] | None = None,
         linger_s: float = 0.0,
         linger_from: int = 1,
     ) -> None:
@@ -142,7 +142,6 @@ class PartitionWriter:
         self._held_until = 0.0
         self._closing = False
         self._broken: BaseException | None = None  # why the producer's sender ended, if it did
-        self._lazy = lazy
         self._taken = 0  # decisions of the transaction being written: still counted by the gate
         self._flushing = False  # a flush waits: commit every moved offset, lazy ones included
 
@@ -172,12 +171,16 @@ class PartitionWriter:
         run_id: str | None = None,
         *,
         inputs: Sequence[Pending],
+        lazy: bool = False,
     ) -> None:
         """Queue one decision for the next transaction; synchronous, so decisions keep their order.
 
         ``inputs``: the consumed records it answers, finished as it is taken into a transaction.
+        ``lazy``: they need not commit with it, because re-read after a crash they are recognised and
+        ignored (an accepted run request, a result or task record of an attempt decided here); their
+        offsets may then follow in a later transaction. Strict (the default): they commit with it.
         """
-        self._batch.append(_Queued(outputs, state, on_commit, run_id, inputs))
+        self._batch.append(_Queued(outputs, state, on_commit, run_id, inputs, lazy))
         if run_id is not None:
             self._open[run_id] += 1
         self._gate.add(1)
@@ -241,14 +244,17 @@ class PartitionWriter:
                 batch, self._batch = self._batch[:_MAX_BATCH], self._batch[_MAX_BATCH:]
                 if self._batch:
                     self._wake.set()
-                answered = [inp for d in batch for inp in d.inputs]  # no await since the batch was taken
-                offsets = self._checkpoint.take(self.partition, answered, whole=not self._batch)
+                # no await since the batch was taken
+                strict = [inp for d in batch if not d.lazy for inp in d.inputs]
+                lazy = [inp for d in batch if d.lazy for inp in d.inputs]
+                taken = self._checkpoint.take(self.partition, strict, whole=not self._batch, lazy=lazy)
+                offsets = taken.positions
                 if self._probing and not (batch or offsets):
                     offsets = self._checkpoint.last(self.partition)
                 self._probing = False
-                deferred = bool(batch and offsets and not self._flushing and self._all_lazy(offsets))
+                deferred = bool(batch and offsets and not self._flushing and taken.may_wait)
                 if deferred:
-                    offsets = {}  # committed by a later transaction (see ``lazy``)
+                    offsets = {}  # committed by a later transaction (see ``add``)
                 if batch or offsets:
                     self._taken = len(batch)
                     await self._commit(batch, offsets)
@@ -269,9 +275,6 @@ class PartitionWriter:
             self._fail(self._broken)
         except BaseException as exc:
             self._fail(self._fenced_meanwhile() or exc)
-
-    def _all_lazy(self, offsets: dict[TopicPartition, int]) -> bool:
-        return self._lazy is not None and all(self._lazy(tp) for tp in offsets)
 
     def _fail(self, cause: BaseException) -> None:
         self.failed = cause

@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError
-from aiokafka.structs import TopicPartition
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.kafka.connect import AUTHORIZATION_ERRORS, start_error
@@ -306,20 +305,15 @@ class Worker(Runtime):
             self._gate,
             self.parts.lost,
             w.inline_wait_ms / 1000,
-            lazy=self._task_record,
             linger_s=w.busy_linger_ms / 1000,
             linger_from=w.busy_linger_from,
         )
 
-    def _task_record(self, tp: TopicPartition) -> bool:
-        """Is ``tp`` a task-record input? Read again after a crash, one whose attempt is decided is stale,
-        so its offset need not commit with the decision that finished it (``PartitionWriter``'s ``lazy``)."""
-        return tp.topic in self._local
-
     # -- loops --------------------------------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
-        """Commit input offsets that moved without a decision (task records finished by an earlier one)."""
+        """Commit input offsets that moved without a decision of their own (task records settled by an
+        earlier one) or with lazy decisions only (``PartitionWriter.add``)."""
         while True:
             await asyncio.sleep(self.settings.worker.commit_interval_s)
             for wr in list(self.parts.writers.values()):
@@ -341,7 +335,8 @@ class Worker(Runtime):
         wf = self.workflows.pinned(state.workflow, state.version, state.digest) if state else None
         if wf is None:  # only tasks of runs served here are started: the run was dropped meanwhile
             return
-        self.decisions.decide(p, wf, state, result, source, pending)
+        # lazy: a task record re-read once this is committed finds its attempt decided (``task_ignored``)
+        self.decisions.decide(p, wf, state, result, source, pending, lazy=True)
 
     def _known(self, run_id: str) -> bool:
         return run_id in self.parts.runs.get(partition_for(run_id, self.n), ())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -150,7 +149,6 @@ async def _writer(
     failures: list[BaseException],
     *topics: str,
     checkpoint: Checkpoint | None = None,
-    lazy: Callable[[TopicPartition], bool] | None = None,
     gate: Gate | None = None,
     linger_s: float = 0.0,
 ) -> PartitionWriter:
@@ -169,7 +167,6 @@ async def _writer(
         checkpoint or Checkpoint(),  # no inputs unless given: nothing to commit but the records
         gate or Gate(100),
         lambda p, e: failures.append(e),
-        lazy=lazy,
         linger_s=linger_s,
         linger_from=8,
     )
@@ -241,13 +238,13 @@ async def test_task_record_offsets_wait_for_the_next_transaction_and_every_flush
         steps,
         requests,
         checkpoint=checkpoint,
-        lazy=lambda tp: tp == step_tp,
     )
 
     async def decide(name: str, tp: TopicPartition, offset: int) -> None:
         decided = asyncio.Event()
         answered = [checkpoint.consumed(tp, offset)]
-        writer.add([Out(topic_ev, 0, b"run", name.encode())], None, decided.set, inputs=answered)
+        lazy = tp == step_tp  # a task record: re-read after its attempt is decided, it is stale
+        writer.add([Out(topic_ev, 0, b"run", name.encode())], None, decided.set, inputs=answered, lazy=lazy)
         await asyncio.wait_for(decided.wait(), 30)
 
     try:
