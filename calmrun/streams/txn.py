@@ -105,8 +105,9 @@ class PartitionWriter:
 
     A batch whose moved offsets may all wait (the checkpoint says so: they pass only lazy inputs, see
     ``add``) commits without them: two requests fewer (AddOffsetsToTxn, TxnOffsetCommit), one round trip
-    fewer in a row; they commit with the next batch that finishes a strict input, or alone on a kick, and
-    always before ``flush`` returns.
+    fewer in a row; they commit with the next batch that finishes a strict input, or with the first
+    transaction after a ``kick`` (the worker's commit loop, every ``worker.commit_interval_s``), and always
+    before ``flush`` returns.
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class PartitionWriter:
         self._broken: BaseException | None = None  # why the producer's sender ended, if it did
         self._taken = 0  # decisions of the transaction being written: still counted by the gate
         self._flushing = False  # a flush waits: commit every moved offset, lazy ones included
+        self._due = False  # kicked: the next transaction commits every moved offset, lazy ones included
 
     async def start(self) -> None:
         """Initialise the transactional id: aborts the previous owner's open transaction and fences it."""
@@ -200,7 +202,10 @@ class PartitionWriter:
         self._held.update(tasks)
 
     def kick(self) -> None:
-        """Commit input offsets that moved without a decision (``Checkpoint.settled`` inputs)."""
+        """Commit the input offsets that moved, lazy ones included, with the next transaction (alone if
+        nothing is queued): settled inputs', and lazy ones' that a busy writer, whose every batch may
+        wait, would otherwise leave behind for good."""
+        self._due = True
         self._idle.clear()
         self._wake.set()
 
@@ -252,7 +257,8 @@ class PartitionWriter:
                 if self._probing and not (batch or offsets):
                     offsets = self._checkpoint.last(self.partition)
                 self._probing = False
-                deferred = bool(batch and offsets and not self._flushing and taken.may_wait)
+                due, self._due = self._due or self._flushing, False
+                deferred = bool(batch and offsets and not due and taken.may_wait)
                 if deferred:
                     offsets = {}  # committed by a later transaction (see ``add``)
                 if batch or offsets:

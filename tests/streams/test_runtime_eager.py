@@ -224,8 +224,9 @@ async def test_a_burst_of_decisions_is_one_transaction_with_the_run_state_once(
 async def test_task_record_offsets_wait_for_the_next_transaction_and_every_flush(
     broker: str, prefix: str
 ) -> None:
-    """A batch whose moved input offsets are all task records' commits without them (two requests fewer);
-    they go with the next batch that has another input's offset, and a flush never leaves them behind."""
+    """A batch whose moved input offsets are all lazy (task records') commits without them (two requests
+    fewer); they go with the next batch that has a strict input's offset, or the first after a kick, and a
+    flush never leaves them behind."""
     topic_ev, steps, requests = f"{prefix}.ev", f"{prefix}.step", f"{prefix}.req"
     failures: list[BaseException] = []
     step_tp, request_tp = TopicPartition(steps, 0), TopicPartition(requests, 0)
@@ -254,12 +255,17 @@ async def test_task_record_offsets_wait_for_the_next_transaction_and_every_flush
         assert checkpoint.log == [{step_tp: 5, request_tp: 3}]
         await decide("another local result", step_tp, 8)
         assert checkpoint.log == [{step_tp: 5, request_tp: 3}]
+        writer.kick()  # the commit loop: the next transaction commits them, even a busy writer's
+        await decide("a third local result", step_tp, 9)
+        assert checkpoint.log == [{step_tp: 5, request_tp: 3}, {step_tp: 10}]
+        await decide("a fourth local result", step_tp, 10)
         await asyncio.wait_for(writer.flush(), 30)  # a flush (revoked, stopping) commits it
-        assert checkpoint.log == [{step_tp: 5, request_tp: 3}, {step_tp: 9}]
+        assert checkpoint.log == [{step_tp: 5, request_tp: 3}, {step_tp: 10}, {step_tp: 11}]
     finally:
         await writer.close()
     assert failures == []
-    events = [b"a local result", b"a request", b"another local result"]
+    events = [b"a local result", b"a request", b"another local result", b"a third local result"]
+    events.append(b"a fourth local result")
     assert await read_committed(broker, topic_ev) == events
 
 
