@@ -16,10 +16,10 @@ Kafka transactions with the input offsets they finish (a lazy input's may follow
 so a run's events, tasks and state are one history at every moment; a crash loses a whole uncommitted
 batch, whose inputs are re-delivered and decided again. An agent runs eagerly once its decision is
 committed, or before if that decision can only be made again alike (``streams.deciding``), or from its
-task record read back. With ``worker.task_records``
-off the steps run here write no task record: after a crash or a rebalance, the new owner starts the
-attempts the restored states await (``streams.local``). Either way a crash before the result is
-committed runs the same attempt again under the same idempotency key.
+task record read back. With ``worker.task_records`` off the steps run here write no task record: after a
+crash or a rebalance, the new owner starts the attempts the restored states await (``streams.local``).
+Either way a crash before the result is committed runs the same attempt again under the same idempotency
+key.
 """
 
 from __future__ import annotations
