@@ -64,6 +64,8 @@ class _Running:
     eager: bool = False
     record_seen: bool = False
     pending: list[Pending] = field(default_factory=list)
+    cancelled: bool = False  # asked to stop: an agent in a synchronous tool ends only when the tool returns
+    again: Callable[[], object] | None = None  # a start of this attempt that came meanwhile: run once ended
 
 
 @dataclass
@@ -132,7 +134,7 @@ class TaskRunner:
         """Is this task record an attempt running or decided here? Then it finishes with that attempt's
         decision (settled at once, if that decision is made already)."""
         running = self._running.get(idem)
-        if running is not None and running.partition == p:
+        if running is not None and running.partition == p and not running.cancelled:
             self.counts.echoed += running.eager and not running.record_seen
             running.record_seen = True
             running.pending.append(pending)
@@ -157,9 +159,17 @@ class TaskRunner:
         """Run ``task`` unless that attempt already runs here; returns what runs it (done once decided).
 
         ``recorded``: a task record of this attempt was written (an eager task's is echoed, see ``echo``).
+        An attempt cancelled here that has not ended yet (``cancel_now``; an agent in a synchronous tool
+        ends only when the tool returns) starts again once it has ended: a resume after a retake, with no
+        task record to bring it back later, is not lost.
         """
         idem = task.idempotency_key
-        if idem in self._running:
+        held = self._running.get(idem)
+        if held is not None:
+            if held.cancelled:
+                held.again = functools.partial(
+                    self.start, p, task, source, eager=eager, pending=pending, recorded=recorded
+                )
             return None
         self.counts.started += 1
         self.counts.eager += eager
@@ -173,9 +183,12 @@ class TaskRunner:
         """Forget an attempt once its task ended, however it ended: decided (``_run`` took it already),
         dropped, failed, cancelled, even before its first step (``cancel`` in the same loop iteration as
         ``start``, which never enters ``_run``); left behind, it would make every later ``start`` of that
-        attempt here a no-op. The one place an attempt is forgotten; a later start of it is kept."""
+        attempt here a no-op. The one place an attempt is forgotten; a later start of it is kept, and one
+        that came while it was cancelled and winding down (``start``) starts now."""
         if self._running.get(idem) is running:
             del self._running[idem]
+            if running.again is not None:
+                running.again()
         self._room.set()
 
     def start_eager(
@@ -203,14 +216,16 @@ class TaskRunner:
         n = 0
         for out, task in tasks:
             source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
-            if self.start(p, task, source, eager=False, pending=[]) is not None:
-                n += 1
+            started = self.start(p, task, source, eager=False, pending=[])
+            held = self._running.get(task.idempotency_key)
+            n += started is not None or (held is not None and held.again is not None)  # or once it ended
         self.counts.resumed += n
         return n
 
     async def cancel(self, parts: set[int]) -> None:
-        """Cancel the attempts of ``parts`` and wait until they stopped (their records are re-delivered)."""
-        doomed = [r.task for r in self._running.values() if r.partition in parts and r.task is not None]
+        """Cancel the attempts of ``parts`` and wait until they stopped (their records are re-delivered);
+        a start of one that came before this cancel is dropped with it."""
+        doomed = [r.task for r in self._stopping(parts) if r.task is not None]
         for t in doomed:
             t.cancel()
         for t in doomed:
@@ -219,9 +234,16 @@ class TaskRunner:
 
     def cancel_now(self, p: int) -> None:
         """Cancel the attempts of ``p`` without waiting (from a synchronous callback)."""
-        for r in self._running.values():
-            if r.partition == p and r.task is not None:
+        for r in self._stopping({p}):
+            if r.task is not None:
                 r.task.cancel()
+
+    def _stopping(self, parts: set[int]) -> list[_Running]:
+        """The attempts of ``parts``, marked cancelled: until they end, a start of one waits for its end."""
+        doomed = [r for r in self._running.values() if r.partition in parts]
+        for r in doomed:
+            r.cancelled, r.again = True, None
+        return doomed
 
     def forget(self, p: int) -> None:
         """Drop what is remembered of ``p``'s settled eager tasks (the partition is gone)."""

@@ -9,6 +9,10 @@ named by ``DURABLE_CHARGES`` and, while the file ``DURABLE_HOLD`` exists, blocks
 ``DURABLE_OUTPUT_BYTES`` long, ``DURABLE_BIG_BYTES`` at call ``DURABLE_BIG_AT``.
 
     python -m tests.agents.durable_support --bootstrap B --prefix P --base-url URL --status-file F [--calls N]
+
+``DURABLE_LOG_LEVEL=INFO`` logs the worker's rebalances, resumes and attempts not started into its log;
+``DURABLE_DUMP_S=S`` logs there, S seconds after the start and every 30 s after, the stack of every asyncio
+task and what the worker owns and runs (a run that stops then says where its attempt waits).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
@@ -201,6 +206,26 @@ def durable_settings(broker: str, prefix: str, base_url: str, **worker: Any) -> 
     )
 
 
+async def _dump_tasks(worker: Worker, first_s: float, every_s: float = 30.0) -> None:
+    """Log every asyncio task's stack and the worker's partitions and attempts, ``first_s`` after the start
+    and every ``every_s`` after (``DURABLE_DUMP_S``), until cancelled."""
+    await asyncio.sleep(first_s)
+    while True:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            stacks.write(f"--- {task.get_name()}\n")
+            task.print_stack(limit=30, file=stacks)
+        logging.getLogger("calmrun.dump").warning(
+            "owned %s, stable %s, %d attempts here, %s\n%s",
+            sorted(worker.owned),
+            worker.parts.stable.is_set(),
+            len(worker.tasks),
+            worker.tasks.counts,
+            stacks.getvalue(),
+        )
+        await asyncio.sleep(every_s)
+
+
 async def _main(args: argparse.Namespace) -> None:
     settings = durable_settings(
         args.bootstrap,
@@ -221,9 +246,15 @@ async def _main(args: argparse.Namespace) -> None:
         tmp.replace(status)
 
     runner = asyncio.create_task(worker.run(lambda: write("running")))
-    while not runner.done():
-        await asyncio.wait({runner}, timeout=0.1)
-        write("running")
+    dump_s = float(os.environ.get("DURABLE_DUMP_S", "0"))
+    dumps = asyncio.create_task(_dump_tasks(worker, dump_s)) if dump_s > 0 else None
+    try:
+        while not runner.done():
+            await asyncio.wait({runner}, timeout=0.1)
+            write("running")
+    finally:
+        if dumps is not None:
+            dumps.cancel()
     runner.result()
     write("stopped")
 
