@@ -17,14 +17,13 @@ result still starts only once that decision is committed (a re-run could return 
 With ``worker.task_records`` off, the tasks of the steps this worker runs itself are not written to their
 step topic: the transaction holds the events and the state, and the state says which attempts the
 run awaits. A crash after the commit loses nothing: the new owner restores the state and starts those
-attempts again (``awaited_tasks``, ``Worker.resume``) under the same attempt and idempotency key. A pool's
-tasks are always written: its executors read them.
+attempts again (``awaited_tasks``, ``streams.local.Resumption``) under the same attempt and idempotency
+key. A pool's tasks are always written: its executors read them.
 """
 
 from __future__ import annotations
 
 import functools
-from asyncio import Future
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,9 +35,9 @@ from calmrun.redact import Redactor
 from calmrun.settings import Settings
 from calmrun.streams.checkpoint import Pending
 from calmrun.streams.metrics import WorkerMetrics
-from calmrun.streams.partitions import Partitions
+from calmrun.streams.ownership import Ownership
+from calmrun.streams.ports import Source, Starts
 from calmrun.streams.records import Out, StateOut, dlq_out, event_out, task_out
-from calmrun.streams.tasks import Source
 from calmrun.streams.timers import Timers
 from calmrun.tracing import NO_TRACING, Tracing
 from calmrun.wire.codec import RecordCodec
@@ -64,8 +63,7 @@ class Deciding:
     """Decides inputs and queues their records; see the module docstring.
 
     Args:
-        start_tasks: starts the given tasks of a decision at once, unless run already (the flag: is the
-            decision committed yet); returns what it started (each done once its result is decided).
+        starts: starts the tasks of a decision here (``streams.local.EagerStarts``), unless run already.
         tracing: told of each decision, which it traces once committed (``calmrun.tracing``).
         unrecorded: the step topics whose tasks are not written: this worker starts them itself (eagerly),
             and a new owner from the restored state (``worker.task_records``).
@@ -76,19 +74,19 @@ class Deciding:
         settings: Settings,
         topics: Topics,
         codec: RecordCodec,
-        partitions: Partitions,
+        ownership: Ownership,
         timers: Timers,
         redactor: Redactor,
         clock: Callable[[], int],
         metrics: WorkerMetrics | None,
-        start_tasks: Callable[[int, list[tuple[Out, StepTask]], bool], list[Future[None]]],
+        starts: Starts,
         tracing: Tracing = NO_TRACING,
         unrecorded: frozenset[str] = frozenset(),
     ) -> None:
         self.settings, self.topics, self.codec = settings, topics, codec
         self._unrecorded = unrecorded
-        self._parts, self._timers, self._redactor = partitions, timers, redactor
-        self._clock, self._metrics, self._start_tasks = clock, metrics, start_tasks
+        self._own, self._timers, self._redactor = ownership, timers, redactor
+        self._clock, self._metrics, self._starts = clock, metrics, starts
         self.counts = DecisionCounts()
         self.tracing = tracing
 
@@ -111,7 +109,7 @@ class Deciding:
         ``lazy``: ``pending`` re-read after this decision is committed would be recognised and ignored, so
         their offsets may commit later (``PartitionWriter.add``).
         """
-        early = redelivered and self.settings.worker.early and self._parts.writers[p].quiet(inp.run_id)
+        early = redelivered and self.settings.worker.early and self._own.writers[p].quiet(inp.run_id)
         d = decide(wf, state, inp)
         traced = self.tracing.decision(wf, state, inp, d, source.headers if source is not None else ())
         self.counts.decisions += 1
@@ -123,7 +121,7 @@ class Deciding:
             self.submit(p, outputs, pending, d.events, traced=traced, lazy=lazy)
             return d
         assert d.state is not None
-        encoded = self._parts.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
+        encoded = self._own.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
         tasks = [(task_out(self.topics, self.codec, p, t, self.tracing.task_headers(t)), t) for t in d.tasks]
         outputs += [out for out, _ in tasks if out.topic not in self._unrecorded]  # see the module docstring
         outputs += [self.request_out(r) for r in d.requests]  # child runs: start, cancel, tell the parent
@@ -198,7 +196,7 @@ class Deciding:
         ``traced`` is called once it is committed (the decision's span: ``calmrun.tracing``); ``lazy``:
         ``pending``'s offsets may commit in a later transaction (``PartitionWriter.add``).
         """
-        writer = self._parts.writers[p]
+        writer = self._own.writers[p]
 
         def on_commit() -> None:
             for ev in events:
@@ -208,21 +206,21 @@ class Deciding:
                     self._metrics.observe(ev)
             self.counts.quarantined += quarantined
             if eager and not early:
-                self._start_tasks(p, eager, True)
+                self._starts.start(p, eager, True)
             if traced is not None:
                 traced()
 
         writer.add(outputs, state, on_commit, run_id, inputs=pending, lazy=lazy)
         if eager and early:
             self.counts.early += 1
-            writer.hold(self._start_tasks(p, eager, False))
+            writer.hold(self._starts.start(p, eager, False))
 
     def event_out(self, p: int, ev: RunEvent) -> Out:
-        ev = self._redactor.event(ev, self._parts.state(p, ev.run_id))  # settings.redact (calmrun.redact)
+        ev = self._redactor.event(ev, self._own.state(p, ev.run_id))  # settings.redact (calmrun.redact)
         return event_out(self.topics, self.codec, p, ev)
 
     def dlq_out(self, topic: str, p: int, key: bytes | None, dlq: DlqRecord) -> Out:
-        state = self._parts.state(p, dlq.run_id) if dlq.run_id else None
+        state = self._own.state(p, dlq.run_id) if dlq.run_id else None
         dlq = self._redactor.dlq(dlq, state, self.codec)  # settings.redact (calmrun.redact)
         # a dead letter always fits its topic, and always encodes (see DlqRecord.fitted)
         dlq = dlq.fitted(self.settings.limits.dlq_max_payload_bytes)

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable, Container
 
 from calmrun.streams.deciding import Deciding
-from calmrun.streams.partitions import Partitions
+from calmrun.streams.ownership import Ownership
 from calmrun.streams.timers import Timers
 from calmrun.streams.versions import Pinning
 from calmrun.workflow.events import TimerFired
@@ -30,7 +30,7 @@ class DueTimers:
     def __init__(
         self,
         timers: Timers,
-        parts: Partitions,
+        parts: Ownership,
         pins: Pinning,
         workflows: Definitions,
         decisions: Deciding,

@@ -1,5 +1,8 @@
 """The intake: fetch records, turn each into a decider input or a task to run, park what cannot be.
 
+A result of a step run here comes in too (``result``, through ``streams.ports.Returns``), and goes on to the
+decider as a pool's result read from the results topic does.
+
 Every record is handled in isolation: whatever its handling raises parks that record in a dead-letter
 topic with the cause and finishes it, so one record never stops the worker. Only
 ``limits.max_consecutive_poison`` records in a row failing with an unexpected error (a bug of ours, not
@@ -13,8 +16,8 @@ parked.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeAlias
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeAlias
 
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
@@ -31,12 +34,14 @@ from calmrun.settings import Settings
 from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.deciding import Deciding
 from calmrun.streams.fetch import getmany
-from calmrun.streams.partitions import Partitions
+from calmrun.streams.ownership import Ownership, Stalls
+from calmrun.streams.ports import Failures, Returns, Source
 from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
 from calmrun.streams.refusals import Refusals
 from calmrun.streams.requests import Named, named, parse_request
 from calmrun.streams.results import named_attempt, parse_result
 from calmrun.streams.tasks import TaskRunner
+from calmrun.streams.txn import Gate
 from calmrun.streams.versions import Pinning
 from calmrun.wire.codec import RecordCodec
 from calmrun.wire.dlq import DlqRecord
@@ -49,6 +54,7 @@ from calmrun.workflow.events import (
     RunCommand,
     RunRequest,
     RunRequested,
+    StepResult,
     StepTask,
     command_input,
 )
@@ -73,8 +79,22 @@ class IntakeCounts:
         self.results_unknown_run = 0  # results for a run not known here: parked
 
 
+class Stamping(Protocol):
+    """The decider's input for a run request, stamped (``streams.stamps``: tenant spend, planner figures)."""
+
+    def request(self, run_id: str, wf: WorkflowDef, body: RunRequest, at_ms: int) -> RunRequested: ...
+
+
 class Intake:
-    """Reads the worker's input topics; see the module docstring."""
+    """Reads the worker's input topics, and takes the results of the steps run here; see the module
+    docstring.
+
+    Args:
+        gate: decisions not yet committed: no fetch while too many are.
+        stalls: a paused worker proves its partitions are its own before it handles what it fetched.
+        returns: the way a result of a step run here comes back; the intake opens it to itself.
+        failures: told of a storm of unexpected errors (``PoisonStormError``).
+    """
 
     def __init__(
         self,
@@ -82,59 +102,53 @@ class Intake:
         topics: Topics,
         codec: RecordCodec,
         workflows: Definitions,
-        partitions: Partitions,
+        ownership: Ownership,
+        stalls: Stalls,
         checkpoint: Checkpoint,
+        gate: Gate,
         tasks: TaskRunner,
         decisions: Deciding,
-        request_input: Callable[[str, WorkflowDef, RunRequest, int], RunRequested],
-        fail: Callable[[BaseException], None],
+        pins: Pinning,
+        stamps: Stamping,
+        returns: Returns,
+        failures: Failures,
         clock: Callable[[], int],
         redact: Callable[[str], str],
     ) -> None:
         self.settings, self.topics, self.codec, self.workflows = settings, topics, codec, workflows
-        self._parts, self._checkpoint, self._tasks, self._decisions = partitions, checkpoint, tasks, decisions
-        self._request_input, self._fail = request_input, fail
-        self._clock, self._redact = clock, redact
+        self._own, self._stalls, self._checkpoint, self._gate = ownership, stalls, checkpoint, gate
+        self._tasks, self._decisions, self.pins, self._stamps = tasks, decisions, pins, stamps
+        self._failures, self._clock, self._redact = failures, clock, redact
         self._n = settings.kafka.partitions
-        self.pins: Pinning | None = None  # set by the worker, which makes it after the intake
         self._unexpected_in_row = 0
         self.counts = IntakeCounts()
         self.refusals = Refusals(
-            topics,
-            workflows,
-            partitions,
-            decisions,
-            self.counts,
-            self.park,
-            self.move,
-            lambda state: self.pins is None or self.pins.serves(state),
-            clock,
-            redact,
-            self._n,
+            topics, workflows, ownership, decisions, self.counts, self, pins, clock, redact, self._n
         )
+        returns.open(self)
 
-    async def run(self, gate: Callable[[], Awaitable[None]]) -> None:
-        """Fetch and handle records until cancelled; ``gate`` is awaited before each fetch."""
-        consumer = self._parts.consumer
+    async def run(self) -> None:
+        """Fetch and handle records until cancelled."""
+        consumer = self._own.consumer
         assert consumer is not None
         limit = self.settings.worker.max_in_flight
         while True:
             await self._tasks.room()
-            await gate()  # decisions outrun the commits when agents return at once: fetch no more
+            await self._gate.room()  # decisions outrun the commits when agents return at once: fetch no more
             fetched = await getmany(
                 consumer,
                 timeout_ms=200,
                 max_records=max(limit, 500),
                 consumed_to=self._checkpoint.consumed_to,
             )
-            await self._parts.revalidate_if_stalled()  # before a paused worker starts any task it read
+            await self._stalls.revalidate_if_stalled()  # before a paused worker starts any task it read
             for tp, records in fetched.records.items():
-                if tp.partition not in self._parts.owned:
+                if tp.partition not in self._own.owned:
                     # fetched before this partition was taken over here: read it again later
                     consumer.seek(tp, records[0].offset)
                     continue
                 for rec in records:
-                    if tp.partition not in self._parts.owned:  # lost to a fence meanwhile
+                    if tp.partition not in self._own.owned:  # lost to a fence meanwhile
                         break
                     pending = self._checkpoint.consumed(tp, rec.offset)
                     self.isolated(self._handler(rec.topic), rec, pending)
@@ -156,7 +170,7 @@ class Intake:
                 self._unexpected_in_row += 1
             self.park(rec, exc, None, pending)
             if self._unexpected_in_row >= self.settings.limits.max_consecutive_poison:
-                self._fail(PoisonStormError(self._unexpected_in_row, type(exc).__name__))
+                self._failures.fail(PoisonStormError(self._unexpected_in_row, type(exc).__name__))
         else:
             self._unexpected_in_row = 0
 
@@ -177,7 +191,7 @@ class Intake:
             # partition that owns this run, keyed by the run ID
             self.move(rec, p, run_id, pending)
             return
-        state = self._parts.runs[p].get(run_id)
+        state = self._own.runs[p].get(run_id)
         if is_rejected(state) and isinstance(body, RunRequest):
             state = None  # a rejection takes no run ID: this request is decided anew (workflow.rejection)
         if isinstance(body, RunCommand):
@@ -195,7 +209,7 @@ class Intake:
             why = UnknownWorkflowError(unknown, [str(p) for p in self.workflows.pins()])
             self.refusals.request(rec, why, Named(run_id, body.workflow, body.tenant), pending)
             return
-        inp = self._request_input(run_id, wf, body, rec.timestamp)
+        inp = self._stamps.request(run_id, wf, body, rec.timestamp)
         # lazy: re-read once this is committed, the request finds its run and is ignored as a duplicate
         self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True, lazy=True)
 
@@ -222,7 +236,7 @@ class Intake:
             wf = self.workflows.pinned(body.workflow, body.to_version or "", body.to_digest or "")
         elif state is not None:
             wf = self.workflows.pinned(state.workflow, state.version, state.digest)
-            if wf is None and self.pins is not None:
+            if wf is None:
                 self.pins.hold(p, state, body, at_ms, pending)
                 return
         else:
@@ -278,11 +292,11 @@ class Intake:
         if p != rec.partition:  # another client's partitioner: move it to the run's partition
             self.move(rec, p, result.run_id, pending)
             return
-        state = self._parts.state(p, result.run_id)
+        state = self._own.state(p, result.run_id)
         if state is None or is_rejected(state):
             self.refusals.unknown_run(rec, result.run_id, state, pending)
             return
-        if self.pins is not None and not self.pins.serves(state):
+        if not self.pins.serves(state):
             # pinned to a version not served here: as for its task, the attempt's deadline re-issues it
             self.counts.tasks_unserved += 1
             self._decisions.submit(p, [], (pending,), (), lazy=True)  # nothing written: nothing to repeat
@@ -295,6 +309,18 @@ class Intake:
         inp = result.to_input(rec.timestamp)
         # lazy: re-read once this is committed, the result finds its attempt decided and is ignored
         self._decisions.decide(p, wf, state, inp, rec, (pending,), redelivered=True, lazy=True)
+
+    def result(
+        self, p: int, task: StepTask, result: StepResult, source: Source, pending: Sequence[Pending]
+    ) -> None:
+        """A step run here has its result (the task runner's ``ResultSink``, through ``Returns``): decided
+        as a pool's result read from the results topic is, unless its run was dropped meanwhile."""
+        state = self._own.state(p, task.run_id)
+        wf = self.workflows.pinned(state.workflow, state.version, state.digest) if state else None
+        if wf is None:  # only tasks of runs served here are started: the run was dropped meanwhile
+            return
+        # lazy: a task record re-read once this is committed finds its attempt decided (``task_ignored``)
+        self._decisions.decide(p, wf, state, result, source, pending, lazy=True)
 
     def move(self, rec: Record, p: int, run_id: str, pending: Pending) -> None:
         """Move a record to the partition of the run it names, keyed by the run ID (its own is finished)."""
@@ -315,8 +341,8 @@ class Intake:
         if task.idempotency_key != idem and self._tasks.echo(task.idempotency_key, rec.partition, pending):
             return
         p = rec.partition
-        state = self._parts.state(p, task.run_id)
-        if state is not None and self.pins is not None and not self.pins.serves(state):
+        state = self._own.state(p, task.run_id)
+        if state is not None and not self.pins.serves(state):
             # pinned to a version not served here: not run; its deadline re-issues it (streams.versions)
             self.counts.tasks_unserved += 1
             self._decisions.submit(p, [], (pending,), (), lazy=True)
@@ -341,9 +367,9 @@ class Intake:
 
     def _unparsable(self, tp: TopicPartition, offset: int, exc: Exception) -> None:
         """Park a record the Kafka client could not even parse (see ``streams.fetch``): no bytes to keep."""
-        if tp.partition not in self._parts.owned:
-            assert self._parts.consumer is not None
-            self._parts.consumer.seek(tp, offset)  # as for a record fetched before its partition was ours
+        if tp.partition not in self._own.owned:
+            assert self._own.consumer is not None
+            self._own.consumer.seek(tp, offset)  # as for a record fetched before its partition was ours
             return
         rec: Record = ConsumerRecord(tp.topic, tp.partition, offset, -1, 0, None, None, None, -1, -1, ())
         pending = self._checkpoint.consumed(tp, offset)

@@ -1,4 +1,7 @@
-"""The steps a deciding worker runs itself: started eagerly from its decisions, or again on a takeover.
+"""The steps a deciding worker runs itself: how they run, started eagerly from its decisions, or again on a
+takeover.
+
+``LocalExecutor``: the task runner's ``Executor`` port, ``Attempts`` with the run's state for redaction.
 
 ``EagerStarts``: the tasks of a decision start here once it is committed, or before where a crash can only
 repeat that decision (``streams.deciding``); a pool's steps, tasks running here already (read back) and
@@ -12,21 +15,34 @@ timer issues it. A run pinned to a version not served here waits, as its inputs 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Set
 
-from calmrun.kafka.topics import Topics
+from calmrun.kafka.topics import Topics, partition_for
+from calmrun.redact import Redactor
 from calmrun.streams.attempts import Attempts
-from calmrun.streams.partitions import Partitions
+from calmrun.streams.ownership import Ownership
 from calmrun.streams.records import Out, task_out
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.versions import Pinning
 from calmrun.wire.codec import RecordCodec
 from calmrun.workflow.decider import awaited_tasks
-from calmrun.workflow.events import StepTask
+from calmrun.workflow.events import StepResult, StepTask
 from calmrun.workflow.registry import Definitions
 
 log = logging.getLogger("calmrun.worker")
+
+
+class LocalExecutor:
+    """Runs an attempt of a run owned here: its agent sees secrets redacted per the run's state."""
+
+    def __init__(self, attempts: Attempts, redactor: Redactor, ownership: Ownership) -> None:
+        self._attempts, self._redactor, self._own = attempts, redactor, ownership
+
+    async def execute(self, task: StepTask) -> StepResult:
+        state = self._own.state(partition_for(task.run_id, self._own.n), task.run_id)
+        return await self._attempts.run(task, functools.partial(self._redactor.text, state=state))
 
 
 class EagerStarts:
@@ -40,20 +56,20 @@ class EagerStarts:
 
     def __init__(
         self,
-        parts: Partitions,
+        ownership: Ownership,
         tasks: TaskRunner,
         attempts: Attempts,
         local: Set[str],
         unrecorded: frozenset[str],
         stopped: asyncio.Event,
     ) -> None:
-        self._parts, self._tasks, self._attempts = parts, tasks, attempts
+        self._own, self._tasks, self._attempts = ownership, tasks, attempts
         self._local, self._unrecorded, self._stopped = local, unrecorded, stopped
 
     def start(self, p: int, tasks: list[tuple[Out, StepTask]], committed: bool) -> list[asyncio.Future[None]]:
         """Start the tasks of a decision: once it is committed, or before (``committed`` False) where a
         crash can only repeat that decision."""
-        if p not in self._parts.owned or self._stopped.is_set():
+        if p not in self._own.owned or self._stopped.is_set():
             return []
         # not a pool's, not already running here (read back before this callback), still awaited
         mine = [
@@ -61,11 +77,11 @@ class EagerStarts:
             for out, task in tasks
             if out.topic in self._local
             and task.idempotency_key not in self._tasks
-            and self._parts.awaited(p, task)
+            and self._own.awaited(p, task)
         ]
         if committed:  # a first run whose decision is committed never ran anywhere: its journal is empty
-            self._attempts.first_runs((t, self._parts.state(p, t.run_id)) for _, t in mine)
-        return list(self._tasks.start_eager(p, mine, self._parts.awaited, self._unrecorded))
+            self._attempts.first_runs((t, self._own.state(p, t.run_id)) for _, t in mine)
+        return list(self._tasks.start_eager(p, mine, self._unrecorded))
 
 
 class Resumption:
@@ -78,7 +94,7 @@ class Resumption:
 
     def __init__(
         self,
-        parts: Partitions,
+        ownership: Ownership,
         workflows: Definitions,
         pins: Pinning,
         tasks: TaskRunner,
@@ -87,17 +103,17 @@ class Resumption:
         unrecorded: Set[str],
         stopped: asyncio.Event,
     ) -> None:
-        self._parts, self._workflows, self._pins, self._tasks = parts, workflows, pins, tasks
+        self._own, self._workflows, self._pins, self._tasks = ownership, workflows, pins, tasks
         self._topics, self._codec, self._unrecorded, self._stopped = topics, codec, unrecorded, stopped
 
-    def resume(self, parts: set[int]) -> None:
+    def taken(self, parts: set[int]) -> None:
         """Start the attempts that the runs of ``parts``, just taken over, await and that have no task record
         (steps run here, ``worker.task_records`` off), unless they run here already."""
         if not self._unrecorded or self._stopped.is_set():
             return
         resumed = 0
-        for p in sorted(parts & self._parts.owned):
-            table = self._parts.runs.get(p)
+        for p in sorted(parts & self._own.owned):
+            table = self._own.runs.get(p)
             for _, state in table.live() if table is not None else ():
                 wf = self._workflows.pinned(state.workflow, state.version, state.digest)
                 if wf is None or not self._pins.serves(state):

@@ -39,9 +39,10 @@ from calmrun.streams.attempts import Attempts
 from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.fetch import getmany
 from calmrun.streams.poolmetrics import PoolCounts, PoolMetrics
+from calmrun.streams.ports import Source
 from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.runtime import Listener, Loop, Runtime, wall_ms
-from calmrun.streams.tasks import Source, TaskRunner
+from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
 from calmrun.tracing import tracing_for
@@ -95,15 +96,15 @@ class PoolExecutor(Runtime):
         self.throttle = Throttle(settings.throttle, self.workflows, models.aliases)  # limits, 429 pauses
         self.tracing = tracing_for(settings, pool=pool, role="pool")  # off unless settings.tracing.endpoint
         self.attempts = Attempts(settings, agents, models, self.throttle, clock, self.tracing)
+        # the executor is its task runner's ports: executor, admission, results (to the results topic)
         self.tasks = TaskRunner(
             settings.worker.max_in_flight,
-            self._execute,
-            self._admit,
-            self._accept,
-            self._on_result,
+            self,
+            self,
+            self,
             self._checkpoint,
-            self._fail,
-            self.throttle.hold,
+            self,
+            self.throttle,
             settings.throttle.max_waiting,
         )
         self.consumer: AIOKafkaConsumer | None = None
@@ -175,7 +176,7 @@ class PoolExecutor(Runtime):
 
     def _lost(self, p: int, exc: BaseException) -> None:
         if not isinstance(exc, FENCED):
-            self._fail(exc)
+            self.fail(exc)
             return
         self.counts.fenced += 1
         log.warning("pool %r: partition %d taken over by another executor (%r)", self.pool, p, exc)
@@ -245,7 +246,9 @@ class PoolExecutor(Runtime):
         out = dlq_out(self.topics.dlq(INVALID), self.codec, rec.partition, dlq.key, dlq)
         self._send(rec.partition, [out], [pending] if pending is not None else [])
 
-    def _send(self, p: int, outputs: list[Out], pending: list[Pending], task: StepTask | None = None) -> None:
+    def _send(
+        self, p: int, outputs: list[Out], pending: Sequence[Pending], task: StepTask | None = None
+    ) -> None:
         writer = self.writers.get(p)
         if writer is None:
             return  # lost meanwhile: the next owner reads these records again
@@ -260,22 +263,26 @@ class PoolExecutor(Runtime):
 
         return committed
 
-    # -- tasks --------------------------------------------------------------------------------------
+    # -- tasks: the task runner's ports (streams.ports) ----------------------------------------------
 
-    async def _execute(self, task: StepTask) -> StepResult:
+    async def execute(self, task: StepTask) -> StepResult:
+        """Run one attempt (``Executor``): an executor holds no run state to redact with."""
         return await self.attempts.run(task, functools.partial(self.redactor.text, state=None))
 
-    async def _admit(self, p: int, task: StepTask) -> bool:
-        return await self._accept(p)
+    async def admit(self, p: int, task: StepTask) -> bool:
+        """May ``task`` start (``Admission``): its partition is ours (an executor cannot tell stale tasks)."""
+        return await self.accept(p)
 
-    async def _accept(self, p: int) -> bool:
+    async def accept(self, p: int) -> bool:
+        """Is ``p`` ours, once a rebalance under way is over (``Admission``)?"""
         if not self._stable.is_set() and not self._stopped.is_set():
             await self._stable.wait()
         return p in self.owned and not self._stopped.is_set()
 
-    def _on_result(
-        self, p: int, task: StepTask, result: StepResult, source: Source, pending: list[Pending]
+    def result(
+        self, p: int, task: StepTask, result: StepResult, source: Source, pending: Sequence[Pending]
     ) -> None:
+        """Write the result to the results topic with the task records it finishes (``ResultSink``)."""
         record = StepResultRecord.of(task, result, self.pool)
         out = Out(
             self.topics.results,

@@ -2,10 +2,10 @@
 
 A worker that has started is not yet deciding anything: the consumer group must assign it its partitions,
 and it must fence their last owner, restore their runs from the state topic and seek to the committed
-offsets (``streams.partitions``). Requests sent before then wait for that. So a worker is ready once the
-group gave it its partitions (none is an answer too: more workers than partitions) and every one of
-them is taken over; not while it stops or after it failed. ``/ready`` answers 200 then and 503 before,
-with the reason as plain text.
+offsets (``streams.partitions``, ``streams.restore``). Requests sent before then wait for that. So a worker
+is ready once the group gave it its partitions (none is an answer too: more workers than partitions) and
+every one of them is taken over; not while it stops or after it failed. ``/ready`` answers 200 then and 503
+before, with the reason as plain text.
 """
 
 from __future__ import annotations

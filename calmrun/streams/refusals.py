@@ -28,7 +28,8 @@ from calmrun.errors import CalmrunError, DecodeError, ErrorKind, InvalidOutputEr
 from calmrun.kafka.topics import INVALID, Topics, partition_for
 from calmrun.streams.checkpoint import Pending
 from calmrun.streams.deciding import Deciding
-from calmrun.streams.partitions import Partitions
+from calmrun.streams.ownership import Ownership
+from calmrun.streams.ports import Parking
 from calmrun.streams.records import StateOut
 from calmrun.streams.requests import Named
 from calmrun.streams.results import NamedAttempt
@@ -53,33 +54,44 @@ class Counts(Protocol):
     results_unknown_run: int
 
 
+class Doors(Parking, Protocol):
+    """Where a refused record goes: parked, or moved to the partition of the run it names (the intake)."""
+
+    def move(self, rec: Record, p: int, run_id: str, pending: Pending) -> None: ...
+
+
+class Serves(Protocol):
+    """Is this run's version served here (``streams.versions.Pinning``)?"""
+
+    def serves(self, state: RunState) -> bool: ...
+
+
 class Refusals:
     """Answers bad input under the run it names; see the module docstring.
 
     Args:
         counts: the intake's counters (``IntakeCounts``: ``poison``, ``rejected``, ``results_malformed``,
             ``results_unknown_run``).
-        park: parks a record that names no run (``Intake.park``).
-        move: moves a record to the partition of the run it names (``Intake.move``).
-        serves: is this run's version served here (``streams.versions``)?
+        doors: parks a record that names no run, moves one to the partition of the run it names (the
+            intake).
+        pins: is this run's version served here (``streams.versions``)?
     """
 
     def __init__(
         self,
         topics: Topics,
         workflows: Definitions,
-        partitions: Partitions,
+        ownership: Ownership,
         decisions: Deciding,
         counts: Counts,
-        park: Callable[[Record, Exception, str | None, Pending | None], None],
-        move: Callable[[Record, int, str, Pending], None],
-        serves: Callable[[RunState], bool],
+        doors: Doors,
+        pins: Serves,
         clock: Callable[[], int],
         redact: Callable[[str], str],
         n: int,
     ) -> None:
-        self.topics, self.workflows, self._parts, self._decisions = topics, workflows, partitions, decisions
-        self.counts, self._park, self._move, self._serves = counts, park, move, serves
+        self.topics, self.workflows, self._own, self._decisions = topics, workflows, ownership, decisions
+        self.counts, self._doors, self._pins = counts, doors, pins
         self._clock, self._redact, self._n = clock, redact, n
 
     def request(self, rec: Record, exc: Exception, who: Named | None, pending: Pending) -> None:
@@ -90,11 +102,11 @@ class Refusals:
         (``workflow.rejection``).
         """
         if who is None:
-            self._park(rec, exc, None, pending)
+            self._doors.park(rec, exc, None, pending)
             return
         p = partition_for(who.run_id, self._n)
         if p != rec.partition:
-            self._move(rec, p, who.run_id, pending)
+            self._doors.move(rec, p, who.run_id, pending)
             return
         self.counts.poison += 1
         error = self._redact(str(exc))
@@ -103,7 +115,7 @@ class Refusals:
         kind = str(stable or type(exc).__name__)
         dlq = DlqRecord.poison(rec, exc, None, self._clock()).model_copy(update={"run_id": who.run_id})
         letter = self._decisions.dlq_out(self.topics.dlq(INVALID), p, rec.key, dlq)
-        state = self._parts.state(p, who.run_id)
+        state = self._own.state(p, who.run_id)
         if state is not None and not is_rejected(state):  # a duplicate run ID: the run stays as it was
             note = ignored(
                 state,
@@ -124,7 +136,7 @@ class Refusals:
             error_type=kind,
             error=error,
         )
-        encoded = self._parts.runs[p].put(who.run_id, new)
+        encoded = self._own.runs[p].put(who.run_id, new)
         assert encoded is not None  # a rejected run is finished, so kept encoded
         state_out = StateOut(self.topics.state, p, who.run_id.encode(), lambda: encoded)
         outputs = [letter, self._decisions.event_out(p, event)]
@@ -132,7 +144,7 @@ class Refusals:
 
     def agent_of(self, result: StepResultRecord) -> str | None:
         """The agent of the step a result answers, from its run's definition (for an error's message)."""
-        state = self._parts.state(partition_for(result.run_id, self._n), result.run_id)
+        state = self._own.state(partition_for(result.run_id, self._n), result.run_id)
         wf = self.workflows.pinned(state.workflow, state.version, state.digest) if state else None
         step = next((s for s in wf.steps if s.name == result.step), None) if wf else None
         if step is None:
@@ -147,13 +159,13 @@ class Refusals:
         attempt's deadline re-issues it). The dead letter names the run, step and attempt it was for.
         """
         if who is None:
-            self._park(rec, exc, None, pending)
+            self._doors.park(rec, exc, None, pending)
             return
         p = partition_for(who.run_id, self._n)
         if p != rec.partition:
-            self._move(rec, p, who.run_id, pending)
+            self._doors.move(rec, p, who.run_id, pending)
             return
-        state = self._parts.state(p, who.run_id)
+        state = self._own.state(p, who.run_id)
         if state is None or is_rejected(state):
             self.unknown_run(rec, who.run_id, state, pending, exc)
             return
@@ -184,7 +196,7 @@ class Refusals:
             attempt,
             self._redact(str(exc)),
         )
-        if wf is None or step is None or attempt is None or not self._serves(state):
+        if wf is None or step is None or attempt is None or not self._pins.serves(state):
             self._decisions.submit(p, [letter], (pending,), ())  # the attempt's deadline re-issues it
             return
         self.counts.results_malformed += 1

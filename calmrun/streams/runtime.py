@@ -1,11 +1,11 @@
 """The lifecycle shared by the deciding worker and the pool executor: start, guarded loops, stop, fail once.
 
-A ``Runtime`` runs its loops as guarded tasks: anything a loop raises (or a room reports to ``_fail``) is
-the first failure, kept as ``failure``; it cancels the loops and wakes ``run_until_stopped``, which raises
-``WorkerError`` from it. ``stop()`` runs once whatever calls it (the caller, a signal, ``async with``): it
-cancels the loops and then the role's ``_close`` releases what it holds in its own order. Nothing here
-touches offsets or transactions: what a stop commits, and what is read again after it, is the role's
-(``streams.worker``, ``streams.pool``).
+A ``Runtime`` runs its loops as guarded tasks: anything a loop raises (or a room reports to ``fail``, its
+``Failures`` port) is the first failure, kept as ``failure``; it cancels the loops and wakes
+``run_until_stopped``, which raises ``WorkerError`` from it. ``stop()`` runs once whatever calls it (the
+caller, a signal, ``async with``): it cancels the loops and then the role's ``_close`` releases what it
+holds in its own order. Nothing here touches offsets or transactions: what a stop commits, and what is read
+again after it, is the role's (``streams.worker``, ``streams.pool``).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class Runtime(ABC):
     def _stop_soon(self, stopping: list[asyncio.Task[None]]) -> None:
         stopping.append(asyncio.create_task(self.stop()))
 
-    def _fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
         """The first failure is kept; every one stops the loops and wakes ``run_until_stopped``."""
         self._log.error("%s failing: %r", self._role, exc)
         if self._failed is None:
@@ -147,7 +147,7 @@ class Runtime(ABC):
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self._fail(exc)
+            self.fail(exc)
 
 
 class Owner(Protocol):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from calmrun.streams.deciding import DecisionCounts
     from calmrun.streams.intake import IntakeCounts
-    from calmrun.streams.partitions import PartitionCounts
+    from calmrun.streams.ownership import PartitionCounts
     from calmrun.streams.tasks import TaskCounts
 
 

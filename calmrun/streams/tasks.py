@@ -5,8 +5,8 @@ it is committed here (eager), or when a restored state awaits it (resumed: its s
 ``worker.task_records``). Every record of a running attempt (its own, a copy re-issued after a deadline)
 finishes with the decision on the attempt's result, and an eager task's record that arrives after that
 decision is settled on arrival (``Checkpoint.settled``); a task with no record waits for none. Nothing
-here decides: the runner asks ``admit`` before an agent starts (after a pause the partition may have
-moved) and hands each result to ``on_result``.
+here decides: the runner asks its ``Admission`` port before an agent starts (after a pause the partition
+may have moved) and hands each result to its ``ResultSink`` (``streams.ports``).
 """
 
 from __future__ import annotations
@@ -15,34 +15,24 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from calmrun.streams.checkpoint import Checkpoint, Pending
+from calmrun.streams.ports import Admission, Executor, Failures, ResultSink, Source
 from calmrun.streams.records import Out
-from calmrun.workflow.events import StepResult, StepTask
+from calmrun.workflow.events import StepTask
 
 log = logging.getLogger("calmrun.worker")
 _FREE: AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
-class Source(Protocol):
-    """Where a task came from, for a dead-letter record: a consumed record or a local one."""
+class Limits(Protocol):
+    """What a task waits for before it takes its slot, and holds until it finishes (``Throttle``)."""
 
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def headers(self) -> tuple[tuple[str, bytes], ...] | list[tuple[str, bytes]]: ...
+    def hold(self, task: StepTask) -> AbstractAsyncContextManager[None] | None: ...
 
 
 @dataclass(frozen=True)
@@ -83,35 +73,35 @@ class TaskRunner:
 
     Args:
         max_in_flight: agents running at once.
-        execute: runs one attempt and reports its result (``agents.execute`` with the worker's context).
-        admit: asked after a task got its slot and before its agent starts: may it still run here?
-        accept: asked when a result is in: is the partition still ours to decide it?
-        on_result: the decision on a result, with the task's source and its pending records.
+        executor: runs one attempt and reports its result (``Attempts`` with the process's context).
+        gate: asked after a task got its slot and before its agent starts (may it still run here?), and
+            when its result is in (is the partition still ours to decide it?).
+        results: where a result goes with the task's source and its pending records: the intake
+            (``Returns``) of a deciding worker, the results topic of a pool's executor.
         checkpoint: settles the records answered with no decision of their own (see ``echo``, and an
             attempt not started because it was decided meanwhile).
-        on_error: a bug in the runner itself (never an agent's failure, which is a result).
-        hold: what a task waits for before it takes its slot and holds until it finishes (the step and
-            model limits of ``streams.throttle``; None: nothing); a task waiting for it does not count
+        errors: told of a bug in the runner itself (never an agent's failure, which is a result).
+        limits: what a task waits for before it takes its slot and holds until it finishes (the step
+            and model limits of ``streams.throttle``; None: nothing); a task waiting for it does not count
             against ``max_in_flight`` in :meth:`room`, and at most ``max_waiting`` do before ``room`` waits.
     """
 
     def __init__(
         self,
         max_in_flight: int,
-        execute: Callable[[StepTask], Awaitable[StepResult]],
-        admit: Callable[[int, StepTask], Awaitable[bool]],
-        accept: Callable[[int], Awaitable[bool]],
-        on_result: Callable[[int, StepTask, StepResult, Source, list[Pending]], None],
+        executor: Executor,
+        gate: Admission,
+        results: ResultSink,
         checkpoint: Checkpoint,
-        on_error: Callable[[BaseException], None],
-        hold: Callable[[StepTask], AbstractAsyncContextManager[None] | None] | None = None,
+        errors: Failures,
+        limits: Limits | None = None,
         max_waiting: int = 0,
     ) -> None:
-        self._hold, self._max_waiting, self._waiting = hold, max_waiting, 0
+        self._limits, self._max_waiting, self._waiting = limits, max_waiting, 0
         self._slots = asyncio.Semaphore(max_in_flight)
         self._limit = max_in_flight
-        self._execute, self._admit, self._accept = execute, admit, accept
-        self._on_result, self._checkpoint, self._on_error = on_result, checkpoint, on_error
+        self._executor, self._gate, self._results = executor, gate, results
+        self._checkpoint, self._errors = checkpoint, errors
         self._running: dict[str, _Running] = {}  # idempotency key -> an attempt executing here
         self._settled: dict[str, int] = {}  # idempotency key -> partition: eager, decided, record unread
         self._room = asyncio.Event()
@@ -195,24 +185,22 @@ class TaskRunner:
         self,
         p: int,
         tasks: list[tuple[Out, StepTask]],
-        awaited: Callable[[int, StepTask], bool],
         unrecorded: frozenset[str] = frozenset(),
     ) -> list[asyncio.Task[None]]:
-        """Start the tasks of a decision this worker made, unless read back and run already (eager);
-        those on an ``unrecorded`` step topic were not written there."""
+        """Start the tasks of a decision this worker made (their runs await them), unless read back and run
+        already (eager); those on an ``unrecorded`` step topic were not written there."""
         started = []
         for out, task in tasks:
-            if awaited(p, task):
-                source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
-                recorded = out.topic not in unrecorded
-                running = self.start(p, task, source, eager=True, pending=[], recorded=recorded)
-                if running is not None:
-                    started.append(running)
+            source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
+            recorded = out.topic not in unrecorded
+            running = self.start(p, task, source, eager=True, pending=[], recorded=recorded)
+            if running is not None:
+                started.append(running)
         return started
 
     def resume(self, p: int, tasks: list[tuple[Out, StepTask]]) -> int:
         """Start the attempts a restored state of ``p`` awaits that have no task record and do not run here
-        yet (``Worker.resume``); returns how many started."""
+        yet (``streams.local.Resumption``); returns how many started."""
         n = 0
         for out, task in tasks:
             source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
@@ -264,29 +252,29 @@ class TaskRunner:
 
     async def _run(self, p: int, source: Source, task: StepTask, idem: str) -> None:
         try:
-            hold = self._hold(task) if self._hold is not None else None
+            hold = self._limits.hold(task) if self._limits is not None else None
             async with self._waited(hold) if hold is not None else _FREE, self._slots:
-                if not await self._admit(p, task):
+                if not await self._gate.admit(p, task):
                     log.info("attempt %s not started: partition %d not ours, or not awaited there", idem, p)
                     running = self._running.pop(idem)
-                    if await self._accept(p):  # decided meanwhile (a copy ran): its records are answered
+                    if await self._gate.accept(p):  # decided meanwhile (a copy ran): its records are answered
                         self._checkpoint.settled(running.pending)
                     return
                 c = self.counts
                 c.running += 1
                 c.peak_running = max(c.peak_running, c.running)
                 try:
-                    result = await self._execute(task)
+                    result = await self._executor.execute(task)
                 finally:
                     c.running -= 1
-            if not await self._accept(p):
+            if not await self._gate.accept(p):
                 log.info("dropping result of %s: partition %d no longer owned", idem, p)
                 return
             running = self._running.pop(idem)
             if running.eager and not running.record_seen:
                 self._settled[idem] = p
-            self._on_result(p, task, result, source, running.pending)
+            self._results.result(p, task, result, source, running.pending)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self._on_error(exc)
+            self._errors.fail(exc)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol, cast
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.cluster import ClusterMetadata
@@ -33,7 +33,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, Cons
 from calmrun.kafka.topics import Topics
 from calmrun.streams.checkpoint import Pending
 from calmrun.streams.deciding import Deciding
-from calmrun.streams.partitions import Partitions
+from calmrun.streams.ownership import Ownership
 from calmrun.streams.records import StateOut
 from calmrun.workflow.decider import decide
 from calmrun.workflow.events import CommandHeld, HeldReleased, RunCommand, RunEvent
@@ -177,25 +177,26 @@ class PinningCounts:
     rejoins: int = 0  # rebalances asked for to publish needs
 
 
-class Pinning:
-    """Holds what cannot be decided here and releases it when it can; see the module docstring.
+class Commands(Protocol):
+    """Decides an operator's command for a run (the intake's path, so a held command released takes it)."""
 
-    Args:
-        command: decides a command for a run (the intake's path, so held commands take it too).
-    """
+    def command(self, p: int, run_id: str, body: RunCommand, state: RunState | None, at_ms: int) -> None: ...
+
+
+class Pinning:
+    """Holds what cannot be decided here and releases it when it can; see the module docstring."""
 
     def __init__(
         self,
         definitions: Definitions,
         topics: Topics,
-        partitions: Partitions,
+        ownership: Ownership,
         decisions: Deciding,
         assignor: type[VersionAssignor],
-        command: Callable[[int, str, RunCommand, RunState | None, int], None],
     ) -> None:
         self.definitions, self.topics = definitions, topics
-        self._parts, self._decisions = partitions, decisions
-        self._assignor, self._command = assignor, command
+        self._own, self._decisions = ownership, decisions
+        self._assignor = assignor
         self.counts = PinningCounts()
 
     def serves(self, state: RunState) -> bool:
@@ -204,8 +205,8 @@ class Pinning:
     def waiting(self) -> dict[Pin, int]:
         """The live runs of the owned partitions pinned to a version not served here, per version, now."""
         counts: collections.Counter[Pin] = collections.Counter()
-        for p in sorted(self._parts.owned):
-            table = self._parts.runs.get(p)
+        for p in sorted(self._own.owned):
+            table = self._own.runs.get(p)
             for _, state in table.live() if table is not None else ():
                 if not self.serves(state):
                     counts[pin(state)] += 1
@@ -223,7 +224,7 @@ class Pinning:
         )
 
     def _write(self, p: int, state: RunState, pending: Pending | None, notes: tuple[RunEvent, ...]) -> None:
-        table, codec = self._parts.runs[p], self._decisions.codec
+        table, codec = self._own.runs[p], self._decisions.codec
         encoded = table.put(state.run_id, state)
         encode = (lambda: encoded) if encoded is not None else (lambda: codec.encode(state))
         out = StateOut(self.topics.state, p, state.run_id.encode(), encode)
@@ -231,15 +232,15 @@ class Pinning:
         done = (pending,) if pending is not None else ()
         self._decisions.submit(p, events, done, notes, out, run_id=state.run_id)  # counted till committed
 
-    def after_assignment(self) -> None:
+    def after_assignment(self, commands: Commands) -> None:
         """Decide the held commands this worker can, count the waiting runs, publish needs if new."""
         needs: dict[int, set[Pin]] = {}
-        for p in sorted(self._parts.owned):
-            table = self._parts.runs.get(p)
+        for p in sorted(self._own.owned):
+            table = self._own.runs.get(p)
             for run_id, state in table.live() if table is not None else ():
                 needs.setdefault(p, set()).add(pin(state))
                 if state.held and self.serves(state):
-                    self._release(p, run_id)
+                    self._release(p, run_id, commands)
         waiting = self.waiting()
         published = self._assignor.needs
         self._assignor.needs = needs
@@ -249,10 +250,10 @@ class Pinning:
                 {str(k): v for k, v in waiting.items()},
             )
             self.counts.rejoins += 1
-            request_rejoin(self._parts.consumer)
+            request_rejoin(self._own.consumer)
 
-    def _release(self, p: int, run_id: str) -> None:
-        table = self._parts.runs[p]
+    def _release(self, p: int, run_id: str, commands: Commands) -> None:
+        table = self._own.runs[p]
         while True:
             state = table.get(run_id)
             if state is None or not state.held:
@@ -263,7 +264,19 @@ class Pinning:
             assert popped is not None and d.ignored is None
             self._write(p, popped, None, d.events)  # the pop is recorded even when the command is ignored
             self.counts.released += 1
-            self._command(p, run_id, RunCommand.model_validate(entry["command"]), popped, int(entry["at_ms"]))
+            command = RunCommand.model_validate(entry["command"])
+            commands.command(p, run_id, command, popped, int(entry["at_ms"]))
+
+
+class Released:
+    """After each assignment: the held commands this worker can decide now go the intake's way (a
+    ``Takeover`` of ``streams.partitions``)."""
+
+    def __init__(self, pins: Pinning, commands: Commands) -> None:
+        self._pins, self._commands = pins, commands
+
+    def taken(self, new: set[int]) -> None:
+        self._pins.after_assignment(self._commands)
 
 
 def request_rejoin(consumer: AIOKafkaConsumer | None) -> None:

@@ -145,3 +145,19 @@ def test_the_command_line_loads_no_agent_machinery_for_help() -> None:
     code = "import sys, calmrun.cli; print(sorted(m for m in ('pydantic_ai', 'openai') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_worker_is_its_composition_wired_by_constructors() -> None:
+    """``Worker.__init__`` builds the rooms and hands each its ports: no lambda joins two rooms, and no room
+    is wired after it is built (``self.room.hook = ...``)."""
+    tree = ast.parse(modules()["calmrun.streams.worker"].read_text())
+    assert not [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
+    [init] = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+    wired = [
+        ast.unparse(t)
+        for n in ast.walk(init)
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Attribute)
+    ]
+    assert not wired, f"rooms wired after construction: {wired}"

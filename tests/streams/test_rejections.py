@@ -268,7 +268,7 @@ async def test_ready_answers_503_until_the_partitions_are_restored_then_200(brok
         ModelRegistry({}),
         metrics=WorkerMetrics(CollectorRegistry()),
     )
-    restore = w.parts._restore
+    restore = w.restore.runs
     restoring = asyncio.Event()
     go = asyncio.Event()
 
@@ -277,7 +277,7 @@ async def test_ready_answers_503_until_the_partitions_are_restored_then_200(brok
         await go.wait()
         await restore(parts)
 
-    w.parts._restore = held_restore  # type: ignore[method-assign]
+    w.restore.runs = held_restore  # type: ignore[method-assign]
     url = f"http://127.0.0.1:{port}/ready"
     await w.start()
     try:

@@ -2,8 +2,8 @@
 
 With ``worker.task_records`` off, the steps a deciding worker runs itself write no task record.
 A worker killed while such attempts run leaves only its committed states; the next owner restores them and
-starts every attempt they await (``Worker.resume``), under the same attempt and idempotency key, and every
-run completes with one history (the checker, and the agents' start log against the history).
+starts every attempt they await (``streams.local.Resumption``), under the same attempt and idempotency key,
+and every run completes with one history (the checker, and the agents' start log against the history).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ async def test_the_first_failure_is_kept() -> None:
     await role.start()
     await asyncio.sleep(0)  # the loops enter their bodies
     first, second = ValueError("first"), ValueError("second")
-    role._fail(first)
-    role._fail(second)
+    role.fail(first)
+    role.fail(second)
     await role.stop()
     assert role.failure is first

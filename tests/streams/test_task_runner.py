@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from calmrun.streams.checkpoint import Checkpoint
@@ -18,6 +19,29 @@ def _task(run_id: str = "r1") -> StepTask:
     )
 
 
+class Ports:
+    """The runner's ports (``streams.ports``) in one object: runs ``execute``, admits all, keeps results."""
+
+    def __init__(self, execute: Callable[[StepTask], Awaitable[StepResult]]) -> None:
+        self._execute = execute
+        self.results: list[str] = []
+
+    async def execute(self, task: StepTask) -> StepResult:
+        return await self._execute(task)
+
+    async def admit(self, p: int, task: StepTask) -> bool:
+        return True
+
+    async def accept(self, p: int) -> bool:
+        return True
+
+    def result(self, p: int, task: StepTask, result: StepResult, source: Any, pending: Sequence[Any]) -> None:
+        self.results.append(task.idempotency_key)
+
+    def fail(self, exc: BaseException) -> None:
+        raise AssertionError(f"runner failed: {exc!r}")
+
+
 def _out() -> Out:
     return Out("w.steps.s", 0, b"r1", b"")
 
@@ -27,22 +51,14 @@ async def test_an_attempt_cancelled_before_its_first_step_is_started_again_by_th
     ``resume`` starts it again. A cancel in the same loop iteration as the start never lets the task enter
     its body; the runner must not keep the attempt as running here, or no later resume starts it."""
     ran: list[str] = []
-    results: list[str] = []
 
     async def execute(task: StepTask) -> StepResult:
         ran.append(task.idempotency_key)
         return StepResult(run_id=task.run_id, step=task.step, attempt=task.attempt, at_ms=0, output={})
 
-    async def yes(*_: Any) -> bool:
-        return True
-
-    def on_result(p: int, task: StepTask, *_: Any) -> None:
-        results.append(task.idempotency_key)
-
-    def on_error(exc: BaseException) -> None:
-        raise AssertionError(f"runner failed: {exc!r}")
-
-    runner = TaskRunner(4, execute, yes, yes, on_result, Checkpoint(), on_error)
+    ports = Ports(execute)
+    results = ports.results
+    runner = TaskRunner(4, ports, ports, ports, Checkpoint(), ports)
     task = _task()
     assert runner.resume(0, [(_out(), task)]) == 1
     await runner.cancel({0})  # same iteration: the attempt's task never took its first step

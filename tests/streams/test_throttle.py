@@ -18,6 +18,7 @@ from calmrun.streams.tasks import LocalSource, TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.workflow.events import StepCost, StepResult, StepTask
 from tests.runtime_support import linear, until
+from tests.streams.test_task_runner import Ports
 
 WF = linear("lin")
 
@@ -150,10 +151,8 @@ async def test_a_task_waiting_for_its_alias_holds_no_slot_and_blocks_no_other_al
             await release.wait()
         return result(t)
 
-    async def yes(*_: Any) -> bool:
-        return True
-
-    runner = TaskRunner(2, execute, yes, yes, lambda *a: None, Checkpoint(), lambda e: None, th.hold, 10)
+    ports = Ports(execute)
+    runner = TaskRunner(2, ports, ports, ports, Checkpoint(), ports, th, 10)
 
     def start(t: StepTask) -> None:
         runner.start(0, t, LocalSource("t", 0, b"", b"", ()), eager=False, pending=[])

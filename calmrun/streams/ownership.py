@@ -1,0 +1,153 @@
+"""What this worker owns now, as every room reads it: partitions, their runs and writers; stalls; admission.
+
+``Ownership`` is the table the rooms read (is ``p`` ours, the run's state, ``p``'s writer); only
+``streams.partitions`` (rebalances, fencing) and ``streams.restore`` change it. ``Stalls`` proves ownership
+after a pause, and ``Admission`` is what the task runner asks before an agent starts and when its result is
+in. They are made first, before the rooms that read them, so no room needs the one that changes ownership.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from calmrun.kafka.topics import partition_for
+from calmrun.streams.runtable import RunTable
+from calmrun.streams.txn import PartitionWriter
+from calmrun.workflow.decider import awaits
+from calmrun.workflow.events import StepTask
+from calmrun.workflow.state import RunState
+
+log = logging.getLogger("calmrun.worker")
+
+
+@dataclass
+class PartitionCounts:
+    restored_runs: int = 0
+    restored_partitions: int = 0
+    kept_partitions: int = 0  # given back by a rebalance with their runs still in memory
+    fenced: int = 0  # lost because another worker took them over (its writes were refused)
+    retaken: int = 0  # taken over again by this worker because their producer broke (WriterBrokenError)
+
+
+class Ownership:
+    """The owned partitions of one worker, their runs and writers, now; see the module docstring.
+
+    Args:
+        input_topics: the topics the worker consumes (requests, results, its step topics).
+    """
+
+    def __init__(self, input_topics: list[str], n: int) -> None:
+        self.input_topics, self.n = input_topics, n
+        self.owned: set[int] = set()
+        self.runs: dict[int, RunTable] = {}
+        self.writers: dict[int, PartitionWriter] = {}
+        self.consumer: AIOKafkaConsumer | None = None  # the group consumer (set as the worker opens)
+        self.restorer: AIOKafkaConsumer | None = None  # reads the state topic (streams.restore)
+        self.stable = asyncio.Event()  # cleared while ownership is in question: no decisions then
+        self.stable.set()
+        self.rebalancing = False
+        self.lock = asyncio.Lock()  # one change of ownership (or stall check) at a time
+        self.assigned_once = asyncio.Event()  # the group gave this worker its partitions, all restored
+        self.restoring: set[int] = set()  # being taken over now (fenced, restored, positioned)
+        self.counts = PartitionCounts()
+
+    def input_tps(self, p: int) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t in self.input_topics]
+
+    def state(self, p: int, run_id: str) -> RunState | None:
+        table = self.runs.get(p)
+        return table.get(run_id) if table is not None else None
+
+    def known(self, run_id: str) -> bool:
+        """Is ``run_id`` a run of an owned partition, held here?"""
+        return run_id in self.runs.get(partition_for(run_id, self.n), ())
+
+    def awaited(self, p: int, task: StepTask) -> bool:
+        """Does the run's state (here) still wait for this attempt?"""
+        state = self.state(p, task.run_id)
+        return state is not None and awaits(state, task.step, task.attempt, task.kind, task.element)
+
+    async def accept(self, p: int) -> bool:
+        """Wait out a rebalance or a stall check; then: is ``p`` ours to decide?"""
+        await self.stable.wait()
+        return p in self.owned
+
+    async def close_clients(self) -> None:
+        """Stop the group consumer and the restorer (leaving the group), whatever state they are in."""
+        for client in (self.consumer, self.restorer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+
+
+class Stalls:
+    """Notices a pause of this process and proves each partition is still ours before going on.
+
+    Another worker may have been given our partitions meanwhile. Its initialisation fences our
+    transactions, so nothing we decide can count; but a task read from a step topic would start an
+    agent whose result the other worker may have recorded already. So: stop deciding, commit a probe
+    transaction per partition (a fenced one fails and the partition is dropped), then go on.
+    """
+
+    def __init__(self, ownership: Ownership, session_timeout_s: float) -> None:
+        self._own = ownership
+        self._stall_s = session_timeout_s / 2
+        self.tick = 0.0  # loop time the watchdog last ran: a long gap means this process was paused
+
+    def ran(self) -> None:
+        """Ownership was settled just now (an assignment): no stall to check before this."""
+        self.tick = asyncio.get_running_loop().time()
+
+    async def revalidate_if_stalled(self) -> None:
+        """After a stall of half a session or more, prove each partition is still ours (see the class)."""
+        own, loop = self._own, asyncio.get_running_loop()
+        gap = loop.time() - self.tick
+        if gap < self._stall_s:
+            return
+        own.stable.clear()
+        try:
+            async with own.lock:
+                if loop.time() - self.tick < self._stall_s:
+                    return  # checked by another caller meanwhile
+                log.warning(
+                    "this worker was stalled for %.1fs: checking its partitions are still its own", gap
+                )
+                await asyncio.gather(*(wr.probe() for wr in list(own.writers.values())))
+                self.tick = loop.time()
+        finally:
+            if not own.rebalancing:
+                own.stable.set()
+
+    async def watch(self) -> None:
+        """Notice that this process was paused (SIGSTOP, a VM freeze) or its loop blocked for long."""
+        loop = asyncio.get_running_loop()
+        self.tick = loop.time()
+        while True:
+            await asyncio.sleep(0.1)
+            await self.revalidate_if_stalled()
+            self.tick = loop.time()
+
+
+class Admission:
+    """The task runner's ``Admission`` port for a deciding worker: owned, stable, awaited, not stopping.
+
+    Args:
+        stopped: set when the worker stops or fails: no result is decided after.
+    """
+
+    def __init__(self, ownership: Ownership, stalls: Stalls, stopped: asyncio.Event) -> None:
+        self._own, self._stalls, self._stopped = ownership, stalls, stopped
+
+    async def admit(self, p: int, task: StepTask) -> bool:
+        """May ``task`` start now? Asked after it waited for a slot: a pause may have moved ``p``."""
+        await self._stalls.revalidate_if_stalled()
+        return await self._own.accept(p) and self._own.awaited(p, task)
+
+    async def accept(self, p: int) -> bool:
+        return await self._own.accept(p) and not self._stopped.is_set()
