@@ -91,16 +91,9 @@ class _WindingDown:
         return StepResult(run_id=task.run_id, step=task.step, attempt=task.attempt, at_ms=0, output={})
 
     def runner(self) -> TaskRunner:
-        async def yes(*_: Any) -> bool:
-            return True
-
-        def on_result(p: int, task: StepTask, *_: Any) -> None:
-            self.results.append(task.idempotency_key)
-
-        def on_error(exc: BaseException) -> None:
-            raise AssertionError(f"runner failed: {exc!r}")
-
-        return TaskRunner(4, self.execute, yes, yes, on_result, Checkpoint(), on_error)
+        ports = Ports(self.execute)
+        self.results = ports.results
+        return TaskRunner(4, ports, ports, ports, Checkpoint(), ports)
 
 
 async def test_a_resume_while_the_cancelled_run_of_its_attempt_winds_down_starts_it_once_that_ended() -> None:
