@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
@@ -100,6 +101,7 @@ class Partitions:
         self._takeovers, self._failures = takeovers, failures
         self._held: dict[int, _Held] = {}
         self._retakes: dict[int, list[float]] = {}  # partition -> monotonic times it was taken over again
+        self._background: set[asyncio.Task[None]] = set()  # retakes and closes: held until they end
 
     def listener(self) -> ConsumerRebalanceListener:
         return Listener(self)
@@ -217,7 +219,7 @@ class Partitions:
         if isinstance(exc, WriterBrokenError) and self._may_retake(p):
             log.warning("%s: taking partition %d over again with a new producer", exc, p)
             writer = self._drop(p)
-            asyncio.get_running_loop().create_task(self._retake(p, writer))
+            self._spawn(self._retake(p, writer))
             return
         if not isinstance(exc, FENCED):
             self._failures.fail(exc)
@@ -226,7 +228,13 @@ class Partitions:
         log.warning("partition %d was taken over by another worker (%r): dropping its runs", p, exc)
         writer = self._drop(p)
         if writer is not None:
-            asyncio.get_running_loop().create_task(writer.close())
+            self._spawn(writer.close())
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        """Run ``job`` beside the caller, holding its task until it ends (the loop keeps only a weak one)."""
+        task = asyncio.get_running_loop().create_task(job)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _drop(self, p: int) -> PartitionWriter | None:
         """Stop deciding ``p`` and forget its runs; returns its writer, to close."""
