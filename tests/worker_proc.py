@@ -172,4 +172,6 @@ if __name__ == "__main__":
     logging.getLogger("calmrun.worker").setLevel(logging.INFO)
     logging.getLogger("calmrun.pool").setLevel(logging.INFO)
     logging.getLogger("calmrun.liveness").setLevel(logging.INFO)
+    for name in filter(None, os.environ.get("CALMRUN_TEST_DEBUG_LOGGERS", "").split(",")):
+        logging.getLogger(name).setLevel(logging.DEBUG)  # a fault run's evidence (tests/faults)
     asyncio.run(main(parse_args()))

@@ -109,7 +109,9 @@ class Partitions:
         return table.get(run_id) if table is not None else None
 
     def listener(self) -> ConsumerRebalanceListener:
-        return Listener(self)
+        """The group consumer's rebalance callbacks (``consumer`` set first), to this owner."""
+        assert self.consumer is not None
+        return Listener(self, self.consumer)
 
     def awaited(self, p: int, task: StepTask) -> bool:
         """Does the run's state (here) still wait for this attempt?"""
