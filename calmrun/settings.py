@@ -118,9 +118,9 @@ class LivenessSettings(_Frozen):
     group (``calmrun.streams.liveness``; docs/performance.md#recovery)."""
 
     enabled: bool = Field(
-        False,
+        True,
         description="beat every interval_s and remove a peer silent for dead_after_s from the group; off: a "
-        "killed worker's partitions move after its session timeout",
+        "killed worker's partitions move after its session timeout (every worker of a group alike)",
     )
     interval_s: float = Field(0.25, gt=0, le=5, description="how often a worker writes its liveness beat")
     dead_after_s: float = Field(

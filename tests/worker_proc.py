@@ -9,6 +9,7 @@ log every start (``--start-log``), or with ``--workflow people`` the approval/si
 ``--status-file``, the worker's stats, owned partitions and pid are written there as JSON (atomically)
 every 0.1 s and once more after stop. ``--pooled STEP=POOL`` puts a step in a pool; ``--pool NAME`` runs
 that pool's executor instead of a deciding worker (``--pool none``: a worker that only decides).
+``CALMRUN_TEST_DEBUG_LOGGERS=a,b`` sets those loggers to DEBUG (a fault run's evidence).
 """
 
 from __future__ import annotations
@@ -172,4 +173,6 @@ if __name__ == "__main__":
     logging.getLogger("calmrun.worker").setLevel(logging.INFO)
     logging.getLogger("calmrun.pool").setLevel(logging.INFO)
     logging.getLogger("calmrun.liveness").setLevel(logging.INFO)
+    for name in filter(None, os.environ.get("CALMRUN_TEST_DEBUG_LOGGERS", "").split(",")):
+        logging.getLogger(name).setLevel(logging.DEBUG)  # a fault run's evidence (tests/faults)
     asyncio.run(main(parse_args()))

@@ -12,10 +12,12 @@ partitions to the survivors, whose new writers fence its transactions as after a
 
 A peer whose beats come late (a lossy link, a starved host) is given more time, as a phi-accrual detector
 would: after a gap over half of ``dead_after_s`` it is judged dead only after three times its longest
-recent gap. A removed process that beats again was alive (a killed one never beats again under its key):
-each such removal, false or of a link cut and healed, doubles its threshold. Both are forgotten after
-``FORGET_S`` and never exceed the session timeout, which removes a silent member anyway. A killed worker
-whose beats were regular is still removed after ``dead_after_s``.
+recent gap. Not when this worker's own beats came back late across the same gap: then the stall was the
+broker's, the machine's or this reader's, shared by every beat, not the peer's. A removed process that
+beats again was alive (a killed one never beats again under its key): each such removal, false or of a
+link cut and healed, doubles its threshold. Both are forgotten after ``FORGET_S`` and never exceed the
+session timeout, which removes a silent member anyway. A killed worker whose beats were regular is still
+removed after ``dead_after_s``.
 
 Beats are written and read by a thread with an event loop of its own, so a worker whose event loop is busy
 (a large batch of decisions, a long commit) still beats; only a stopped process (kill -9, SIGSTOP, a
@@ -143,6 +145,7 @@ class LivenessCounts:
     refused: int = 0  # LeaveGroups the broker refused (the member was gone or replaced)
     survived: int = 0  # removed peers that beat again: false removals, or links cut and healed
     late: int = 0  # peer beats that came late (LATE_FRACTION of dead_after_s)
+    shared: int = 0  # peer beats that came late together with this worker's own: not counted late
     longest_peer_gap_s: float = 0.0  # the longest silence of a peer that beat again
 
 
@@ -179,6 +182,7 @@ class Liveness:
         self._removed: set[tuple[str, str]] = set()  # (process, member) already removed or refused
         self._gone: dict[str, Peer] = {}  # processes removed, by key: one that beats again was alive
         self._own_seen = 0.0
+        self._own_late_at = -1.0  # when this worker's own beats last came back late
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main_loop: asyncio.AbstractEventLoop | None = None
@@ -268,11 +272,13 @@ class Liveness:
             await asyncio.gather(producer.stop(), reader.stop(), return_exceptions=True)
             c = self.counts
             log.info(
-                "liveness stopped: %d beats written, peers' longest silence %.3f s, %d late beats, "
-                "%d removed, %d refused, %d beat again after their removal",
+                "liveness stopped: %d beats written, peers' longest silence %.3f s, %d late beats "
+                "(and %d late with this worker's own), %d removed, %d refused, %d beat again after "
+                "their removal",
                 c.beats,
                 c.longest_peer_gap_s,
                 c.late,
+                c.shared,
                 c.removed,
                 c.refused,
                 c.survived,
@@ -303,7 +309,10 @@ class Liveness:
                 await asyncio.sleep(self.conf.interval_s)
                 continue
             now = time.monotonic()
-            for rec in batches.get(tp, []):
+            records = batches.get(tp, [])
+            if any(rec.key == self.key.encode() for rec in records):  # before the peers' beats read with them
+                self._own_arrived(now)
+            for rec in records:
                 self._read(rec.key, rec.value, now)
             for key, peer in self._dead(now):
                 await self._remove(reader, key, peer, now)
@@ -318,6 +327,7 @@ class Liveness:
                 return
             who = key.decode()
             if who == self.key:
+                self._own_arrived(now)
                 self._own_seen = now
                 for other in self.peers.values():
                     other.echoes += 1
@@ -336,7 +346,10 @@ class Liveness:
                 # its link or host is slow: more margin. Not while it has no member id (starting, or
                 # rejoining): a worker joining its group and restoring is busy, its link may be fine
                 member = beat.get("member") or ""
-                if gap > LATE_FRACTION * self.conf.dead_after_s and peer.member and member:
+                late = gap > LATE_FRACTION * self.conf.dead_after_s and peer.member and member
+                if late and self._own_late_at >= peer.seen:  # this worker's beats were late with it
+                    self.counts.shared += 1
+                elif late:
                     fresh = now - peer.late_at < FORGET_S
                     peer.late_gap_s = max(peer.late_gap_s, gap) if fresh else gap
                     peer.late_at = now
@@ -348,6 +361,12 @@ class Liveness:
                 0,
             )
             peer.leaving = bool(beat.get("leaving"))
+
+    def _own_arrived(self, now: float) -> None:
+        """This worker's own beat read back at ``now``: late, if over ``LATE_FRACTION`` of ``dead_after_s``
+        after the last one (a stall every beat shared)."""
+        if self._own_seen and now - self._own_seen > LATE_FRACTION * self.conf.dead_after_s:
+            self._own_late_at = now
 
     def _survived(self, key: str, gone: Peer, now: float) -> Peer:
         """A removed process beat again: it was alive (the removal false, or its link cut and healed); its

@@ -123,7 +123,7 @@ class PoolExecutor(Runtime):
         await ensure_topics(k, self.workflows)
         consumer = self.consumer = clients.group_consumer(self.settings, group_id=self.group_id)
         try:
-            consumer.subscribe(topics=self.inputs, listener=Listener(self))
+            consumer.subscribe(topics=self.inputs, listener=Listener(self, consumer))
             await consumer.start()
         except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:
             with contextlib.suppress(Exception):

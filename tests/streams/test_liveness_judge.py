@@ -114,3 +114,22 @@ def test_gaps_while_a_peer_has_no_member_id_do_not() -> None:
     beat(lv, "p", 1.0)
     assert lv.counts.late == 0
     assert lv.peers["p"].dead_after(DEAD_AFTER, lv._cap_s, 1.0) == DEAD_AFTER
+
+
+def test_a_gap_this_worker_s_own_beats_shared_does_not() -> None:
+    """Both the peer's beats and this worker's own come back 0.8 s late together (the broker, the machine or
+    this reader stalled): not the peer's lateness, so a peer killed after it is judged dead after
+    ``dead_after_s``, not three times that gap."""
+    lv = judge()
+    for t in (0.0, 0.25, 0.5):
+        beat(lv, "p", t)
+        beat(lv, lv.key, t)
+    lv._own_arrived(1.3)  # the reader's batch at 1.3 holds both (``_watch`` notes its own first)
+    beat(lv, "p", 1.3)
+    beat(lv, lv.key, 1.3)
+    assert lv.counts.late == 0 and lv.counts.shared == 1
+    assert lv.peers["p"].dead_after(DEAD_AFTER, lv._cap_s, 1.3) == DEAD_AFTER
+    # the same gap with this worker's beats on time is the peer's: late
+    lv2 = judge()
+    dead = run(lv2, [0.0, 0.25, 0.5, 1.3], 10.0)
+    assert lv2.counts.late == 1 and dead is not None and dead >= 1.3 + 2.4
