@@ -104,9 +104,9 @@ class Partitions:
         self._background: set[asyncio.Task[None]] = set()  # retakes and closes: held until they end
 
     def listener(self) -> ConsumerRebalanceListener:
-        """The group consumer's rebalance callbacks (``consumer`` set first), to this owner."""
-        assert self.consumer is not None
-        return Listener(self, self.consumer)
+        """The group consumer's rebalance callbacks (the ownership's consumer set first), to this owner."""
+        assert self._own.consumer is not None
+        return Listener(self, self._own.consumer)
 
     async def commit_loop(self, interval_s: float) -> None:
         """Every ``interval_s``, commit input offsets that moved without a decision (``Writers.kick``)."""
