@@ -67,12 +67,6 @@ class Writers:
             linger_from=w.busy_linger_from,
         )
 
-    def kick(self, writers: Sequence[PartitionWriter]) -> None:
-        """Commit input offsets that moved without a decision of their own (task records settled by an
-        earlier one) or with lazy decisions only (``PartitionWriter.add``)."""
-        for wr in writers:
-            wr.kick()
-
 
 class Partitions:
     """Changes the ownership of one worker's partitions; see the module docstring.
@@ -107,12 +101,6 @@ class Partitions:
         """The group consumer's rebalance callbacks (the ownership's consumer set first), to this owner."""
         assert self._own.consumer is not None
         return Listener(self, self._own.consumer)
-
-    async def commit_loop(self, interval_s: float) -> None:
-        """Every ``interval_s``, commit input offsets that moved without a decision (``Writers.kick``)."""
-        while True:
-            await asyncio.sleep(interval_s)
-            self._writers.kick(list(self._own.writers.values()))
 
     async def close(self) -> None:
         """Commit what is decided, even after a failure (a failed writer's flush returns at once); close."""

@@ -44,7 +44,7 @@ from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.runtime import Listener, Loop, Runtime, wall_ms
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
-from calmrun.streams.txn import FENCED, Gate, PartitionWriter
+from calmrun.streams.txn import FENCED, Gate, PartitionWriter, kick_every
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
@@ -131,7 +131,8 @@ class PoolExecutor(Runtime):
             raise (await start_error(k, exc)) from exc
         self.metrics.start(self.settings.metrics)
         log.info("executor of pool %r started: %s, group %s", self.pool, self.inputs, self.group_id)
-        return [("calmrun-pool-poll", self._poll_loop()), ("calmrun-pool-commit", self._commit_loop())]
+        commits = kick_every(self.settings.worker.commit_interval_s, self.writers)
+        return [("calmrun-pool-poll", self._poll_loop()), ("calmrun-pool-commit", commits)]
 
     async def _close(self) -> None:
         """Cancel running agents (their tasks are read again), commit the results, leave."""
@@ -210,12 +211,6 @@ class PoolExecutor(Runtime):
                     tp.topic, tp.partition, offset, -1, 0, None, None, None, -1, -1, ()
                 )
                 self._park(empty, DecodeError(f"the Kafka client cannot parse this record: {exc!r}"))
-
-    async def _commit_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.worker.commit_interval_s)
-            for wr in list(self.writers.values()):
-                wr.kick()
 
     def _task(self, rec: ConsumerRecord[bytes, bytes], pending: Pending) -> None:
         self.counts.tasks += 1

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -373,3 +373,13 @@ def _retrieved(fut: asyncio.Future[Any]) -> None:
     """Mark a send's outcome seen (it is raised by the gather after the commit, when there is one)."""
     if not fut.cancelled():
         fut.exception()
+
+
+async def kick_every(interval_s: float, writers: Mapping[int, PartitionWriter]) -> None:
+    """Every ``interval_s``, kick each of ``writers`` (``PartitionWriter.kick``): input offsets that moved
+    without a decision of their own, or with lazy decisions only, commit; the worker's and a pool
+    executor's commit loop."""
+    while True:
+        await asyncio.sleep(interval_s)
+        for wr in list(writers.values()):
+            wr.kick()

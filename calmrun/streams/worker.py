@@ -50,7 +50,7 @@ from calmrun.streams.stats import WorkerStats, snapshot
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.timers import Timers
-from calmrun.streams.txn import Gate
+from calmrun.streams.txn import Gate, kick_every
 from calmrun.streams.versions import Pinning, Released, VersionAssignor
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
@@ -225,7 +225,7 @@ class Worker(Runtime):
         return [
             ("calmrun-poll", self.intake.run()),
             ("calmrun-timer", self.due.run()),
-            ("calmrun-commit", self.partitions.commit_loop(self.settings.worker.commit_interval_s)),
+            ("calmrun-commit", kick_every(self.settings.worker.commit_interval_s, self.parts.writers)),
             ("calmrun-watch", self._stalls.watch()),
             ("calmrun-brokers", brokers.BrokerWatch.of(self).run()),
         ]
