@@ -9,7 +9,6 @@ in. They are made first, before the rooms that read them, so no room needs the o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from calmrun.kafka.topics import partition_for
+from calmrun.streams.membership import Membership
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.txn import PartitionWriter
 from calmrun.workflow.decider import awaits
@@ -39,16 +39,14 @@ class Ownership:
     """The owned partitions of one worker, their runs and writers, now; see the module docstring.
 
     Args:
-        input_topics: the topics the worker consumes (requests, results, its step topics).
+        members: the worker's group membership: its input topics, the group consumer and the restorer.
     """
 
-    def __init__(self, input_topics: list[str], n: int) -> None:
-        self.input_topics, self.n = input_topics, n
+    def __init__(self, members: Membership, n: int) -> None:
+        self._members, self.input_topics, self.n = members, members.topics, n
         self.owned: set[int] = set()
         self.runs: dict[int, RunTable] = {}
         self.writers: dict[int, PartitionWriter] = {}
-        self.consumer: AIOKafkaConsumer | None = None  # the group consumer (set as the worker opens)
-        self.restorer: AIOKafkaConsumer | None = None  # reads the state topic (streams.restore)
         self.stable = asyncio.Event()  # cleared while ownership is in question: no decisions then
         self.stable.set()
         self.rebalancing = False
@@ -56,6 +54,16 @@ class Ownership:
         self.assigned_once = asyncio.Event()  # the group gave this worker its partitions, all restored
         self.restoring: set[int] = set()  # being taken over now (fenced, restored, positioned)
         self.counts = PartitionCounts()
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The group consumer (None before the worker joins)."""
+        return self._members.consumer
+
+    @property
+    def restorer(self) -> AIOKafkaConsumer | None:
+        """Reads the state topic (``streams.restore``; None before the worker joins)."""
+        return self._members.restorer
 
     def input_tps(self, p: int) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t in self.input_topics]
@@ -77,13 +85,6 @@ class Ownership:
         """Wait out a rebalance or a stall check; then: is ``p`` ours to decide?"""
         await self.stable.wait()
         return p in self.owned
-
-    async def close_clients(self) -> None:
-        """Stop the group consumer and the restorer (leaving the group), whatever state they are in."""
-        for client in (self.consumer, self.restorer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
 
 
 class Stalls:

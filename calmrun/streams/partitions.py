@@ -18,7 +18,6 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
 from calmrun.errors import WriterBrokenError
@@ -30,7 +29,6 @@ from calmrun.streams.ownership import Ownership, Stalls
 from calmrun.streams.ports import Failures, Running, Takeover
 from calmrun.streams.restore import Restore
 from calmrun.streams.runtable import RunTable
-from calmrun.streams.runtime import Listener
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
 
@@ -96,11 +94,6 @@ class Partitions:
         self._held: dict[int, _Held] = {}
         self._retakes: dict[int, list[float]] = {}  # partition -> monotonic times it was taken over again
         self._background: set[asyncio.Task[None]] = set()  # retakes and closes: held until they end
-
-    def listener(self) -> ConsumerRebalanceListener:
-        """The group consumer's rebalance callbacks (the ownership's consumer set first), to this owner."""
-        assert self._own.consumer is not None
-        return Listener(self, self._own.consumer)
 
     async def close(self) -> None:
         """Commit what is decided, even after a failure (a failed writer's flush returns at once); close."""

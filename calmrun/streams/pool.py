@@ -24,12 +24,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
-from aiokafka.errors import KafkaConnectionError
 from prometheus_client import CollectorRegistry
 
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.errors import DecodeError, WorkerError
-from calmrun.kafka.connect import AUTHORIZATION_ERRORS, start_error
 from calmrun.kafka.topics import INVALID, Topics, ensure_topics
 from calmrun.limits import check_workflow
 from calmrun.redact import Redactor
@@ -38,10 +36,11 @@ from calmrun.streams import clients
 from calmrun.streams.attempts import Attempts
 from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.fetch import getmany
+from calmrun.streams.membership import Membership
 from calmrun.streams.poolmetrics import PoolCounts, PoolMetrics
 from calmrun.streams.ports import Source
 from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
-from calmrun.streams.runtime import Listener, Loop, Runtime, wall_ms
+from calmrun.streams.runtime import Loop, Runtime, wall_ms
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter, kick_every
@@ -107,8 +106,13 @@ class PoolExecutor(Runtime):
             self.throttle,
             settings.throttle.max_waiting,
         )
-        self.consumer: AIOKafkaConsumer | None = None
+        self.members = Membership(settings, self.inputs, group_id=self.group_id)
         self.metrics = PoolMetrics(CollectorRegistry(), pool, self)
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The pool group's consumer (None before ``start``)."""
+        return self.members.consumer
 
     @property
     def running(self) -> int:
@@ -119,16 +123,8 @@ class PoolExecutor(Runtime):
 
     async def _open(self) -> list[tuple[str, Loop]]:
         """Create the topics, join the pool's group; the loops that execute."""
-        k = self.settings.kafka
-        await ensure_topics(k, self.workflows)
-        consumer = self.consumer = clients.group_consumer(self.settings, group_id=self.group_id)
-        try:
-            consumer.subscribe(topics=self.inputs, listener=Listener(self, consumer))
-            await consumer.start()
-        except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-            raise (await start_error(k, exc)) from exc
+        await ensure_topics(self.settings.kafka, self.workflows)
+        await self.members.join(self)
         self.metrics.start(self.settings.metrics)
         log.info("executor of pool %r started: %s, group %s", self.pool, self.inputs, self.group_id)
         commits = kick_every(self.settings.worker.commit_interval_s, self.writers)
@@ -139,9 +135,7 @@ class PoolExecutor(Runtime):
         await self.tasks.cancel(set(self.owned) | set(self.writers))
         await self._close_writers(set(self.writers))
         await self.attempts.close()
-        if self.consumer is not None:
-            with contextlib.suppress(Exception):
-                await self.consumer.stop()
+        await self.members.leave()
         self.metrics.stop()
         self.tracing.close()
 

@@ -17,13 +17,10 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, Self
-
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from typing import Any, Self
 
 from calmrun.errors import WorkerError
 from calmrun.gctune import settle_heap
-from calmrun.kafka.rebalance import heartbeating
 
 Loop = Coroutine[Any, Any, None]
 """One of a runtime's loops: runs until cancelled or until it raises (which stops the runtime)."""
@@ -149,27 +146,3 @@ class Runtime(ABC):
             raise
         except BaseException as exc:
             self.fail(exc)
-
-
-class Owner(Protocol):
-    """What a rebalance listener tells: the partitions (of every input topic) taken and given up."""
-
-    async def assigned(self, parts: set[int]) -> None: ...
-
-    async def revoked(self, parts: set[int]) -> None: ...
-
-
-class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """The consumer's rebalance callbacks as partition numbers, to an ``Owner``; ``consumer`` keeps
-    heartbeating while the owner takes its partitions (``calmrun.kafka.rebalance``), so that a restore
-    longer than the session timeout does not cost the member."""
-
-    def __init__(self, owner: Owner, consumer: AIOKafkaConsumer) -> None:
-        self.owner, self.consumer = owner, consumer
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.owner.revoked({tp.partition for tp in revoked})
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        async with heartbeating(self.consumer):
-            await self.owner.assigned({tp.partition for tp in assigned})

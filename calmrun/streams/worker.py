@@ -21,15 +21,13 @@ import logging
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaConnectionError
 
 from calmrun.agents import AgentRegistry, ModelRegistry
-from calmrun.kafka.connect import AUTHORIZATION_ERRORS, start_error
 from calmrun.kafka.topics import Topics, ensure_topics
 from calmrun.limits import check_workflow
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
-from calmrun.streams import brokers, clients
+from calmrun.streams import brokers
 from calmrun.streams.attempts import Attempts
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.deciding import Deciding
@@ -37,6 +35,7 @@ from calmrun.streams.due import DueTimers
 from calmrun.streams.intake import Intake
 from calmrun.streams.liveness import Liveness
 from calmrun.streams.local import EagerStarts, LocalExecutor, Resumption
+from calmrun.streams.membership import Membership
 from calmrun.streams.metrics import Gauges, WorkerMetrics
 from calmrun.streams.ownership import Admission, Ownership, Stalls
 from calmrun.streams.partitions import Partitions, Writers
@@ -108,7 +107,10 @@ class Worker(Runtime):
         results = [t.results] if pooled else []  # only a group with pools has results to read
         self.input_topics = [t.requests, *results, *dict.fromkeys(steps)]
         # ownership: what is owned now, read by every room; changed only by partitions and restore
-        own = self.parts = Ownership(self.input_topics, settings.kafka.partitions)
+        self.members = Membership(
+            settings, self.input_topics, assignor=self.assignor, restores=True, liveness=w.liveness.enabled
+        )
+        own = self.parts = Ownership(self.members, settings.kafka.partitions)
         stalls, stopped = Stalls(own, w.session_timeout_s), self._stopped
         self.stamps = stamps or Stamps(settings, wfs.values(), own.known)
         self._checkpoint = checkpoint = Checkpoint()  # the one owner of "this input is finished"
@@ -159,7 +161,6 @@ class Worker(Runtime):
         )
         self.due = DueTimers(timers, own, self.pins, wfs, decisions, self.tasks, clock, w.timer_interval_s)
         self._stalls = stalls
-        self.liveness: Liveness | None = None
 
     @property
     def owned(self) -> set[int]:
@@ -186,7 +187,12 @@ class Worker(Runtime):
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
         """The group consumer (None before ``start``)."""
-        return self.parts.consumer
+        return self.members.consumer
+
+    @property
+    def liveness(self) -> Liveness | None:
+        """This worker's beats (``streams.liveness``; None when off, or before ``start``)."""
+        return self.members.liveness
 
     def gauges(self) -> Gauges:
         """What this worker's metrics show, now (``streams.metrics.Measured``)."""
@@ -200,24 +206,8 @@ class Worker(Runtime):
 
     async def _open(self) -> list[tuple[str, Loop]]:
         """Create topics, join the group (restoring the assigned partitions' runs); the loops to run."""
-        k = self.settings.kafka
-        await ensure_topics(k, self.workflows.values())
-        restorer = self.parts.restorer = clients.restorer(self.settings)
-        consumer = self.parts.consumer = clients.group_consumer(self.settings, self.assignor)
-        try:
-            await restorer.start()
-            if self.settings.worker.liveness.enabled:  # a killed peer leaves the group in about a second
-                # before joining: its topic is created and its clients connect outside the first rebalance
-                self.liveness = Liveness.of(self.settings, consumer)
-                await self.liveness.start()
-            consumer.subscribe(topics=self.input_topics, listener=self.partitions.listener())
-            await consumer.start()
-        except (KafkaConnectionError, *AUTHORIZATION_ERRORS) as exc:  # an ACL, TLS/SASL, or no broker
-            if self.liveness is not None:  # started before the join: no beats for a worker that failed
-                await self.liveness.stop()
-                self.liveness = None
-            await self.parts.close_clients()
-            raise (await start_error(k, exc)) from exc
+        await ensure_topics(self.settings.kafka, self.workflows.values())
+        await self.members.join(self.partitions)  # its clients start, its beats before the join
         if self.metrics is not None:
             await self.metrics.start(self)
         await self.stamps.start()
@@ -237,7 +227,5 @@ class Worker(Runtime):
         if self.metrics is not None:
             await self.metrics.stop()
         await asyncio.gather(self.stamps.stop(), self.attempts.close())
-        if self.liveness is not None:  # beats until the writers are flushed: peers wait for the leave
-            await self.liveness.stop()
-        await self.parts.close_clients()
+        await self.members.leave()  # beats until the writers are flushed: peers wait for the leave
         self.tracing.close()
