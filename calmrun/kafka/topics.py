@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -82,6 +82,14 @@ class Topics:
             for s in wf.steps
             if s.executed() and (pool is None or s.pool == pool)
         ]
+
+    def worker_inputs(self, workflows: Sequence[WorkflowDef], pool: str | None) -> list[str]:
+        """What a deciding worker executing ``pool`` (``None``: none) reads: the requests, the results when a
+        step runs elsewhere (only a group with pools has results to read), its pool's step topics (once
+        for every version)."""
+        steps = self.step_topics(workflows, pool) if pool is not None else []
+        pooled = pool is None or any(s.pool != pool for wf in workflows for s in wf.steps)
+        return [self.requests, *([self.results] if pooled else []), *dict.fromkeys(steps)]
 
     def framed(self, workflows: Iterable[WorkflowDef]) -> dict[str, tuple[str, ...]]:
         """The topics whose records others read, with the record types on each (``wire.format``)."""

@@ -30,17 +30,14 @@ from dataclasses import dataclass
 from aiokafka import ConsumerRecord
 
 from calmrun.errors import CalmrunError
-from calmrun.kafka.topics import Topics, partition_for
-from calmrun.redact import Redactor
-from calmrun.settings import Settings
+from calmrun.kafka.topics import partition_for
 from calmrun.streams.checkpoint import Pending
 from calmrun.streams.metrics import WorkerMetrics
-from calmrun.streams.ownership import Ownership
 from calmrun.streams.ports import Source, Starts
 from calmrun.streams.records import Out, StateOut, dlq_out, event_out, task_out
+from calmrun.streams.shared import Shared
 from calmrun.streams.timers import Timers
 from calmrun.tracing import NO_TRACING, Tracing
-from calmrun.wire.codec import RecordCodec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
 from calmrun.workflow.decider import Decision, decide
 from calmrun.workflow.definition import WorkflowDef
@@ -71,22 +68,17 @@ class Deciding:
 
     def __init__(
         self,
-        settings: Settings,
-        topics: Topics,
-        codec: RecordCodec,
-        ownership: Ownership,
+        shared: Shared,
         timers: Timers,
-        redactor: Redactor,
-        clock: Callable[[], int],
         metrics: WorkerMetrics | None,
         starts: Starts,
         tracing: Tracing = NO_TRACING,
         unrecorded: frozenset[str] = frozenset(),
     ) -> None:
-        self.settings, self.topics, self.codec = settings, topics, codec
+        self.settings, self.topics, self.codec = shared.settings, shared.topics, shared.codec
         self._unrecorded = unrecorded
-        self._own, self._timers, self._redactor = ownership, timers, redactor
-        self._clock, self._metrics, self._starts = clock, metrics, starts
+        self._own, self._timers, self._redactor = shared.ownership, timers, shared.redactor
+        self._clock, self._metrics, self._starts = shared.clock, metrics, starts
         self.counts = DecisionCounts()
         self.tracing = tracing
 

@@ -12,11 +12,10 @@ import asyncio
 from collections.abc import Callable, Container
 
 from calmrun.streams.deciding import Deciding
-from calmrun.streams.ownership import Ownership
+from calmrun.streams.shared import Shared
 from calmrun.streams.timers import Timers
 from calmrun.streams.versions import Pinning
 from calmrun.workflow.events import TimerFired
-from calmrun.workflow.registry import Definitions
 from calmrun.workflow.state import RunState
 
 
@@ -28,18 +27,11 @@ class DueTimers:
     """
 
     def __init__(
-        self,
-        timers: Timers,
-        parts: Ownership,
-        pins: Pinning,
-        workflows: Definitions,
-        decisions: Deciding,
-        running: Container[str],
-        clock: Callable[[], int],
-        interval_s: float,
+        self, shared: Shared, timers: Timers, pins: Pinning, decisions: Deciding, running: Container[str]
     ) -> None:
-        self._timers, self._parts, self._pins, self._workflows = timers, parts, pins, workflows
-        self._decisions, self._running, self._clock, self._interval_s = decisions, running, clock, interval_s
+        self._timers, self._parts, self._workflows = timers, shared.ownership, shared.workflows
+        self._pins, self._decisions, self._running, self._clock = pins, decisions, running, shared.clock
+        self._interval_s = shared.settings.worker.timer_interval_s
 
     async def run(self) -> None:
         """Look every ``interval_s``, while the partitions are stable; until cancelled."""

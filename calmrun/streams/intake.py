@@ -29,21 +29,20 @@ from calmrun.errors import (
     PoisonStormError,
     UnknownWorkflowError,
 )
-from calmrun.kafka.topics import INVALID, Topics, partition_for
-from calmrun.settings import Settings
+from calmrun.kafka.topics import INVALID, partition_for
 from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.deciding import Deciding
 from calmrun.streams.fetch import getmany
-from calmrun.streams.ownership import Ownership, Stalls
+from calmrun.streams.ownership import Stalls
 from calmrun.streams.ports import Failures, Returns, Source
 from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
 from calmrun.streams.refusals import Refusals
 from calmrun.streams.requests import Named, named, parse_request
 from calmrun.streams.results import named_attempt, parse_result
+from calmrun.streams.shared import Shared
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.txn import Gate
 from calmrun.streams.versions import Pinning
-from calmrun.wire.codec import RecordCodec
 from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.decider import task_ignored
 from calmrun.workflow.definition import WorkflowDef
@@ -58,7 +57,6 @@ from calmrun.workflow.events import (
     StepTask,
     command_input,
 )
-from calmrun.workflow.registry import Definitions
 from calmrun.workflow.rejection import ignored, is_rejected
 from calmrun.workflow.state import RunState
 
@@ -98,11 +96,7 @@ class Intake:
 
     def __init__(
         self,
-        settings: Settings,
-        topics: Topics,
-        codec: RecordCodec,
-        workflows: Definitions,
-        ownership: Ownership,
+        shared: Shared,
         stalls: Stalls,
         checkpoint: Checkpoint,
         gate: Gate,
@@ -112,19 +106,15 @@ class Intake:
         stamps: Stamping,
         returns: Returns,
         failures: Failures,
-        clock: Callable[[], int],
-        redact: Callable[[str], str],
     ) -> None:
-        self.settings, self.topics, self.codec, self.workflows = settings, topics, codec, workflows
-        self._own, self._stalls, self._checkpoint, self._gate = ownership, stalls, checkpoint, gate
+        s = shared
+        self.settings, self.topics, self.codec, self.workflows = s.settings, s.topics, s.codec, s.workflows
+        self._own, self._stalls, self._checkpoint, self._gate = s.ownership, stalls, checkpoint, gate
         self._tasks, self._decisions, self.pins, self._stamps = tasks, decisions, pins, stamps
-        self._failures, self._clock, self._redact = failures, clock, redact
-        self._n = settings.kafka.partitions
+        self._failures, self._clock, self._redact, self._n = failures, s.clock, s.redactor.text, s.n
         self._unexpected_in_row = 0
         self.counts = IntakeCounts()
-        self.refusals = Refusals(
-            topics, workflows, ownership, decisions, self.counts, self, pins, clock, redact, self._n
-        )
+        self.refusals = Refusals(shared, decisions, self.counts, self, pins)
         returns.open(self)
 
     async def run(self) -> None:

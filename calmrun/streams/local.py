@@ -19,17 +19,16 @@ import functools
 import logging
 from collections.abc import Set
 
-from calmrun.kafka.topics import Topics, partition_for
+from calmrun.kafka.topics import partition_for
 from calmrun.redact import Redactor
 from calmrun.streams.attempts import Attempts
 from calmrun.streams.ownership import Ownership
 from calmrun.streams.records import Out, task_out
+from calmrun.streams.shared import Shared
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.versions import Pinning
-from calmrun.wire.codec import RecordCodec
 from calmrun.workflow.decider import awaited_tasks
 from calmrun.workflow.events import StepResult, StepTask
-from calmrun.workflow.registry import Definitions
 
 log = logging.getLogger("calmrun.worker")
 
@@ -94,17 +93,15 @@ class Resumption:
 
     def __init__(
         self,
-        ownership: Ownership,
-        workflows: Definitions,
+        shared: Shared,
         pins: Pinning,
         tasks: TaskRunner,
-        topics: Topics,
-        codec: RecordCodec,
         unrecorded: Set[str],
         stopped: asyncio.Event,
     ) -> None:
-        self._own, self._workflows, self._pins, self._tasks = ownership, workflows, pins, tasks
-        self._topics, self._codec, self._unrecorded, self._stopped = topics, codec, unrecorded, stopped
+        s = shared
+        self._own, self._workflows, self._pins, self._tasks = s.ownership, s.workflows, pins, tasks
+        self._topics, self._codec, self._unrecorded, self._stopped = s.topics, s.codec, unrecorded, stopped
 
     def taken(self, parts: set[int]) -> None:
         """Start the attempts that the runs of ``parts``, just taken over, await and that have no task record

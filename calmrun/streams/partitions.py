@@ -21,14 +21,14 @@ from typing import Any
 from aiokafka.structs import TopicPartition
 
 from calmrun.errors import WriterBrokenError
-from calmrun.kafka.topics import Topics
 from calmrun.settings import Settings
 from calmrun.streams import clients
 from calmrun.streams.checkpoint import Checkpoint
-from calmrun.streams.ownership import Ownership, Stalls
+from calmrun.streams.ownership import Stalls
 from calmrun.streams.ports import Failures, Running, Takeover
 from calmrun.streams.restore import Restore
 from calmrun.streams.runtable import RunTable
+from calmrun.streams.shared import Shared
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import FENCED, Gate, PartitionWriter
 
@@ -77,8 +77,7 @@ class Partitions:
 
     def __init__(
         self,
-        topics: Topics,
-        ownership: Ownership,
+        shared: Shared,
         stalls: Stalls,
         restore: Restore,
         writers: Writers,
@@ -88,7 +87,7 @@ class Partitions:
         takeovers: Sequence[Takeover],
         failures: Failures,
     ) -> None:
-        self.topics, self._own, self._stalls, self._restore = topics, ownership, stalls, restore
+        self.topics, self._own, self._stalls, self._restore = shared.topics, shared.ownership, stalls, restore
         self._writers, self._checkpoint, self._timers, self._tasks = writers, checkpoint, timers, running
         self._takeovers, self._failures = takeovers, failures
         self._held: dict[int, _Held] = {}

@@ -19,23 +19,21 @@ that names no run is only parked, as before (``Intake.park``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Protocol, TypeAlias
 
 from aiokafka import ConsumerRecord
 
 from calmrun.errors import CalmrunError, DecodeError, ErrorKind, InvalidOutputError, UnknownRunError
-from calmrun.kafka.topics import INVALID, Topics, partition_for
+from calmrun.kafka.topics import INVALID, partition_for
 from calmrun.streams.checkpoint import Pending
 from calmrun.streams.deciding import Deciding
-from calmrun.streams.ownership import Ownership
 from calmrun.streams.ports import Parking
 from calmrun.streams.records import StateOut
 from calmrun.streams.requests import Named
 from calmrun.streams.results import NamedAttempt
+from calmrun.streams.shared import Shared
 from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.events import StepResult, StepResultRecord
-from calmrun.workflow.registry import Definitions
 from calmrun.workflow.rejection import ignored, is_rejected, rejected
 from calmrun.workflow.state import RunState
 
@@ -78,21 +76,12 @@ class Refusals:
     """
 
     def __init__(
-        self,
-        topics: Topics,
-        workflows: Definitions,
-        ownership: Ownership,
-        decisions: Deciding,
-        counts: Counts,
-        doors: Doors,
-        pins: Serves,
-        clock: Callable[[], int],
-        redact: Callable[[str], str],
-        n: int,
+        self, shared: Shared, decisions: Deciding, counts: Counts, doors: Doors, pins: Serves
     ) -> None:
-        self.topics, self.workflows, self._own, self._decisions = topics, workflows, ownership, decisions
-        self.counts, self._doors, self._pins = counts, doors, pins
-        self._clock, self._redact, self._n = clock, redact, n
+        s = shared
+        self.topics, self.workflows, self._own = s.topics, s.workflows, s.ownership
+        self._decisions, self.counts, self._doors, self._pins = decisions, counts, doors, pins
+        self._clock, self._redact, self._n = s.clock, s.redactor.text, s.n
 
     def request(self, rec: Record, exc: Exception, who: Named | None, pending: Pending) -> None:
         """Refuse a run request: park it and, when it names a run ID, say why under that ID.

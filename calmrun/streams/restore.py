@@ -12,12 +12,10 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.errors import DecodeError
 from calmrun.kafka.reader import read_to_end
-from calmrun.kafka.topics import Topics
 from calmrun.streams.checkpoint import Checkpoint
-from calmrun.streams.ownership import Ownership
 from calmrun.streams.ports import Parking
 from calmrun.streams.runtable import RunTable
-from calmrun.wire.codec import RecordCodec
+from calmrun.streams.shared import Shared
 from calmrun.workflow.state import RunState
 
 
@@ -28,15 +26,8 @@ class Restore:
         parking: parks an undecodable state record (it finishes no input).
     """
 
-    def __init__(
-        self,
-        topics: Topics,
-        codec: RecordCodec,
-        ownership: Ownership,
-        checkpoint: Checkpoint,
-        parking: Parking,
-    ) -> None:
-        self.topics, self.codec, self._own = topics, codec, ownership
+    def __init__(self, shared: Shared, checkpoint: Checkpoint, parking: Parking) -> None:
+        self.topics, self.codec, self._own = shared.topics, shared.codec, shared.ownership
         self._checkpoint, self._parking = checkpoint, parking
 
     async def runs(self, parts: set[int]) -> None:

@@ -30,14 +30,13 @@ from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 
-from calmrun.kafka.topics import Topics
 from calmrun.streams.checkpoint import Pending
 from calmrun.streams.deciding import Deciding
-from calmrun.streams.ownership import Ownership
 from calmrun.streams.records import StateOut
+from calmrun.streams.shared import Shared
 from calmrun.workflow.decider import decide
 from calmrun.workflow.events import CommandHeld, HeldReleased, RunCommand, RunEvent
-from calmrun.workflow.registry import Definitions, Pin
+from calmrun.workflow.registry import Pin
 from calmrun.workflow.state import RunState
 
 log = logging.getLogger("calmrun.worker")
@@ -186,16 +185,9 @@ class Commands(Protocol):
 class Pinning:
     """Holds what cannot be decided here and releases it when it can; see the module docstring."""
 
-    def __init__(
-        self,
-        definitions: Definitions,
-        topics: Topics,
-        ownership: Ownership,
-        decisions: Deciding,
-        assignor: type[VersionAssignor],
-    ) -> None:
-        self.definitions, self.topics = definitions, topics
-        self._own, self._decisions = ownership, decisions
+    def __init__(self, shared: Shared, decisions: Deciding, assignor: type[VersionAssignor]) -> None:
+        self.definitions, self.topics = shared.workflows, shared.topics
+        self._own, self._decisions = shared.ownership, decisions
         self._assignor = assignor
         self.counts = PinningCounts()
 

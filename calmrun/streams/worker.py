@@ -1,17 +1,10 @@
-"""The worker: composes the rooms of the shell over Kafka into one pipeline, and runs them from start to stop.
+"""The deciding worker: the rooms of the shell over Kafka composed into one pipeline, run from start to stop.
 
-All calmrun topics are co-partitioned by run ID and consumed by one group whose assignor keeps them
-co-partitioned (``streams.versions``), so partition N of every topic belongs to one worker: it holds the state
-of those runs, executes their default-pool step tasks (a pooled step's result comes back on the results topic
-from its executors, ``streams.pool``), and is the only writer of their state.
-
-The pipeline is intake -> decide -> publish -> commit, a step's result coming back to the intake; each room
-is given its ports (``streams.ports``) in its constructor, so the constructor below reads in that order (and
-``docs/architecture.md`` draws it). Effectively once: everything is read ``read_committed``, and each
-partition's decisions are written in Kafka transactions with the input offsets they finish
-(``streams.checkpoint``, ``streams.txn``; a lazy input's offset may follow in a later one); a crash
-before a result is committed runs the same attempt again under the same idempotency key
-(``streams.deciding``, ``streams.local``).
+Partition N of every calmrun topic belongs to one worker of the group (``streams.versions``): it holds those
+runs' state, is its only writer, and executes their default-pool steps. The pipeline is intake -> decide
+-> publish -> commit, a step's result returning to the intake; each room takes its ports in its constructor
+(``streams.ports``), so ``__init__`` reads in that order. Effectively once: ``streams.checkpoint``,
+``streams.txn``, ``streams.deciding``; the whole story is in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -44,6 +37,7 @@ from calmrun.streams.readiness import Readiness, readiness
 from calmrun.streams.restore import Restore
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.runtime import Loop, Runtime, wall_ms
+from calmrun.streams.shared import Shared
 from calmrun.streams.stamps import Stamps
 from calmrun.streams.stats import WorkerStats, snapshot
 from calmrun.streams.tasks import TaskRunner
@@ -99,68 +93,45 @@ class Worker(Runtime):
         check_children(wfs.values())  # child workflows served here, and in no circle
         self.assignor = VersionAssignor.for_worker(wfs.pins())
         t, codec = self.topics, self.codec = Topics(settings.kafka.prefix), wire_codec(settings.wire)
-        self.redactor = redactor = Redactor(settings.redact)
-        steps = t.step_topics(wfs.values(), pool) if pool is not None else []
-        local = frozenset(steps)  # step topics whose tasks this worker executes (every version's, once)
+        self.input_topics = t.worker_inputs(list(wfs.values()), pool)
+        local = frozenset(self.input_topics) - {t.requests, t.results}  # the step topics executed here
         unrecorded = local if w.eager and not w.task_records else frozenset()  # streams.deciding
-        pooled = pool is None or any(s.pool != pool for wf in wfs.values() for s in wf.steps)
-        results = [t.results] if pooled else []  # only a group with pools has results to read
-        self.input_topics = [t.requests, *results, *dict.fromkeys(steps)]
-        # ownership: what is owned now, read by every room; changed only by partitions and restore
         self.members = Membership(
             settings, self.input_topics, assignor=self.assignor, restores=True, liveness=w.liveness.enabled
         )
+        # ownership: what is owned now, read by every room; changed only by partitions and restore
         own = self.parts = Ownership(self.members, settings.kafka.partitions)
+        shared = Shared(settings, t, codec, wfs, own, Redactor(settings.redact), clock)
         stalls, stopped = Stalls(own, w.session_timeout_s), self._stopped
         self.stamps = stamps or Stamps(settings, wfs.values(), own.known)
-        self._checkpoint = checkpoint = Checkpoint()  # the one owner of "this input is finished"
-        self._gate, timers = Gate(w.max_unacked), Timers()
+        checkpoint = self._checkpoint = Checkpoint()  # the one owner of "this input is finished"
+        gate, timers = Gate(w.max_unacked), Timers()
         self.throttle = Throttle(settings.throttle, wfs.values(), models.aliases)
         self.tracing = tracing_for(settings, pool=pool)  # off unless settings.tracing.endpoint
         self.attempts = Attempts(settings, agents, models, self.throttle, clock, self.tracing, metrics)
         # tasks: agents running; a result returns to the intake, the pipeline's one way back
-        returns, executor, admission = (
-            Returns(),
-            LocalExecutor(self.attempts, redactor, own),
-            Admission(own, stalls, stopped),
+        returns, executor = Returns(), LocalExecutor(self.attempts, shared.redactor, own)
+        admission, limits = Admission(own, stalls, stopped), (self.throttle, settings.throttle.max_waiting)
+        tasks = self.tasks = TaskRunner(
+            w.max_in_flight, executor, admission, returns, checkpoint, self, *limits
         )
-        limits = self.throttle, settings.throttle.max_waiting
-        self.tasks = TaskRunner(w.max_in_flight, executor, admission, returns, checkpoint, self, *limits)
         # decide: the records of a decision to its partition's next transaction; its tasks start here
-        eager = EagerStarts(own, self.tasks, self.attempts, local, unrecorded, stopped)
-        decisions = self.decisions = Deciding(
-            settings, t, codec, own, timers, redactor, clock, metrics, eager, self.tracing, unrecorded
-        )
-        self.pins = Pinning(wfs, t, own, decisions, self.assignor)
+        eager = EagerStarts(own, tasks, self.attempts, local, unrecorded, stopped)
+        decisions = self.decisions = Deciding(shared, timers, metrics, eager, self.tracing, unrecorded)
+        pins = self.pins = Pinning(shared, decisions, self.assignor)
         # intake: records fetched, and the results of the steps run here
-        self.intake = Intake(
-            settings,
-            t,
-            codec,
-            wfs,
-            own,
-            stalls,
-            checkpoint,
-            self._gate,
-            self.tasks,
-            decisions,
-            self.pins,
-            self.stamps,
-            returns,
-            self,
-            clock,
-            redactor.text,
+        intake = self.intake = Intake(
+            shared, stalls, checkpoint, gate, tasks, decisions, pins, self.stamps, returns, self
         )
         # partitions: rebalances, writers, fencing; a takeover releases held commands and resumes attempts
-        self.restore = Restore(t, codec, own, checkpoint, self.intake)
-        writers = Writers(settings, checkpoint, self._gate)
-        resumption = Resumption(own, wfs, self.pins, self.tasks, t, codec, unrecorded, stopped)
-        takeovers = Released(self.pins, self.intake), resumption
+        self.restore = Restore(shared, checkpoint, intake)
+        writers = Writers(settings, checkpoint, gate)
+        takeovers = Released(pins, intake), Resumption(shared, pins, tasks, unrecorded, stopped)
         self.partitions = Partitions(
-            t, own, stalls, self.restore, writers, checkpoint, timers, self.tasks, takeovers, self
+            shared, stalls, self.restore, writers, checkpoint, timers, tasks, takeovers, self
         )
-        self.due = DueTimers(timers, own, self.pins, wfs, decisions, self.tasks, clock, w.timer_interval_s)
-        self._stalls = stalls
+        self.due = DueTimers(shared, timers, pins, decisions, tasks)
+        self._stalls, self._gate = stalls, gate
 
     @property
     def owned(self) -> set[int]:
