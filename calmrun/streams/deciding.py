@@ -52,8 +52,6 @@ class DecisionCounts:
     quarantined: int = 0
     completed: int = 0
     early: int = 0  # decisions whose tasks started before they committed (worker.early)
-    transactions: int = 0  # committed, on all partitions
-    peak_unacked: int = 0  # decisions queued and not yet committed, at most
 
 
 class Deciding:

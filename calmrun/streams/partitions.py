@@ -30,7 +30,7 @@ from calmrun.streams.restore import Restore
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.shared import Shared
 from calmrun.streams.timers import Timers
-from calmrun.streams.txn import FENCED, Gate, PartitionWriter
+from calmrun.streams.txn import FENCED, Gate, PartitionWriter, close_writers
 
 log = logging.getLogger("calmrun.worker")
 
@@ -80,15 +80,16 @@ class Partitions:
         shared: Shared,
         stalls: Stalls,
         restore: Restore,
-        writers: Writers,
         checkpoint: Checkpoint,
+        gate: Gate,
         timers: Timers,
         running: Running,
         takeovers: Sequence[Takeover],
         failures: Failures,
     ) -> None:
         self.topics, self._own, self._stalls, self._restore = shared.topics, shared.ownership, stalls, restore
-        self._writers, self._checkpoint, self._timers, self._tasks = writers, checkpoint, timers, running
+        self._checkpoint, self._timers, self._tasks = checkpoint, timers, running
+        self._writers = Writers(shared.settings, checkpoint, gate)
         self._takeovers, self._failures = takeovers, failures
         self._held: dict[int, _Held] = {}
         self._retakes: dict[int, list[float]] = {}  # partition -> monotonic times it was taken over again
@@ -97,12 +98,9 @@ class Partitions:
     async def close(self) -> None:
         """Commit what is decided, even after a failure (a failed writer's flush returns at once); close."""
         own = self._own
-        writers = list(own.writers.values())
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(wr.flush() for wr in writers if wr.failed is None)), 30)
+        await close_writers(own.writers.values())
         own.owned.clear()
         own.writers.clear()
-        await asyncio.gather(*(wr.close() for wr in writers))
 
     # -- rebalances ---------------------------------------------------------------------------------
 

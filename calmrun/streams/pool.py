@@ -18,7 +18,6 @@ limits per model alias and step (``settings.throttle``) apply per executor proce
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -43,7 +42,7 @@ from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.runtime import Loop, Runtime, wall_ms
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
-from calmrun.streams.txn import FENCED, Gate, PartitionWriter, kick_every
+from calmrun.streams.txn import FENCED, Gate, PartitionWriter, close_writers, kick_every
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
@@ -133,7 +132,8 @@ class PoolExecutor(Runtime):
     async def _close(self) -> None:
         """Cancel running agents (their tasks are read again), commit the results, leave."""
         await self.tasks.cancel(set(self.owned) | set(self.writers))
-        await self._close_writers(set(self.writers))
+        await close_writers(self.writers.values())
+        self.writers.clear()
         await self.attempts.close()
         await self.members.leave()
         self.metrics.stop()
@@ -156,14 +156,8 @@ class PoolExecutor(Runtime):
         self._stable.clear()
         self.owned -= parts
         await self.tasks.cancel(parts)
-        await self._close_writers(parts)
+        await close_writers([self.writers.pop(p) for p in parts if p in self.writers])
         self._checkpoint.forget(parts)
-
-    async def _close_writers(self, parts: set[int]) -> None:
-        writers = [self.writers.pop(p) for p in parts if p in self.writers]
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(w.flush() for w in writers if w.failed is None)), 30)
-        await asyncio.gather(*(w.close() for w in writers))
 
     def _writer(self, p: int) -> PartitionWriter:
         producer = clients.transactional_producer(self.settings, p, self.group_id)

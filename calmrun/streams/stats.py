@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from calmrun.streams.checkpoint import Checkpoint
     from calmrun.streams.deciding import DecisionCounts
     from calmrun.streams.intake import IntakeCounts
     from calmrun.streams.ownership import PartitionCounts
     from calmrun.streams.tasks import TaskCounts
+    from calmrun.streams.txn import Gate
 
 
 @dataclass
@@ -44,9 +46,15 @@ class WorkerStats:
 
 
 def snapshot(
-    intake: IntakeCounts, tasks: TaskCounts, parts: PartitionCounts, decided: DecisionCounts
+    intake: IntakeCounts,
+    tasks: TaskCounts,
+    parts: PartitionCounts,
+    decided: DecisionCounts,
+    gate: Gate,
+    cp: Checkpoint,
 ) -> WorkerStats:
-    """One worker's counters, gathered from its rooms."""
+    """One worker's counters, gathered from its rooms, the gate (``peak_unacked``) and the checkpoint
+    (``transactions``)."""
     return WorkerStats(
         requests=intake.requests,
         results=intake.results,
@@ -63,13 +71,13 @@ def snapshot(
         completed=decided.completed,
         running=tasks.running,
         peak_running=tasks.peak_running,
-        peak_unacked=decided.peak_unacked,
+        peak_unacked=gate.peak,
         restored_runs=parts.restored_runs,
         restored_partitions=parts.restored_partitions,
         kept_partitions=parts.kept_partitions,
         fenced=parts.fenced,
         retaken=parts.retaken,
-        transactions=decided.transactions,
+        transactions=cp.transactions,
         rejected=intake.rejected,
         results_malformed=intake.results_malformed,
         results_unknown_run=intake.results_unknown_run,

@@ -375,6 +375,15 @@ def _retrieved(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+async def close_writers(writers: Iterable[PartitionWriter], flush_s: float = 30) -> None:
+    """Commit what each writer holds (a failed one holds nothing that can commit; all of them for at most
+    ``flush_s``), then close them: the deciding worker's and the pool executor's way to let writers go."""
+    writers = list(writers)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(w.flush() for w in writers if w.failed is None)), flush_s)
+    await asyncio.gather(*(w.close() for w in writers))
+
+
 async def kick_every(interval_s: float, writers: Mapping[int, PartitionWriter]) -> None:
     """Every ``interval_s``, kick each of ``writers`` (``PartitionWriter.kick``): input offsets that moved
     without a decision of their own, or with lazy decisions only, commit; the worker's and a pool

@@ -31,7 +31,7 @@ from calmrun.streams.local import EagerStarts, LocalExecutor, Resumption
 from calmrun.streams.membership import Membership
 from calmrun.streams.metrics import Gauges, WorkerMetrics
 from calmrun.streams.ownership import Admission, Ownership, Stalls
-from calmrun.streams.partitions import Partitions, Writers
+from calmrun.streams.partitions import Partitions
 from calmrun.streams.ports import Returns
 from calmrun.streams.readiness import Readiness, readiness
 from calmrun.streams.restore import Restore
@@ -56,22 +56,18 @@ __all__ = ["Worker", "wall_ms"]
 
 
 class Worker(Runtime):
-    """Runs the given workflows until stopped; use ``async with Worker(...)``, ``start()``/``stop()`` or
-    ``run()`` as a process's main job.
+    """Decides the runs of the partitions the group gives it, and runs their default-pool steps; use
+    ``async with Worker(...)``, ``start()``/``stop()`` or ``run()`` as a process's main job.
 
     Args:
         settings: Kafka, worker and model configuration.
-        workflows: the definitions this worker runs, several versions of a workflow included (each run is
-            decided with the version it is pinned to; see ``streams.versions``).
-        agents: resolves the agent references of the steps.
-        models: resolves model aliases to pydantic-ai models.
+        workflows: the definitions run here, several versions of one included (``streams.versions``).
+        agents, models: resolve the steps' agent references and model aliases.
         clock: wall-clock milliseconds; time enters the decider only through the inputs it stamps.
         metrics: Prometheus metrics of this worker (``/metrics`` when ``settings.metrics.port``).
-        stamps: what requests are stamped with (tenant spend, planner figures); by default read from the
-            cost aggregator's topics as the settings and workflows need.
-        pool: the pool whose steps this worker executes itself (``"default"``: the steps that name no
-            pool, eagerly); ``None`` decides only. Pooled steps are executed by ``PoolExecutor``s, whose
-            results this worker reads from the results topic. Every worker of a group must agree.
+        stamps: what requests are stamped with; by default read from the cost aggregator's topics.
+        pool: the pool whose steps it executes itself (``"default"``: those naming none, eagerly); ``None``
+            decides only, reading every result from the results topic. Every worker of a group agrees.
     """
 
     def __init__(
@@ -125,10 +121,9 @@ class Worker(Runtime):
         )
         # partitions: rebalances, writers, fencing; a takeover releases held commands and resumes attempts
         self.restore = Restore(shared, checkpoint, intake)
-        writers = Writers(settings, checkpoint, gate)
         takeovers = Released(pins, intake), Resumption(shared, pins, tasks, unrecorded, stopped)
         self.partitions = Partitions(
-            shared, stalls, self.restore, writers, checkpoint, timers, tasks, takeovers, self
+            shared, stalls, self.restore, checkpoint, gate, timers, tasks, takeovers, self
         )
         self.due = DueTimers(shared, timers, pins, decisions, tasks)
         self._stalls, self._gate = stalls, gate
@@ -146,9 +141,8 @@ class Worker(Runtime):
     @property
     def stats(self) -> WorkerStats:
         """The rooms' counters, now."""
-        self.decisions.counts.peak_unacked = self._gate.peak
-        self.decisions.counts.transactions = self._checkpoint.transactions
-        return snapshot(self.intake.counts, self.tasks.counts, self.parts.counts, self.decisions.counts)
+        counts = self.intake.counts, self.tasks.counts, self.parts.counts, self.decisions.counts
+        return snapshot(*counts, self._gate, self._checkpoint)
 
     @property
     def uncommitted(self) -> int:
