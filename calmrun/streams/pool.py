@@ -83,8 +83,8 @@ class PoolExecutor(Runtime):
         if not self.inputs:
             names = sorted({wf.name for wf in self.workflows})
             raise WorkerError(f"no step of {names} names pool {pool!r}: this executor would read nothing")
-        self.codec = wire_codec(settings.wire)
-        self.redactor = Redactor(settings.redact)
+        self.codec, self.redactor = wire_codec(settings.wire), Redactor(settings.redact)
+        self.members = Membership(settings, self.inputs, group_id=self.group_id)  # the group, as the worker's
         self.owned: set[int] = set()
         self.writers: dict[int, PartitionWriter] = {}
         self.counts = PoolCounts()
@@ -95,17 +95,10 @@ class PoolExecutor(Runtime):
         self.tracing = tracing_for(settings, pool=pool, role="pool")  # off unless settings.tracing.endpoint
         self.attempts = Attempts(settings, agents, models, self.throttle, clock, self.tracing)
         # the executor is its task runner's ports: executor, admission, results (to the results topic)
+        limits = self.throttle, settings.throttle.max_waiting
         self.tasks = TaskRunner(
-            settings.worker.max_in_flight,
-            self,
-            self,
-            self,
-            self._checkpoint,
-            self,
-            self.throttle,
-            settings.throttle.max_waiting,
+            settings.worker.max_in_flight, self, self, self, self._checkpoint, self, *limits
         )
-        self.members = Membership(settings, self.inputs, group_id=self.group_id)
         self.metrics = PoolMetrics(CollectorRegistry(), pool, self)
 
     @property

@@ -6,6 +6,8 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[2] / "calmrun"
 MAX_LINES = 600
 """Where a module is a blob, not one job: the cap catches that, it does not shape the code."""
@@ -147,10 +149,12 @@ def test_the_command_line_loads_no_agent_machinery_for_help() -> None:
     assert done.stdout.strip() == "[]", done.stdout
 
 
-def test_the_worker_is_its_composition_wired_by_constructors() -> None:
-    """``Worker.__init__`` builds the rooms and hands each its ports: no lambda joins two rooms, and no room
-    is wired after it is built (``self.room.hook = ...``)."""
-    tree = ast.parse(modules()["calmrun.streams.worker"].read_text())
+@pytest.mark.parametrize("module", ["calmrun.streams.worker", "calmrun.streams.pool"])
+def test_the_worker_is_its_composition_wired_by_constructors(module: str) -> None:
+    """``Worker.__init__`` (and ``PoolExecutor``'s) builds the rooms and hands each its ports: no lambda joins
+    two rooms, no room is wired after it is built (``self.room.hook = ...``), and no room takes more than
+    ten arguments (what every room reads travels as one ``streams.shared.Shared``)."""
+    tree = ast.parse(modules()[module].read_text())
     assert not [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Lambda)]
     [init] = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
     wired = [
@@ -161,3 +165,9 @@ def test_the_worker_is_its_composition_wired_by_constructors() -> None:
         if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Attribute)
     ]
     assert not wired, f"rooms wired after construction: {wired}"
+    crowded = [
+        ast.unparse(n)
+        for n in ast.walk(init)
+        if isinstance(n, ast.Call) and len(n.args) + len(n.keywords) > 10
+    ]
+    assert not crowded, f"rooms given more than ten arguments: {crowded}"
