@@ -25,7 +25,7 @@ from calmrun.settings import Settings
 from calmrun.streams import clients
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.ownership import Stalls
-from calmrun.streams.ports import Failures, Running, Takeover
+from calmrun.streams.ports import Failures, Losses, Running, Takeover
 from calmrun.streams.restore import Restore
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.shared import Shared
@@ -50,7 +50,7 @@ class Writers:
     def __init__(self, settings: Settings, checkpoint: Checkpoint, gate: Gate) -> None:
         self.settings, self._checkpoint, self._gate = settings, checkpoint, gate
 
-    def make(self, p: int, partitions: Partitions) -> PartitionWriter:
+    def make(self, p: int, partitions: Losses) -> PartitionWriter:
         """The writer of ``p``; a failed transaction is reported to ``partitions`` (``lost``)."""
         w = self.settings.worker
         return PartitionWriter(
@@ -59,7 +59,7 @@ class Writers:
             self.settings.group_id,
             self._checkpoint,
             self._gate,
-            partitions.lost,
+            partitions,
             w.inline_wait_ms / 1000,
             linger_s=w.busy_linger_ms / 1000,
             linger_from=w.busy_linger_from,

@@ -154,9 +154,11 @@ class PoolExecutor(Runtime):
 
     def _writer(self, p: int) -> PartitionWriter:
         producer = clients.transactional_producer(self.settings, p, self.group_id)
-        return PartitionWriter(p, producer, self.group_id, self._checkpoint, self._gate, self._lost)
+        return PartitionWriter(p, producer, self.group_id, self._checkpoint, self._gate, self)
 
-    def _lost(self, p: int, exc: BaseException) -> None:
+    def lost(self, p: int, exc: BaseException) -> None:
+        """A transaction of ``p`` failed (``Losses``): fenced means another executor owns it now; anything
+        else stops this one."""
         if not isinstance(exc, FENCED):
             self.fail(exc)
             return

@@ -41,6 +41,13 @@ class Failures(Protocol):
     def fail(self, exc: BaseException) -> None: ...
 
 
+class Losses(Protocol):
+    """Told once when a partition's writer fails (fenced by a new owner, its producer broken, or worse):
+    the owner of the partitions decides what it means (``streams.partitions``, ``streams.pool``)."""
+
+    def lost(self, p: int, exc: BaseException) -> None: ...
+
+
 class Executor(Protocol):
     """Runs one attempt's agent and gives its result (an agent's failure is a result too)."""
 

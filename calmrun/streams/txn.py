@@ -40,6 +40,7 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.errors import WriterBrokenError
 from calmrun.streams.checkpoint import Checkpoint, Pending
+from calmrun.streams.ports import Losses
 from calmrun.streams.records import Out, StateOut
 
 log = logging.getLogger("calmrun.worker")
@@ -100,7 +101,7 @@ class PartitionWriter:
         checkpoint: finishes the inputs of each batch taken and gives the input offsets to commit with it;
             told of them once their transaction committed.
         gate: the worker's count of uncommitted decisions.
-        on_failed: called once if a transaction fails; the writer is unusable after that.
+        losses: told once if a transaction fails (``lost``); the writer is unusable after that.
         hold_s: how long a transaction waits, at most, for the tasks given to ``hold``.
 
     A batch whose moved offsets may all wait (the checkpoint says so: they pass only lazy inputs, see
@@ -117,7 +118,7 @@ class PartitionWriter:
         group_id: str,
         checkpoint: Checkpoint,
         gate: Gate,
-        on_failed: Callable[[int, BaseException], None],
+        losses: Losses,
         hold_s: float = 0.0,
         linger_s: float = 0.0,
         linger_from: int = 1,
@@ -127,7 +128,7 @@ class PartitionWriter:
         self._group_id = group_id
         self._checkpoint = checkpoint
         self._gate = gate
-        self._on_failed = on_failed
+        self._losses = losses
         self._batch: list[_Queued] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -285,7 +286,7 @@ class PartitionWriter:
     def _fail(self, cause: BaseException) -> None:
         self.failed = cause
         self._idle.set()
-        self._on_failed(self.partition, cause)
+        self._losses.lost(self.partition, cause)
 
     def _fenced_meanwhile(self) -> BaseException | None:
         """The fence behind a failure, if the producer was fenced while a transaction was being written.

@@ -143,6 +143,16 @@ class _Recorded(Checkpoint):
         self.log.append(dict(positions))
 
 
+class Lost:
+    """The writer's ``Losses`` port: what failed, in order."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures = failures
+
+    def lost(self, p: int, exc: BaseException) -> None:
+        self.failures.append(exc)
+
+
 async def _writer(
     broker: str,
     tid: str,
@@ -166,7 +176,7 @@ async def _writer(
         f"{tid}-group",
         checkpoint or Checkpoint(),  # no inputs unless given: nothing to commit but the records
         gate or Gate(100),
-        lambda p, e: failures.append(e),
+        Lost(failures),
         linger_s=linger_s,
         linger_from=8,
     )
