@@ -35,7 +35,7 @@ from bench import (
     ui,
     workflow,
 )
-from bench.common import ROOT, Ctx, loadavg
+from bench.common import ROOT, WARMUP, Ctx, loadavg
 from bench.peers import compare
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.localproc import free_port
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         skip_confluent=args.skip_confluent,
         profile=args.profile,
         out=args.out,
+        broker_warmup=0 if args.quick else WARMUP,
     )
     load_start = loadavg()
     kafka = None

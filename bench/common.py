@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
 """Partitions of every benchmark topic: calmrun's default, the same for the floor and the workflow."""
 
+WARMUP = 10_000
+"""Runs (100 in flight) each engine takes before its first measured round: calmrun's broker, and each peer's
+servers (``bench.peers``). Kafka is a JVM: on a fresh broker its CPU per three-step run was 3.9, 3.2, 1.7
+and 1.1 ms in four rounds of 2,500 runs in a row (``docs/benchmarks.md``), so a first round measured the JIT
+compiler, not the broker a user runs for months. The same count for every engine."""
+
 
 @dataclass
 class Ctx:
@@ -45,6 +51,7 @@ class Ctx:
     out: Path = ROOT / "bench" / "results"
     notes: list[str] = field(default_factory=list)
     broker_pid: int = 0  # the broker this run started (0: an external one, whose CPU is not measured)
+    broker_warmup: int = 0  # runs through a throwaway worker before the first measured loop (WARMUP)
 
     def n(self, full: int, quick: int) -> int:
         return quick if self.quick else full

@@ -290,6 +290,10 @@ async def measure(
     """One worker: a warm-up loop, then ``ctx.rounds`` measured loops; returns them and its last status."""
     proc, pfx = await start_worker(ctx, name, **worker)
     try:
+        if ctx.broker_warmup:  # the session's first loop: the broker's JIT first (bench.common.WARMUP)
+            await closed_loop(ctx, pfx, "broker", ctx.broker_warmup, 100)
+            ctx.notes.append(f"the broker was warmed by {ctx.broker_warmup:,} runs before the first loop")
+            ctx.broker_warmup = 0
         await closed_loop(ctx, pfx, "warm", warmup, min(concurrency, warmup))
         loops = []
         for r in range(ctx.rounds):

@@ -13,13 +13,13 @@ import json
 import os
 from typing import Any
 
-from bench.common import ROOT, Ctx, summary
+from bench.common import ROOT, WARMUP, Ctx, summary
 from bench.peers import install, servers
 
 
 async def _load(ctx: Ctx, peers: install.Peers, module: str, pids: dict[str, int], *opts: str) -> list[Any]:
     """Run one load generator; returns its ROUND and LIGHT lines, parsed."""
-    n, warm = ctx.n(5_000, 60), ctx.n(500, 10)
+    n, warm = ctx.n(5_000, 60), ctx.n(WARMUP, 10)
     cmd = [str(peers.python), "-m", module, "--runs", str(n), "--warmup", str(warm)]
     cmd += ["--concurrency", "100", "--rounds", str(ctx.rounds), "--light", str(ctx.n(300, 10)), *opts]
     cmd += [a for name, pid in pids.items() for a in ("--pid", f"{name}={pid}")]
@@ -68,7 +68,7 @@ async def run(ctx: Ctx) -> dict[str, Any]:
     return {
         "params": {
             "runs": ctx.n(5_000, 60),
-            "warmup_runs": ctx.n(500, 10),
+            "warmup_runs": ctx.n(WARMUP, 10),
             "runs_in_flight": 100,
             "light_runs": ctx.n(300, 10),
             "steps": 3,
