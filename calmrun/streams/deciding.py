@@ -36,7 +36,7 @@ from calmrun.settings import Settings
 from calmrun.streams.checkpoint import Pending
 from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.ownership import Ownership
-from calmrun.streams.ports import Source, Starts
+from calmrun.streams.ports import Source, Starts, Unrecorded
 from calmrun.streams.records import Out, StateOut, dlq_out, event_out, task_out
 from calmrun.streams.timers import Timers
 from calmrun.tracing import NO_TRACING, Tracing
@@ -65,8 +65,8 @@ class Deciding:
     Args:
         starts: starts the tasks of a decision here (``streams.local.EagerStarts``), unless run already.
         tracing: told of each decision, which it traces once committed (``calmrun.tracing``).
-        unrecorded: the step topics whose tasks are not written: this worker starts them itself (eagerly),
-            and a new owner from the restored state (``worker.task_records``).
+        recording: which step topics' tasks are not written now: this worker starts them itself (eagerly),
+            and a new owner from the restored state (``worker.task_records``, ``streams.local.Recording``).
     """
 
     def __init__(
@@ -80,11 +80,11 @@ class Deciding:
         clock: Callable[[], int],
         metrics: WorkerMetrics | None,
         starts: Starts,
+        recording: Unrecorded,
         tracing: Tracing = NO_TRACING,
-        unrecorded: frozenset[str] = frozenset(),
     ) -> None:
         self.settings, self.topics, self.codec = settings, topics, codec
-        self._unrecorded = unrecorded
+        self._recording = recording
         self._own, self._timers, self._redactor = ownership, timers, redactor
         self._clock, self._metrics, self._starts = clock, metrics, starts
         self.counts = DecisionCounts()
@@ -123,7 +123,8 @@ class Deciding:
         assert d.state is not None
         encoded = self._own.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
         tasks = [(task_out(self.topics, self.codec, p, t, self.tracing.task_headers(t)), t) for t in d.tasks]
-        outputs += [out for out, _ in tasks if out.topic not in self._unrecorded]  # see the module docstring
+        unrecorded = self._recording.unrecorded
+        outputs += [out for out, _ in tasks if out.topic not in unrecorded]  # see the module docstring
         outputs += [self.request_out(r) for r in d.requests]  # child runs: start, cancel, tell the parent
         if d.quarantine is not None:
             q = d.quarantine

@@ -36,7 +36,7 @@ from calmrun.streams.deciding import Deciding
 from calmrun.streams.due import DueTimers
 from calmrun.streams.intake import Intake
 from calmrun.streams.liveness import Liveness
-from calmrun.streams.local import EagerStarts, LocalExecutor, Resumption
+from calmrun.streams.local import EagerStarts, LocalExecutor, Recording, Resumption
 from calmrun.streams.metrics import Gauges, WorkerMetrics
 from calmrun.streams.ownership import Admission, Ownership, Stalls
 from calmrun.streams.partitions import Partitions, Writers
@@ -98,12 +98,13 @@ class Worker(Runtime):
         self.metrics, self.pool, w = metrics, pool, settings.worker
         wfs = self.workflows = Definitions(check_workflow(wf, settings) for wf in workflows)
         check_children(wfs.values())  # child workflows served here, and in no circle
-        self.assignor = VersionAssignor.for_worker(wfs.pins())
+        resumes = pool is not None and w.eager and w.task_records is not True  # streams.local.Recording
+        self.assignor = VersionAssignor.for_worker(wfs.pins(), resumes)
         t, codec = self.topics, self.codec = Topics(settings.kafka.prefix), wire_codec(settings.wire)
         self.redactor = redactor = Redactor(settings.redact)
         steps = t.step_topics(wfs.values(), pool) if pool is not None else []
         local = frozenset(steps)  # step topics whose tasks this worker executes (every version's, once)
-        unrecorded = local if w.eager and not w.task_records else frozenset()  # streams.deciding
+        recording = Recording(local, w.task_records, w.eager, self.assignor)  # which tasks are written
         pooled = pool is None or any(s.pool != pool for wf in wfs.values() for s in wf.steps)
         results = [t.results] if pooled else []  # only a group with pools has results to read
         self.input_topics = [t.requests, *results, *dict.fromkeys(steps)]
@@ -125,9 +126,9 @@ class Worker(Runtime):
         limits = self.throttle, settings.throttle.max_waiting
         self.tasks = TaskRunner(w.max_in_flight, executor, admission, returns, checkpoint, self, *limits)
         # decide: the records of a decision to its partition's next transaction; its tasks start here
-        eager = EagerStarts(own, self.tasks, self.attempts, local, unrecorded, stopped)
+        eager = EagerStarts(own, self.tasks, self.attempts, local, recording, stopped)
         decisions = self.decisions = Deciding(
-            settings, t, codec, own, timers, redactor, clock, metrics, eager, self.tracing, unrecorded
+            settings, t, codec, own, timers, redactor, clock, metrics, eager, recording, self.tracing
         )
         self.pins = Pinning(wfs, t, own, decisions, self.assignor)
         # intake: records fetched, and the results of the steps run here
@@ -152,7 +153,7 @@ class Worker(Runtime):
         # partitions: rebalances, writers, fencing; a takeover releases held commands and resumes attempts
         self.restore = Restore(t, codec, own, checkpoint, self.intake)
         writers = Writers(settings, checkpoint, self._gate)
-        resumption = Resumption(own, wfs, self.pins, self.tasks, t, codec, unrecorded, stopped)
+        resumption = Resumption(own, wfs, self.pins, self.tasks, t, codec, recording, stopped)
         takeovers = Released(self.pins, self.intake), resumption
         self.partitions = Partitions(
             t, own, stalls, self.restore, writers, checkpoint, timers, self.tasks, takeovers, self
