@@ -152,11 +152,13 @@ class WorkerSettings(_Frozen):
         "off, every task is written and read back",
     )
     early: bool = Field(True, description="start a task decided from a re-delivered input before it commits")
-    task_records: bool = Field(
-        True,
-        description="write a task record for the steps this worker runs itself (eagerly) too; off: none is "
-        "written, a new owner starts the attempts a restored state awaits, and a run moves 7 records fewer "
-        "(not yet the default: docs/performance.md, section 4); a pool's tasks are always written",
+    task_records: Literal["auto"] | bool = Field(
+        "auto",
+        description="write a task record for the steps this worker runs itself (eagerly) too; false: none is "
+        "written, and a new owner starts the attempts a restored state awaits (a run moves 7 records fewer); "
+        "auto: none while every member of the group resumes from states (this version or later), every one "
+        "while an older worker is in the group (docs/performance.md, section 4); a pool's tasks are always "
+        "written",
     )
     inline_wait_ms: float = Field(5.0, ge=0, description="how long a commit waits for tasks started early")
     busy_linger_ms: float = Field(

@@ -62,7 +62,7 @@ async def main(args: argparse.Namespace) -> None:
             "session_timeout_s": args.session_timeout,
             "instance_id": args.instance_id,
             "deadline_grace_s": args.deadline_grace,
-            "task_records": not args.no_task_records,
+            "task_records": False if args.no_task_records else "auto",
         }
         | ({} if args.liveness is None else {"liveness": liveness(args.liveness)}),
     )
@@ -161,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--liveness", type=float, default=None, help="peers dead after S s; 0: off; unset: the default"
     )
-    p.add_argument("--no-task-records", action="store_true", help="worker.task_records off")
+    p.add_argument("--no-task-records", action="store_true", help="worker.task_records off (default: auto)")
     p.add_argument("--pool", default=None, help="run an executor of this pool ('none': decide only)")
     p.add_argument("--clock-file", default=None, help="milliseconds added to the worker's clock")
     p.add_argument("--pooled", action="append", default=[], help="STEP=POOL: the step's pool")

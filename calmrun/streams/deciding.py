@@ -33,7 +33,7 @@ from calmrun.errors import CalmrunError
 from calmrun.kafka.topics import partition_for
 from calmrun.streams.checkpoint import Pending
 from calmrun.streams.metrics import WorkerMetrics
-from calmrun.streams.ports import Source, Starts
+from calmrun.streams.ports import Source, Starts, Unrecorded
 from calmrun.streams.records import Out, StateOut, dlq_out, event_out, task_out
 from calmrun.streams.shared import Shared
 from calmrun.streams.timers import Timers
@@ -60,8 +60,8 @@ class Deciding:
     Args:
         starts: starts the tasks of a decision here (``streams.local.EagerStarts``), unless run already.
         tracing: told of each decision, which it traces once committed (``calmrun.tracing``).
-        unrecorded: the step topics whose tasks are not written: this worker starts them itself (eagerly),
-            and a new owner from the restored state (``worker.task_records``).
+        recording: which step topics' tasks are not written now: this worker starts them itself (eagerly),
+            and a new owner from the restored state (``worker.task_records``, ``streams.local.Recording``).
     """
 
     def __init__(
@@ -70,11 +70,11 @@ class Deciding:
         timers: Timers,
         metrics: WorkerMetrics | None,
         starts: Starts,
+        recording: Unrecorded,
         tracing: Tracing = NO_TRACING,
-        unrecorded: frozenset[str] = frozenset(),
     ) -> None:
         self.settings, self.topics, self.codec = shared.settings, shared.topics, shared.codec
-        self._unrecorded = unrecorded
+        self._recording = recording
         self._own, self._timers, self._redactor = shared.ownership, timers, shared.redactor
         self._clock, self._metrics, self._starts = shared.clock, metrics, starts
         self.counts = DecisionCounts()
@@ -113,7 +113,8 @@ class Deciding:
         assert d.state is not None
         encoded = self._own.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
         tasks = [(task_out(self.topics, self.codec, p, t, self.tracing.task_headers(t)), t) for t in d.tasks]
-        outputs += [out for out, _ in tasks if out.topic not in self._unrecorded]  # see the module docstring
+        unrecorded = self._recording.unrecorded
+        outputs += [out for out, _ in tasks if out.topic not in unrecorded]  # see the module docstring
         outputs += [self.request_out(r) for r in d.requests]  # child runs: start, cancel, tell the parent
         if d.quarantine is not None:
             q = d.quarantine

@@ -5,11 +5,12 @@ takeover.
 
 ``EagerStarts``: the tasks of a decision start here once it is committed, or before where a crash can only
 repeat that decision (``streams.deciding``); a pool's steps, tasks running here already (read back) and
-attempts the run no longer awaits are left out. With ``worker.task_records`` off (and eager starts) these
-steps write no task record; after a crash or a rebalance, ``Resumption`` has the new owner start the
-attempts its restored runs await. Each is rebuilt from the state (``awaited_tasks``: same attempt, key and
-input) and is not a first run (its journal is read). An attempt waiting for its retry is not in flight: its
-timer issues it. A run pinned to a version not served here waits, as its inputs do (``streams.versions``).
+attempts the run no longer awaits are left out. ``Recording`` says when these steps write no task record
+(``worker.task_records``: off, or ``auto`` while every member of the group resumes); after a crash or a
+rebalance, ``Resumption`` has the new owner start the attempts its restored runs await (a previous owner may
+have written no record). Each is rebuilt from the state (``awaited_tasks``: same attempt, key and input) and
+is not a first run (its journal is read). An attempt waiting for its retry is not in flight: its timer
+issues it. A run pinned to a version not served here waits, as its inputs do (``streams.versions``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from calmrun.streams.ownership import Ownership
 from calmrun.streams.records import Out, task_out
 from calmrun.streams.shared import Shared
 from calmrun.streams.tasks import TaskRunner
-from calmrun.streams.versions import Pinning
+from calmrun.streams.versions import Pinning, VersionAssignor
 from calmrun.workflow.decider import awaited_tasks
 from calmrun.workflow.events import StepResult, StepTask
 
@@ -44,12 +45,43 @@ class LocalExecutor:
         return await self._attempts.run(task, functools.partial(self._redactor.text, state=state))
 
 
+class Recording:
+    """Which step topics of the steps run here get no task record, decision by decision.
+
+    ``worker.task_records``: ``True`` writes every task; ``False`` none (the new owner resumes from the
+    state); ``auto`` none while the last assignment said that every member of the group resumes from states
+    (``VersionAssignor.group_resumes``: an older worker, which resumes nothing and would wait for the
+    record, says nothing, so its group keeps writing them). Without eager starts every task is written.
+
+    Args:
+        local: the step topics whose tasks this worker executes.
+        assignor: this worker's assignor class (what the group said at the last assignment).
+    """
+
+    def __init__(
+        self, local: frozenset[str], mode: bool | str, eager: bool, assignor: type[VersionAssignor]
+    ) -> None:
+        self._local, self._mode, self._eager, self._assignor = local, mode, eager, assignor
+
+    @property
+    def resumes(self) -> frozenset[str]:
+        """The step topics whose awaited attempts a takeover starts from the restored states."""
+        return self._local if self._eager and self._mode is not True else frozenset()
+
+    @property
+    def unrecorded(self) -> frozenset[str]:
+        """The step topics whose tasks a decision made now does not write."""
+        if self._mode == "auto":
+            return self.resumes if self._assignor.group_resumes else frozenset()
+        return self.resumes
+
+
 class EagerStarts:
     """Starts the tasks of a decision on this worker; see the module docstring.
 
     Args:
         local: the step topics whose tasks this worker executes.
-        unrecorded: those of them whose tasks are not written.
+        recording: which of them have their tasks written now.
         stopped: set when the worker stops or fails: nothing starts after.
     """
 
@@ -59,11 +91,11 @@ class EagerStarts:
         tasks: TaskRunner,
         attempts: Attempts,
         local: Set[str],
-        unrecorded: frozenset[str],
+        recording: Recording,
         stopped: asyncio.Event,
     ) -> None:
         self._own, self._tasks, self._attempts = ownership, tasks, attempts
-        self._local, self._unrecorded, self._stopped = local, unrecorded, stopped
+        self._local, self._recording, self._stopped = local, recording, stopped
 
     def start(self, p: int, tasks: list[tuple[Out, StepTask]], committed: bool) -> list[asyncio.Future[None]]:
         """Start the tasks of a decision: once it is committed, or before (``committed`` False) where a
@@ -80,14 +112,14 @@ class EagerStarts:
         ]
         if committed:  # a first run whose decision is committed never ran anywhere: its journal is empty
             self._attempts.first_runs((t, self._own.state(p, t.run_id)) for _, t in mine)
-        return list(self._tasks.start_eager(p, mine, self._unrecorded))
+        return list(self._tasks.start_eager(p, mine, self._recording.unrecorded))
 
 
 class Resumption:
     """Starts the unrecorded attempts of partitions just taken over; see the module docstring.
 
     Args:
-        unrecorded: the step topics whose tasks are not recorded (none: nothing is ever resumed).
+        recording: which step topics' attempts are resumed (``Recording.resumes``; none: nothing is).
         stopped: set when the worker stops or fails: nothing starts after.
     """
 
@@ -96,17 +128,19 @@ class Resumption:
         shared: Shared,
         pins: Pinning,
         tasks: TaskRunner,
-        unrecorded: Set[str],
+        recording: Recording,
         stopped: asyncio.Event,
     ) -> None:
         s = shared
         self._own, self._workflows, self._pins, self._tasks = s.ownership, s.workflows, pins, tasks
-        self._topics, self._codec, self._unrecorded, self._stopped = s.topics, s.codec, unrecorded, stopped
+        self._topics, self._codec, self._recording, self._stopped = s.topics, s.codec, recording, stopped
 
     def taken(self, parts: set[int]) -> None:
         """Start the attempts that the runs of ``parts``, just taken over, await and that have no task record
-        (steps run here, ``worker.task_records`` off), unless they run here already."""
-        if not self._unrecorded or self._stopped.is_set():
+        (steps run here, ``Recording.resumes``), unless they run here already: a previous owner may have
+        written no task record for them."""
+        resumes = self._recording.resumes
+        if not resumes or self._stopped.is_set():
             return
         resumed = 0
         for p in sorted(parts & self._own.owned):
@@ -116,7 +150,7 @@ class Resumption:
                 if wf is None or not self._pins.serves(state):
                     continue
                 awaited = awaited_tasks(wf, state)
-                mine = [t for t in awaited if self._topics.step(t.workflow, t.step) in self._unrecorded]
+                mine = [t for t in awaited if self._topics.step(t.workflow, t.step) in resumes]
                 tasks = [(task_out(self._topics, self._codec, p, t), t) for t in mine]
                 resumed += self._tasks.resume(p, tasks)
         log.info("partitions %s taken over: %d attempts resumed from states", sorted(parts), resumed)

@@ -81,6 +81,13 @@ class Starts(Protocol):
     def start(self, p: int, tasks: list[tuple[Out, StepTask]], committed: bool) -> list[Future[None]]: ...
 
 
+class Unrecorded(Protocol):
+    """Which step topics' tasks a decision made now does not write (``streams.local.Recording``)."""
+
+    @property
+    def unrecorded(self) -> frozenset[str]: ...
+
+
 class Running(Protocol):
     """The attempts running here, as a change of ownership needs them: cancelled, forgotten."""
 

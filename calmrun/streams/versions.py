@@ -48,12 +48,34 @@ def pin(state: RunState) -> Pin:
     return Pin(state.workflow, state.version, state.digest)
 
 
-def member_data(serves: Iterable[Pin], needs: Mapping[int, Iterable[Pin]]) -> bytes:
-    body = {
+def member_data(serves: Iterable[Pin], needs: Mapping[int, Iterable[Pin]], resumes: bool = False) -> bytes:
+    """A member's metadata: the versions it serves, those its partitions' runs need, and whether it resumes
+    the attempts a restored state awaits (``streams.local.Recording``; older workers say nothing: no)."""
+    body: dict[str, Any] = {
         "serves": [p.key for p in serves],
         "needs": {str(p): [x.key for x in v] for p, v in needs.items()},
     }
+    if resumes:
+        body["resumes"] = True
     return json.dumps(body, sort_keys=True).encode()
+
+
+def member_resumes(data: bytes) -> bool:
+    """Does this member's metadata say it resumes attempts from restored states?"""
+    try:
+        body = json.loads(data or b"{}")
+        return isinstance(body, dict) and body.get("resumes") is True
+    except ValueError:
+        return False
+
+
+def group_resumes(user_data: bytes) -> bool:
+    """Does an assignment say that every member of the group resumes (only this version's leader says so)?"""
+    try:
+        body = json.loads(user_data or b"{}")
+        return isinstance(body, dict) and body.get("resumes") is True
+    except ValueError:
+        return False
 
 
 def read_member_data(data: bytes) -> tuple[list[Pin], dict[int, set[Pin]]]:
@@ -129,14 +151,20 @@ class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     version = 0
     serves: ClassVar[tuple[Pin, ...]] = ()
     needs: ClassVar[dict[int, set[Pin]]] = {}
+    resumes: ClassVar[bool] = False
+    """This member resumes the attempts its restored states await (published in its metadata)."""
+    group_resumes: ClassVar[bool] = False
+    """Every member of the group does, as the last assignment said (False until one says so)."""
 
     @classmethod
-    def for_worker(cls, serves: Iterable[Pin]) -> type[VersionAssignor]:
-        return cast(type[VersionAssignor], type(cls.__name__, (cls,), {"serves": tuple(serves), "needs": {}}))
+    def for_worker(cls, serves: Iterable[Pin], resumes: bool = False) -> type[VersionAssignor]:
+        body = {"serves": tuple(serves), "needs": {}, "resumes": resumes, "group_resumes": False}
+        return cast(type[VersionAssignor], type(cls.__name__, (cls,), body))
 
     @classmethod
     def metadata(cls, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        return ConsumerProtocolMemberMetadata(cls.version, sorted(topics), member_data(cls.serves, cls.needs))
+        data = member_data(cls.serves, cls.needs, cls.resumes)
+        return ConsumerProtocolMemberMetadata(cls.version, sorted(topics), data)
 
     @classmethod
     def assign(
@@ -148,6 +176,8 @@ class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         for m, md in members.items():
             serves[m], needs[m] = read_member_data(md.user_data)
             topics |= set(md.subscription)
+        every = all(member_resumes(md.user_data) for md in members.values())
+        told = json.dumps({"resumes": True}).encode() if every else b""
         sizes = {t: sorted(cluster.partitions_for_topic(t) or ()) for t in topics}
         n = max((len(ps) for ps in sizes.values()), default=0)
         owner = place(n, serves, needs)
@@ -160,13 +190,13 @@ class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
                 if held_by is not None and t in members[held_by].subscription:
                     out[held_by].setdefault(t, []).append(part)
         return {
-            m: ConsumerProtocolMemberAssignment(cls.version, sorted(by_topic.items()), b"")
+            m: ConsumerProtocolMemberAssignment(cls.version, sorted(by_topic.items()), told)
             for m, by_topic in out.items()
         }
 
     @classmethod
     def on_assignment(cls, assignment: ConsumerProtocolMemberAssignment) -> None:
-        pass
+        cls.group_resumes = group_resumes(assignment.user_data)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from calmrun.streams.deciding import Deciding
 from calmrun.streams.due import DueTimers
 from calmrun.streams.intake import Intake
 from calmrun.streams.liveness import Liveness
-from calmrun.streams.local import EagerStarts, LocalExecutor, Resumption
+from calmrun.streams.local import EagerStarts, LocalExecutor, Recording, Resumption
 from calmrun.streams.membership import Membership
 from calmrun.streams.metrics import Gauges, WorkerMetrics
 from calmrun.streams.ownership import Admission, Ownership, Stalls
@@ -87,11 +87,12 @@ class Worker(Runtime):
         self.metrics, self.pool, w = metrics, pool, settings.worker
         wfs = self.workflows = Definitions(check_workflow(wf, settings) for wf in workflows)
         check_children(wfs.values())  # child workflows served here, and in no circle
-        self.assignor = VersionAssignor.for_worker(wfs.pins())
+        resumes = pool is not None and w.eager and w.task_records is not True  # streams.local.Recording
+        self.assignor = VersionAssignor.for_worker(wfs.pins(), resumes)
         t, codec = self.topics, self.codec = Topics(settings.kafka.prefix), wire_codec(settings.wire)
         self.input_topics = t.worker_inputs(list(wfs.values()), pool)
         local = frozenset(self.input_topics) - {t.requests, t.results}  # the step topics executed here
-        unrecorded = local if w.eager and not w.task_records else frozenset()  # streams.deciding
+        recording = Recording(local, w.task_records, w.eager, self.assignor)  # which tasks are written
         self.members = Membership(
             settings, self.input_topics, assignor=self.assignor, restores=True, liveness=w.liveness.enabled
         )
@@ -112,8 +113,8 @@ class Worker(Runtime):
             w.max_in_flight, executor, admission, returns, checkpoint, self, *limits
         )
         # decide: the records of a decision to its partition's next transaction; its tasks start here
-        eager = EagerStarts(own, tasks, self.attempts, local, unrecorded, stopped)
-        decisions = self.decisions = Deciding(shared, timers, metrics, eager, self.tracing, unrecorded)
+        eager = EagerStarts(own, tasks, self.attempts, local, recording, stopped)
+        decisions = self.decisions = Deciding(shared, timers, metrics, eager, recording, self.tracing)
         pins = self.pins = Pinning(shared, decisions, self.assignor)
         # intake: records fetched, and the results of the steps run here
         intake = self.intake = Intake(
@@ -121,7 +122,7 @@ class Worker(Runtime):
         )
         # partitions: rebalances, writers, fencing; a takeover releases held commands and resumes attempts
         self.restore = Restore(shared, checkpoint, intake)
-        takeovers = Released(pins, intake), Resumption(shared, pins, tasks, unrecorded, stopped)
+        takeovers = Released(pins, intake), Resumption(shared, pins, tasks, recording, stopped)
         self.partitions = Partitions(
             shared, stalls, self.restore, checkpoint, gate, timers, tasks, takeovers, self
         )

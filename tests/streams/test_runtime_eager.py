@@ -56,9 +56,11 @@ async def committed_lag(broker: str, group: str, topics: list[str], partitions: 
         await consumer.stop()
 
 
-MODES = {  # worker settings: eager without task records, eager with them (the default), read back
-    "eager": {"task_records": False},
-    "eager-records": {},
+MODES = {  # worker settings: eager without task records (auto, the default, alone in its group; off),
+    # eager with them, read back
+    "eager": {},
+    "eager-off": {"task_records": False},
+    "eager-records": {"task_records": True},
     "read-back": {"eager": False},
 }
 
@@ -66,7 +68,7 @@ MODES = {  # worker settings: eager without task records, eager with them (the d
 @pytest.mark.parametrize("mode", list(MODES))
 async def test_eager_and_read_back_tasks_record_the_same_runs(broker: str, prefix: str, mode: str) -> None:
     settings = settings_for(broker, prefix, **MODES[mode])
-    eager, records = settings.worker.eager, settings.worker.task_records or not settings.worker.eager
+    eager, records = settings.worker.eager, settings.worker.task_records is True or not settings.worker.eager
     wf = linear()
     async with running(settings, [wf], AgentRegistry({"add_one": add_one})) as w:
         await ready(w)

@@ -8,13 +8,22 @@ from typing import Any
 
 import fastavro
 import pytest
+from aiokafka.cluster import ClusterMetadata
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from calmrun.errors import ConfigError
 from calmrun.replay.recorded import replay_recorded, resolver
 from calmrun.replay.snapshot import Snapshot
-from calmrun.streams.versions import member_data, place, read_member_data
+from calmrun.streams.versions import (
+    VersionAssignor,
+    group_resumes,
+    member_data,
+    member_resumes,
+    place,
+    read_member_data,
+)
 from calmrun.wire.avro import MARKER, schema_fingerprint
 from calmrun.wire.codec import RecordCodec, _without, wire_models
 from calmrun.workflow.decider import decide
@@ -186,3 +195,30 @@ def test_a_migration_anywhere_in_a_history_changes_only_the_pin_and_replays(hist
 def _running_after(wf: WorkflowDef, inputs: list[DeciderInput]) -> bool:
     state, _ = _fold({}, wf, inputs)
     return state is not None and state.status == "running"
+
+
+def test_the_group_resumes_only_when_every_member_says_so() -> None:
+    """``worker.task_records: auto``: the leader tells every member whether each one resumes attempts from
+    restored states; an older worker's metadata (no ``resumes``) or a member that writes records keeps the
+    group writing task records."""
+    v1 = Pin("pin", "1", "d1")
+    new, also_new = member_data([v1], {}, resumes=True), member_data([v1], {0: {v1}}, resumes=True)
+    old = b'{"needs": {}, "serves": ["pin@1#d1"]}'  # what a worker before this change publishes
+    assert member_resumes(new) and not member_resumes(old) and not member_resumes(b"junk")
+    assert read_member_data(new) == ([v1], {})  # the versions read as before
+    assignor = VersionAssignor.for_worker([v1], resumes=True)
+    cluster = ClusterMetadata()
+
+    def told(*datas: bytes) -> list[bool]:
+        members = {f"m{i}": ConsumerProtocolMemberMetadata(0, ["t"], d) for i, d in enumerate(datas)}
+        return [group_resumes(a.user_data) for a in assignor.assign(cluster, members).values()]
+
+    assert told(new, also_new) == [True, True]
+    assert told(new, old) == [False, False]
+    assert told(new, member_data([v1], {})) == [False, False]  # a member with task_records: true
+    # each member's class keeps what the last assignment said; an older leader's assignment says nothing
+    other = VersionAssignor.for_worker([v1], resumes=True)
+    members = {"m0": ConsumerProtocolMemberMetadata(0, ["t"], new)}
+    assignor.on_assignment(assignor.assign(cluster, members)["m0"])
+    assert assignor.group_resumes and not other.group_resumes
+    assert not group_resumes(b"") and not group_resumes(b"junk")
