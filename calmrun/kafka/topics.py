@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,8 +30,18 @@ INVALID = "_invalid"
 """DLQ suffix for records that name no known workflow (undecodable, unknown workflow)."""
 
 
+PARTITION_CACHE = 4096
+"""Run IDs whose partition ``partition_for`` keeps: its entries hold about 0.55 MiB for 4,096 UUIDs (beside
+the IDs they keep alive); a run in flight is asked for a few times within its life."""
+
+
+@functools.lru_cache(maxsize=PARTITION_CACHE)
 def partition_for(run_id: str, partitions: int) -> int:
-    """The partition of ``run_id`` in every calmrun topic (the Java client's murmur2 partitioner)."""
+    """The partition of ``run_id`` in every calmrun topic (the Java client's murmur2 partitioner).
+
+    Memoised: a worker asks for the same run's partition at its request, each attempt and each result,
+    and aiokafka's murmur2 is pure Python (about 13 µs a call); the answer never changes.
+    """
     h: int = murmur2(run_id.encode())
     return (h & 0x7FFFFFFF) % partitions
 
