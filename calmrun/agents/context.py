@@ -210,8 +210,15 @@ class StepContext:
                 self.tokens_out = max(0, self.tokens_out - e.usage.output_tokens)
                 self.requests = max(0, self.requests - e.usage.requests)
 
-    def cost(self, latency_ms: float, queue_wait_ms: float, pricing: Pricing | None = None) -> StepCost:
-        """This attempt's cost so far; without ``pricing``, ``cost_usd`` is 0 and ``price_source`` None."""
+    def cost(
+        self,
+        latency_ms: float,
+        queue_wait_ms: float,
+        pricing: Pricing | None = None,
+        agent: str | None = None,
+    ) -> StepCost:
+        """This attempt's cost so far; without ``pricing``, ``cost_usd`` is 0 and ``price_source`` None;
+        ``agent`` names the agent that ran it."""
         price = (
             pricing.price(self.model_alias, self.tokens_in, self.tokens_out, self.api_calls_by_kind)
             if pricing is not None
@@ -225,6 +232,7 @@ class StepContext:
             requests=self.requests,
             api_calls=self.api_calls,
             model=self.model_alias,
+            agent=agent,
             cost_usd=price.usd if price is not None else Decimal(0),
             price_source=price.source if price is not None else None,
         )

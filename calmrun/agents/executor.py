@@ -90,7 +90,7 @@ async def execute(
             attempt=task.attempt,
             attempt_key=task.idempotency_key,
             since_ms=since_ms(min(task.issued_ms, task.first_issued_ms or task.issued_ms), task.timeout_s),
-            task=task.model_dump(mode="json"),
+            source=task,
             recorded=[] if fresh else None,
         )
     output: dict[str, Any] | None = None
@@ -146,7 +146,10 @@ async def execute(
     if task.approvals:  # a resumed pause: what the pauses reported is not counted twice
         ctx.unbill_replayed(max(int(a.get("billed") or 0) for a in task.approvals.values()))
     cost = ctx.cost(
-        latency_ms=latency_ms, queue_wait_ms=float(max(0, started_ms - task.issued_ms)), pricing=pricing
+        latency_ms=latency_ms,
+        queue_wait_ms=float(max(0, started_ms - task.issued_ms)),
+        pricing=pricing,
+        agent=task.agent,
     )
     return StepResult(
         run_id=task.run_id,
@@ -158,7 +161,7 @@ async def execute(
         error_type=error_type,
         error=error,
         retriable=retriable,
-        cost=cost.model_copy(update={"agent": task.agent}),
+        cost=cost,
         traceback=tb,
         retry_after_ms=retry_after,
         element=task.element,

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from pydantic_core import to_jsonable_python
 
 from calmrun.errors import NonDeterministicAgentError
+from calmrun.workflow.events import StepTask
 
 Op = Literal["model", "tool", "mcp", "listing", "other"]
 
@@ -280,6 +281,8 @@ class AttemptJournal:
         since_ms: the earliest time a record of this attempt can carry (see ``streams.journal``).
         live: False for an offline replay: a unit past the recorded end raises instead of running.
         task: the attempt's task as JSON, written with the claim (what an offline replay runs again).
+        source: the attempt's task, made JSON for the claim only when one is written (most attempts of
+            agents that make no model request write none), unless ``task`` is given.
     """
 
     store: JournalStore
@@ -290,6 +293,7 @@ class AttemptJournal:
     since_ms: int = 0
     live: bool = True
     task: dict[str, Any] | None = None
+    source: StepTask | None = field(default=None, repr=False)
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex)
     recorded: list[Entry] | None = None
     position: int = 0
@@ -360,7 +364,7 @@ class AttemptJournal:
             latency_ms=round(latency_ms, 3),
             at_ms=time.time_ns() // 1_000_000,
             claim=None if self.claimed else pos,
-            task=None if self.claimed else self.task,
+            task=None if self.claimed else self._task(),
         )
         w0 = time.monotonic()
         self.written_bytes += await self.store.append(self.run_id, entry)
@@ -369,6 +373,11 @@ class AttemptJournal:
         self.executed += 1
         self.entries.append(entry)
         return payload, entry, True
+
+    def _task(self) -> dict[str, Any] | None:
+        if self.task is None and self.source is not None:
+            self.task = self.source.model_dump(mode="json")
+        return self.task
 
 
 def tasks(records: Iterable[Entry | Claim | Part]) -> dict[str, dict[str, Any]]:

@@ -125,7 +125,9 @@ class Pricing:
     ) -> Price:
         """Tokens plus API calls of one attempt; the source names both parts when both cost something."""
         tok = self.tokens(alias, tokens_in, tokens_out)
-        api = self.api_calls(calls or {})
+        if not calls:  # what the sum below makes of no calls, without adding them up
+            return Price(tok.usd + ZERO, tok.source or None)
+        api = self.api_calls(calls)
         sources = [s for s in (tok.source, api.source) if s]
         return Price(tok.usd + api.usd, "; ".join(sources) or None)
 
