@@ -35,7 +35,12 @@ class NotCompilable(Exception):
 
 def write_long(v: Any, out: bytearray) -> None:
     """Zig-zag varint, as fastavro writes a long."""
-    if type(v) is not int or not _LONG_MIN <= v <= _LONG_MAX:
+    if type(v) is not int:
+        raise Unsure
+    if 0 <= v < 64:  # one byte (sizes, small counters): most longs a worker writes
+        out.append(v << 1)
+        return
+    if not _LONG_MIN <= v <= _LONG_MAX:
         raise Unsure
     n = (v << 1) ^ (v >> 63)
     while n > 0x7F:
@@ -68,7 +73,11 @@ def _write_string(v: Any, out: bytearray) -> None:
         b = v.encode()
     except UnicodeEncodeError:  # a lone surrogate: fastavro says what it says
         raise Unsure from None
-    write_long(len(b), out)
+    n = len(b)
+    if n < 64:
+        out.append(n << 1)
+    else:
+        write_long(n, out)
     out += b
 
 
