@@ -294,7 +294,7 @@ class AttemptJournal:
     live: bool = True
     task: dict[str, Any] | None = None
     source: StepTask | None = field(default=None, repr=False)
-    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _incarnation: str | None = field(default=None, init=False, repr=False)
     recorded: list[Entry] | None = None
     position: int = 0
     claimed: bool = False
@@ -304,6 +304,14 @@ class AttemptJournal:
     write_ms: float = 0.0
     entries: list[Entry] = field(default_factory=list)
     """Every entry of this session, answered or written, in position order (for the cost and the view)."""
+
+    @property
+    def incarnation(self) -> str:
+        """This session's random ID (a UUID's 32 hex digits), made when first asked for: most attempts
+        (agents that make no model request) never journal, and a UUID per attempt was a visible cost."""
+        if self._incarnation is None:
+            self._incarnation = uuid.uuid4().hex
+        return self._incarnation
 
     async def open(self) -> list[Entry]:
         """Read the recorded chain once (later calls return it)."""
