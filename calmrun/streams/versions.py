@@ -60,19 +60,11 @@ def member_data(serves: Iterable[Pin], needs: Mapping[int, Iterable[Pin]], resum
     return json.dumps(body, sort_keys=True).encode()
 
 
-def member_resumes(data: bytes) -> bool:
-    """Does this member's metadata say it resumes attempts from restored states?"""
+def says_resumes(data: bytes) -> bool:
+    """Does a member's metadata say it resumes attempts from restored states, or an assignment that every
+    member of the group does (only a leader of this version says so)?"""
     try:
         body = json.loads(data or b"{}")
-        return isinstance(body, dict) and body.get("resumes") is True
-    except ValueError:
-        return False
-
-
-def group_resumes(user_data: bytes) -> bool:
-    """Does an assignment say that every member of the group resumes (only this version's leader says so)?"""
-    try:
-        body = json.loads(user_data or b"{}")
         return isinstance(body, dict) and body.get("resumes") is True
     except ValueError:
         return False
@@ -176,7 +168,7 @@ class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         for m, md in members.items():
             serves[m], needs[m] = read_member_data(md.user_data)
             topics |= set(md.subscription)
-        every = all(member_resumes(md.user_data) for md in members.values())
+        every = all(says_resumes(md.user_data) for md in members.values())
         told = json.dumps({"resumes": True}).encode() if every else b""
         sizes = {t: sorted(cluster.partitions_for_topic(t) or ()) for t in topics}
         n = max((len(ps) for ps in sizes.values()), default=0)
@@ -196,7 +188,7 @@ class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
 
     @classmethod
     def on_assignment(cls, assignment: ConsumerProtocolMemberAssignment) -> None:
-        cls.group_resumes = group_resumes(assignment.user_data)
+        cls.group_resumes = says_resumes(assignment.user_data)
 
 
 @dataclass

@@ -18,11 +18,10 @@ from calmrun.replay.recorded import replay_recorded, resolver
 from calmrun.replay.snapshot import Snapshot
 from calmrun.streams.versions import (
     VersionAssignor,
-    group_resumes,
     member_data,
-    member_resumes,
     place,
     read_member_data,
+    says_resumes,
 )
 from calmrun.wire.avro import MARKER, schema_fingerprint
 from calmrun.wire.codec import RecordCodec, _without, wire_models
@@ -204,14 +203,14 @@ def test_the_group_resumes_only_when_every_member_says_so() -> None:
     v1 = Pin("pin", "1", "d1")
     new, also_new = member_data([v1], {}, resumes=True), member_data([v1], {0: {v1}}, resumes=True)
     old = b'{"needs": {}, "serves": ["pin@1#d1"]}'  # what a worker before this change publishes
-    assert member_resumes(new) and not member_resumes(old) and not member_resumes(b"junk")
+    assert says_resumes(new) and not says_resumes(old) and not says_resumes(b"junk")
     assert read_member_data(new) == ([v1], {})  # the versions read as before
     assignor = VersionAssignor.for_worker([v1], resumes=True)
     cluster = ClusterMetadata()
 
     def told(*datas: bytes) -> list[bool]:
         members = {f"m{i}": ConsumerProtocolMemberMetadata(0, ["t"], d) for i, d in enumerate(datas)}
-        return [group_resumes(a.user_data) for a in assignor.assign(cluster, members).values()]
+        return [says_resumes(a.user_data) for a in assignor.assign(cluster, members).values()]
 
     assert told(new, also_new) == [True, True]
     assert told(new, old) == [False, False]
@@ -221,4 +220,4 @@ def test_the_group_resumes_only_when_every_member_says_so() -> None:
     members = {"m0": ConsumerProtocolMemberMetadata(0, ["t"], new)}
     assignor.on_assignment(assignor.assign(cluster, members)["m0"])
     assert assignor.group_resumes and not other.group_resumes
-    assert not group_resumes(b"") and not group_resumes(b"junk")
+    assert not says_resumes(b"") and not says_resumes(b"junk")
