@@ -94,13 +94,20 @@ class Partitions:
         self._held: dict[int, _Held] = {}
         self._retakes: dict[int, list[float]] = {}  # partition -> monotonic times it was taken over again
         self._background: set[asyncio.Task[None]] = set()  # retakes and closes: held until they end
+        self._closed = False  # close() began: a rebalance callback after it takes and gives up nothing
 
     async def close(self) -> None:
-        """Commit what is decided, even after a failure (a failed writer's flush returns at once); close."""
+        """Commit what is decided, even after a failure (a failed writer's flush returns at once); close.
+
+        A rebalance callback in flight (a stop during the first assignment) ends first, so that the writers
+        it makes are closed here too; one that comes after takes nothing.
+        """
         own = self._own
-        await close_writers(own.writers.values())
-        own.owned.clear()
-        own.writers.clear()
+        self._closed = True
+        async with own.lock:
+            await close_writers(own.writers.values())
+            own.owned.clear()
+            own.writers.clear()
 
     # -- rebalances ---------------------------------------------------------------------------------
 
@@ -110,6 +117,8 @@ class Partitions:
         own.stable.clear()
         own.rebalancing = True
         async with own.lock:
+            if self._closed:
+                return
             assert own.restorer is not None
             writers = {p: own.writers.pop(p) for p in parts if p in own.writers}
             own.owned -= parts
@@ -135,6 +144,8 @@ class Partitions:
         # records of a partition not yet owned are rewound by the intake
         own = self._own
         async with own.lock:
+            if self._closed:  # the worker stops: nothing is taken over any more
+                return
             assert own.consumer is not None and own.restorer is not None
             if retake and (own.rebalancing or not self._assigned_to_us(parts)):
                 return
