@@ -45,6 +45,12 @@ class LocalExecutor:
         return await self._attempts.run(task, functools.partial(self._redactor.text, state=state))
 
 
+def resumes_from_states(mode: bool | str, eager: bool) -> bool:
+    """Does a worker with ``worker.task_records`` ``mode`` start, on a takeover, the attempts its restored
+    states await (what it publishes to its group, and what ``Recording.resumes`` covers)?"""
+    return eager and mode is not True
+
+
 class Recording:
     """Which step topics of the steps run here get no task record, decision by decision.
 
@@ -66,7 +72,7 @@ class Recording:
     @property
     def resumes(self) -> frozenset[str]:
         """The step topics whose awaited attempts a takeover starts from the restored states."""
-        return self._local if self._eager and self._mode is not True else frozenset()
+        return self._local if resumes_from_states(self._mode, self._eager) else frozenset()
 
     @property
     def unrecorded(self) -> frozenset[str]:

@@ -27,7 +27,7 @@ from calmrun.streams.deciding import Deciding
 from calmrun.streams.due import DueTimers
 from calmrun.streams.intake import Intake
 from calmrun.streams.liveness import Liveness
-from calmrun.streams.local import EagerStarts, LocalExecutor, Recording, Resumption
+from calmrun.streams.local import EagerStarts, LocalExecutor, Recording, Resumption, resumes_from_states
 from calmrun.streams.membership import Membership
 from calmrun.streams.metrics import Gauges, WorkerMetrics
 from calmrun.streams.ownership import Admission, Ownership, Stalls
@@ -87,7 +87,7 @@ class Worker(Runtime):
         self.metrics, self.pool, w = metrics, pool, settings.worker
         wfs = self.workflows = Definitions(check_workflow(wf, settings) for wf in workflows)
         check_children(wfs.values())  # child workflows served here, and in no circle
-        resumes = pool is not None and w.eager and w.task_records is not True  # streams.local.Recording
+        resumes = pool is not None and resumes_from_states(w.task_records, w.eager)
         self.assignor = VersionAssignor.for_worker(wfs.pins(), resumes)
         t, codec = self.topics, self.codec = Topics(settings.kafka.prefix), wire_codec(settings.wire)
         self.input_topics = t.worker_inputs(list(wfs.values()), pool)
