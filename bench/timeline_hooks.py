@@ -19,7 +19,7 @@ from typing import Any
 
 import aiokafka.client
 
-from calmrun.streams import deciding, intake, txn, worker
+from calmrun.streams import deciding, intake, local, txn
 from calmrun.workflow.events import StepResult
 
 Mark = tuple[int, str, list[str], str]
@@ -64,7 +64,7 @@ def install() -> None:
 
     deciding.Deciding.decide = decided  # type: ignore[method-assign]
 
-    execute = worker.Worker._execute
+    execute = local.LocalExecutor.execute
 
     async def executed(self: Any, task: Any) -> Any:
         mark("step start", [task.run_id], task.step)
@@ -73,7 +73,7 @@ def install() -> None:
         finally:
             mark("step end", [task.run_id], task.step)
 
-    worker.Worker._execute = executed  # type: ignore[method-assign]
+    local.LocalExecutor.execute = executed  # type: ignore[method-assign]
 
     write = txn.PartitionWriter._write
 

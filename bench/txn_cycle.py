@@ -1,5 +1,5 @@
 """How long one transaction cycle takes, by client and by how soon aiokafka retries the transaction's first
-request: ``python -m bench.txn_cycle --bootstrap B [--busy-retry-ms 20 5] [--confluent] [--rounds 3]``.
+request: ``python -m bench.txn_cycle --bootstrap B [--busy-retry-ms 20 5 1] [--confluent] [--rounds 3]``.
 
 A cycle is the worker's: begin, three 200-byte records on three partitions, the input offsets, commit. The
 worker begins a partition's next transaction as soon as the last one committed; the broker is then often
@@ -123,7 +123,8 @@ def show(times: list[float], cpu_ms: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.txn_cycle")
     p.add_argument("--bootstrap", required=True)
-    p.add_argument("--busy-retry-ms", type=float, nargs="+", default=[20, TXN_BUSY_RETRY_MS])
+    busy = [20, TXN_RETRY_BACKOFF_MS, TXN_BUSY_RETRY_MS]
+    p.add_argument("--busy-retry-ms", type=float, nargs="+", default=busy)
     p.add_argument("--confluent", action="store_true", help="confluent-kafka too (the bench extra)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cycles", type=int, default=150)

@@ -103,6 +103,13 @@ class KafkaSettings(_Frozen):
     acks: Literal["all", "1", "0"] = "all"
     idempotence: bool = True
     linger_ms: int = Field(1, ge=0, description="producer batching delay; each hop waits up to this")
+    txn_busy_retry_ms: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="how soon a worker's transaction refused while the broker still ends the last one "
+        "(CONCURRENT_TRANSACTIONS) is tried again; process-wide (docs/performance.md, section 1)",
+    )
     client_id: str = "calmrun"
     security: SecuritySettings = SecuritySettings()
     max_request_size: int = Field(

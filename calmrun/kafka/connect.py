@@ -324,22 +324,23 @@ TXN_RETRY_BACKOFF_MS = 5
 """The transactional producers' retry backoff (aiokafka's default is 100 ms): how soon a refused request of a
 transaction (the coordinator loading, a produce request answered NOT_ENOUGH_REPLICAS) is sent again."""
 
-TXN_BUSY_RETRY_MS = TXN_RETRY_BACKOFF_MS
-"""How soon the first request of a transaction is sent again when the broker answers CONCURRENT_TRANSACTIONS.
+TXN_BUSY_RETRY_MS = 1.0
+"""How soon, by default, the first request of a transaction is sent again when the broker answers
+CONCURRENT_TRANSACTIONS (``kafka.txn_busy_retry_ms``).
 
 The worker begins a partition's next transaction as soon as the last one committed, and the broker is then
 usually still writing that one's markers: the AddPartitionsToTxn that opens the next transaction is refused
-until they are written. aiokafka 0.14 retries it after a fixed 20 ms (``BACKOFF_OVERRIDE``, the Java
-client's KAFKA-5477 figure), whatever ``retry_backoff_ms`` says; librdkafka retries after its
-``retry.backoff.ms``, and so does calmrun now: ``TXN_RETRY_BACKOFF_MS``. Not shorter: every refused retry
-costs the broker and the client CPU, which a busy machine lacks (docs/performance.md)."""
+until they are written, which on an idle broker takes about a millisecond. aiokafka 0.14 retries it after a
+fixed 20 ms (``BACKOFF_OVERRIDE``, the Java client's KAFKA-5477 figure), whatever ``retry_backoff_ms``
+says; librdkafka retries after its ``retry.backoff.ms``. 1 ms took about 3.5 ms off a three-step run one
+at a time against 5 ms on a quiet machine, with no change in CPU per run (docs/performance.md, section 1)."""
 
 
-def retry_busy_transactions_soon() -> None:
-    """Make aiokafka retry a transaction refused with CONCURRENT_TRANSACTIONS after ``TXN_BUSY_RETRY_MS``.
+def retry_busy_transactions_soon(ms: float = TXN_BUSY_RETRY_MS) -> None:
+    """Make aiokafka retry a transaction refused with CONCURRENT_TRANSACTIONS after ``ms``.
 
-    Process-wide (the value is a constant of aiokafka's sender module), idempotent, and only ever shortens
-    a wait; called where a transactional producer is made (``calmrun.streams.clients``).
+    Process-wide (the value is a constant of aiokafka's sender module: the last worker made in a process
+    sets it for all), idempotent; called where a transactional producer is made (``calmrun.streams.clients``).
 
     Raises:
         RuntimeError: the installed aiokafka has no such constant any more (its sender was rewritten):
@@ -349,4 +350,4 @@ def retry_busy_transactions_soon() -> None:
 
     if not hasattr(sender, "BACKOFF_OVERRIDE"):
         raise RuntimeError("aiokafka.producer.sender.BACKOFF_OVERRIDE is gone: see TXN_BUSY_RETRY_MS")
-    sender.BACKOFF_OVERRIDE = TXN_BUSY_RETRY_MS / 1000
+    sender.BACKOFF_OVERRIDE = ms / 1000

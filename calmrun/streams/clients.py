@@ -64,8 +64,8 @@ def restorer(settings: Settings) -> AIOKafkaConsumer:
 
 def transactional_producer(settings: Settings, p: int, group_id: str | None = None) -> AIOKafkaProducer:
     """The producer of partition ``p``'s writer (not started: starting it fences the previous owner)."""
-    retry_busy_transactions_soon()  # the next transaction starts while the broker ends the last one
     k = settings.kafka
+    retry_busy_transactions_soon(k.txn_busy_retry_ms)  # the next transaction starts while the last one ends
     return AIOKafkaProducer(
         bootstrap_servers=k.bootstrap,
         client_id=f"{k.client_id}-tx-{p}",
