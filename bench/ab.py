@@ -93,6 +93,7 @@ async def one(args: argparse.Namespace, label: str) -> dict[str, Any]:
         )
         c = loops[0].client_ms
         res |= {
+            "light broker us/run": round(loops[0].broker_cpu_s / loops[0].n * 1e6),
             "light p50 ms": round(pct(c, 50), 1),
             "light p90 ms": round(pct(c, 90), 1),
             "light p99 ms": round(pct(c, 99), 1),
