@@ -49,7 +49,7 @@ def settings(bootstrap: str, prefix: str) -> Any:
 def structures(worker: Any) -> dict[str, int]:
     """Entries (and bytes) of the worker's structures that may be kept per run."""
     out: dict[str, int] = {}
-    tables = worker.runs.values()
+    tables = worker.parts.runs.values()
     out["runtable.live"] = sum(len(t._live) for t in tables)
     out["runtable.done"] = sum(len(t._done) for t in tables)
     out["runtable.done_bytes"] = sum(len(b) for t in tables for b in t._done.values())

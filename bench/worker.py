@@ -129,10 +129,10 @@ def _status(path: Path | None, worker: Worker, state: str) -> None:
         {
             "pid": os.getpid(),
             "state": state,
-            "owned": sorted(worker.owned),
+            "owned": sorted(worker.parts.owned),
             "stats": dataclasses.asdict(worker.stats),
             "rss": rss_kib(),
-            "runs_held": sum(len(t) for t in worker.runs.values()),
+            "runs_held": sum(len(t) for t in worker.parts.runs.values()),
         },
     )
 
@@ -159,7 +159,7 @@ async def main(args: argparse.Namespace) -> None:
     runner = asyncio.create_task(worker.run(lambda: _status(status, worker, "running")))
     while not runner.done():
         await asyncio.wait({runner}, timeout=0.1)
-        if worker.owned:
+        if worker.parts.owned:
             _status(status, worker, "running")
     _status(status, worker, "stopped")
     runner.result()

@@ -7,6 +7,7 @@ over a limit fails its attempt as an invalid output, so the decider retries or e
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic_core import to_json
@@ -18,9 +19,22 @@ from calmrun.workflow.definition import WorkflowDef, targets
 from calmrun.workflow.kinds.loop import LoopStep
 from calmrun.workflow.kinds.map import MapStep
 from calmrun.workflow.kinds.wait import MAX_BUFFERED, WaitStep
+from calmrun.workflow.registry import Definitions, check_children
 
 STEP_OVERHEAD_BYTES = 4_096
 """Room a step takes in the run state beyond its output: status, times, a capped error message."""
+
+
+def check_served(workflows: Iterable[WorkflowDef], settings: Settings) -> Definitions:
+    """The definitions a deciding worker serves, each within ``settings.limits`` (``check_workflow``), their
+    child workflows served with them and in no circle (``workflow.registry.check_children``).
+
+    Raises:
+        ConfigError: as ``check_workflow`` and ``check_children`` say.
+    """
+    served = Definitions(check_workflow(wf, settings) for wf in workflows)
+    check_children(served.values())
+    return served
 
 
 def check_workflow(wf: WorkflowDef, settings: Settings) -> WorkflowDef:

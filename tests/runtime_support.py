@@ -252,7 +252,9 @@ async def ready(worker: Worker, partitions: int = 4, wait_s: float = 60.0) -> Wo
     Tests that are not about startup submit only after this: records fetched while the worker is still
     restoring its state hit a known race (see ``test_runtime_restart``), which would make them flaky.
     """
-    await until(lambda: worker.owned == set(range(partitions)), wait_s, "the worker to own every partition")
+    await until(
+        lambda: worker.parts.owned == set(range(partitions)), wait_s, "the worker to own every partition"
+    )
     return worker
 
 

@@ -42,7 +42,7 @@ def _write_status(path: Path | None, worker: Worker, state: str) -> None:
     data = {
         "pid": os.getpid(),
         "state": state,
-        "owned": sorted(worker.owned),
+        "owned": sorted(worker.parts.owned),
         "stats": dataclasses.asdict(worker.stats),
     }
     tmp = path.with_suffix(".tmp")

@@ -104,7 +104,7 @@ def worker(
         announcing: list[asyncio.Task[None]] = []
 
         async def announce() -> None:
-            now = await wait_ready(w)  # the group assigned its partitions and they are restored
+            now = await wait_ready(w, w.parts)  # the group assigned its partitions and they are restored
             if now.ready:
                 err.print(f"worker {now.why}")
 

@@ -181,7 +181,7 @@ async def replay_live(
         loop = asyncio.get_running_loop()
         end = loop.time() + 60
         everything = set(range(shadow_cfg.kafka.partitions))
-        while worker.owned != everything:  # submit only once the worker owns (and restored) every partition
+        while worker.parts.owned != everything:  # submit once it owns (and restored) every partition
             if loop.time() > end:
                 raise ReplayError("the shadow worker did not get its partitions within 60s")
             await asyncio.sleep(0.05)

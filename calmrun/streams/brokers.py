@@ -39,10 +39,12 @@ from prometheus_client.registry import Collector
 from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.liveness import Liveness
 from calmrun.settings import Settings
+from calmrun.streams.ports import Owned
 from calmrun.streams.txn import transactional_id
 
 if TYPE_CHECKING:
-    from calmrun.streams.worker import Worker
+    from calmrun.streams.metrics import WorkerMetrics
+    from calmrun.streams.shared import Shared
 
 log = logging.getLogger("calmrun.brokers")
 
@@ -122,7 +124,7 @@ class BrokerWatch:
     Args:
         settings: how to reach the cluster.
         topics: the topics whose partition leaders matter (inputs, events, state).
-        owned: the partitions this worker owns now.
+        ownership: the partitions this worker owns now (``streams.ownership.Ownership``).
         group: the consumer group (its coordinator) and the prefix of the writers' transactional IDs.
         interval_s: how often each broker is asked whether it answers (one ApiVersions request).
     """
@@ -131,12 +133,12 @@ class BrokerWatch:
         self,
         settings: Settings,
         topics: list[str],
-        owned: Callable[[], set[int]],
+        ownership: Owned,
         group: str,
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settings, self.topics, self.owned, self.group = settings, topics, owned, group
+        self.settings, self.topics, self.ownership, self.group = settings, topics, ownership, group
         self.interval_s, self.clock = interval_s, clock
         self.outages: dict[int, Outage] = {}
         self.stalled: set[int] = set()
@@ -151,18 +153,14 @@ class BrokerWatch:
         self._fresh_each = settings.kafka.security.protocol.startswith("SASL_")
 
     @classmethod
-    def of(cls, worker: Worker) -> BrokerWatch:
-        """The watch of ``worker``: its inputs, events and state; its group; its metrics (if any)."""
-        t = worker.topics
-        watch = cls(
-            worker.settings,
-            list(dict.fromkeys([*worker.input_topics, t.events, t.state])),
-            lambda: set(worker.owned),
-            worker.settings.group_id,
-        )
-        if worker.metrics is not None:
+    def of(cls, shared: Shared, inputs: list[str], metrics: WorkerMetrics | None) -> BrokerWatch:
+        """The watch of a worker: its inputs, events and state; its group; its metrics (if any)."""
+        t, settings = shared.topics, shared.settings
+        topics = list(dict.fromkeys([*inputs, t.events, t.state]))
+        watch = cls(settings, topics, shared.ownership, settings.group_id)
+        if metrics is not None:
             with contextlib.suppress(ValueError):  # registered already (a restarted worker object)
-                worker.metrics.registry.register(_Stalled(watch))
+                metrics.registry.register(_Stalled(watch))
         return watch
 
     async def run(self) -> None:
@@ -181,7 +179,7 @@ class BrokerWatch:
             read_at = next_read = float("-inf")
             while True:
                 now = self.clock()
-                owned_moved = self.owned() != self._looked_up
+                owned_moved = self.ownership.owned != self._looked_up
                 due = now >= next_read or (owned_moved and now - read_at >= self.interval_s)
                 if due and self.lost != {EVERY}:  # cut off: no broker to read from (it would only wait)
                     read_at = now
@@ -251,7 +249,7 @@ class BrokerWatch:
 
     def _judged(self, lost: set[int]) -> None:
         """Report what ``lost`` means for the owned partitions (the stall and resume lines)."""
-        owned = self.owned()
+        owned = set(self.ownership.owned)
         waits: dict[int, tuple[set[int], set[str]]] = {}  # node -> (partitions, roles)
         if lost == {EVERY}:
             waits = {n: (o.partitions, o.roles) for n, o in self.outages.items() if not o.resumed}
@@ -296,7 +294,7 @@ class BrokerWatch:
                 for t in meta["topics"]:
                     for part in t.get("partitions", ()):
                         self._leaders.setdefault(part["partition"], {})[t["topic"]] = part["leader"]
-                owned = self.owned()
+                owned = set(self.ownership.owned)
                 keys = {"group": (self.group, 0)}
                 keys |= {f"tx.{p}": (transactional_id(self.group, p), 1) for p in owned}
                 found: dict[str, int] = {}
@@ -341,7 +339,7 @@ class BrokerWatch:
                     outage.who,
                     sorted(outage.partitions),
                     now - outage.since,
-                    _why_resumed(node, outage, down, self.owned()),
+                    _why_resumed(node, outage, down, set(self.ownership.owned)),
                     _FILTER.suppressed,
                 )
             if node not in active:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Set
+from collections.abc import Iterable, Sequence
 
-from calmrun.kafka.topics import partition_for
+from calmrun.kafka.topics import Topics, partition_for
 from calmrun.redact import Redactor
+from calmrun.settings import WorkerSettings
 from calmrun.streams.attempts import Attempts
 from calmrun.streams.ownership import Ownership
 from calmrun.streams.records import Out, task_out
@@ -30,6 +31,7 @@ from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.versions import Pinning, VersionAssignor
 from calmrun.workflow.decider import awaited_tasks
 from calmrun.workflow.events import StepResult, StepTask
+from calmrun.workflow.registry import Pin
 
 log = logging.getLogger("calmrun.worker")
 
@@ -67,18 +69,29 @@ class Recording:
     def __init__(
         self, local: frozenset[str], mode: bool | str, eager: bool, assignor: type[VersionAssignor]
     ) -> None:
-        self._local, self._mode, self._eager, self._assignor = local, mode, eager, assignor
+        self.local, self._mode, self._eager, self.assignor = local, mode, eager, assignor
+
+    @classmethod
+    def of(
+        cls, w: WorkerSettings, topics: Topics, inputs: Sequence[str], serves: Iterable[Pin], executes: bool
+    ) -> Recording:
+        """A deciding worker's: its step topics are its ``inputs`` but requests and results, and its assignor
+        says to the group the versions it ``serves`` and whether it resumes from states (only one that
+        ``executes`` the default pool's steps can)."""
+        resumes = executes and resumes_from_states(w.task_records, w.eager)
+        local = frozenset(inputs) - {topics.requests, topics.results}
+        return cls(local, w.task_records, w.eager, VersionAssignor.for_worker(serves, resumes))
 
     @property
     def resumes(self) -> frozenset[str]:
         """The step topics whose awaited attempts a takeover starts from the restored states."""
-        return self._local if resumes_from_states(self._mode, self._eager) else frozenset()
+        return self.local if resumes_from_states(self._mode, self._eager) else frozenset()
 
     @property
     def unrecorded(self) -> frozenset[str]:
         """The step topics whose tasks a decision made now does not write."""
         if self._mode == "auto":
-            return self.resumes if self._assignor.group_resumes else frozenset()
+            return self.resumes if self.assignor.group_resumes else frozenset()
         return self.resumes
 
 
@@ -86,8 +99,7 @@ class EagerStarts:
     """Starts the tasks of a decision on this worker; see the module docstring.
 
     Args:
-        local: the step topics whose tasks this worker executes.
-        recording: which of them have their tasks written now.
+        recording: the step topics whose tasks this worker executes, and which have their tasks written now.
         stopped: set when the worker stops or fails: nothing starts after.
     """
 
@@ -96,12 +108,11 @@ class EagerStarts:
         ownership: Ownership,
         tasks: TaskRunner,
         attempts: Attempts,
-        local: Set[str],
         recording: Recording,
         stopped: asyncio.Event,
     ) -> None:
         self._own, self._tasks, self._attempts = ownership, tasks, attempts
-        self._local, self._recording, self._stopped = local, recording, stopped
+        self._recording, self._stopped = recording, stopped
 
     def start(self, p: int, tasks: list[tuple[Out, StepTask]], committed: bool) -> list[asyncio.Future[None]]:
         """Start the tasks of a decision: once it is committed, or before (``committed`` False) where a
@@ -112,7 +123,7 @@ class EagerStarts:
         mine = [
             (out, task)
             for out, task in tasks
-            if out.topic in self._local
+            if out.topic in self._recording.local
             and task.idempotency_key not in self._tasks
             and self._own.awaited(p, task)
         ]

@@ -76,6 +76,16 @@ class Membership:
         self.restorer: AIOKafkaConsumer | None = None  # reads the state topic (streams.restore)
         self.liveness: Liveness | None = None
 
+    @classmethod
+    def deciding(
+        cls, settings: Settings, topics: Sequence[str], assignor: type[AbstractPartitionAssignor]
+    ) -> Membership:
+        """A deciding worker's: in ``settings.group_id`` with its ``assignor``, a restorer, and beats when
+        ``worker.liveness`` is on."""
+        return cls(
+            settings, topics, assignor=assignor, restores=True, liveness=settings.worker.liveness.enabled
+        )
+
     async def join(self, owner: Owner) -> None:
         """Start the clients and join the group, its rebalances told to ``owner``.
 

@@ -7,7 +7,8 @@ Prometheus scrapes, from a snapshot the worker answers (``Measured.gauges``: run
 waiting from its run tables, runs waiting for a version, model aliases paused after a 429 and tasks that
 waited for a limit from its throttle, ``calmrun.streams.throttle``); consumer lag from its consumer and DLQ
 depth from the dead-letter topics' offsets are refreshed every ``refresh_s``. The metrics read the worker
-only through the ``Measured`` port it passes to ``start``: this module does not import the worker.
+only through the ``Measured`` port it passes to ``start`` (``streams.stats.Readout``): this module does not
+import the worker.
 
 Labels are bounded by the configuration (workflow, step, agent, model alias, tenant, status, direction,
 topic); run IDs never become labels. Metrics live in the ``CollectorRegistry`` passed in, never in the
@@ -99,7 +100,7 @@ class Gauges:
 
 
 class Measured(Protocol):
-    """The port the metrics read a worker through (the worker passes itself to ``start``)."""
+    """The port the metrics read a worker through (the worker passes its ``streams.stats.Readout``)."""
 
     @property
     def settings(self) -> Settings: ...

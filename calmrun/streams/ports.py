@@ -48,6 +48,19 @@ class Losses(Protocol):
     def lost(self, p: int, exc: BaseException) -> None: ...
 
 
+class Known(Protocol):
+    """Is a run already held here (``streams.ownership``)? A duplicate request gets no fresh stamp."""
+
+    def known(self, run_id: str) -> bool: ...
+
+
+class Owned(Protocol):
+    """The partitions owned now, as a room that only watches reads them (``streams.brokers``)."""
+
+    @property
+    def owned(self) -> set[int]: ...
+
+
 class Executor(Protocol):
     """Runs one attempt's agent and gives its result (an agent's failure is a result too)."""
 

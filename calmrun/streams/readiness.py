@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 if TYPE_CHECKING:
-    from calmrun.streams.worker import Worker
+    from calmrun.streams.ownership import Ownership
+    from calmrun.streams.runtime import Runtime
 
 ASK_TIMEOUT_S = 5.0
 """How long ``/ready`` waits for the worker's event loop to answer (a blocked loop is not ready)."""
@@ -34,13 +35,12 @@ class Readiness:
     why: str
 
 
-def readiness(worker: Worker) -> Readiness:
-    """The worker's readiness now (call it on the worker's event loop)."""
+def readiness(worker: Runtime, parts: Ownership) -> Readiness:
+    """The worker's readiness now, from its lifecycle and its ownership (call it on the worker's loop)."""
     if worker.failure is not None:
         return Readiness(False, f"failed: {worker.failure!r}")
     if worker.closing:
         return Readiness(False, "stopping")
-    parts = worker.parts
     if parts.restoring:
         return Readiness(False, f"taking over partitions {sorted(parts.restoring)} (restoring their runs)")
     if not parts.assigned_once.is_set():
@@ -48,10 +48,10 @@ def readiness(worker: Worker) -> Readiness:
     return Readiness(True, f"ready: partitions {sorted(parts.owned)}")
 
 
-async def wait_ready(worker: Worker) -> Readiness:
+async def wait_ready(worker: Runtime, parts: Ownership) -> Readiness:
     """Return once the worker is ready for the first time (or has failed or is stopping)."""
     while True:
-        now = readiness(worker)
+        now = readiness(worker, parts)
         if now.ready or worker.failure is not None or worker.closing:
             return now
         await asyncio.sleep(0.05)

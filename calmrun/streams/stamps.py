@@ -8,11 +8,12 @@ recorded with the request, so replay reproduces the verdict and the choice exact
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from calmrun.costs.planner import StepStats
 from calmrun.costs.spend import TenantSpend
 from calmrun.settings import Settings
+from calmrun.streams.ports import Known
 from calmrun.workflow.definition import AgentStep, WorkflowDef
 from calmrun.workflow.events import RunRequest, RunRequested
 
@@ -21,12 +22,10 @@ class Stamps:
     """Follows what the stamps are read from (only what the configuration and workflows need).
 
     Args:
-        known: is this run already known here (a duplicate request gets no fresh stamp)?
+        known: is this run already held here (a duplicate request gets no fresh stamp)?
     """
 
-    def __init__(
-        self, settings: Settings, workflows: Iterable[WorkflowDef], known: Callable[[str], bool]
-    ) -> None:
+    def __init__(self, settings: Settings, workflows: Iterable[WorkflowDef], known: Known) -> None:
         self.settings, self._known = settings, known
         # tenant budgets need each tenant's spend in its window, from the cost aggregator's output
         self.tenant_spend = TenantSpend(settings) if settings.budgets.tenants else None
@@ -49,7 +48,7 @@ class Stamps:
     def request(self, run_id: str, wf: WorkflowDef, body: RunRequest, at_ms: int) -> RunRequested:
         """The decider's input for a request, stamped with the tenant's spend and the planner's figures."""
         budget = self.settings.budgets.tenants.get(body.tenant)
-        known = self._known(run_id)
+        known = self._known.known(run_id)
         stats = self.step_stats.figures(wf, at_ms) if self.step_stats is not None and not known else None
         if budget is None or self.tenant_spend is None or known:
             return RunRequested(

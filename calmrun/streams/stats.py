@@ -1,17 +1,33 @@
-"""What a worker counts: a snapshot of its rooms' counters, for tests, the CLI and the metrics."""
+"""What a deciding worker shows of itself: its rooms' counters, gauges and readiness, read now.
+
+``Readout`` is the metrics' ``Measured`` port (``streams.metrics``) and what tests, the CLI and the bench
+read through the worker (``Worker.stats``, ``owned``, ``runs``): it reads the rooms, and no room reads it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from calmrun.streams.metrics import Gauges
+from calmrun.streams.readiness import Readiness, readiness
+
 if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer
+
+    from calmrun.kafka.topics import Topics
+    from calmrun.settings import Settings
     from calmrun.streams.checkpoint import Checkpoint
     from calmrun.streams.deciding import DecisionCounts
     from calmrun.streams.intake import IntakeCounts
-    from calmrun.streams.ownership import PartitionCounts
+    from calmrun.streams.runtable import RunTable
+    from calmrun.streams.runtime import Runtime
+    from calmrun.streams.shared import Shared
     from calmrun.streams.tasks import TaskCounts
+    from calmrun.streams.throttle import Throttle
     from calmrun.streams.txn import Gate
+    from calmrun.streams.versions import Pinning
+    from calmrun.workflow.registry import Definitions
 
 
 @dataclass
@@ -45,40 +61,101 @@ class WorkerStats:
     results_unknown_run: int = 0  # results for a run not known here: parked
 
 
-def snapshot(
-    intake: IntakeCounts,
-    tasks: TaskCounts,
-    parts: PartitionCounts,
-    decided: DecisionCounts,
-    gate: Gate,
-    cp: Checkpoint,
-) -> WorkerStats:
-    """One worker's counters, gathered from its rooms, the gate (``peak_unacked``) and the checkpoint
-    (``transactions``)."""
-    return WorkerStats(
-        requests=intake.requests,
-        results=intake.results,
-        tasks_started=tasks.started,
-        tasks_eager=tasks.eager,
-        decisions_early=decided.early,
-        tasks_echoed=tasks.echoed,
-        tasks_resumed=tasks.resumed,
-        tasks_skipped=intake.tasks_skipped,
-        decisions=decided.decisions,
-        ignored=decided.ignored,
-        poison=intake.poison,
-        quarantined=decided.quarantined,
-        completed=decided.completed,
-        running=tasks.running,
-        peak_running=tasks.peak_running,
-        peak_unacked=gate.peak,
-        restored_runs=parts.restored_runs,
-        restored_partitions=parts.restored_partitions,
-        kept_partitions=parts.kept_partitions,
-        fenced=parts.fenced,
-        retaken=parts.retaken,
-        transactions=cp.transactions,
-        rejected=intake.rejected,
-        results_malformed=intake.results_malformed,
-        results_unknown_run=intake.results_unknown_run,
-    )
+class Readout:
+    """One deciding worker's figures, read from its rooms when asked; see the module docstring.
+
+    Args:
+        worker: its lifecycle (failed, stopping), for the readiness.
+        intake, tasks, decided: the rooms' counters; the gate (``peak_unacked``, ``uncommitted``) and the
+            checkpoint (``transactions``) count too.
+        pins, throttle: runs waiting for a version, and the limits' figures, for the gauges.
+    """
+
+    def __init__(
+        self,
+        shared: Shared,
+        worker: Runtime,
+        intake: IntakeCounts,
+        tasks: TaskCounts,
+        decided: DecisionCounts,
+        gate: Gate,
+        checkpoint: Checkpoint,
+        pins: Pinning,
+        throttle: Throttle,
+    ) -> None:
+        self._shared, self._worker, self._own = shared, worker, shared.ownership
+        self._intake, self._tasks, self._decided = intake, tasks, decided
+        self._gate, self._checkpoint, self._pins, self._throttle = gate, checkpoint, pins, throttle
+
+    @property
+    def settings(self) -> Settings:
+        return self._shared.settings
+
+    @property
+    def topics(self) -> Topics:
+        return self._shared.topics
+
+    @property
+    def workflows(self) -> Definitions:
+        return self._shared.workflows
+
+    @property
+    def owned(self) -> set[int]:
+        """The partitions this worker owns now."""
+        return self._own.owned
+
+    @property
+    def runs(self) -> dict[int, RunTable]:
+        """The runs of the owned partitions."""
+        return self._own.runs
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The group consumer (None before the worker joins), for its lag."""
+        return self._own.consumer
+
+    @property
+    def uncommitted(self) -> int:
+        """Decisions made and not yet committed (on all partitions)."""
+        return self._gate.pending
+
+    def gauges(self) -> Gauges:
+        """What the worker's metrics show, now (``streams.metrics.Measured``)."""
+        return Gauges.read(self.workflows, self.runs.values(), self._pins.waiting(), self._throttle)
+
+    def readiness(self) -> Readiness:
+        """Is the worker deciding yet (``streams.readiness``)."""
+        return readiness(self._worker, self._own)
+
+    @property
+    def stats(self) -> WorkerStats:
+        """The rooms' counters now: the intake's, the task runner's, the ownership's, the decisions', the
+        gate's (``peak_unacked``) and the checkpoint's (``transactions``)."""
+        intake, tasks, parts, decided = self._intake, self._tasks, self._own.counts, self._decided
+        return WorkerStats(
+            requests=intake.requests,
+            results=intake.results,
+            tasks_started=tasks.started,
+            tasks_eager=tasks.eager,
+            decisions_early=decided.early,
+            tasks_echoed=tasks.echoed,
+            tasks_resumed=tasks.resumed,
+            tasks_skipped=intake.tasks_skipped,
+            decisions=decided.decisions,
+            ignored=decided.ignored,
+            poison=intake.poison,
+            quarantined=decided.quarantined,
+            completed=decided.completed,
+            running=tasks.running,
+            peak_running=tasks.peak_running,
+            peak_unacked=self._gate.peak,
+            restored_runs=parts.restored_runs,
+            restored_partitions=parts.restored_partitions,
+            kept_partitions=parts.kept_partitions,
+            fenced=parts.fenced,
+            retaken=parts.retaken,
+            transactions=self._checkpoint.transactions,
+            rejected=intake.rejected,
+            results_malformed=intake.results_malformed,
+            results_unknown_run=intake.results_unknown_run,
+        )

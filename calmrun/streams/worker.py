@@ -13,42 +13,36 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from aiokafka import AIOKafkaConsumer
-
 from calmrun.agents import AgentRegistry, ModelRegistry
 from calmrun.kafka.topics import Topics, ensure_topics
-from calmrun.limits import check_workflow
+from calmrun.limits import check_served
 from calmrun.redact import Redactor
 from calmrun.settings import Settings
-from calmrun.streams import brokers
 from calmrun.streams.attempts import Attempts
+from calmrun.streams.brokers import BrokerWatch
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.deciding import Deciding
 from calmrun.streams.due import DueTimers
 from calmrun.streams.intake import Intake
-from calmrun.streams.liveness import Liveness
-from calmrun.streams.local import EagerStarts, LocalExecutor, Recording, Resumption, resumes_from_states
+from calmrun.streams.local import EagerStarts, LocalExecutor, Recording, Resumption
 from calmrun.streams.membership import Membership
-from calmrun.streams.metrics import Gauges, WorkerMetrics
+from calmrun.streams.metrics import WorkerMetrics
 from calmrun.streams.ownership import Admission, Ownership, Stalls
 from calmrun.streams.partitions import Partitions
 from calmrun.streams.ports import Returns
-from calmrun.streams.readiness import Readiness, readiness
 from calmrun.streams.restore import Restore
-from calmrun.streams.runtable import RunTable
 from calmrun.streams.runtime import Loop, Runtime, wall_ms
 from calmrun.streams.shared import Shared
 from calmrun.streams.stamps import Stamps
-from calmrun.streams.stats import WorkerStats, snapshot
+from calmrun.streams.stats import Readout, WorkerStats
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.timers import Timers
 from calmrun.streams.txn import Gate, kick_every
-from calmrun.streams.versions import Pinning, Released, VersionAssignor
+from calmrun.streams.versions import Pinning, Released
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
 from calmrun.workflow.definition import DEFAULT_POOL, WorkflowDef
-from calmrun.workflow.registry import Definitions, check_children
 
 log = logging.getLogger("calmrun.worker")
 
@@ -57,7 +51,8 @@ __all__ = ["Worker", "wall_ms"]
 
 class Worker(Runtime):
     """Decides the runs of the partitions the group gives it, and runs their default-pool steps; use
-    ``async with Worker(...)``, ``start()``/``stop()`` or ``run()`` as a process's main job.
+    ``async with Worker(...)``, ``start()``/``stop()`` or ``run()`` as a process's main job. Read it through
+    ``stats``, ``parts`` (what it owns now: ``owned``, ``runs``) and ``readout`` (``streams.stats``).
 
     Args:
         settings: Kafka, worker and model configuration.
@@ -85,23 +80,19 @@ class Worker(Runtime):
         super().__init__("worker", log, settings.worker.gc_threshold)
         self.settings, self.agents, self.models, self.clock = settings, agents, models, clock
         self.metrics, self.pool, w = metrics, pool, settings.worker
-        wfs = self.workflows = Definitions(check_workflow(wf, settings) for wf in workflows)
-        check_children(wfs.values())  # child workflows served here, and in no circle
-        resumes = pool is not None and resumes_from_states(w.task_records, w.eager)
-        self.assignor = VersionAssignor.for_worker(wfs.pins(), resumes)
+        wfs = self.workflows = check_served(workflows, settings)  # within limits, children served too
         t, codec = self.topics, self.codec = Topics(settings.kafka.prefix), wire_codec(settings.wire)
         self.input_topics = t.worker_inputs(list(wfs.values()), pool)
-        local = frozenset(self.input_topics) - {t.requests, t.results}  # the step topics executed here
-        recording = Recording(local, w.task_records, w.eager, self.assignor)  # which tasks are written
-        self.members = Membership(
-            settings, self.input_topics, assignor=self.assignor, restores=True, liveness=w.liveness.enabled
-        )
+        # which tasks are written, and the assignor that says so (and the versions served) to the group
+        recording = Recording.of(w, t, self.input_topics, wfs.pins(), executes=pool is not None)
+        self.assignor = recording.assignor
+        self.members = Membership.deciding(settings, self.input_topics, self.assignor)  # restorer, beats
         # ownership: what is owned now, read by every room; changed only by partitions and restore
         own = self.parts = Ownership(self.members, settings.kafka.partitions)
         shared = Shared(settings, t, codec, wfs, own, Redactor(settings.redact), clock)
         stalls, stopped = Stalls(own, w.session_timeout_s), self._stopped
-        self.stamps = stamps or Stamps(settings, wfs.values(), own.known)
-        checkpoint = self._checkpoint = Checkpoint()  # the one owner of "this input is finished"
+        self.stamps = stamps or Stamps(settings, wfs.values(), own)  # own: is a run known here
+        checkpoint = Checkpoint()  # the one owner of "this input is finished"
         gate, timers = Gate(w.max_unacked), Timers()
         self.throttle = Throttle(settings.throttle, wfs.values(), models.aliases)
         self.tracing = tracing_for(settings, pool=pool)  # off unless settings.tracing.endpoint
@@ -113,7 +104,7 @@ class Worker(Runtime):
             w.max_in_flight, executor, admission, returns, checkpoint, self, *limits
         )
         # decide: the records of a decision to its partition's next transaction; its tasks start here
-        eager = EagerStarts(own, tasks, self.attempts, local, recording, stopped)
+        eager = EagerStarts(own, tasks, self.attempts, recording, stopped)
         decisions = self.decisions = Deciding(shared, timers, metrics, eager, recording, self.tracing)
         pins = self.pins = Pinning(shared, decisions, self.assignor)
         # intake: records fetched, and the results of the steps run here
@@ -127,46 +118,14 @@ class Worker(Runtime):
             shared, stalls, self.restore, checkpoint, gate, timers, tasks, takeovers, self
         )
         self.due = DueTimers(shared, timers, pins, decisions, tasks)
-        self._stalls, self._gate = stalls, gate
-
-    @property
-    def owned(self) -> set[int]:
-        """The partitions this worker owns now."""
-        return self.parts.owned
-
-    @property
-    def runs(self) -> dict[int, RunTable]:
-        """The runs of the owned partitions."""
-        return self.parts.runs
+        # what it shows: counters, gauges, readiness (the metrics' port); no room reads it
+        read = intake.counts, tasks.counts, decisions.counts, gate, checkpoint, pins, self.throttle
+        self.readout, self._stalls, self._shared = Readout(shared, self, *read), stalls, shared
 
     @property
     def stats(self) -> WorkerStats:
-        """The rooms' counters, now."""
-        counts = self.intake.counts, self.tasks.counts, self.parts.counts, self.decisions.counts
-        return snapshot(*counts, self._gate, self._checkpoint)
-
-    @property
-    def uncommitted(self) -> int:
-        """Decisions made and not yet committed (on all partitions)."""
-        return self._gate.pending
-
-    @property
-    def consumer(self) -> AIOKafkaConsumer | None:
-        """The group consumer (None before ``start``)."""
-        return self.members.consumer
-
-    @property
-    def liveness(self) -> Liveness | None:
-        """This worker's beats (``streams.liveness``; None when off, or before ``start``)."""
-        return self.members.liveness
-
-    def gauges(self) -> Gauges:
-        """What this worker's metrics show, now (``streams.metrics.Measured``)."""
-        return Gauges.read(self.workflows, self.runs.values(), self.pins.waiting(), self.throttle)
-
-    def readiness(self) -> Readiness:
-        """Is this worker deciding yet (``streams.readiness``)."""
-        return readiness(self)
+        """The rooms' counters, now (``streams.stats.Readout``)."""
+        return self.readout.stats
 
     # -- lifecycle: streams.runtime runs it ---------------------------------------------------------
 
@@ -175,7 +134,7 @@ class Worker(Runtime):
         await ensure_topics(self.settings.kafka, self.workflows.values())
         await self.members.join(self.partitions)  # its clients start, its beats before the join
         if self.metrics is not None:
-            await self.metrics.start(self)
+            await self.metrics.start(self.readout)
         await self.stamps.start()
         log.info("worker started: workflows %s, group %s", sorted(self.workflows), self.settings.group_id)
         return [
@@ -183,7 +142,7 @@ class Worker(Runtime):
             ("calmrun-timer", self.due.run()),
             ("calmrun-commit", kick_every(self.settings.worker.commit_interval_s, self.parts.writers)),
             ("calmrun-watch", self._stalls.watch()),
-            ("calmrun-brokers", brokers.BrokerWatch.of(self).run()),
+            ("calmrun-brokers", BrokerWatch.of(self._shared, self.input_topics, self.metrics).run()),
         ]
 
     async def _close(self) -> None:

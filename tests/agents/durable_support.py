@@ -217,7 +217,7 @@ async def _dump_tasks(worker: Worker, first_s: float, every_s: float = 30.0) -> 
             task.print_stack(limit=30, file=stacks)
         logging.getLogger("calmrun.dump").warning(
             "owned %s, stable %s, %d attempts here, %s\n%s",
-            sorted(worker.owned),
+            sorted(worker.parts.owned),
             worker.parts.stable.is_set(),
             len(worker.tasks),
             worker.tasks.counts,
@@ -242,7 +242,7 @@ async def _main(args: argparse.Namespace) -> None:
 
     def write(state: str) -> None:
         tmp = status.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "state": state, "owned": sorted(worker.owned)}))
+        tmp.write_text(json.dumps({"pid": os.getpid(), "state": state, "owned": sorted(worker.parts.owned)}))
         tmp.replace(status)
 
     runner = asyncio.create_task(worker.run(lambda: write("running")))

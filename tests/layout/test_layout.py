@@ -171,3 +171,19 @@ def test_the_worker_is_its_composition_wired_by_constructors(module: str) -> Non
         if isinstance(n, ast.Call) and len(n.args) + len(n.keywords) > 10
     ]
     assert not crowded, f"rooms given more than ten arguments: {crowded}"
+
+
+WORKER_LINES = 160
+"""About 150: ``worker.py`` is the pipeline's composition; helpers, read-outs, plumbing are the rooms'."""
+
+
+def test_the_worker_is_only_its_composition() -> None:
+    """``streams.worker`` builds the rooms (``__init__``), runs their loops and closes them (``_open``,
+    ``_close``), and shows its counters (``stats``, read from ``streams.stats.Readout``): nothing else."""
+    path = modules()["calmrun.streams.worker"]
+    lines = len(path.read_text().splitlines())
+    assert lines <= WORKER_LINES, f"worker.py is {lines} lines: move what is not composition to its room"
+    tree = ast.parse(path.read_text())
+    [worker] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Worker"]
+    defined = {n.name for n in worker.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    assert defined == {"__init__", "stats", "_open", "_close"}, defined

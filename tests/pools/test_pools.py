@@ -149,7 +149,9 @@ async def test_tasks_wait_for_an_executor_and_run_when_one_starts(
     async with Client(settings) as client:
         ids = await client.submit_many([RunRequest(workflow="lin", input={"n": 0}, run_id="w1")])
         await until(lambda: worker.stats.decisions >= 1, 30, "the request decided")
-        state = worker.parts.state(next(iter(p for p in worker.owned if "w1" in worker.runs[p])), "w1")
+        state = worker.parts.state(
+            next(iter(p for p in worker.parts.owned if "w1" in worker.parts.runs[p])), "w1"
+        )
         assert state is not None and state.steps["s1"].status == "scheduled"
         executor = PoolExecutor(settings, [wf], "late", agents, ModelRegistry({}))
         await executor.start()

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 
@@ -107,9 +108,16 @@ async def test_a_slow_broker_sets_its_own_longer_deadline() -> None:
         server.close()
 
 
+@dataclass
+class Owning:
+    """The watch's ``Owned`` port: partitions 0 and 1."""
+
+    owned: set[int]
+
+
 def watch() -> BrokerWatch:
     settings = load_settings(kafka={"bootstrap": "127.0.0.1:1", "prefix": "w"})
-    w = BrokerWatch(settings, ["w.requests", "w.events", "w.state"], lambda: {0, 1}, "g")
+    w = BrokerWatch(settings, ["w.requests", "w.events", "w.state"], Owning({0, 1}), "g")
     w.probes = {n: Liveness("127.0.0.1", 9000 + n) for n in (1, 2, 3)}
     w._brokers = {n: ("127.0.0.1", 9000 + n) for n in (1, 2, 3)}
     return w

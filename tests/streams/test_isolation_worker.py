@@ -79,7 +79,7 @@ async def test_unexpected_errors_park_the_record_and_only_a_storm_stops_the_work
         w.intake.isolated(_failing(TypeError("z")), recs[5], inputs.consumed(tp, 5))
         assert isinstance(w.failure, PoisonStormError)
         assert "3 consecutive records" in str(w.failure) and "bug" in str(w.failure)
-        await until(lambda: w.uncommitted == 0, 10, "dead letters committed")
+        await until(lambda: w.readout.uncommitted == 0, 10, "dead letters committed")
     async with Client(settings) as client:
         parked = await client.read_dlq(INVALID)
     assert [d.error_type for d in sorted(parked, key=lambda d: d.source_offset)] == [

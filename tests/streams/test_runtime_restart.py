@@ -68,7 +68,7 @@ async def test_restarted_worker_restores_state_and_does_not_rerun_steps(broker: 
         async with running(settings, [wf], agents) as w, Client(settings) as client:
             await ready(w)
             assert w.stats.restored_runs == len(done), f"round {round}: state not restored"
-            assert sum(len(t) for t in w.runs.values()) == len(done)
+            assert sum(len(t) for t in w.parts.runs.values()) == len(done)
             ids = await client.submit_many(batch)
             new = await client.wait_terminal(ids, wait_s=60)
             states = await client.read_states()

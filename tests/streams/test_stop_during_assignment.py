@@ -21,5 +21,5 @@ async def test_a_stop_during_an_assignment_leaves_no_writer_open(broker: str, pr
         await until(lambda: second.parts.lock.locked(), 60, "the second worker's assignment to begin")
         await second.stop()
         await asyncio.sleep(2)  # a callback the stop did not wait for would make its writers now
-        assert second.parts.writers == {} and second.owned == set()
-        await until(lambda: first.owned == {0, 1, 2, 3}, 60, "the first worker to own every partition")
+        assert second.parts.writers == {} and second.parts.owned == set()
+        await until(lambda: first.parts.owned == {0, 1, 2, 3}, 60, "the first worker to own every partition")

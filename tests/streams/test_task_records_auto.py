@@ -34,10 +34,12 @@ async def test_auto_writes_task_records_only_while_a_member_needs_them(broker: s
         assert await task_records(broker, steps) == 0  # alone, it resumes from states: nothing written
         # a member that resumes nothing joins (here one that writes task records; an older worker alike)
         async with running(settings_for(broker, prefix, task_records=True), [wf], agents) as b:
-            await until(lambda: a.owned and b.owned and not a.assignor.group_resumes, 60, "a shared group")
+            await until(
+                lambda: a.parts.owned and b.parts.owned and not a.assignor.group_resumes, 60, "a shared group"
+            )
             await batch("shared")
             shared = await task_records(broker, steps)
             assert shared == 3 * N  # every task of the shared group's runs, whichever member decided it
-        await until(lambda: a.owned == {0, 1, 2, 3} and a.assignor.group_resumes, 60, "a alone again")
+        await until(lambda: a.parts.owned == {0, 1, 2, 3} and a.assignor.group_resumes, 60, "a alone again")
         await batch("again")
         assert await task_records(broker, steps) == shared  # none written since the other member left

@@ -47,13 +47,17 @@ async def test_a_writer_whose_sender_ended_is_replaced_and_every_run_completes_o
             )
             await until(lambda: w.stats.completed >= N // 4, 60, "a quarter of the runs")
             end_sender(w, 0)
-            await until(lambda: w.stats.retaken >= 1 and 0 in w.owned, 60, "partition 0 taken over again")
+            await until(
+                lambda: w.stats.retaken >= 1 and 0 in w.parts.owned, 60, "partition 0 taken over again"
+            )
             end_sender(w, 1)
-            await until(lambda: w.stats.retaken >= 2 and 1 in w.owned, 60, "partition 1 taken over again")
+            await until(
+                lambda: w.stats.retaken >= 2 and 1 in w.parts.owned, 60, "partition 1 taken over again"
+            )
             states = await client.wait_terminal(ids, wait_s=120)
             events = await client.events()
         stats = w.stats
-        owned = set(w.owned)
+        owned = set(w.parts.owned)
     assert owned == {0, 1, 2, 3}  # the worker kept going, with every partition
     assert stats.retaken == 2 and stats.fenced == 0
     assert {s.status for s in states.values()} == {"completed"}

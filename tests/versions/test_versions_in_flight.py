@@ -142,11 +142,16 @@ async def test_a_v2_only_group_leaves_v1_runs_waiting_until_a_v1_worker_joins(
             assert (s.status, s.version, path(s), s.held) == ("completed", "1", ["a", "b", "c"], [])
         assert v1_again.pins.counts.released == 1  # the held redrive, decided (and ignored) in order
         owners = (v1_again, v2_only)
-        await until(lambda: set().union(*(w.owned for w in owners)) == set(range(4)), 30, "the group settled")
+        await until(
+            lambda: set().union(*(w.parts.owned for w in owners)) == set(range(4)), 30, "the group settled"
+        )
         assert not v2_only.pins.waiting() and v1_again.parts.stable.is_set()
         # a group of two: the v1 runs' partitions went to the v1 worker, the rest stayed
-        assert {partition_for(r, 4) for r in old} <= v1_again.owned
-        assert v1_again.owned | v2_only.owned == set(range(4)) and not v1_again.owned & v2_only.owned
+        assert {partition_for(r, 4) for r in old} <= v1_again.parts.owned
+        assert (
+            v1_again.parts.owned | v2_only.parts.owned == set(range(4))
+            and not v1_again.parts.owned & v2_only.parts.owned
+        )
     finally:
         if v1_again is not None:
             await v1_again.stop()
