@@ -1,12 +1,15 @@
 """A writer's CPU per record, its records sent one ``send`` each against one aiokafka batch per topic
-partition (``calmrun.streams.txn``): ``python -m bench.txn_send [--bootstrap B] [--rounds 3] [--txns 300]``.
+partition (``calmrun.streams.txn``): ``python -m bench.txn_send [--bootstrap B] [--rounds 3] [--txns 300]
+[--decisions 5]``.
 
-One ``PartitionWriter`` over one transactional producer commits ``--txns`` transactions, each of five
-decisions of three records of 300 bytes (two headers each) on three partitions, one transaction at a time.
-The figure is this process's CPU time (``time.process_time``: every thread, not the wall clock) over the
-transactions, divided by the records; the two paths alternate, ``--rounds`` times, on the same writer's
-code, the send path put in place of ``_Batches`` for its rounds. Without ``--bootstrap`` a broker is started
-for the run (``calmrun.devkafka``).
+One ``PartitionWriter`` over one transactional producer commits ``--txns`` transactions, one at a time,
+each of ``--decisions`` decisions of three records of 300 bytes (two headers each) on three partitions.
+Two figures per path, in µs of this process's CPU (``time.process_time``, not the wall clock) per record:
+the process's over the transactions (commits and the sender's work included: on a busy machine the
+commit cycle's retries make it vary more than the paths differ), and the records' own, from a
+transaction's first record until its last batch is handed over (the event loop never yields in it). The two
+paths alternate, ``--rounds`` times, on the same writer's code, the send path put in place of ``_Batches``
+for its rounds. Without ``--bootstrap`` a broker is started for the run (``calmrun.devkafka``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.records import Out
 from calmrun.streams.txn import Gate, PartitionWriter
 
-DECISIONS, RECORDS, PARTITIONS, SIZE = 5, 3, 3, 300
+RECORDS, PARTITIONS, SIZE = 3, 3, 300  # a decision's records, on three partitions
 WARMUP = 20  # transactions before the clock starts: coordinators found, partitions known
 
 
@@ -81,7 +84,7 @@ class _Lost:
         raise SystemExit(f"the writer failed: {exc!r}")
 
 
-async def cpu_per_record(bootstrap: str, topic: str, txns: int) -> tuple[float, float]:
+async def cpu_per_record(bootstrap: str, topic: str, txns: int, decisions: int) -> tuple[float, float]:
     """Microseconds of this process's CPU per record over ``txns`` transactions (after the warm-up): all
     of it, and the records' own (``_Timed``)."""
     producer = AIOKafkaProducer(
@@ -100,7 +103,7 @@ async def cpu_per_record(bootstrap: str, topic: str, txns: int) -> tuple[float, 
         for i in range(WARMUP + txns):
             if i == WARMUP:
                 cpu0, _Timed.cpu = time.process_time(), 0.0
-            for d in range(DECISIONS):
+            for d in range(decisions):
                 key = f"run-{i}-{d}".encode()
                 headers = (("calmrun.type", b"step_completed"), ("calmrun.run", key))
                 outs = [Out(topic, (d + r) % PARTITIONS, key, value, headers) for r in range(RECORDS)]
@@ -111,11 +114,11 @@ async def cpu_per_record(bootstrap: str, topic: str, txns: int) -> tuple[float, 
             raise SystemExit(f"{writer.commits} commits for {WARMUP + txns} transactions")
     finally:
         await writer.close()
-    n = txns * DECISIONS * RECORDS
+    n = txns * decisions * RECORDS
     return cpu * 1e6 / n, _Timed.cpu * 1e6 / n
 
 
-async def run(bootstrap: str, rounds: int, txns: int) -> None:
+async def run(bootstrap: str, rounds: int, txns: int, decisions: int) -> None:
     topic = f"btxs{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -124,15 +127,15 @@ async def run(bootstrap: str, rounds: int, txns: int) -> None:
     finally:
         await admin.close()
     batches = txn._Batches
-    records = txns * DECISIONS * RECORDS
-    print(f"{txns} transactions of {DECISIONS * RECORDS} records of {SIZE} bytes on {PARTITIONS} partitions")
+    records = txns * decisions * RECORDS
+    print(f"{txns} transactions of {decisions * RECORDS} records of {SIZE} bytes on {PARTITIONS} partitions")
     print(f"us of CPU per record, {records} records a round: the process's | the records' own")
     for r in range(1, rounds + 1):
         line, us = [], {}
         for name, path in (("send", _Sends), ("batch", batches)):
             txn._Batches = functools.partial(_Timed, path)  # type: ignore[misc, assignment]
             try:
-                us[name] = await cpu_per_record(bootstrap, topic, txns)
+                us[name] = await cpu_per_record(bootstrap, topic, txns, decisions)
             finally:
                 txn._Batches = batches  # type: ignore[misc]
             line.append(f"{name} {us[name][0]:.1f} | {us[name][1]:.1f}")
@@ -146,14 +149,15 @@ def main() -> None:
     p.add_argument("--bootstrap", help="a running broker (default: one started for the run)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--txns", type=int, default=300)
+    p.add_argument("--decisions", type=int, default=5, help="per transaction, three records each")
     args = p.parse_args()
     if args.bootstrap:
-        asyncio.run(run(args.bootstrap, args.rounds, args.txns))
+        asyncio.run(run(args.bootstrap, args.rounds, args.txns, args.decisions))
         return
     kafka = DevKafka(data_dir=Path(tempfile.mkdtemp(prefix="calmrun-bench-kafka-")), port=free_port())
     kafka.start()
     try:
-        asyncio.run(run(kafka.bootstrap, args.rounds, args.txns))
+        asyncio.run(run(kafka.bootstrap, args.rounds, args.txns, args.decisions))
     finally:
         kafka.stop()
 
