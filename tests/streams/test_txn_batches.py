@@ -61,12 +61,14 @@ async def test_a_record_over_max_request_size_fails_its_transaction_before_any_c
     broker: str, prefix: str
 ) -> None:
     """The record fits its batch (a first record always does) but not the producer's limit: refused as
-    ``send`` refuses it, and nothing of its transaction is ever read."""
+    ``send`` refuses it, and nothing of its transaction is ever read, not even a full batch of it already
+    handed to the producer (transactional, in a transaction that never commits)."""
     topic = f"{prefix}.ev"
     failures: list[BaseException] = []
     writer = await _writer(broker, f"{prefix}.tx", failures, topic, max_request_size=4096)
     try:
-        writer.add([Out(topic, 0, b"k", b"fits"), Out(topic, 0, b"k", b"x" * 8192)], None, None, inputs=())
+        full = [Out(topic, 0, b"k", b"f" * 1024) for _ in range(20)]  # over 16 KiB: one batch goes out
+        writer.add([*full, Out(topic, 0, b"k", b"x" * 8192)], None, None, inputs=())
         await asyncio.wait_for(writer.flush(), 30)
     finally:
         await writer.close()
