@@ -406,6 +406,7 @@ class _Batches:
         return self._futures
 
     async def _send(self, tp: tuple[str, int], builder: Any) -> None:
+        builder.close()  # closed to further records: nothing but this transaction's order goes in it
         fut = await self._producer.send_batch(builder, tp[0], partition=tp[1])
         fut.add_done_callback(_retrieved)  # a transaction cut short by fencing leaves its futures unawaited
         self._futures.append(fut)
@@ -418,8 +419,9 @@ def require_batch_sends() -> None:
     """Fail at once if the installed aiokafka lacks the batch calls a writer makes (``_Batches``).
 
     ``create_batch``, ``send_batch`` and ``BatchBuilder.append`` (returning the record's size) are aiokafka's
-    public batch interface since 0.5; this says plainly, when a writer is made, that an aiokafka without
-    them cannot carry the worker's transactions, instead of failing in the first one.
+    public batch interface ("Direct batch control" in its producer guide); this says plainly, when a writer
+    is made, that an aiokafka without them cannot carry the worker's transactions, instead of failing in
+    the first one.
 
     Raises:
         RuntimeError: one of them is missing.

@@ -16,8 +16,19 @@ from calmrun.streams.txn import require_batch_sends
 from tests.streams.test_runtime_eager import _writer
 
 
-async def _read(broker: str, topic: str) -> list[tuple[bytes | None, list[tuple[str, bytes]]]]:
-    """``topic``'s committed records (partition 0): value and headers, in order."""
+async def _read(broker: str, topic: str, n: int = 0) -> list[tuple[bytes | None, list[tuple[str, bytes]]]]:
+    """``topic``'s committed records (partition 0): value and headers, in order; read again until there
+    are ``n`` (a commit returns before the broker has written its markers: until then the last stable
+    offset, a ``read_committed`` reader's end, is still before the transaction)."""
+    for _ in range(300):  # 30 s at most
+        got = await _read_once(broker, topic)
+        if len(got) >= n:
+            break
+        await asyncio.sleep(0.1)
+    return got
+
+
+async def _read_once(broker: str, topic: str) -> list[tuple[bytes | None, list[tuple[str, bytes]]]]:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=broker, enable_auto_commit=False, isolation_level="read_committed"
     )
@@ -53,8 +64,8 @@ async def test_records_over_several_batches_and_topics_commit_in_order_with_thei
     finally:
         await writer.close()
     assert failures == []
-    assert await _read(broker, big) == [(bytes([i]) * 1024, [("n", str(i).encode())]) for i in range(60)]
-    assert await _read(broker, small) == [(f"s{i}".encode(), []) for i in (0, 20, 40)]
+    assert await _read(broker, big, 60) == [(bytes([i]) * 1024, [("n", str(i).encode())]) for i in range(60)]
+    assert await _read(broker, small, 3) == [(f"s{i}".encode(), []) for i in (0, 20, 40)]
 
 
 async def test_a_record_over_max_request_size_fails_its_transaction_before_any_commit(
