@@ -63,6 +63,7 @@ class Writers:
             w.inline_wait_ms / 1000,
             linger_s=w.busy_linger_ms / 1000,
             linger_from=w.busy_linger_from,
+            max_request_size=self.settings.kafka.max_request_size,
         )
 
 

@@ -154,7 +154,15 @@ class PoolExecutor(Runtime):
 
     def _writer(self, p: int) -> PartitionWriter:
         producer = clients.transactional_producer(self.settings, p, self.group_id)
-        return PartitionWriter(p, producer, self.group_id, self._checkpoint, self._gate, self)
+        return PartitionWriter(
+            p,
+            producer,
+            self.group_id,
+            self._checkpoint,
+            self._gate,
+            self,
+            max_request_size=self.settings.kafka.max_request_size,
+        )
 
     def lost(self, p: int, exc: BaseException) -> None:
         """A transaction of ``p`` failed (``Losses``): fenced means another executor owns it now; anything

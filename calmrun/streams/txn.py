@@ -29,10 +29,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiokafka
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     IllegalOperation,
     InvalidProducerEpoch,
+    MessageSizeTooLargeError,
     ProducerFenced,
     TransactionCoordinatorFenced,
 )
@@ -103,6 +105,7 @@ class PartitionWriter:
         gate: the worker's count of uncommitted decisions.
         losses: told once if a transaction fails (``lost``); the writer is unusable after that.
         hold_s: how long a transaction waits, at most, for the tasks given to ``hold``.
+        max_request_size: the producer's ``max_request_size``: a larger record fails its transaction.
 
     A batch whose moved offsets may all wait (the checkpoint says so: they pass only lazy inputs, see
     ``add``) commits without them: two requests fewer (AddOffsetsToTxn, TxnOffsetCommit), one round trip
@@ -122,7 +125,9 @@ class PartitionWriter:
         hold_s: float = 0.0,
         linger_s: float = 0.0,
         linger_from: int = 1,
+        max_request_size: int = 1_048_576,
     ) -> None:
+        require_batch_sends()
         self.partition = partition
         self._producer = producer
         self._group_id = group_id
@@ -140,6 +145,7 @@ class PartitionWriter:
         self._open: Counter[str] = Counter()  # run ID -> its decisions not yet committed
         self._hold_s = hold_s
         self._linger_s, self._linger_from = linger_s, linger_from
+        self._max_request_size = max_request_size
         self._held: set[asyncio.Future[None]] = set()
         self._held_until = 0.0
         self._closing = False
@@ -326,22 +332,17 @@ class PartitionWriter:
     async def _write(self, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
         p = self._producer
         await p.begin_transaction()
-        futures: list[asyncio.Future[Any]] = []
+        records = _Batches(p, self._max_request_size)
         states: dict[tuple[str, bytes], StateOut] = {}
         for d in batch:
             for o in d.outputs:
-                fut = await p.send(
-                    o.topic, o.value, key=o.key, partition=o.partition, headers=list(o.headers)
-                )
-                fut.add_done_callback(_retrieved)  # a batch cut short by fencing leaves its futures unawaited
-                futures.append(fut)
+                await records.add(o.topic, o.partition, o.key, o.value, o.headers)
             if d.state is not None:
                 states.pop((d.state.topic, d.state.key), None)  # keep the newest, in decision order
                 states[(d.state.topic, d.state.key)] = d.state
         for st in states.values():
-            fut = await p.send(st.topic, st.encode(), key=st.key, partition=st.partition)
-            fut.add_done_callback(_retrieved)
-            futures.append(fut)
+            await records.add(st.topic, st.partition, st.key, st.encode(), ())
+        futures = await records.close()
         if offsets:
             await p.send_offsets_to_transaction(offsets, self._group_id)
         await p.commit_transaction()
@@ -358,6 +359,81 @@ class PartitionWriter:
                     del self._open[d.run_id]
             if d.on_commit is not None:
                 d.on_commit()
+
+
+class _Batches:
+    """One transaction's records, one aiokafka batch per topic partition (``create_batch``, ``send_batch``).
+
+    The records, their order in each partition and their timestamps (taken as each is added) are what
+    ``send`` would write, but with one future per batch instead of one per record, and no coroutine per
+    record (figures in docs/performance.md, ``python -m bench.txn_send``). aiokafka's ``send_batch`` takes
+    the same transactional path as ``send``: it refuses outside a transaction, adds the partition to the
+    transaction before the batch can be drained, and fails as ``send`` does once the producer failed. A
+    batch that is full goes out and another starts, as the producer's own accumulator does; a record over
+    ``max_request_size`` is refused before the commit, as ``send`` refuses it.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, max_request_size: int) -> None:
+        self._producer = producer
+        self._max_request_size = max_request_size
+        self._open: dict[tuple[str, int], Any] = {}  # aiokafka's BatchBuilder, per topic and partition
+        self._futures: list[asyncio.Future[Any]] = []
+
+    async def add(
+        self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: Iterable[Any]
+    ) -> None:
+        hdrs = list(headers)
+        tp = (topic, partition)
+        builder = self._open.get(tp)
+        if builder is None:
+            builder = self._open[tp] = self._producer.create_batch()
+        added = builder.append(key=key, value=value, timestamp=None, headers=hdrs)
+        if added is None:  # full
+            await self._send(tp, builder)
+            builder = self._open[tp] = self._producer.create_batch()
+            added = builder.append(key=key, value=value, timestamp=None, headers=hdrs)  # a first one fits
+        if added.size + _BATCH_HEADER > self._max_request_size:  # the batch is never sent: no commit follows
+            raise MessageSizeTooLargeError(
+                f"a record of {added.size} bytes to {topic}[{partition}] is larger than max_request_size "
+                f"({self._max_request_size})"
+            )
+
+    async def close(self) -> list[asyncio.Future[Any]]:
+        """Send the batches still open; every batch's future (resolved by the commit)."""
+        for tp, builder in self._open.items():
+            await self._send(tp, builder)
+        self._open.clear()
+        return self._futures
+
+    async def _send(self, tp: tuple[str, int], builder: Any) -> None:
+        builder.close()  # closed to further records: nothing but this transaction's order goes in it
+        fut = await self._producer.send_batch(builder, tp[0], partition=tp[1])
+        fut.add_done_callback(_retrieved)  # a transaction cut short by fencing leaves its futures unawaited
+        self._futures.append(fut)
+
+
+_BATCH_HEADER = 61  # bytes of a record batch's header (v2) around its records
+
+
+def require_batch_sends() -> None:
+    """Fail at once if the installed aiokafka lacks the batch calls a writer makes (``_Batches``).
+
+    ``create_batch``, ``send_batch`` and ``BatchBuilder.append`` (returning the record's size) are aiokafka's
+    public batch interface ("Direct batch control" in its producer guide); this says plainly, when a writer
+    is made, that an aiokafka without them cannot carry the worker's transactions, instead of failing in
+    the first one.
+
+    Raises:
+        RuntimeError: one of them is missing.
+    """
+    from aiokafka.producer.message_accumulator import BatchBuilder
+
+    missing = [n for n in ("create_batch", "send_batch") if not callable(getattr(AIOKafkaProducer, n, None))]
+    if not callable(getattr(BatchBuilder, "append", None)):
+        missing.append("BatchBuilder.append")
+    if missing:
+        names = ", ".join(missing)
+        raise RuntimeError(f"aiokafka {aiokafka.__version__} lacks {names}: see calmrun.streams.txn")
 
 
 def _transaction_error(producer: Any) -> BaseException | None:

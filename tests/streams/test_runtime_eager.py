@@ -163,6 +163,7 @@ async def _writer(
     checkpoint: Checkpoint | None = None,
     gate: Gate | None = None,
     linger_s: float = 0.0,
+    max_request_size: int = 1_048_576,
 ) -> PartitionWriter:
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
@@ -181,6 +182,7 @@ async def _writer(
         Lost(failures),
         linger_s=linger_s,
         linger_from=8,
+        max_request_size=max_request_size,
     )
     await writer.start()
     return writer
