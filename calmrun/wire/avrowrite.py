@@ -173,27 +173,88 @@ def _record(schema: dict[str, Any], named: dict[str, Any], namespace: str, model
     if full in named:  # defined twice, or a record that contains itself: left to fastavro
         raise NotCompilable(full)
     named[full] = None  # a reference to it from inside it finds no schema: not compilable
-    items = tuple((f["name"], _compile(f["type"], named, namespace, models)) for f in schema["fields"])
+    fields = [(str(f["name"]), f["type"]) for f in schema["fields"]]
+    writers = [_compile(t, named, namespace, models) for _, t in fields]
     named[full] = schema
     model, converts = models.get(full, (None, ()))
-    convert = dict(converts)
-    from_model = tuple((name, w, convert.get(name)) for name, w in items)
+    return _generated(fields, writers, model, dict(converts), named, namespace)
 
-    def write(v: Any, out: bytearray) -> None:
-        t = type(v)
-        try:
-            if t is dict:
-                for name, w in items:
-                    w(v[name], out)
-            elif t is model:
-                fields = v.__dict__  # a pydantic model's field values, as model_dump reads them
-                for name, w, conv in from_model:
-                    w(fields[name] if conv is None else conv(fields[name]), out)
-            else:
-                raise Unsure
-        except KeyError:  # a missing field: fastavro would write its default
-            raise Unsure from None
 
+# A record's writer is generated as one function (``exec``, as ``dataclasses`` makes ``__init__``): a field of
+# a primitive type, or null or a primitive, is written inline, with the same checks as the functions above;
+# any other calls its compiled writer. A call per field was most of the compiled writers' time.
+_INLINE: dict[str, list[str]] = {
+    "null": ["if x is not None: raise Unsure"],
+    "boolean": ["if type(x) is not bool: raise Unsure", "out.append(1 if x else 0)"],
+    "long": [
+        "if type(x) is not int: raise Unsure",
+        "if 0 <= x < 64: out.append(x << 1)",
+        "else: write_long(x, out)",
+    ],
+    "double": ["if type(x) is not float: raise Unsure", "out += _DOUBLE(x)"],
+    "string": [
+        "if type(x) is not str: raise Unsure",
+        "b = x.encode()",  # a lone surrogate raises UnicodeEncodeError: Unsure (see the function's end)
+        "if len(b) < 64: out.append(len(b) << 1)",
+        "else: write_long(len(b), out)",
+        "out += b",
+    ],
+    "bytes": ["if type(x) is not bytes: raise Unsure", "write_long(len(x), out)", "out += x"],
+}
+
+
+def _primitive(schema: Any) -> str | None:
+    if isinstance(schema, str) and schema in _INLINE:
+        return schema
+    if isinstance(schema, dict) and len(schema) == 1 and schema.get("type") in _INLINE:
+        return str(schema["type"])
+    return None
+
+
+def _field_lines(schema: Any, k: int) -> list[str]:
+    """The lines writing ``x`` (a field's value) of ``schema``: inline where it is primitive, or null or a
+    primitive (the branches ``_union`` allows); else a call of the field's compiled writer ``w{k}``."""
+    kind = _primitive(schema)
+    if kind is not None:
+        return _INLINE[kind]
+    if isinstance(schema, list) and len(schema) == 2 and "null" in schema:
+        other = _primitive(schema[1 - schema.index("null")])
+        if other is not None and other != "null":
+            none_tag, some_tag = (0, 2) if schema[0] == "null" else (2, 0)
+            inner = ["    " + line for line in _INLINE[other]]
+            return [f"if x is None: out.append({none_tag})", "else:", f"    out.append({some_tag})", *inner]
+    return [f"w{k}(x, out)"]
+
+
+def _generated(
+    fields: list[tuple[str, Any]],
+    writers: list[Write],
+    model: type | None,
+    converts: dict[str, Convert],
+    named: dict[str, Any],
+    namespace: str,
+) -> Write:
+    """The record's writer: a dict of its fields, or an instance of ``model`` (see the module docstring)."""
+    env: dict[str, Any] = {"Unsure": Unsure, "write_long": write_long, "_DOUBLE": _DOUBLE, "model": model}
+    from_dict, from_model = [], []
+    for k, ((name, schema), w) in enumerate(zip(fields, writers, strict=True)):
+        env[f"w{k}"] = w
+        lines = _field_lines(schema, k)
+        from_dict += [f"x = v[{name!r}]", *lines]
+        conv = converts.get(name)
+        if conv is not None:
+            env[f"c{k}"] = conv
+        from_model += [f"x = c{k}(f[{name!r}])" if conv is not None else f"x = f[{name!r}]", *lines]
+    src = ["def write(v, out):", "    t = type(v)", "    try:", "        if t is dict:"]
+    src += ["            " + line for line in from_dict or ["pass"]]
+    if model is not None:
+        src += ["        elif t is model:", "            f = v.__dict__  # the field values model_dump reads"]
+        src += ["            " + line for line in from_model or ["pass"]]
+    src += ["        else:", "            raise Unsure"]
+    # a missing field: fastavro would write its default; a lone surrogate: fastavro says what it says
+    src += ["    except (KeyError, UnicodeEncodeError):", "        raise Unsure from None"]
+    exec("\n".join(src), env)  # the source is built here from the schema's own structure
+    write: Write = env["write"]
     return write
 
 
