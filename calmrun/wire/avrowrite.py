@@ -4,8 +4,8 @@ fastavro's ``schemaless_writer`` walks the schema dict on every call and validat
 before it picks one; a worker encodes about 18 records a run (events, tasks, states), and that walk was
 the largest single item of its CPU (docs/performance.md). The schemas calmrun writes use a small part of
 Avro: records, maps, arrays, ``null``, ``boolean``, ``long``, ``double``, ``string``, ``bytes`` and
-two-branch unions with ``null``. For those a writer is built once from closures; any other schema gets
-none (``compile_writer`` returns None) and is written by fastavro.
+two-branch unions with ``null``. For those a writer is built once (a record's as one generated function);
+any other schema gets none (``compile_writer`` returns None) and is written by fastavro.
 
 A writer takes only the values whose bytes it is sure of: exact types (an ``int`` for a long, a ``float``
 for a double, a ``list`` for an array), every record field present, a long within 64 bits. Anything else
