@@ -18,7 +18,7 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from calmrun.errors import DecodeError, SerializationError, UnknownSchemaError
-from calmrun.wire.avrowrite import Unsure, Write, compile_writer
+from calmrun.wire.avrowrite import Models, Unsure, Write, compile_writer
 
 MARKER = b"\xc3\x01"
 HEADER_SIZE = 10
@@ -42,10 +42,14 @@ class AvroCodec:
         schemas: Avro schemas (dicts) of named records; their full names are the lookup keys.
         readers: earlier versions of those schemas: records written with them still decode (under the
             same name), nothing is written with them.
+        models: the pydantic models the compiled writers also take (``encode_model``), by record name.
     """
 
     def __init__(
-        self, schemas: Iterable[Mapping[str, Any]], readers: Iterable[Mapping[str, Any]] = ()
+        self,
+        schemas: Iterable[Mapping[str, Any]],
+        readers: Iterable[Mapping[str, Any]] = (),
+        models: Models | None = None,
     ) -> None:
         self._by_name: dict[str, tuple[Any, bytes]] = {}
         self._writers: dict[str, Write] = {}  # compiled (calmrun.wire.avrowrite), where the schema allows
@@ -55,7 +59,7 @@ class AvroCodec:
             name = str(parsed["name"])
             fp = schema_fingerprint(schema)
             self._by_name[name] = (parsed, MARKER + fp)
-            writer = compile_writer(dict(schema))
+            writer = compile_writer(dict(schema), models=models)
             if writer is not None:
                 self._writers[name] = writer
             self._by_fingerprint[fp] = (name, parsed)
@@ -104,6 +108,19 @@ class AvroCodec:
             except Unsure:  # a value the compiled writer does not take: fastavro writes or refuses it
                 pass
         return self.encode_slow(name, record)
+
+    def encode_model(self, name: str, record: object) -> bytes | None:
+        """``record`` (an instance of a model given as ``models``) as the single object that ``encode`` writes
+        for its dict, or None where the compiled writer does not take it (the caller then dumps it)."""
+        writer = self._writers.get(name)
+        if writer is None:
+            return None
+        out = bytearray(self._by_name[name][1])
+        try:
+            writer(record, out)
+        except Unsure:
+            return None
+        return bytes(out)
 
     def encode_slow(self, name: str, record: Mapping[str, Any]) -> bytes:
         """``encode`` with fastavro alone (the reference the compiled writers are checked against)."""

@@ -67,6 +67,8 @@ class _Derived:
     def __init__(self, model: type[BaseModel]) -> None:
         self.model = model
         self.defined: set[str] = set()
+        # record full name -> the model and the converters of its fields read from an instance
+        self.sources: dict[str, tuple[type, tuple[tuple[str, Convert], ...]]] = {}
         self._conv_cache: dict[str, tuple[Convert, Convert]] = {}
         self.schema, self.to_avro, self.from_avro = self._record(model)
 
@@ -78,11 +80,14 @@ class _Derived:
         fields = []
         to: dict[str, Convert] = {}
         back: dict[str, Convert] = {}
+        leaf: dict[str, Convert] = {}
         for fname, info in model.model_fields.items():
             tp = info.annotation
             if info.metadata:
                 tp = Annotated[(tp, *info.metadata)]  # type: ignore[assignment]
             schema, t, b = self._type(tp)
+            if t is not None and not _holds_model(tp):  # a nested model's writer converts its own fields
+                leaf[fname] = t
             field: dict[str, Any] = {"name": fname, "type": schema}
             if info.description:
                 field["doc"] = info.description
@@ -98,6 +103,8 @@ class _Derived:
         doc = (model.__doc__ or "").strip().split("\n")[0]
         schema_out = {"type": "record", "name": name, "namespace": NAMESPACE, "doc": doc, "fields": fields}
         self._conv_cache[name] = (_record_conv(to), _record_conv(back))
+        if _dumps_as_fields(model):
+            self.sources[f"{NAMESPACE}.{name}"] = (model, tuple(leaf.items()))
         return schema_out, *self._conv_cache[name]
 
     def _type(self, tp: Any) -> tuple[Any, Convert, Convert]:
@@ -146,6 +153,29 @@ class _Derived:
                 return "string", str, None
             return prim[tp], None, None
         raise TypeError(f"no Avro mapping for {tp!r}")
+
+
+def _holds_model(tp: Any) -> bool:
+    """Does a value of ``tp`` hold a pydantic model written as an Avro record (not inside a JSON field)?"""
+    if get_origin(tp) is Annotated:
+        base, *meta = get_args(tp)
+        return not any(isinstance(m, AvroJson) for m in meta) and _holds_model(base)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return True
+    return any(_holds_model(a) for a in get_args(tp))
+
+
+def _dumps_as_fields(model: type[BaseModel]) -> bool:
+    """Does ``model_dump`` return this model's field values as they are held (no serializer, computed or
+    excluded field, or extra), so that a writer may read them from the instance (``wire.avrowrite``)?"""
+    decorators = model.__pydantic_decorators__
+    return (
+        not decorators.model_serializers
+        and not decorators.field_serializers
+        and not model.model_computed_fields
+        and model.model_config.get("extra") != "allow"
+        and not any(info.exclude for info in model.model_fields.values())
+    )
 
 
 def _loads(v: Any) -> Any:
@@ -209,7 +239,9 @@ class RecordCodec:
     def __init__(self, models: Iterable[type[BaseModel]], framing: ConfluentFraming | None = None) -> None:
         self._derived = {m.__name__: _Derived(m) for m in models}
         self._by_full = {f"{NAMESPACE}.{name}": d for name, d in self._derived.items()}
-        self.avro = AvroCodec((d.schema for d in self._derived.values()), readers=self._earlier())
+        sources = {k: v for d in self._derived.values() for k, v in d.sources.items()}
+        schemas = (d.schema for d in self._derived.values())
+        self.avro = AvroCodec(schemas, readers=self._earlier(), models=sources)
         self.framing = framing
         self._readers = {
             name: (self.avro.schema(name), self.avro.header(name)[2:]) for name in self.avro.names
@@ -255,14 +287,24 @@ class RecordCodec:
         d = self._derived.get(name)
         if d is None:
             raise SerializationError(f"{name} is not a calmrun wire record")
-        data = record.model_dump()  # python mode: bytes stay bytes (json mode would decode them as UTF-8)
-        if d.to_avro is not None:
-            data = d.to_avro(data)
         full = f"{NAMESPACE}.{name}"
-        single = self.avro.encode(full, data)
+        single = self.avro.encode_model(full, record)  # its fields read as they are (wire.avrowrite)
+        if single is None:
+            single = self.encode_dumped(record)
         if topic is None or self.framing is None or not self.framing.write or name not in FRAMED:
             return single
         return self.framing.header(topic, full, d.schema) + single[10:]
+
+    def encode_dumped(self, record: BaseModel) -> bytes:
+        """``record`` as single-object Avro through ``model_dump`` and the converters (what ``encode`` does
+        where the compiled writer does not take the model itself; the reference its bytes are checked
+        against)."""
+        name = type(record).__name__
+        d = self._derived[name]
+        data = record.model_dump()  # python mode: bytes stay bytes (json mode would decode them as UTF-8)
+        if d.to_avro is not None:
+            data = d.to_avro(data)
+        return self.avro.encode(f"{NAMESPACE}.{name}", data)
 
     def decode(self, data: bytes) -> BaseModel:
         """Decode any registered record; total: whatever the bytes, a record or a ``DecodeError``.
