@@ -8,6 +8,7 @@ on ``--processes 2``, kills one child with SIGKILL mid-load and ends with the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -91,11 +92,13 @@ class Supervised:
             await asyncio.sleep(0.1)
 
     def close(self) -> None:
+        children = self.children()  # before the supervisor goes: its orphans are init's, not found after
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
-        for pid in self.children():
-            os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self._log.close()
 
 
