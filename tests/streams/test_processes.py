@@ -228,12 +228,20 @@ async def test_processes_2_survives_kill_9_of_a_child_with_one_history_per_run(
             assert time.monotonic() < end, f"the killed child was never restarted:\n{sup.text()[-3000:]}"
             await asyncio.sleep(0.1)
         ids = await submitting
+        # the restarted child has its partitions (a slow start under load may miss the first runs): more
+        end = time.monotonic() + 120
+        while sup.text().count("worker ready: partitions") < 3:
+            assert time.monotonic() < end, f"the restarted child never got ready:\n{sup.text()[-3000:]}"
+            await asyncio.sleep(0.1)
+        more = [RunRequest(workflow="fork", input={"n": i}, run_id=f"p{i}") for i in range(1_000, 1_200)]
+        ids += await submit_spread(client, more, 4.0)
         states = await client.wait_terminal(ids, wait_s=90)
     assert sup.proc.poll() is None
     assert "died (signal SIGKILL" in sup.text()
     assert {s.status for s in states.values()} == {"completed"}
     wf = load_workflow(sup.wf)
-    events, records = await checked_history(broker, prefix, settings, wf, len(requests), replayed=False)
+    n = len(requests) + len(more)
+    events, records = await checked_history(broker, prefix, settings, wf, n, replayed=False)
     counts = check_starts(log, events, records)
     pids = {s["pid"] for s in starts(log)}
     assert before[0] in pids and before[1] in pids and set(after) - set(before) <= pids, (pids, after)
