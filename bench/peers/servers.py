@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -113,9 +114,18 @@ def _as_postgres(cmd: Sequence[str], log: Path | None = None) -> None:
         raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode}:\n{(out.stdout + out.stderr)[-2000:]}")
 
 
+def _postgres_may_enter() -> str | None:
+    """Where PostgreSQL's data may go: the temporary directory, unless root runs the bench with one that the
+    ``postgres`` user cannot enter (``TMPDIR=$(mktemp -d)`` is mode 700), then ``/tmp``."""
+    tmp = tempfile.gettempdir()
+    if os.geteuid() == 0 and not os.stat(tmp).st_mode & stat.S_IXOTH:
+        return "/tmp"
+    return None
+
+
 @contextlib.asynccontextmanager
 async def postgres(peers: Peers, logs: Path) -> AsyncIterator[Postgres]:
-    base = Path(tempfile.mkdtemp(prefix="calmrun-bench-pg-"))
+    base = Path(tempfile.mkdtemp(prefix="calmrun-bench-pg-", dir=_postgres_may_enter()))
     data, port = base / "data", free_port()
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
