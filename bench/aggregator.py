@@ -29,7 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
-from bench.common import PARTITIONS, Ctx, cpu_s, summary
+from bench.common import PARTITIONS, Ctx, cpu_s, on_a_broker, summary
 from calmrun.costs.costtopics import CostTopics, ensure_cost_topics
 from calmrun.costs.process import AggregatorProcess
 from calmrun.costs.totals import read_current
@@ -312,18 +312,7 @@ def main() -> None:
     parser.add_argument("--transactions", type=int, default=0, help="write the events in transactions of N")
     parser.add_argument("--bootstrap")
     args = parser.parse_args()
-    if args.bootstrap:
-        asyncio.run(_standalone(args.bootstrap, args.runs, args.flood, args.transactions))
-        return
-    from calmrun.devkafka import DevKafka
-    from calmrun.localproc import free_port
-
-    kafka = DevKafka(data_dir=Path(tempfile.mkdtemp(prefix="calmrun-costs-kafka-")), port=free_port())
-    kafka.start()
-    try:
-        asyncio.run(_standalone(kafka.bootstrap, args.runs, args.flood, args.transactions))
-    finally:
-        kafka.stop()
+    on_a_broker(args.bootstrap, lambda b: _standalone(b, args.runs, args.flood, args.transactions), "costs")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,20 @@ def write_status(path: Path | None, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
+
+
+def on_a_broker(bootstrap: str | None, main: Callable[[str], Coroutine[Any, Any, None]], name: str) -> None:
+    """Run ``main`` on the broker at ``bootstrap``, or, without one, on a broker started for it (data under
+    a temporary ``calmrun-<name>-kafka-`` directory) and stopped after: a bench module's ``--bootstrap``."""
+    if bootstrap:
+        asyncio.run(main(bootstrap))
+        return
+    from calmrun.devkafka import DevKafka
+    from calmrun.localproc import free_port
+
+    kafka = DevKafka(data_dir=Path(tempfile.mkdtemp(prefix=f"calmrun-{name}-kafka-")), port=free_port())
+    kafka.start()
+    try:
+        asyncio.run(main(kafka.bootstrap))
+    finally:
+        kafka.stop()

@@ -15,7 +15,6 @@ only: they hold its next transaction back). ``--worker-opt`` passes ``bench.work
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.common import PARTITIONS, Ctx, loadavg
+from bench.common import PARTITIONS, Ctx, loadavg, on_a_broker
 from bench.driver import LIN, TERMINAL, run_client, start_worker
 from calmrun.kafka.topics import Topics, partition_for
 from calmrun.wire.codec import RecordCodec, wire_models
@@ -155,19 +154,7 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kafka = None
-    if not args.bootstrap:
-        from calmrun.devkafka import DevKafka
-        from calmrun.localproc import free_port
-
-        kafka = DevKafka(data_dir=Path(tempfile.mkdtemp(prefix="calmrun-timeline-kafka-")), port=free_port())
-        kafka.start()
-    ctx = Ctx(bootstrap=args.bootstrap or (kafka.bootstrap if kafka else ""), out=out)
-    try:
-        asyncio.run(run(args, ctx))
-    finally:
-        if kafka is not None:
-            kafka.stop()
+    on_a_broker(args.bootstrap, lambda b: run(args, Ctx(bootstrap=b, out=out)), "timeline")
 
 
 if __name__ == "__main__":

@@ -17,19 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from calmrun.devkafka import DevKafka
+from bench.common import on_a_broker
 from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS
-from calmrun.localproc import free_port
 from calmrun.streams import txn
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.records import Out
@@ -151,15 +148,7 @@ def main() -> None:
     p.add_argument("--txns", type=int, default=300)
     p.add_argument("--decisions", type=int, default=5, help="per transaction, three records each")
     args = p.parse_args()
-    if args.bootstrap:
-        asyncio.run(run(args.bootstrap, args.rounds, args.txns, args.decisions))
-        return
-    kafka = DevKafka(data_dir=Path(tempfile.mkdtemp(prefix="calmrun-bench-kafka-")), port=free_port())
-    kafka.start()
-    try:
-        asyncio.run(run(kafka.bootstrap, args.rounds, args.txns, args.decisions))
-    finally:
-        kafka.stop()
+    on_a_broker(args.bootstrap, lambda b: run(b, args.rounds, args.txns, args.decisions), "bench")
 
 
 if __name__ == "__main__":
