@@ -110,6 +110,19 @@ class KafkaSettings(_Frozen):
         description="how soon a worker's transaction refused while the broker still ends the last one "
         "(CONCURRENT_TRANSACTIONS) is tried again; process-wide (docs/performance.md, section 1)",
     )
+    txn_lanes: Literal[1, 2] = Field(
+        2,
+        description="transactional producers per partition a worker writes in turn, so that a transaction "
+        "need not wait for the broker to end the last one (docs/performance.md, section 1)",
+    )
+    txn_ahead_ms: float = Field(
+        250.0,
+        ge=0,
+        le=10_000,
+        description="with two lanes: how long the transaction begun on the other lane right after a commit, "
+        "with the last one's partitions added, waits for a decision before it is aborted; 0: none is begun "
+        "ahead",
+    )
     client_id: str = "calmrun"
     security: SecuritySettings = SecuritySettings()
     max_request_size: int = Field(

@@ -296,7 +296,12 @@ class BrokerWatch:
                         self._leaders.setdefault(part["partition"], {})[t["topic"]] = part["leader"]
                 owned = set(self.ownership.owned)
                 keys = {"group": (self.group, 0)}
-                keys |= {f"tx.{p}": (transactional_id(self.group, p), 1) for p in owned}
+                lanes = range(self.settings.kafka.txn_lanes)  # each lane's id has its own coordinator
+                keys |= {
+                    f"tx.{lane}.{p}": (transactional_id(self.group, p, lane), 1)
+                    for p in owned
+                    for lane in lanes
+                }
                 found: dict[str, int] = {}
                 for what, (key, kind) in keys.items():
                     answer = await admin._client.send(node, FindCoordinatorRequest(key, kind))

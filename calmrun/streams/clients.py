@@ -62,14 +62,17 @@ def restorer(settings: Settings) -> AIOKafkaConsumer:
     )
 
 
-def transactional_producer(settings: Settings, p: int, group_id: str | None = None) -> AIOKafkaProducer:
-    """The producer of partition ``p``'s writer (not started: starting it fences the previous owner)."""
+def transactional_producer(
+    settings: Settings, p: int, group_id: str | None = None, lane: int = 0
+) -> AIOKafkaProducer:
+    """The producer of partition ``p``'s writer on ``lane`` (``streams.txn``; not started: starting it
+    fences the previous owner's)."""
     k = settings.kafka
     retry_busy_transactions_soon(k.txn_busy_retry_ms)  # the next transaction starts while the last one ends
     return AIOKafkaProducer(
         bootstrap_servers=k.bootstrap,
-        client_id=f"{k.client_id}-tx-{p}",
-        transactional_id=transactional_id(group_id or settings.group_id, p),
+        client_id=f"{k.client_id}-tx-{p}" + ("b" if lane else ""),
+        transactional_id=transactional_id(group_id or settings.group_id, p, lane),
         enable_idempotence=True,
         acks="all",
         linger_ms=k.linger_ms,
@@ -78,3 +81,8 @@ def transactional_producer(settings: Settings, p: int, group_id: str | None = No
         max_request_size=k.max_request_size,
         **client_kwargs(k),
     )
+
+
+def spare_producer(settings: Settings, p: int, group_id: str | None = None) -> AIOKafkaProducer | None:
+    """The second lane's producer of partition ``p``'s writer, if ``kafka.txn_lanes`` is 2."""
+    return transactional_producer(settings, p, group_id, 1) if settings.kafka.txn_lanes == 2 else None

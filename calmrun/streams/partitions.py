@@ -64,6 +64,8 @@ class Writers:
             linger_s=w.busy_linger_ms / 1000,
             linger_from=w.busy_linger_from,
             max_request_size=self.settings.kafka.max_request_size,
+            spare=clients.spare_producer(self.settings, p),
+            ahead_s=self.settings.kafka.txn_ahead_ms / 1000,
         )
 
 

@@ -162,6 +162,8 @@ class PoolExecutor(Runtime):
             self._gate,
             self,
             max_request_size=self.settings.kafka.max_request_size,
+            spare=clients.spare_producer(self.settings, p, self.group_id),
+            ahead_s=self.settings.kafka.txn_ahead_ms / 1000,
         )
 
     def lost(self, p: int, exc: BaseException) -> None:

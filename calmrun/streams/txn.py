@@ -17,6 +17,19 @@ step's result commits together with the decision that scheduled it (see ``stream
 A writer that just committed a large batch (``linger_from`` decisions or more) waits ``linger_s`` before
 it takes the next one, so that under load more decisions share a transaction (``worker.busy_linger_ms``);
 a small batch, as one run at a time makes, never waits.
+
+Two lanes. After a commit the broker still writes that transaction's markers for a few milliseconds, and
+refuses the same transactional id's next transaction until it is done (CONCURRENT_TRANSACTIONS). A writer
+given a ``spare`` producer (its own transactional id, ``transactional_id(group, p, lane=1)``) writes its
+transactions on the two in turn, so the next one need not wait for the last one's markers, and it begins
+that next one *ahead*, right after a commit, with the last one's partitions already added
+(AddPartitionsToTxn then takes place while the next decision is being made). Input offsets commit on
+the first lane only, so that they never go back: a transaction's offsets become the group's when its
+markers are written, and the two lanes' markers may be written in either order. A batch with offsets
+that must commit with it goes on the first lane; lazy offsets wait for its next transaction. A
+transaction begun ahead that gets no decision within ``ahead_s`` is aborted (markers, no record); so is
+one still empty when the writer closes. Starting the writer initialises both ids: both of the previous
+owner's lanes are fenced.
 """
 
 from __future__ import annotations
@@ -53,9 +66,10 @@ FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionCoordinatorFenced)
 _MAX_BATCH = 2_000  # decisions per transaction at most, so that one commit stays short
 
 
-def transactional_id(group_id: str, partition: int) -> str:
-    """The transactional id of ``partition``'s writer: one per partition of the group, never per process."""
-    return f"{group_id}.tx.{partition}"
+def transactional_id(group_id: str, partition: int, lane: int = 0) -> str:
+    """The transactional id of ``partition``'s writer on ``lane`` (0 or 1, see the module docstring): per
+    partition of the group, never per process."""
+    return f"{group_id}.tx.{partition}" + (".b" if lane else "")
 
 
 class Gate:
@@ -106,6 +120,10 @@ class PartitionWriter:
         losses: told once if a transaction fails (``lost``); the writer is unusable after that.
         hold_s: how long a transaction waits, at most, for the tasks given to ``hold``.
         max_request_size: the producer's ``max_request_size``: a larger record fails its transaction.
+        spare: a producer configured with ``transactional_id(group_id, partition, lane=1)`` (not started):
+            the second lane; None: every transaction on ``producer`` (see the module docstring).
+        ahead_s: how long a transaction begun ahead on the other lane waits for a decision before it is
+            aborted (0: none is begun ahead).
 
     A batch whose moved offsets may all wait (the checkpoint says so: they pass only lazy inputs, see
     ``add``) commits without them: two requests fewer (AddOffsetsToTxn, TxnOffsetCommit), one round trip
@@ -126,10 +144,11 @@ class PartitionWriter:
         linger_s: float = 0.0,
         linger_from: int = 1,
         max_request_size: int = 1_048_576,
+        spare: AIOKafkaProducer | None = None,
+        ahead_s: float = 0.0,
     ) -> None:
         require_batch_sends()
         self.partition = partition
-        self._producer = producer
         self._group_id = group_id
         self._checkpoint = checkpoint
         self._gate = gate
@@ -153,14 +172,23 @@ class PartitionWriter:
         self._taken = 0  # decisions of the transaction being written: still counted by the gate
         self._flushing = False  # a flush waits: commit every moved offset, lazy ones included
         self._due = False  # kicked: the next transaction commits every moved offset, lazy ones included
+        self._lanes = [producer] if spare is None else [producer, spare]
+        self.lane_commits = [0] * len(self._lanes)  # transactions committed on each lane
+        self._lane = 0  # the lane of the last transaction
+        self._ahead_s = ahead_s if spare is not None and can_add_ahead(spare) else 0.0
+        self._ahead: AIOKafkaProducer | None = None  # the lane with an empty transaction begun ahead
+        self._ahead_since = 0.0
+        self._ahead_expired = False
+        self._ahead_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
-        """Initialise the transactional id: aborts the previous owner's open transaction and fences it."""
-        await self._producer.start()
+        """Initialise the transactional ids: aborts the previous owner's open transactions and fences it."""
+        await asyncio.gather(*(p.start() for p in self._lanes))
         self._task = asyncio.create_task(self._run(), name=f"calmrun-txn-{self.partition}")
-        sender = getattr(getattr(self._producer, "_sender", None), "sender_task", None)  # aiokafka 0.14
-        if isinstance(sender, asyncio.Task):
-            sender.add_done_callback(self._sender_ended)
+        for p in self._lanes:
+            sender = getattr(getattr(p, "_sender", None), "sender_task", None)  # aiokafka 0.14
+            if isinstance(sender, asyncio.Task):
+                sender.add_done_callback(self._sender_ended)
 
     def _sender_ended(self, sender: asyncio.Task[Any]) -> None:
         """aiokafka's sender routine ended while the writer is open: no transaction can finish any more (an
@@ -222,6 +250,11 @@ class PartitionWriter:
         await self.flush()
 
     @property
+    def begun_ahead(self) -> bool:
+        """Is a transaction begun ahead, still empty (see the module docstring)?"""
+        return self._ahead is not None
+
+    @property
     def pending(self) -> int:
         return len(self._batch)
 
@@ -233,14 +266,18 @@ class PartitionWriter:
         await self._idle.wait()
 
     async def close(self) -> None:
-        """Stop the writer; a transaction not committed by now is aborted by the broker or the next owner."""
+        """Stop the writer; a transaction not committed by now is aborted by the broker or the next owner
+        (one begun ahead and still empty is aborted here, so that the next owner need not wait for it)."""
         self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self._ahead is not None and self.failed is None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._abort_ahead(), 10)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._producer.stop(), 10)
+            await asyncio.wait_for(asyncio.gather(*(p.stop() for p in self._lanes)), 10)
         # the queued decisions and a transaction cut short (fenced, closed) never commit: let them go
         self._gate.done(len(self._batch) + self._taken)
         self._batch.clear()
@@ -266,11 +303,15 @@ class PartitionWriter:
                 self._probing = False
                 due, self._due = self._due or self._flushing, False
                 deferred = bool(batch and offsets and not due and taken.may_wait)
+                lane = self._next_lane(strict=bool(offsets) and not deferred)
                 if deferred:
                     offsets = {}  # committed by a later transaction (see ``add``)
                 if batch or offsets:
                     self._taken = len(batch)
-                    await self._commit(batch, offsets)
+                    await self._commit(lane, batch, offsets)
+                elif self._ahead_expired and self._ahead is not None:
+                    await self._abort_ahead()  # nothing came for it: no transaction stays open while idle
+                self._ahead_expired = False
                 if (
                     self._linger_s > 0
                     and len(batch) >= self._linger_from
@@ -301,14 +342,51 @@ class PartitionWriter:
         ``send`` then raises ``IllegalOperation`` ("not in transaction"), not ``ProducerFenced``. The fence
         is kept as the transaction's fatal error (aiokafka 0.14's transaction manager, a private attribute).
         """
-        txn = getattr(self._producer, "_txn_manager", None)
-        if txn is None or not txn.is_fatal_error():
-            return None
-        ended = txn.wait_for_transaction_end()
-        if not ended.done() or ended.cancelled():
-            return None
-        cause = ended.exception()
-        return cause if isinstance(cause, FENCED) else None
+        for p in self._lanes:
+            txn = getattr(p, "_txn_manager", None)
+            if txn is None or not txn.is_fatal_error():
+                continue
+            ended = txn.wait_for_transaction_end()
+            if not ended.done() or ended.cancelled():
+                continue
+            cause = ended.exception()
+            fence: BaseException | None = cause if isinstance(cause, FENCED) else None
+            if fence is not None:
+                return fence
+        return None
+
+    def _next_lane(self, strict: bool) -> int:
+        """The lane of the next transaction: the first for input offsets that must commit with it (or
+        when there is one lane), else the one begun ahead, else the one not used last."""
+        if len(self._lanes) == 1 or strict:
+            return 0
+        if self._ahead is not None:
+            return self._lanes.index(self._ahead)
+        return 1 - self._lane
+
+    async def _begin_ahead(self, partitions: Iterable[TopicPartition]) -> None:
+        """Begin the next transaction now on the other lane and add ``partitions`` to it (see the module
+        docstring)."""
+        producer = self._lanes[1 - self._lane]
+        await producer.begin_transaction()
+        self._ahead = producer
+        manager = producer._txn_manager  # aiokafka's (``can_add_ahead``)
+        for tp in partitions:
+            manager.maybe_add_partition_to_txn(tp)
+        loop = asyncio.get_running_loop()
+        self._ahead_since = loop.time()
+        self._ahead_timer = loop.call_later(self._ahead_s, self._expire_ahead)
+
+    def _expire_ahead(self) -> None:
+        self._ahead_expired = True
+        self._wake.set()
+
+    async def _abort_ahead(self) -> None:
+        producer, self._ahead = self._ahead, None
+        if self._ahead_timer is not None:
+            self._ahead_timer.cancel()
+        if producer is not None:
+            await producer.abort_transaction()
 
     async def _wait_held(self) -> None:
         """Wait for the tasks started early from decisions of this batch, until ``hold_s`` has passed."""
@@ -321,17 +399,27 @@ class PartitionWriter:
             await asyncio.wait(running, timeout=left)
         self._held.clear()
 
-    async def _commit(self, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(self, lane: int, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
+        p = self._lanes[lane]
         try:
-            await self._write(batch, offsets)
+            await self._write(p, batch, offsets)
         except IllegalOperation as exc:
             # a fencing met by an earlier send of this batch leaves the producer out of its transaction:
             # the next send says only "not in transaction"; the cause is the transaction's own error
-            raise _transaction_error(self._producer) or exc from exc
+            raise _transaction_error(p) or exc from exc
+        self._lane = lane
 
-    async def _write(self, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
-        p = self._producer
-        await p.begin_transaction()
+    async def _write(
+        self, p: AIOKafkaProducer, batch: list[_Queued], offsets: dict[TopicPartition, int]
+    ) -> None:
+        if self._ahead is p:
+            self._ahead = None
+            if self._ahead_timer is not None:
+                self._ahead_timer.cancel()
+        else:
+            if self._ahead is not None and self._ahead_expired:
+                await self._abort_ahead()  # kept waiting by strict offsets: no lane stays open for long
+            await p.begin_transaction()
         records = _Batches(p, self._max_request_size)
         states: dict[tuple[str, bytes], StateOut] = {}
         for d in batch:
@@ -348,6 +436,7 @@ class PartitionWriter:
         await p.commit_transaction()
         await asyncio.gather(*futures)  # resolved by the commit; raises if a record was refused
         self.commits += 1
+        self.lane_commits[self._lanes.index(p)] += 1
         if offsets:
             self._checkpoint.committed(offsets)
         self._gate.done(len(batch))
@@ -359,6 +448,10 @@ class PartitionWriter:
                     del self._open[d.run_id]
             if d.on_commit is not None:
                 d.on_commit()
+        if self._ahead_s > 0 and self._ahead is None and not self._closing:
+            # after the callbacks: the tasks they start run while AddPartitionsToTxn is on its way
+            self._lane = self._lanes.index(p)
+            await self._begin_ahead(records.partitions)
 
 
 class _Batches:
@@ -378,6 +471,7 @@ class _Batches:
         self._max_request_size = max_request_size
         self._open: dict[tuple[str, int], Any] = {}  # aiokafka's BatchBuilder, per topic and partition
         self._futures: list[asyncio.Future[Any]] = []
+        self.partitions: list[TopicPartition] = []  # every partition a batch went to
 
     async def add(
         self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: Iterable[Any]
@@ -408,6 +502,7 @@ class _Batches:
     async def _send(self, tp: tuple[str, int], builder: Any) -> None:
         builder.close()  # closed to further records: nothing but this transaction's order goes in it
         fut = await self._producer.send_batch(builder, tp[0], partition=tp[1])
+        self.partitions.append(TopicPartition(*tp))
         fut.add_done_callback(_retrieved)  # a transaction cut short by fencing leaves its futures unawaited
         self._futures.append(fut)
 
@@ -434,6 +529,14 @@ def require_batch_sends() -> None:
     if missing:
         names = ", ".join(missing)
         raise RuntimeError(f"aiokafka {aiokafka.__version__} lacks {names}: see calmrun.streams.txn")
+
+
+def can_add_ahead(producer: AIOKafkaProducer) -> bool:
+    """Can a writer add partitions to a transaction before it writes to them (``PartitionWriter``'s
+    ``ahead_s``)? It calls aiokafka 0.14's transaction manager, ``maybe_add_partition_to_txn``, which is what
+    ``send`` calls for a partition new to the transaction; without it, nothing is begun ahead."""
+    manager = getattr(producer, "_txn_manager", None)
+    return callable(getattr(manager, "maybe_add_partition_to_txn", None))
 
 
 def _transaction_error(producer: Any) -> BaseException | None:

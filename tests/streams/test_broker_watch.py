@@ -171,7 +171,7 @@ def test_a_late_look_needs_as_much_more_silence() -> None:
 def test_one_stall_line_and_one_resume_line(caplog: pytest.LogCaptureFixture) -> None:
     w = watch()
     w._leaders = {0: {"w.events": 1, "w.state": 1}, 1: {"w.events": 2, "w.state": 1}, 2: {"w.events": 2}}
-    w._coordinators = {"group": 3, "tx.0": 1, "tx.1": 2}
+    w._coordinators = {"group": 3, "tx.0.0": 1, "tx.0.1": 2}
     silent(w.probes[2], time.monotonic() - 3)
     with caplog.at_level(logging.INFO, logger="calmrun.brokers"):
         w._judged({2})

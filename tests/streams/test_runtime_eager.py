@@ -164,6 +164,8 @@ async def _writer(
     gate: Gate | None = None,
     linger_s: float = 0.0,
     max_request_size: int = 1_048_576,
+    lanes: int = 1,
+    ahead_s: float = 0.0,
 ) -> PartitionWriter:
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
@@ -172,7 +174,10 @@ async def _writer(
             await admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in topics])
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=broker, transactional_id=tid, enable_idempotence=True)
+    producer, spare = (
+        AIOKafkaProducer(bootstrap_servers=broker, transactional_id=t, enable_idempotence=True)
+        for t in (tid, f"{tid}.b")
+    )
     writer = PartitionWriter(
         0,
         producer,
@@ -183,6 +188,8 @@ async def _writer(
         linger_s=linger_s,
         linger_from=8,
         max_request_size=max_request_size,
+        spare=spare if lanes == 2 else None,
+        ahead_s=ahead_s,
     )
     await writer.start()
     return writer

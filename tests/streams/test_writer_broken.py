@@ -30,7 +30,7 @@ async def slow_add_one(ctx: StepContext, item: Item) -> Out:
 
 def end_sender(worker: Worker, p: int) -> None:
     """End partition ``p``'s producer's sender routine, as aiokafka's own fatal error does."""
-    producer = worker.parts.writers[p]._producer
+    producer = worker.parts.writers[p]._lanes[0]  # the first lane: the one the commits of offsets use
     producer._sender.sender_task.cancel()
 
 
