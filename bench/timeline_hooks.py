@@ -102,7 +102,7 @@ def install() -> None:
     txn.PartitionWriter._wait_held = held  # type: ignore[method-assign]
 
     send: Callable[..., Awaitable[Any]] = aiokafka.client.AIOKafkaClient.send
-    tx_client = re.compile(r"-tx-(\d+)$")
+    tx_client = re.compile(r"-tx-(\d+)b?$")  # either lane's producer (streams.txn)
 
     async def sent(self: Any, node_id: Any, request: Any, *a: Any, **k: Any) -> Any:
         m = tx_client.search(str(self._client_id))
