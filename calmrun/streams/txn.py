@@ -177,7 +177,6 @@ class PartitionWriter:
         self._lane = 0  # the lane of the last transaction
         self._ahead_s = ahead_s if spare is not None and can_add_ahead(spare) else 0.0
         self._ahead: AIOKafkaProducer | None = None  # the lane with an empty transaction begun ahead
-        self._ahead_since = 0.0
         self._ahead_expired = False
         self._ahead_timer: asyncio.TimerHandle | None = None
 
@@ -373,9 +372,7 @@ class PartitionWriter:
         manager = producer._txn_manager  # aiokafka's (``can_add_ahead``)
         for tp in partitions:
             manager.maybe_add_partition_to_txn(tp)
-        loop = asyncio.get_running_loop()
-        self._ahead_since = loop.time()
-        self._ahead_timer = loop.call_later(self._ahead_s, self._expire_ahead)
+        self._ahead_timer = asyncio.get_running_loop().call_later(self._ahead_s, self._expire_ahead)
 
     def _expire_ahead(self) -> None:
         self._ahead_expired = True
