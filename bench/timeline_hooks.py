@@ -77,12 +77,12 @@ def install() -> None:
 
     write = txn.PartitionWriter._write
 
-    async def written(self: Any, producer: Any, batch: list[Any], offsets: Any) -> None:
+    async def written(self: Any, lane: int, batch: list[Any], offsets: Any) -> None:
         ids = [d.run_id for d in batch if d.run_id is not None]
         _BATCH[self.partition] = ids
         mark("txn begin", ids, f"{self.partition} offsets {len(offsets)}")
         try:
-            await write(self, producer, batch, offsets)
+            await write(self, lane, batch, offsets)
         finally:
             _BATCH.pop(self.partition, None)
         mark("txn committed", ids, str(self.partition))

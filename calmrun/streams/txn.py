@@ -397,18 +397,15 @@ class PartitionWriter:
         self._held.clear()
 
     async def _commit(self, lane: int, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
-        p = self._lanes[lane]
         try:
-            await self._write(p, batch, offsets)
+            await self._write(lane, batch, offsets)
         except IllegalOperation as exc:
             # a fencing met by an earlier send of this batch leaves the producer out of its transaction:
             # the next send says only "not in transaction"; the cause is the transaction's own error
-            raise _transaction_error(p) or exc from exc
-        self._lane = lane
+            raise _transaction_error(self._lanes[lane]) or exc from exc
 
-    async def _write(
-        self, p: AIOKafkaProducer, batch: list[_Queued], offsets: dict[TopicPartition, int]
-    ) -> None:
+    async def _write(self, lane: int, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
+        p = self._lanes[lane]
         if self._ahead is p:
             self._ahead = None
             if self._ahead_timer is not None:
@@ -433,7 +430,8 @@ class PartitionWriter:
         await p.commit_transaction()
         await asyncio.gather(*futures)  # resolved by the commit; raises if a record was refused
         self.commits += 1
-        self.lane_commits[self._lanes.index(p)] += 1
+        self.lane_commits[lane] += 1
+        self._lane = lane
         if offsets:
             self._checkpoint.committed(offsets)
         self._gate.done(len(batch))
@@ -447,7 +445,6 @@ class PartitionWriter:
                 d.on_commit()
         if self._ahead_s > 0 and self._ahead is None and not self._closing:
             # after the callbacks: the tasks they start run while AddPartitionsToTxn is on its way
-            self._lane = self._lanes.index(p)
             await self._begin_ahead(records.partitions)
 
 
