@@ -22,7 +22,7 @@ from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.records import Out, StateOut
-from calmrun.streams.txn import FENCED, Gate, PartitionWriter
+from calmrun.streams.txn import Gate, PartitionWriter
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import add_one, linear, ready, running, settings_for, until
 
@@ -323,35 +323,6 @@ async def test_after_a_large_batch_the_writer_lingers_and_the_next_decisions_sha
     assert writer.commits == 2
     assert await read_committed(broker, topic_ev) == [f"e{i}".encode() for i in range(13)]
     assert done == list(range(13))
-
-
-async def test_a_fenced_writer_commits_nothing_and_says_so(broker: str, prefix: str) -> None:
-    """A second writer of the same partition fences the first: the first one's later decisions never show,
-    and once it is closed they no longer count against the worker's room for uncommitted decisions."""
-    topic_ev = f"{prefix}.ev"
-    first_failures: list[BaseException] = []
-    second_failures: list[BaseException] = []
-    gate = Gate(100)
-    first = await _writer(broker, f"{prefix}.tx", first_failures, topic_ev, gate=gate)
-    second: PartitionWriter | None = None
-    try:
-        first.add([Out(topic_ev, 0, b"run", b"before")], None, None, inputs=())
-        await asyncio.wait_for(first.flush(), 30)
-        second = await _writer(broker, f"{prefix}.tx", second_failures, topic_ev)  # the next owner
-        committed_late: list[bool] = []
-        first.add([Out(topic_ev, 0, b"run", b"zombie")], None, lambda: committed_late.append(True), inputs=())
-        await asyncio.wait_for(first.flush(), 30)
-        second.add([Out(topic_ev, 0, b"run", b"after")], None, None, inputs=())
-        await asyncio.wait_for(second.flush(), 30)
-    finally:
-        await first.close()
-        if second is not None:
-            await second.close()
-    assert len(first_failures) == 1 and isinstance(first_failures[0], FENCED), first_failures
-    assert committed_late == []
-    assert gate.pending == 0  # the zombie's decision was taken into its fenced transaction, then let go
-    assert second_failures == []
-    assert await read_committed(broker, topic_ev) == [b"before", b"after"]
 
 
 async def test_a_flood_of_requests_is_held_back_by_unacknowledged_decisions(broker: str, prefix: str) -> None:

@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from calmrun.streams.records import Out
-from calmrun.streams.txn import FENCED, PartitionWriter, transactional_id
+from calmrun.streams.txn import FENCED, Gate, PartitionWriter, transactional_id
 from tests.streams.test_runtime_eager import _Recorded, _writer, read_committed
 
 
@@ -102,20 +102,28 @@ async def test_input_offsets_commit_on_the_first_lane_only_and_never_go_back(
     assert await read_committed(broker, topic) == [f"d{i}".encode() for i in range(8)]
 
 
-@pytest.mark.parametrize("before", [1, 2], ids=["zombie-on-second-lane", "zombie-on-first-lane"])
-async def test_the_next_owner_fences_each_lane_of_the_last(broker: str, prefix: str, before: int) -> None:
+@pytest.mark.parametrize(
+    ("lanes", "before"),
+    [(1, 1), (2, 1), (2, 2)],
+    ids=["one-lane", "zombie-on-second-lane", "zombie-on-first-lane"],
+)
+async def test_the_next_owner_fences_each_lane_of_the_last(
+    broker: str, prefix: str, lanes: int, before: int
+) -> None:
     """After a second writer of the partition starts, nothing the first one writes shows, whichever lane
-    its next transaction is on (the one begun ahead after ``before`` commits)."""
+    its next transaction is on (the one begun ahead after ``before`` commits); once the first is closed,
+    its decisions no longer count against the worker's room for uncommitted decisions."""
     topic = f"{prefix}.ev"
     first_failures: list[BaseException] = []
     second_failures: list[BaseException] = []
-    first = await _writer(broker, f"{prefix}.tx", first_failures, topic, lanes=2, ahead_s=5.0)
+    gate = Gate(100)
+    first = await _writer(broker, f"{prefix}.tx", first_failures, topic, gate=gate, lanes=lanes, ahead_s=5.0)
     second: PartitionWriter | None = None
     try:
         for i in range(before):
             await _decide(first, topic, f"before-{i}".encode(), inputs=())
         assert sum(first.lane_commits) == before
-        second = await _writer(broker, f"{prefix}.tx", second_failures, topic, lanes=2, ahead_s=5.0)
+        second = await _writer(broker, f"{prefix}.tx", second_failures, topic, lanes=lanes, ahead_s=5.0)
         committed_late: list[bool] = []
         first.add([Out(topic, 0, b"run", b"zombie")], None, lambda: committed_late.append(True), inputs=())
         await asyncio.wait_for(first.flush(), 30)
@@ -126,6 +134,7 @@ async def test_the_next_owner_fences_each_lane_of_the_last(broker: str, prefix: 
             await second.close()
     assert len(first_failures) == 1 and isinstance(first_failures[0], FENCED), first_failures
     assert committed_late == []
+    assert gate.pending == 0  # the zombie's decision was taken into its fenced transaction, then let go
     assert second_failures == []
     expected = [f"before-{i}".encode() for i in range(before)] + [b"after"]
     assert await read_committed(broker, topic) == expected
