@@ -22,12 +22,12 @@ Two lanes. After a commit the broker still writes that transaction's markers for
 refuses the same transactional id's next transaction until it is done (CONCURRENT_TRANSACTIONS). A writer
 given a ``spare`` producer (its own transactional id, ``transactional_id(group, p, lane=1)``) writes its
 transactions on the two in turn, so the next one need not wait for the last one's markers, and it begins
-that next one *ahead*, right after a commit, with the last one's partitions already added
-(AddPartitionsToTxn then takes place while the next decision is being made). Input offsets commit on
-the first lane only, so that they never go back: a transaction's offsets become the group's when its
-markers are written, and the two lanes' markers may be written in either order. A batch with offsets
-that must commit with it goes on the first lane; lazy offsets wait for its next transaction. A
-transaction begun ahead that gets no decision within ``ahead_s`` is aborted (markers, no record); so is
+that next one *ahead*, while a commit is on its way, with the committing one's partitions already added
+(AddPartitionsToTxn then takes place while EndTxn does and while the next decision is being made). Input
+offsets commit on the first lane only, so that they never go back: a transaction's offsets become the
+group's when its markers are written, and the two lanes' markers may be written in either order. A batch
+with offsets that must commit with it goes on the first lane; lazy offsets wait for its next transaction.
+A transaction begun ahead that gets no decision within ``ahead_s`` is aborted (markers, no record); so is
 one still empty when the writer closes. Starting the writer initialises both ids: both of the previous
 owner's lanes are fenced.
 """
@@ -310,7 +310,6 @@ class PartitionWriter:
                     await self._commit(lane, batch, offsets)
                 elif self._ahead_expired and self._ahead is not None:
                     await self._abort_ahead()  # nothing came for it: no transaction stays open while idle
-                self._ahead_expired = False
                 if (
                     self._linger_s > 0
                     and len(batch) >= self._linger_from
@@ -363,12 +362,13 @@ class PartitionWriter:
             return self._lanes.index(self._ahead)
         return 1 - self._lane
 
-    async def _begin_ahead(self, partitions: Iterable[TopicPartition]) -> None:
-        """Begin the next transaction now on the other lane and add ``partitions`` to it (see the module
+    async def _begin_ahead(self, lane: int, partitions: Iterable[TopicPartition]) -> None:
+        """Begin the next transaction now on ``lane`` and add ``partitions`` to it (see the module
         docstring)."""
-        producer = self._lanes[1 - self._lane]
+        producer = self._lanes[lane]
         await producer.begin_transaction()
         self._ahead = producer
+        self._ahead_expired = False
         manager = producer._txn_manager  # aiokafka's (``can_add_ahead``)
         for tp in partitions:
             manager.maybe_add_partition_to_txn(tp)
@@ -380,6 +380,7 @@ class PartitionWriter:
 
     async def _abort_ahead(self) -> None:
         producer, self._ahead = self._ahead, None
+        self._ahead_expired = False
         if self._ahead_timer is not None:
             self._ahead_timer.cancel()
         if producer is not None:
@@ -427,7 +428,17 @@ class PartitionWriter:
         futures = await records.close()
         if offsets:
             await p.send_offsets_to_transaction(offsets, self._group_id)
-        await p.commit_transaction()
+        if self._ahead_s > 0 and self._ahead is None and not self._closing:
+            # while this one commits: AddPartitionsToTxn is on its way while EndTxn is, and the next
+            # decision, made after the commit, usually finds its partitions added
+            ending = asyncio.ensure_future(p.commit_transaction())
+            await asyncio.sleep(0)  # the commit is marked first, so that EndTxn goes out first
+            try:
+                await self._begin_ahead(1 - lane, records.partitions)
+            finally:
+                await ending
+        else:
+            await p.commit_transaction()
         await asyncio.gather(*futures)  # resolved by the commit; raises if a record was refused
         self.commits += 1
         self.lane_commits[lane] += 1
@@ -443,9 +454,6 @@ class PartitionWriter:
                     del self._open[d.run_id]
             if d.on_commit is not None:
                 d.on_commit()
-        if self._ahead_s > 0 and self._ahead is None and not self._closing:
-            # after the callbacks: the tasks they start run while AddPartitionsToTxn is on its way
-            await self._begin_ahead(records.partitions)
 
 
 class _Batches:
