@@ -432,11 +432,14 @@ class PartitionWriter:
             # while this one commits: AddPartitionsToTxn is on its way while EndTxn is, and the next
             # decision, made after the commit, usually finds its partitions added
             ending = asyncio.ensure_future(p.commit_transaction())
-            await asyncio.sleep(0)  # the commit is marked first, so that EndTxn goes out first
             try:
+                await asyncio.sleep(0)  # the commit is marked first, so that EndTxn goes out first
                 await self._begin_ahead(1 - lane, records.partitions)
-            finally:
-                await ending
+            except BaseException:
+                ending.add_done_callback(_retrieved)
+                ending.cancel()  # closed or failed meanwhile: stop waiting for the commit, as below
+                raise
+            await ending
         else:
             await p.commit_transaction()
         await asyncio.gather(*futures)  # resolved by the commit; raises if a record was refused
