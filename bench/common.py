@@ -30,6 +30,13 @@ servers (``bench.peers``). Kafka is a JVM: on a fresh broker its CPU per three-s
 and 1.1 ms in four rounds of 2,500 runs in a row (``docs/benchmarks.md``), so a first round measured the JIT
 compiler, not the broker a user runs for months. The same count for every engine."""
 
+LIGHT_WARMUP = 2_000
+"""Runs one at a time each engine takes before its runs one at a time are measured. The JVM compiles what
+one run at a time exercises only when that is what it serves: after 10,000 runs at 100 in flight, a fresh
+broker's first 300 runs one at a time had a p50 of 19.3 ms, and 16.9, 14.1, 13.4, 11.9, 12.2, 11.7, 11.4 and
+12.1 ms in the eight rounds of 300 after them (``docs/benchmarks.md``, *Warm-up*). The same count for every
+engine."""
+
 
 @dataclass
 class Ctx:

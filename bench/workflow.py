@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import Ctx, summary
+from bench.common import LIGHT_WARMUP, Ctx, summary
 from bench.driver import Loop, measure
 
 
@@ -64,7 +64,9 @@ async def throughput(ctx: Ctx) -> dict[str, Any]:
 
 async def latency(ctx: Ctx) -> dict[str, Any]:
     n1, nsat = ctx.n(300, 10), ctx.n(3_000, 60)
-    light, _ = await measure(ctx, "lat1", n=n1, concurrency=1, warmup=ctx.n(30, 3), max_in_flight=100)
+    light, _ = await measure(
+        ctx, "lat1", n=n1, concurrency=1, warmup=ctx.n(LIGHT_WARMUP, 3), max_in_flight=100
+    )
     sat, _ = await measure(ctx, "latsat", n=nsat, concurrency=100, warmup=ctx.n(300, 10), max_in_flight=100)
     metrics: dict[str, Any] = {}
     for label, loops in (("light (1 in flight)", light), ("saturated (100 in flight)", sat)):

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from bench.common import ROOT, WARMUP, Ctx, summary
+from bench.common import LIGHT_WARMUP, ROOT, WARMUP, Ctx, summary
 from bench.peers import install, servers
 
 
@@ -21,7 +21,8 @@ async def _load(ctx: Ctx, peers: install.Peers, module: str, pids: dict[str, int
     """Run one load generator; returns its ROUND and LIGHT lines, parsed."""
     n, warm = ctx.n(5_000, 60), ctx.n(WARMUP, 10)
     cmd = [str(peers.python), "-m", module, "--runs", str(n), "--warmup", str(warm)]
-    cmd += ["--concurrency", "100", "--rounds", str(ctx.rounds), "--light", str(ctx.n(300, 10)), *opts]
+    cmd += ["--concurrency", "100", "--rounds", str(ctx.rounds), "--light", str(ctx.n(300, 10))]
+    cmd += ["--light-warmup", str(ctx.n(LIGHT_WARMUP, 3)), *opts]
     cmd += [a for name, pid in pids.items() for a in ("--pid", f"{name}={pid}")]
     proc = await asyncio.create_subprocess_exec(
         *cmd,
@@ -71,6 +72,7 @@ async def run(ctx: Ctx) -> dict[str, Any]:
             "warmup_runs": ctx.n(WARMUP, 10),
             "runs_in_flight": 100,
             "light_runs": ctx.n(300, 10),
+            "light_warmup_runs": ctx.n(LIGHT_WARMUP, 3),
             "steps": 3,
             "versions": peers.versions,
         },

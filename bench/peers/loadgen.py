@@ -33,6 +33,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--light", type=int, default=300, help="runs one at a time (0: none)")
+    parser.add_argument("--light-warmup", type=int, default=0, help="runs one at a time before those")
     parser.add_argument("--pid", action="append", default=[], help="NAME=PID whose CPU is reported")
     parser.add_argument("--self-name", default="load generator", help="this process's name in the CPU")
     return parser
@@ -124,6 +125,7 @@ async def measure_async(a: argparse.Namespace, call: Callable[[str], Awaitable[N
         lat = await async_loop(call, f"r{r}", a.runs, a.concurrency)
         report("ROUND", a.runs, time.perf_counter() - t0, lat, cpu.used())
     if a.light:
+        await async_loop(call, "lightwarm", a.light_warmup, 1)
         cpu = Cpu(pids(a))
         t0 = time.perf_counter()
         lat = await async_loop(call, "light", a.light, 1)
@@ -138,6 +140,7 @@ def measure_threads(a: argparse.Namespace, call: Callable[[str], None]) -> None:
         lat = thread_loop(call, f"r{r}", a.runs, a.concurrency)
         report("ROUND", a.runs, time.perf_counter() - t0, lat, cpu.used())
     if a.light:
+        thread_loop(call, "lightwarm", a.light_warmup, 1)
         cpu = Cpu(pids(a))
         t0 = time.perf_counter()
         lat = thread_loop(call, "light", a.light, 1)
