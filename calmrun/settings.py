@@ -119,9 +119,9 @@ class KafkaSettings(_Frozen):
         250.0,
         ge=0,
         le=10_000,
-        description="with two lanes: how long the transaction begun on the other lane right after a commit, "
-        "with the last one's partitions added, waits for a decision before it is aborted; 0: none is begun "
-        "ahead",
+        description="with two lanes: how long the transaction begun on the other lane while a commit is on "
+        "its way, with the committing one's partitions added, waits for a decision before it is aborted; "
+        "0: none is begun ahead",
     )
     client_id: str = "calmrun"
     security: SecuritySettings = SecuritySettings()
