@@ -169,3 +169,44 @@ async def test_a_transaction_begun_ahead_is_aborted_when_nothing_comes_or_the_wr
     assert await _end(broker, tp) == 6  # closed: its abort marker is written
     assert await _end(broker, tp, "read_committed") == 6  # nothing open holds the stable offset back
     assert await read_committed(broker, topic) == [b"one", b"two"]
+
+
+async def test_a_transaction_begun_ahead_that_expires_while_the_first_lane_commits_is_aborted(
+    broker: str, prefix: str
+) -> None:
+    """Strict offsets keep two decisions in a row on the first lane, so the transaction begun ahead on the
+    second waits; its ``ahead_s`` runs out while the first lane commits (held up here for a second). It is
+    still aborted once that commit returns, not left open until a decision comes."""
+    topic, commands = f"{prefix}.ev", f"{prefix}.cmd"
+    tp, cmd_tp = TopicPartition(topic, 0), TopicPartition(commands, 0)
+    failures: list[BaseException] = []
+    checkpoint = _Recorded()
+    writer = await _writer(
+        broker, f"{prefix}.tx", failures, topic, commands, checkpoint=checkpoint, lanes=2, ahead_s=1.0
+    )
+    try:
+        # d0 commits on the first lane, and the next transaction is begun ahead on the second
+        await _decide(writer, topic, b"d0", inputs=[checkpoint.consumed(cmd_tp, 0)])
+        first = writer._lanes[0]
+        commit = first.commit_transaction
+
+        async def slow_commit() -> None:
+            await asyncio.sleep(2.5)  # longer than ahead_s: the transaction begun ahead expires meanwhile
+            await commit()
+
+        first.commit_transaction = slow_commit
+        await _decide(writer, topic, b"d1", inputs=[checkpoint.consumed(cmd_tp, 1)])
+        settled = False
+        for _ in range(300):  # d0, its commit marker, d1, its commit marker, then the abort marker
+            end = await _end(broker, tp)
+            stable = await _end(broker, tp, "read_committed")
+            settled = not writer.begun_ahead and end >= 5 and stable == end
+            if settled:
+                break
+            await asyncio.sleep(0.1)
+        assert settled  # nothing begun ahead is left open, nothing holds the stable offset back
+        assert writer.lane_commits == [2, 0]
+    finally:
+        await writer.close()
+    assert failures == []
+    assert await read_committed(broker, topic) == [b"d0", b"d1"]
