@@ -31,11 +31,11 @@ and 1.1 ms in four rounds of 2,500 runs in a row (``docs/benchmarks.md``), so a 
 compiler, not the broker a user runs for months. The same count for every engine."""
 
 LIGHT_WARMUP = 2_000
-"""Runs one at a time each engine takes before its runs one at a time are measured. The JVM compiles what
-one run at a time exercises only when that is what it serves: after 10,000 runs at 100 in flight, a fresh
-broker's first 300 runs one at a time had a p50 of 19.3 ms, and 16.9, 14.1, 13.4, 11.9, 12.2, 11.7, 11.4 and
-12.1 ms in the eight rounds of 300 after them (``docs/benchmarks.md``, *Warm-up*). The same count for every
-engine."""
+"""Runs one at a time each engine takes before its runs one at a time are measured. Runs at 100 in flight do
+not warm the broker for them (most likely its JIT compiler: its CPU per run fell with the p50): after 10,000
+runs at 100 in flight, a fresh broker's first 300 runs one at a time had a p50 of 19.3 ms, and 16.9, 14.1,
+13.4, 11.9, 12.2, 11.7, 11.4 and 12.1 ms in the eight rounds of 300 after them (``docs/benchmarks.md``,
+*Warm-up one at a time*). The same count for every engine."""
 
 
 @dataclass
