@@ -378,11 +378,16 @@ class PartitionWriter:
         self._ahead_expired = True
         self._wake.set()
 
-    async def _abort_ahead(self) -> None:
+    def _take_ahead(self) -> AIOKafkaProducer | None:
+        """The lane with the transaction begun ahead, no longer waiting for a decision (its timer stopped)."""
         producer, self._ahead = self._ahead, None
         self._ahead_expired = False
         if self._ahead_timer is not None:
             self._ahead_timer.cancel()
+        return producer
+
+    async def _abort_ahead(self) -> None:
+        producer = self._take_ahead()
         if producer is not None:
             await producer.abort_transaction()
 
@@ -408,9 +413,7 @@ class PartitionWriter:
     async def _write(self, lane: int, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
         p = self._lanes[lane]
         if self._ahead is p:
-            self._ahead = None
-            if self._ahead_timer is not None:
-                self._ahead_timer.cancel()
+            self._take_ahead()  # its transaction is this one
         else:
             if self._ahead is not None and self._ahead_expired:
                 await self._abort_ahead()  # kept waiting by strict offsets: no lane stays open for long
