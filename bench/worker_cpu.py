@@ -144,7 +144,7 @@ class Pipeline:
             own.runs[p] = RunTable(codec)
             own.writers[p] = cast(PartitionWriter, writer)
         shared = Shared(settings, t, codec, wfs, own, Redactor(settings.redact), time_ms)
-        self.stamps = Stamps(settings, wfs.values(), own.known)
+        self.stamps = Stamps(settings, wfs.values(), own)
         throttle = Throttle(settings.throttle, wfs.values(), ModelRegistry({}).aliases)
         agents = AgentRegistry({"bench_step": bench_step})
         self.attempts = Attempts(settings, agents, ModelRegistry({}), throttle, time_ms)
