@@ -37,6 +37,7 @@ from bench import (
 )
 from bench.common import ROOT, WARMUP, Ctx, loadavg
 from bench.peers import compare
+from bench.speed import UNIT_METRIC, Sampler
 from calmrun.devkafka import KAFKA_VERSION, DevKafka
 from calmrun.localproc import free_port
 
@@ -113,6 +114,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         if th and f"{engine} runs/s" in peers:
             out[f"calmrun runs/s / {engine} runs/s (100 in flight)"] = (
                 th["runs/s"]["median"] / peers[f"{engine} runs/s"]["median"]
+            )
+        ours, theirs = th.get(UNIT_METRIC), peers.get(f"{engine} {UNIT_METRIC}")
+        if ours and theirs:  # the machine's speed in each engine's loop: above 1, theirs ran slower
+            out[f"machine: bench.speed unit in {engine}'s loop / in calmrun's (100 in flight)"] = (
+                theirs["median"] / ours["median"]
             )
         p50 = peers.get(f"{engine} client p50 ms, light (1 in flight)")
         if p50 and "client p50 ms, light (1 in flight)" in lat:
@@ -209,8 +215,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kafka.start()
         ctx.bootstrap = kafka.bootstrap
         ctx.broker_pid = kafka.running_pid() or 0
+    ctx.speed = args.out / "speed.txt"  # the machine's speed, sampled for the whole run (bench.speed)
+    ctx.speed.write_text("")
     try:
-        results = asyncio.run(run_all(ctx, names))
+        with Sampler(ctx.speed):
+            results = asyncio.run(run_all(ctx, names))
     finally:
         if kafka is not None:
             kafka.stop()

@@ -60,6 +60,7 @@ class Ctx:
     notes: list[str] = field(default_factory=list)
     broker_pid: int = 0  # the broker this run started (0: an external one, whose CPU is not measured)
     broker_warmup: int = 0  # runs through a throwaway worker before the first measured loop (WARMUP)
+    speed: Path | None = None  # bench.speed's samples of the machine's speed during this run
 
     def n(self, full: int, quick: int) -> int:
         return quick if self.quick else full

@@ -94,6 +94,7 @@ class Loop:
     client_ms: list[float] = field(default_factory=list)
     worker_cpu_each: list[float] = field(default_factory=list)  # one per worker process
     not_completed: int = 0  # runs that ended otherwise (quarantined, refused)
+    ended_at: float = 0.0  # unix time at the loop's end: its window is the elapsed seconds before it
 
     @property
     def runs_per_s(self) -> float:
@@ -204,7 +205,7 @@ async def closed_loop(
                             done += 1
             if done:
                 await submit(done)
-        elapsed = time.perf_counter() - t0
+        elapsed, ended_at = time.perf_counter() - t0, time.time()
         cpu = [cpu_s(p) - c for p, c in zip(pids, cpu0, strict=True)]
         broker = cpu_s(ctx.broker_pid) - broker0 if ctx.broker_pid else 0.0
         driver = time.process_time() - driver0
@@ -223,6 +224,7 @@ async def closed_loop(
             client_ms=client_ms,
             worker_cpu_each=cpu,
             not_completed=other,
+            ended_at=ended_at,
         )
 
 

@@ -10,6 +10,16 @@ from typing import Any
 
 from bench.common import LIGHT_WARMUP, Ctx, summary
 from bench.driver import Loop, measure
+from bench.speed import UNIT_METRIC, during
+
+
+def _speed(ctx: Ctx, loops: list[Loop], label: str = "") -> dict[str, Any]:
+    """The machine's speed during the loops (``bench.speed``), if it was sampled."""
+    if ctx.speed is None:
+        return {}
+    vals = [during(ctx.speed, lp.ended_at - lp.elapsed_s, lp.ended_at) for lp in loops]
+    got = [v for v in vals if v is not None]
+    return {f"{UNIT_METRIC}{label}": summary(got)} if got else {}
 
 
 def _loop_metrics(loops: list[Loop], prefix: str = "") -> dict[str, Any]:
@@ -32,7 +42,7 @@ def _loop_metrics(loops: list[Loop], prefix: str = "") -> dict[str, Any]:
 async def throughput(ctx: Ctx) -> dict[str, Any]:
     n, warm = ctx.n(5_000, 60), ctx.n(500, 10)
     loops, status = await measure(ctx, "thru", n=n, concurrency=100, warmup=warm, max_in_flight=100)
-    metrics = _loop_metrics(loops)
+    metrics = _loop_metrics(loops) | _speed(ctx, loops)
     per_run = [(lp.consumed + lp.produced) / lp.n for lp in loops]
     metrics["records moved per run"] = summary(per_run)
     variants: dict[str, Any] = {}
@@ -73,4 +83,5 @@ async def latency(ctx: Ctx) -> dict[str, Any]:
         for k in ("client p50 ms", "client p99 ms", "run p50 ms", "run p99 ms", "hop p50 ms", "hop p99 ms"):
             metrics[f"{k}, {label}"] = summary([lp.timings[k] for lp in loops])
         metrics[f"runs/s, {label}"] = summary([lp.runs_per_s for lp in loops])
+        metrics |= _speed(ctx, loops, f", {label}")
     return {"params": {"light_runs": n1, "saturated_runs": nsat, "max_in_flight": 100}, "metrics": metrics}

@@ -15,6 +15,7 @@ from typing import Any
 
 from bench.common import LIGHT_WARMUP, ROOT, WARMUP, Ctx, summary
 from bench.peers import install, servers
+from bench.speed import UNIT_METRIC, during
 
 
 async def _load(ctx: Ctx, peers: install.Peers, module: str, pids: dict[str, int], *opts: str) -> list[Any]:
@@ -38,7 +39,16 @@ async def _load(ctx: Ctx, peers: install.Peers, module: str, pids: dict[str, int
     return [(kind, json.loads(body)) for kind, body in lines]
 
 
-def _metrics(engine: str, lines: list[Any]) -> dict[str, Any]:
+def _speed(ctx: Ctx, engine: str, lines: list[dict[str, Any]], label: str = "") -> dict[str, Any]:
+    """The machine's speed during the engine's loops (``bench.speed``), if it was sampled."""
+    if ctx.speed is None:
+        return {}
+    vals = [during(ctx.speed, r["ended_at"] - r["elapsed_s"], r["ended_at"]) for r in lines]
+    got = [v for v in vals if v is not None]
+    return {f"{engine} {UNIT_METRIC}{label}": summary(got)} if got else {}
+
+
+def _metrics(ctx: Ctx, engine: str, lines: list[Any]) -> dict[str, Any]:
     rounds = [body for kind, body in lines if kind == "ROUND"]
     light = [body for kind, body in lines if kind == "LIGHT"]
     out: dict[str, Any] = {
@@ -51,9 +61,11 @@ def _metrics(engine: str, lines: list[Any]) -> dict[str, Any]:
     }
     for name in rounds[0]["cpu_s"] if rounds else ():
         out[f"{engine} cores busy: {name}"] = summary([r["cpu_s"][name] / r["elapsed_s"] for r in rounds])
+    out |= _speed(ctx, engine, rounds)
     if light:
         out[f"{engine} client p50 ms, light (1 in flight)"] = summary([r["client_p50_ms"] for r in light])
         out[f"{engine} client p99 ms, light (1 in flight)"] = summary([r["client_p99_ms"] for r in light])
+        out |= _speed(ctx, engine, light, ", light (1 in flight)")
     return out
 
 
@@ -62,10 +74,10 @@ async def run(ctx: Ctx) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     async with servers.restate(peers, ctx.out) as rs:
         lines = await _load(ctx, peers, "bench.peers.restate_load", rs.pids, "--ingress", rs.ingress)
-    metrics |= _metrics("Restate", lines)
+    metrics |= _metrics(ctx, "Restate", lines)
     async with servers.postgres(peers, ctx.out) as pg:
         lines = await _load(ctx, peers, "bench.peers.dbos_load", pg.pids, "--database", pg.url)
-    metrics |= _metrics("DBOS", lines)
+    metrics |= _metrics(ctx, "DBOS", lines)
     return {
         "params": {
             "runs": ctx.n(5_000, 60),

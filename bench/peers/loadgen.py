@@ -88,6 +88,7 @@ def report(kind: str, n: int, elapsed: float, lat_s: list[float], cpu: dict[str,
         "client_p50_ms": pct(lat_s, 50) * 1000,
         "client_p99_ms": pct(lat_s, 99) * 1000,
         "cpu_s": cpu,
+        "ended_at": time.time(),
     }
     print(kind, json.dumps(line), flush=True)
 
