@@ -2,18 +2,20 @@
 
     python -m bench.speed --out FILE [--every 0.25] [--seconds S]
 
-This machine is a KVM guest on a shared host: the same work takes up to 1.9x as long in some minutes as in
-others, in spans of seconds to minutes, whatever our own processes do (docs/benchmarks.md, "The machine's
-speed"). Two engines measured minutes apart carry that factor in their ratio. The sampler runs beside the
-bench in a process of its own (about 1 % of a core) and appends ``<unix time> <CPU µs of one unit>`` lines
-to FILE; ``during`` gives the median over a loop's window, which ``bench`` prints beside the loop's figures.
-The unit's CPU time is the thread's own (``thread_time``), so waiting for a core does not count: only the
-speed of the core while it runs this process does.
+This machine is a KVM guest on a shared host: the same work takes up to 1.9x as long in some seconds as in
+others, in spans of seconds to minutes, on each core apart, whatever our own processes do (docs/benchmarks.md,
+"The machine's speed"). Two engines measured minutes apart carry that factor in their ratio. The sampler runs
+beside the bench in a process of its own (about 1 % of a core), on each core in turn, and appends ``<unix
+time> <CPU µs of one unit>`` lines to FILE; ``during`` gives the median over a loop's window, which ``bench``
+prints beside the loop's figures. The unit's CPU time is the thread's own (``thread_time``), so waiting for
+a core does not count: only the speed of the core while it runs this process does.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -78,8 +80,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until terminated)")
     args = p.parse_args()
     end = time.time() + args.seconds if args.seconds else float("inf")
+    cores = sorted(os.sched_getaffinity(0))
     with args.out.open("a") as f:
-        while time.time() < end:
+        for core in itertools.cycle(cores):  # each core in turn: their speeds move apart
+            if time.time() >= end:
+                break
+            os.sched_setaffinity(0, {core})
+            time.sleep(0.001)  # let the scheduler move this process there
             us = sample()
             f.write(f"{time.time():.3f} {us:.1f}\n")
             f.flush()

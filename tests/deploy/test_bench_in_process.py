@@ -1,16 +1,20 @@
 """The in-process benches (no broker) still run against the worker's current classes and report their keys.
 
 They are the yardsticks performance.md quotes; a refactor of the worker's rooms must not leave them broken.
-Speed is never asserted here.
+Speed is never asserted here; ``bench.speed``, the machine's own, is checked for what it records.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from bench.speed import during
 
 
 def _bench(*args: str) -> dict[str, object]:
@@ -35,3 +39,20 @@ def test_worker_cpu_pushes_runs_through_the_workers_classes() -> None:
 def test_avro_encode_compares_the_compiled_writers_with_fastavro() -> None:
     r = _bench("bench.avro_encode", "--runs", "5", "--best-of", "1")
     assert r["bytes per run"] and r["compiled us/run"] and r["fastavro us/run"]  # type: ignore[truthy-bool]
+
+
+def test_speed_samples_the_machine_and_takes_the_median_of_a_window(tmp_path: Path) -> None:
+    out = tmp_path / "speed.txt"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.speed", "--out", str(out), "--every", "0.05", "--seconds", "1"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    samples = [tuple(map(float, ln.split())) for ln in out.read_text().splitlines()]
+    assert len(samples) >= 2 and all(us > 0 for _, us in samples)
+    first, last = samples[0][0], samples[-1][0]
+    assert during(out, first, last) == statistics.median(us for _, us in samples)
+    assert during(out, last + 1, last + 2) is None  # no sample in the window: no figure
+    assert during(tmp_path / "absent.txt", first, last) is None
