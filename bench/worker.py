@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from bench.common import PARTITIONS, ROOT, rss_kib, write_status
 from bench.profile import summarise
+from calmrun import eventloop
 from calmrun.agents import AgentRegistry, ModelRegistry, StepContext
 from calmrun.settings import load_settings
 from calmrun.streams.pool import PoolExecutor
@@ -183,6 +184,9 @@ def cli() -> None:
     parser.add_argument(
         "--preload", help="a Python file executed before the worker starts (bench-only patch experiments)"
     )
+    parser.add_argument(
+        "--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"], help="as worker.event_loop"
+    )
     args = parser.parse_args()
     if args.preload:
         import runpy
@@ -190,14 +194,14 @@ def cli() -> None:
         runpy.run_path(args.preload)
     logging.basicConfig(level=logging.WARNING)
     if not args.profile:
-        asyncio.run(main(args))
+        eventloop.run(main(args), args.event_loop)
         return
     from pyinstrument import Profiler
 
     profiler = Profiler(interval=0.001, async_mode="disabled")
     profiler.start()
     try:
-        asyncio.run(main(args))
+        eventloop.run(main(args), args.event_loop)
     finally:
         profiler.stop()
         Path(args.profile).write_text(profiler.output_text(unicode=False, color=False, show_all=False))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from calmrun.errors import ConfigError
+from calmrun.eventloop import EventLoop
 from calmrun.traceconfig import TracingSettings
 from calmrun.wire.jsonfield import MAX_CONFIGURABLE_DEPTH, NUMBER_DIGITS_CEILING
 from calmrun.wire.settings import WireSettings
@@ -161,6 +162,11 @@ class WorkerSettings(_Frozen):
     """How a worker runs steps: concurrency, commit cadence, durable deadlines."""
 
     max_in_flight: int = Field(100, ge=1, description="step tasks running at once in one worker")
+    event_loop: EventLoop = Field(
+        "auto",
+        description="the worker process's event loop: auto (uvloop if installed), uvloop, asyncio "
+        "(calmrun.eventloop)",
+    )
     max_unacked: int = Field(
         2_000,
         ge=1,

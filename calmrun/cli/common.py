@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,7 +10,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from calmrun import eventloop
 from calmrun.errors import CalmrunError
+from calmrun.eventloop import EventLoop
 from calmrun.settings import Settings, load_settings
 from calmrun.workflow.definition import WorkflowDef, load_workflow
 
@@ -41,10 +42,15 @@ def cli_settings(config: Path | None, bootstrap: str | None, prefix: str | None,
         raise typer.Exit(2) from None
 
 
-def run_command(coro: Coroutine[Any, Any, T], *, usage_errors: tuple[type[Exception], ...] = ()) -> T:
-    """Run a command's coroutine; a calmrun error is one line, exit code 1 (2 for ``usage_errors``)."""
+def run_command(
+    coro: Coroutine[Any, Any, T],
+    *,
+    usage_errors: tuple[type[Exception], ...] = (),
+    loop: EventLoop = "asyncio",
+) -> T:
+    """Run a command's coroutine on ``loop``; a calmrun error is one line, exit 1 (2 for ``usage_errors``)."""
     try:
-        return asyncio.run(coro)
+        return eventloop.run(coro, loop)
     except CalmrunError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2 if isinstance(exc, usage_errors) else 1) from None

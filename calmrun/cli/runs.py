@@ -30,6 +30,7 @@ from calmrun.cli.common import (
     run_command,
 )
 from calmrun.client import Client, summarize
+from calmrun.eventloop import loop_name
 from calmrun.workflow.definition import DEFAULT_POOL
 from calmrun.workflow.events import RunEvent, RunRequest
 from calmrun.workflow.state import RunState, StepState
@@ -80,7 +81,8 @@ def worker(
 
             def executing() -> None:
                 where = f"{ex.inputs} on {settings.kafka.bootstrap}"
-                err.print(f"executor of pool {pool!r} running {where}; Ctrl-C stops it")
+                on = loop_name(asyncio.get_running_loop())
+                err.print(f"executor of pool {pool!r} running {where} ({on}); Ctrl-C stops it")
                 report_ready()
 
             await ex.run(executing)
@@ -101,6 +103,7 @@ def worker(
             pool=None if pool == "none" else DEFAULT_POOL,
         )
         what = "deciding only" if pool == "none" else "deciding and executing the default pool"
+        what += f", {loop_name(asyncio.get_running_loop())}"
         announcing: list[asyncio.Task[None]] = []
 
         async def announce() -> None:
@@ -115,7 +118,7 @@ def worker(
 
         await w.run(started)
 
-    run_command(main())
+    run_command(main(), loop=settings.worker.event_loop)
 
 
 def submit(

@@ -338,7 +338,7 @@ async def test_the_docs_kcat_request_lands_on_its_runs_partition_and_is_answered
 async def test_the_cli_worker_prints_ready_after_running_and_ready_answers_200_then(
     broker: str, prefix: str, tmp_path: Path
 ) -> None:
-    """`calmrun worker` prints `worker running` when started, `worker ready` once it owns its partitions."""
+    """`calmrun worker` prints `worker running` (on uvloop) when started, `worker ready` once assigned."""
     wf = linear(agent="tests.runtime_support:add_one")
     path = tmp_path / "lin.yaml"
     path.write_text(yaml.safe_dump(wf.model_dump(mode="json", exclude_defaults=True)))
@@ -370,6 +370,7 @@ async def test_the_cli_worker_prints_ready_after_running_and_ready_answers_200_t
         await until(lambda: "worker ready" in log.read_text(), 120, "worker ready", lambda: _alive(proc, log))
         text = log.read_text()
         assert text.index("worker running") < text.index("worker ready: partitions [0, 1, 2, 3]"), text
+        assert "(deciding and executing the default pool, uvloop)" in text, text  # worker.event_loop: auto
         code, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/ready")
         assert (code, body.strip()) == (200, "ready: partitions [0, 1, 2, 3]")
     finally:
