@@ -1,6 +1,6 @@
 """Which event loop runs a calmrun process: uvloop where it is installed, the standard library's otherwise.
 
-uvloop (libuv under asyncio's API) takes about a tenth off a worker's CPU per run at 100 runs in flight
+uvloop (libuv under asyncio's API) takes 3-9 % off a worker's CPU per run at 100 runs in flight
 (docs/performance.md, "uvloop"): its sockets, callbacks and timers are C. Only the process's owner picks
 the loop (the CLI's worker command, the benchmark worker), never a library: a loop is per process.
 """
