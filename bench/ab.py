@@ -4,10 +4,13 @@
 Each round runs, for each tree in turn, the throughput loop (``--runs`` runs, 100 in flight, one worker
 process of that tree's ``bench.worker``) and the one-at-a-time loop (``--light`` runs), and prints one JSON
 line: runs/s, worker and broker CPU per run, records moved per run, the client's p50/p90/p99 one at a time,
-and the commit cycles on a run's path (the transactions its events were committed in, one at a time: a
-commit marker takes an offset, so each gap in a run's event offsets is one more transaction). Alternating
-in the same minutes is the only fair comparison when other processes compete for the cores; the load
-average is printed beside each line. A tree is a checkout (``git worktree add`` or ``git archive``).
+the machine's speed during the throughput loop (``bench.speed``: this machine's cores run the same work up to
+1.9x slower at times, so a pair's difference may be the machine's; the worker's CPU per run over the unit's
+µs, x1000, is printed beside it as a coarse correction), and the commit cycles on a run's path (the
+transactions its events were committed in, one at a time: a commit marker takes an offset, so each gap in a
+run's event offsets is one more transaction). Alternating in the same minutes is the only fair comparison when
+other processes compete for the cores; the load average is printed beside each line. A tree is a checkout
+(``git worktree add`` or ``git archive``).
 
 Every tree's client reads the events ``read_committed`` (a run is over when its end is committed), the
 older trees' ``bench.driver`` too, whose client read them uncommitted before: the same client for all.
@@ -57,6 +60,16 @@ async def commits_per_run(bootstrap: str, pfx: str, run_ids: list[str]) -> list[
     return out
 
 
+def _unit(speed: str | None, lp: driver.Loop) -> float | None:
+    """The machine's speed (``bench.speed``'s unit, µs) during the loop, where the tree's bench can say."""
+    try:  # an older tree's bench has no bench.speed, nor a loop's end time
+        from bench.speed import during
+    except ImportError:
+        return None
+    ended = getattr(lp, "ended_at", 0.0)
+    return during(Path(speed), ended - lp.elapsed_s, ended) if speed and ended else None
+
+
 async def one(args: argparse.Namespace, label: str) -> dict[str, Any]:
     """Both loops for the tree this process runs in (its bench.worker is started from the cwd)."""
     ctx = Ctx(bootstrap=args.bootstrap, rounds=1, out=Path(args.out), broker_pid=args.broker_pid)
@@ -70,12 +83,15 @@ async def one(args: argparse.Namespace, label: str) -> dict[str, Any]:
             ctx, "thru", n=args.runs, concurrency=100, warmup=300, max_in_flight=100, with_timings=False
         )
         lp = loops[0]
+        unit = _unit(args.speed, lp)
         res |= {
             "runs/s": round(lp.runs_per_s, 1),
             "worker us/run": round(lp.cpu_us_per_run),
             "broker us/run": round(lp.broker_cpu_s / lp.n * 1e6),
             "records moved/run": round((lp.consumed + lp.produced) / lp.n, 1),
             "transactions": st.get("stats", {}).get("transactions"),
+            "machine unit us": round(unit) if unit else None,
+            "worker us/run per unit": round(lp.cpu_us_per_run / unit * 1000) if unit else None,
         }
     if args.light:
         commits: list[int] = []
@@ -111,20 +127,28 @@ def main() -> None:
     p.add_argument("--light", type=int, default=100, help="one-at-a-time loop (0: skip)")
     p.add_argument("--out", default="/tmp/calmrun-bench-ab")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure the tree of the cwd, as this label
+    p.add_argument("--speed", help=argparse.SUPPRESS)  # internal: the samples of bench.speed (parent's)
     p.add_argument("trees", nargs="*")
     args = p.parse_args()
     if args.one:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         print(json.dumps(asyncio.run(one(args, args.one))), flush=True)
         return
-    for _ in range(args.rounds):
-        for tree in args.trees:
-            root = Path(tree).resolve()
-            # this file, run against the tree's own calmrun and bench (the tree need not have bench.ab)
-            opts = [a for a in sys.argv[1:] if a not in args.trees]
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", root.name, *opts]
-            env = {**os.environ, "PYTHONPATH": str(root)}
-            subprocess.run(cmd, cwd=root, env=env, check=True)
+    from bench.speed import Sampler  # this (the newest) tree's, for the parent only
+
+    speed = Path(args.out).resolve() / "speed.txt"  # the machine's speed through every round
+    speed.parent.mkdir(parents=True, exist_ok=True)
+    speed.write_text("")
+    with Sampler(speed):
+        for _ in range(args.rounds):
+            for tree in args.trees:
+                root = Path(tree).resolve()
+                # this file, run against the tree's own calmrun and bench (the tree need not have bench.ab)
+                opts = [a for a in sys.argv[1:] if a not in args.trees]
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--one", root.name, *opts]
+                cmd += ["--speed", str(speed)]
+                env = {**os.environ, "PYTHONPATH": str(root)}
+                subprocess.run(cmd, cwd=root, env=env, check=True)
 
 
 if __name__ == "__main__":
