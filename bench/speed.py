@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -51,6 +52,14 @@ def during(path: Path, start: float, end: float) -> float | None:
         return None
     vals = [float(us) for at, us in (ln.split() for ln in lines if ln.strip()) if start <= float(at) <= end]
     return statistics.median(vals) if vals else None
+
+
+def medians(path: Path | None, windows: Iterable[tuple[float, float]]) -> list[float]:
+    """``during`` each (start, end) window that had samples; none if the machine was not sampled."""
+    if path is None:
+        return []
+    got = (during(path, start, end) for start, end in windows)
+    return [v for v in got if v is not None]
 
 
 class Sampler:

@@ -10,15 +10,12 @@ from typing import Any
 
 from bench.common import LIGHT_WARMUP, Ctx, summary
 from bench.driver import Loop, measure
-from bench.speed import UNIT_METRIC, during
+from bench.speed import UNIT_METRIC, medians
 
 
 def _speed(ctx: Ctx, loops: list[Loop], label: str = "") -> dict[str, Any]:
     """The machine's speed during the loops (``bench.speed``), if it was sampled."""
-    if ctx.speed is None:
-        return {}
-    vals = [during(ctx.speed, lp.ended_at - lp.elapsed_s, lp.ended_at) for lp in loops]
-    got = [v for v in vals if v is not None]
+    got = medians(ctx.speed, [(lp.ended_at - lp.elapsed_s, lp.ended_at) for lp in loops])
     return {f"{UNIT_METRIC}{label}": summary(got)} if got else {}
 
 

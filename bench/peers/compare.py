@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.common import LIGHT_WARMUP, ROOT, WARMUP, Ctx, summary
 from bench.peers import install, servers
-from bench.speed import UNIT_METRIC, during
+from bench.speed import UNIT_METRIC, medians
 
 
 async def _load(ctx: Ctx, peers: install.Peers, module: str, pids: dict[str, int], *opts: str) -> list[Any]:
@@ -41,10 +41,7 @@ async def _load(ctx: Ctx, peers: install.Peers, module: str, pids: dict[str, int
 
 def _speed(ctx: Ctx, engine: str, lines: list[dict[str, Any]], label: str = "") -> dict[str, Any]:
     """The machine's speed during the engine's loops (``bench.speed``), if it was sampled."""
-    if ctx.speed is None:
-        return {}
-    vals = [during(ctx.speed, r["ended_at"] - r["elapsed_s"], r["ended_at"]) for r in lines]
-    got = [v for v in vals if v is not None]
+    got = medians(ctx.speed, [(r["ended_at"] - r["elapsed_s"], r["ended_at"]) for r in lines])
     return {f"{engine} {UNIT_METRIC}{label}": summary(got)} if got else {}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.speed import during
+from bench.speed import during, medians
 
 
 def _bench(*args: str) -> dict[str, object]:
@@ -56,3 +56,5 @@ def test_speed_samples_the_machine_and_takes_the_median_of_a_window(tmp_path: Pa
     assert during(out, first, last) == statistics.median(us for _, us in samples)
     assert during(out, last + 1, last + 2) is None  # no sample in the window: no figure
     assert during(tmp_path / "absent.txt", first, last) is None
+    assert medians(out, [(first, last), (last + 1, last + 2)]) == [during(out, first, last)]
+    assert medians(None, [(first, last)]) == []  # the machine was not sampled
