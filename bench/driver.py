@@ -289,8 +289,11 @@ def latency_summary(t: dict[str, list[float]], client_ms: list[float]) -> dict[s
 async def measure(
     ctx: Ctx, name: str, *, n: int, concurrency: int, warmup: int, with_timings: bool = True, **worker: Any
 ) -> tuple[list[Loop], dict[str, Any]]:
-    """One worker: a warm-up loop, then ``ctx.rounds`` measured loops; returns them and its last status."""
-    proc, pfx = await start_worker(ctx, name, **worker)
+    """One worker: a warm-up loop, then ``ctx.rounds`` measured loops; returns them and its last status.
+
+    Its status file is written once a second, not ten times: nothing reads it during the loops, and the
+    writes are the bench's CPU, not the worker's (``bench.worker``)."""
+    proc, pfx = await start_worker(ctx, name, **{"status_every": 1.0} | worker)
     try:
         if ctx.broker_warmup:  # the session's first loop: the broker's JIT first (bench.common.WARMUP)
             await closed_loop(ctx, pfx, "broker", ctx.broker_warmup, 100)
