@@ -27,9 +27,10 @@ that next one *ahead*, while a commit is on its way, with the committing one's p
 offsets commit on the first lane only, so that they never go back: a transaction's offsets become the
 group's when its markers are written, and the two lanes' markers may be written in either order. A batch
 with offsets that must commit with it goes on the first lane; lazy offsets wait for its next transaction.
-A transaction begun ahead that gets no decision within ``ahead_s`` is aborted (markers, no record); so is
-one still empty when the writer closes. Starting the writer initialises both ids: both of the previous
-owner's lanes are fenced.
+A transaction begun ahead that gets no decision within ``ahead_s`` is aborted (markers, no record), and
+lazy offsets that moved commit then, alone, so that an idle writer leaves none behind; one begun ahead and
+still empty when the writer closes is aborted too. Starting the writer initialises both ids: both of the
+previous owner's lanes are fenced.
 """
 
 from __future__ import annotations
