@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -72,7 +73,9 @@ class KafkaJournal:
         self._wanted: dict[int, int] = {}  # partition -> since_ms of its first load, until its tail exists
         self._asked = self._covered = 0  # loads asked / covered by a finished read (see load)
         self._reads = 0  # forward reads done
-        self._ended: dict[str, int] = {}  # attempt key -> when it ended here, oldest first
+        # attempt key -> when it ended here, oldest first (an OrderedDict: dropping the oldest of a dict
+        # whose front was popped many times scans the freed slots, 2 µs a call at 10,000 here)
+        self._ended: OrderedDict[str, int] = OrderedDict()
         self._horizon_ms = 0  # a load from before this may miss records dropped for a forgotten ended attempt
         self._max_ended, self._idle_reads, self._clock = ended, idle_reads, clock
 
@@ -178,8 +181,8 @@ class KafkaJournal:
         self._ended.pop(attempt_key, None)
         self._ended[attempt_key] = at_ms
         while len(self._ended) > self._max_ended:  # the oldest: a load that may precede it reads the log
-            oldest = next(iter(self._ended))
-            self._horizon_ms = max(self._horizon_ms, self._ended.pop(oldest) + 1)
+            _, oldest_ms = self._ended.popitem(last=False)
+            self._horizon_ms = max(self._horizon_ms, oldest_ms + 1)
 
     def _sweep(self, tail: _Tail, since_ms: int, keep: int = 10_000) -> None:
         """Past ``keep`` attempts held, drop those with no record since ``since_ms`` (ended elsewhere, or long

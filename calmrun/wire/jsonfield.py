@@ -80,7 +80,7 @@ def loads(
         if depth > max_depth:
             raise LimitExceededError("max_json_depth", actual=depth, maximum=max_depth, what=what)
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        value = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise DecodeError(f"invalid {what}: {exc}") from exc
     if "\\u" in text and _SURROGATE_ESCAPE.search(text):
@@ -134,3 +134,7 @@ def _finite_float(s: str) -> float:
     if not math.isfinite(f):
         raise ValueError(f"number {s[:40]} does not fit a 64-bit float")
     return f
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+"""What ``json.loads`` with these hooks builds on every call (a decoder and its scanner): made once."""
