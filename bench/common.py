@@ -24,11 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
 """Partitions of every benchmark topic: calmrun's default, the same for the floor and the workflow."""
 
-WARMUP = 10_000
+WARMUP = 40_000
 """Runs (100 in flight) each engine takes before its first measured round: calmrun's broker, and each peer's
-servers (``bench.peers``). Kafka is a JVM: on a fresh broker its CPU per three-step run was 3.9, 3.2, 1.7
-and 1.1 ms in four rounds of 2,500 runs in a row (``docs/benchmarks.md``), so a first round measured the JIT
-compiler, not the broker a user runs for months. The same count for every engine."""
+servers (``bench.peers``). Kafka is a JVM: on a fresh broker its CPU per three-step run fell over twelve
+rounds of 5,000 runs in a row from 2,070 to 1,540, 898, 770, 712, then 528-596 from 26,500 runs on and
+450-472 from 47,700 (its JIT compiler had spent 34 s of CPU by then: ``docs/benchmarks.md``, *Warm-up*),
+so a round measured after 10,000 measured a broker still compiling, not the broker a user runs for months.
+The same count for every engine."""
 
 LIGHT_WARMUP = 2_000
 """Runs one at a time each engine takes before its runs one at a time are measured. Runs at 100 in flight do
