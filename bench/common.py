@@ -61,7 +61,7 @@ class Ctx:
     out: Path = ROOT / "bench" / "results"
     notes: list[str] = field(default_factory=list)
     broker_pid: int = 0  # the broker this run started (0: an external one, whose CPU is not measured)
-    broker_warmup: int = 0  # runs through a throwaway worker before the first measured loop (WARMUP)
+    broker_warmup: int = 0  # runs through the first worker, unmeasured, before its own warm-up (WARMUP)
     speed: Path | None = None  # bench.speed's samples of the machine's speed during this run
 
     def n(self, full: int, quick: int) -> int:
