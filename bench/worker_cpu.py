@@ -193,7 +193,7 @@ class Pipeline:
             assert state is not None
             wf = self.workflows.pinned(state.workflow, state.version, state.digest)
             assert wf is not None
-            source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
+            source = LocalSource(out.topic, p, out.key or b"", out.value_or_encode(), out.headers)
             self.deciding.decide(p, wf, state, result, source, (), lazy=True)
             cpu["attempt"] += t1 - t0
             cpu["decide"] += clock() - t1

@@ -112,9 +112,12 @@ class Deciding:
             return d
         assert d.state is not None
         encoded = self._own.runs[p].put(run_id, d.state)  # a finished run is encoded now, and kept so
-        tasks = [(task_out(self.topics, self.codec, p, t, self.tracing.task_headers(t)), t) for t in d.tasks]
-        unrecorded = self._recording.unrecorded
-        outputs += [out for out, _ in tasks if out.topic not in unrecorded]  # see the module docstring
+        unsent = self._recording.unrecorded
+        tasks = [
+            (task_out(self.topics, self.codec, p, t, self.tracing.task_headers(t), unsent=unsent), t)
+            for t in d.tasks
+        ]
+        outputs += [out for out, _ in tasks if out.value is not None]  # see the module docstring
         outputs += [self.request_out(r) for r in d.requests]  # child runs: start, cancel, tell the parent
         if d.quarantine is not None:
             q = d.quarantine

@@ -168,6 +168,6 @@ class Resumption:
                     continue
                 awaited = awaited_tasks(wf, state)
                 mine = [t for t in awaited if self._topics.step(t.workflow, t.step) in resumes]
-                tasks = [(task_out(self._topics, self._codec, p, t), t) for t in mine]
+                tasks = [(task_out(self._topics, self._codec, p, t, unsent=resumes), t) for t in mine]
                 resumed += self._tasks.resume(p, tasks)
         log.info("partitions %s taken over: %d attempts resumed from states", sorted(parts), resumed)

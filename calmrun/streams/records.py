@@ -6,8 +6,9 @@ partition's transaction holds everything a decision wrote.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 
 from calmrun.kafka.topics import Topics
 from calmrun.wire.codec import RecordCodec
@@ -24,13 +25,24 @@ EVENT_TYPE = "type"
 
 @dataclass(frozen=True)
 class Out:
-    """One record to send to an explicit partition."""
+    """One record to send to an explicit partition.
+
+    A task record that is not sent (its step runs here: ``streams.local.Recording``) is left unencoded:
+    ``value`` None and ``encode`` what makes its bytes, which only a dead letter of its attempt reads.
+    """
 
     topic: str
     partition: int
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
+    encode: Callable[[], bytes] | None = field(default=None, compare=False, repr=False)
+
+    def value_or_encode(self) -> bytes | Callable[[], bytes]:
+        """``value``, or what encodes it when it was left unencoded (a ``LocalSource`` reads it on demand)."""
+        if self.value is None and self.encode is not None:
+            return self.encode
+        return self.value or b""
 
 
 @dataclass(frozen=True)
@@ -54,15 +66,27 @@ def event_out(topics: Topics, codec: RecordCodec, p: int, ev: RunEvent) -> Out:
 
 
 def task_out(
-    topics: Topics, codec: RecordCodec, p: int, task: StepTask, headers: tuple[tuple[str, bytes], ...] = ()
+    topics: Topics,
+    codec: RecordCodec,
+    p: int,
+    task: StepTask,
+    headers: tuple[tuple[str, bytes], ...] = (),
+    *,
+    unsent: Collection[str] = (),
 ) -> Out:
-    """A task record; ``headers`` are added (a ``traceparent`` when tracing is on: ``calmrun.tracing``)."""
+    """A task record; ``headers`` are added (a ``traceparent`` when tracing is on: ``calmrun.tracing``).
+    One on an ``unsent`` step topic (a step this worker runs itself, with no task record) is encoded only
+    if read."""
+    topic = topics.step(task.workflow, task.step)
+    encode = functools.partial(codec.encode, task, topic)
+    sent = topic not in unsent
     return Out(
-        topics.step(task.workflow, task.step),
+        topic,
         p,
         task.run_id.encode(),
-        codec.encode(task, topics.step(task.workflow, task.step)),
+        encode() if sent else None,
         ((IDEMPOTENCY_KEY, task.idempotency_key.encode()), *headers),
+        None if sent else encode,
     )
 
 

@@ -35,16 +35,29 @@ class Limits(Protocol):
     def hold(self, task: StepTask) -> AbstractAsyncContextManager[None] | None: ...
 
 
-@dataclass(frozen=True)
 class LocalSource:
-    """An eager task's source: its step topic, offset unknown (-1)."""
+    """An eager task's source: its step topic, offset unknown (-1). ``value`` may be given as what encodes
+    it (a task with no record: ``records.task_out``), encoded when a dead letter first reads it."""
 
-    topic: str
-    partition: int
-    key: bytes
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-    offset: int = -1
+    __slots__ = ("_value", "headers", "key", "offset", "partition", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes | Callable[[], bytes],
+        headers: tuple[tuple[str, bytes], ...],
+        offset: int = -1,
+    ) -> None:
+        self.topic, self.partition, self.key, self._value = topic, partition, key, value
+        self.headers, self.offset = headers, offset
+
+    @property
+    def value(self) -> bytes:
+        if callable(self._value):
+            self._value = self._value()
+        return self._value
 
 
 @dataclass
@@ -191,7 +204,7 @@ class TaskRunner:
         already (eager); those on an ``unrecorded`` step topic were not written there."""
         started = []
         for out, task in tasks:
-            source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
+            source = LocalSource(out.topic, p, out.key or b"", out.value_or_encode(), out.headers)
             recorded = out.topic not in unrecorded
             running = self.start(p, task, source, eager=True, pending=[], recorded=recorded)
             if running is not None:
@@ -203,7 +216,7 @@ class TaskRunner:
         yet (``streams.local.Resumption``); returns how many started."""
         n = 0
         for out, task in tasks:
-            source = LocalSource(out.topic, p, out.key or b"", out.value or b"", out.headers)
+            source = LocalSource(out.topic, p, out.key or b"", out.value_or_encode(), out.headers)
             started = self.start(p, task, source, eager=False, pending=[])
             held = self._running.get(task.idempotency_key)
             n += started is not None or (held is not None and held.again is not None)  # or once it ended
