@@ -117,6 +117,18 @@ async def read_raw(broker: str, topic: str, partitions: int = 4) -> list[Any]:
         await consumer.stop()
 
 
+async def read_until(broker: str, topic: str, wait_s: float = 60.0, partitions: int = 4) -> list[Any]:
+    """``read_raw`` again until ``topic`` holds a committed record: an attempt may start before the decision
+    that wrote its task commits (an early start), so a started attempt's record may not be readable yet."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait_s
+    while not (records := await read_raw(broker, topic, partitions)):
+        if loop.time() > end:
+            raise AssertionError(f"no committed record in {topic} within {wait_s}s")
+        await asyncio.sleep(0.1)
+    return records
+
+
 async def poll_states(
     client: Any, run_ids: Sequence[str], pred: Any, wait_s: float = 60.0, what: str = "run states"
 ) -> dict[str, Any]:

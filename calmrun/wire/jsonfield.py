@@ -80,6 +80,8 @@ def loads(
         if depth > max_depth:
             raise LimitExceededError("max_json_depth", actual=depth, maximum=max_depth, what=what)
     try:
+        if text.startswith("\ufeff"):  # what json.loads refuses before it decodes; the decoder does not
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
         value = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise DecodeError(f"invalid {what}: {exc}") from exc

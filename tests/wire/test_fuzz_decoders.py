@@ -144,6 +144,7 @@ def test_json_loads_is_total(data: bytes | str) -> None:
         ('"\\ud800"', "lone surrogate"),
         ("NaN", "NaN"),
         ("1e999", "64-bit float"),
+        ('\ufeff{"a": 1}', "BOM"),  # what json.loads refuses itself: the decoder made once does not
         ('"\\ud83d\\ude00"', None),  # a proper pair is text
         ('{"a": 1, "a": 2}', None),
     ],
