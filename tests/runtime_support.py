@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -75,11 +76,12 @@ async def until(
 ) -> None:
     """Poll ``pred()`` to a deadline (no fixed sleeps as synchronisation); the one "wait until" of the tests.
 
-    ``alive`` is called on every poll and may raise to fail at once (a worker process that died).
+    ``pred`` may be a coroutine function (a read of a topic): its result is awaited. ``alive`` is called on
+    every poll and may raise to fail at once (a worker process that died).
     """
     loop = asyncio.get_running_loop()
     end = loop.time() + wait_s
-    while not pred():
+    while not ((await ok) if inspect.isawaitable(ok := pred()) else ok):
         if alive is not None:
             alive()
         if loop.time() > end:
@@ -115,18 +117,6 @@ async def read_raw(broker: str, topic: str, partitions: int = 4) -> list[Any]:
         return [rec async for rec in read_to_end(consumer, tps)]
     finally:
         await consumer.stop()
-
-
-async def read_until(broker: str, topic: str, wait_s: float = 60.0, partitions: int = 4) -> list[Any]:
-    """``read_raw`` again until ``topic`` holds a committed record: an attempt may start before the decision
-    that wrote its task commits (an early start), so a started attempt's record may not be readable yet."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + wait_s
-    while not (records := await read_raw(broker, topic, partitions)):
-        if loop.time() > end:
-            raise AssertionError(f"no committed record in {topic} within {wait_s}s")
-        await asyncio.sleep(0.1)
-    return records
 
 
 async def poll_states(
