@@ -50,6 +50,10 @@ EARLIER_FIELDS: list[dict[str, set[str]]] = [
         "StepTask": {"approvals", "first_issued_ms"},
         "RunCommand": {"tool_call_id"},
     },
+    # no run.routed after a step without branches (history 2)
+    {
+        "RunState": {"history"},
+    },
 ]
 """Fields appended to the models (a nested record's too), one set per release, oldest first: the
 records each earlier release wrote must still decode."""

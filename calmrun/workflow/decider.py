@@ -116,6 +116,7 @@ def _start(wf: WorkflowDef, event: RunRequested) -> Decision:
         clock_ms=event.at_ms,
         budget_usd=event.budget_usd if event.budget_usd is not None else wf.budget_usd,
         parent=dict(event.parent) if event.parent else None,
+        history=event.history,
     )
     t = Transitions(wf, s)
     t.emit("run.requested", data={**_request_data(event), "version": wf.version, "digest": wf.digest})
@@ -195,6 +196,8 @@ def _request_data(event: RunRequested) -> dict[str, Any]:
         data["model_stats"] = event.model_stats
     if event.parent is not None:
         data["parent"] = event.parent
+    if event.history != 1:  # a history of format 1 says nothing, as before there were formats
+        data["history"] = event.history
     return data
 
 

@@ -142,6 +142,10 @@ EventType = Literal[
     "input.held",  # a command kept in the run's state for a worker that serves its version
     "input.released",  # a held command taken out of the state, to be decided now
 ]
+HISTORY = 2
+"""The format of the history a new run records: since 2, ``run.routed`` follows only a step with branches
+(a step without them goes where its definition says, and the next ``step.scheduled`` or the end says it);
+1 wrote one after every step. A run keeps its format (``RunState.history``) and replay re-decides it in it."""
 HELD_NOTES = frozenset({"input.held", "input.released"})
 """Notes (seq -1) that change a run's state all the same: its ``held`` commands (``workflow.operator``)."""
 INPUT_TYPES = frozenset(
@@ -312,6 +316,8 @@ class RunRequested:
     (``attempts``, ``accepted``, ``cost_usd``, ``latency_ms``, ``window_s``) from the cost table."""
     parent: dict[str, Any] | None = None
     """A child run's parent: ``run_id``, ``workflow``, ``step``."""
+    history: int = HISTORY
+    """The format of the history the run records (``HISTORY``); a run recorded before has 1."""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ def inputs_from_events(events: Iterable[RunEvent]) -> list[DeciderInput]:
                     tenant_window=d.get("tenant_window"),
                     model_stats=d.get("model_stats"),
                     parent=d.get("parent"),
+                    history=int(d.get("history", 1)),
                 )
             )
         elif ev.type in ("step.succeeded", "step.failed"):

@@ -122,6 +122,11 @@ class RunState(BaseModel):
         default_factory=list,
         description="commands received while no worker here served the run's version (JSON, in order)",
     )
+    history: int = Field(
+        1,
+        description="the history's format: 1 records run.routed after every step, 2 only after a step "
+        "with branches (the others' route is the definition's)",
+    )
 
     def next_due_ms(self) -> int | None:
         """Earliest time at which a timer must wake this run (a deadline or a retry), if any."""

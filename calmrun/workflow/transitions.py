@@ -179,7 +179,8 @@ class Transitions:
             if branch.when.holds(output):
                 chosen, by = targets(branch.goto), f"branches[{i}]"
                 break
-        self.emit("run.routed", name, data={"to": chosen, "by": by, **self.iteration_of(name)})
+        if sd.branches or self.s.history < 2:  # else the route is the definition's: step.scheduled says it
+            self.emit("run.routed", name, data={"to": chosen, "by": by, **self.iteration_of(name)})
         self.goto(chosen)
 
     def goto(self, chosen: list[str]) -> None:

@@ -48,9 +48,9 @@ async def test_deploy_check_flags_a_renamed_step_and_migrates_runs_past_a_later_
             report = json.loads(shown)
             assert report["diverging"] == 4 and {r["verdict"] for r in report["runs"]} == {"must stay pinned"}
             first = report["runs"][0]["first_divergence"]
-            assert first["seq"] == 4  # a's routing: the record goes to b, v2 to b2
-            assert [e["data"]["to"] for e in first["recorded"] if e["type"] == "run.routed"] == [["b"]]
-            assert [e["data"]["to"] for e in first["new"] if e["type"] == "run.routed"] == [["b2"]]
+            assert first["seq"] == 4  # after a: the record schedules b, v2 b2
+            assert [e["step"] for e in first["recorded"] if e["type"] == "step.scheduled"] == ["b"]
+            assert [e["step"] for e in first["new"] if e["type"] == "step.scheduled"] == ["b2"]
 
             code, shown = await cli("deploy", "check", str(v3_file), *common)
             assert code == 0, shown  # v3 changes only c, which no run has reached

@@ -136,7 +136,7 @@ def test_states_written_before_pinning_still_decode() -> None:
     # today's schema without what was added since: here, and by 0.4 (a child's parent, a step's loop
     # iteration and map progress)
     since = {
-        "RunState": {"digest", "held", "signals", "parent"},
+        "RunState": {"digest", "held", "signals", "parent", "history"},
         "StepState": {"iteration", "map", "tool_approval"},  # and a tool call waiting for a person
     }
     schema = _without(codec.schemas()["RunState"], since)
@@ -148,6 +148,7 @@ def test_states_written_before_pinning_still_decode() -> None:
     fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), to_avro(old) if to_avro else old)
     back = codec.decode_as(buf.getvalue(), RunState)
     assert (back.version, back.digest, back.held, back.steps["b"].status) == ("1", "", [], "scheduled")
+    assert back.history == 1  # it goes on recording a run.routed after every step, as it began
 
 
 def _fold(wfs: dict[str, WorkflowDef], start: WorkflowDef, inputs: list[DeciderInput]) -> tuple[Any, list]:

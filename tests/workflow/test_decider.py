@@ -17,6 +17,7 @@ from calmrun.workflow.decider import (
 )
 from calmrun.workflow.definition import WorkflowDef, parse_workflow
 from calmrun.workflow.events import (
+    HISTORY,
     DeciderInput,
     RedriveRequested,
     RunRequested,
@@ -25,6 +26,7 @@ from calmrun.workflow.events import (
     StepTask,
     TimerFired,
 )
+from calmrun.workflow.history import fold, inputs_from_events
 from calmrun.workflow.state import RunState
 
 RUN = "run-1"
@@ -70,8 +72,16 @@ class Run:
         return d
 
     # shorthands
-    def request(self, at: int = 0, input: dict[str, Any] | None = None, tenant: str = "default") -> Decision:
-        return self.feed(RunRequested(self.run_id, self.wf.name, dict(input or {}), at, tenant))
+    def request(
+        self,
+        at: int = 0,
+        input: dict[str, Any] | None = None,
+        tenant: str = "default",
+        history: int = HISTORY,
+    ) -> Decision:
+        return self.feed(
+            RunRequested(self.run_id, self.wf.name, dict(input or {}), at, tenant, history=history)
+        )
 
     def ok(self, step: str, attempt: int = 1, at: int = 0, kind: Kind = "run", **output: Any) -> Decision:
         return self.feed(StepResult(self.run_id, step, attempt, at, kind=kind, output=output))
@@ -140,7 +150,7 @@ def test_linear_happy_path() -> None:
     d = run.request(at=1000, input={"url": "u"}, tenant="acme")
     assert types(d) == ["run.requested", "step.scheduled"]
     # the run is pinned to the definition it started on: its version and content hash are recorded
-    assert d.events[0].data == {"input": {"url": "u"}, "version": "1", "digest": LINEAR.digest}
+    assert d.events[0].data == {"input": {"url": "u"}, "version": "1", "digest": LINEAR.digest, "history": 2}
     assert d.state is not None and (d.state.version, d.state.digest) == ("1", LINEAR.digest)
     assert d.tasks == (
         StepTask(
@@ -162,8 +172,7 @@ def test_linear_happy_path() -> None:
     assert run.s.status == "running" and not run.s.is_terminal()
 
     d = run.ok("fetch", at=2000, page="p")
-    assert types(d) == ["step.succeeded", "run.routed", "step.scheduled"]
-    assert d.events[1].data == {"to": ["extract"], "by": "next"}
+    assert types(d) == ["step.succeeded", "step.scheduled"]  # no branches: the definition routes it
     assert task_ids(d) == [("extract", 1, "run")]
     assert d.tasks[0].agent == "extractor" and d.tasks[0].input == {"url": "u"}
 
@@ -171,8 +180,7 @@ def test_linear_happy_path() -> None:
     assert task_ids(d) == [("store", 1, "run")]
 
     d = run.ok("store", at=4000)
-    assert types(d) == ["step.succeeded", "run.routed", "run.completed"]
-    assert d.events[1].data == {"to": ["end:completed"], "by": "next"}
+    assert types(d) == ["step.succeeded", "run.completed"]
     assert d.events[-1].data == {
         "outcome": "completed",
         "outputs": {"fetch": {"page": "p"}, "extract": {"fields": [1, 2]}, "store": {}},
@@ -192,24 +200,42 @@ def test_linear_happy_path() -> None:
         "extract": ("succeeded", 1),
         "store": ("succeeded", 1),
     }
-    assert s.seq == 2 + 3 + 3 + 3
+    assert s.seq == 2 + 2 + 2 + 2
     all_events = [e for dec in run.decisions for e in dec.events]
     assert [e.seq for e in all_events] == list(range(1, s.seq + 1))
     assert [e.type for e in all_events] == [
         "run.requested",
         "step.scheduled",
         "step.succeeded",
-        "run.routed",
         "step.scheduled",
         "step.succeeded",
-        "run.routed",
         "step.scheduled",
         "step.succeeded",
-        "run.routed",
         "run.completed",
     ]
+    assert all_events[0].data["history"] == HISTORY == s.history == 2
     # the audit record of a result carries its cost
     assert all_events[2].cost == StepCost()
+
+
+def test_a_run_of_history_1_records_every_route_and_replays_as_recorded() -> None:
+    """A run begun before history 2 (its state says 1) goes on recording ``run.routed`` after every step,
+    and its recorded inputs re-decide to the same events: they rebuild the request with history 1."""
+    run = Run(LINEAR)
+    d = run.request(history=1)
+    assert "history" not in d.events[0].data and run.s.history == 1
+    d = run.ok("fetch", page="p")
+    assert types(d) == ["step.succeeded", "run.routed", "step.scheduled"]
+    assert d.events[1].data == {"to": ["extract"], "by": "next"}
+    run.ok("extract")
+    d = run.ok("store")
+    assert types(d) == ["step.succeeded", "run.routed", "run.completed"]
+    assert d.events[1].data == {"to": ["end:completed"], "by": "next"}
+    recorded = [e for dec in run.decisions for e in dec.events]
+    state, events = fold(LINEAR, inputs_from_events(recorded))
+    assert events == recorded and state == run.s
+    # a state restored from a topic written before the field existed decodes as history 1
+    assert RunState(run_id="r", workflow="w", version="1").history == 1
 
 
 def test_events_carry_run_identity_and_clock() -> None:
@@ -330,16 +356,16 @@ def test_fan_out_and_join(order: tuple[str, str]) -> None:
     run.request()
     d = run.ok("split", at=10)
     assert task_ids(d) == [("left", 1, "run"), ("right", 1, "run")]
-    assert d.events[1].data == {"to": ["left", "right"], "by": "next"}
+    assert types(d) == ["step.succeeded", "step.scheduled", "step.scheduled"]
 
     first, second = order
     d = run.ok(first, at=20, v=first)
-    assert types(d) == ["step.succeeded", "run.routed"]
+    assert types(d) == ["step.succeeded"]
     assert d.tasks == () and "join" not in run.s.steps
     assert run.s.status == "running"
 
     d = run.ok(second, at=30, v=second)
-    assert types(d) == ["step.succeeded", "run.routed", "step.scheduled"]
+    assert types(d) == ["step.succeeded", "step.scheduled"]
     assert task_ids(d) == [("join", 1, "run")]
     assert d.tasks[0].input == {"l": "left", "r": "right"}
 
@@ -388,7 +414,7 @@ def test_join_waiting_for_branch_not_taken_is_stuck() -> None:
     run.request()
     run.ok("a", go="b")
     d = run.ok("b")
-    assert types(d) == ["step.succeeded", "run.routed", "run.quarantined"]
+    assert types(d) == ["step.succeeded", "run.quarantined"]
     assert d.quarantine is not None
     assert (d.quarantine.step, d.quarantine.attempt, d.quarantine.error_type) == (None, 0, "StuckRun")
     assert (run.s.status, run.s.error_type) == ("quarantined", "StuckRun")
@@ -922,11 +948,7 @@ def test_input_mapping_error_quarantines() -> None:
     run.request(input={"query": "kafka"})
     run.ok("search", hits=[{"url": "u1"}])
     d = run.ok("read", text="t")
-    assert typed_steps(d) == [
-        ("step.succeeded", "read"),
-        ("run.routed", "read"),
-        ("run.quarantined", "answer"),
-    ]
+    assert typed_steps(d) == [("step.succeeded", "read"), ("run.quarantined", "answer")]
     assert d.tasks == ()
     assert d.quarantine is not None
     assert (d.quarantine.step, d.quarantine.attempt, d.quarantine.error_type) == (
