@@ -10,8 +10,9 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Callable
-from typing import Any
+import types
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, TypeVar
 
 from calmrun.agents.context import StepContext
 from calmrun.agents.journal import AttemptJournal, JournalStore, since_ms
@@ -29,6 +30,7 @@ AGENT_TIMEOUT = ErrorKind.AGENT_TIMEOUT
 DEFAULT_LIMITS = LimitsSettings()
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
+T = TypeVar("T")
 
 
 async def execute(
@@ -102,8 +104,7 @@ async def execute(
     deadline = asyncio.timeout(task.timeout_s)
     try:
         spec = registry.resolve(task.agent)
-        async with deadline:
-            produced = await spec.call(ctx, task.input)
+        produced = await under(deadline, spec.call(ctx, task.input))
         check_output(produced, limits or DEFAULT_LIMITS, task.agent)
         output = produced
     # Broad on purpose: the failure is not swallowed, it becomes the attempt's recorded result, which the
@@ -166,3 +167,37 @@ async def execute(
         retry_after_ms=retry_after,
         element=task.element,
     )
+
+
+async def under(deadline: asyncio.Timeout, coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` under ``deadline``, arming its timer only once ``coro`` suspends: an agent that returns
+    without waiting for anything (a plain function's) needs no timer, and a timer was a tenth of an attempt's
+    CPU. Code before the first suspension cannot be interrupted by a timer anyway."""
+    try:
+        first = coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    async with deadline:
+        return await _resumed(coro, first)
+
+
+@types.coroutine
+def _resumed(coro: Coroutine[Any, Any, T], first: Any) -> Generator[Any, Any, T]:
+    """``await coro`` once its first step was taken (and yielded ``first``): what ``yield from`` does."""
+    value = first
+    while True:
+        try:
+            sent = yield value
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # a cancellation (the deadline's too): into the agent, as await does
+            try:
+                value = coro.throw(exc)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+        else:
+            try:
+                value = coro.send(sent)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
