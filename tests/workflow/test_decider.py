@@ -8,6 +8,8 @@ from typing import Any, Literal
 import pytest
 
 from calmrun.errors import InputMappingError
+from calmrun.replay.recorded import replay_recorded
+from calmrun.replay.snapshot import Snapshot
 from calmrun.workflow.decider import (
     Decision,
     Quarantine,
@@ -234,6 +236,8 @@ def test_a_run_of_history_1_records_every_route_and_replays_as_recorded() -> Non
     recorded = [e for dec in run.decisions for e in dec.events]
     state, events = fold(LINEAR, inputs_from_events(recorded))
     assert events == recorded and state == run.s
+    snap = Snapshot(run_id=RUN, state=run.s, events=recorded)
+    assert replay_recorded(LINEAR, snap).verdict == "converged"
     # a state restored from a topic written before the field existed decodes as history 1
     assert RunState(run_id="r", workflow="w", version="1").history == 1
 
