@@ -90,7 +90,7 @@ async def execute(
             run_id=task.run_id,
             step=task.step,
             attempt=task.attempt,
-            attempt_key=task.idempotency_key,
+            attempt_key=ctx.idempotency_key,  # the task's, computed once
             since_ms=since_ms(min(task.issued_ms, task.first_issued_ms or task.issued_ms), task.timeout_s),
             source=task,
             recorded=[] if fresh else None,
@@ -101,7 +101,7 @@ async def execute(
     retriable = True
     tb: str | None = None
     retry_after: int | None = None
-    deadline = asyncio.timeout(task.timeout_s)
+    deadline = Deadline(task.timeout_s)
     try:
         spec = registry.resolve(task.agent)
         produced = await under(deadline, spec.call(ctx, task.input))
@@ -169,15 +169,31 @@ async def execute(
     )
 
 
-async def under(deadline: asyncio.Timeout, coro: Coroutine[Any, Any, T]) -> T:
+class Deadline:
+    """An attempt's timeout of ``delay_s``, made (``asyncio.timeout``) only once ``under`` arms it."""
+
+    __slots__ = ("delay_s", "timeout")
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.timeout: asyncio.Timeout | None = None
+
+    def expired(self) -> bool:
+        """Did the armed timeout expire (and cancel what it guarded)?"""
+        return self.timeout is not None and self.timeout.expired()
+
+
+async def under(deadline: Deadline, coro: Coroutine[Any, Any, T]) -> T:
     """Await ``coro`` under ``deadline``, arming its timer only once ``coro`` suspends: an agent that returns
     without waiting for anything (a plain function's) needs no timer, and a timer was a tenth of an attempt's
-    CPU. Code before the first suspension cannot be interrupted by a timer anyway."""
+    CPU (making one, unarmed, another fiftieth of the worker's). Code before the first suspension cannot be
+    interrupted by a timer anyway."""
     try:
         first = coro.send(None)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
-    async with deadline:
+    deadline.timeout = asyncio.timeout(deadline.delay_s)
+    async with deadline.timeout:
         return await _resumed(coro, first)
 
 

@@ -83,7 +83,8 @@ class Ownership:
 
     async def accept(self, p: int) -> bool:
         """Wait out a rebalance or a stall check; then: is ``p`` ours to decide?"""
-        await self.stable.wait()
+        if not self.stable.is_set():  # asked twice per attempt: awaited only when ownership is in question
+            await self.stable.wait()
         return p in self.owned
 
 
@@ -104,6 +105,10 @@ class Stalls:
     def ran(self) -> None:
         """Ownership was settled just now (an assignment): no stall to check before this."""
         self.tick = asyncio.get_running_loop().time()
+
+    def stalled(self) -> bool:
+        """Was this process paused for half a session or more since the watchdog last ran?"""
+        return asyncio.get_running_loop().time() - self.tick >= self._stall_s
 
     async def revalidate_if_stalled(self) -> None:
         """After a stall of half a session or more, prove each partition is still ours (see the class)."""
@@ -147,7 +152,8 @@ class Admission:
 
     async def admit(self, p: int, task: StepTask) -> bool:
         """May ``task`` start now? Asked after it waited for a slot: a pause may have moved ``p``."""
-        await self._stalls.revalidate_if_stalled()
+        if self._stalls.stalled():  # checked per attempt: a coroutine only when there is a stall to prove
+            await self._stalls.revalidate_if_stalled()
         return await self._own.accept(p) and self._own.awaited(p, task)
 
     async def accept(self, p: int) -> bool:

@@ -1,4 +1,5 @@
-"""``agents.executor.under``: an agent awaited under its deadline, the timer armed only once it suspends."""
+"""``agents.executor.under``: an agent awaited under its deadline, the timer made and armed only once it
+suspends."""
 
 from __future__ import annotations
 
@@ -6,18 +7,16 @@ import asyncio
 
 import pytest
 
-from calmrun.agents.executor import under
+from calmrun.agents.executor import Deadline, under
 
 
 async def test_an_agent_that_never_suspends_returns_its_value() -> None:
     async def plain() -> int:
         return 7
 
-    deadline = asyncio.timeout(30)
+    deadline = Deadline(30)
     assert await under(deadline, plain()) == 7
-    assert not deadline.expired()
-    async with deadline:  # never entered by under (a Timeout can be entered once): no timer was armed
-        pass
+    assert not deadline.expired() and deadline.timeout is None  # no timer was made, nor armed
 
 
 async def test_an_agent_that_suspends_returns_what_it_awaited() -> None:
@@ -27,7 +26,9 @@ async def test_an_agent_that_suspends_returns_what_it_awaited() -> None:
         asyncio.get_running_loop().call_soon(fut.set_result, n)
         return await fut + 1
 
-    assert await under(asyncio.timeout(30), slow(1)) == 2
+    deadline = Deadline(30)
+    assert await under(deadline, slow(1)) == 2
+    assert deadline.timeout is not None and not deadline.expired()  # armed once it suspended
 
 
 async def test_an_agent_over_its_deadline_is_cancelled_and_the_deadline_says_so() -> None:
@@ -41,7 +42,7 @@ async def test_an_agent_over_its_deadline_is_cancelled_and_the_deadline_says_so(
             raise
         return 0
 
-    deadline = asyncio.timeout(0.05)
+    deadline = Deadline(0.05)
     with pytest.raises(TimeoutError):
         await under(deadline, hangs())
     assert deadline.expired() and seen == ["cancelled"]
@@ -56,9 +57,9 @@ async def test_errors_before_and_after_the_first_suspension_propagate() -> None:
         raise KeyError("after")
 
     with pytest.raises(ValueError, match="before"):
-        await under(asyncio.timeout(30), at_once())
+        await under(Deadline(30), at_once())
     with pytest.raises(KeyError, match="after"):
-        await under(asyncio.timeout(30), later())
+        await under(Deadline(30), later())
 
 
 async def test_cancelling_the_caller_cancels_the_agent_which_may_answer_it() -> None:
@@ -77,13 +78,13 @@ async def test_cancelling_the_caller_cancels_the_agent_which_may_answer_it() -> 
         await asyncio.sleep(30)
         return "slept"
 
-    task = asyncio.create_task(under(asyncio.timeout(30), stubborn()))
+    task = asyncio.create_task(under(Deadline(30), stubborn()))
     await started.wait()
     task.cancel()
     assert await task == "stopped"  # as a plain await of it would return
 
     started.clear()
-    task = asyncio.create_task(under(asyncio.timeout(30), hard()))
+    task = asyncio.create_task(under(Deadline(30), hard()))
     await started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
