@@ -14,7 +14,7 @@ from pydantic_core import to_json
 
 from calmrun.errors import CalmrunError, ConfigError, InvalidOutputError
 from calmrun.settings import LimitsSettings, Settings
-from calmrun.wire.jsonfield import loads
+from calmrun.wire.jsonfield import check_text, loads
 from calmrun.workflow.definition import WorkflowDef, targets
 from calmrun.workflow.kinds.loop import LoopStep
 from calmrun.workflow.kinds.map import MapStep
@@ -117,7 +117,11 @@ def check_output(output: Any, limits: LimitsSettings, agent: str) -> None:
             agent,
             f"output of {len(data):,} bytes is over limits.max_output_bytes ({limits.max_output_bytes:,})",
         )
+    depth, digits = limits.max_json_depth, limits.max_number_digits
     try:
-        loads(data, max_depth=limits.max_json_depth, max_digits=limits.max_number_digits, what="step output")
+        if b"NaN" in data or b"Infinity" in data:  # how to_json writes nan and inf: only a parse tells a
+            loads(data, max_depth=depth, max_digits=digits, what="step output")  # string's from a number
+        else:  # to_json's own text: what a parse back could refuse is only over the limits
+            check_text(data.decode(), max_depth=depth, max_digits=digits, what="step output")
     except CalmrunError as exc:
         raise InvalidOutputError(agent, str(exc)) from exc

@@ -20,7 +20,15 @@ from typing import Any
 from calmrun.errors import DecodeError, LimitExceededError
 from calmrun.jsontypes import AvroJson, JsonDict, JsonValue
 
-__all__ = ["AvroJson", "JsonDict", "JsonValue", "check_value", "json_depth_of_text", "loads"]
+__all__ = [
+    "AvroJson",
+    "JsonDict",
+    "JsonValue",
+    "check_text",
+    "check_value",
+    "json_depth_of_text",
+    "loads",
+]
 
 JSON_DEPTH_CEILING = 240
 """Deepest JSON a calmrun record may hold (pydantic's serializer refuses 255 levels); what is read back.
@@ -64,21 +72,7 @@ def loads(
         text.encode("utf-8")  # a str may hold lone surrogates already
     except UnicodeError as exc:
         raise DecodeError(f"{what} is not UTF-8 text: {exc}") from exc
-    # Cheap tests on the raw text first: too few brackets or digits anywhere cannot be over a limit. Only
-    # a suspect text is measured exactly, outside its strings (digits or brackets inside strings count
-    # for nothing).
-    long_digits = len(text) > max_digits and _longest_digits(text, max_digits) > max_digits
-    many_brackets = text.count("[") + text.count("{") > max_depth
-    if long_digits or many_brackets:
-        skeleton = _STRING.sub('""', text)  # what is left outside strings: structure and numbers
-        digits = _longest_digits(skeleton, max_digits) if long_digits else 0
-        if digits > max_digits:
-            raise LimitExceededError(
-                "max_number_digits", actual=digits, maximum=max_digits, what=f"a number in {what}"
-            )
-        depth = json_depth_of_text(skeleton) if many_brackets else 0
-        if depth > max_depth:
-            raise LimitExceededError("max_json_depth", actual=depth, maximum=max_depth, what=what)
+    check_text(text, max_depth=max_depth, max_digits=max_digits, what=what)
     try:
         if text.startswith("\ufeff"):  # what json.loads refuses before it decodes; the decoder does not
             raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
@@ -91,6 +85,30 @@ def loads(
         except UnicodeEncodeError as exc:
             raise DecodeError(f"{what} holds a lone surrogate (\\ud800-\\udfff), not text") from exc
     return value
+
+
+def check_text(text: str, *, max_depth: int, max_digits: int, what: str) -> None:
+    """Check JSON text against ``loads``' limits without parsing it.
+
+    Cheap tests on the raw text first: too few brackets or digits anywhere cannot be over a limit. Only a
+    suspect text is measured exactly, outside its strings (digits or brackets inside strings count for
+    nothing).
+
+    Raises:
+        LimitExceededError: deeper than ``max_depth`` or a number longer than ``max_digits``.
+    """
+    long_digits = len(text) > max_digits and _longest_digits(text, max_digits) > max_digits
+    many_brackets = text.count("[") + text.count("{") > max_depth
+    if long_digits or many_brackets:
+        skeleton = _STRING.sub('""', text)  # what is left outside strings: structure and numbers
+        digits = _longest_digits(skeleton, max_digits) if long_digits else 0
+        if digits > max_digits:
+            raise LimitExceededError(
+                "max_number_digits", actual=digits, maximum=max_digits, what=f"a number in {what}"
+            )
+        depth = json_depth_of_text(skeleton) if many_brackets else 0
+        if depth > max_depth:
+            raise LimitExceededError("max_json_depth", actual=depth, maximum=max_depth, what=what)
 
 
 def json_depth_of_text(skeleton: str) -> int:

@@ -322,3 +322,13 @@ def test_step_output_over_the_limit_is_an_invalid_output() -> None:
         check_output({"n": 10**1500}, LIMITS, "agent")
     with pytest.raises(InvalidOutputError, match="JSON"):
         check_output({"x": float("nan")}, LIMITS, "agent")
+    with pytest.raises(InvalidOutputError, match="JSON"):
+        check_output({"x": [1, float("-inf")]}, LIMITS, "agent")
+
+
+def test_a_step_output_is_checked_without_parsing_it_back_unless_it_may_hold_nan() -> None:
+    """to_json's text is valid JSON: only its limits are checked, and a text naming NaN or Infinity (as a
+    number, or only inside a string) is parsed to tell which."""
+    check_output({"note": "NaN and Infinity are words here", "n": [1, 2.5, None]}, LIMITS, "agent")
+    with pytest.raises(InvalidOutputError, match="max_json_depth"):
+        check_output({"x": "NaN", "a": [[[[[[1]]]]]]}, LimitsSettings(max_json_depth=5), "agent")
