@@ -3,7 +3,8 @@
 
 Each round runs, for each tree in turn, the throughput loop (``--runs`` runs, 100 in flight, one worker
 process of that tree's ``bench.worker``) and the one-at-a-time loop (``--light`` runs), and prints one JSON
-line: runs/s, worker and broker CPU per run, records moved per run, the client's p50/p90/p99 one at a time,
+line: runs/s, worker and broker CPU per run, records moved per run, the worker's decisions per transaction
+its writers committed (``decisions per commit``, over its life), the client's p50/p90/p99 one at a time,
 the machine's speed during the throughput loop (``bench.speed``: this machine's cores run the same work up to
 1.9x slower at times, so a pair's difference may be the machine's; the worker's CPU per run over the unit's
 µs, x1000, is printed beside it as a coarse correction), and the commit cycles on a run's path (the
@@ -60,6 +61,13 @@ async def commits_per_run(bootstrap: str, pfx: str, run_ids: list[str]) -> list[
     return out
 
 
+def _per_commit(stats: dict[str, Any]) -> float | None:
+    """The worker's decisions per transaction its writers committed, over its life (warm-up included;
+    None for a tree whose worker does not count its commits)."""
+    commits = stats.get("commits")
+    return round(stats.get("decisions", 0) / commits, 1) if commits else None
+
+
 def _unit(speed: str | None, lp: driver.Loop) -> float | None:
     """The machine's speed (``bench.speed``'s unit, µs) during the loop, where the tree's bench can say."""
     try:  # an older tree's bench has no bench.speed, nor a loop's end time
@@ -90,6 +98,7 @@ async def one(args: argparse.Namespace, label: str) -> dict[str, Any]:
             "broker us/run": round(lp.broker_cpu_s / lp.n * 1e6),
             "records moved/run": round((lp.consumed + lp.produced) / lp.n, 1),
             "transactions": st.get("stats", {}).get("transactions"),
+            "decisions per commit": _per_commit(st.get("stats", {})),
             "machine unit us": round(unit) if unit else None,
             "worker us/run per unit": round(lp.cpu_us_per_run / unit * 1000) if unit else None,
         }
