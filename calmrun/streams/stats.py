@@ -56,7 +56,7 @@ class WorkerStats:
     fenced: int = 0  # partitions lost because another worker took them over (their writes were refused)
     retaken: int = 0  # partitions this worker took over again because their producer broke
     transactions: int = 0
-    commits: int = 0  # transactions the partition writers committed, of the partitions owned now
+    commits: int = 0  # transactions the partition writers committed
     rejected: int = 0  # refused run requests answered under their run ID (streams.refusals)
     results_malformed: int = 0  # malformed results that failed the attempt they answer
     results_unknown_run: int = 0  # results for a run not known here: parked
@@ -156,7 +156,7 @@ class Readout:
             fenced=parts.fenced,
             retaken=parts.retaken,
             transactions=self._checkpoint.transactions,
-            commits=sum(w.commits for w in self._own.writers.values()),
+            commits=self._gate.commits,
             rejected=intake.rejected,
             results_malformed=intake.results_malformed,
             results_unknown_run=intake.results_unknown_run,

@@ -74,10 +74,14 @@ def transactional_id(group_id: str, partition: int, lane: int = 0) -> str:
 
 
 class Gate:
-    """Counts decisions not yet committed across all partitions; intake waits while too many are."""
+    """Counts decisions not yet committed across all partitions; intake waits while too many are.
+
+    Attributes:
+        commits: transactions the partition writers committed (all partitions, over the worker's life).
+    """
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.pending, self.peak = limit, 0, 0
+        self.limit, self.pending, self.peak, self.commits = limit, 0, 0, 0
         self._room = asyncio.Event()
         self._room.set()
 
@@ -453,6 +457,7 @@ class PartitionWriter:
         if offsets:
             self._checkpoint.committed(offsets)
         self._gate.done(len(batch))
+        self._gate.commits += 1
         self._taken = 0
         for d in batch:
             if d.run_id is not None:

@@ -17,7 +17,7 @@ async def test_linear_runs_complete_with_history(broker: str, prefix: str) -> No
             RunRequest(workflow="lin", input={"n": i}, run_id=f"r{i}") for i in range(20)
         )
         states = await client.wait_terminal(ids, wait_s=60)
-        stats = worker.stats
+    stats = worker.stats  # after the stop too, when the writers are gone (the bench reads it then)
     # the writers' transactions are counted (bench.ab prints decisions per commit from them): a run's first
     # step commits with its request, so 20 runs of four decisions take fewer than 80
     assert 1 <= stats.commits <= stats.decisions
