@@ -117,11 +117,13 @@ def check_output(output: Any, limits: LimitsSettings, agent: str) -> None:
             agent,
             f"output of {len(data):,} bytes is over limits.max_output_bytes ({limits.max_output_bytes:,})",
         )
+    # to_json's text is valid JSON: a parse back could refuse only what is over the limits, or nan and inf,
+    # which to_json writes as NaN and Infinity. Only a parse tells those from the same words in a string.
     depth, digits = limits.max_json_depth, limits.max_number_digits
     try:
-        if b"NaN" in data or b"Infinity" in data:  # how to_json writes nan and inf: only a parse tells a
-            loads(data, max_depth=depth, max_digits=digits, what="step output")  # string's from a number
-        else:  # to_json's own text: what a parse back could refuse is only over the limits
+        if b"NaN" in data or b"Infinity" in data:
+            loads(data, max_depth=depth, max_digits=digits, what="step output")
+        else:
             check_text(data.decode(), max_depth=depth, max_digits=digits, what="step output")
     except CalmrunError as exc:
         raise InvalidOutputError(agent, str(exc)) from exc

@@ -131,7 +131,7 @@ class Readout:
     @property
     def stats(self) -> WorkerStats:
         """The rooms' counters now: the intake's, the task runner's, the ownership's, the decisions', the
-        gate's (``peak_unacked``), the checkpoint's (``transactions``) and the writers' (``commits``)."""
+        gate's (``peak_unacked``, ``commits``) and the checkpoint's (``transactions``)."""
         intake, tasks, parts, decided = self._intake, self._tasks, self._own.counts, self._decided
         return WorkerStats(
             requests=intake.requests,
