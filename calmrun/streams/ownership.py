@@ -113,13 +113,13 @@ class Stalls:
     async def revalidate_if_stalled(self) -> None:
         """After a stall of half a session or more, prove each partition is still ours (see the class)."""
         own, loop = self._own, asyncio.get_running_loop()
-        gap = loop.time() - self.tick
-        if gap < self._stall_s:
+        if not self.stalled():
             return
+        gap = loop.time() - self.tick
         own.stable.clear()
         try:
             async with own.lock:
-                if loop.time() - self.tick < self._stall_s:
+                if not self.stalled():
                     return  # checked by another caller meanwhile
                 log.warning(
                     "this worker was stalled for %.1fs: checking its partitions are still its own", gap
