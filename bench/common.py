@@ -24,13 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
 """Partitions of every benchmark topic: calmrun's default, the same for the floor and the workflow."""
 
-WARMUP = 40_000
+WARMUP = 100_000
 """Runs (100 in flight) each engine takes before its first measured round: calmrun's broker, and each peer's
 servers (``bench.peers``). Kafka is a JVM: on a fresh broker its CPU per three-step run fell over twelve
 rounds of 5,000 runs in a row from 2,070 to 1,540, 898, 770, 712, then 528-596 from 26,500 runs on and
 450-472 from 47,700 (its JIT compiler had spent 34 s of CPU by then: ``docs/benchmarks.md``, *Warm-up*),
-so a round measured after 10,000 measured a broker still compiling, not the broker a user runs for months.
-The same count for every engine."""
+and it was still falling there: measured by ``bench.warmth``, 434 µs a run after 40,000 runs and 256 after
+115,500 (``docs/benchmarks.md``, *From 40,000 to 100,000*). A round measured before it settles measures a
+broker still compiling, not the broker a user runs for months. The same count for every engine."""
 
 LIGHT_WARMUP = 2_000
 """Runs one at a time each engine takes before its runs one at a time are measured. Runs at 100 in flight do
