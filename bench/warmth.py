@@ -31,34 +31,24 @@ async def _bulk(ctx: Ctx, n: int) -> dict[str, float]:
     return {"runs/s": round(lp.runs_per_s), "broker us/run": round(lp.broker_cpu_s * 1e6 / n)}
 
 
-async def _measured(ctx: Ctx, runs: int, rounds: int) -> list[dict[str, float]]:
-    proc, pfx = await driver.start_worker(ctx, "warmth", status_every=1.0)
-    out = []
-    try:
-        await driver.closed_loop(ctx, pfx, "warm", 500, 100)
-        for r in range(rounds):
-            lp = await driver.closed_loop(ctx, pfx, f"r{r}", runs, 100, proc.pid)
-            out.append(
-                {
-                    "runs/s": round(lp.runs_per_s),
-                    "worker us/run": round(lp.cpu_us_per_run),
-                    "broker us/run": round(lp.broker_cpu_s * 1e6 / runs),
-                }
-            )
-        await proc.stop()
-    finally:
-        proc.kill()
-    return out
-
-
 async def run(args: argparse.Namespace) -> None:
-    ctx = Ctx(bootstrap=args.bootstrap, rounds=1, out=Path(args.out), broker_pid=args.broker_pid)
+    ctx = Ctx(bootstrap=args.bootstrap, rounds=args.rounds, out=Path(args.out), broker_pid=args.broker_pid)
     ctx.out.mkdir(parents=True, exist_ok=True)
     seen = 0  # runs the broker has taken so far
     for stage in (int(s) for s in args.stages.split(",")):
         bulk = await _bulk(ctx, stage)
         seen += stage
-        loops = await _measured(ctx, args.runs, args.rounds)
+        measured, _ = await driver.measure(
+            ctx, "warmth", n=args.runs, concurrency=100, warmup=500, with_timings=False
+        )
+        loops = [
+            {
+                "runs/s": round(lp.runs_per_s),
+                "worker us/run": round(lp.cpu_us_per_run),
+                "broker us/run": round(lp.broker_cpu_s * 1e6 / lp.n),
+            }
+            for lp in measured
+        ]
         med = {k: statistics.median(lp[k] for lp in loops) for k in loops[0]}
         line = {"after runs": seen, "warm-up": bulk, "rounds": loops, "median": med, "load": loadavg()}
         print(json.dumps(line), flush=True)
