@@ -78,6 +78,14 @@ def triage_on_a_busy_machine() -> WorkflowDef:
     return parse_workflow(raw)
 
 
+def workflow_bound_s(workflow: WorkflowDef, runs: int) -> float:
+    """How long ``runs`` runs may take, one attempt at a time, by the workflow's own bounds: every model
+    step's every attempt up to its timeout. A wait shorter than that would bound the machine's speed, not
+    calmrun's promise (each run is decided); on a quiet machine the runs take a minute or two."""
+    steps = [s for s in workflow.steps if s.name in MODEL_STEPS]
+    return runs * sum((s.timeout_s or MODEL_TIMEOUT_S) * s.retry.max_attempts for s in steps) + 60
+
+
 def _settings(broker: str, prefix: str, config: Path, server: DevModel, aliases: list[str]) -> Any:
     """The example's configuration file, with the Kafka prefix of this test and the fixture's server port."""
     return load_settings(
@@ -128,7 +136,7 @@ async def test_triage_runs_on_the_local_model(broker: str, prefix: str, local_mo
         await ready(worker)
         for run_id, ticket in runs.items():
             await client.submit(RunRequest(workflow="triage", run_id=run_id, input=ticket))
-        states = await client.wait_terminal(runs, wait_s=240)
+        states = await client.wait_terminal(runs, wait_s=workflow_bound_s(workflow, len(runs)))
         events = [e for e in await client.events() if e.run_id in runs and e.seq >= 0]
 
     print("\nlocal model inside calmrun:\n" + step_report(events))
