@@ -75,7 +75,7 @@ def install() -> None:
 
     local.LocalExecutor.execute = executed  # type: ignore[method-assign]
 
-    write = txn.PartitionWriter._write
+    write = txn.TxnWriter._write
 
     async def written(self: Any, lane: int, batch: list[Any], offsets: Any) -> None:
         ids = [d.run_id for d in batch if d.run_id is not None]
@@ -87,9 +87,9 @@ def install() -> None:
             _BATCH.pop(self.partition, None)
         mark("txn committed", ids, str(self.partition))
 
-    txn.PartitionWriter._write = written  # type: ignore[method-assign]
+    txn.TxnWriter._write = written  # type: ignore[method-assign]
 
-    wait_held = txn.PartitionWriter._wait_held
+    wait_held = txn.TxnWriter._wait_held
 
     async def held(self: Any) -> None:
         ids = [d.run_id for d in self._batch if d.run_id is not None]
@@ -99,7 +99,7 @@ def install() -> None:
         if ids:
             mark("inline wait over", ids, "")
 
-    txn.PartitionWriter._wait_held = held  # type: ignore[method-assign]
+    txn.TxnWriter._wait_held = held  # type: ignore[method-assign]
 
     send: Callable[..., Awaitable[Any]] = aiokafka.client.AIOKafkaClient.send
     tx_client = re.compile(r"-tx-(\d+)b?$")  # either lane's producer (streams.txn)

@@ -2,7 +2,7 @@
 partition (``calmrun.streams.txn``): ``python -m bench.txn_send [--bootstrap B] [--rounds 3] [--txns 300]
 [--decisions 5]``.
 
-One ``PartitionWriter`` over one transactional producer commits ``--txns`` transactions, one at a time,
+One ``TxnWriter`` over one transactional producer commits ``--txns`` transactions, one at a time,
 each of ``--decisions`` decisions of three records of 300 bytes (two headers each) on three partitions.
 Two figures per path, in µs of this process's CPU (``time.process_time``, not the wall clock) per record:
 the process's over the transactions (commits and the sender's work included: on a busy machine the
@@ -30,7 +30,7 @@ from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS
 from calmrun.streams import txn
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.records import Out
-from calmrun.streams.txn import Gate, PartitionWriter
+from calmrun.streams.txn import Gate, TxnWriter
 
 RECORDS, PARTITIONS, SIZE = 3, 3, 300  # a decision's records, on three partitions
 WARMUP = 20  # transactions before the clock starts: coordinators found, partitions known
@@ -77,7 +77,7 @@ class _Timed:
 
 
 class _Lost:
-    def lost(self, p: int, exc: BaseException) -> None:
+    def lost(self, parts: set[int], exc: BaseException) -> None:
         raise SystemExit(f"the writer failed: {exc!r}")
 
 
@@ -93,7 +93,7 @@ async def cpu_per_record(bootstrap: str, topic: str, txns: int, decisions: int) 
         max_batch_size=256 * 1024,
         retry_backoff_ms=TXN_RETRY_BACKOFF_MS,
     )
-    writer = PartitionWriter(0, producer, f"{topic}.group", Checkpoint(), Gate(1000), _Lost())
+    writer = TxnWriter("0", producer, f"{topic}.group", Checkpoint(), Gate(1000), _Lost(), {0})
     await writer.start()
     value = b"v" * SIZE
     try:
@@ -104,7 +104,7 @@ async def cpu_per_record(bootstrap: str, topic: str, txns: int, decisions: int) 
                 key = f"run-{i}-{d}".encode()
                 headers = (("calmrun.type", b"step_completed"), ("calmrun.run", key))
                 outs = [Out(topic, (d + r) % PARTITIONS, key, value, headers) for r in range(RECORDS)]
-                writer.add(outs, None, None, inputs=())
+                writer.add(0, outs, None, None, inputs=())
             await writer.flush()
         cpu = time.process_time() - cpu0
         if writer.commits != WARMUP + txns:

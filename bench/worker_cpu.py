@@ -7,9 +7,9 @@ classes as ``bench.worker`` runs it at 100 in flight, alone in its group (task r
 its own steps), with ``worker.inline_wait_ms`` folding s1's result into the request's transaction: the
 request's bytes are parsed and stamped (``parse_request``, ``Stamps``), each input is decided by
 ``streams.deciding.Deciding`` (the decider, its events and tasks encoded, the run table), each transaction
-encodes the newest state of the run and runs the decisions' commit callbacks (what ``PartitionWriter``
+encodes the newest state of the run and runs the decisions' commit callbacks (what ``TxnWriter``
 does around its sends), and each attempt runs through ``streams.local.LocalExecutor`` (``Attempts.run``,
-``agents.execute``). Only the broker is left out: ``_Writer`` stands in for ``PartitionWriter`` (no
+``agents.execute``). Only the broker is left out: ``_Writer`` stands in for ``TxnWriter`` (no
 producer, no sends) and ``_Starts`` for ``EagerStarts`` (no task runner: the bench runs the attempts itself,
 one at a time). Prints process CPU µs per run for each stage and in all, the minimum and the median of the
 repetitions; the total is also measured in repetitions of its own, which read no clock per stage.
@@ -47,7 +47,7 @@ from calmrun.streams.stamps import Stamps
 from calmrun.streams.tasks import LocalSource
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.timers import Timers
-from calmrun.streams.txn import PartitionWriter
+from calmrun.streams.txn import TxnWriter
 from calmrun.streams.versions import VersionAssignor
 from calmrun.wire.codec import wire_codec
 from calmrun.workflow.events import RunRequest, StepTask
@@ -64,10 +64,11 @@ class _Alone(VersionAssignor):
 
 
 class _Writer:
-    """What ``Deciding`` asks of a partition's writer, without a producer: ``commit`` does what
-    ``PartitionWriter._write`` does besides Kafka (the newest state per run encoded, the callbacks run)."""
+    """What ``Deciding`` asks of the worker's writer, without a producer: ``commit`` does what
+    ``TxnWriter._write`` does besides Kafka (the newest state per run encoded, the callbacks run)."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: Iterable[int]) -> None:
+        self.partitions = set(partitions)
         self.batch: list[tuple[list[Out], StateOut | None, Callable[[], None] | None, str | None]] = []
         self.open: dict[str, int] = defaultdict(int)
         self.written = 0  # bytes of the records the transactions would send
@@ -75,6 +76,7 @@ class _Writer:
 
     def add(
         self,
+        p: int,
         outputs: list[Out],
         state: StateOut | None,
         on_commit: Callable[[], None] | None,
@@ -138,11 +140,11 @@ class Pipeline:
         w = settings.worker
         recording = Recording(local, w.task_records, w.eager, _Alone)
         own = self.own = Ownership(Membership(settings, []), settings.kafka.partitions)
-        self.writers = {p: _Writer() for p in range(settings.kafka.partitions)}
-        for p, writer in self.writers.items():
+        self.writer = _Writer(range(settings.kafka.partitions))
+        for p in self.writer.partitions:
             own.owned.add(p)
             own.runs[p] = RunTable(codec)
-            own.writers[p] = cast(PartitionWriter, writer)
+        own.writer = cast(TxnWriter, self.writer)
         shared = Shared(settings, t, codec, wfs, own, Redactor(settings.redact), time_ms)
         self.stamps = Stamps(settings, wfs.values(), own)
         throttle = Throttle(settings.throttle, wfs.values(), ModelRegistry({}).aliases)
@@ -177,7 +179,7 @@ class Pipeline:
         self.deciding.decide(p, wf, state, inp, src, (), redelivered=True, lazy=True)
         t2 = clock()
         cpu["decide"] += t2 - t1
-        writer, queue = self.writers[p], self.starts.queue
+        writer, queue = self.writer, self.starts.queue
         while queue or writer.batch:
             if not queue:
                 t0 = clock()
@@ -249,8 +251,8 @@ def main() -> None:
         "repetitions": args.repeat,
         "decisions per run": pipe.deciding.counts.decisions / args.runs,
         "completed per run": pipe.deciding.counts.completed / args.runs,
-        "records written per run": sum(w.records for w in pipe.writers.values()) / args.runs,
-        "bytes written per run": round(sum(w.written for w in pipe.writers.values()) / args.runs),
+        "records written per run": pipe.writer.records / args.runs,
+        "bytes written per run": round(pipe.writer.written / args.runs),
     }
     for k in keys:
         vals = [r[k] for r in reps if k in r]

@@ -215,14 +215,14 @@ class WorkerError(CalmrunError):
 
 
 class WriterBrokenError(WorkerError):
-    """A partition writer's producer stopped sending (aiokafka's sender routine ended, e.g. on a connection
-    closed by a dying broker mid-lookup): the worker takes the partition over again with a new producer."""
+    """A writer's producer stopped sending (aiokafka's sender routine ended, e.g. on a connection closed by a
+    dying broker mid-lookup): the worker takes its partitions over again with a new producer."""
 
     retriable: ClassVar[bool] = True
 
-    def __init__(self, partition: int, cause: BaseException | None) -> None:
-        super().__init__(f"partition {partition}: its transactional producer stopped sending ({cause!r})")
-        self.partition = partition
+    def __init__(self, writer: str, cause: BaseException | None) -> None:
+        super().__init__(f"writer {writer}: its transactional producer stopped sending ({cause!r})")
+        self.writer = writer
 
 
 class KafkaAuthError(CalmrunError):

@@ -40,7 +40,7 @@ from calmrun.kafka.connect import client_kwargs
 from calmrun.kafka.liveness import Liveness
 from calmrun.settings import Settings
 from calmrun.streams.ports import Owned
-from calmrun.streams.txn import transactional_id
+from calmrun.streams.txn import on_lane
 
 if TYPE_CHECKING:
     from calmrun.streams.metrics import WorkerMetrics
@@ -125,7 +125,8 @@ class BrokerWatch:
         settings: how to reach the cluster.
         topics: the topics whose partition leaders matter (inputs, events, state).
         ownership: the partitions this worker owns now (``streams.ownership.Ownership``).
-        group: the consumer group (its coordinator) and the prefix of the writers' transactional IDs.
+        group: the consumer group (its coordinator).
+        writer: the transactional id of the worker's writer (its coordinator; "": none looked up).
         interval_s: how often each broker is asked whether it answers (one ApiVersions request).
     """
 
@@ -135,10 +136,12 @@ class BrokerWatch:
         topics: list[str],
         ownership: Owned,
         group: str,
+        writer: str = "",
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings, self.topics, self.ownership, self.group = settings, topics, ownership, group
+        self.writer = writer
         self.interval_s, self.clock = interval_s, clock
         self.outages: dict[int, Outage] = {}
         self.stalled: set[int] = set()
@@ -153,11 +156,11 @@ class BrokerWatch:
         self._fresh_each = settings.kafka.security.protocol.startswith("SASL_")
 
     @classmethod
-    def of(cls, shared: Shared, inputs: list[str], metrics: WorkerMetrics | None) -> BrokerWatch:
-        """The watch of a worker: its inputs, events and state; its group; its metrics (if any)."""
+    def of(cls, shared: Shared, inputs: list[str], writer: str, metrics: WorkerMetrics | None) -> BrokerWatch:
+        """The watch of a worker: its inputs, events and state; its group and writer; its metrics (if any)."""
         t, settings = shared.topics, shared.settings
         topics = list(dict.fromkeys([*inputs, t.events, t.state]))
-        watch = cls(settings, topics, shared.ownership, settings.group_id)
+        watch = cls(settings, topics, shared.ownership, settings.group_id, writer)
         if metrics is not None:
             with contextlib.suppress(ValueError):  # registered already (a restarted worker object)
                 metrics.registry.register(_Stalled(watch))
@@ -271,9 +274,9 @@ class BrokerWatch:
                 if what == "group":
                     entry[0].update(owned)
                     entry[1].add("group coordinator")
-                elif (p := int(what.rsplit(".", 1)[-1])) in owned:  # looked up while it was owned
-                    entry[0].add(p)
-                    entry[1].add(f"transaction coordinator of partition {p}")
+                else:  # a lane of the writer, which writes for every owned partition
+                    entry[0].update(owned)
+                    entry[1].add("transaction coordinator of the worker's writer")
         self._report(lost, waits)
         self.stalled = {p for parts, _ in waits.values() for p in parts} & owned
 
@@ -297,11 +300,8 @@ class BrokerWatch:
                 owned = set(self.ownership.owned)
                 keys = {"group": (self.group, 0)}
                 lanes = range(self.settings.kafka.txn_lanes)  # each lane's id has its own coordinator
-                keys |= {
-                    f"tx.{lane}.{p}": (transactional_id(self.group, p, lane), 1)
-                    for p in owned
-                    for lane in lanes
-                }
+                if self.writer:
+                    keys |= {f"tx.{lane}": (on_lane(self.writer, lane), 1) for lane in lanes}
                 found: dict[str, int] = {}
                 for what, (key, kind) in keys.items():
                     answer = await admin._client.send(node, FindCoordinatorRequest(key, kind))

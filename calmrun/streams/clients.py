@@ -12,7 +12,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS, client_kwargs, retry_busy_transactions_soon
 from calmrun.settings import Settings
-from calmrun.streams.txn import transactional_id
+from calmrun.streams.txn import on_lane, transactional_id
 
 
 def group_consumer(
@@ -65,14 +65,27 @@ def restorer(settings: Settings) -> AIOKafkaConsumer:
 def transactional_producer(
     settings: Settings, p: int, group_id: str | None = None, lane: int = 0
 ) -> AIOKafkaProducer:
-    """The producer of partition ``p``'s writer on ``lane`` (``streams.txn``; not started: starting it
-    fences the previous owner's)."""
+    """The producer of partition ``p``'s writer on ``lane`` (a pool executor's, ``streams.txn``; not
+    started: starting it fences the previous owner's)."""
+    tid = transactional_id(group_id or settings.group_id, p, lane)
+    return txn_producer(settings, tid, f"{p}" + ("b" if lane else ""))
+
+
+def worker_producer(settings: Settings, txn_id: str, lane: int = 0) -> AIOKafkaProducer:
+    """The producer of a deciding worker's writer on ``lane``, its transactional id ``txn_id`` (``.b`` added
+    on the second lane: ``streams.txn.on_lane``); not started."""
+    return txn_producer(settings, on_lane(txn_id, lane), "w" + ("b" if lane else ""))
+
+
+def txn_producer(settings: Settings, tid: str, name: str) -> AIOKafkaProducer:
+    """A transactional producer of transactional id ``tid`` (not started: starting it initialises the id,
+    which fences its previous user); its client id ends in ``-tx-<name>``."""
     k = settings.kafka
     retry_busy_transactions_soon(k.txn_busy_retry_ms)  # the next transaction starts while the last one ends
     return AIOKafkaProducer(
         bootstrap_servers=k.bootstrap,
-        client_id=f"{k.client_id}-tx-{p}" + ("b" if lane else ""),
-        transactional_id=transactional_id(group_id or settings.group_id, p, lane),
+        client_id=f"{k.client_id}-tx-{name}",
+        transactional_id=tid,
         enable_idempotence=True,
         acks="all",
         linger_ms=k.linger_ms,

@@ -97,9 +97,9 @@ class Deciding:
         ``redelivered``: ``inp`` comes from a record that a crash before this commit re-delivers (its offset
         is in ``pending``), so the decision's tasks may start before the commit (see the module docstring).
         ``lazy``: ``pending`` re-read after this decision is committed would be recognised and ignored, so
-        their offsets may commit later (``PartitionWriter.add``).
+        their offsets may commit later (``TxnWriter.add``).
         """
-        early = redelivered and self.settings.worker.early and self._own.writers[p].quiet(inp.run_id)
+        early = redelivered and self.settings.worker.early and self._own.writer_of(p).quiet(inp.run_id)
         d = decide(wf, state, inp)
         traced = self.tracing.decision(wf, state, inp, d, source.headers if source is not None else ())
         self.counts.decisions += 1
@@ -186,11 +186,11 @@ class Deciding:
         the checkpoint finishes them as that transaction takes them, ``streams.checkpoint``).
 
         ``eager`` tasks start once it commits, or at once if ``early`` (the transaction then waits a little
-        for them); ``run_id`` counts against its run until committed (``PartitionWriter.quiet``);
+        for them); ``run_id`` counts against its run until committed (``TxnWriter.quiet``);
         ``traced`` is called once it is committed (the decision's span: ``calmrun.tracing``); ``lazy``:
-        ``pending``'s offsets may commit in a later transaction (``PartitionWriter.add``).
+        ``pending``'s offsets may commit in a later transaction (``TxnWriter.add``).
         """
-        writer = self._own.writers[p]
+        writer = self._own.writer_of(p)
 
         def on_commit() -> None:
             for ev in events:
@@ -204,7 +204,7 @@ class Deciding:
             if traced is not None:
                 traced()
 
-        writer.add(outputs, state, on_commit, run_id, inputs=pending, lazy=lazy)
+        writer.add(p, outputs, state, on_commit, run_id, inputs=pending, lazy=lazy)
         if eager and early:
             self.counts.early += 1
             writer.hold(self._starts.start(p, eager, False))

@@ -73,14 +73,20 @@ class Recording:
 
     @classmethod
     def of(
-        cls, w: WorkerSettings, topics: Topics, inputs: Sequence[str], serves: Iterable[Pin], executes: bool
+        cls,
+        w: WorkerSettings,
+        topics: Topics,
+        inputs: Sequence[str],
+        serves: Iterable[Pin],
+        executes: bool,
+        txn: str = "",
     ) -> Recording:
         """A deciding worker's: its step topics are its ``inputs`` but requests and results, and its assignor
-        says to the group the versions it ``serves`` and whether it resumes from states (only one that
-        ``executes`` the default pool's steps can)."""
+        says to the group the versions it ``serves``, whether it resumes from states (only one that
+        ``executes`` the default pool's steps can) and its writer's transactional id ``txn``."""
         resumes = executes and resumes_from_states(w.task_records, w.eager)
         local = frozenset(inputs) - {topics.requests, topics.results}
-        return cls(local, w.task_records, w.eager, VersionAssignor.for_worker(serves, resumes))
+        return cls(local, w.task_records, w.eager, VersionAssignor.for_worker(serves, resumes, txn))
 
     @property
     def resumes(self) -> frozenset[str]:

@@ -18,7 +18,7 @@ from aiokafka.structs import TopicPartition
 from calmrun.kafka.topics import partition_for
 from calmrun.streams.membership import Membership
 from calmrun.streams.runtable import RunTable
-from calmrun.streams.txn import PartitionWriter
+from calmrun.streams.txn import TxnWriter
 from calmrun.workflow.decider import awaits
 from calmrun.workflow.events import StepTask
 from calmrun.workflow.state import RunState
@@ -32,7 +32,7 @@ class PartitionCounts:
     restored_partitions: int = 0
     kept_partitions: int = 0  # given back by a rebalance with their runs still in memory
     fenced: int = 0  # lost because another worker took them over (its writes were refused)
-    retaken: int = 0  # taken over again by this worker because their producer broke (WriterBrokenError)
+    retaken: int = 0  # times the writer was replaced because its producer broke (WriterBrokenError)
 
 
 class Ownership:
@@ -46,7 +46,7 @@ class Ownership:
         self._members, self.input_topics, self.n = members, members.topics, n
         self.owned: set[int] = set()
         self.runs: dict[int, RunTable] = {}
-        self.writers: dict[int, PartitionWriter] = {}
+        self.writer: TxnWriter | None = None  # one for every owned partition (``streams.partitions``)
         self.stable = asyncio.Event()  # cleared while ownership is in question: no decisions then
         self.stable.set()
         self.rebalancing = False
@@ -64,6 +64,17 @@ class Ownership:
     def restorer(self) -> AIOKafkaConsumer | None:
         """Reads the state topic (``streams.restore``; None before the worker joins)."""
         return self._members.restorer
+
+    def writer_of(self, p: int) -> TxnWriter:
+        """The writer that writes ``p``'s decisions now.
+
+        Raises:
+            KeyError: no writer writes for ``p`` (not ours, or lost meanwhile).
+        """
+        writer = self.writer
+        if writer is None or p not in writer.partitions:
+            raise KeyError(p)
+        return writer
 
     def input_tps(self, p: int) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t in self.input_topics]
@@ -94,7 +105,7 @@ class Stalls:
     Another worker may have been given our partitions meanwhile. Its initialisation fences our
     transactions, so nothing we decide can count; but a task read from a step topic would start an
     agent whose result the other worker may have recorded already. So: stop deciding, commit a probe
-    transaction per partition (a fenced one fails and the partition is dropped), then go on.
+    transaction (fenced, it fails and the partitions are dropped), then go on.
     """
 
     def __init__(self, ownership: Ownership, session_timeout_s: float) -> None:
@@ -124,7 +135,8 @@ class Stalls:
                 log.warning(
                     "this worker was stalled for %.1fs: checking its partitions are still its own", gap
                 )
-                await asyncio.gather(*(wr.probe() for wr in list(own.writers.values())))
+                if own.writer is not None:
+                    await own.writer.probe()
                 self.tick = loop.time()
         finally:
             if not own.rebalancing:

@@ -1,11 +1,25 @@
-"""How this worker's ownership changes: rebalances, the writers of its partitions, fencing, retakes.
+"""How this worker's ownership changes: rebalances, its writer, fencing, retakes.
 
-A partition is owned once its transactional writer is initialised (which fences the previous owner), its
-runs are in memory (``streams.restore``), and its input positions are the committed offsets. A rebalance
-restores only what is new: a revoked partition's runs are held, and reused when the same partition comes
-back with the state topic's end offset unchanged. A writer refused by the broker (``ProducerFenced``) means
-another worker owns the partition now: it is dropped here and rejoins with the group. What is owned now is
-``streams.ownership``'s table, which the other rooms read; this room alone changes it.
+The worker writes the decisions of all its partitions through one transactional writer (``streams.txn``:
+one transaction per cycle, Kafka Streams' exactly-once v2), and every input offset it commits names that
+writer's transactional id (the offsets' metadata). A partition is owned once whoever wrote it before is
+fenced, its offsets name this worker, its runs are in memory (``streams.restore``), and its input positions
+are the committed offsets:
+
+- *Fenced.* Taking ``p`` over, the worker reads whose ids ``p``'s committed offsets name and initialises
+  each one, which aborts what that writer left open and fences it (a crashed, paused or partitioned
+  worker's late records never reach a ``read_committed`` reader), unless the group's last assignment says a
+  member still writes under it: a member that only gives partitions up commits what it holds before it
+  rejoins (aiokafka's rebalances are eager), so it is left alone. Offsets that name no worker (an earlier
+  calmrun's, one writer per partition) fence that partition's ids, ``<group>.tx.<p>``.
+- *Named.* Then it commits ``p``'s offsets again, named its own, in a transaction before any of ``p``'s
+  decisions (``TxnWriter.adopt``): whoever takes ``p`` next knows whom to fence.
+
+A rebalance restores only what is new: a revoked partition's runs are held, and reused when the same
+partition comes back with the state topic's end offset unchanged. A writer refused by the broker
+(``ProducerFenced``) means another worker took this one's partitions over: all are dropped here, and the
+worker rejoins the group. What is owned now is ``streams.ownership``'s table, which the other rooms read;
+this room alone changes it.
 """
 
 from __future__ import annotations
@@ -14,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +44,15 @@ from calmrun.streams.restore import Restore
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.shared import Shared
 from calmrun.streams.timers import Timers
-from calmrun.streams.txn import FENCED, Gate, PartitionWriter, close_writers
+from calmrun.streams.txn import FENCED, Gate, TxnWriter, close_writers, on_lane, transactional_id
+from calmrun.streams.versions import request_rejoin
 
 log = logging.getLogger("calmrun.worker")
 
 RETAKES, RETAKE_WINDOW_S = 3, 60.0
-"""A partition whose producer broke is taken over again at most this often in this window, then we stop."""
+"""The writer, its producer broken, is replaced at most this often in this window, then we stop."""
+
+_FENCE_ROUNDS = 3  # reads of the offsets' names, each after fencing the ids the last one found
 
 
 @dataclass
@@ -45,28 +62,46 @@ class _Held:
 
 
 class Writers:
-    """Makes the transactional writer of a partition (not started: starting it fences the previous owner)."""
+    """Makes the worker's transactional writer (not started: starting it fences the same id's last writer).
 
-    def __init__(self, settings: Settings, checkpoint: Checkpoint, gate: Gate) -> None:
-        self.settings, self._checkpoint, self._gate = settings, checkpoint, gate
+    Args:
+        txn_id: the writer's transactional id for the worker's life (``txn.worker_transactional_id``).
+    """
 
-    def make(self, p: int, partitions: Losses) -> PartitionWriter:
-        """The writer of ``p``; a failed transaction is reported to ``partitions`` (``lost``)."""
-        w = self.settings.worker
-        return PartitionWriter(
-            p,
-            clients.transactional_producer(self.settings, p),
-            self.settings.group_id,
+    def __init__(self, settings: Settings, checkpoint: Checkpoint, gate: Gate, txn_id: str) -> None:
+        self.settings, self._checkpoint, self._gate, self.txn_id = settings, checkpoint, gate, txn_id
+
+    def make(self, losses: Losses) -> TxnWriter:
+        """A writer for no partition yet; a failed transaction is reported to ``losses`` (``lost``)."""
+        s, w = self.settings, self.settings.worker
+        return TxnWriter(
+            self.txn_id,
+            clients.worker_producer(s, self.txn_id),
+            s.group_id,
             self._checkpoint,
             self._gate,
-            partitions,
-            w.inline_wait_ms / 1000,
+            losses,
+            metadata=self.txn_id,
+            hold_s=w.inline_wait_ms / 1000,
             linger_s=w.busy_linger_ms / 1000,
             linger_from=w.busy_linger_from,
-            max_request_size=self.settings.kafka.max_request_size,
-            spare=clients.spare_producer(self.settings, p),
-            ahead_s=self.settings.kafka.txn_ahead_ms / 1000,
+            max_request_size=s.kafka.max_request_size,
+            spare=clients.worker_producer(s, self.txn_id, 1) if s.kafka.txn_lanes == 2 else None,
+            ahead_s=s.kafka.txn_ahead_ms / 1000,
         )
+
+    async def fence(self, tids: Iterable[str]) -> None:
+        """Initialise each of ``tids`` (both lanes): what their writers left open is aborted, and they are
+        fenced. Each producer is stopped at once; it only initialises."""
+
+        async def one(tid: str) -> None:
+            producer = clients.txn_producer(self.settings, tid, "fence")
+            try:
+                await producer.start()
+            finally:
+                await producer.stop()
+
+        await asyncio.gather(*(one(on_lane(t, lane)) for t in set(tids) for lane in (0, 1)))
 
 
 class Partitions:
@@ -76,6 +111,8 @@ class Partitions:
         running: the attempts running here: cancelled when their partition goes.
         takeovers: told of the partitions newly owned, in order (held commands, resumed attempts).
         failures: a writer failed for another reason than fencing: the worker must stop.
+        group_txns: the transactional ids the group's members write under, as its last assignment said
+            (``streams.versions``; None: it said nothing).
     """
 
     def __init__(
@@ -89,33 +126,37 @@ class Partitions:
         running: Running,
         takeovers: Sequence[Takeover],
         failures: Failures,
+        txn_id: str,
+        group_txns: Callable[[], frozenset[str] | None],
     ) -> None:
         self.topics, self._own, self._stalls, self._restore = shared.topics, shared.ownership, stalls, restore
         self._checkpoint, self._timers, self._tasks = checkpoint, timers, running
-        self._writers = Writers(shared.settings, checkpoint, gate)
+        self._writers = Writers(shared.settings, checkpoint, gate, txn_id)
+        self._group_id, self._group_txns = shared.settings.group_id, group_txns
         self._takeovers, self._failures = takeovers, failures
         self._held: dict[int, _Held] = {}
-        self._retakes: dict[int, list[float]] = {}  # partition -> monotonic times it was taken over again
+        self._retakes: list[float] = []  # monotonic times the writer was replaced (its producer broke)
         self._background: set[asyncio.Task[None]] = set()  # retakes and closes: held until they end
         self._closed = False  # close() began: a rebalance callback after it takes and gives up nothing
 
     async def close(self) -> None:
         """Commit what is decided, even after a failure (a failed writer's flush returns at once); close.
 
-        A rebalance callback in flight (a stop during the first assignment) ends first, so that the writers
-        it makes are closed here too; one that comes after takes nothing.
+        A rebalance callback in flight (a stop during the first assignment) ends first, so that the writer
+        it makes is closed here too; one that comes after takes nothing.
         """
         own = self._own
         self._closed = True
         async with own.lock:
-            await close_writers(own.writers.values())
+            if own.writer is not None:
+                await close_writers([own.writer])
             own.owned.clear()
-            own.writers.clear()
+            own.writer = None
 
     # -- rebalances ---------------------------------------------------------------------------------
 
     async def revoked(self, parts: set[int]) -> None:
-        """Commit what is decided for ``parts``, stop deciding; hold their runs for the next assignment."""
+        """Commit what is decided, stop deciding ``parts``; hold their runs for the next assignment."""
         own = self._own
         own.stable.clear()
         own.rebalancing = True
@@ -123,10 +164,13 @@ class Partitions:
             if self._closed:
                 return
             assert own.restorer is not None
-            writers = {p: own.writers.pop(p) for p in parts if p in own.writers}
+            writer = own.writer
+            mine = parts & own.owned
             own.owned -= parts
-            await asyncio.gather(*(wr.flush() for wr in writers.values()))
-            healthy = [p for p, wr in writers.items() if wr.failed is None and p in own.runs]
+            if writer is not None:
+                await writer.flush()
+                writer.give_up(parts)
+            healthy = [p for p in mine if writer is not None and writer.failed is None and p in own.runs]
             if healthy:
                 tps = {p: TopicPartition(self.topics.state, p) for p in healthy}
                 ends = await own.restorer.end_offsets(list(tps.values()))
@@ -134,15 +178,15 @@ class Partitions:
                     self._held[p] = _Held(own.runs.pop(p), ends[tps[p]])
             for p in parts - set(healthy):
                 self.discard(p)
-            await asyncio.gather(*(wr.close() for wr in writers.values()))
             self._checkpoint.forget(parts)
             self._timers.drop(parts)
 
     async def assigned(self, parts: set[int], *, retake: bool = False) -> None:
-        """Take ``parts`` over: fence their previous owner, restore the runs not held, resume fetching.
+        """Take ``parts`` over: fence whoever wrote them before, name their offsets ours, restore the runs
+        not held, resume fetching.
 
-        ``retake``: not a rebalance but a partition this worker owns whose producer broke (``lost``); it
-        is skipped when a rebalance began meanwhile or the group no longer gives us ``parts``."""
+        ``retake``: not a rebalance but the partitions of a writer whose producer broke (``lost``); skipped
+        when a rebalance began meanwhile or the group no longer gives us ``parts``."""
         # aiokafka applies the assignment before it awaits this callback, so fetching may already run:
         # records of a partition not yet owned are rewound by the intake
         own = self._own
@@ -158,9 +202,18 @@ class Partitions:
                 self.discard(p)
             new = own.restoring = parts - own.owned
             own.consumer.pause(*[tp for p in new for tp in own.input_tps(p)])
-            writers = {p: self._writers.make(p, self) for p in new}
-            await asyncio.gather(*(wr.start() for wr in writers.values()))
-            own.writers.update(writers)  # a state record the restore parks is written by its partition's
+            if own.writer is None:
+                writer = self._writers.make(self)
+                await writer.start()  # fences the writer of the same id before it (a retake's, a restart's)
+                own.writer = writer
+            if new:
+                found = await self._fence(new)
+                await own.writer.adopt(new, found)  # a state record the restore parks is written by it
+                if own.writer is None or own.writer.failed is not None:
+                    own.restoring = set()  # fenced or broken meanwhile: ``lost`` dropped what we had
+                    own.rebalancing = False
+                    own.stable.set()
+                    return
             state_tps = {p: TopicPartition(self.topics.state, p) for p in new}
             ends = await own.restorer.end_offsets(list(state_tps.values())) if new else {}
             restore: set[int] = set()
@@ -199,6 +252,33 @@ class Partitions:
             own.counts.restored_runs,
         )
 
+    async def _fence(self, parts: set[int]) -> dict[TopicPartition, int]:
+        """Fence every writer that ``parts``' committed offsets name and the group does not (see the module
+        docstring); the committed positions once no other is named (0 where none is committed: read from
+        the beginning, as ``Restore.seek_committed`` does)."""
+        own = self._own
+        assert own.consumer is not None
+        tps = [tp for p in sorted(parts) for tp in own.input_tps(p)]
+        mine = self._writers.txn_id
+        members = self._group_txns()
+        fenced: set[str] = set()
+        for _ in range(_FENCE_ROUNDS):
+            committed = await own.consumer._coordinator.fetch_committed_offsets(tps)  # with their metadata
+            named = {tp: om.metadata for tp, om in committed.items() if om.metadata}
+            tids = set(named.values()) - {mine} - (members if members is not None else set(named.values()))
+            legacy = {
+                transactional_id(self._group_id, p)
+                for p in parts
+                if not any(tp in named for tp in own.input_tps(p))  # an earlier calmrun's, or nobody's
+            }
+            todo = (tids | legacy) - fenced
+            if not todo:
+                return {tp: committed[tp].offset if tp in committed else 0 for tp in tps}
+            log.info("fencing the writers that wrote partitions %s before: %s", sorted(parts), sorted(todo))
+            await self._writers.fence(todo)
+            fenced |= todo
+        return {tp: om.offset for tp, om in committed.items()} | {tp: 0 for tp in tps if tp not in committed}
+
     def discard(self, p: int) -> None:
         """Forget everything about partition ``p`` (its tasks are cancelled already)."""
         self._own.runs.pop(p, None)
@@ -207,22 +287,27 @@ class Partitions:
         self._tasks.forget(p)
         self._timers.drop({p})
 
-    def lost(self, p: int, exc: BaseException) -> None:
-        """A transaction of ``p`` failed: fenced means another worker owns it now; a broken producer is
-        replaced (``p`` is taken over again, as on an assignment); anything else stops us."""
-        if isinstance(exc, WriterBrokenError) and self._may_retake(p):
-            log.warning("%s: taking partition %d over again with a new producer", exc, p)
-            writer = self._drop(p)
-            self._spawn(self._retake(p, writer))
+    def lost(self, parts: set[int], exc: BaseException) -> None:
+        """A transaction of the writer failed: fenced means another worker took ``parts`` over (the worker
+        rejoins the group); a broken producer is replaced (``parts`` are taken over again, as on an
+        assignment); anything else stops us."""
+        writer = self._own.writer
+        if isinstance(exc, WriterBrokenError) and self._may_retake():
+            log.warning("%s: taking partitions %s over again with a new producer", exc, sorted(parts))
+            self._drop(parts)
+            self._spawn(self._retake(parts, writer))
             return
         if not isinstance(exc, FENCED):
             self._failures.fail(exc)
             return
-        self._own.counts.fenced += 1
-        log.warning("partition %d was taken over by another worker (%r): dropping its runs", p, exc)
-        writer = self._drop(p)
+        self._own.counts.fenced += len(parts)
+        log.warning(
+            "partitions %s were taken over by another worker (%r): dropping their runs", sorted(parts), exc
+        )
+        self._drop(parts)
         if writer is not None:
             self._spawn(writer.close())
+        request_rejoin(self._own.consumer)  # to be given partitions again, with a new writer
 
     def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
         """Run ``job`` beside the caller, holding its task until it ends (the loop keeps only a weak one)."""
@@ -230,36 +315,37 @@ class Partitions:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _drop(self, p: int) -> PartitionWriter | None:
-        """Stop deciding ``p`` and forget its runs; returns its writer, to close."""
+    def _drop(self, parts: set[int]) -> None:
+        """Stop deciding ``parts`` and forget their runs; the writer goes (a new one is made when partitions
+        are assigned again)."""
         own = self._own
-        own.owned.discard(p)
-        writer = own.writers.pop(p, None)
+        own.owned -= parts
+        own.writer = None
         if own.consumer is not None:
             with contextlib.suppress(Exception):
-                own.consumer.pause(*own.input_tps(p))
-        self._tasks.cancel_now(p)
-        self.discard(p)
-        return writer
+                own.consumer.pause(*[tp for p in parts for tp in own.input_tps(p)])
+        for p in parts:
+            self._tasks.cancel_now(p)
+            self.discard(p)
 
-    def _may_retake(self, p: int) -> bool:
-        """At most ``RETAKES`` per partition in ``RETAKE_WINDOW_S``; past that the worker stops instead."""
+    def _may_retake(self) -> bool:
+        """At most ``RETAKES`` in ``RETAKE_WINDOW_S``; past that the worker stops instead."""
         now = time.monotonic()
-        recent = self._retakes[p] = [t for t in self._retakes.get(p, []) if now - t < RETAKE_WINDOW_S]
+        recent = self._retakes = [t for t in self._retakes if now - t < RETAKE_WINDOW_S]
         if len(recent) >= RETAKES:
             return False
         recent.append(now)
         return True
 
-    async def _retake(self, p: int, writer: PartitionWriter | None) -> None:
-        """Take ``p`` over again, as an assignment does: a new producer under the same transactional id
+    async def _retake(self, parts: set[int], writer: TxnWriter | None) -> None:
+        """Take ``parts`` over again, as an assignment does: a new producer under the same transactional id
         settles the broken one's open transaction; the runs are restored; the inputs re-read from the
         committed offsets."""
         if writer is not None:
             await writer.close()
         self._own.counts.retaken += 1
         try:
-            await self.assigned({p}, retake=True)
+            await self.assigned(parts, retake=True)
         except Exception as exc:  # the broker is not back yet, or worse: the worker cannot go on
             self._failures.fail(exc)
 

@@ -42,7 +42,7 @@ from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.runtime import Loop, Runtime, wall_ms
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
-from calmrun.streams.txn import FENCED, Gate, PartitionWriter, close_writers, kick_every
+from calmrun.streams.txn import FENCED, Gate, TxnWriter, close_writers, kick_every
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord
@@ -86,7 +86,7 @@ class PoolExecutor(Runtime):
         self.codec, self.redactor = wire_codec(settings.wire), Redactor(settings.redact)
         self.members = Membership(settings, self.inputs, group_id=self.group_id)  # the group, as the worker's
         self.owned: set[int] = set()
-        self.writers: dict[int, PartitionWriter] = {}
+        self.writers: dict[int, TxnWriter] = {}  # one per partition, each its own transactional id
         self.counts = PoolCounts()
         self._checkpoint = Checkpoint()  # the one owner of "this input is finished"
         self._gate = Gate(settings.worker.max_unacked)
@@ -119,7 +119,7 @@ class PoolExecutor(Runtime):
         await self.members.join(self)
         self.metrics.start(self.settings.metrics)
         log.info("executor of pool %r started: %s, group %s", self.pool, self.inputs, self.group_id)
-        commits = kick_every(self.settings.worker.commit_interval_s, self.writers)
+        commits = kick_every(self.settings.worker.commit_interval_s, self.writers.values)
         return [("calmrun-pool-poll", self._poll_loop()), ("calmrun-pool-commit", commits)]
 
     async def _close(self) -> None:
@@ -152,26 +152,31 @@ class PoolExecutor(Runtime):
         await close_writers([self.writers.pop(p) for p in parts if p in self.writers])
         self._checkpoint.forget(parts)
 
-    def _writer(self, p: int) -> PartitionWriter:
+    def _writer(self, p: int) -> TxnWriter:
         producer = clients.transactional_producer(self.settings, p, self.group_id)
-        return PartitionWriter(
-            p,
+        return TxnWriter(
+            f"{p}",
             producer,
             self.group_id,
             self._checkpoint,
             self._gate,
             self,
+            {p},
             max_request_size=self.settings.kafka.max_request_size,
             spare=clients.spare_producer(self.settings, p, self.group_id),
             ahead_s=self.settings.kafka.txn_ahead_ms / 1000,
         )
 
-    def lost(self, p: int, exc: BaseException) -> None:
-        """A transaction of ``p`` failed (``Losses``): fenced means another executor owns it now; anything
-        else stops this one."""
+    def lost(self, parts: set[int], exc: BaseException) -> None:
+        """A transaction of a partition's writer failed (``Losses``): fenced means another executor owns
+        it now; anything else stops this one."""
         if not isinstance(exc, FENCED):
             self.fail(exc)
             return
+        for p in parts:
+            self._lost(p, exc)
+
+    def _lost(self, p: int, exc: BaseException) -> None:
         self.counts.fenced += 1
         log.warning("pool %r: partition %d taken over by another executor (%r)", self.pool, p, exc)
         self.owned.discard(p)
@@ -241,7 +246,7 @@ class PoolExecutor(Runtime):
         if writer is None:
             return  # lost meanwhile: the next owner reads these records again
         n = len([o for o in outputs if o.topic == self.topics.results])
-        writer.add(outputs, None, self._count(n, task), inputs=pending)  # finished as it is committed
+        writer.add(p, outputs, None, self._count(n, task), inputs=pending)  # finished as it is committed
 
     def _count(self, n: int, task: StepTask | None) -> Callable[[], None]:
         def committed() -> None:

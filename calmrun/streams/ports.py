@@ -42,10 +42,10 @@ class Failures(Protocol):
 
 
 class Losses(Protocol):
-    """Told once when a partition's writer fails (fenced by a new owner, its producer broken, or worse):
-    the owner of the partitions decides what it means (``streams.partitions``, ``streams.pool``)."""
+    """Told once when a writer fails (fenced by a new owner, its producer broken, or worse), with the
+    partitions it wrote for: their owner decides what it means (``streams.partitions``, ``streams.pool``)."""
 
-    def lost(self, p: int, exc: BaseException) -> None: ...
+    def lost(self, parts: set[int], exc: BaseException) -> None: ...
 
 
 class Known(Protocol):

@@ -1,10 +1,14 @@
-"""One partition's output as Kafka transactions: a decision's records, the states and the input offsets it
+"""A worker's output as Kafka transactions: a decision's records, the states and the input offsets it
 finished become visible together, or not at all (a lazy input's offset may follow in a later one: ``add``).
 
-A worker holds one transactional producer per owned partition, ``transactional.id`` =
-``<group>.tx.<partition>``. Initialising that id when the partition is assigned aborts any transaction the
-previous owner left open and fences that owner: a crashed, paused or partitioned worker's late records
-never reach a ``read_committed`` reader, and its late commits fail (``ProducerFenced``).
+A ``TxnWriter`` writes the decisions of a set of partitions in one transaction per cycle. A deciding worker
+holds one for all the partitions it owns, ``transactional.id`` = ``<group>.tx.w<random>`` for the worker's
+life (``worker_transactional_id``; Kafka Streams' exactly-once v2, KIP-447); a pool executor holds one per
+partition, ``<group>.tx.<partition>`` (``transactional_id``). Either way, initialising the id of the one
+that wrote a partition before aborts any transaction it left open and fences it: a crashed, paused or
+partitioned worker's late records never reach a ``read_committed`` reader, and its late commits fail
+(``ProducerFenced``). Who initialises which id on a takeover is ``streams.partitions``'s: every input offset
+a worker commits names its id (the offsets' metadata), so the next owner knows whom to fence.
 
 Decisions are batched: while one transaction commits, the next batch collects, and it is sent as soon as
 the commit returns, so light load commits each decision alone and heavy load amortises a commit over
@@ -38,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +57,7 @@ from aiokafka.errors import (
     ProducerFenced,
     TransactionCoordinatorFenced,
 )
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from calmrun.errors import WriterBrokenError
 from calmrun.streams.checkpoint import Checkpoint, Pending
@@ -62,22 +67,38 @@ from calmrun.streams.records import Out, StateOut
 log = logging.getLogger("calmrun.worker")
 
 FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionCoordinatorFenced)
-"""Errors that mean another worker now owns the partition: this one must let it go, not fail."""
+"""Errors that mean another worker now owns the partitions: this one must let them go, not fail."""
 
 _MAX_BATCH = 2_000  # decisions per transaction at most, so that one commit stays short
 
 
 def transactional_id(group_id: str, partition: int, lane: int = 0) -> str:
-    """The transactional id of ``partition``'s writer on ``lane`` (0 or 1, see the module docstring): per
-    partition of the group, never per process."""
-    return f"{group_id}.tx.{partition}" + (".b" if lane else "")
+    """The transactional id of ``partition``'s writer on ``lane`` (0 or 1, see the module docstring): a pool
+    executor's, per partition of its group, never per process; a deciding worker of an earlier calmrun wrote
+    under it too, so a takeover fences it (``streams.partitions``)."""
+    return on_lane(f"{group_id}.tx.{partition}", lane)
+
+
+def worker_transactional_id(group_id: str, instance_id: str | None = None) -> str:
+    """The transactional id of one deciding worker's writer, for all its partitions, under the prefix
+    ``<group>.tx.`` that the ACLs grant (``calmrun.acls``). Random for each worker's life, so no two workers
+    share one; a static member's (``worker.instance_id``) is its instance's, so that its restart, which
+    the group does not see, fences the transactions of the process before it."""
+    if instance_id:
+        return f"{group_id}.tx.i.{instance_id}"
+    return f"{group_id}.tx.w{uuid.uuid4().hex[:12]}"
+
+
+def on_lane(base: str, lane: int) -> str:
+    """The id of the writer with transactional id ``base`` on ``lane``: the second lane adds ``.b``."""
+    return base + (".b" if lane else "")
 
 
 class Gate:
     """Counts decisions not yet committed across all partitions; intake waits while too many are.
 
     Attributes:
-        commits: transactions the partition writers committed (all partitions, over the worker's life).
+        commits: transactions the writers committed (all partitions, over the worker's life).
     """
 
     def __init__(self, limit: int) -> None:
@@ -102,8 +123,9 @@ class Gate:
 
 @dataclass
 class _Queued:
-    """What one decision queued for the partition's next transaction."""
+    """What one decision of ``partition`` queued for the next transaction."""
 
+    partition: int
     outputs: list[Out]
     state: StateOut | None
     on_commit: Callable[[], None] | None
@@ -112,21 +134,25 @@ class _Queued:
     lazy: bool
 
 
-class PartitionWriter:
-    """Commits one partition's decisions in transactions; see the module docstring.
+class TxnWriter:
+    """Commits the decisions of its partitions in transactions; see the module docstring.
 
     Args:
-        partition: the partition number this writer owns in every calmrun topic.
-        producer: a producer configured with this partition's ``transactional_id`` (not started).
+        name: what the logs and errors call it (the partition, or the worker's transactional id).
+        producer: a producer configured with the writer's transactional id (not started).
         group_id: the consumer group whose offsets are committed in the transactions.
         checkpoint: finishes the inputs of each batch taken and gives the input offsets to commit with it;
             told of them once their transaction committed.
         gate: the worker's count of uncommitted decisions.
-        losses: told once if a transaction fails (``lost``); the writer is unusable after that.
+        losses: told once if a transaction fails (``lost``, with every partition the writer had); the
+            writer is unusable after that.
+        partitions: the partitions (their number in every calmrun topic) it writes for now; ``adopt`` adds,
+            ``give_up`` takes away.
+        metadata: the metadata of every input offset it commits: whose they are (``streams.partitions``).
         hold_s: how long a transaction waits, at most, for the tasks given to ``hold``.
         max_request_size: the producer's ``max_request_size``: a larger record fails its transaction.
-        spare: a producer configured with ``transactional_id(group_id, partition, lane=1)`` (not started):
-            the second lane; None: every transaction on ``producer`` (see the module docstring).
+        spare: a producer configured with the transactional id ``on_lane(id, 1)`` (not started): the second
+            lane; None: every transaction on ``producer`` (see the module docstring).
         ahead_s: how long a transaction begun ahead on the other lane waits for a decision before it is
             aborted (0: none is begun ahead).
 
@@ -139,12 +165,15 @@ class PartitionWriter:
 
     def __init__(
         self,
-        partition: int,
+        name: str,
         producer: AIOKafkaProducer,
         group_id: str,
         checkpoint: Checkpoint,
         gate: Gate,
         losses: Losses,
+        partitions: Iterable[int] = (),
+        *,
+        metadata: str = "",
         hold_s: float = 0.0,
         linger_s: float = 0.0,
         linger_from: int = 1,
@@ -153,7 +182,10 @@ class PartitionWriter:
         ahead_s: float = 0.0,
     ) -> None:
         require_batch_sends()
-        self.partition = partition
+        self.name = name
+        self.partitions = set(partitions)
+        self._metadata = metadata
+        self._adopted: dict[TopicPartition, int] = {}  # positions ``adopt`` commits with the next transaction
         self._group_id = group_id
         self._checkpoint = checkpoint
         self._gate = gate
@@ -188,7 +220,7 @@ class PartitionWriter:
     async def start(self) -> None:
         """Initialise the transactional ids: aborts the previous owner's open transactions and fences it."""
         await asyncio.gather(*(p.start() for p in self._lanes))
-        self._task = asyncio.create_task(self._run(), name=f"calmrun-txn-{self.partition}")
+        self._task = asyncio.create_task(self._run(), name=f"calmrun-txn-{self.name}")
         for p in self._lanes:
             sender = getattr(getattr(p, "_sender", None), "sender_task", None)  # aiokafka 0.14
             if isinstance(sender, asyncio.Task):
@@ -200,12 +232,13 @@ class PartitionWriter:
         if self._closing:
             return
         exc = None if sender.cancelled() else sender.exception()
-        self._broken = exc if isinstance(exc, FENCED) else WriterBrokenError(self.partition, exc)
+        self._broken = exc if isinstance(exc, FENCED) else WriterBrokenError(self.name, exc)
         if self._task is not None:
             self._task.cancel()
 
     def add(
         self,
+        p: int,
         outputs: list[Out],
         state: StateOut | None,
         on_commit: Callable[[], None] | None,
@@ -214,14 +247,15 @@ class PartitionWriter:
         inputs: Sequence[Pending],
         lazy: bool = False,
     ) -> None:
-        """Queue one decision for the next transaction; synchronous, so decisions keep their order.
+        """Queue one decision of partition ``p`` for the next transaction; synchronous, so decisions keep
+        their order.
 
         ``inputs``: the consumed records it answers, finished as it is taken into a transaction.
         ``lazy``: they need not commit with it, because re-read after a crash they are recognised and
         ignored (an accepted run request, a result or task record of an attempt decided here); their
         offsets may then follow in a later transaction. Strict (the default): they commit with it.
         """
-        self._batch.append(_Queued(outputs, state, on_commit, run_id, inputs, lazy))
+        self._batch.append(_Queued(p, outputs, state, on_commit, run_id, inputs, lazy))
         if run_id is not None:
             self._open[run_id] += 1
         self._gate.add(1)
@@ -253,6 +287,18 @@ class PartitionWriter:
         self._probing = True
         await self.flush()
 
+    async def adopt(self, parts: Iterable[int], positions: Mapping[TopicPartition, int]) -> None:
+        """Write for ``parts`` from now on, after committing their inputs' ``positions`` (as found) in a
+        transaction of their own: from then on their offsets name this writer (``metadata``), before it
+        writes anything to them (``streams.partitions``). Returns once committed, or the writer failed."""
+        self.partitions.update(parts)
+        self._adopted.update(positions)
+        await self.flush()
+
+    def give_up(self, parts: Iterable[int]) -> None:
+        """Write no more for ``parts`` (flushed before: nothing of theirs is queued)."""
+        self.partitions.difference_update(parts)
+
     @property
     def begun_ahead(self) -> bool:
         """Is a transaction begun ahead, still empty (see the module docstring)?"""
@@ -265,6 +311,8 @@ class PartitionWriter:
     async def flush(self) -> None:
         """Wait until every decision added so far, and every input offset finished, is committed (or the
         writer failed)."""
+        if self.failed is not None:
+            return
         self._flushing = True
         self.kick()
         await self._idle.wait()
@@ -298,18 +346,18 @@ class PartitionWriter:
                 if self._batch:
                     self._wake.set()
                 # no await since the batch was taken
-                strict = [inp for d in batch if not d.lazy for inp in d.inputs]
-                lazy = [inp for d in batch if d.lazy for inp in d.inputs]
-                taken = self._checkpoint.take(self.partition, strict, whole=not self._batch, lazy=lazy)
-                offsets = taken.positions
+                offsets, may_wait = self._take(batch, whole=not self._batch)
                 if self._probing and not (batch or offsets):
-                    offsets = self._checkpoint.last(self.partition)
+                    for p in self.partitions:
+                        offsets.update(self._checkpoint.last(p))
                 self._probing = False
                 due, self._due = self._due or self._flushing, False
-                deferred = bool(batch and offsets and not due and taken.may_wait)
-                lane = self._next_lane(strict=bool(offsets) and not deferred)
+                adopted, self._adopted = self._adopted, {}
+                deferred = bool(batch and offsets and not due and may_wait and not adopted)
                 if deferred:
                     offsets = {}  # committed by a later transaction (see ``add``)
+                offsets.update(adopted)
+                lane = self._next_lane(strict=bool(offsets))
                 if batch or offsets:
                     self._taken = len(batch)
                     await self._commit(lane, batch, offsets)
@@ -333,10 +381,25 @@ class PartitionWriter:
         except BaseException as exc:
             self._fail(self._fenced_meanwhile() or exc)
 
+    def _take(self, batch: list[_Queued], whole: bool) -> tuple[dict[TopicPartition, int], bool]:
+        """Finish the inputs the batch's decisions answer, by partition (``Checkpoint.take``); the positions
+        that moved, and whether they may all wait for a later transaction."""
+        strict: dict[int, list[Pending]] = {}
+        lazy: dict[int, list[Pending]] = {}
+        for d in batch:
+            (lazy if d.lazy else strict).setdefault(d.partition, []).extend(d.inputs)
+        offsets: dict[TopicPartition, int] = {}
+        may_wait = True
+        for p in self.partitions.union(strict, lazy):
+            taken = self._checkpoint.take(p, strict.get(p, ()), whole=whole, lazy=lazy.get(p, ()))
+            offsets.update(taken.positions)
+            may_wait = may_wait and taken.may_wait
+        return offsets, may_wait
+
     def _fail(self, cause: BaseException) -> None:
         self.failed = cause
         self._idle.set()
-        self._losses.lost(self.partition, cause)
+        self._losses.lost(set(self.partitions), cause)
 
     def _fenced_meanwhile(self) -> BaseException | None:
         """The fence behind a failure, if the producer was fenced while a transaction was being written.
@@ -435,7 +498,8 @@ class PartitionWriter:
             await records.add(st.topic, st.partition, st.key, st.encode(), ())
         futures = await records.close()
         if offsets:
-            await p.send_offsets_to_transaction(offsets, self._group_id)
+            named = {tp: OffsetAndMetadata(off, self._metadata) for tp, off in offsets.items()}
+            await p.send_offsets_to_transaction(named, self._group_id)
         if self._ahead_s > 0 and self._ahead is None and not self._closing:
             # while this one commits: AddPartitionsToTxn is on its way while EndTxn is, and the next
             # decision, made after the commit, usually finds its partitions added
@@ -546,7 +610,7 @@ def require_batch_sends() -> None:
 
 
 def can_add_ahead(producer: AIOKafkaProducer) -> bool:
-    """Can a writer add partitions to a transaction before it writes to them (``PartitionWriter``'s
+    """Can a writer add partitions to a transaction before it writes to them (``TxnWriter``'s
     ``ahead_s``)? It calls aiokafka 0.14's transaction manager, ``maybe_add_partition_to_txn``, which is what
     ``send`` calls for a partition new to the transaction; without it, nothing is begun ahead."""
     manager = getattr(producer, "_txn_manager", None)
@@ -569,7 +633,7 @@ def _retrieved(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
-async def close_writers(writers: Iterable[PartitionWriter], flush_s: float = 30) -> None:
+async def close_writers(writers: Iterable[TxnWriter], flush_s: float = 30) -> None:
     """Commit what each writer holds (a failed one holds nothing that can commit; all of them for at most
     ``flush_s``), then close them: the deciding worker's and the pool executor's way to let writers go."""
     writers = list(writers)
@@ -578,11 +642,11 @@ async def close_writers(writers: Iterable[PartitionWriter], flush_s: float = 30)
     await asyncio.gather(*(w.close() for w in writers))
 
 
-async def kick_every(interval_s: float, writers: Mapping[int, PartitionWriter]) -> None:
-    """Every ``interval_s``, kick each of ``writers`` (``PartitionWriter.kick``): input offsets that moved
-    without a decision of their own, or with lazy decisions only, commit; the worker's and a pool
+async def kick_every(interval_s: float, writers: Callable[[], Iterable[TxnWriter]]) -> None:
+    """Every ``interval_s``, kick each of the ``writers()`` of now (``TxnWriter.kick``): input offsets that
+    moved without a decision of their own, or with lazy decisions only, commit; the worker's and a pool
     executor's commit loop."""
     while True:
         await asyncio.sleep(interval_s)
-        for wr in list(writers.values()):
+        for wr in list(writers()):
             wr.kick()

@@ -48,16 +48,36 @@ def pin(state: RunState) -> Pin:
     return Pin(state.workflow, state.version, state.digest)
 
 
-def member_data(serves: Iterable[Pin], needs: Mapping[int, Iterable[Pin]], resumes: bool = False) -> bytes:
-    """A member's metadata: the versions it serves, those its partitions' runs need, and whether it resumes
-    the attempts a restored state awaits (``streams.local.Recording``; older workers say nothing: no)."""
+def member_data(
+    serves: Iterable[Pin], needs: Mapping[int, Iterable[Pin]], resumes: bool = False, txn: str = ""
+) -> bytes:
+    """A member's metadata: the versions it serves, those its partitions' runs need, whether it resumes
+    the attempts a restored state awaits (``streams.local.Recording``; older workers say nothing: no), and
+    its writer's transactional id (``txn``; older workers have one per partition, and say none)."""
     body: dict[str, Any] = {
         "serves": [p.key for p in serves],
         "needs": {str(p): [x.key for x in v] for p, v in needs.items()},
     }
     if resumes:
         body["resumes"] = True
+    if txn:
+        body["txn"] = txn
     return json.dumps(body, sort_keys=True).encode()
+
+
+def says_txns(data: bytes, key: str = "txns") -> frozenset[str] | None:
+    """The transactional ids an assignment says the group's members write under (``key`` ``"txn"``: the one
+    a member's metadata says it writes under); None if it says nothing (an older leader or member)."""
+    try:
+        body = json.loads(data or b"{}")
+        said = body.get(key) if isinstance(body, dict) else None
+    except ValueError:
+        return None
+    if isinstance(said, str):
+        return frozenset([said])
+    if isinstance(said, list) and all(isinstance(t, str) for t in said):
+        return frozenset(said)
+    return None
 
 
 def says_resumes(data: bytes) -> bool:
@@ -147,15 +167,27 @@ class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     """This member resumes the attempts its restored states await (published in its metadata)."""
     group_resumes: ClassVar[bool] = False
     """Every member of the group does, as the last assignment said (False until one says so)."""
+    txn: ClassVar[str] = ""
+    """This member's writer's transactional id (published in its metadata)."""
+    group_txns: ClassVar[frozenset[str] | None] = None
+    """The transactional ids the members of the group write under, as the last assignment said (None: it
+    said nothing, its leader is of an earlier calmrun)."""
 
     @classmethod
-    def for_worker(cls, serves: Iterable[Pin], resumes: bool = False) -> type[VersionAssignor]:
-        body = {"serves": tuple(serves), "needs": {}, "resumes": resumes, "group_resumes": False}
+    def for_worker(cls, serves: Iterable[Pin], resumes: bool = False, txn: str = "") -> type[VersionAssignor]:
+        body = {
+            "serves": tuple(serves),
+            "needs": {},
+            "resumes": resumes,
+            "group_resumes": False,
+            "txn": txn,
+            "group_txns": None,
+        }
         return cast(type[VersionAssignor], type(cls.__name__, (cls,), body))
 
     @classmethod
     def metadata(cls, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        data = member_data(cls.serves, cls.needs, cls.resumes)
+        data = member_data(cls.serves, cls.needs, cls.resumes, cls.txn)
         return ConsumerProtocolMemberMetadata(cls.version, sorted(topics), data)
 
     @classmethod
@@ -169,7 +201,8 @@ class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
             serves[m], needs[m] = read_member_data(md.user_data)
             topics |= set(md.subscription)
         every = all(says_resumes(md.user_data) for md in members.values())
-        told = json.dumps({"resumes": True}).encode() if every else b""
+        txns = sorted(t for md in members.values() for t in says_txns(md.user_data, "txn") or ())
+        told = json.dumps({"resumes": True, "txns": txns} if every else {"txns": txns}).encode()
         sizes = {t: sorted(cluster.partitions_for_topic(t) or ()) for t in topics}
         n = max((len(ps) for ps in sizes.values()), default=0)
         owner = place(n, serves, needs)
@@ -189,6 +222,7 @@ class VersionAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     @classmethod
     def on_assignment(cls, assignment: ConsumerProtocolMemberAssignment) -> None:
         cls.group_resumes = says_resumes(assignment.user_data)
+        cls.group_txns = says_txns(assignment.user_data)
 
 
 @dataclass

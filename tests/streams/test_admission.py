@@ -12,11 +12,11 @@ from typing import cast
 from calmrun.settings import load_settings
 from calmrun.streams.membership import Membership
 from calmrun.streams.ownership import Ownership, Stalls
-from calmrun.streams.txn import PartitionWriter
+from calmrun.streams.txn import TxnWriter
 
 
 class _Probed:
-    """A partition writer as ``Stalls`` uses it: only its probe transaction, counted."""
+    """The worker's writer as ``Stalls`` uses it: only its probe transaction, counted."""
 
     def __init__(self) -> None:
         self.probes = 0
@@ -46,14 +46,14 @@ async def test_accept_answers_at_once_while_ownership_is_settled_and_waits_while
 
 async def test_a_stall_of_half_a_session_is_noticed_and_proved_once() -> None:
     own = _ownership()
-    writers = {0: _Probed(), 1: _Probed()}
-    own.writers.update({p: cast(PartitionWriter, w) for p, w in writers.items()})
+    writer = _Probed()
+    own.writer = cast(TxnWriter, writer)
     stalls = Stalls(own, session_timeout_s=10)
     stalls.ran()
     assert not stalls.stalled()
     await stalls.revalidate_if_stalled()
-    assert [w.probes for w in writers.values()] == [0, 0]
+    assert writer.probes == 0
     stalls.tick -= 5  # the process was paused for half a session
     assert stalls.stalled()
     await asyncio.gather(stalls.revalidate_if_stalled(), stalls.revalidate_if_stalled())
-    assert [w.probes for w in writers.values()] == [1, 1] and not stalls.stalled() and own.stable.is_set()
+    assert writer.probes == 1 and not stalls.stalled() and own.stable.is_set()

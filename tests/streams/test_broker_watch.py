@@ -171,21 +171,21 @@ def test_a_late_look_needs_as_much_more_silence() -> None:
 def test_one_stall_line_and_one_resume_line(caplog: pytest.LogCaptureFixture) -> None:
     w = watch()
     w._leaders = {0: {"w.events": 1, "w.state": 1}, 1: {"w.events": 2, "w.state": 1}, 2: {"w.events": 2}}
-    w._coordinators = {"group": 3, "tx.0.0": 1, "tx.0.1": 2}
+    w._coordinators = {"group": 3, "tx.0": 1, "tx.1": 2}
     silent(w.probes[2], time.monotonic() - 3)
     with caplog.at_level(logging.INFO, logger="calmrun.brokers"):
         w._judged({2})
         w._judged({2})
-        assert w.stalled == {1}
+        assert w.stalled == {0, 1}
         w._judged(set())
         w._judged(set())
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert lines[0].startswith("broker 2 (127.0.0.1:9002) unreachable since ")
     assert lines[0].endswith(
-        ": partitions [1] wait on it (leader of events, transaction coordinator of partition 1)"
+        ": partitions [0, 1] wait on it (leader of events, transaction coordinator of the worker's writer)"
     )
-    assert "broker 2 (127.0.0.1:9002): partitions [1] resumed after " in lines[1]
+    assert "broker 2 (127.0.0.1:9002): partitions [0, 1] resumed after " in lines[1]
     assert "(broker back)" in lines[1]
     assert w.stalled == set()
 

@@ -1,4 +1,4 @@
-"""An accepted run request's offset may follow its decision in a later transaction (``PartitionWriter.add``'s
+"""An accepted run request's offset may follow its decision in a later transaction (``TxnWriter.add``'s
 ``lazy``); a refused one's commits with its decision. A crash in between re-reads the accepted request,
 which finds its run and is ignored as a duplicate: the run is neither started again nor changed.
 """

@@ -22,7 +22,7 @@ from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.records import Out, StateOut
-from calmrun.streams.txn import Gate, PartitionWriter
+from calmrun.streams.txn import Gate, TxnWriter
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import add_one, linear, ready, running, settings_for, until
 
@@ -148,7 +148,7 @@ class Lost:
     def __init__(self, failures: list[BaseException]) -> None:
         self.failures = failures
 
-    def lost(self, p: int, exc: BaseException) -> None:
+    def lost(self, parts: set[int], exc: BaseException) -> None:
         self.failures.append(exc)
 
 
@@ -163,7 +163,7 @@ async def _writer(
     max_request_size: int = 1_048_576,
     lanes: int = 1,
     ahead_s: float = 0.0,
-) -> PartitionWriter:
+) -> TxnWriter:
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     await admin.start()
     try:
@@ -175,13 +175,14 @@ async def _writer(
         AIOKafkaProducer(bootstrap_servers=broker, transactional_id=t, enable_idempotence=True)
         for t in (tid, f"{tid}.b")
     )
-    writer = PartitionWriter(
-        0,
+    writer = TxnWriter(
+        "0",
         producer,
         f"{tid}-group",
         checkpoint or Checkpoint(),  # no inputs unless given: nothing to commit but the records
         gate or Gate(100),
         Lost(failures),
+        {0},
         linger_s=linger_s,
         linger_from=8,
         max_request_size=max_request_size,
@@ -223,6 +224,7 @@ async def test_a_burst_of_decisions_is_one_transaction_with_the_run_state_once(
     try:
         for i in range(10):
             writer.add(
+                0,
                 [Out(topic_ev, 0, b"run", f"event{i}".encode())],
                 state(i),
                 functools.partial(done.append, i),
@@ -263,7 +265,9 @@ async def test_task_record_offsets_wait_for_the_next_transaction_and_every_flush
         decided = asyncio.Event()
         answered = [checkpoint.consumed(tp, offset)]
         lazy = tp == step_tp  # a task record: re-read after its attempt is decided, it is stale
-        writer.add([Out(topic_ev, 0, b"run", name.encode())], None, decided.set, inputs=answered, lazy=lazy)
+        writer.add(
+            0, [Out(topic_ev, 0, b"run", name.encode())], None, decided.set, inputs=answered, lazy=lazy
+        )
         await asyncio.wait_for(decided.wait(), 30)
 
     try:
@@ -299,6 +303,7 @@ async def test_after_a_large_batch_the_writer_lingers_and_the_next_decisions_sha
     try:
         for i in range(8):
             writer.add(
+                0,
                 [Out(topic_ev, 0, b"run", f"e{i}".encode())],
                 None,
                 functools.partial(done.append, i),
@@ -307,6 +312,7 @@ async def test_after_a_large_batch_the_writer_lingers_and_the_next_decisions_sha
         await until(lambda: writer.commits == 1, 30)
         for i in range(8, 13):  # the writer lingers: without it, each could be a transaction of its own
             writer.add(
+                0,
                 [Out(topic_ev, 0, b"run", f"e{i}".encode())],
                 None,
                 functools.partial(done.append, i),

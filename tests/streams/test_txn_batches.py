@@ -59,7 +59,7 @@ async def test_records_over_several_batches_and_topics_commit_in_order_with_thei
             outs = [Out(big, 0, b"k", bytes([i]) * 1024, (("n", str(i).encode()),))]
             if i % 20 == 0:
                 outs.append(Out(small, 0, None, f"s{i}".encode()))
-            writer.add(outs, None, None, inputs=())
+            writer.add(0, outs, None, None, inputs=())
         await asyncio.wait_for(writer.flush(), 30)
     finally:
         await writer.close()
@@ -79,7 +79,7 @@ async def test_a_record_over_max_request_size_fails_its_transaction_before_any_c
     writer = await _writer(broker, f"{prefix}.tx", failures, topic, max_request_size=4096)
     try:
         full = [Out(topic, 0, b"k", b"f" * 1024) for _ in range(20)]  # over 16 KiB: one batch goes out
-        writer.add([*full, Out(topic, 0, b"k", b"x" * 8192)], None, None, inputs=())
+        writer.add(0, [*full, Out(topic, 0, b"k", b"x" * 8192)], None, None, inputs=())
         await asyncio.wait_for(writer.flush(), 30)
     finally:
         await writer.close()

@@ -13,14 +13,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from calmrun.streams.records import Out
-from calmrun.streams.txn import FENCED, Gate, PartitionWriter, transactional_id
+from calmrun.streams.txn import FENCED, Gate, TxnWriter, transactional_id
 from tests.streams.test_runtime_eager import _Recorded, _writer, read_committed
 
 
-async def _decide(writer: PartitionWriter, topic: str, value: bytes, **kw: object) -> None:
+async def _decide(writer: TxnWriter, topic: str, value: bytes, **kw: object) -> None:
     """Add one decision and wait until it committed."""
     done = asyncio.Event()
-    writer.add([Out(topic, 0, b"run", value)], None, done.set, **kw)  # type: ignore[arg-type]
+    writer.add(0, [Out(topic, 0, b"run", value)], None, done.set, **kw)  # type: ignore[arg-type]
     await asyncio.wait_for(done.wait(), 30)
 
 
@@ -118,14 +118,14 @@ async def test_the_next_owner_fences_each_lane_of_the_last(
     second_failures: list[BaseException] = []
     gate = Gate(100)
     first = await _writer(broker, f"{prefix}.tx", first_failures, topic, gate=gate, lanes=lanes, ahead_s=5.0)
-    second: PartitionWriter | None = None
+    second: TxnWriter | None = None
     try:
         for i in range(before):
             await _decide(first, topic, f"before-{i}".encode(), inputs=())
         assert sum(first.lane_commits) == before
         second = await _writer(broker, f"{prefix}.tx", second_failures, topic, lanes=lanes, ahead_s=5.0)
         committed_late: list[bool] = []
-        first.add([Out(topic, 0, b"run", b"zombie")], None, lambda: committed_late.append(True), inputs=())
+        first.add(0, [Out(topic, 0, b"run", b"zombie")], None, lambda: committed_late.append(True), inputs=())
         await asyncio.wait_for(first.flush(), 30)
         await _decide(second, topic, b"after", inputs=())
     finally:

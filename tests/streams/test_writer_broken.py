@@ -1,9 +1,9 @@
-"""A partition writer whose producer stops sending is replaced, and nothing is lost or decided twice.
+"""A writer whose producer stops sending is replaced, and nothing is lost or decided twice.
 
 aiokafka's producer runs a background sender; when it ends (seen in a broker-loss fault run: a connection
 closed by the dying broker while the sender looked up a coordinator, which aiokafka 0.14 takes for a fatal
 error), no transaction of that producer can finish again, and an operation waiting on it may never return.
-The worker takes the partition over again with a new producer under the same transactional id (as an
+The worker takes its partitions over again with a new producer under the same transactional id (as an
 assignment does). The fault is injected where it happens, in the real client: the sender task is ended
 while runs are in flight against a real broker.
 """
@@ -28,9 +28,10 @@ async def slow_add_one(ctx: StepContext, item: Item) -> Out:
     return Out(n=item.n + 1, label=f"{ctx.step}:{ctx.attempt}")
 
 
-def end_sender(worker: Worker, p: int) -> None:
-    """End partition ``p``'s producer's sender routine, as aiokafka's own fatal error does."""
-    producer = worker.parts.writers[p]._lanes[0]  # the first lane: the one the commits of offsets use
+def end_sender(worker: Worker) -> None:
+    """End the writer's producer's sender routine, as aiokafka's own fatal error does."""
+    assert worker.parts.writer is not None
+    producer = worker.parts.writer._lanes[0]  # the first lane: the one the commits of offsets use
     producer._sender.sender_task.cancel()
 
 
@@ -46,13 +47,17 @@ async def test_a_writer_whose_sender_ended_is_replaced_and_every_run_completes_o
                 RunRequest(workflow="lin", input={"n": i}, run_id=f"b{i}") for i in range(N)
             )
             await until(lambda: w.stats.completed >= N // 4, 60, "a quarter of the runs")
-            end_sender(w, 0)
+            end_sender(w)
             await until(
-                lambda: w.stats.retaken >= 1 and 0 in w.parts.owned, 60, "partition 0 taken over again"
+                lambda: w.stats.retaken >= 1 and len(w.parts.owned) == 4,
+                60,
+                "the partitions taken over again",
             )
-            end_sender(w, 1)
+            end_sender(w)
             await until(
-                lambda: w.stats.retaken >= 2 and 1 in w.parts.owned, 60, "partition 1 taken over again"
+                lambda: w.stats.retaken >= 2 and len(w.parts.owned) == 4,
+                60,
+                "the partitions taken over again",
             )
             states = await client.wait_terminal(ids, wait_s=120)
             events = await client.events()
