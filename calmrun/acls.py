@@ -6,7 +6,8 @@ Everything calmrun names under a prefix ``P`` is covered by prefixed ACLs:
 - topics ``P.`` (requests, steps, state, events, DLQs, cost totals);
 - consumer groups: the workers' ``<group_id>`` (default ``P.workers``) and the aggregator's ``<app_id>``
   (default ``P-costs``); the CLI, replay and the cost readers assign partitions and use no group;
-- transactional IDs ``<group_id>.tx.`` (the worker's producers, one per partition) and ``P.costs.tx.``
+- transactional IDs ``<group_id>.tx.`` (each worker's writer, and the ids of earlier calmruns' per-partition
+  writers, which a takeover fences) and ``P.costs.tx.``
   (the cost aggregator's);
 - pool executors' groups ``P.pool.<pool>`` and their transactional IDs ``P.pool.<pool>.tx.``.
 

@@ -113,7 +113,7 @@ class KafkaSettings(_Frozen):
     )
     txn_lanes: Literal[1, 2] = Field(
         2,
-        description="transactional producers per partition a worker writes in turn, so that a transaction "
+        description="transactional producers a writer writes in turn, so that a transaction "
         "need not wait for the broker to end the last one (docs/performance.md, section 1)",
     )
     txn_ahead_ms: float = Field(
@@ -190,7 +190,7 @@ class WorkerSettings(_Frozen):
     busy_linger_ms: float = Field(
         10.0,
         ge=0,
-        description="after a transaction of at least busy_linger_from decisions, how long a partition writer "
+        description="after a transaction of at least busy_linger_from decisions, how long the worker's writer "
         "waits before it begins the next one, so that more decisions share it (0: no wait)",
     )
     busy_linger_from: int = Field(
@@ -208,7 +208,8 @@ class WorkerSettings(_Frozen):
         None,
         description="static group membership (KIP-345): a stable name per worker (a pod name); a worker "
         "restarted under the same name within the session timeout gets its partitions back without a "
-        "rebalance of the group",
+        "rebalance of the group; its writer's transactional id is the name's, so that the restart fences the "
+        "process before it",
     )
     liveness: LivenessSettings = LivenessSettings()
     gc_threshold: int = Field(

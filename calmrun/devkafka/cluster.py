@@ -240,6 +240,13 @@ class DevCluster:
         ``__transaction_state``)."""
         return await self._coordinator(transactional_id, 1)
 
+    async def writers(self, group: str) -> dict[int, str]:
+        """Partition -> the transactional id of the writer that committed group ``group``'s offsets there
+        last (their metadata: ``streams.partitions``); partitions whose offsets name none are left out."""
+        async with self._admin() as admin:
+            found = await admin.list_consumer_group_offsets(group)
+        return {tp.partition: om.metadata for tp, om in found.items() if om.metadata}
+
     async def group_coordinator(self, group: str) -> int:
         """The node coordinating consumer group ``group`` (the leader of its ``__consumer_offsets``
         partition)."""

@@ -1,7 +1,7 @@
 """Broker loss you can see: which broker is missing, which of this worker's partitions wait on it, until when.
 
 When a broker dies, its partitions keep it as leader until the controller fences it (the broker session
-timeout, 9 s by default), and a coordinator on it (the group's, a partition writer's transactions) answers
+timeout, 9 s by default), and a coordinator on it (the group's, the worker's writer's transactions) answers
 nobody. aiokafka retries all of that on its own and logs a connection error per attempt (thousands per
 outage) while calmrun's own loggers are silent: a waiting worker looks like a broken one.
 

@@ -1,11 +1,11 @@
 """The checkpoint: the one owner of "this input is finished", and the only source of the input offsets a
-partition's writer commits.
+writer commits.
 
 Records finish out of order (step tasks run concurrently), so committing the last consumed offset could
 skip an unfinished one. As Confluent's Parallel Consumer does, the commit position is the first record
 still open; a crash re-delivers exactly the unfinished records (and maybe some finished after them).
 
-An input finishes only as the decision answering it enters a transaction: the partition's writer hands the
+An input finishes only as the decision answering it enters a transaction: the writer hands the
 checkpoint the inputs of the decisions it takes into a transaction and commits the positions it gets back
 (``take``), so an offset commits with the decision that answers it, never before. An input answered with
 no output of its own (a task record whose attempt's result is decided already) is ``settled``: it finishes

@@ -54,9 +54,9 @@ class WorkerStats:
     restored_partitions: int = 0
     kept_partitions: int = 0  # partitions given back by a rebalance with their runs still in memory
     fenced: int = 0  # partitions lost because another worker took them over (their writes were refused)
-    retaken: int = 0  # partitions this worker took over again because their producer broke
+    retaken: int = 0  # times this worker took its partitions over again because its writer's producer broke
     transactions: int = 0
-    commits: int = 0  # transactions the partition writers committed
+    commits: int = 0  # transactions the worker's writer committed
     rejected: int = 0  # refused run requests answered under their run ID (streams.refusals)
     results_malformed: int = 0  # malformed results that failed the attempt they answer
     results_unknown_run: int = 0  # results for a run not known here: parked

@@ -1,5 +1,5 @@
 """kill -9 of a node of the three-node cluster under load, restarted 10 s later: of the node leading most run
-partitions, of the transaction coordinator of most partition writers, of the group coordinator; and a
+partitions, of the transaction coordinator of the writers of most partitions, of the group coordinator; and a
 rolling restart of all three (SIGTERM, one at a time).
 
 2,000 runs in flight on two worker processes; each test ends with every run completed, both workers still
@@ -21,7 +21,6 @@ import pytest
 from calmrun.devkafka.cluster import DevCluster
 from calmrun.kafka.topics import Topics
 from calmrun.settings import Settings
-from calmrun.streams.txn import transactional_id
 from tests.faults.support import PARTITIONS, kill_and_restart, led_by, scenario
 from tests.runtime_support import WorkerProcs
 
@@ -51,9 +50,8 @@ async def leader(cluster: DevCluster, settings: Settings, procs: WorkerProcs) ->
 async def txn_coordinator(
     cluster: DevCluster, settings: Settings, procs: WorkerProcs
 ) -> tuple[float, set[int], Any]:
-    by_node = {
-        p: await cluster.txn_coordinator(transactional_id(settings.group_id, p)) for p in range(PARTITIONS)
-    }
+    writers = await cluster.writers(settings.group_id)  # each worker's writer writes all its partitions
+    by_node = {p: await cluster.txn_coordinator(tid) for p, tid in writers.items()}
     node = Counter(by_node.values()).most_common(1)[0][0]
     affected = {p for p, n in by_node.items() if n == node}
     return await kill_and_restart(cluster, node), affected, {"node": node, "coordinates": sorted(affected)}
