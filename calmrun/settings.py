@@ -190,7 +190,7 @@ class WorkerSettings(_Frozen):
     busy_linger_ms: float = Field(
         10.0,
         ge=0,
-        description="after a transaction of at least busy_linger_from decisions, how long the worker's writer "
+        description="after a transaction of at least busy_linger_from decisions, how long the writer "
         "waits before it begins the next one, so that more decisions share it (0: no wait)",
     )
     busy_linger_from: int = Field(
