@@ -8,7 +8,7 @@ Two figures per path, in µs of this process's CPU (``time.process_time``, not t
 the process's over the transactions (commits and the sender's work included: on a busy machine the
 commit cycle's retries make it vary more than the paths differ), and the records' own, from a
 transaction's first record until its last batch is handed over (the event loop never yields in it). The two
-paths alternate, ``--rounds`` times, on the same writer's code, the send path put in place of ``_Batches``
+paths alternate, ``--rounds`` times, on the same writer's code, the send path put in place of ``Batches``
 for its rounds. Without ``--bootstrap`` a broker is started for the run (``calmrun.devkafka``).
 """
 
@@ -47,7 +47,7 @@ class _Sends:
         self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: Iterable[Any]
     ) -> None:
         fut = await self._producer.send(topic, value, key=key, partition=partition, headers=list(headers))
-        fut.add_done_callback(txn._retrieved)
+        fut.add_done_callback(txn.retrieved)
         self._futures.append(fut)
 
     async def close(self) -> list[asyncio.Future[Any]]:
@@ -123,18 +123,18 @@ async def run(bootstrap: str, rounds: int, txns: int, decisions: int) -> None:
         await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
     finally:
         await admin.close()
-    batches = txn._Batches
+    batches = txn.Batches
     records = txns * decisions * RECORDS
     print(f"{txns} transactions of {decisions * RECORDS} records of {SIZE} bytes on {PARTITIONS} partitions")
     print(f"us of CPU per record, {records} records a round: the process's | the records' own")
     for r in range(1, rounds + 1):
         line, us = [], {}
         for name, path in (("send", _Sends), ("batch", batches)):
-            txn._Batches = functools.partial(_Timed, path)  # type: ignore[misc, assignment]
+            txn.Batches = functools.partial(_Timed, path)  # type: ignore[misc, assignment]
             try:
                 us[name] = await cpu_per_record(bootstrap, topic, txns, decisions)
             finally:
-                txn._Batches = batches  # type: ignore[misc]
+                txn.Batches = batches  # type: ignore[misc]
             line.append(f"{name} {us[name][0]:.1f} | {us[name][1]:.1f}")
         saved = [s - b for s, b in zip(us["send"], us["batch"], strict=True)]
         line.append(f"send - batch {saved[0]:.1f} | {saved[1]:.1f}")

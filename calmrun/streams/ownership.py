@@ -65,6 +65,10 @@ class Ownership:
         """Reads the state topic (``streams.restore``; None before the worker joins)."""
         return self._members.restorer
 
+    def writers(self) -> list[TxnWriter]:
+        """The writer of now, if there is one (none between a fence and the next assignment)."""
+        return [] if self.writer is None else [self.writer]
+
     def writer_of(self, p: int) -> TxnWriter:
         """The writer that writes ``p``'s decisions now.
 

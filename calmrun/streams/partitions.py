@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ from calmrun.settings import Settings
 from calmrun.streams import clients
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.ownership import Stalls
-from calmrun.streams.ports import Failures, Losses, Running, Takeover
+from calmrun.streams.ports import Failures, GroupWriters, Losses, Running, Takeover
 from calmrun.streams.restore import Restore
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.shared import Shared
@@ -111,8 +111,7 @@ class Partitions:
         running: the attempts running here: cancelled when their partition goes.
         takeovers: told of the partitions newly owned, in order (held commands, resumed attempts).
         failures: a writer failed for another reason than fencing: the worker must stop.
-        group_txns: the transactional ids the group's members write under, as its last assignment said
-            (``streams.versions``; None: it said nothing).
+        writers: this worker's writer's transactional id and those of the group's members.
     """
 
     def __init__(
@@ -126,13 +125,12 @@ class Partitions:
         running: Running,
         takeovers: Sequence[Takeover],
         failures: Failures,
-        txn_id: str,
-        group_txns: Callable[[], frozenset[str] | None],
+        writers: GroupWriters,
     ) -> None:
         self.topics, self._own, self._stalls, self._restore = shared.topics, shared.ownership, stalls, restore
         self._checkpoint, self._timers, self._tasks = checkpoint, timers, running
-        self._writers = Writers(shared.settings, checkpoint, gate, txn_id)
-        self._group_id, self._group_txns = shared.settings.group_id, group_txns
+        self._writers = Writers(shared.settings, checkpoint, gate, writers.txn)
+        self._group_id, self._group = shared.settings.group_id, writers
         self._takeovers, self._failures = takeovers, failures
         self._held: dict[int, _Held] = {}
         self._retakes: list[float] = []  # monotonic times the writer was replaced (its producer broke)
@@ -260,7 +258,7 @@ class Partitions:
         assert own.consumer is not None
         tps = [tp for p in sorted(parts) for tp in own.input_tps(p)]
         mine = self._writers.txn_id
-        members = self._group_txns()
+        members = self._group.group_txns
         fenced: set[str] = set()
         for _ in range(_FENCE_ROUNDS):
             committed = await own.consumer._coordinator.fetch_committed_offsets(tps)  # with their metadata

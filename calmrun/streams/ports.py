@@ -48,6 +48,18 @@ class Losses(Protocol):
     def lost(self, parts: set[int], exc: BaseException) -> None: ...
 
 
+class GroupWriters(Protocol):
+    """Whose writers the group knows (the assignor, ``streams.versions``): this member's writer's
+    transactional id (``txn``), and the ids its last assignment said the members write under
+    (``group_txns``; None: it said nothing, its leader is of an earlier calmrun)."""
+
+    @property
+    def txn(self) -> str: ...
+
+    @property
+    def group_txns(self) -> frozenset[str] | None: ...
+
+
 class Known(Protocol):
     """Is a run already held here (``streams.ownership``)? A duplicate request gets no fresh stamp."""
 

@@ -38,7 +38,7 @@ from calmrun.streams.stats import Readout, WorkerStats
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.timers import Timers
-from calmrun.streams.txn import Gate, TxnWriter, kick_every, worker_transactional_id
+from calmrun.streams.txn import Gate, kick_every, worker_transactional_id
 from calmrun.streams.versions import Pinning, Released
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
@@ -84,10 +84,8 @@ class Worker(Runtime):
         t, codec = self.topics, self.codec = Topics(settings.kafka.prefix), wire_codec(settings.wire)
         self.input_topics = t.worker_inputs(list(wfs.values()), pool)
         # which tasks are written, and the assignor that says so (and the versions served) to the group
-        self.txn_id = worker_transactional_id(
-            settings.group_id, w.instance_id
-        )  # its writer's, said to the group
-        recording = Recording.of(w, t, self.input_topics, wfs.pins(), pool is not None, self.txn_id)
+        txn = self.txn_id = worker_transactional_id(settings.group_id, w.instance_id)  # the writer's
+        recording = Recording.of(w, t, self.input_topics, wfs.pins(), pool is not None, txn)
         self.assignor = recording.assignor
         self.members = Membership.deciding(settings, self.input_topics, self.assignor)  # restorer, beats
         # ownership: what is owned now, read by every room; changed only by partitions and restore
@@ -118,29 +116,12 @@ class Worker(Runtime):
         self.restore = Restore(shared, checkpoint, intake)
         takeovers = Released(pins, intake), Resumption(shared, pins, tasks, recording, stopped)
         self.partitions = Partitions(
-            shared,
-            stalls,
-            self.restore,
-            checkpoint,
-            gate,
-            timers,
-            tasks,
-            takeovers,
-            self,
-            self.txn_id,
-            self._group_txns,
+            shared, stalls, self.restore, checkpoint, gate, timers, tasks, takeovers, self, self.assignor
         )
         self.due = DueTimers(shared, timers, pins, decisions, tasks)
         # what it shows: counters, gauges, readiness (the metrics' port); no room reads it
         read = intake.counts, tasks.counts, decisions.counts, gate, checkpoint, pins, self.throttle
         self.readout, self._stalls, self._shared = Readout(shared, self, *read), stalls, shared
-
-    def _group_txns(self) -> frozenset[str] | None:
-        """The transactional ids the group's members write under, as its last assignment said."""
-        return self.assignor.group_txns
-
-    def _writers(self) -> list[TxnWriter]:
-        return [] if self.parts.writer is None else [self.parts.writer]
 
     @property
     def stats(self) -> WorkerStats:
@@ -157,15 +138,13 @@ class Worker(Runtime):
             await self.metrics.start(self.readout)
         await self.stamps.start()
         log.info("worker started: workflows %s, group %s", sorted(self.workflows), self.settings.group_id)
+        brokers = BrokerWatch.of(self._shared, self.input_topics, self.txn_id, self.metrics)
         return [
             ("calmrun-poll", self.intake.run()),
             ("calmrun-timer", self.due.run()),
-            ("calmrun-commit", kick_every(self.settings.worker.commit_interval_s, self._writers)),
+            ("calmrun-commit", kick_every(self.settings.worker.commit_interval_s, self.parts.writers)),
             ("calmrun-watch", self._stalls.watch()),
-            (
-                "calmrun-brokers",
-                BrokerWatch.of(self._shared, self.input_topics, self.txn_id, self.metrics).run(),
-            ),
+            ("calmrun-brokers", brokers.run()),
         ]
 
     async def _close(self) -> None:

@@ -1,5 +1,5 @@
-"""A writer's records go as one aiokafka batch per topic partition (``streams.txn._Batches``), against the
-real broker: the same records, order and headers as one ``send`` each, in the transaction or not at all."""
+"""A writer's records go as one aiokafka batch per topic partition (``streams.txnbatches.Batches``), against
+the real broker: the same records, order and headers as one ``send`` each, in the transaction or none."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.kafka.reader import read_to_end
 from calmrun.streams.records import Out
-from calmrun.streams.txn import require_batch_sends
+from calmrun.streams.txnbatches import require_batch_sends
 from tests.streams.test_runtime_eager import _writer
 
 
