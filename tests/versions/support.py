@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,21 @@ async def slow_add_one(ctx: StepContext, item: Item) -> Out:
     return Out(n=item.n + 1, label=f"{ctx.step}:{ctx.attempt}")
 
 
+async def file_gate(ctx: StepContext, item: Item) -> Out:
+    """``gate`` across processes: waits until the file named by ``CALMRUN_TEST_GATE`` exists."""
+    path = Path(os.environ["CALMRUN_TEST_GATE"])
+    while not path.exists():
+        await asyncio.sleep(0.05)
+    return Out(n=item.n + 1, label=f"{ctx.step}:{ctx.attempt}")
+
+
 def by_reference(wf: WorkflowDef) -> WorkflowDef:
-    """``wf`` with every agent as a ``module:attr`` reference (what ``calmrun worker`` resolves)."""
+    """``wf`` with every agent as a ``module:attr`` reference (what ``calmrun worker`` resolves).
+
+    The ``gate`` step waits on a file (``file_gate``), so a test decides when runs may pass it.
+    """
     data = wf.model_dump(mode="json")
     for step in data["steps"]:
-        step["agent"] = "tests.versions.support:slow_add_one"
+        name = "file_gate" if step["agent"] == "gate" else "slow_add_one"
+        step["agent"] = f"tests.versions.support:{name}"
     return parse_workflow(data)

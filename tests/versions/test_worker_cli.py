@@ -22,13 +22,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def worker(broker: str, prefix: str, log: Path, *workflows: Path) -> subprocess.Popen[bytes]:
+    """A worker process; its ``gate`` steps wait until ``log``'s folder holds a file ``open``."""
     args = [a for w in workflows for a in ("-w", str(w))]
     return subprocess.Popen(
         [sys.executable, "-m", "calmrun.cli", "worker", *args, "-b", broker, "--prefix", prefix],
         cwd=ROOT,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "CALMRUN_KAFKA__PARTITIONS": "4"},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "CALMRUN_KAFKA__PARTITIONS": "4",
+            "CALMRUN_TEST_GATE": str(log.parent / "open"),
+        },
     )
 
 
@@ -70,7 +76,8 @@ async def test_a_killed_v1_worker_restarted_on_a_folder_of_v1_and_v2(
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
             await poll()
-            assert any(not states[r].is_terminal() for r in old if r in states)  # killed mid-run
+            assert not any(states[r].is_terminal() for r in old if r in states)  # killed mid-run
+            (tmp_path / "open").touch()  # the restarted worker's gate lets runs through
             proc = worker(broker, prefix, log, folder)  # v1 and v2 from one folder
             new = await c.submit_many(RunRequest(workflow="pin", input={"n": 1}) for _ in range(3))
             done = await c.wait_terminal([*old, *new], wait_s=120)
