@@ -52,7 +52,7 @@ log = logging.getLogger("calmrun.worker")
 RETAKES, RETAKE_WINDOW_S = 3, 60.0
 """The writer, its producer broken, is replaced at most this often in this window, then we stop."""
 
-_FENCE_ROUNDS = 3  # reads of the offsets' names, each after fencing the ids the last one found
+_FENCE_ROUNDS = 3  # fences at most on a takeover, each followed by another read of the offsets' names
 
 
 @dataclass
@@ -260,7 +260,8 @@ class Partitions:
         mine = self._writers.txn_id
         members = self._group.group_txns
         fenced: set[str] = set()
-        for _ in range(_FENCE_ROUNDS):
+        for rounds_left in range(_FENCE_ROUNDS, -1, -1):
+            # read after every fence: a fenced writer's last commit may have moved the positions
             committed = await own.consumer._coordinator.fetch_committed_offsets(tps)  # with their metadata
             named = {tp: om.metadata for tp, om in committed.items() if om.metadata}
             tids = set(named.values()) - {mine} - (members if members is not None else set(named.values()))
@@ -270,12 +271,12 @@ class Partitions:
                 if not any(tp in named for tp in own.input_tps(p))  # an earlier calmrun's, or nobody's
             }
             todo = (tids | legacy) - fenced
-            if not todo:
-                return {tp: committed[tp].offset if tp in committed else 0 for tp in tps}
+            if not todo or not rounds_left:
+                break
             log.info("fencing the writers that wrote partitions %s before: %s", sorted(parts), sorted(todo))
             await self._writers.fence(todo)
             fenced |= todo
-        return {tp: om.offset for tp, om in committed.items()} | {tp: 0 for tp in tps if tp not in committed}
+        return {tp: committed[tp].offset if tp in committed else 0 for tp in tps}
 
     def discard(self, p: int) -> None:
         """Forget everything about partition ``p`` (its tasks are cancelled already)."""

@@ -43,6 +43,7 @@ class Runtime(ABC):
     def __init__(self, role: str, log: logging.Logger, gc_threshold: int = 0) -> None:
         self._role, self._log, self._gc_threshold = role, log, gc_threshold
         self._loops: list[asyncio.Task[None]] = []
+        self._bodies: list[Loop] = []  # the loops' coroutines: closed on stop, started or not
         self._failed: BaseException | None = None
         self._stopped = asyncio.Event()  # set by stop() or by a failure: run_until_stopped() returns
         self.closing = False  # stop() has run (or is running)
@@ -68,6 +69,7 @@ class Runtime(ABC):
             KafkaAuthorizationError: an ACL refuses a topic, the group or the transactional IDs.
         """
         loops = await self._open()
+        self._bodies = [loop for _, loop in loops]
         self._loops = [asyncio.create_task(self._guarded(loop), name=name) for name, loop in loops]
 
     async def stop(self) -> None:
@@ -81,6 +83,8 @@ class Runtime(ABC):
         for t in self._loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        for body in self._bodies:
+            body.close()  # a loop cancelled before it began was never awaited: no warning, nothing left
         await self._close()
 
     async def run(self, on_started: Callable[[], None] | None = None) -> None:

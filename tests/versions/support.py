@@ -65,7 +65,7 @@ async def slow_add_one(ctx: StepContext, item: Item) -> Out:
 async def file_gate(ctx: StepContext, item: Item) -> Out:
     """``gate`` across processes: waits until the file named by ``CALMRUN_TEST_GATE`` exists."""
     path = Path(os.environ["CALMRUN_TEST_GATE"])
-    while not path.exists():
+    while not await asyncio.to_thread(path.exists):  # noqa: ASYNC110 - another process makes the file
         await asyncio.sleep(0.05)
     return Out(n=item.n + 1, label=f"{ctx.step}:{ctx.attempt}")
 
