@@ -41,7 +41,8 @@ from tests.faust.test_faust_proof import (
 
 pytestmark = pytest.mark.fault
 
-ROUNDS = 20
+ROUNDS = 10
+"""Every uptime of ``UPTIMES`` once with each signal (periods 5 and 2: ten rounds cover the ten pairs)."""
 RATE = 100
 """Records produced per second, spread over ``KEYS`` keys on ``PARTITIONS`` partitions."""
 KEYS = 8

@@ -15,6 +15,7 @@ from the record timestamps of the events topic; they are measured here, not asse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -148,14 +149,22 @@ def recovery(records: list[Any], kills: list[tuple[float, list[int]]]) -> list[d
     return out
 
 
-async def submit_spread(client: Client, requests: list[RunRequest], over_s: float) -> list[str]:
-    """Submit in waves over ``over_s`` seconds, so that runs are in flight at every kill."""
+async def submit_spread(
+    client: Client, requests: list[RunRequest], over_s: float, faults_over: asyncio.Event | None = None
+) -> list[str]:
+    """Submit in waves over ``over_s`` seconds, so that runs are in flight at every kill. Once
+    ``faults_over`` is set (the last kill is behind), the waves left go at once: spreading them further
+    would only keep the test waiting, with no fault left to strike them."""
     ids: list[str] = []
     waves = 20
     per = -(-len(requests) // waves)
     for i in range(waves):
         ids += await client.submit_many(requests[i * per : (i + 1) * per])
-        await asyncio.sleep(over_s / waves)
+        if faults_over is None:
+            await asyncio.sleep(over_s / waves)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(faults_over.wait(), over_s / waves)
     return ids
 
 
@@ -211,7 +220,8 @@ async def test_kill_9_five_times_leaves_one_history_per_run(
     requests = [RunRequest(workflow="fork", input={"n": i}, run_id=f"k{i}") for i in range(RUNS)]
     kills: list[tuple[float, list[int]]] = []
     async with Client(settings) as client:
-        submitting = asyncio.create_task(submit_spread(client, requests, spread_s))
+        faults_over = asyncio.Event()
+        submitting = asyncio.create_task(submit_spread(client, requests, spread_s, faults_over))
         for _ in range(5):
             await wait_owned(procs, names)  # both are up again: each recovery is measured on its own
             await asyncio.sleep(rng.uniform(1.0, 3.0))
@@ -221,6 +231,7 @@ async def test_kill_9_five_times_leaves_one_history_per_run(
             kills.append((time.time(), owned))
             await asyncio.sleep(rng.uniform(1.0, 2.0))
             procs.start(victim, *args, "--instance-id", victim)
+        faults_over.set()
         ids = await submitting
         states = await client.wait_terminal(ids, wait_s=240)
         for n in names:

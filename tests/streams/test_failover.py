@@ -73,7 +73,8 @@ async def test_a_killed_worker_s_partitions_move_before_its_session_could_expire
     kills: list[tuple[float, list[int]]] = []
     taken: list[float] = []
     async with Client(settings) as client:
-        submitting = asyncio.create_task(submit_spread(client, requests, 20.0 * KILLS))
+        faults_over = asyncio.Event()
+        submitting = asyncio.create_task(submit_spread(client, requests, 20.0 * KILLS, faults_over))
         for i in range(KILLS):
             await wait_owned(procs, NAMES)
             await asyncio.sleep(rng.uniform(1.0, 2.0))
@@ -84,6 +85,7 @@ async def test_a_killed_worker_s_partitions_move_before_its_session_could_expire
             taken.append(await owns_all(procs, survivor, session + 60))
             await asyncio.sleep(2.0)  # the survivor decides the victim's runs before it is back
             procs.start(victim, *args, "--instance-id", victim)
+        faults_over.set()
         ids = await submitting
         states = await client.wait_terminal(ids, wait_s=240)
     for n in NAMES:
