@@ -29,8 +29,9 @@ from bench.common import on_a_broker
 from calmrun.kafka.connect import TXN_RETRY_BACKOFF_MS
 from calmrun.streams import txn
 from calmrun.streams.checkpoint import Checkpoint
+from calmrun.streams.gate import Gate
 from calmrun.streams.records import Out
-from calmrun.streams.txn import Gate, TxnWriter
+from calmrun.streams.txn import TxnWriter
 
 RECORDS, PARTITIONS, SIZE = 3, 3, 300  # a decision's records, on three partitions
 WARMUP = 20  # transactions before the clock starts: coordinators found, partitions known

@@ -114,7 +114,8 @@ class KafkaSettings(_Frozen):
     txn_lanes: Literal[1, 2] = Field(
         2,
         description="transactional producers a writer writes in turn, so that a transaction "
-        "need not wait for the broker to end the last one (docs/performance.md, section 1)",
+        "need not wait for the broker to end the last one and the next is sent while the last commits "
+        "(docs/performance.md, section 1)",
     )
     txn_ahead_ms: float = Field(
         250.0,

@@ -33,6 +33,7 @@ from calmrun.kafka.topics import INVALID, partition_for
 from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.deciding import Deciding
 from calmrun.streams.fetch import getmany
+from calmrun.streams.gate import Gate
 from calmrun.streams.ownership import Stalls
 from calmrun.streams.ports import Failures, Returns, Source
 from calmrun.streams.records import IDEMPOTENCY_KEY, MOVED_FROM, Out, header
@@ -41,7 +42,6 @@ from calmrun.streams.requests import Named, named, parse_request
 from calmrun.streams.results import named_attempt, parse_result
 from calmrun.streams.shared import Shared
 from calmrun.streams.tasks import TaskRunner
-from calmrun.streams.txn import Gate
 from calmrun.streams.versions import Pinning
 from calmrun.wire.dlq import DlqRecord
 from calmrun.workflow.decider import task_ignored

@@ -38,13 +38,14 @@ from calmrun.errors import WriterBrokenError
 from calmrun.settings import Settings
 from calmrun.streams import clients
 from calmrun.streams.checkpoint import Checkpoint
+from calmrun.streams.gate import Gate
 from calmrun.streams.ownership import Stalls
 from calmrun.streams.ports import Failures, GroupWriters, Losses, Running, Takeover
 from calmrun.streams.restore import Restore
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.shared import Shared
 from calmrun.streams.timers import Timers
-from calmrun.streams.txn import FENCED, Gate, TxnWriter, close_writers, on_lane, transactional_id
+from calmrun.streams.txn import FENCED, TxnWriter, close_writers, on_lane, transactional_id
 from calmrun.streams.versions import request_rejoin
 
 log = logging.getLogger("calmrun.worker")

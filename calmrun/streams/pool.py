@@ -35,6 +35,7 @@ from calmrun.streams import clients
 from calmrun.streams.attempts import Attempts
 from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.fetch import getmany
+from calmrun.streams.gate import Gate
 from calmrun.streams.membership import Membership
 from calmrun.streams.poolmetrics import PoolCounts, PoolMetrics
 from calmrun.streams.ports import Source
@@ -42,7 +43,7 @@ from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.runtime import Loop, Runtime, wall_ms
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
-from calmrun.streams.txn import FENCED, Gate, TxnWriter, close_writers, kick_every
+from calmrun.streams.txn import FENCED, TxnWriter, close_writers, kick_every
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord

@@ -19,13 +19,13 @@ if TYPE_CHECKING:
     from calmrun.settings import Settings
     from calmrun.streams.checkpoint import Checkpoint
     from calmrun.streams.deciding import DecisionCounts
+    from calmrun.streams.gate import Gate
     from calmrun.streams.intake import IntakeCounts
     from calmrun.streams.runtable import RunTable
     from calmrun.streams.runtime import Runtime
     from calmrun.streams.shared import Shared
     from calmrun.streams.tasks import TaskCounts
     from calmrun.streams.throttle import Throttle
-    from calmrun.streams.txn import Gate
     from calmrun.streams.versions import Pinning
     from calmrun.workflow.registry import Definitions
 

@@ -10,31 +10,34 @@ partitioned worker's late records never reach a ``read_committed`` reader, and i
 (``ProducerFenced``). Who initialises which id on a takeover is ``streams.partitions``'s: every input offset
 a worker commits names its id (the offsets' metadata), so the next owner knows whom to fence.
 
-Decisions are batched: while one transaction commits, the next batch collects, and it is sent as soon as
-the commit returns, so light load commits each decision alone and heavy load amortises a commit over
-many. Within a batch only the newest state of each run is written (compaction keeps only that one).
-Each decision comes with the inputs it answers; as a batch is taken, the checkpoint (``streams.checkpoint``)
-finishes them and gives the input offsets to commit in the same transaction. After the commit, each
-decision's ``on_commit`` runs. A task decided from a committed input may have been
-started before (``hold``): the next transaction then waits up to ``hold_s`` for those tasks, so a fast
-step's result commits together with the decision that scheduled it (see ``streams.decisions``).
-A writer that just committed a large batch (``linger_from`` decisions or more) waits ``linger_s`` before
-it takes the next one, so that under load more decisions share a transaction (``worker.busy_linger_ms``);
-a small batch, as one run at a time makes, never waits.
+Decisions are batched: the decisions added while a transaction is being written go in the next one, so
+light load commits each decision alone and heavy load amortises a commit over many. Within a batch only the
+newest state of each run is written (compaction keeps only that one). Each decision comes with the inputs
+it answers; as a batch is taken, the checkpoint (``streams.checkpoint``) finishes them and gives the input
+offsets to commit in the same transaction. After the commit, each decision's ``on_commit`` runs. A task
+decided from a committed input may have been started before (``hold``): the next transaction then waits up
+to ``hold_s`` for those tasks, so a fast step's result commits together with the decision that scheduled it
+(see ``streams.decisions``). A writer that just sent a large batch (``linger_from`` decisions or more) waits
+``linger_s`` before it takes the next one (``worker.busy_linger_ms``); a small batch never waits.
 
-Two lanes. After a commit the broker still writes that transaction's markers for a few milliseconds, and
-refuses the same transactional id's next transaction until it is done (CONCURRENT_TRANSACTIONS). A writer
-given a ``spare`` producer (its own transactional id, ``transactional_id(group, p, lane=1)``) writes its
-transactions on the two in turn, so the next one need not wait for the last one's markers, and it begins
-that next one *ahead*, while a commit is on its way, with the committing one's partitions already added
-(AddPartitionsToTxn then takes place while EndTxn does and while the next decision is being made). Input
+Two lanes, two transactions in flight. After a commit the broker still writes that transaction's markers
+for a few milliseconds, and refuses the same transactional id's next transaction until it is done
+(CONCURRENT_TRANSACTIONS). A writer given a ``spare`` producer (its own transactional id,
+``on_lane(id, 1)``) writes its transactions on the two in turn. Once a transaction's records are sent, its
+commit goes on its way (``_ending``) and the writer takes the next batch, onto the other lane: its records
+go out once the last one's are written (a run's records stay in decision order) while the last one
+commits, and its own commit is sent only once the last one's returned,
+so transactions commit in the order they were taken, and a decision that follows from one still on its way
+never commits without it (one that fails fails the writer; the next, sent but not committed, is aborted by
+whoever initialises the ids next). As a commit goes, the writer begins the next transaction *ahead* on
+the other lane, with the committing one's partitions already added, whether a batch waits or not. Input
 offsets commit on the first lane only, so that they never go back: a transaction's offsets become the
 group's when its markers are written, and the two lanes' markers may be written in either order. A batch
-with offsets that must commit with it goes on the first lane; lazy offsets wait for its next transaction.
-A transaction begun ahead that gets no decision within ``ahead_s`` is aborted (markers, no record), and
-lazy offsets that moved commit then, alone, so that an idle writer leaves none behind; one begun ahead and
-still empty when the writer closes is aborted too. Starting the writer initialises both ids: both of the
-previous owner's lanes are fenced.
+with offsets that must commit with it goes on the first lane (after the first lane's last commit); lazy
+offsets wait for its next transaction. A transaction begun ahead that gets no decision within ``ahead_s``
+is aborted (markers, no record), and lazy offsets that moved commit then, alone, so that an idle writer
+leaves none behind; one begun ahead and still empty when the writer closes is aborted too. Starting the
+writer initialises both ids: both of the previous owner's lanes are fenced.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from calmrun.errors import WriterBrokenError
 from calmrun.streams.checkpoint import Checkpoint, Pending
+from calmrun.streams.gate import Gate
 from calmrun.streams.ports import Losses
 from calmrun.streams.records import Out, StateOut
 from calmrun.streams.txnbatches import Batches, require_batch_sends, retrieved
@@ -91,33 +95,6 @@ def worker_transactional_id(group_id: str, instance_id: str | None = None) -> st
 def on_lane(base: str, lane: int) -> str:
     """The id of the writer with transactional id ``base`` on ``lane``: the second lane adds ``.b``."""
     return base + (".b" if lane else "")
-
-
-class Gate:
-    """Counts decisions not yet committed across all partitions; intake waits while too many are.
-
-    Attributes:
-        commits: transactions the writers committed (all partitions, over the worker's life).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.pending, self.peak, self.commits = limit, 0, 0, 0
-        self._room = asyncio.Event()
-        self._room.set()
-
-    def add(self, n: int) -> None:
-        self.pending += n
-        self.peak = max(self.peak, self.pending)
-        if self.pending >= self.limit:
-            self._room.clear()
-
-    def done(self, n: int) -> None:
-        self.pending -= n
-        if self.pending < self.limit:
-            self._room.set()
-
-    async def room(self) -> None:
-        await self._room.wait()
 
 
 @dataclass
@@ -215,6 +192,9 @@ class TxnWriter:
         self._ahead: AIOKafkaProducer | None = None  # the lane with an empty transaction begun ahead
         self._ahead_expired = False
         self._ahead_timer: asyncio.TimerHandle | None = None
+        self._ending: asyncio.Task[None] | None = None  # the commit of the last transaction sent, if pending
+        self._ending_lane = 0
+        self._ending_sent: list[asyncio.Future[Any]] = []  # its records, each resolved once in the log
 
     async def start(self) -> None:
         """Initialise the transactional ids: aborts the previous owner's open transactions and fences it."""
@@ -320,10 +300,11 @@ class TxnWriter:
         """Stop the writer; a transaction not committed by now is aborted by the broker or the next owner
         (one begun ahead and still empty is aborted here, so that the next owner need not wait for it)."""
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._ending):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._ahead is not None and self.failed is None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._abort_ahead(), 10)
@@ -339,7 +320,16 @@ class TxnWriter:
         try:
             while True:
                 await self._wake.wait()
+                if self._ending is not None and self._ending.done():
+                    await self._ended()  # raises what ended it, if it failed
+                if not self._work():  # only a commit ended: nothing to send
+                    self._wake.clear()
+                    if self._ending is None:
+                        self._idle.set()
+                    continue
                 await self._wait_held()
+                if self._probing:
+                    await self._ended()  # a probe commits the last committed positions again: settle them
                 self._wake.clear()
                 batch, self._batch = self._batch[:_MAX_BATCH], self._batch[_MAX_BATCH:]
                 if self._batch:
@@ -358,7 +348,7 @@ class TxnWriter:
                 offsets.update(adopted)
                 lane = self._next_lane(strict=bool(offsets))
                 if batch or offsets:
-                    self._taken = len(batch)
+                    self._taken += len(batch)
                     await self._commit(lane, batch, offsets)
                 elif self._ahead_expired and self._ahead is not None:
                     await self._abort_ahead()  # nothing came for it: no transaction stays open while idle
@@ -370,7 +360,7 @@ class TxnWriter:
                     await asyncio.sleep(self._linger_s)  # busy: let the next batch grow (busy_linger_ms)
                 if deferred and self._flushing:  # a flush began meanwhile: commit them now
                     self._wake.set()
-                elif not self._batch:
+                elif not self._batch and self._ending is None:
                     self._flushing = False
                     self._idle.set()
         except asyncio.CancelledError:
@@ -396,6 +386,9 @@ class TxnWriter:
         return offsets, may_wait
 
     def _fail(self, cause: BaseException) -> None:
+        if self._ending is not None:
+            self._ending.add_done_callback(retrieved)
+            self._ending.cancel()  # a commit still on its way counts for nothing here: the partitions go
         self.failed = cause
         self._idle.set()
         self._losses.lost(set(self.partitions), cause)
@@ -427,7 +420,7 @@ class TxnWriter:
             return 0
         if self._ahead is not None:
             return self._lanes.index(self._ahead)
-        return 1 - self._lane
+        return 1 - self._lane  # the last one sent, whose commit may still be on its way
 
     async def _begin_ahead(self, lane: int, partitions: Iterable[TopicPartition]) -> None:
         """Begin the next transaction now on ``lane`` and add ``partitions`` to it (see the module
@@ -470,14 +463,50 @@ class TxnWriter:
         self._held.clear()
 
     async def _commit(self, lane: int, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
+        """Send a transaction on ``lane`` and leave its commit on its way (``_ending``): two in flight, and
+        they commit in the order taken (see the module docstring)."""
+        if self._ending is not None and self._ending_lane == lane:
+            await self._ended()  # one transaction at a time on a lane
+        elif self._ending is not None:  # the two lanes' produce requests would race: the last one's first
+            await asyncio.gather(*self._ending_sent)
         try:
-            await self._write(lane, batch, offsets)
+            futures, partitions = await self._send(lane, batch, offsets)
         except IllegalOperation as exc:
             # a fencing met by an earlier send of this batch leaves the producer out of its transaction:
             # the next send says only "not in transaction"; the cause is the transaction's own error
             raise _transaction_error(self._lanes[lane]) or exc from exc
+        self._lane = lane
+        if self._ending is not None:
+            await self._ended()
+        self._ending = asyncio.ensure_future(self._end(lane, batch, offsets, futures))
+        self._ending_lane, self._ending_sent = lane, futures
+        self._ending.add_done_callback(self._wake_on_end)
+        if self._ahead_s > 0 and self._ahead is None and not self._closing:
+            # while this one commits: AddPartitionsToTxn is on its way while EndTxn is, and the next
+            # decision usually finds its partitions added
+            await asyncio.sleep(0)  # the commit is marked first, so that EndTxn goes out first
+            if self._ending is not None and not self._ending.done():
+                await self._begin_ahead(1 - lane, partitions)
 
-    async def _write(self, lane: int, batch: list[_Queued], offsets: dict[TopicPartition, int]) -> None:
+    def _wake_on_end(self, ending: asyncio.Task[None]) -> None:  # the loop settles it (fail, or idle)
+        if ending is self._ending:
+            self._wake.set()
+
+    def _work(self) -> bool:
+        """Is there anything to send: decisions, offsets asked for, or a transaction begun ahead to end?"""
+        asked = self._due or self._flushing or self._probing or bool(self._adopted)
+        return bool(self._batch) or asked or self._ahead_expired
+
+    async def _ended(self) -> None:
+        """Wait for the commit on its way; raises what ended it, if it failed."""
+        ending, self._ending = self._ending, None
+        if ending is not None:
+            await ending
+
+    async def _send(
+        self, lane: int, batch: list[_Queued], offsets: dict[TopicPartition, int]
+    ) -> tuple[list[asyncio.Future[Any]], list[TopicPartition]]:
+        """Begin (or take the one begun ahead) on ``lane``, and send the batch's records and ``offsets``."""
         p = self._lanes[lane]
         if self._ahead is p:
             self._take_ahead()  # its transaction is this one
@@ -499,29 +528,29 @@ class TxnWriter:
         if offsets:
             named = {tp: OffsetAndMetadata(off, self._metadata) for tp, off in offsets.items()}
             await p.send_offsets_to_transaction(named, self._group_id)
-        if self._ahead_s > 0 and self._ahead is None and not self._closing:
-            # while this one commits: AddPartitionsToTxn is on its way while EndTxn is, and the next
-            # decision, made after the commit, usually finds its partitions added
-            ending = asyncio.ensure_future(p.commit_transaction())
-            try:
-                await asyncio.sleep(0)  # the commit is marked first, so that EndTxn goes out first
-                await self._begin_ahead(1 - lane, records.partitions)
-            except BaseException:
-                ending.add_done_callback(retrieved)
-                ending.cancel()  # closed or failed meanwhile: stop waiting for the commit, as below
-                raise
-            await ending
-        else:
+        return futures, records.partitions
+
+    async def _end(
+        self,
+        lane: int,
+        batch: list[_Queued],
+        offsets: dict[TopicPartition, int],
+        futures: list[asyncio.Future[Any]],
+    ) -> None:
+        """Commit ``lane``'s transaction; then tell the checkpoint, the gate, the decisions' ``on_commit``."""
+        p = self._lanes[lane]
+        try:
             await p.commit_transaction()
-        await asyncio.gather(*futures)  # resolved by the commit; raises if a record was refused
+        except IllegalOperation as exc:
+            raise _transaction_error(p) or exc from exc
+        await asyncio.gather(*futures)  # resolved as written (before the commit returns); raises if refused
         self.commits += 1
         self.lane_commits[lane] += 1
-        self._lane = lane
         if offsets:
             self._checkpoint.committed(offsets)
         self._gate.done(len(batch))
         self._gate.commits += 1
-        self._taken = 0
+        self._taken -= len(batch)
         for d in batch:
             if d.run_id is not None:
                 self._open[d.run_id] -= 1

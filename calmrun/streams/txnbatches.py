@@ -52,7 +52,7 @@ class Batches:
             )
 
     async def close(self) -> list[asyncio.Future[Any]]:
-        """Send the batches still open; every batch's future (resolved by the commit)."""
+        """Send the batches still open; every batch's future (resolved once the broker wrote the batch)."""
         for tp, builder in self._open.items():
             await self._send(tp, builder)
         self._open.clear()

@@ -23,6 +23,7 @@ from calmrun.streams.brokers import BrokerWatch
 from calmrun.streams.checkpoint import Checkpoint
 from calmrun.streams.deciding import Deciding
 from calmrun.streams.due import DueTimers
+from calmrun.streams.gate import Gate
 from calmrun.streams.intake import Intake
 from calmrun.streams.local import EagerStarts, LocalExecutor, Recording, Resumption
 from calmrun.streams.membership import Membership
@@ -38,7 +39,7 @@ from calmrun.streams.stats import Readout, WorkerStats
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
 from calmrun.streams.timers import Timers
-from calmrun.streams.txn import Gate, kick_every, worker_transactional_id
+from calmrun.streams.txn import kick_every, worker_transactional_id
 from calmrun.streams.versions import Pinning, Released
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec

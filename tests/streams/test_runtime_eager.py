@@ -21,8 +21,9 @@ from calmrun.client import Client
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics
 from calmrun.streams.checkpoint import Checkpoint
+from calmrun.streams.gate import Gate
 from calmrun.streams.records import Out, StateOut
-from calmrun.streams.txn import Gate, TxnWriter
+from calmrun.streams.txn import TxnWriter
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import add_one, linear, ready, running, settings_for, until
 
@@ -171,10 +172,10 @@ async def _writer(
             await admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in topics])
     finally:
         await admin.close()
-    producer, spare = (
+    producer, *spare = (
         AIOKafkaProducer(bootstrap_servers=broker, transactional_id=t, enable_idempotence=True)
-        for t in (tid, f"{tid}.b")
-    )
+        for t in (tid, f"{tid}.b")[:lanes]
+    )  # only the producers the writer starts (one never started warns as it is collected)
     writer = TxnWriter(
         "0",
         producer,
@@ -186,7 +187,7 @@ async def _writer(
         linger_s=linger_s,
         linger_from=8,
         max_request_size=max_request_size,
-        spare=spare if lanes == 2 else None,
+        spare=spare[0] if spare else None,
         ahead_s=ahead_s,
     )
     await writer.start()

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
+from calmrun.streams.gate import Gate
 from calmrun.streams.records import Out
-from calmrun.streams.txn import FENCED, Gate, TxnWriter, transactional_id
+from calmrun.streams.txn import FENCED, TxnWriter, transactional_id
 from tests.streams.test_runtime_eager import _Recorded, _writer, read_committed
 
 
@@ -210,3 +211,103 @@ async def test_a_transaction_begun_ahead_that_expires_while_the_first_lane_commi
         await writer.close()
     assert failures == []
     assert await read_committed(broker, topic) == [b"d0", b"d1"]
+
+
+async def _held_commit(writer: TxnWriter, lane: int) -> asyncio.Event:
+    """Hold ``lane``'s next commits until the returned event is set: the test decides when they may go."""
+    producer = writer._lanes[lane]
+    commit = producer.commit_transaction
+    release = asyncio.Event()
+
+    async def held() -> None:
+        await release.wait()
+        await commit()
+
+    producer.commit_transaction = held  # type: ignore[method-assign]
+    return release
+
+
+async def _until(check: object, what: str) -> None:
+    for _ in range(300):
+        if await check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"waited 30 s for {what}")
+
+
+async def test_the_next_transaction_is_sent_while_the_last_commits_and_commits_after_it(
+    broker: str, prefix: str
+) -> None:
+    """Two in flight: while d1's commit is on its way (held here), d2's records go out on the other lane,
+    and d2 commits only once d1 has (its decisions may follow from d1's)."""
+    topic = f"{prefix}.ev"
+    tp = TopicPartition(topic, 0)
+    failures: list[BaseException] = []
+    writer = await _writer(broker, f"{prefix}.tx", failures, topic, lanes=2, ahead_s=5.0)
+    committed: list[str] = []
+    try:
+        release = await _held_commit(writer, 1)  # the first transaction goes on the second lane
+        writer.add(0, [Out(topic, 0, b"run", b"d1")], None, lambda: committed.append("d1"), inputs=())
+
+        async def d1_sent() -> bool:
+            return await _end(broker, tp) >= 1
+
+        await _until(d1_sent, "d1's record in the log")
+        writer.add(0, [Out(topic, 0, b"run", b"d2")], None, lambda: committed.append("d2"), inputs=())
+
+        async def d2_sent() -> bool:
+            return await _end(broker, tp) >= 2
+
+        await _until(d2_sent, "d2's record in the log while d1's commit is held")
+        assert committed == []  # neither commits before d1's commit goes
+        assert await _end(broker, tp, "read_committed") == 0
+        release.set()
+        await asyncio.wait_for(writer.flush(), 30)
+    finally:
+        await writer.close()
+    assert failures == []
+    assert committed == ["d1", "d2"]
+    assert writer.lane_commits == [1, 1]
+    assert await read_committed(broker, topic) == [b"d1", b"d2"]
+
+
+async def test_a_failed_commit_leaves_the_transaction_sent_after_it_uncommitted(
+    broker: str, prefix: str
+) -> None:
+    """d1's commit fails (its lane's id is fenced while the commit is held) after d2 went out on the other
+    lane: the writer fails, d2 never commits, and the next owner's start aborts it."""
+    topic = f"{prefix}.ev"
+    tp = TopicPartition(topic, 0)
+    failures: list[BaseException] = []
+    writer = await _writer(broker, f"{prefix}.tx", failures, topic, lanes=2, ahead_s=5.0)
+    committed: list[str] = []
+    second: TxnWriter | None = None
+    try:
+        release = await _held_commit(writer, 1)
+        writer.add(0, [Out(topic, 0, b"run", b"d1")], None, lambda: committed.append("d1"), inputs=())
+
+        async def d1_sent() -> bool:
+            return await _end(broker, tp) >= 1
+
+        await _until(d1_sent, "d1's record in the log")
+        writer.add(0, [Out(topic, 0, b"run", b"d2")], None, lambda: committed.append("d2"), inputs=())
+
+        async def d2_sent() -> bool:
+            return await _end(broker, tp) >= 2
+
+        await _until(d2_sent, "d2's record in the log while d1's commit is held")
+        fence = AIOKafkaProducer(bootstrap_servers=broker, transactional_id=f"{prefix}.tx.b")
+        await fence.start()  # inits the second lane's id: d1's transaction aborted, the writer fenced
+        await fence.stop()
+        release.set()
+        await asyncio.wait_for(writer.flush(), 30)  # returns once the writer failed
+        assert writer.failed is not None
+        second = await _writer(broker, f"{prefix}.tx", [], topic, lanes=2, ahead_s=5.0)  # aborts d2's
+        await _decide(second, topic, b"after", inputs=())
+    finally:
+        await writer.close()
+        if second is not None:
+            await second.close()
+    assert len(failures) == 1 and isinstance(failures[0], FENCED), failures
+    assert committed == []
+    assert await read_committed(broker, topic) == [b"after"]
