@@ -227,12 +227,22 @@ async def _held_commit(writer: TxnWriter, lane: int) -> asyncio.Event:
     return release
 
 
-async def _until(check: object, what: str) -> None:
-    for _ in range(300):
-        if await check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"waited 30 s for {what}")
+async def _two_in_flight(broker: str, writer: TxnWriter, topic: str, committed: list[str]) -> asyncio.Event:
+    """Add d1 (its commit held: the returned event lets it go), then d2 once d1's record is in the log;
+    return once d2's record is in the log too, sent while d1's commit waits."""
+    tp = TopicPartition(topic, 0)
+    release = await _held_commit(writer, 1)  # the first transaction goes on the second lane
+    for n, name in enumerate(("d1", "d2"), 1):
+        writer.add(
+            0, [Out(topic, 0, b"run", name.encode())], None, lambda d=name: committed.append(d), inputs=()
+        )
+        for _ in range(300):
+            if await _end(broker, tp) >= n:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"waited 30 s for {name}'s record in the log")
+    return release
 
 
 async def test_the_next_transaction_is_sent_while_the_last_commits_and_commits_after_it(
@@ -246,19 +256,7 @@ async def test_the_next_transaction_is_sent_while_the_last_commits_and_commits_a
     writer = await _writer(broker, f"{prefix}.tx", failures, topic, lanes=2, ahead_s=5.0)
     committed: list[str] = []
     try:
-        release = await _held_commit(writer, 1)  # the first transaction goes on the second lane
-        writer.add(0, [Out(topic, 0, b"run", b"d1")], None, lambda: committed.append("d1"), inputs=())
-
-        async def d1_sent() -> bool:
-            return await _end(broker, tp) >= 1
-
-        await _until(d1_sent, "d1's record in the log")
-        writer.add(0, [Out(topic, 0, b"run", b"d2")], None, lambda: committed.append("d2"), inputs=())
-
-        async def d2_sent() -> bool:
-            return await _end(broker, tp) >= 2
-
-        await _until(d2_sent, "d2's record in the log while d1's commit is held")
+        release = await _two_in_flight(broker, writer, topic, committed)
         assert committed == []  # neither commits before d1's commit goes
         assert await _end(broker, tp, "read_committed") == 0
         release.set()
@@ -277,25 +275,12 @@ async def test_a_failed_commit_leaves_the_transaction_sent_after_it_uncommitted(
     """d1's commit fails (its lane's id is fenced while the commit is held) after d2 went out on the other
     lane: the writer fails, d2 never commits, and the next owner's start aborts it."""
     topic = f"{prefix}.ev"
-    tp = TopicPartition(topic, 0)
     failures: list[BaseException] = []
     writer = await _writer(broker, f"{prefix}.tx", failures, topic, lanes=2, ahead_s=5.0)
     committed: list[str] = []
     second: TxnWriter | None = None
     try:
-        release = await _held_commit(writer, 1)
-        writer.add(0, [Out(topic, 0, b"run", b"d1")], None, lambda: committed.append("d1"), inputs=())
-
-        async def d1_sent() -> bool:
-            return await _end(broker, tp) >= 1
-
-        await _until(d1_sent, "d1's record in the log")
-        writer.add(0, [Out(topic, 0, b"run", b"d2")], None, lambda: committed.append("d2"), inputs=())
-
-        async def d2_sent() -> bool:
-            return await _end(broker, tp) >= 2
-
-        await _until(d2_sent, "d2's record in the log while d1's commit is held")
+        release = await _two_in_flight(broker, writer, topic, committed)
         fence = AIOKafkaProducer(bootstrap_servers=broker, transactional_id=f"{prefix}.tx.b")
         await fence.start()  # inits the second lane's id: d1's transaction aborted, the writer fenced
         await fence.stop()
