@@ -15,6 +15,7 @@ from aiokafka.structs import TopicPartition
 from calmrun.streams.gate import Gate
 from calmrun.streams.records import Out
 from calmrun.streams.txn import FENCED, TxnWriter, transactional_id
+from tests.runtime_support import until
 from tests.streams.test_runtime_eager import _Recorded, _writer, read_committed
 
 
@@ -236,13 +237,12 @@ async def _two_in_flight(broker: str, writer: TxnWriter, topic: str, committed: 
         writer.add(
             0, [Out(topic, 0, b"run", name.encode())], None, lambda d=name: committed.append(d), inputs=()
         )
-        for _ in range(300):
-            if await _end(broker, tp) >= n:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(f"waited 30 s for {name}'s record in the log")
+        await until(lambda n=n: _at_least(broker, tp, n), 30, f"{name}'s record in the log")
     return release
+
+
+async def _at_least(broker: str, tp: TopicPartition, n: int) -> bool:
+    return await _end(broker, tp) >= n
 
 
 async def test_the_next_transaction_is_sent_while_the_last_commits_and_commits_after_it(
