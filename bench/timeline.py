@@ -1,5 +1,5 @@
-"""Where a run's milliseconds go, one run at a time:
-``python -m bench.timeline [--bootstrap B] [--runs 100] [--warmup 20] [--worker-opt K=V ...]``.
+"""Where a run's milliseconds go, one run at a time (or ``--in-flight N``): ``python -m bench.timeline
+[--bootstrap B] [--runs 100] [--warmup 20] [--in-flight 1] [--worker-opt K=V ...]``.
 
 Starts a broker (unless ``--bootstrap``) and one ``bench.worker`` with ``bench.timeline_hooks`` preloaded,
 sends the bench workflow's runs one at a time as ``bench.driver`` does (the terminal event read
@@ -7,9 +7,11 @@ sends the bench workflow's runs one at a time as ``bench.driver`` does (the term
 the stage before (per run): the request acknowledged to the client (acks=all), the worker fetching it,
 each decision, each step attempt, the inline wait, each of the run's transactions (begin, every request of
 its producer sent and answered, committed), the client reading ``run.completed``. A request sent again (a
-refused AddPartitionsToTxn: CONCURRENT_TRANSACTIONS, "busy") is timed at its last sending. The last line
-counts the transactions of the run's partition that carried no decision of it while it ran (offsets
-only: they hold its next transaction back). ``--worker-opt`` passes ``bench.worker`` options.
+refused AddPartitionsToTxn: CONCURRENT_TRANSACTIONS, "busy") is timed at its last sending. Then the
+offset-only transactions begun while a run ran (they hold its next transaction back), and the writer's
+transactions: decisions in each, begin -> records sent -> committed, and begin to next begin.
+``--in-flight N`` keeps N runs in flight instead (a new one sent as one's end is read): where the time of
+a hop goes under load. ``--worker-opt`` passes ``bench.worker`` options.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.common import PARTITIONS, Ctx, loadavg, on_a_broker
+from bench.common import Ctx, loadavg, on_a_broker, pct
 from bench.driver import LIN, TERMINAL, run_client, start_worker
-from calmrun.kafka.topics import Topics, partition_for
+from calmrun.kafka.topics import Topics
 from calmrun.wire.codec import RecordCodec, wire_models
 from calmrun.workflow.events import RunRequest
 
@@ -57,14 +59,50 @@ async def one_at_a_time(ctx: Ctx, pfx: str, tag: str, n: int) -> list[tuple[str,
     return out
 
 
+async def in_flight(ctx: Ctx, pfx: str, tag: str, n: int, k: int) -> list[tuple[str, int, int, int]]:
+    """``n`` runs, ``k`` in flight (one sent as one's end is read), as ``one_at_a_time`` returns them."""
+    codec = RecordCodec(wire_models())
+    topics = Topics(pfx)
+    ids = [f"{tag}-{i:07d}" for i in range(n)]
+    sent: dict[str, int] = {}
+    acked: dict[str, int] = {}
+    out: list[tuple[str, int, int, int]] = []
+    async with run_client(ctx, topics) as (producer, consumer):
+
+        async def submit(rids: list[str]) -> None:
+            for rid in rids:
+                req = RunRequest(workflow=LIN.workflow, run_id=rid, input=LIN.make_input(len(sent)))
+                sent[rid] = time.monotonic_ns()
+                ack = await producer.send(topics.requests, codec.encode(req), key=rid.encode())
+                ack.add_done_callback(lambda _f, r=rid: acked.setdefault(r, time.monotonic_ns()))
+
+        await submit(ids[:k])
+        queued = ids[k:]
+        while len(out) < n:
+            batch = await consumer.getmany(timeout_ms=1000)
+            ended = []
+            for records in batch.values():
+                for rec in records:
+                    rid = (rec.key or b"").decode()
+                    if dict(rec.headers).get("type") in TERMINAL and rid in sent:
+                        ended.append(rid)
+                        out.append((rid, sent[rid], acked.get(rid, sent[rid]), time.monotonic_ns()))
+            more, queued = queued[: len(ended)], queued[len(ended) :]
+            await submit(more)
+    return out
+
+
 def stages(runs: list[tuple[str, int, int, int]], marks: list[list[Any]]) -> dict[str, Any]:
     """Per run, the labelled moments of its path (ms after its send); see the module docstring."""
     by_run: dict[str, list[list[Any]]] = defaultdict(list)
-    offset_only: list[tuple[int, int]] = []  # (ns, partition) of transactions with no decision
+    offset_only: list[int] = []  # ns of transactions with no decision
+    txns: list[tuple[int, str, int]] = []  # (ns, what, decisions) of each transaction's begin, send, commit
     for m in marks:
         t, what, ids, detail = m
         if what == "txn begin" and not ids:
-            offset_only.append((t, int(detail.split()[0])))
+            offset_only.append(t)
+        if what.startswith("txn "):
+            txns.append((t, what, len(ids)))
         for rid in set(ids):
             by_run[rid].append(m)
     per: dict[str, list[float]] = defaultdict(list)
@@ -95,8 +133,7 @@ def stages(runs: list[tuple[str, int, int, int]], marks: list[list[Any]]) -> dic
             seen.setdefault(label, (t - sent) / 1e6)
         seen["client: request acknowledged"] = (acked - sent) / 1e6
         seen["client read the end"] = (read - sent) / 1e6
-        p = partition_for(rid, PARTITIONS)
-        extra.append(sum(1 for t, q in offset_only if q == p and sent <= t <= read))
+        extra.append(sum(1 for t in offset_only if sent <= t <= read))
         ranked = sorted(seen.items(), key=lambda kv: kv[1])
         prev = 0.0
         for label, ms in ranked:
@@ -104,7 +141,41 @@ def stages(runs: list[tuple[str, int, int, int]], marks: list[list[Any]]) -> dic
             steps[label].append(ms - prev)
             prev = ms
             order[label].append(ms)
-    return {"per": per, "steps": steps, "counts": counts, "offset_only": extra, "runs": len(runs)}
+    return {
+        "per": per,
+        "steps": steps,
+        "counts": counts,
+        "offset_only": extra,
+        "runs": len(runs),
+        "txns": cycles(txns, runs[0][1], max(r[3] for r in runs)) if runs else {},
+    }
+
+
+def cycles(txns: list[tuple[int, str, int]], t0: int, t1: int) -> dict[str, list[float]]:
+    """The writer's transactions begun between ``t0`` and ``t1`` (ns): decisions in each, ms from its begin
+    to its records sent and to its commit, and from one begin to the next. The writer takes a transaction
+    only after the last one's records were written (``streams.txn``), so a begin and the send before it
+    never overlap; ``sent -> committed`` is the commit round trip, with the next one's send beside it."""
+    out: dict[str, list[float]] = defaultdict(list)
+    begun: list[tuple[int, int]] = []  # (ns, decisions) of each begin
+    sends: list[int] = []
+    commits: list[int] = []
+    for t, what, n in sorted(txns):
+        if what == "txn begin":
+            begun.append((t, n))
+        elif what == "txn sent":
+            sends.append(t)
+        elif what == "txn committed":
+            commits.append(t)
+    for i, (t, n) in enumerate(begun):  # the i-th begin, send and commit are one transaction's (in order)
+        if not t0 <= t <= t1 or i >= len(sends) or i >= len(commits):
+            continue
+        out["decisions"].append(n)
+        out["begin -> sent"].append((sends[i] - t) / 1e6)
+        out["sent -> committed"].append((commits[i] - sends[i]) / 1e6)
+        if i + 1 < len(begun):
+            out["begin -> next begin"].append((begun[i + 1][0] - t) / 1e6)
+    return out
 
 
 def table(s: dict[str, Any]) -> str:
@@ -123,7 +194,12 @@ def table(s: dict[str, Any]) -> str:
             f" {statistics.median(steps[label]):>10.2f}  {req}"
         )
     extra = s["offset_only"]
-    lines.append(f"offset-only txns of its partition during a run: {statistics.mean(extra):.2f}")
+    lines.append(f"offset-only transactions during a run: {statistics.mean(extra):.2f}")
+    txns = s["txns"]
+    if txns.get("decisions"):
+        lines.append(f"transactions while the runs ran: {len(txns['decisions'])}; p50 / p90 each")
+        for k, v in txns.items():
+            lines.append(f"  {k:<24} {statistics.median(v):>8.2f} {pct(v, 90):>8.2f}")
     return "\n".join(lines)
 
 
@@ -134,13 +210,20 @@ async def run(args: argparse.Namespace, ctx: Ctx) -> None:
     proc, pfx = await start_worker(ctx, "tl", preload=str(HOOKS), **opts)
     try:
         load = loadavg()
-        await one_at_a_time(ctx, pfx, "warm", args.warmup)
-        runs = await one_at_a_time(ctx, pfx, "r", args.runs)
+        if args.in_flight > 1:
+            await in_flight(ctx, pfx, "warm", args.warmup, args.in_flight)
+            runs = await in_flight(ctx, pfx, "r", args.runs, args.in_flight)
+        else:
+            await one_at_a_time(ctx, pfx, "warm", args.warmup)
+            runs = await one_at_a_time(ctx, pfx, "r", args.runs)
         await proc.stop()
     finally:
         proc.kill()
     marks = [json.loads(line) for line in marks_path.read_text().splitlines()]
-    print(f"load {load} -> {loadavg()}, {args.runs} runs one at a time, worker options {opts}")
+    how = f"{args.in_flight} in flight" if args.in_flight > 1 else "one at a time"
+    span_s = (max(r[3] for r in runs) - min(r[1] for r in runs)) / 1e9
+    how += f", {len(runs) / span_s:.1f} runs/s"
+    print(f"load {load} -> {loadavg()}, {args.runs} runs {how}, worker options {opts}")
     print(table(stages(runs, marks)), flush=True)
 
 
@@ -149,6 +232,7 @@ def main() -> None:
     p.add_argument("--bootstrap", help="use this broker instead of starting one")
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--in-flight", type=int, default=1, help="runs in flight (1: one at a time)")
     p.add_argument("--worker-opt", action="append", default=[], help="K=V: a bench.worker option")
     p.add_argument("--out", default="/tmp/calmrun-bench-timeline")
     args = p.parse_args()

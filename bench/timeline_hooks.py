@@ -24,7 +24,7 @@ from calmrun.workflow.events import StepResult
 
 Mark = tuple[int, str, list[str], str]
 MARKS: list[Mark] = []
-_BATCH: dict[int, list[str]] = {}  # partition -> run IDs of the transaction its writer is writing
+_BATCH: dict[str, list[str]] = {}  # a lane's client id -> run IDs of the transaction it is writing
 
 
 def mark(what: str, run_ids: list[str], detail: str = "") -> None:
@@ -37,6 +37,10 @@ def _dump() -> None:
         with open(path, "w") as f:
             for m in MARKS:
                 f.write(json.dumps(m) + "\n")
+
+
+def _client_id(producer: Any) -> str:
+    return str(producer.client._client_id)  # aiokafka 0.14's
 
 
 def install() -> None:
@@ -75,19 +79,26 @@ def install() -> None:
 
     local.LocalExecutor.execute = executed  # type: ignore[method-assign]
 
-    write = txn.TxnWriter._write
+    send_txn = txn.TxnWriter._send
 
-    async def written(self: Any, lane: int, batch: list[Any], offsets: Any) -> None:
+    async def begun(self: Any, lane: int, batch: list[Any], offsets: Any) -> Any:
         ids = [d.run_id for d in batch if d.run_id is not None]
-        _BATCH[self.partition] = ids
-        mark("txn begin", ids, f"{self.partition} offsets {len(offsets)}")
-        try:
-            await write(self, lane, batch, offsets)
-        finally:
-            _BATCH.pop(self.partition, None)
-        mark("txn committed", ids, str(self.partition))
+        _BATCH[_client_id(self._lanes[lane])] = ids
+        mark("txn begin", ids, f"{lane} offsets {len(offsets)} decisions {len(batch)}")
+        out = await send_txn(self, lane, batch, offsets)
+        mark("txn sent", ids, str(lane))
+        return out
 
-    txn.TxnWriter._write = written  # type: ignore[method-assign]
+    txn.TxnWriter._send = begun  # type: ignore[method-assign]
+
+    end = txn.TxnWriter._end
+
+    async def committed(self: Any, lane: int, batch: list[Any], offsets: Any, futures: Any) -> None:
+        ids = [d.run_id for d in batch if d.run_id is not None]
+        await end(self, lane, batch, offsets, futures)
+        mark("txn committed", ids, str(lane))
+
+    txn.TxnWriter._end = committed  # type: ignore[method-assign]
 
     wait_held = txn.TxnWriter._wait_held
 
@@ -102,13 +113,11 @@ def install() -> None:
     txn.TxnWriter._wait_held = held  # type: ignore[method-assign]
 
     send: Callable[..., Awaitable[Any]] = aiokafka.client.AIOKafkaClient.send
-    tx_client = re.compile(r"-tx-(\d+)b?$")  # either lane's producer (streams.txn)
 
     async def sent(self: Any, node_id: Any, request: Any, *a: Any, **k: Any) -> Any:
-        m = tx_client.search(str(self._client_id))
-        if m is None:
+        if "-tx-" not in str(self._client_id):  # not a writer's producer (streams.clients.txn_producer)
             return await send(self, node_id, request, *a, **k)
-        ids = list(_BATCH.get(int(m.group(1)), []))
+        ids = list(_BATCH.get(str(self._client_id), []))
         name = re.sub(r"(Request)?(_v\d+)?$", "", type(request).__name__)
         mark("req sent", ids, name)
         resp = await send(self, node_id, request, *a, **k)
