@@ -45,7 +45,8 @@ from calmrun.streams.restore import Restore
 from calmrun.streams.runtable import RunTable
 from calmrun.streams.shared import Shared
 from calmrun.streams.timers import Timers
-from calmrun.streams.txn import FENCED, TxnWriter, close_writers, on_lane, transactional_id
+from calmrun.streams.txn import TxnWriter, close_writers, on_lane, transactional_id
+from calmrun.streams.txnstate import FENCED
 from calmrun.streams.versions import request_rejoin
 
 log = logging.getLogger("calmrun.worker")

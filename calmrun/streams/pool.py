@@ -43,7 +43,8 @@ from calmrun.streams.records import IDEMPOTENCY_KEY, Out, dlq_out, header
 from calmrun.streams.runtime import Loop, Runtime, wall_ms
 from calmrun.streams.tasks import TaskRunner
 from calmrun.streams.throttle import Throttle
-from calmrun.streams.txn import FENCED, TxnWriter, close_writers, kick_every
+from calmrun.streams.txn import TxnWriter, close_writers, kick_every
+from calmrun.streams.txnstate import FENCED
 from calmrun.tracing import tracing_for
 from calmrun.wire.codec import wire_codec
 from calmrun.wire.dlq import MAX_KEY_BYTES, DlqRecord

@@ -14,29 +14,29 @@ Decisions are batched: the decisions added while a transaction is being written 
 light load commits each decision alone and heavy load amortises a commit over many. Within a batch only the
 newest state of each run is written (compaction keeps only that one). Each decision comes with the inputs
 it answers; as a batch is taken, the checkpoint (``streams.checkpoint``) finishes them and gives the input
-offsets to commit in the same transaction. After the commit, each decision's ``on_commit`` runs. A task
-decided from a committed input may have been started before (``hold``): the next transaction then waits up
-to ``hold_s`` for those tasks, so a fast step's result commits together with the decision that scheduled it
-(see ``streams.decisions``). A writer that just sent a large batch (``linger_from`` decisions or more) waits
+offsets to commit in the same transaction. After the commit, each decision's ``on_commit`` runs, in commit
+order, a few per turn of the event loop (``streams.aftercommit``; a flush waits for all). A task decided
+from a committed input may have been started before (``hold``): the next transaction then waits up to
+``hold_s`` for those tasks, so a fast step's result commits with the decision that scheduled it (see
+``streams.decisions``). A writer that just sent a large batch (``linger_from`` decisions or more) waits
 ``linger_s`` before it takes the next one (``worker.busy_linger_ms``); a small batch never waits.
 
-Two lanes, two transactions in flight. After a commit the broker still writes that transaction's markers
-for a few milliseconds, and refuses the same transactional id's next transaction until it is done
-(CONCURRENT_TRANSACTIONS). A writer given a ``spare`` producer (its own transactional id,
-``on_lane(id, 1)``) writes its transactions on the two in turn. Once a transaction's records are sent, its
-commit goes on its way (``_ending``) and the writer takes the next batch, onto the other lane: its records
-go out once the last one's are written (a run's records stay in decision order) while the last one
-commits, and its own commit is sent only once the last one's returned,
-so transactions commit in the order they were taken, and a decision that follows from one still on its way
-never commits without it (one that fails fails the writer; the next, sent but not committed, is aborted by
-whoever initialises the ids next). As a commit goes, the writer begins the next transaction *ahead* on
-the other lane, with the committing one's partitions already added, whether a batch waits or not. Input
-offsets commit on the first lane only, so that they never go back: a transaction's offsets become the
-group's when its markers are written, and the two lanes' markers may be written in either order. A batch
-with offsets that must commit with it goes on the first lane (after the first lane's last commit); lazy
-offsets wait for its next transaction. A transaction begun ahead that gets no decision within ``ahead_s``
-is aborted (markers, no record), and lazy offsets that moved commit then, alone, so that an idle writer
-leaves none behind; one begun ahead and still empty when the writer closes is aborted too. Starting the
+Two lanes, two transactions in flight. After a commit the broker still writes that transaction's markers for a
+few milliseconds, and refuses the same transactional id's next transaction until it is done
+(CONCURRENT_TRANSACTIONS). A writer given a ``spare`` producer (its own transactional id, ``on_lane(id, 1)``)
+writes its transactions on the two in turn. Once a transaction's records are sent, its commit goes on its way
+(``_ending``) and the writer takes the next batch, onto the other lane: its records go out once the last one's
+are written (a run's records stay in decision order) while the last one commits, and its own commit is sent
+only once the last one's returned, so transactions commit in the order they were taken, and a decision that
+follows from one still on its way never commits without it (one that fails fails the writer; the next, sent
+but not committed, is aborted by whoever initialises the ids next). As a commit goes, the writer begins the
+next transaction *ahead* on the other lane, with the committing one's partitions already added, whether a
+batch waits or not. Input offsets commit on the first lane only, so that they never go back: a transaction's
+offsets become the group's when its markers are written, and the two lanes' markers may be written in either
+order. A batch with offsets that must commit with it goes on the first lane (after the first lane's last
+commit); lazy offsets wait for its next transaction. A transaction begun ahead that gets no decision within
+``ahead_s`` is aborted (markers, no record), and lazy offsets that moved commit then, alone, so that an idle
+writer leaves none behind; one begun ahead and still empty when the writer closes is aborted too. Starting the
 writer initialises both ids: both of the previous owner's lanes are fenced.
 """
 
@@ -52,25 +52,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    IllegalOperation,
-    InvalidProducerEpoch,
-    ProducerFenced,
-    TransactionCoordinatorFenced,
-)
+from aiokafka.errors import IllegalOperation
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from calmrun.errors import WriterBrokenError
+from calmrun.streams.aftercommit import AfterCommit
 from calmrun.streams.checkpoint import Checkpoint, Pending
 from calmrun.streams.gate import Gate
 from calmrun.streams.ports import Losses
 from calmrun.streams.records import Out, StateOut
 from calmrun.streams.txnbatches import Batches, require_batch_sends, retrieved
+from calmrun.streams.txnstate import FENCED, add_ahead, can_add_ahead, fenced_meanwhile, transaction_error
 
 log = logging.getLogger("calmrun.worker")
-
-FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionCoordinatorFenced)
-"""Errors that mean another worker now owns the partitions: this one must let them go, not fail."""
 
 _MAX_BATCH = 2_000  # decisions per transaction at most, so that one commit stays short
 
@@ -195,6 +189,8 @@ class TxnWriter:
         self._ending: asyncio.Task[None] | None = None  # the commit of the last transaction sent, if pending
         self._ending_lane = 0
         self._ending_sent: list[asyncio.Future[Any]] = []  # its records, each resolved once in the log
+        self._after = AfterCommit(self._after_ran)  # committed decisions' on_commit, not run yet
+        self._after_failed: BaseException | None = None  # what an on_commit raised
 
     async def start(self) -> None:
         """Initialise the transactional ids: aborts the previous owner's open transactions and fences it."""
@@ -310,6 +306,7 @@ class TxnWriter:
                 await asyncio.wait_for(self._abort_ahead(), 10)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*(p.stop() for p in self._lanes)), 10)
+        self._after.run_all()  # committed: their callbacks run
         # the queued decisions and a transaction cut short (fenced, closed) never commit: let them go
         self._gate.done(len(self._batch) + self._taken)
         self._batch.clear()
@@ -320,11 +317,13 @@ class TxnWriter:
         try:
             while True:
                 await self._wake.wait()
+                if self._after_failed is not None:
+                    raise self._after_failed
                 if self._ending is not None and self._ending.done():
                     await self._ended()  # raises what ended it, if it failed
                 if not self._work():  # only a commit ended: nothing to send
                     self._wake.clear()
-                    if self._ending is None:
+                    if self._ending is None and not self._after:
                         self._idle.set()
                     continue
                 await self._wait_held()
@@ -360,7 +359,7 @@ class TxnWriter:
                     await asyncio.sleep(self._linger_s)  # busy: let the next batch grow (busy_linger_ms)
                 if deferred and self._flushing:  # a flush began meanwhile: commit them now
                     self._wake.set()
-                elif not self._batch and self._ending is None:
+                elif not self._batch and self._ending is None and not self._after:
                     self._flushing = False
                     self._idle.set()
         except asyncio.CancelledError:
@@ -368,7 +367,7 @@ class TxnWriter:
                 raise
             self._fail(self._broken)
         except BaseException as exc:
-            self._fail(self._fenced_meanwhile() or exc)
+            self._fail(fenced_meanwhile(self._lanes) or exc)
 
     def _take(self, batch: list[_Queued], whole: bool) -> tuple[dict[TopicPartition, int], bool]:
         """Finish the inputs the batch's decisions answer, by partition (``Checkpoint.take``); the positions
@@ -393,26 +392,6 @@ class TxnWriter:
         self._idle.set()
         self._losses.lost(set(self.partitions), cause)
 
-    def _fenced_meanwhile(self) -> BaseException | None:
-        """The fence behind a failure, if the producer was fenced while a transaction was being written.
-
-        aiokafka's sender learns of the fence in the background and marks the transaction failed; our next
-        ``send`` then raises ``IllegalOperation`` ("not in transaction"), not ``ProducerFenced``. The fence
-        is kept as the transaction's fatal error (aiokafka 0.14's transaction manager, a private attribute).
-        """
-        for p in self._lanes:
-            txn = getattr(p, "_txn_manager", None)
-            if txn is None or not txn.is_fatal_error():
-                continue
-            ended = txn.wait_for_transaction_end()
-            if not ended.done() or ended.cancelled():
-                continue
-            cause = ended.exception()
-            fence: BaseException | None = cause if isinstance(cause, FENCED) else None
-            if fence is not None:
-                return fence
-        return None
-
     def _next_lane(self, strict: bool) -> int:
         """The lane of the next transaction: the first for input offsets that must commit with it (or
         when there is one lane), else the one begun ahead, else the one not used last."""
@@ -429,9 +408,7 @@ class TxnWriter:
         await producer.begin_transaction()
         self._ahead = producer
         self._ahead_expired = False
-        manager = producer._txn_manager  # aiokafka's (``can_add_ahead``)
-        for tp in partitions:
-            manager.maybe_add_partition_to_txn(tp)
+        add_ahead(producer, partitions)
         self._ahead_timer = asyncio.get_running_loop().call_later(self._ahead_s, self._expire_ahead)
 
     def _expire_ahead(self) -> None:
@@ -474,7 +451,7 @@ class TxnWriter:
         except IllegalOperation as exc:
             # a fencing met by an earlier send of this batch leaves the producer out of its transaction:
             # the next send says only "not in transaction"; the cause is the transaction's own error
-            raise _transaction_error(self._lanes[lane]) or exc from exc
+            raise transaction_error(self._lanes[lane]) or exc from exc
         self._lane = lane
         if self._ending is not None:
             await self._ended()
@@ -542,7 +519,7 @@ class TxnWriter:
         try:
             await p.commit_transaction()
         except IllegalOperation as exc:
-            raise _transaction_error(p) or exc from exc
+            raise transaction_error(p) or exc from exc
         await asyncio.gather(*futures)  # resolved as written (before the commit returns); raises if refused
         self.commits += 1
         self.lane_commits[lane] += 1
@@ -556,26 +533,13 @@ class TxnWriter:
                 self._open[d.run_id] -= 1
                 if self._open[d.run_id] <= 0:
                     del self._open[d.run_id]
-            if d.on_commit is not None:
-                d.on_commit()
+        self._after.extend(d.on_commit for d in batch if d.on_commit is not None)  # a few per turn
 
-
-def can_add_ahead(producer: AIOKafkaProducer) -> bool:
-    """Can a writer add partitions to a transaction before it writes to them (``TxnWriter``'s
-    ``ahead_s``)? It calls aiokafka 0.14's transaction manager, ``maybe_add_partition_to_txn``, which is what
-    ``send`` calls for a partition new to the transaction; without it, nothing is begun ahead."""
-    manager = getattr(producer, "_txn_manager", None)
-    return callable(getattr(manager, "maybe_add_partition_to_txn", None))
-
-
-def _transaction_error(producer: Any) -> BaseException | None:
-    """The error that ended ``producer``'s transaction (aiokafka keeps it on its transaction manager)."""
-    manager = getattr(producer, "_txn_manager", None)
-    waiter = manager.wait_for_transaction_end() if manager is not None else None
-    if waiter is not None and waiter.done() and not waiter.cancelled():
-        exc: BaseException | None = waiter.exception()
-        return exc
-    return None
+    def _after_ran(self, exc: BaseException | None) -> None:
+        """The committed decisions' callbacks all ran (the loop settles it: idle), or one raised (the loop
+        raises it: the writer fails, as on a failed commit)."""
+        self._after_failed = self._after_failed or exc
+        self._wake.set()
 
 
 async def close_writers(writers: Iterable[TxnWriter], flush_s: float = 30) -> None:

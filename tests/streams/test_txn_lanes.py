@@ -14,7 +14,8 @@ from aiokafka.structs import TopicPartition
 
 from calmrun.streams.gate import Gate
 from calmrun.streams.records import Out
-from calmrun.streams.txn import FENCED, TxnWriter, transactional_id
+from calmrun.streams.txn import TxnWriter, transactional_id
+from calmrun.streams.txnstate import FENCED
 from tests.runtime_support import until
 from tests.streams.test_runtime_eager import _Recorded, _writer, read_committed
 

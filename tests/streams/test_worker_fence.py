@@ -15,7 +15,8 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from calmrun.agents import AgentRegistry
 from calmrun.client import Client
 from calmrun.kafka.topics import Topics
-from calmrun.streams.txn import FENCED, worker_transactional_id
+from calmrun.streams.txn import worker_transactional_id
+from calmrun.streams.txnstate import FENCED
 from calmrun.workflow.events import RunRequest
 from tests.runtime_support import add_one, linear, read_raw, ready, running, settings_for, until
 
