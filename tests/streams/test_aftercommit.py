@@ -7,7 +7,15 @@ import asyncio
 
 from calmrun.streams.aftercommit import AfterCommit
 from calmrun.streams.records import Out
+from calmrun.streams.txn import TxnWriter
 from tests.streams.test_runtime_eager import _writer, read_committed
+
+
+async def _two_lanes(broker: str, prefix: str) -> tuple[str, list[BaseException], TxnWriter]:
+    """A writer of two lanes on a new topic, and the list its failures go to."""
+    topic = f"{prefix}.ev"
+    failures: list[BaseException] = []
+    return topic, failures, await _writer(broker, f"{prefix}.tx", failures, topic, lanes=2)
 
 
 async def test_callbacks_run_a_few_per_turn_of_the_loop_in_the_order_queued() -> None:
@@ -57,9 +65,7 @@ async def test_a_callback_that_raises_ends_the_queue_with_its_error() -> None:
 async def test_a_writer_runs_every_callback_of_a_large_commit_in_order_before_its_flush_returns(
     broker: str, prefix: str
 ) -> None:
-    topic = f"{prefix}.ev"
-    failures: list[BaseException] = []
-    writer = await _writer(broker, f"{prefix}.tx", failures, topic, lanes=2)
+    topic, failures, writer = await _two_lanes(broker, prefix)
     ran: list[int] = []
     try:
         for i in range(100):  # one batch: more callbacks than one turn runs
@@ -76,9 +82,7 @@ async def test_a_writer_runs_every_callback_of_a_large_commit_in_order_before_it
 async def test_a_callback_that_raises_fails_its_writer_as_a_failed_commit_does(
     broker: str, prefix: str
 ) -> None:
-    topic = f"{prefix}.ev"
-    failures: list[BaseException] = []
-    writer = await _writer(broker, f"{prefix}.tx", failures, topic, lanes=2)
+    topic, failures, writer = await _two_lanes(broker, prefix)
     boom = RuntimeError("an on_commit bug")
 
     def bad() -> None:
