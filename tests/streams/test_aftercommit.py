@@ -8,6 +8,7 @@ import asyncio
 from calmrun.streams.aftercommit import AfterCommit
 from calmrun.streams.records import Out
 from calmrun.streams.txn import TxnWriter
+from tests.runtime_support import until
 from tests.streams.test_runtime_eager import _writer, read_committed
 
 
@@ -76,7 +77,12 @@ async def test_a_writer_runs_every_callback_of_a_large_commit_in_order_before_it
     finally:
         await writer.close()
     assert failures == []
-    assert await read_committed(broker, topic) == [f"d{i}".encode() for i in range(100)]
+    expected = [f"d{i}".encode() for i in range(100)]
+
+    async def visible() -> bool:  # once the commit's markers are written (just after it returns)
+        return await read_committed(broker, topic) == expected
+
+    await until(visible, what="the 100 records, read_committed")
 
 
 async def test_a_callback_that_raises_fails_its_writer_as_a_failed_commit_does(
