@@ -63,6 +63,25 @@ async def test_a_callback_that_raises_ends_the_queue_with_its_error() -> None:
     assert ran == [0, 1] and outcome == [boom] and len(after) == 0
 
 
+async def test_run_all_runs_what_is_queued_now_and_tells_a_raise_instead_of_raising() -> None:
+    ran: list[int] = []
+    outcome: list[BaseException | None] = []
+    boom = RuntimeError("boom")
+
+    def callback(i: int) -> None:
+        if i == 30:
+            raise boom
+        ran.append(i)
+
+    after = AfterCommit(outcome.append, per_turn=4)
+    after.extend(lambda i=i: callback(i) for i in range(20))
+    after.run_all()  # a writer closing: no turn of the loop in between
+    assert ran == list(range(20)) and len(after) == 0
+    after.extend(lambda i=i: callback(i) for i in range(30, 32))
+    after.run_all()
+    assert ran == list(range(20)) and outcome == [boom]
+
+
 async def test_a_writer_runs_every_callback_of_a_large_commit_in_order_before_its_flush_returns(
     broker: str, prefix: str
 ) -> None:
