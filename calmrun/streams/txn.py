@@ -323,7 +323,7 @@ class TxnWriter:
                     await self._ended()  # raises what ended it, if it failed
                 if not self._work():  # only a commit ended: nothing to send
                     self._wake.clear()
-                    if self._ending is None and not self._after:
+                    if self._settled():
                         self._idle.set()
                     continue
                 await self._wait_held()
@@ -359,7 +359,7 @@ class TxnWriter:
                     await asyncio.sleep(self._linger_s)  # busy: let the next batch grow (busy_linger_ms)
                 if deferred and self._flushing:  # a flush began meanwhile: commit them now
                     self._wake.set()
-                elif not self._batch and self._ending is None and not self._after:
+                elif not self._batch and self._settled():
                     self._flushing = False
                     self._idle.set()
         except asyncio.CancelledError:
@@ -534,6 +534,10 @@ class TxnWriter:
                 if self._open[d.run_id] <= 0:
                     del self._open[d.run_id]
         self._after.extend(d.on_commit for d in batch if d.on_commit is not None)  # a few per turn
+
+    def _settled(self) -> bool:
+        """No commit on its way, and every committed decision's callback has run."""
+        return self._ending is None and not self._after
 
     def _after_ran(self, exc: BaseException | None) -> None:
         """The committed decisions' callbacks all ran (the loop settles it: idle), or one raised (the loop
