@@ -146,19 +146,20 @@ async def end_offsets(bootstrap: str, topics: Sequence[str]) -> dict[str, int]:
 
 
 class Proc:
-    """A benchmark helper process (``python -m bench.<module> ...``) reporting through a JSON status file."""
+    """A benchmark helper process (``python -m bench.<module> ...``) reporting through a JSON status file;
+    run from ``root`` (this checkout by default, another tree's for ``bench.pairs``)."""
 
-    def __init__(self, module: str, args: Sequence[str], status: Path) -> None:
+    def __init__(self, module: str, args: Sequence[str], status: Path, root: Path = ROOT) -> None:
         self.module = module
         self.status_path = status
         self.log_path = status.with_suffix(".log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--status-file", str(status), *args],
-            cwd=ROOT,
+            cwd=root,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(root)},
         )
 
     @property

@@ -18,7 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from bench.common import PARTITIONS, Ctx, Proc, cpu_s, end_offsets, pct, prefix
+from bench.common import PARTITIONS, ROOT, Ctx, Proc, cpu_s, end_offsets, pct, prefix
 from calmrun.kafka.reader import read_to_end
 from calmrun.kafka.topics import Topics
 from calmrun.wire.codec import RecordCodec, wire_models
@@ -38,10 +38,11 @@ def worker_args(ctx: Ctx, pfx: str, **opts: Any) -> list[str]:
     return args
 
 
-async def start_worker(ctx: Ctx, name: str, **opts: Any) -> tuple[Proc, str]:
-    """A ``bench.worker`` process on a fresh prefix, returned once it owns every partition."""
+async def start_worker(ctx: Ctx, name: str, *, root: Path = ROOT, **opts: Any) -> tuple[Proc, str]:
+    """A ``bench.worker`` process (of the tree at ``root``) on a fresh prefix, returned once it owns every
+    partition."""
     pfx = prefix(name)
-    worker = Proc("bench.worker", worker_args(ctx, pfx, **opts), ctx.out / f".{pfx}.json")
+    worker = Proc("bench.worker", worker_args(ctx, pfx, **opts), ctx.out / f".{pfx}.json", root)
     try:
         await worker.wait_for(lambda s: len(s.get("owned", [])) == PARTITIONS, 120, "the worker to own all")
     except BaseException:
