@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ async def run(args: argparse.Namespace, roots: list[Path]) -> dict[str, Any]:
     workers: list[tuple[str, Proc, str]] = []
     try:
         for name, root in zip(names, roots, strict=True):
-            w, pfx = await driver.start_worker(ctx, name, root=root, status_every=1.0, max_in_flight=100)
+            safe = re.sub(r"[^A-Za-z0-9]", "", name) or "tree"  # its topics' prefix (Kafka's characters)
+            w, pfx = await driver.start_worker(ctx, safe, root=root, status_every=1.0, max_in_flight=100)
             workers.append((name, w, pfx))
             await driver.closed_loop(ctx, pfx, "warm", args.warmup, 100)
         pairs: list[dict[str, tuple[float, float]]] = []
