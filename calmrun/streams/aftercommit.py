@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 PER_TURN = 16
-"""Callbacks run per turn of the loop: at 100 runs in flight, 16 did 3.5-19 % more runs/s than all at once
-in seven alternating rounds, 32 less than 16 (docs/performance.md)."""
+"""Callbacks run per turn of the loop: at 100 runs in flight, 16 did about 3 % more runs/s than all at once
+(1.033x on the median of 24 paired loops, ``bench.pairs``), 32 less than 16 (docs/performance.md)."""
 
 
 class AfterCommit:
